@@ -1,0 +1,1 @@
+"""refloop outbound channel adapters (thin; no database access)."""

@@ -1,0 +1,1 @@
+"""refloop engine: sources, inbox, router, tracker, timers, dispatch."""

@@ -1,0 +1,147 @@
+"""The engine: one object that owns every task and shuts them down in order.
+
+Start: open the store, start the inbox writer and the processor, start the HTTP server,
+then the listeners (so readiness means "ACKing"). Stop: stop accepting, drain in-flight
+messages within a bound, let the writer commit what is queued, stop processing, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from engine.clock import Clock, WallClock
+from engine.config import Config
+from engine.http import HttpServer
+from engine.listener import MllpServer
+from engine.metrics import Metrics
+from engine.pipeline import Handler, Processor, no_routes
+from engine.store import Database, Inbox, open_database
+
+log = logging.getLogger(__name__)
+
+HandlerFactory = Callable[[Config, Database], Handler]
+
+
+def default_handler(config: Config, db: Database) -> Handler:
+    """The routes from routes.yaml, or "filtered: no routes" when there are none."""
+    if "routes" not in config.sections:
+        return no_routes
+    try:  # compiled routes arrive with the routes module
+        routes = importlib.import_module("engine.routes")
+    except ModuleNotFoundError:
+        return no_routes
+    return routes.make_handler(config, db)
+
+
+@dataclass
+class Engine:
+    config: Config
+    state_dir: Path
+    clock: Clock = field(default_factory=WallClock)
+    registry: CollectorRegistry | None = None
+    handler_factory: HandlerFactory = default_handler
+    drain_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.registry or CollectorRegistry())
+        self.db: Database | None = None
+        self.inbox: Inbox | None = None
+        self.processor: Processor | None = None
+        self.servers: list[MllpServer] = []
+        self.http: HttpServer | None = None
+        self.ready = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / self.config.store.file
+
+    def ports(self) -> dict[str, int]:
+        """Bound ports by source name, plus ``http``."""
+        out = {s.source.name: s.port for s in self.servers}
+        if self.http is not None:
+            out["http"] = self.http.port
+        return out
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
+        self.inbox = Inbox(self.db)
+        self.metrics.inbox_rows.set(self.inbox.rows)
+        handler = self.handler_factory(self.config, self.db)
+        self.processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
+        self._tasks.append(asyncio.create_task(self.inbox.run_writer(), name="inbox-writer"))
+        self._tasks.append(asyncio.create_task(self.processor.run(), name="processor"))
+        if self.config.http.enabled:
+            self.http = HttpServer(self.config.http, self.metrics, lambda: self.ready)
+            await self.http.start()
+        for source in self.config.sources:
+            server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
+            await server.start()
+            self.servers.append(server)
+        self.ready = True
+        sd_notify("READY=1")
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Orderly shutdown; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        self.ready = False
+        sd_notify("STOPPING=1")
+        await asyncio.gather(*(s.stop(self.drain_seconds) for s in self.servers))
+        if self.inbox is not None:
+            self.inbox.close()
+        if self.processor is not None:
+            self.processor.stop()
+        for task in self._tasks[:2]:  # writer drains, processor finishes its batch
+            try:
+                await asyncio.wait_for(task, timeout=self.drain_seconds)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+        for task in self._tasks[2:]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.http is not None:
+            await self.http.stop()
+        if self.db is not None:
+            self.db.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _watchdog(self) -> None:
+        """systemd watchdog pings at half the configured interval, while the loop turns."""
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(usec / 2_000_000)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness, stopping and watchdog pings."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)

@@ -1,0 +1,549 @@
+"""routes.yaml: loaded once, validated loudly, frozen.
+
+Every error names ``file:line`` and the key path (``routes.yaml:41 routes[3].then[0].channel:
+unknown channel 'faxx'``); all errors in a file are reported together. Values may reference
+``${env:NAME}``, ``${env:NAME:-default}``, ``${NAME:-default}`` and ``${file:/path}`` so no
+secret sits in the file. This is the only module that reads the environment.
+
+This module parses the sections the engine core needs (``store``, ``http``, ``sources``)
+and keeps the others as located raw trees (:class:`Section`) for the modules that compile
+them (``engine.routes`` for ``routes`` and ``tables``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, cast
+
+import yaml
+
+from engine.errors import ConfigError
+
+PathT = tuple[str | int, ...]
+T = TypeVar("T")
+
+TOP_LEVEL: Final = (
+    "version",
+    "store",
+    "http",
+    "sources",
+    "routes",
+    "tables",
+    "channels",
+    "escalation",
+    "practice",
+)
+
+_SUBST = re.compile(r"\$\{(?:(env|file):)?([^}:]+?)(?::-([^}]*))?\}")
+
+
+def format_path(path: PathT) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top)"
+
+
+# ---------------------------------------------------------------------------
+# Loading YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a silent override is a config bug)."""
+
+
+_SCALARS: Final = yaml.constructor.SafeConstructor()
+
+
+@dataclass
+class Doc:
+    """A YAML document as plain Python values plus the line of every node."""
+
+    file: str
+    data: Any
+    lines: dict[PathT, int] = field(default_factory=dict)
+
+    def line(self, path: PathT) -> int:
+        """The line of ``path``, or of its nearest ancestor that has one."""
+        p = tuple(path)
+        while p:
+            if p in self.lines:
+                return self.lines[p]
+            p = p[:-1]
+        return self.lines.get((), 1)
+
+    def where(self, path: PathT) -> str:
+        return f"{self.file}:{self.line(path)} {format_path(path)}"
+
+
+def parse_yaml(text: str, file: str) -> Doc:
+    """Parse YAML text into a :class:`Doc`; syntax errors become ConfigError with the line."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{file}:{line} (yaml): {exc.problem or exc}") from None
+    doc = Doc(file=file, data=None)
+    problems: list[str] = []
+    if node is None:
+        doc.data = {}
+        return doc
+    doc.data = _convert(node, (), doc, problems)
+    if problems:
+        raise ConfigError(problems)
+    return doc
+
+
+def _convert(node: yaml.Node, path: PathT, doc: Doc, problems: list[str]) -> Any:
+    doc.lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if not isinstance(key_node, yaml.ScalarNode):
+                problems.append(f"{doc.file}:{key_node.start_mark.line + 1}: keys must be text")
+                continue
+            if key == "<<":
+                problems.append(
+                    f"{doc.file}:{key_node.start_mark.line + 1}: merge keys are not supported"
+                )
+                continue
+            if key in out:
+                problems.append(
+                    f"{doc.file}:{key_node.start_mark.line + 1} {format_path((*path, key))}: "
+                    "duplicate key"
+                )
+                continue
+            doc.lines[(*path, key)] = key_node.start_mark.line + 1
+            out[key] = _convert(value_node, (*path, key), doc, problems)
+            if isinstance(value_node, (yaml.MappingNode, yaml.SequenceNode)):
+                # point errors about the whole value at its key's line
+                doc.lines[(*path, key)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(v, (*path, i), doc, problems) for i, v in enumerate(node.value)]
+    return _SCALARS.construct_object(node)  # SafeLoader's ints, bools, nulls
+
+
+# ---------------------------------------------------------------------------
+# Substitution
+
+
+def substitute(value: str, *, env: Mapping[str, str] | None = None) -> str:
+    """Replace ``${env:NAME}``, ``${env:NAME:-default}``, ``${NAME:-default}`` and
+    ``${file:/path}`` in ``value``. Raises ValueError naming what is missing (never the
+    value of anything)."""
+    environ = os.environ if env is None else env
+
+    def repl(m: re.Match[str]) -> str:
+        kind, name, default = m.group(1) or "env", m.group(2).strip(), m.group(3)
+        if kind == "file":
+            try:
+                return Path(name).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read ${{file:{name}}}: {exc.strerror}") from None
+        if name in environ and environ[name] != "":
+            return environ[name]
+        if default is not None:
+            return default
+        raise ValueError(f"environment variable {name} is not set and has no default")
+
+    return _SUBST.sub(repl, value)
+
+
+def file_ref(value: str) -> str | None:
+    """The path of a bare ``${file:/path}`` reference (for certificates and keys, which
+    are passed to libraries as paths), else None."""
+    m = _SUBST.fullmatch(value.strip())
+    if m and m.group(1) == "file":
+        return m.group(2).strip()
+    return None
+
+
+# ---------------------------------------------------------------------------
+# A small reader for typed sections
+
+
+class Reader:
+    """Reads one mapping of a :class:`Doc`, collecting problems instead of stopping at
+    the first. Call :meth:`done` to report keys nobody asked for.
+    """
+
+    def __init__(
+        self,
+        doc: Doc,
+        path: PathT,
+        problems: list[str],
+        env: Mapping[str, str] | None = None,
+    ):
+        self.doc = doc
+        self.path = path
+        self.problems = problems
+        self.env = env
+        value = doc.data
+        for part in path:
+            value = value[part]
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail((), f"must be a mapping, not {type(value).__name__}")
+            value = {}
+        self.data: dict[str, Any] = value
+        self._seen: set[str] = set()
+
+    def fail(self, key: str | int | PathT, message: str) -> None:
+        sub: PathT = key if isinstance(key, tuple) else (key,)
+        self.problems.append(f"{self.doc.where((*self.path, *sub))}: {message}")
+
+    def child(self, key: str) -> Reader:
+        self._seen.add(key)
+        return Reader(self.doc, (*self.path, key), self.problems, self.env)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self._seen.add(key)
+        return self.data.get(key, default)
+
+    def _scalar(self, key: str, default: Any, required: bool) -> Any:
+        self._seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        if isinstance(value, str) and "${" in value:
+            try:
+                value = substitute(value, env=self.env)
+            except ValueError as exc:
+                self.fail(key, str(exc))
+                return default
+        return value
+
+    def text(self, key: str, default: str = "", *, required: bool = False) -> str:
+        value = self._scalar(key, default, required)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(key, f"must be text, not {type(value).__name__}")
+            return default
+        return str(value)
+
+    def integer(
+        self,
+        key: str,
+        default: int = 0,
+        *,
+        required: bool = False,
+        lo: int | None = None,
+        hi: int | None = None,
+    ) -> int:
+        value = self._scalar(key, default, required)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"must be a whole number, not {value!r}")
+            return default
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.fail(key, f"must be between {lo} and {hi}, not {value}")
+            return default
+        return value
+
+    def number(self, key: str, default: float = 0.0, *, lo: float = 0.0) -> float:
+        value = self._scalar(key, default, False)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"must be a number, not {value!r}")
+            return default
+        if value < lo:
+            self.fail(key, f"must be at least {lo}, not {value}")
+            return default
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self._scalar(key, default, False)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, not {value!r}")
+            return default
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}, not {value!r}")
+            return default
+        return value
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        self._seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+            self.fail(key, "must be a list of text values")
+            return ()
+        return tuple(str(v) for v in value)
+
+    def items(self, key: str) -> Iterator[tuple[int, Reader]]:
+        """Each entry of a list of mappings, as a Reader."""
+        self._seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return
+        if not isinstance(value, list):
+            self.fail(key, "must be a list")
+            return
+        for i, _ in enumerate(value):
+            yield i, Reader(self.doc, (*self.path, key, i), self.problems, self.env)
+
+    def done(self, allowed: tuple[str, ...] = ()) -> None:
+        for key in self.data:
+            if key not in self._seen and key not in allowed:
+                self.fail(key, "unknown key")
+
+
+# ---------------------------------------------------------------------------
+# The sections the core needs
+
+AckMode = Literal["original", "enhanced"]
+AckWhen = Literal["on-commit", "on-processed"]
+Synchronous = Literal["full", "normal"]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    ca_file: str = ""  # trusted CAs for client certificates
+    require_client_cert: bool = False
+    allowed_subjects: tuple[str, ...] = ()  # client certificate subject CNs allowed
+
+
+@dataclass(frozen=True, slots=True)
+class MllpSource:
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 2575
+    ack_mode: AckMode = "original"
+    ack_when: AckWhen = "on-commit"
+    max_frame_bytes: int = 16 * 1024 * 1024
+    idle_timeout: float = 300.0
+    frame_timeout: float = 60.0  # a started frame must finish within this (slowloris)
+    max_connections: int = 256
+    allow_peers: tuple[str, ...] = ()  # CIDRs; empty = any
+    tls: TlsConfig | None = None
+    kind: str = "mllp"
+
+    def peer_allowed(self, host: str) -> bool:
+        if not self.allow_peers:
+            return True
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(addr in ipaddress.ip_network(net, strict=False) for net in self.allow_peers)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8575
+    enabled: bool = True
+    admin_token: str = ""  # bearer token for /api/ and /admin/ (loopback-only admin if empty)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    file: str = "refloop.db"  # relative to the state directory
+    synchronous: Synchronous = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A located raw section for a later compiler (routes, tables, channels, ...)."""
+
+    doc: Doc
+    path: PathT
+
+    @property
+    def data(self) -> Any:
+        value = self.doc.data
+        for part in self.path:
+            value = value[part]
+        return value
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    store: StoreConfig
+    http: HttpConfig
+    sources: tuple[MllpSource, ...]
+    sections: Mapping[str, Section]
+    env: Mapping[str, str] | None = None
+
+    def source(self, name: str) -> MllpSource:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the core of a routes.yaml. Raises ConfigError with every problem."""
+    file = str(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    return loads(text, file=file, env=env)
+
+
+def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None = None) -> Config:
+    doc = parse_yaml(text, file)
+    problems: list[str] = []
+    top = Reader(doc, (), problems, env)
+    if top.problems:
+        raise ConfigError(problems)
+    version = top.integer("version", 1)
+    if version != 1:
+        top.fail("version", f"this refloop reads version 1 files, not {version}")
+    store = _store(top.child("store")) if top.has("store") else StoreConfig()
+    http = _http(top.child("http")) if top.has("http") else HttpConfig()
+    sources = _sources(top, problems)
+    sections: dict[str, Section] = {}
+    for name in ("routes", "tables", "channels", "escalation", "practice"):
+        top.raw(name)
+        if name in top.data:
+            sections[name] = Section(doc, (name,))
+    top.done()
+    if problems:
+        raise ConfigError(problems)
+    return Config(file=file, store=store, http=http, sources=sources, sections=sections, env=env)
+
+
+def _store(r: Reader) -> StoreConfig:
+    cfg = StoreConfig(
+        file=r.text("file", "refloop.db"),
+        synchronous=cast(Synchronous, r.choice("synchronous", ("full", "normal"), "full")),
+    )
+    r.done()
+    return cfg
+
+
+def _http(r: Reader) -> HttpConfig:
+    cfg = HttpConfig(
+        host=r.text("host", "127.0.0.1"),
+        port=r.integer("port", 8575, lo=0, hi=65535),
+        enabled=r.flag("enabled", True),
+        admin_token=r.text("admin_token", ""),
+    )
+    r.done()
+    return cfg
+
+
+def _sources(top: Reader, problems: list[str]) -> tuple[MllpSource, ...]:
+    if not top.has("sources"):
+        top.raw("sources")
+        return ()
+    sources_reader = top.child("sources")
+    out: list[MllpSource] = []
+    for name, value in sources_reader.data.items():
+        sources_reader.raw(name)
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(name)):
+            sources_reader.fail(name, "source names are lower-case letters, digits, - and _")
+        r = sources_reader.child(name)
+        if not isinstance(value, dict):
+            continue
+        kind = r.choice("type", ("mllp", "fhir"), "mllp")
+        if kind == "fhir":
+            # validated by the FHIR source; kept raw here
+            for key in list(r.data):
+                r.raw(key)
+            continue
+        tls = _tls(r.child("tls")) if r.has("tls") else None
+        out.append(
+            MllpSource(
+                name=str(name),
+                host=r.text("host", "127.0.0.1"),
+                port=r.integer("port", 2575, lo=0, hi=65535),
+                ack_mode=cast(AckMode, r.choice("ack_mode", ("original", "enhanced"), "original")),
+                ack_when=cast(
+                    AckWhen, r.choice("ack_when", ("on-commit", "on-processed"), "on-commit")
+                ),
+                max_frame_bytes=r.integer("max_frame_bytes", 16 * 1024 * 1024, lo=1024),
+                idle_timeout=r.number("idle_timeout", 300.0),
+                frame_timeout=r.number("frame_timeout", 60.0),
+                max_connections=r.integer("max_connections", 256, lo=1),
+                allow_peers=_cidrs(r, "allow_peers"),
+                tls=tls,
+            )
+        )
+        r.done()
+    return tuple(out)
+
+
+def _cidrs(r: Reader, key: str) -> tuple[str, ...]:
+    values = r.texts(key)
+    for i, v in enumerate(values):
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            r.fail((key, i), f"not an IP address or network: {v!r}")
+    return values
+
+
+def _tls(r: Reader) -> TlsConfig:
+    def path_of(key: str, required: bool) -> str:
+        r._seen.add(key)
+        raw = r.data.get(key)
+        if raw is None:
+            if required:
+                r.fail(key, "is required")
+            return ""
+        ref = file_ref(str(raw))
+        if ref is None:
+            r.fail(key, "must be a ${file:/path} reference")
+            return ""
+        if not Path(ref).is_file():
+            r.fail(key, f"file not found: {ref}")
+        return ref
+
+    cfg = TlsConfig(
+        cert_file=path_of("cert", True),
+        key_file=path_of("key", True),
+        ca_file=path_of("ca", False),
+        require_client_cert=r.flag("require_client_cert", False),
+        allowed_subjects=r.texts("allowed_subjects"),
+    )
+    if cfg.require_client_cert and not cfg.ca_file:
+        r.fail("ca", "is required when require_client_cert is true")
+    r.done()
+    return cfg
+
+
+def check_all(loaders: list[Callable[[], object]]) -> list[str]:
+    """Run several validation steps, collecting every ConfigError's problems."""
+    problems: list[str] = []
+    for step in loaders:
+        try:
+            step()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems

@@ -1,0 +1,57 @@
+"""The HTTP server in the daemon's own event loop: health, readiness, metrics.
+
+Later issues add webhooks under ``/hooks/`` and the JSON API under ``/api/``; they
+register their routes on :attr:`HttpServer.app` before :meth:`start`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.config import HttpConfig
+from engine.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class HttpServer:
+    def __init__(self, cfg: HttpConfig, metrics: Metrics, ready: Callable[[], bool]):
+        self.cfg = cfg
+        self.metrics = metrics
+        self.ready = ready
+        self.app = web.Application(client_max_size=1024 * 1024)
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = cfg.port
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        await self._site.start()
+        for address in self._runner.addresses:
+            self.port = int(address[1])
+        log.info("http: listening on %s:%d", self.cfg.host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,84 @@
+"""Prometheus metrics. One object built with the registry it registers in (tests pass a
+fresh ``CollectorRegistry()``); modules receive it instead of using globals.
+
+Label values are bounded, never PHI: source names come from routes.yaml, message types
+are normalised to ``TYPE^TRIGGER`` codes (anything else becomes ``other``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_TYPE = re.compile(r"[A-Z0-9]{3}(\^[A-Z0-9]{3})?")
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+
+def type_label(message_type: str) -> str:
+    return message_type if _TYPE.fullmatch(message_type) else "other"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.registry = registry
+        self.messages_received = Counter(
+            "refloop_messages_received_total",
+            "Messages received and stored, by source and message type.",
+            ["source", "type"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "refloop_messages_duplicate_total",
+            "Identical resends ACKed again and not stored again.",
+            ["source"],
+            registry=registry,
+        )
+        self.acks = Counter(
+            "refloop_acks_total",
+            "ACKs sent, by source and code.",
+            ["source", "code"],
+            registry=registry,
+        )
+        self.ack_latency = Histogram(
+            "refloop_ack_latency_seconds",
+            "From a frame's last byte read to its ACK written.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "refloop_connections_open", "Open MLLP connections.", ["source"], registry=registry
+        )
+        self.connections_refused = Counter(
+            "refloop_connections_refused_total",
+            "Connections refused (limit, allowlist, client certificate).",
+            ["source", "reason"],
+            registry=registry,
+        )
+        self.frame_errors = Counter(
+            "refloop_frame_errors_total",
+            "MLLP framing problems, by kind (oversize, garbage, stray, timeout).",
+            ["source", "kind"],
+            registry=registry,
+        )
+        self.inbox_rows = Gauge(
+            "refloop_inbox_rows", "Rows in the inbox (highest message id).", registry=registry
+        )
+        self.inbox_commits = Counter(
+            "refloop_inbox_commits_total", "Inbox group commits.", registry=registry
+        )
+        self.processing_lag = Gauge(
+            "refloop_processing_lag_messages",
+            "Stored messages not yet processed.",
+            registry=registry,
+        )
+        self.processed = Counter(
+            "refloop_messages_processed_total",
+            "Messages processed, by outcome status.",
+            ["status"],
+            registry=registry,
+        )

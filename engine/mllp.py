@@ -1,0 +1,85 @@
+"""MLLP framing: bytes in, frames out. Knows nothing about HL7 beyond the block bytes.
+
+Minimal Lower Layer Protocol (HL7 v2.5.1 Appendix C.4.3): <VT> payload <FS><CR>.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from engine.errors import FramingError
+
+START_BLOCK: Final = b"\x0b"  # <VT>, HL7 v2 Appendix C.4.3
+END_BLOCK: Final = b"\x1c"  # <FS>
+CARRIAGE_RETURN: Final = b"\x0d"  # <CR>
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+
+
+def frame(payload: bytes) -> bytes:
+    """Wrap one payload for the wire."""
+    return START_BLOCK + payload + END_BLOCK + CARRIAGE_RETURN
+
+
+class Framer:
+    """Incremental MLLP decoder for one connection.
+
+    Tolerates what real peers send: frames split across reads, several frames in one
+    read, a missing <CR> after <FS>, and stray bytes (e.g. a lone <CR> or keep-alive
+    newlines) between frames, which are counted in :attr:`stray` and dropped. A frame
+    larger than ``max_frame``, or more than ``max_frame`` bytes of garbage with no start
+    block, raises :class:`FramingError`: the caller closes the connection.
+    """
+
+    __slots__ = ("_buf", "_in_frame", "max_frame", "stray")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._in_frame = False
+        self.stray = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for an unfinished frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add bytes; return the frames they complete, in order."""
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        while buf:
+            if not self._in_frame:
+                start = buf.find(START_BLOCK)
+                if start == -1:
+                    self.stray += len(buf)
+                    buf.clear()
+                    if self.stray > self.max_frame:
+                        raise FramingError("no MLLP start block in the stream")
+                    break
+                if start:
+                    self.stray += start
+                    del buf[:start]
+                del buf[:1]
+                self._in_frame = True
+            end = buf.find(END_BLOCK)
+            if end == -1:
+                if len(buf) > self.max_frame:
+                    raise FramingError(f"frame exceeds {self.max_frame} bytes")
+                break
+            if end > self.max_frame:
+                raise FramingError(f"frame exceeds {self.max_frame} bytes")
+            payload = bytes(buf[:end])
+            restart = payload.rfind(START_BLOCK)
+            if restart != -1:
+                # a new start block inside a frame: the earlier partial frame was abandoned
+                # by the peer (never ACKed, so it will be resent); keep the newest one
+                self.stray += restart + 1
+                payload = payload[restart + 1 :]
+            frames.append(payload)
+            cut = end + 1
+            if len(buf) > cut and buf[cut : cut + 1] == CARRIAGE_RETURN:
+                cut += 1
+            del buf[:cut]
+            self._in_frame = False
+        return frames

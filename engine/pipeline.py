@@ -1,0 +1,136 @@
+"""Processing: read the inbox in arrival order, apply each message, mark it, advance.
+
+The cursor (the id of the last processed message) is written in the same transaction as
+the message's status and effects, so a crash between ACK and processing loses nothing
+and repeats nothing: on restart processing resumes after the cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from engine.clock import Clock
+from engine.metrics import Metrics
+from engine.model import StoredMessage
+from engine.store import Database, Inbox
+
+log = logging.getLogger(__name__)
+
+CURSOR_KEY: Final = "processed_cursor"
+BATCH: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What processing made of one message. ``error`` is a reason, never PHI."""
+
+    status: str  # routed | filtered | error | rejected
+    error: str = ""
+    route: str = ""
+
+    @property
+    def app_ack(self) -> str:
+        """The application ACK code this outcome earns (HL7 table 0008)."""
+        return {"error": "AE", "rejected": "AR"}.get(self.status, "AA")
+
+
+# A handler applies one message's effects using the database connection it is given
+# (inside the open transaction) and says what became of it. It must not commit.
+Handler = Callable[[StoredMessage, sqlite3.Connection], Outcome]
+
+
+def no_routes(message: StoredMessage, conn: sqlite3.Connection) -> Outcome:
+    """The handler when no routes are configured."""
+    return Outcome("filtered", "no routes are configured")
+
+
+class Processor:
+    """Owns the processing cursor. One per database; runs as one task."""
+
+    def __init__(
+        self, db: Database, inbox: Inbox, handler: Handler, clock: Clock, metrics: Metrics
+    ):
+        self.db = db
+        self.inbox = inbox
+        self.handler = handler
+        self.clock = clock
+        self.metrics = metrics
+        self.cursor = int(db.get_meta(CURSOR_KEY, "0") or 0)
+        self._wake = asyncio.Event()
+        self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
+        self._stopping = False
+
+    def notify(self) -> None:
+        """New rows were committed."""
+        self._wake.set()
+
+    def watch(self, message_id: int) -> asyncio.Future[Outcome]:
+        """A future resolved with the message's outcome once it is processed."""
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if message_id <= self.cursor:
+            row = self.inbox.get(message_id)
+            fut.set_result(Outcome(row.status, row.error, row.route) if row else Outcome("error"))
+        else:
+            self._waiters.setdefault(message_id, []).append(fut)
+            self._wake.set()
+        return fut
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            done = self.process_available()
+            if self._stopping and not done:
+                return
+            if not done:
+                await self._wake.wait()
+            else:
+                await asyncio.sleep(0)
+
+    def process_available(self, limit: int = BATCH) -> int:
+        """Process up to ``limit`` messages after the cursor in one transaction (each
+        message in its own savepoint, so one failure rolls back only that message's
+        effects); returns how many."""
+        rows = self.inbox.after(self.cursor, limit)
+        if not rows:
+            return 0
+        outcomes: list[Outcome] = []
+        now = self.clock.now()
+        with self.db.transaction() as conn:
+            for row in rows:
+                outcomes.append(self._process_one(row, conn, now))
+            self.db.set_meta(CURSOR_KEY, str(rows[-1].id))
+        self.cursor = rows[-1].id
+        for row, outcome in zip(rows, outcomes, strict=True):
+            self.metrics.processed.labels(outcome.status).inc()
+            for fut in self._waiters.pop(row.id, ()):
+                if not fut.done():
+                    fut.set_result(outcome)
+        self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
+        return len(rows)
+
+    def _process_one(self, row: StoredMessage, conn: sqlite3.Connection, now: float) -> Outcome:
+        if row.status != "received":
+            # rejected at the door, or already processed (a replay marks rows itself)
+            return Outcome(row.status, row.error, row.route)
+        conn.execute("SAVEPOINT message")
+        try:
+            outcome = self.handler(row, conn)
+            self.inbox.mark(
+                row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
+            )
+        except Exception as exc:  # one message's failure must not stop the feed
+            conn.execute("ROLLBACK TO message")
+            log.exception("message %d: processing failed", row.id)
+            outcome = Outcome("error", f"internal error: {type(exc).__name__}")
+            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+        conn.execute("RELEASE message")
+        return outcome

@@ -1,0 +1,168 @@
+"""Opening the SQLite database and migrating its schema.
+
+One connection, owned by the event loop's thread; every transaction is a synchronous
+BEGIN … COMMIT with no await inside, so transactions never interleave. WAL mode lets the
+CLI read while the daemon writes. The file is created 0600: it holds PHI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final
+
+import sqlite_utils
+
+from engine.errors import StoreError
+
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+def _m1_inbox(db: sqlite_utils.Database) -> None:
+    db.table("messages").create(
+        {
+            "id": int,
+            "received_at": float,  # epoch seconds (UTC)
+            "source": str,
+            "peer": str,
+            "sending_app": str,
+            "sending_facility": str,
+            "receiving_app": str,
+            "receiving_facility": str,
+            "control_id": str,
+            "message_type": str,  # TYPE^TRIGGER
+            "version": str,
+            "charset": str,  # the codec the bytes decode with
+            "raw": bytes,  # exactly the bytes received
+            "sha256": bytes,
+            "status": str,  # received | routed | filtered | error | rejected
+            "ack_code": str,
+            "error": str,  # reason; never PHI
+            "duplicates": int,  # identical resends ACKed again, not stored again
+            "flags": str,  # e.g. control-id-reused
+            "route": str,
+            "processed_at": float,
+            "batch_ref": str,
+        },
+        pk="id",
+        not_null={"received_at", "source", "raw", "status"},
+        defaults={
+            "peer": "",
+            "sending_app": "",
+            "sending_facility": "",
+            "receiving_app": "",
+            "receiving_facility": "",
+            "control_id": "",
+            "message_type": "",
+            "version": "",
+            "charset": "",
+            "ack_code": "",
+            "error": "",
+            "duplicates": 0,
+            "flags": "",
+            "route": "",
+            "batch_ref": "",
+        },
+    )
+    # dedupe lookups on the ACK path, and the CLI's / API's metadata filters
+    db.table("messages").create_index(["control_id"], index_name="messages_control_id")
+    db.table("messages").create_index(["received_at"], index_name="messages_received_at")
+    db.table("messages").create_index(["message_type", "id"], index_name="messages_type")
+    # processing cursors and other small facts
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS: Final[list[Migration]] = [_m1_inbox]
+
+
+class Database:
+    """The SQLite connection plus the helpers every store module uses."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str):
+        self.conn = conn
+        self.path = path
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def get_meta(self, key: str, default: str = "") -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Write a meta value; call inside a transaction."""
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_database(
+    path: str | os.PathLike[str],
+    *,
+    synchronous: str = "full",
+    readonly: bool = False,
+    migrations: list[Migration] | None = None,
+) -> Database:
+    """Open (creating 0600 if needed) and migrate the database at ``path``.
+
+    ``synchronous=full`` makes every COMMIT durable against power loss before it returns
+    (an fsync of the WAL); ``normal`` survives a process crash but may lose the last
+    transactions on power loss. See docs/listener.md.
+    """
+    p = Path(path)
+    if readonly:
+        if not p.exists():
+            raise StoreError(f"no database at {p}")
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, isolation_level=None)
+    else:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+            conn.execute("PRAGMA foreign_keys = ON")
+            _migrate(conn, migrations if migrations is not None else MIGRATIONS)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"cannot open database {p}: {exc}") from exc
+    return Database(conn, str(p))
+
+
+def _migrate(conn: sqlite3.Connection, migrations: list[Migration]) -> None:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > len(migrations):
+        raise StoreError(
+            f"database schema version {current} is newer than this refloop ({len(migrations)})"
+        )
+    db = sqlite_utils.Database(conn)
+    for version in range(current, len(migrations)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migrations[version](db)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
