@@ -1,0 +1,334 @@
+"""The escalation policy: which timers a referral gets, and when a patient may be contacted.
+
+Pure: no I/O, no clock reads. Times are epoch seconds (UTC); the patient's local time
+comes from their IANA time zone (``zoneinfo``), so quiet hours follow DST changes.
+
+Default cadence (the recipe; overridable per specialty category and per priority in
+``routes.yaml`` ``escalation:``):
+
+| kind                | after | if still                 | action                           |
+|---------------------|-------|--------------------------|----------------------------------|
+| first-nudge         | 1 d   | patient not booked       | first patient nudge (within 24 h)|
+| second-nudge        | 7 d   | patient not booked       | next channel: SMS, portal, voice |
+| specialist-followup | 7 d   | specialist not confirmed | specialist-office follow-up task |
+| coordinator-task    | 14 d  | either branch open       | coordinator task with a priority |
+| outreach            | 30 d  | either branch open       | voice call + letter task         |
+| attempt-close       | 60 d  | either branch open       | close no-response or ask a human |
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time, timedelta
+from typing import Any, Final, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from engine.config import Config, Reader
+from engine.errors import ConfigError
+
+TimerKind = Literal[
+    "first-nudge",
+    "second-nudge",
+    "specialist-followup",
+    "coordinator-task",
+    "outreach",
+    "attempt-close",
+]
+TIMER_KINDS: Final[tuple[TimerKind, ...]] = (
+    "first-nudge",
+    "second-nudge",
+    "specialist-followup",
+    "coordinator-task",
+    "outreach",
+    "attempt-close",
+)
+PATIENT_KINDS: Final = frozenset({"first-nudge", "second-nudge"})
+SPECIALIST_KINDS: Final = frozenset({"specialist-followup"})
+CHANNELS: Final = ("sms", "portal", "voice")
+
+DAY: Final = 86_400.0
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m|h|d|w)\s*$")
+_UNIT: Final = {"m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """``90m``, ``24h``, ``7d``, ``2w`` (or a number of seconds) → seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90m, 24h, 7d, 2w)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Cadence:
+    """Offsets (seconds after the referral opened) for each timer kind."""
+
+    offsets: Mapping[str, float]
+    on_close: Literal["close", "human"] = "close"
+
+    def due(self, kind: str, opened_at: float) -> float:
+        return opened_at + self.offsets[kind]
+
+
+DEFAULT_OFFSETS: Final[dict[str, float]] = {
+    "first-nudge": 1 * DAY,
+    "second-nudge": 7 * DAY,
+    "specialist-followup": 7 * DAY,
+    "coordinator-task": 14 * DAY,
+    "outreach": 30 * DAY,
+    "attempt-close": 60 * DAY,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRules:
+    """When a patient may be contacted: local quiet hours, frequency caps, business days."""
+
+    window_start: time = time(9, 0)  # contact allowed from …
+    window_end: time = time(20, 0)  # … until (exclusive)
+    per_day: int = 1
+    per_week: int = 3  # in any 7 consecutive local calendar days
+    business_days: bool = False  # weekdays only, skipping holidays
+    holidays: frozenset[date] = frozenset()
+    default_time_zone: str = "America/New_York"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    default: Cadence = field(default_factory=lambda: Cadence(dict(DEFAULT_OFFSETS)))
+    by_specialty: Mapping[str, Cadence] = field(default_factory=dict)
+    by_priority: Mapping[str, float] = field(default_factory=dict)  # scale factor, e.g. 0.5
+    rotation: tuple[str, ...] = CHANNELS
+    contact: ContactRules = field(default_factory=ContactRules)
+
+    def cadence(self, specialty_category: str = "", priority: str = "") -> Cadence:
+        """The cadence for a referral: the specialty's override (or the default), with
+        offsets scaled by the priority's factor (urgent referrals move faster)."""
+        base = self.by_specialty.get(specialty_category.lower(), self.default)
+        scale = self.by_priority.get(priority.lower(), 1.0)
+        if scale == 1.0:
+            return base
+        return replace(base, offsets={k: v * scale for k, v in base.offsets.items()})
+
+    def initial_timers(
+        self, opened_at: float, specialty_category: str = "", priority: str = ""
+    ) -> list[tuple[TimerKind, float]]:
+        """Every timer a new referral gets, in due order. Patient-contact timers are not
+        yet moved into the contact window: that happens when they fire (see
+        :func:`next_contact_time`), so the caps see the contacts actually made."""
+        cadence = self.cadence(specialty_category, priority)
+        timers = [(kind, cadence.due(kind, opened_at)) for kind in TIMER_KINDS]
+        return sorted(timers, key=lambda kt: (kt[1], TIMER_KINDS.index(kt[0])))
+
+    def channel_for(self, attempt: int, *, sms_allowed: bool, portal: bool = True) -> str:
+        """The channel for the ``attempt``-th patient nudge (0-based) in the rotation,
+        skipping SMS without consent (the rotation then starts at the portal) and the
+        portal for a patient without one."""
+        usable = [
+            c for c in self.rotation if (c != "sms" or sms_allowed) and (c != "portal" or portal)
+        ] or ["voice"]
+        return usable[attempt % len(usable)]
+
+
+def zone(name: str, default: str) -> ZoneInfo:
+    """The patient's zone, or the practice default when unknown or not a valid IANA name."""
+    for candidate in (name, default, "UTC"):
+        if candidate:
+            try:
+                return ZoneInfo(candidate)
+            except (ZoneInfoNotFoundError, ValueError):
+                continue
+    return ZoneInfo("UTC")
+
+
+def next_contact_time(
+    due: float,
+    rules: ContactRules,
+    *,
+    time_zone: str = "",
+    previous_contacts: Iterable[float] = (),
+) -> float:
+    """The earliest moment at or after ``due`` when the patient may be contacted:
+    inside the local window, on a business day if required, and without breaking the
+    per-day and per-week caps (local calendar days: at most ``per_day`` on one day and
+    ``per_week`` in any 7 consecutive days) given the earlier contacts.
+    """
+    tz = zone(time_zone, rules.default_time_zone)
+    earlier = sorted(previous_contacts)
+    t = datetime.fromtimestamp(due, tz)
+    for _ in range(400):  # bounded: at most about a year of days
+        day = t.date()
+        if rules.business_days and (day.weekday() >= 5 or day in rules.holidays):
+            t = _at(day + timedelta(days=1), rules.window_start, tz)
+            continue
+        start = _at(day, rules.window_start, tz)
+        end = _at(day, rules.window_end, tz)
+        if t < start:
+            t = start
+        if t >= end:
+            t = _at(day + timedelta(days=1), rules.window_start, tz)
+            continue
+        days = [datetime.fromtimestamp(c, tz).date() for c in earlier]
+        if sum(1 for d in days if d == day) >= rules.per_day:
+            t = _at(day + timedelta(days=1), rules.window_start, tz)
+            continue
+        week = sorted(d for d in days if day - timedelta(days=6) <= d <= day)
+        if len(week) >= rules.per_week:
+            # wait for the day the oldest of them leaves the 7-day window
+            t = _at(week[0] + timedelta(days=7), rules.window_start, tz)
+            continue
+        return t.timestamp()
+    raise ValueError("no contact time within a year; check the contact rules")
+
+
+def _at(day: date, at: time, tz: ZoneInfo) -> datetime:
+    """Local wall time on ``day``; a time skipped by a DST change moves forward (fold=0)."""
+    naive = datetime.combine(day, at)
+    local = naive.replace(tzinfo=tz)
+    # round-trip through UTC normalises non-existent local times (spring forward)
+    return datetime.fromtimestamp(local.timestamp(), tz)
+
+
+def coordinator_priority(
+    *, days_open: float, priority: str, failed_contacts: int, needed_by_days: float | None
+) -> int:
+    """A 0–100 score for ordering the coordinator's list: urgency first, then age,
+    then contacts that failed, then how close the needed-by date is."""
+    score = {"stat": 50, "urgent": 35}.get(priority.lower(), 10)
+    score += min(25, int(days_open // 2))
+    score += min(15, 5 * failed_contacts)
+    if needed_by_days is not None:
+        score += 10 if needed_by_days <= 0 else (5 if needed_by_days <= 7 else 0)
+    return min(100, score)
+
+
+# ---------------------------------------------------------------------------
+# Reading the ``escalation:`` section
+
+
+_CADENCE_KEYS: Final = {k.replace("-", "_"): k for k in TIMER_KINDS}
+
+
+def compile_policy(config: Config) -> Policy:
+    """Build the policy from routes.yaml's ``escalation:`` (defaults when absent).
+
+    ```yaml
+    escalation:
+      cadence: {first_nudge: 1d, second_nudge: 7d, specialist_followup: 7d,
+                coordinator_task: 14d, outreach: 30d, attempt_close: 60d}
+      on_close: close            # or: human
+      rotation: [sms, portal, voice]
+      specialties: {cardiology: {second_nudge: 5d}}
+      priorities: {urgent: 0.5, stat: 0.25}
+      contact: {window: "09:00-20:00", per_day: 1, per_week: 3, business_days: false,
+                holidays: [2026-12-25], default_time_zone: America/New_York}
+    ```
+    """
+    section = config.sections.get("escalation")
+    if section is None or not section.data:
+        return Policy()
+    problems: list[str] = []
+    r = Reader(section.doc, section.path, problems, config.env)
+    on_close = r.choice("on_close", ("close", "human"), "close")
+    default = _cadence(r.child("cadence") if r.has("cadence") else None, DEFAULT_OFFSETS, on_close)
+    specialties: dict[str, Cadence] = {}
+    if r.has("specialties"):
+        sr = r.child("specialties")
+        for name in list(sr.data):
+            specialties[str(name).lower()] = _cadence(sr.child(name), default.offsets, on_close)
+        sr.done()
+    priorities: dict[str, float] = {}
+    if r.has("priorities"):
+        pr = r.child("priorities")
+        for name in list(pr.data):
+            factor = pr.number(name, 1.0)
+            if not 0 < factor <= 10:
+                pr.fail(name, "must be a factor between 0 and 10 (0.5 = twice as fast)")
+            priorities[str(name).lower()] = factor
+        pr.done()
+    rotation = r.texts("rotation") or CHANNELS
+    for i, ch in enumerate(rotation):
+        if ch not in CHANNELS:
+            r.fail(("rotation", i), f"unknown channel {ch!r}; use {', '.join(CHANNELS)}")
+    contact = _contact(r.child("contact")) if r.has("contact") else ContactRules()
+    r.done()
+    if problems:
+        raise ConfigError(problems)
+    return Policy(
+        default=default,
+        by_specialty=specialties,
+        by_priority=priorities,
+        rotation=tuple(rotation),
+        contact=contact,
+    )
+
+
+def _cadence(r: Reader | None, base: Mapping[str, float], on_close: str) -> Cadence:
+    offsets = dict(base)
+    if r is not None:
+        for key in list(r.data):
+            kind = _CADENCE_KEYS.get(str(key))
+            if kind is None:
+                r.raw(key)
+                r.fail(key, f"unknown timer; use {', '.join(sorted(_CADENCE_KEYS))}")
+                continue
+            raw = r.raw(key)
+            try:
+                offsets[kind] = parse_duration(raw)
+            except ValueError as exc:
+                r.fail(key, str(exc))
+        r.done()
+    return Cadence(offsets, "human" if on_close == "human" else "close")
+
+
+def _contact(r: Reader) -> ContactRules:
+    window = r.text("window", "09:00-20:00")
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})", window)
+    start, end = time(9, 0), time(20, 0)
+    if not m or int(m[1]) > 23 or int(m[3]) > 23 or int(m[2]) > 59 or int(m[4]) > 59:
+        r.fail("window", f"must look like 09:00-20:00, not {window!r}")
+    else:
+        start, end = time(int(m[1]), int(m[2])), time(int(m[3]), int(m[4]))
+        if end <= start:
+            r.fail("window", "must end after it starts")
+    holidays: set[date] = set()
+    for i, value in enumerate(_dates(r.raw("holidays", []))):
+        if isinstance(value, date):
+            holidays.add(value)
+        else:
+            r.fail(("holidays", i), f"not a date (YYYY-MM-DD): {value!r}")
+    tz = r.text("default_time_zone", "America/New_York")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.fail("default_time_zone", f"unknown IANA time zone {tz!r}")
+    rules = ContactRules(
+        window_start=start,
+        window_end=end,
+        per_day=r.integer("per_day", 1, lo=1, hi=24),
+        per_week=r.integer("per_week", 3, lo=1, hi=100),
+        business_days=r.flag("business_days", False),
+        holidays=frozenset(holidays),
+        default_time_zone=tz,
+    )
+    r.done()
+    return rules
+
+
+def _dates(values: Any) -> Sequence[Any]:
+    if not isinstance(values, list):
+        return [values]
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, date):
+            out.append(v)
+        else:
+            try:
+                out.append(date.fromisoformat(str(v)))
+            except ValueError:
+                out.append(v)
+    return out
