@@ -104,7 +104,9 @@ class Processor:
             return 0
         outcomes: list[Outcome] = []
         now = self.clock.now()
-        with self.db.transaction() as conn:
+        # not fsync'd on its own (see Database.transaction): the next inbox commit or any
+        # durable commit makes it durable; a crash before that only repeats processing
+        with self.db.transaction(durable=False) as conn:
             for row in rows:
                 outcomes.append(self._process_one(row, conn, now))
             self.db.set_meta(CURSOR_KEY, str(rows[-1].id))

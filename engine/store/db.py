@@ -75,20 +75,43 @@ def _m1_inbox(db: sqlite_utils.Database) -> None:
     db.table("meta").create({"key": str, "value": str}, pk="key")
 
 
-MIGRATIONS: Final[list[Migration]] = [_m1_inbox]
+def _m2_decisions(db: sqlite_utils.Database) -> None:
+    from engine.store.decisions import migrate
+
+    migrate(db)
+
+
+MIGRATIONS: Final[list[Migration]] = [_m1_inbox, _m2_decisions]
 
 
 class Database:
     """The SQLite connection plus the helpers every store module uses."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str):
+    def __init__(self, conn: sqlite3.Connection, path: str, synchronous: str = "full"):
         self.conn = conn
         self.path = path
+        self.synchronous = synchronous
+        self._level = synchronous
+
+    def _sync(self, durable: bool) -> None:
+        level = self.synchronous if durable else "normal"
+        if level != self._level:
+            self.conn.execute(f"PRAGMA synchronous = {level.upper()}")
+            self._level = level
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
+
+        ``durable=False`` commits without an fsync (WAL, ``synchronous=NORMAL``): the
+        transaction survives a crash of the process but, on power loss, only once a later
+        durable commit has fsync'd the WAL — which holds every earlier frame, so one fsync
+        makes all the non-durable commits before it durable too. Processing uses it: its
+        input is already durable in the inbox and it can be re-derived; anything that
+        leaves the building (outbox sends) starts with a durable commit.
+        """
         conn = self.conn
+        self._sync(durable)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -147,7 +170,7 @@ def open_database(
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StoreError(f"cannot open database {p}: {exc}") from exc
-    return Database(conn, str(p))
+    return Database(conn, str(p), synchronous)
 
 
 def _migrate(conn: sqlite3.Connection, migrations: list[Migration]) -> None:

@@ -1,0 +1,1057 @@
+"""MLLP ingest benchmark: ACKed messages/s and ACK latency for three servers.
+
+What is measured
+    For each server and each connection count N (default 1, 16 and 64), a load client
+    opens N MLLP connections to 127.0.0.1 and runs each one closed-loop: send one framed
+    ~1.5 KB ORM^O01 (HL7 v2.5.1), wait for its ACK frame, record the latency, send the
+    next. After a warm-up (default 1 s) it counts the ACKs that arrive during a fixed
+    window (default 5 s) and reports messages/s, p50/p99 ACK latency, errors, and the
+    CPU used by the client and by the server's process group (100 % = one core).
+    Every message carries a unique MSH-10; every ACK must be MSA-1 AA (or CA) with MSA-2
+    equal to that MSH-10. Anything else counts as an error, and so do failed connects,
+    dropped connections and ACKs that take longer than ``--ack-timeout``.
+
+The three servers
+    bare        the fastest bare ACK server Python manages here: uvloop, an
+                ``asyncio.Protocol``, MLLP framing, MSH-only split, hand-built ACK, no
+                persistence. This is the ceiling for a Python MLLP listener.
+    python-hl7  the receiver from python-hl7's documentation (``hl7.mllp.start_hl7_server``,
+                ``readmessage()``, which calls ``hl7.parse``, then ``create_ack()``), run
+                with aiorun as the docs show, minus the per-message print. No persistence.
+    refloop     the real daemon (``refloop run`` with the repo's routes.yaml and a fresh
+                state directory). It commits every message durably to SQLite before ACKing.
+
+Each server runs in its own subprocess and session, and so does the load client (this
+script re-run in an internal mode), so client and server never share an interpreter or a
+GIL. Server CPU % is summed over the server's whole process group. The box is noisy, and
+anything else running on it shows up as server CPU % well below 100 while the server is
+the bottleneck; compare ratios rather than absolute figures (see
+/work/shared/reference/performance-limits.md).
+
+Run (from the repo root; the default run takes about 1-2 minutes)::
+
+    .venv/bin/python bench/ingest.py
+    .venv/bin/python bench/ingest.py --servers bare,hl7 --seconds 2
+    .venv/bin/python bench/ingest.py --conns 64 --seconds 10 --json /tmp/ingest.json
+
+The table goes to stdout and progress to stderr. The exit status is 1 when a requested
+server could not be started or a client run failed, and 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+REPO: Final = Path(__file__).resolve().parent.parent
+HOST: Final = "127.0.0.1"
+
+# MLLP framing, HL7 v2.5.1 Appendix C.4.3: <VT> message <FS><CR>.
+START_BLOCK: Final = b"\x0b"
+END_BLOCK: Final = b"\x1c"
+CARRIAGE_RETURN: Final = b"\x0d"
+FRAME_END: Final = END_BLOCK + CARRIAGE_RETURN
+# HL7 v2.5.1 §2.5.4: segments are terminated by <CR>.
+SEGMENT_END: Final = b"\r"
+# HL7 v2.5.1 Table 0008: AA (original mode) and CA (enhanced mode) both accept.
+ACCEPT_CODES: Final = frozenset({b"AA", b"CA"})
+
+MAX_FRAME_BYTES: Final = 1 << 20
+READY_LINE: Final = b"READY "
+SERVER_START_TIMEOUT_S: Final = 15.0
+STOP_GRACE_S: Final = 10.0
+
+ServerName = Literal["bare", "hl7", "refloop"]
+SERVER_NAMES: Final[tuple[ServerName, ...]] = ("bare", "hl7", "refloop")
+SERVER_ALIASES: Final[dict[str, ServerName]] = {
+    "bare": "bare",
+    "hl7": "hl7",
+    "python-hl7": "hl7",
+    "refloop": "refloop",
+}
+SERVER_LABELS: Final[dict[ServerName, str]] = {
+    "bare": "bare",
+    "hl7": "python-hl7",
+    "refloop": "refloop",
+}
+
+# A synthetic referral order (no real person, facility or provider). {control_id} is
+# replaced per message; everything else is fixed so every server parses the same bytes.
+ORM_O01_SEGMENTS: Final = (
+    r"MSH|^~\&|NWC_EHR|NORTHWIND_CLINIC|REFLOOP|REGIONAL_CARDIOLOGY|20261128093015-0500||"
+    r"ORM^O01^ORM_O01|{control_id}|P|2.5.1|||||USA||en",
+    r"PID|1||MRN00482913^^^NWC^MR||TESTPATIENT^JANE^Q^^^^L|SAMPLE^^^^^^M|19780412|F||"
+    r"2106-3^White^CDCREC|1200 EXAMPLE AVE^APT 4B^SPRINGFIELD^IL^62704^USA^H||"
+    r"^PRN^PH^^1^217^5550147|^WPN^PH^^1^217^5550199|en^English^ISO639|M^Married^HL70002|||||"
+    r"N^Not Hispanic or Latino^HL70189",
+    r"PV1|1|O|NWC^EXAM3^01^NWC^^^^^Northwind Family Medicine||||"
+    r"1234567893^WELBY^MARCUS^A^^DR^MD^^NPI^L^^^NPI|||FAM||||1||||OP|V000193842^^^NWC^VN",
+    r"ORC|NW|REF448812^NWC_EHR|||SC||^^^20261128093000^^R||20261128093015-0500|"
+    r"NURSE01^RATCHED^MILDRED^^^^RN||1234567893^WELBY^MARCUS^A^^DR^MD^^NPI|NWC^EXAM3^01|"
+    r"^WPN^PH^^1^217^5550100|20261128093015-0500||NWC^Northwind Family Medicine^L",
+    r"OBR|1|REF448812^NWC_EHR||REF-CARD^Referral to Cardiology^L|R|20261128093000|||||||||"
+    r"1234567893^WELBY^MARCUS^A^^DR^MD^^NPI|^WPN^PH^^1^217^5550100|||||||||||"
+    r"^^^20261128093000^^R||||I49.9^Cardiac arrhythmia, unspecified^I10C",
+    r"OBX|1|CWE|REASON^Reason for referral^L||I49.9^Cardiac arrhythmia, unspecified^I10C||||||F"
+    r"|||20261128093015",
+    r"OBX|2|NM|8867-4^Heart rate^LN||112|/min^beats per minute^UCUM|60-100|H|||F|||"
+    r"20261128091500",
+    r"OBX|3|NM|8480-6^Systolic blood pressure^LN||138|mm[Hg]^millimeter of mercury^UCUM|"
+    r"90-120|H|||F|||20261128091500",
+    r"OBX|4|ST|URGENCY^Requested urgency^L||Routine, within 4 weeks||||||F",
+    r"NTE|1|P|Intermittent palpitations for 3 months. Synthetic test data only.",
+    r"NTE|2|P|Patient prefers morning appointments; please telephone before booking.",
+)
+
+
+def message_template() -> tuple[bytes, bytes]:
+    """The MLLP-framed test message split around MSH-10: (head, tail)."""
+    text = "\r".join(ORM_O01_SEGMENTS) + "\r"
+    head, tail = text.encode("ascii").split(b"{control_id}")
+    return START_BLOCK + head, tail + FRAME_END
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class CellResult:
+    """One server at one connection count, as measured by the load client."""
+
+    server: str
+    conns: int
+    connected: int
+    window_s: float
+    acked: int
+    msgs_per_s: float
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    # Errors are counted over warm-up, window and drain; latencies over the window only.
+    mismatches: int  # MSA-2 differs from the MSH-10 sent
+    naks: int  # MSA-1 neither AA nor CA
+    failures: int  # failed connects, dropped connections, ACK timeouts, malformed ACKs
+    failure_kinds: dict[str, int] = field(default_factory=dict)
+    client_cpu_pct: float | None = None
+    server_cpu_pct: float | None = None
+    note: str = ""
+
+    @property
+    def errors(self) -> int:
+        return self.mismatches + self.naks + self.failures
+
+
+class BenchError(Exception):
+    """A server or client run failed; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the subprocess modes
+
+
+def _best_event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]) -> None:
+    """Call ``on_gone`` when stdin (a pipe from the orchestrator) reaches EOF.
+
+    The orchestrator stops its children explicitly; this covers it dying without
+    cleaning up, so a server never outlives the benchmark.
+    """
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        if not os.read(fd, 4096):
+            loop.remove_reader(fd)
+            on_gone()
+
+    loop.add_reader(fd, readable)
+
+
+def _announce_ready(port: int) -> None:
+    sys.stdout.buffer.write(READY_LINE + str(port).encode() + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def _group_cpu_seconds(pgid: int) -> float | None:
+    """User + system CPU seconds of every live process in process group ``pgid`` (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    found = False
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        # Fields after "(comm)": state ppid pgrp ... utime(14) stime(15), see proc(5).
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            found = True
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks if found else None
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# ---------------------------------------------------------------------------
+# Server (a): bare uvloop + Protocol, MSH-only split, hand-built ACK
+
+
+class _BareAckState:
+    """What all bare connections share: the ACK control-id counter and a cached MSH-7."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._second = -1
+        self._timestamp = b""
+
+    def next_control_id(self) -> bytes:
+        return b"BARE%d" % next(self._ids)
+
+    def timestamp(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._timestamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now)).encode()
+        return self._timestamp
+
+
+def bare_ack(data: bytes, start: int, end: int, state: _BareAckState) -> bytes | None:
+    """The framed ACK for the frame ``data[start:end]`` (``<VT>`` included, ``<FS><CR>`` not).
+
+    Reads MSH only: the segment up to the first ``<CR>``, split on MSH-1. Returns None
+    when the frame does not start with ``<VT>MSH`` or MSH has no MSH-10.
+    """
+    if data[start : start + 4] != b"\x0bMSH":
+        return None
+    msh_end = data.find(SEGMENT_END, start, end)
+    msh = data[start + 1 : msh_end if msh_end >= 0 else end]
+    sep = msh[3:4]
+    # f[n - 1] is MSH-n because MSH-1 is the separator itself (HL7 v2.5.1 §2.15.9).
+    f = msh.split(sep, 12)
+    if len(f) < 10:
+        return None
+    comp = f[1][:1] or b"^"
+    trigger = f[8].split(comp)[1] if comp in f[8] else b""
+    processing_id = f[10] if len(f) > 10 else b"P"
+    version = f[11] if len(f) > 11 else b"2.5.1"
+    return b"".join(
+        (
+            START_BLOCK,
+            sep.join(
+                (
+                    b"MSH",
+                    f[1],
+                    f[4],  # sending app/facility = the message's receiving ones
+                    f[5],
+                    f[2],
+                    f[3],
+                    state.timestamp(),
+                    b"",
+                    b"ACK" + comp + trigger + comp + b"ACK",
+                    state.next_control_id(),
+                    processing_id,
+                    version,
+                )
+            ),
+            SEGMENT_END,
+            sep.join((b"MSA", b"AA", f[9])),
+            SEGMENT_END,
+            FRAME_END,
+        )
+    )
+
+
+class BareAckProtocol(asyncio.Protocol):
+    """MLLP receiver that ACKs every frame AA at once; closes the connection on bad framing."""
+
+    def __init__(self, state: _BareAckState) -> None:
+        self._state = state
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if self._buffer:
+            self._buffer += data
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        start = 0
+        while (end := data.find(FRAME_END, start)) >= 0:
+            ack = bare_ack(data, start, end, self._state)
+            if ack is None:
+                transport.close()
+                return
+            transport.write(ack)
+            start = end + len(FRAME_END)
+        if start < len(data):
+            if len(data) - start > MAX_FRAME_BYTES:
+                transport.close()
+                return
+            self._buffer += data[start:]
+
+
+async def _serve_bare() -> None:
+    loop = asyncio.get_running_loop()
+    state = _BareAckState()
+    server = await loop.create_server(lambda: BareAckProtocol(state), HOST, 0)
+    parent_gone = loop.create_future()
+    _watch_parent(loop, lambda: parent_gone.set_result(None))
+    async with server:
+        _announce_ready(server.sockets[0].getsockname()[1])
+        await parent_gone
+
+
+def run_bare_server() -> None:
+    with asyncio.Runner(loop_factory=_best_event_loop_factory()) as runner:
+        runner.run(_serve_bare())
+
+
+# ---------------------------------------------------------------------------
+# Server (b): python-hl7 0.4.5, built as its docs/mllp.rst "HL7 Receiver" shows
+
+
+async def _process_hl7_messages(hl7_reader: Any, hl7_writer: Any) -> None:
+    """The documented per-connection handler: parse, ``create_ack()``, write, drain."""
+    try:
+        while not hl7_writer.is_closing():
+            hl7_message = await hl7_reader.readmessage()
+            hl7_writer.writemessage(hl7_message.create_ack())
+            await hl7_writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        if not hl7_writer.is_closing():
+            hl7_writer.close()
+            with contextlib.suppress(ConnectionError):
+                await hl7_writer.wait_closed()
+
+
+async def _serve_hl7() -> None:
+    from hl7.mllp import start_hl7_server
+
+    loop = asyncio.get_running_loop()
+    _watch_parent(loop, loop.stop)  # aiorun shuts down gracefully on loop.stop()
+    try:
+        async with await start_hl7_server(_process_hl7_messages, host=HOST, port=0) as hl7_server:
+            _announce_ready(hl7_server.sockets[0].getsockname()[1])
+            await hl7_server.serve_forever()
+    except asyncio.CancelledError:
+        pass
+
+
+def run_hl7_server() -> None:
+    import aiorun
+
+    aiorun.run(_serve_hl7(), stop_on_unhandled_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Load client
+
+
+class _LoadRun:
+    """State shared by the client's connections: message template, phase and tallies."""
+
+    def __init__(self, tag: str, ack_timeout_s: float) -> None:
+        self.head, self.tail = message_template()
+        self.tag = tag
+        self.ack_timeout_ns = int(ack_timeout_s * 1e9)
+        self.sending = True
+        self.measuring = False
+        self.closing = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.latencies_ns: list[int] = []
+        self.mismatches = 0
+        self.naks = 0
+        self.failure_kinds: Counter[str] = Counter()
+
+    def fail(self, kind: str) -> None:
+        self.failure_kinds[kind] += 1
+
+    def check_idle(self) -> None:
+        if not self.sending and self.in_flight == 0:
+            self.idle.set()
+
+
+class LoadConnection(asyncio.Protocol):
+    """One closed-loop MLLP sender: one message in flight, the next sent on its ACK."""
+
+    def __init__(self, run: _LoadRun, index: int) -> None:
+        self._run = run
+        self._prefix = f"{run.tag}.{index}.".encode()
+        self._seq = 0
+        self._expected = b""
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self.sent_at_ns = 0  # of the message in flight; 0 when none is
+        self.dead = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, so no isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send_next(self) -> None:
+        assert self._transport is not None
+        run = self._run
+        self._seq += 1
+        self._expected = self._prefix + str(self._seq).encode()
+        frame = run.head + self._expected + run.tail
+        run.in_flight += 1
+        self.sent_at_ns = time.perf_counter_ns()
+        self._transport.write(frame)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter_ns()
+        run = self._run
+        buffer = self._buffer
+        buffer += data
+        end = buffer.find(FRAME_END)
+        if end < 0:
+            if len(buffer) > MAX_FRAME_BYTES:
+                self.abort("oversized ACK")
+            return
+        if self.sent_at_ns == 0 or end + len(FRAME_END) != len(buffer):
+            self.abort("unsolicited data")
+            return
+        frame = bytes(buffer[:end])
+        buffer.clear()
+        latency = now - self.sent_at_ns
+        self.sent_at_ns = 0
+        run.in_flight -= 1
+        msa = _msa_fields(frame)
+        if msa is None:
+            self.abort("malformed ACK")
+            return
+        if msa[1] != self._expected:
+            run.mismatches += 1
+        elif msa[0] not in ACCEPT_CODES:
+            run.naks += 1
+        elif run.measuring:
+            run.latencies_ns.append(latency)
+        if run.sending:
+            self.send_next()
+        else:
+            run.check_idle()
+
+    def abort(self, kind: str) -> None:
+        """Count a failure and drop this connection (it is not reopened)."""
+        if self.dead:
+            return
+        self.dead = True
+        self._run.fail(kind)
+        self._settle()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.dead and not self._run.closing:
+            self.dead = True
+            self._run.fail("connection lost")
+            self._settle()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _settle(self) -> None:
+        if self.sent_at_ns:
+            self.sent_at_ns = 0
+            self._run.in_flight -= 1
+        self._run.check_idle()
+
+
+def _msa_fields(frame: bytes) -> tuple[bytes, bytes] | None:
+    """(MSA-1, MSA-2) of an ACK frame (``<VT>`` included), or None if it is not an ACK."""
+    if frame[:4] != b"\x0bMSH":
+        return None
+    sep = frame[4:5]
+    at = frame.find(SEGMENT_END + b"MSA" + sep)
+    if at < 0:
+        return None
+    seg_end = frame.find(SEGMENT_END, at + 1)
+    parts = frame[at + 1 : seg_end if seg_end >= 0 else len(frame)].split(sep, 3)
+    if len(parts) < 3:
+        return None
+    return parts[1], parts[2]
+
+
+def _percentile_ms(sorted_ns: Sequence[int], q: float) -> float | None:
+    """Nearest-rank percentile in milliseconds."""
+    if not sorted_ns:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_ns)))
+    return sorted_ns[rank - 1] / 1e6
+
+
+async def _watchdog(run: _LoadRun, conns: Sequence[LoadConnection]) -> None:
+    """Fail ACKs slower than the timeout; exit at once if the orchestrator has died."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(0.2)
+        if os.getppid() != parent:
+            os._exit(1)  # orphaned: nobody will read the result
+        deadline = time.perf_counter_ns() - run.ack_timeout_ns
+        for conn in conns:
+            if conn.sent_at_ns and conn.sent_at_ns < deadline:
+                conn.abort("ACK timeout")
+
+
+async def run_load(
+    port: int,
+    conns: int,
+    seconds: float,
+    warmup: float,
+    tag: str,
+    server_pgid: int | None,
+    ack_timeout_s: float,
+) -> dict[str, Any]:
+    """Drive ``conns`` closed-loop connections; return the measurement as a JSON-able dict."""
+    loop = asyncio.get_running_loop()
+    run = _LoadRun(tag, ack_timeout_s)
+    attempts = await asyncio.gather(
+        *(
+            loop.create_connection(lambda i=i: LoadConnection(run, i), HOST, port)
+            for i in range(conns)
+        ),
+        return_exceptions=True,
+    )
+    connections: list[LoadConnection] = []
+    for attempt in attempts:
+        if isinstance(attempt, BaseException):
+            run.fail(f"connect: {type(attempt).__name__}")
+        else:
+            connections.append(attempt[1])
+    watchdog = asyncio.create_task(_watchdog(run, connections))
+    for conn in connections:
+        conn.send_next()
+
+    await asyncio.sleep(warmup)
+    run.measuring = True
+    wall0, cpu0 = time.perf_counter(), _own_cpu_seconds()
+    server0 = _group_cpu_seconds(server_pgid) if server_pgid else None
+    await asyncio.sleep(seconds)
+    run.measuring = False
+    wall1, cpu1 = time.perf_counter(), _own_cpu_seconds()
+    server1 = _group_cpu_seconds(server_pgid) if server_pgid else None
+
+    run.sending = False
+    run.check_idle()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.idle.wait(), ack_timeout_s + 1)
+    run.closing = True
+    watchdog.cancel()
+    for conn in connections:
+        conn.close()
+    await asyncio.sleep(0.05)
+
+    window = wall1 - wall0
+    latencies = sorted(run.latencies_ns)
+    server_cpu = (
+        round(100 * (server1 - server0) / window, 1)
+        if server0 is not None and server1 is not None
+        else None
+    )
+    return {
+        "conns": conns,
+        "connected": len(connections),
+        "window_s": round(window, 3),
+        "acked": len(latencies),
+        "msgs_per_s": round(len(latencies) / window, 1),
+        "p50_ms": _percentile_ms(latencies, 0.50),
+        "p90_ms": _percentile_ms(latencies, 0.90),
+        "p99_ms": _percentile_ms(latencies, 0.99),
+        "max_ms": _percentile_ms(latencies, 1.0),
+        "mismatches": run.mismatches,
+        "naks": run.naks,
+        "failures": sum(run.failure_kinds.values()),
+        "failure_kinds": dict(run.failure_kinds),
+        "client_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1),
+        "server_cpu_pct": server_cpu,
+    }
+
+
+def client_main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ingest.py _client")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--conns", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--warmup", type=float, required=True)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--server-pgid", type=int)
+    parser.add_argument("--ack-timeout", type=float, required=True)
+    args = parser.parse_args(argv)
+    with asyncio.Runner(loop_factory=_best_event_loop_factory()) as runner:
+        result = runner.run(
+            run_load(
+                args.port,
+                args.conns,
+                args.seconds,
+                args.warmup,
+                args.tag,
+                args.server_pgid,
+                args.ack_timeout,
+            )
+        )
+    json.dump(result, sys.stdout)
+
+
+# ---------------------------------------------------------------------------
+# Orchestrator: start servers, run one client per cell, report
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    name: ServerName
+    proc: subprocess.Popen[bytes]
+    mllp_port: int
+    log_path: Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group, then SIGKILL it after a grace period."""
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _progress(f"  pid {proc.pid} ignored SIGTERM for {STOP_GRACE_S:g} s; killing it")
+    # Kill leftovers in the group even when the leader has exited.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def _start_own_server(name: ServerName, workdir: Path) -> RunningServer:
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "_serve", name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        readable, _, _ = select.select([proc.stdout], [], [], SERVER_START_TIMEOUT_S)
+        line = proc.stdout.readline() if readable else b""
+        if not line.startswith(READY_LINE):
+            raise BenchError(f"{name} server did not start\n{_log_tail(log_path)}")
+        return RunningServer(name, proc, int(line[len(READY_LINE) :]), log_path)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def _http_ok(url: str) -> bool:
+    # An empty ProxyHandler: loopback requests must not follow http_proxy from the environment.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
+    executable = REPO / ".venv" / "bin" / "refloop"
+    routes = REPO / "routes.yaml"
+    if not executable.exists():
+        raise BenchError(f"{executable} does not exist (pip install -e . first)")
+    if not routes.exists():
+        raise BenchError(f"{routes} does not exist")
+    state = workdir / "refloop-state"
+    state.mkdir()
+    mllp_port, http_port = free_port(), free_port()
+    while http_port == mllp_port:
+        http_port = free_port()
+    env = dict(os.environ, REFLOOP_MLLP_PORT=str(mllp_port), REFLOOP_HTTP_PORT=str(http_port))
+    log_path = workdir / "refloop.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(executable), "run", "--routes", str(routes), "--state", str(state)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://{HOST}:{http_port}/readyz"
+        deadline = time.monotonic() + ready_timeout_s
+        while not _http_ok(url):
+            if proc.poll() is not None:
+                raise BenchError(
+                    f"refloop exited with status {proc.returncode} before it was ready\n"
+                    f"{_log_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"GET {url} did not return 200 within {ready_timeout_s:g} s\n"
+                    f"{_log_tail(log_path)}"
+                )
+            time.sleep(0.1)
+        return RunningServer("refloop", proc, mllp_port, log_path)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def start_server(name: ServerName, workdir: Path, ready_timeout_s: float) -> RunningServer:
+    if name == "refloop":
+        return _start_refloop(workdir, ready_timeout_s)
+    return _start_own_server(name, workdir)
+
+
+def run_cell(server: RunningServer, conns: int, tag: str, opts: argparse.Namespace) -> CellResult:
+    """Run one load client process against ``server`` and return what it measured."""
+    label = SERVER_LABELS[server.name]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_client",
+        f"--port={server.mllp_port}",
+        f"--conns={conns}",
+        f"--seconds={opts.seconds}",
+        f"--warmup={opts.warmup}",
+        f"--tag={tag}",
+        f"--server-pgid={server.proc.pid}",
+        f"--ack-timeout={opts.ack_timeout}",
+    ]
+    budget = opts.warmup + opts.seconds + opts.ack_timeout + 30
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            timeout=budget,
+            start_new_session=True,
+            check=True,
+        )
+        payload = json.loads(done.stdout)
+    except subprocess.CalledProcessError as exc:
+        stderr = exc.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"client for {label} x{conns} failed: {' | '.join(stderr)}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"client for {label} x{conns} ran over {budget:g} s") from exc
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"client for {label} x{conns} printed no result") from exc
+    return CellResult(server=label, **payload)
+
+
+def _empty_cell(label: str, conns: int, note: str) -> CellResult:
+    return CellResult(
+        server=label,
+        conns=conns,
+        connected=0,
+        window_s=0.0,
+        acked=0,
+        msgs_per_s=0.0,
+        p50_ms=None,
+        p90_ms=None,
+        p99_ms=None,
+        max_ms=None,
+        mismatches=0,
+        naks=0,
+        failures=0,
+        note=note,
+    )
+
+
+def _message_bytes_without_msh10() -> int:
+    head, tail = message_template()
+    return len(head) + len(tail) - len(START_BLOCK) - len(FRAME_END)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def render_report(
+    results: Sequence[CellResult], unavailable: dict[str, str], conns: Sequence[int]
+) -> str:
+    """The markdown table, notes and msgs/s ratios of refloop to the two baselines."""
+    lines = [
+        "| server | conns | msgs/s | p50 ms | p99 ms | errors | client CPU % | server CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes: list[str] = []
+    for cell in results:
+        lines.append(
+            f"| {cell.server} | {cell.conns} | {_fmt(cell.msgs_per_s, 0)} | {_fmt(cell.p50_ms)}"
+            f" | {_fmt(cell.p99_ms)} | {cell.errors if not cell.note else '—'}"
+            f" | {_fmt(cell.client_cpu_pct, 0)} | {_fmt(cell.server_cpu_pct, 0)} |"
+        )
+        if cell.note:
+            notes.append(f"- {cell.server} x{cell.conns}: {cell.note}")
+        elif cell.errors:
+            kinds = dict(cell.failure_kinds, mismatches=cell.mismatches, naks=cell.naks)
+            detail = ", ".join(f"{kind} {n}" for kind, n in kinds.items() if n)
+            notes.append(f"- {cell.server} x{cell.conns} errors: {detail}")
+    for label, reason in unavailable.items():
+        notes.append(f"- {label}: not measured: {reason.splitlines()[0]}")
+    if notes:
+        lines += ["", *notes]
+
+    # A server that failed part-way is listed in `unavailable`: its cells stay in the
+    # table (with their errors) but a ratio against it would mean nothing.
+    rates = {
+        (c.server, c.conns): c.msgs_per_s
+        for c in results
+        if not c.note and c.server not in unavailable
+    }
+    ratio_lines = []
+    for n in conns:
+        refloop = rates.get(("refloop", n))
+        if refloop is None:
+            continue
+        parts = [
+            f"refloop/{base} {refloop / rates[(base, n)]:.3f}"
+            for base in ("bare", "python-hl7")
+            if rates.get((base, n))
+        ]
+        if parts:
+            ratio_lines.append(f"- {n} conn{'s' if n != 1 else ''}: " + ", ".join(parts))
+    if ratio_lines:
+        lines += ["", "msgs/s ratios (c/a = refloop/bare, c/b = refloop/python-hl7):", *ratio_lines]
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("uvloop", "hl7", "aiorun", "refloop"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[dist] = metadata.version(dist)
+    return found
+
+
+def _parse_servers(text: str) -> list[ServerName]:
+    names: list[ServerName] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item not in SERVER_ALIASES:
+            raise argparse.ArgumentTypeError(
+                f"unknown server {item!r}; choose from {', '.join(SERVER_ALIASES)}"
+            )
+        if SERVER_ALIASES[item] not in names:
+            names.append(SERVER_ALIASES[item])
+    if not names:
+        raise argparse.ArgumentTypeError("no server given")
+    return names
+
+
+def _parse_conns(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from exc
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("connection counts must be positive integers")
+    return counts
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ingest.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Example: .venv/bin/python bench/ingest.py --servers bare,hl7 --seconds 2",
+    )
+    parser.add_argument(
+        "--servers",
+        type=_parse_servers,
+        default=list(SERVER_NAMES),
+        help="comma-separated subset of bare,hl7,refloop (default: all three)",
+    )
+    parser.add_argument(
+        "--conns",
+        type=_parse_conns,
+        default=[1, 16, 64],
+        help="comma-separated connection counts (default: 1,16,64)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="measured window per cell (default: 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up before each window (default: 1)"
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        default=5.0,
+        help="an ACK slower than this is an error and drops its connection (default: 5)",
+    )
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=30.0,
+        help="how long to wait for refloop's /readyz (default: 30)",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write raw results here")
+    opts = parser.parse_args(argv)
+    if opts.seconds <= 0 or opts.warmup < 0 or opts.ack_timeout <= 0:
+        parser.error("--seconds and --ack-timeout must be positive, --warmup non-negative")
+    return opts
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    opts = _parse_args(argv)
+    # Ctrl-C and SIGTERM take the same cleanup path (SIGINT may arrive ignored, e.g. in a
+    # background job, so its default handler is installed explicitly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    run_id = secrets.token_hex(2)  # keeps MSH-10 unique even if a state dir were reused
+    results: list[CellResult] = []
+    unavailable: dict[str, str] = {}
+    client_failed = interrupted = False
+    started = time.time()
+    cells = itertools.count()
+    with tempfile.TemporaryDirectory(prefix="refloop-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            for name in opts.servers:
+                label = SERVER_LABELS[name]
+                _progress(f"{label}: starting")
+                try:
+                    server = start_server(name, workdir, opts.ready_timeout)
+                except BenchError as exc:
+                    unavailable[label] = str(exc)
+                    _progress(f"{label}: unavailable: {exc}")
+                    continue
+                try:
+                    _progress(f"{label}: MLLP on {HOST}:{server.mllp_port}, pid {server.proc.pid}")
+                    for conns in opts.conns:
+                        tag = f"{run_id}{next(cells)}"
+                        try:
+                            cell = run_cell(server, conns, tag, opts)
+                        except BenchError as exc:
+                            client_failed = True
+                            cell = _empty_cell(label, conns, str(exc))
+                        results.append(cell)
+                        _progress(
+                            f"{label} x{conns}: {_fmt(cell.msgs_per_s, 0)} msgs/s, "
+                            f"p99 {_fmt(cell.p99_ms)} ms, errors {cell.errors}"
+                            + (f" ({cell.note})" if cell.note else "")
+                        )
+                        if server.proc.poll() is not None:
+                            raise BenchError(
+                                f"{label} exited with status {server.proc.returncode}\n"
+                                f"{_log_tail(server.log_path)}"
+                            )
+                except BenchError as exc:
+                    unavailable[label] = str(exc)
+                    _progress(f"{label}: {exc}")
+                finally:
+                    stop_server(server.proc)
+        except KeyboardInterrupt:
+            interrupted = True
+            _progress("interrupted; servers stopped; partial results follow")
+
+    print(render_report(results, unavailable, opts.conns))
+    if opts.json:
+        report = {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "duration_s": round(time.time() - started, 1),
+            "settings": {
+                "servers": [SERVER_LABELS[n] for n in opts.servers],
+                "conns": opts.conns,
+                "seconds": opts.seconds,
+                "warmup": opts.warmup,
+                "ack_timeout": opts.ack_timeout,
+                "message_bytes_without_msh10": _message_bytes_without_msh10(),
+            },
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "versions": _versions(),
+            "unavailable": unavailable,
+            "interrupted": interrupted,
+            "results": [asdict(cell) | {"errors": cell.errors} for cell in results],
+        }
+        opts.json.write_text(json.dumps(report, indent=2) + "\n")
+    if interrupted:
+        return 130
+    return 1 if unavailable or client_failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["_serve"]:
+        {"bare": run_bare_server, "hl7": run_hl7_server}[args[1]]()
+        return 0
+    if args[:1] == ["_client"]:
+        client_main(args[1:])
+        return 0
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
