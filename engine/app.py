@@ -15,11 +15,14 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
 from engine.config import Config
+from engine.config import load as load_config
+from engine.errors import ConfigError
 from engine.http import HttpServer
 from engine.listener import MllpServer
 from engine.metrics import Metrics
@@ -31,15 +34,24 @@ log = logging.getLogger(__name__)
 HandlerFactory = Callable[[Config, Database], Handler]
 
 
-def default_handler(config: Config, db: Database) -> Handler:
-    """The routes from routes.yaml, or "filtered: no routes" when there are none."""
+def default_handler(
+    config: Config,
+    db: Database,
+    *,
+    clock: Clock | None = None,
+    metrics: Metrics | None = None,
+    tracker: Any = None,
+) -> Handler:
+    """The routes from routes.yaml, or "filtered: no routes" when there are none.
+    Raises ConfigError when the routes do not compile."""
     if "routes" not in config.sections:
         return no_routes
     try:  # compiled routes arrive with the routes module
         routes = importlib.import_module("engine.routes")
     except ModuleNotFoundError:
         return no_routes
-    return routes.make_handler(config, db)
+    handler: Handler = routes.make_handler(config, db, tracker, clock=clock, metrics=metrics)
+    return handler
 
 
 @dataclass
@@ -50,6 +62,7 @@ class Engine:
     registry: CollectorRegistry | None = None
     handler_factory: HandlerFactory = default_handler
     drain_seconds: float = 10.0
+    tracker: Any = None  # engine.routes.Tracker; None: decisions are recorded only
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -59,6 +72,7 @@ class Engine:
         self.servers: list[MllpServer] = []
         self.http: HttpServer | None = None
         self.ready = False
+        self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -78,12 +92,14 @@ class Engine:
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
-        handler = self.handler_factory(self.config, self.db)
+        handler = self._make_handler(self.config)
         self.processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
         self._tasks.append(asyncio.create_task(self.inbox.run_writer(), name="inbox-writer"))
         self._tasks.append(asyncio.create_task(self.processor.run(), name="processor"))
         if self.config.http.enabled:
-            self.http = HttpServer(self.config.http, self.metrics, lambda: self.ready)
+            self.http = HttpServer(
+                self.config.http, self.metrics, lambda: self.ready, reload=self.reload
+            )
             await self.http.start()
         for source in self.config.sources:
             server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
@@ -92,6 +108,48 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+
+    def _make_handler(self, config: Config) -> Handler:
+        assert self.db is not None
+        if self.handler_factory is default_handler:
+            return default_handler(
+                config, self.db, clock=self.clock, metrics=self.metrics, tracker=self.tracker
+            )
+        return self.handler_factory(config, self.db)
+
+    def reload(self) -> list[str]:
+        """Re-read and re-compile routes.yaml (SIGHUP, POST /admin/reload). On success the
+        processor uses the new routes from its next message; on any problem the running
+        routes stay and the problems are logged and returned (``file:line key: message``).
+
+        Only the routing sections take effect: changes to ``store``, ``http`` or
+        ``sources`` need a restart (logged)."""
+        if self.processor is None or self.db is None:
+            return ["the engine is not running"]
+        try:
+            config = load_config(self.config.file, env=self.config.env)
+            handler = self._make_handler(config)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("invalid").inc()
+            log.error(
+                "reload: %s is invalid; keeping the running routes (%d problem(s))",
+                self.config.file,
+                len(exc.problems),
+            )
+            for problem in exc.problems:
+                log.error("reload: %s", problem)
+            return list(exc.problems)
+        if (config.store, config.http, config.sources) != (
+            self.config.store,
+            self.config.http,
+            self.config.sources,
+        ):
+            log.warning("reload: store, http and sources changes take effect on restart")
+        self.processor.handler = handler  # one assignment: the next message sees it
+        self.routes_config = config
+        self.metrics.config_reloads.labels("ok").inc()
+        log.info("reload: %s loaded", self.config.file)
+        return []
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +379,7 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
 
 @main.group("routes")
 def routes_group() -> None:
-    """Check routes.yaml."""
+    """Check routes.yaml, or make the running daemon reload it."""
 
 
 @routes_group.command("check")
@@ -397,6 +397,166 @@ def routes_check(path: str | None, routes_path: str) -> None:
         cfg = config_mod.load(target)
         _check_routes(cfg)
     click.echo(f"{target}: ok ({len(cfg.sources)} source(s))")
+
+
+@routes_group.command("reload")
+@routes_option
+@click.option(
+    "--url",
+    help="The daemon's admin URL (default: from the http section of --routes, "
+    "http://HOST:PORT/admin/reload).",
+)
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait.")
+def routes_reload(routes_path: str, url: str | None, timeout: float) -> None:
+    """Ask the running daemon to re-read routes.yaml (as SIGHUP does).
+
+    The daemon validates the file first; if it is invalid the running routes stay, the
+    problems are printed and the exit status is 2. The admin endpoint answers loopback
+    clients only.
+
+    Example: refloop routes reload --url http://127.0.0.1:8575/admin/reload
+    """
+    import httpx
+
+    token = ""
+    if url is None:
+        with errors():
+            cfg = config_mod.load(routes_path)
+        host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        url = f"http://{host}:{cfg.http.port}/admin/reload"
+        token = cfg.http.admin_token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(url, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code == 200:
+        click.echo("reloaded")
+        return
+    if response.status_code == 422:
+        for line in body.get("problems", []):
+            click.echo(line, err=True)
+        click.echo("routes.yaml is invalid; the daemon keeps its running routes", err=True)
+        raise SystemExit(2)
+    raise click.ClickException(f"{url}: HTTP {response.status_code} {body.get('status', '')}")
+
+
+# -- replay -----------------------------------------------------------------------
+
+
+def _login_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+@main.command()
+@routes_option
+@state_option
+@click.option("--id", "ids", multiple=True, type=int, help="A message id (repeatable).")
+@click.option("--since", help="Received at or after (ISO date or time, UTC).")
+@click.option("--until", help="Received before (ISO date or time, UTC).")
+@click.option("--type", "message_type", help="Message type, e.g. ORM^O01 or SIU^S1*.")
+@click.option("--source", help="Source name from routes.yaml.")
+@click.option("--status", type=click.Choice(["routed", "filtered", "error"]))
+@click.option("--route", help="Only messages the named route decided.")
+@click.option("--dry-run", is_flag=True, help="Show old and new decisions; change nothing.")
+@click.option("--resend", is_flag=True, help="Re-send send/forward side effects too.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per message, one a line.")
+def replay(
+    routes_path: str,
+    state_dir: str,
+    ids: tuple[int, ...],
+    since: str | None,
+    until: str | None,
+    message_type: str | None,
+    source: str | None,
+    status: str | None,
+    route: str | None,
+    dry_run: bool,
+    resend: bool,
+    as_json: bool,
+) -> None:
+    """Re-run stored inbox messages through the current routes.yaml.
+
+    With --dry-run, print each message's old and new decision and write nothing (the
+    database is opened read-only). Otherwise re-apply the messages whose decision changed,
+    each in its own transaction; the tracker never gets the same event twice and
+    send/forward side effects are not repeated unless --resend. Safe while the daemon runs.
+    Who replayed is recorded with each re-applied decision.
+
+    Example: refloop replay --type 'SIU^S1*' --since 2026-01-01 --dry-run
+    """
+    from engine.replay import ReplayFilter, ReplayItem
+    from engine.replay import replay as run_replay
+
+    flt = ReplayFilter(
+        ids=ids,
+        since=_time_arg(since),
+        until=_time_arg(until),
+        message_type=message_type,
+        source=source,
+        status=status,
+        route=route,
+    )
+
+    def line(item: ReplayItem) -> str:
+        if as_json:
+            return json.dumps(item.as_dict(), sort_keys=True)
+        old = f"{item.old.status}:{item.old.route or '-'}"
+        if item.skipped:
+            return f"{item.message_id:>7}  {item.message_type:<9} {old}  skipped ({item.skipped})"
+        assert item.new is not None
+        new = f"{item.new.status}:{item.new.route or '-'}"
+        events = ",".join(item.new.events) or item.new.reason
+        mark = "applied" if item.applied else ("changed" if item.changed else "same")
+        return f"{item.message_id:>7}  {item.message_type:<9} {old} -> {new}  {mark}  {events}"
+
+    with errors():
+        cfg = config_mod.load(routes_path)
+        db_path = Path(state_dir) / cfg.store.file
+        bar_wanted = sys.stdout.isatty() and not as_json
+        lines: list[str] = []
+        with ExitStack() as stack:
+            bars: list[Any] = []
+
+            def progress(item: ReplayItem, total: int) -> None:
+                if not bar_wanted:
+                    click.echo(line(item))
+                    return
+                lines.append(line(item))
+                if not bars:
+                    bars.append(
+                        stack.enter_context(click.progressbar(length=total, label="replaying"))
+                    )
+                bars[0].update(1)
+
+            summary = run_replay(
+                db_path,
+                cfg,
+                flt,
+                dry_run=dry_run,
+                resend=resend,
+                user=_login_name(),
+                progress=progress,
+            )
+        for text in lines:
+            click.echo(text)
+    verb = "would change" if dry_run else "re-applied"
+    count = summary.changed if dry_run else summary.applied
+    click.echo(
+        f"{summary.selected} selected, {count} {verb}, {summary.skipped} skipped",
+        err=as_json,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,5 @@
-"""The HTTP server in the daemon's own event loop: health, readiness, metrics.
+"""The HTTP server in the daemon's own event loop: health, readiness, metrics, and
+``POST /admin/reload`` (loopback only) for routes.yaml.
 
 Later issues add webhooks under ``/hooks/`` and the JSON API under ``/api/``; they
 register their routes on :attr:`HttpServer.app` before :meth:`start`.
@@ -6,8 +7,10 @@ register their routes on :attr:`HttpServer.app` before :meth:`start`.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,16 +20,27 @@ from engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
 
 class HttpServer:
-    def __init__(self, cfg: HttpConfig, metrics: Metrics, ready: Callable[[], bool]):
+    def __init__(
+        self,
+        cfg: HttpConfig,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        *,
+        reload: Callable[[], list[str]] | None = None,
+    ):
         self.cfg = cfg
         self.metrics = metrics
         self.ready = ready
+        self.reload = reload
         self.app = web.Application(client_max_size=1024 * 1024)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
+        self.app.router.add_post("/admin/reload", self._admin_reload)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = cfg.port
@@ -51,6 +65,27 @@ class HttpServer:
         if self.ready():
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "starting"}, status=503)
+
+    def _admin_allowed(self, request: web.Request) -> bool:
+        """Admin endpoints answer loopback peers only, and when ``http.admin_token`` is
+        set, only with that bearer token as well."""
+        if (request.remote or "") not in LOOPBACK:
+            return False
+        if self.cfg.admin_token:
+            expected = f"Bearer {self.cfg.admin_token}"
+            return hmac.compare_digest(request.headers.get("Authorization", ""), expected)
+        return True
+
+    async def _admin_reload(self, request: web.Request) -> web.Response:
+        if not self._admin_allowed(request):
+            log.warning("%s: POST /admin/reload refused", request.remote)
+            return web.json_response({"status": "forbidden"}, status=403)
+        if self.reload is None:
+            return web.json_response({"status": "unavailable"}, status=503)
+        problems = self.reload()
+        if problems:
+            return web.json_response({"status": "invalid", "problems": problems}, status=422)
+        return web.json_response({"status": "reloaded"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

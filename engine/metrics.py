@@ -82,3 +82,34 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+        # Routing (engine.routes): labels are route names from routes.yaml, never content.
+        self.route_matched = Counter(
+            "refloop_route_matched_total",
+            "Messages a route matched and routed (or dropped on purpose).",
+            ["route"],
+            registry=registry,
+        )
+        self.route_filtered = Counter(
+            "refloop_route_filtered_total",
+            "Messages no route matched.",
+            registry=registry,
+        )
+        self.route_errors = Counter(
+            "refloop_route_errors_total",
+            "Messages a matching route failed on (an expression, missing identifiers).",
+            ["route"],
+            registry=registry,
+        )
+        self.route_seconds = Histogram(
+            "refloop_route_seconds",
+            "Time to decide and apply one message, by the first matching route ('none').",
+            ["route"],
+            buckets=(0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.005, 0.02),
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "refloop_config_reloads_total",
+            "routes.yaml reloads (SIGHUP or POST /admin/reload), by result (ok, invalid).",
+            ["result"],
+            registry=registry,
+        )

@@ -1,0 +1,134 @@
+"""The decisions table: what the routes decided for each inbox message, so a replay can
+show old against new and apply only what changed.
+
+One row per message (the latest decision). ``actions`` is JSON: a list of action
+summaries, each with the route, the action kind and, for ``track``, the event kind, its
+key fields and a fingerprint of the whole event. The fingerprints of tracked events are
+what keeps a replay from handing the tracker the same event twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import sqlite_utils
+
+from engine.store.db import Database
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Schema: appended to ``engine.store.db.MIGRATIONS``."""
+    db.table("decisions").create(
+        {
+            "message_id": int,
+            "status": str,  # routed | filtered | error
+            "route": str,  # matched route names, comma-separated
+            "reason": str,  # why filtered / error; never PHI
+            "actions": str,  # JSON list of action summaries
+            "decided_at": float,
+            "replayed_at": float,  # last replay that re-decided it (0: never)
+            "replayed_by": str,  # the operator's login name
+        },
+        pk="message_id",
+        not_null={"status", "decided_at"},
+        defaults={
+            "route": "",
+            "reason": "",
+            "actions": "[]",
+            "replayed_at": 0.0,
+            "replayed_by": "",
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRow:
+    message_id: int
+    status: str
+    route: str
+    reason: str
+    actions: tuple[dict[str, Any], ...]
+    decided_at: float
+    replayed_at: float = 0.0
+    replayed_by: str = ""
+
+    @property
+    def fingerprints(self) -> frozenset[str]:
+        """Fingerprints of the events this decision handed the tracker."""
+        return frozenset(str(a["fingerprint"]) for a in self.actions if a.get("action") == "track")
+
+
+_COLUMNS = "message_id, status, route, reason, actions, decided_at, replayed_at, replayed_by"
+
+
+def _row(r: tuple[Any, ...]) -> DecisionRow:
+    return DecisionRow(
+        message_id=int(r[0]),
+        status=str(r[1]),
+        route=str(r[2] or ""),
+        reason=str(r[3] or ""),
+        actions=tuple(json.loads(r[4] or "[]")),
+        decided_at=float(r[5]),
+        replayed_at=float(r[6] or 0.0),
+        replayed_by=str(r[7] or ""),
+    )
+
+
+class Decisions:
+    """Reads and writes of the decisions table."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def available(self) -> bool:
+        """False on a database from before the decisions table (opened read-only)."""
+        row = self.db.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decisions'"
+        ).fetchone()
+        return row is not None
+
+    def get(self, message_id: int, conn: sqlite3.Connection | None = None) -> DecisionRow | None:
+        c = conn or self.db.conn
+        r = c.execute(f"SELECT {_COLUMNS} FROM decisions WHERE message_id = ?", (message_id,))
+        row = r.fetchone()
+        return _row(row) if row else None
+
+    def record(
+        self,
+        conn: sqlite3.Connection,
+        message_id: int,
+        *,
+        status: str,
+        route: str,
+        reason: str,
+        actions: list[dict[str, Any]],
+        decided_at: float,
+        replayed_by: str = "",
+    ) -> None:
+        """Write (or replace) a message's decision; call inside its processing transaction.
+        A replay (``replayed_by`` given) keeps the first ``decided_at`` and stamps the replay."""
+        body = json.dumps(actions, sort_keys=True, separators=(",", ":"))
+        if replayed_by:
+            conn.execute(
+                "INSERT INTO decisions (message_id, status, route, reason, actions, decided_at, "
+                "replayed_at, replayed_by) VALUES (?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
+                "route = excluded.route, reason = excluded.reason, actions = excluded.actions, "
+                "replayed_at = excluded.replayed_at, replayed_by = excluded.replayed_by",
+                (message_id, status, route, reason, body, decided_at, decided_at, replayed_by),
+            )
+        else:
+            conn.execute(
+                "INSERT INTO decisions (message_id, status, route, reason, actions, decided_at) "
+                "VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
+                "route = excluded.route, reason = excluded.reason, actions = excluded.actions, "
+                "decided_at = excluded.decided_at",
+                (message_id, status, route, reason, body, decided_at),
+            )
+
+    def count(self) -> int:
+        return int(self.db.conn.execute("SELECT count(*) FROM decisions").fetchone()[0])
