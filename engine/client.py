@@ -9,7 +9,7 @@ import ssl
 from dataclasses import dataclass
 
 from engine.errors import EngineError, MessageRejected
-from engine.hl7msg import Message, read_msh
+from engine.hl7msg import Message, reply_header, split_messages
 from engine.mllp import Framer, frame
 
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r")
@@ -64,10 +64,8 @@ class MllpClient:
         return self._frames.pop(0)
 
     async def send(self, message: bytes, *, expect_reply: bool = True) -> AckResult:
-        try:
-            control_id = read_msh(message)[0].control_id
-        except MessageRejected:
-            control_id = ""
+        header = reply_header(message)  # MSH-10 even of a message the server will reject
+        control_id = header.control_id if header else ""
         try:
             self.writer.write(frame(message))
             await self.writer.drain()
@@ -97,9 +95,12 @@ def ack_code(reply: bytes) -> tuple[str, str]:
     """(MSA-1, text) of an ACK frame; a batch reply answers with its worst code."""
     try:
         if reply.lstrip().startswith((b"BHS", b"FHS")):
-            codes = re.findall(rb"(?:^|[\r\n])MSA\|([A-Z]{2})", reply)
+            # each ACK read with its own delimiters; a batch with no ACK is no answer
+            codes = [Message(ack).get("MSA.1") for ack in split_messages(reply).messages]
+            if not codes:
+                return "", "reply batch holds no ACKs"
             worst = "AA"
-            for c in (c.decode() for c in codes):
+            for c in codes:
                 if c in ("AR", "CR") or (c in ("AE", "CE") and worst not in ("AR", "CR")):
                     worst = c
             return worst, f"batch of {len(codes)} ACKs"

@@ -77,6 +77,48 @@ def read_msh(raw: bytes) -> tuple[MshInfo, str]:
     Raises :class:`MessageRejected` (AR) when MSH is missing or its delimiters, MSH-9 or
     MSH-10 are unusable. The reason never quotes field values.
     """
+    fields, fs, enc, codec = _split_msh(raw)
+
+    def f(n: int) -> str:  # MSH-n; MSH-1 is the separator itself, so MSH-n is fields[n-1]
+        return fields[n - 1] if len(fields) >= n else ""
+
+    msh9 = f(9).split(enc[0])
+    msg_type = msh9[0].strip().upper()
+    trigger = msh9[1].strip().upper() if len(msh9) > 1 else ""
+    if not msg_type:
+        raise MessageRejected(
+            "MSH-9 message type is empty", code="101", location="MSH^1^9", ack="AR"
+        )
+    if not _MESSAGE_CODE.fullmatch(msg_type) or (trigger and not _MESSAGE_CODE.fullmatch(trigger)):
+        raise MessageRejected(
+            "MSH-9 message type is not a valid code", code="200", location="MSH^1^9", ack="AR"
+        )
+    if not f(10).strip():
+        raise MessageRejected(
+            "MSH-10 message control id is empty", code="101", location="MSH^1^10", ack="AR"
+        )
+    message_type = f"{msg_type}^{trigger}" if trigger else msg_type
+    structure = msh9[2].strip() if len(msh9) > 2 else ""
+    return _msh_info(fields, fs, enc, message_type, structure), codec
+
+
+def reply_header(raw: bytes) -> MshInfo | None:
+    """MSH as far as it reads without :func:`read_msh`'s checks of MSH-9 and MSH-10
+    (``message_type`` left empty): what a NAK echoes — delimiters, MSH-3..6, MSH-10,
+    MSH-12 — so the sender can match it to its message by MSA-2 (HL7 v2.5.1
+    §2.15.8.2). None when MSH or its delimiters are unusable."""
+    try:
+        fields, fs, enc, _codec = _split_msh(raw)
+    except MessageRejected:
+        return None
+    return _msh_info(fields, fs, enc, "", "")
+
+
+def _split_msh(raw: bytes) -> tuple[list[str], str, str, str]:
+    """MSH's fields (``fields[n-1]`` is MSH-n), separator, encoding characters and codec.
+
+    Raises :class:`MessageRejected` when MSH is missing or its delimiters are unusable.
+    """
     body = strip_preamble(raw)
     if not body.startswith(b"MSH") or len(body) < 8:
         raise MessageRejected(
@@ -85,7 +127,7 @@ def read_msh(raw: bytes) -> tuple[MshInfo, str]:
     end = _SEGMENT_END.search(body)
     seg_bytes = body[: end.start()] if end else body
     msh18 = _raw_field(seg_bytes, 18)
-    codec = choose_codec(body, msh18.decode("latin-1"))
+    codec = choose_codec(raw, msh18.decode("latin-1"))  # raw: a BOM makes it UTF-8
     seg = seg_bytes.decode(codec, errors="replace")
     fs = seg[3]
     if fs.isalnum() or fs in " \t":
@@ -106,29 +148,15 @@ def read_msh(raw: bytes) -> tuple[MshInfo, str]:
             location="MSH^1^2",
             ack="AR",
         )
+    return fields, fs, enc, codec
 
-    def f(n: int) -> str:  # MSH-n; MSH-1 is the separator itself, so MSH-n is fields[n-1]
+
+def _msh_info(fields: list[str], fs: str, enc: str, message_type: str, structure: str) -> MshInfo:
+    def f(n: int) -> str:
         return fields[n - 1] if len(fields) >= n else ""
 
     cs = enc[0]
-    rs = enc[1]
-    msh9 = f(9).split(cs)
-    msg_type = msh9[0].strip().upper()
-    trigger = msh9[1].strip().upper() if len(msh9) > 1 else ""
-    if not msg_type:
-        raise MessageRejected(
-            "MSH-9 message type is empty", code="101", location="MSH^1^9", ack="AR"
-        )
-    if not _MESSAGE_CODE.fullmatch(msg_type) or (trigger and not _MESSAGE_CODE.fullmatch(trigger)):
-        raise MessageRejected(
-            "MSH-9 message type is not a valid code", code="200", location="MSH^1^9", ack="AR"
-        )
-    control_id = f(10).strip()
-    if not control_id:
-        raise MessageRejected(
-            "MSH-10 message control id is empty", code="101", location="MSH^1^10", ack="AR"
-        )
-    info = MshInfo(
+    return MshInfo(
         field_sep=fs,
         encoding_chars=enc,
         sending_app=f(3),
@@ -136,16 +164,15 @@ def read_msh(raw: bytes) -> tuple[MshInfo, str]:
         receiving_app=f(5),
         receiving_facility=f(6),
         timestamp=f(7),
-        message_type=f"{msg_type}^{trigger}" if trigger else msg_type,
-        structure=msh9[2].strip() if len(msh9) > 2 else "",
-        control_id=control_id,
+        message_type=message_type,
+        structure=structure,
+        control_id=f(10).strip(),
         processing_id=f(11).split(cs)[0],
         version=f(12).split(cs)[0].strip(),
         accept_ack_type=f(15).strip().upper(),
         app_ack_type=f(16).strip().upper(),
-        charset=f(18).split(rs)[0].strip(),
+        charset=f(18).split(enc[1])[0].strip(),
     )
-    return info, codec
 
 
 def _collapse_repeats(enc: str) -> str:

@@ -29,7 +29,7 @@ from engine.ack import build_ack, next_control_id, wants_ack
 from engine.clock import Clock
 from engine.config import MllpSource, TlsConfig
 from engine.errors import FramingError, MessageRejected, StoreError
-from engine.hl7msg import read_msh, split_messages, strip_preamble
+from engine.hl7msg import read_msh, reply_header, split_messages, strip_preamble
 from engine.metrics import Metrics, type_label
 from engine.mllp import Framer, frame
 from engine.model import Inbound, MshInfo
@@ -80,6 +80,7 @@ class _Unit:
     inbound: Inbound
     ack: str  # AA or AR (known at the door)
     error: tuple[str, str, str] | None
+    reply_msh: MshInfo | None = None  # what a NAK echoes when MSH could not be read
     result: AddResult | None = None
     outcome: Outcome | None = None
     done: bool = False
@@ -266,7 +267,12 @@ class _Connection(asyncio.Protocol):
             self.server.metrics.frame_errors.labels(self.source.name, kind).inc()
             self.close()
             return
-        self.frame_started = self.last_activity if self.framer.pending else 0.0
+        if not self.framer.pending:
+            self.frame_started = 0.0
+        elif frames or not self.frame_started:
+            # a frame began in this read; a frame that is still growing keeps its start
+            # time, so trickling one byte at a time (slowloris) cannot reset the clock
+            self.frame_started = self.last_activity
         for payload in frames:
             self._frame(payload, clock.now())
         if not self.paused and len(self.replies) >= PAUSE_AT and self.transport is not None:
@@ -313,7 +319,12 @@ class _Connection(asyncio.Protocol):
             reject=reject,
             batch_ref=batch_ref,
         )
-        return _Unit(inbound=inbound, ack=ack, error=error)
+        return _Unit(
+            inbound=inbound,
+            ack=ack,
+            error=error,
+            reply_msh=reply_header(raw) if msh is None else None,
+        )
 
     # -- committing and answering ----------------------------------------------------
 
@@ -461,7 +472,7 @@ class _Connection(asyncio.Protocol):
 
     def _ack_bytes(self, unit: _Unit, code: str) -> bytes:
         return build_ack(
-            unit.inbound.msh,
+            unit.inbound.msh or unit.reply_msh,
             code,
             now=self.server.clock.now(),
             error=unit.error if code not in ("AA", "CA") else None,

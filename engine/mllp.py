@@ -26,17 +26,18 @@ class Framer:
     Tolerates what real peers send: frames split across reads, several frames in one
     read, a missing <CR> after <FS>, and stray bytes (e.g. a lone <CR> or keep-alive
     newlines) between frames, which are counted in :attr:`stray` and dropped. A frame
-    larger than ``max_frame``, or more than ``max_frame`` bytes of garbage with no start
-    block, raises :class:`FramingError`: the caller closes the connection.
+    larger than ``max_frame``, or more than ``max_frame`` bytes of garbage in a row with
+    no start block, raises :class:`FramingError`: the caller closes the connection.
     """
 
-    __slots__ = ("_buf", "_in_frame", "max_frame", "stray")
+    __slots__ = ("_buf", "_garbage", "_in_frame", "max_frame", "stray")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
         self._buf = bytearray()
         self._in_frame = False
-        self.stray = 0
+        self._garbage = 0  # stray bytes since the last start block
+        self.stray = 0  # stray bytes over the connection's life
 
     @property
     def pending(self) -> int:
@@ -53,14 +54,16 @@ class Framer:
                 start = buf.find(START_BLOCK)
                 if start == -1:
                     self.stray += len(buf)
+                    self._garbage += len(buf)
                     buf.clear()
-                    if self.stray > self.max_frame:
+                    if self._garbage > self.max_frame:
                         raise FramingError("no MLLP start block in the stream")
                     break
                 if start:
                     self.stray += start
                     del buf[:start]
                 del buf[:1]
+                self._garbage = 0
                 self._in_frame = True
             end = buf.find(END_BLOCK)
             if end == -1:

@@ -116,15 +116,9 @@ class Inbox:
     ) -> list[AddResult]:
         results: list[AddResult] = []
         pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]] = {}
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.db.transaction() as conn:  # durable: the ACK waits for this fsync
             for inbound, ack_code, _ in batch:
                 results.append(self._insert(conn, inbound, ack_code, pending))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
         self.commits += 1
         return results
 

@@ -1,0 +1,553 @@
+"""Shared test helpers: ports, HL7 builders, a raw MLLP peer, ACK reading, an in-process
+engine, the daemon as a subprocess, and TLS certificates made at run time.
+
+Every wait here is bounded (:data:`WAIT` unless told otherwise) and waits for an event
+(a frame, a close, readiness), never for time to pass. Everything opened is closed
+(``filterwarnings = error`` turns a leaked socket into a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from engine.app import Engine
+from engine.clock import Clock, WallClock
+from engine.config import Config, loads
+from engine.mllp import Framer, frame
+
+T = TypeVar("T")
+
+HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus" / "hl7"
+WAIT = 5.0  # seconds: the bound on any single wait for the server
+RUN = (sys.executable, "-m", "engine.cli", "run")
+
+
+def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
+    """Run one async test body on a fresh event loop, bounded by ``timeout``."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for subprocesses, which
+    cannot report a port-0 bind back to us as cheaply)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------
+# Building HL7 messages
+
+
+def hl7(
+    control_id: str,
+    *,
+    msg_type: str = "ADT^A01",
+    fs: str = "|",
+    enc: str = "^~\\&",
+    version: str = "2.5.1",
+    msh15: str = "",
+    msh16: str = "",
+    msh18: str = "",
+    sending_app: str = "TESTAPP",
+    sending_facility: str = "TESTFAC",
+    body: tuple[str, ...] = ("PID|1||12345^^^MRN||DOE^JANE||19800101|F",),
+    end: str = "\r",
+    codec: str = "ascii",
+) -> bytes:
+    """One message. ``body`` segments are written with ``|`` and ``^`` and translated to
+    ``fs`` and ``enc``; ``end`` terminates every segment."""
+    cs = enc[0]
+    msh = [
+        "MSH",
+        enc,
+        sending_app,
+        sending_facility,
+        "REFLOOP",
+        "CLINIC",
+        "20260101120000",
+        "",
+        msg_type.replace("^", cs),
+        control_id,
+        "P",
+        version,
+        "",
+        "",
+        msh15,
+        msh16,
+        "",
+        msh18,
+    ]
+    while msh[-1] == "" and len(msh) > 12:
+        msh.pop()
+    segments = [fs.join(msh)]
+    for seg in body:
+        segments.append(seg.replace("|", "\0").replace("^", cs).replace("\0", fs))
+    return "".join(s + end for s in segments).encode(codec)
+
+
+# ---------------------------------------------------------------------------
+# Reading replies (independently of engine.ack and engine.client)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One ACK: its segments as field lists numbered like the standard."""
+
+    raw: bytes
+    segments: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Reply:
+        text = raw.decode("utf-8", errors="replace")
+        if len(text) < 4 or not text.startswith("MSH"):
+            raise AssertionError(f"not an HL7 message: {raw[:60]!r}")
+        fs = text[3]
+        segs: list[tuple[str, ...]] = []
+        for line in text.split("\r"):
+            if not line:
+                continue
+            parts = line.split(fs)
+            segs.append(("MSH", fs, *parts[1:]) if parts[0] == "MSH" else tuple(parts))
+        return cls(raw, tuple(segs))
+
+    def segment(self, name: str) -> tuple[str, ...]:
+        for seg in self.segments:
+            if seg[0] == name:
+                return seg
+        raise AssertionError(f"no {name} segment in {self.raw!r}")
+
+    def field(self, name: str, n: int) -> str:
+        seg = self.segment(name)
+        return seg[n] if n < len(seg) else ""
+
+    def has(self, name: str) -> bool:
+        return any(seg[0] == name for seg in self.segments)
+
+    @property
+    def code(self) -> str:  # MSA-1
+        return self.field("MSA", 1)
+
+    @property
+    def control_id(self) -> str:  # MSA-2
+        return self.field("MSA", 2)
+
+    @property
+    def component_sep(self) -> str:
+        return self.field("MSH", 2)[:1]
+
+
+def batch_acks(raw: bytes) -> tuple[str, list[Reply]]:
+    """Split a reply batch (BHS ... BTS) into (header segment, its ACKs)."""
+    text = raw.decode("utf-8", errors="replace")
+    lines = [line for line in text.split("\r") if line]
+    if not lines or lines[0][:3] not in ("BHS", "FHS"):
+        raise AssertionError(f"not a batch: {raw[:60]!r}")
+    acks: list[list[str]] = []
+    for line in lines[1:]:
+        if line.startswith("MSH"):
+            acks.append([line])
+        elif line[:3] in ("BTS", "FTS"):
+            continue
+        else:
+            acks[-1].append(line)
+    return lines[0], [Reply.parse(("\r".join(a) + "\r").encode()) for a in acks]
+
+
+# ---------------------------------------------------------------------------
+# A raw MLLP peer
+
+
+class Peer:
+    """A test MLLP peer: writes whatever bytes it is told to and reads frames back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+        self.framer = Framer(1 << 30)
+        self.frames: deque[bytes] = deque()
+        self.eof = False
+
+    @classmethod
+    async def connect(
+        cls, port: int, *, ssl_context: ssl.SSLContext | None = None, timeout: float = WAIT
+    ) -> Peer:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(HOST, port, ssl=ssl_context), timeout
+        )
+        return cls(reader, writer)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def send(self, payload: bytes) -> None:
+        await self.write(frame(payload))
+
+    async def recv(self, timeout: float = WAIT) -> bytes | None:
+        """The next frame, or None once the server has closed the connection. Silence
+        for ``timeout`` seconds raises TimeoutError (a failed test, never a hang)."""
+        while not self.frames:
+            if self.eof:
+                return None
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+                data = b""
+            if not data:
+                self.eof = True
+                continue
+            self.frames.extend(self.framer.feed(data))
+        return self.frames.popleft()
+
+    async def ask(self, payload: bytes, timeout: float = WAIT) -> Reply:
+        """Send one message and read its ACK."""
+        await self.send(payload)
+        reply = await self.recv(timeout)
+        assert reply is not None, "connection closed instead of an ACK"
+        return Reply.parse(reply)
+
+    async def closed_by_server(self, timeout: float = WAIT) -> bool:
+        """Wait until the server closes the connection (True) or sends a frame (False)."""
+        return await self.recv(timeout) is None
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await asyncio.wait_for(self.writer.wait_closed(), WAIT)
+
+
+@contextlib.asynccontextmanager
+async def peer(port: int, *, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Peer]:
+    p = await Peer.connect(port, ssl_context=ssl_context)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+# ---------------------------------------------------------------------------
+# The engine in this process
+
+
+def config(*, http: bool = False, synchronous: str = "full", **source: Any) -> Config:
+    """A config with one MLLP source ``ehr`` on port 0; keyword arguments override the
+    source's settings (``max_frame_bytes=1024``, ``tls={...}``)."""
+    doc = {
+        "version": 1,
+        "store": {"file": "refloop.db", "synchronous": synchronous},
+        "http": {"host": HOST, "port": 0} if http else {"enabled": False},
+        "sources": {"ehr": {"type": "mllp", "host": HOST, "port": 0, **source}},
+    }
+    return loads(yaml.safe_dump(doc, sort_keys=False), file="test-routes.yaml", env={})
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    state_dir: Path, *, clock: Clock | None = None, synchronous: str = "full", **source: Any
+) -> AsyncIterator[Engine]:
+    """An engine started on 127.0.0.1 port 0 with a fresh SQLite file in ``state_dir``;
+    keyword arguments are the ``ehr`` source's settings."""
+    engine = Engine(
+        config(synchronous=synchronous, **source),
+        state_dir,
+        clock=clock or WallClock(),
+        drain_seconds=2.0,
+    )
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+def mllp_port(engine: Engine) -> int:
+    return engine.ports()["ehr"]
+
+
+def query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the inbox file directly, as an operator's sqlite3 shell would."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+# ---------------------------------------------------------------------------
+# The daemon as a subprocess
+
+
+@dataclass
+class Daemon:
+    """``refloop run`` in a subprocess on free ports, logging to a file."""
+
+    state_dir: Path
+    log_path: Path
+    routes: Path = REPO / "routes.yaml"
+    mllp: int = 0
+    http: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def db(self) -> Path:
+        return self.state_dir / "refloop.db"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start and wait until /readyz answers 200; a port lost to a race is retried."""
+        for _attempt in range(3):
+            self.mllp, self.http = free_port(), free_port()
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "REFLOOP_ROUTES", "REFLOOP_STATE")
+            }
+            env.update(REFLOOP_MLLP_PORT=str(self.mllp), REFLOOP_HTTP_PORT=str(self.http))
+            self._log = self.log_path.open("ab")
+            self.proc = subprocess.Popen(
+                [*RUN, "--routes", str(self.routes), "--state", str(self.state_dir)],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+            )
+            if self._wait_ready(timeout):
+                return
+            self.kill()
+        raise AssertionError(f"daemon did not become ready; log:\n{self.log_tail()}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        url = f"http://{HOST}:{self.http}/readyz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return True
+            except urllib.error.HTTPError as exc:
+                exc.close()
+            except OSError:
+                pass
+            time.sleep(0.02)  # polling for readiness, bounded by the deadline
+        return False
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL (if still running) and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(WAIT)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def refloop(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+    """Run a ``refloop`` CLI command in a subprocess from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------------------
+# TLS certificates, made at run time
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server certificate for 127.0.0.1, and client certificates by name."""
+
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, tuple[Path, Path]]  # name -> (cert, key)
+
+    def client_context(
+        self, client: str | None = None, *, max_version: ssl.TLSVersion | None = None
+    ) -> ssl.SSLContext:
+        """A TLS client context trusting our CA, presenting ``client``'s certificate."""
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if max_version is not None:
+            ctx.maximum_version = max_version
+        if client is not None:
+            cert, key = self.clients[client]
+            ctx.load_cert_chain(str(cert), str(key))
+        return ctx
+
+
+def make_pki(directory: Path) -> Pki:
+    """Trusted CA issuing the server cert and clients ``good-client`` and
+    ``other-client``; an untrusted CA issuing ``rogue`` (whose CN is ``good-client``)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(
+        stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    ) -> tuple[Path, Path]:
+        cert_path = directory / f"{stem}.pem"
+        key_path = directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert_path, key_path
+
+    def ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(name(cn))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cert, key
+
+    def leaf(
+        cn: str,
+        issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+        *,
+        server: bool,
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        issuer_cert, issuer_key = issuer
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+        return builder.sign(issuer_key, hashes.SHA256()), key
+
+    directory.mkdir(parents=True, exist_ok=True)
+    trusted = ca("refloop test CA")
+    rogue_ca = ca("rogue CA")
+    ca_path, _ = write("ca", *trusted)
+    server_cert, server_key = write("server", *leaf("refloop-server", trusted, server=True))
+    clients = {
+        "good-client": write("good-client", *leaf("good-client", trusted, server=False)),
+        "other-client": write("other-client", *leaf("other-client", trusted, server=False)),
+        "rogue": write("rogue", *leaf("good-client", rogue_ca, server=False)),
+    }
+    return Pki(directory, ca_path, server_cert, server_key, clients)
+
+
+def tls_source(
+    pki: Pki, *, require_client_cert: bool = True, allowed_subjects: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The ``tls:`` mapping of a source, referencing the files as ``${file:...}``."""
+    out: dict[str, Any] = {
+        "cert": f"${{file:{pki.server_cert}}}",
+        "key": f"${{file:{pki.server_key}}}",
+        "ca": f"${{file:{pki.ca}}}",
+        "require_client_cert": require_client_cert,
+    }
+    if allowed_subjects:
+        out["allowed_subjects"] = list(allowed_subjects)
+    return out
