@@ -532,8 +532,8 @@ def _tls(r: Reader) -> TlsConfig:
         require_client_cert=r.flag("require_client_cert", False),
         allowed_subjects=r.texts("allowed_subjects"),
     )
-    if cfg.require_client_cert and not cfg.ca_file:
-        r.fail("ca", "is required when require_client_cert is true")
+    if (cfg.require_client_cert or cfg.allowed_subjects) and not cfg.ca_file:
+        r.fail("ca", "is required when client certificates are required or allowed_subjects is set")
     r.done()
     return cfg
 

@@ -329,11 +329,20 @@ class Message:
     def fields(self, seg_text: str) -> list[str]:
         """Fields of a segment numbered as the standard does: result[n] is field n.
         For MSH, result[1] is the field separator and result[2] the encoding characters."""
-        fs = self.msh.field_sep
-        parts = seg_text.split(fs)
-        if parts[0] == "MSH":
-            return ["MSH", fs, *parts[1:]]
+        cache = self._field_cache
+        parts = cache.get(seg_text)
+        if parts is None:
+            fs = self.msh.field_sep
+            parts = seg_text.split(fs)
+            if parts[0] == "MSH":
+                parts = ["MSH", fs, *parts[1:]]
+            cache[seg_text] = parts
         return parts
+
+    @cached_property
+    def _field_cache(self) -> dict[str, list[str]]:
+        """Each segment is split into fields once, however many paths read it."""
+        return {}
 
     def _segments_for(self, path: TersePath) -> list[str]:
         found = [self.segments[i] for i in self._index.get(path.segment, ())]

@@ -81,7 +81,19 @@ def _m2_decisions(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
-MIGRATIONS: Final[list[Migration]] = [_m1_inbox, _m2_decisions]
+def _m3_referrals(db: sqlite_utils.Database) -> None:
+    from engine.store.referrals import migrate
+
+    migrate(db)
+
+
+def _m4_audit(db: sqlite_utils.Database) -> None:
+    from engine.store.audit import migrate
+
+    migrate(db)
+
+
+MIGRATIONS: Final[list[Migration]] = [_m1_inbox, _m2_decisions, _m3_referrals, _m4_audit]
 
 
 class Database:
@@ -115,10 +127,11 @@ class Database:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def get_meta(self, key: str, default: str = "") -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
