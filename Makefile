@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+# the Twilio contract mock (prism) is an npm package, installed from tests/node's lock file
+tests/node/node_modules/.bin/prism: tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund
+	touch $@
+
+test: lint tests/node/node_modules/.bin/prism
 	$(BIN)/pytest
 
 bench: $(STAMP)

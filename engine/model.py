@@ -150,7 +150,8 @@ class ReferralCreated(Event):
     priority: str = "routine"  # routine | urgent | stat
     needed_by: str = ""  # ISO date
     contact: PatientContact = PatientContact()
-    prior_auth_required: bool = False
+    prior_auth_required: bool = False  # AUT segment, RF1 fields or a routes.yaml rule
+    prior_auth_hold_packet: bool = False  # the route holds the specialist packet until approval
     kind: str = field(default="referral-created", init=False)
 
 
@@ -230,6 +231,19 @@ class PatientsMerged(Event):
     kind: str = field(default="patients-merged", init=False)
 
 
+@dataclass(frozen=True, slots=True)
+class PriorAuthDecided(Event):
+    """A prior-authorization outcome (payer response, RF1/AUT update, or an operator).
+
+    The tracker keeps it in the referral's prior-auth work item; the state machine does
+    not see it, so it is not (yet) in :data:`EVENT_TYPES`.
+    """
+
+    outcome: str = ""  # approved | denied | pending
+    auth_number: str = ""  # AUT-4 / payer reference
+    kind: str = field(default="prior-auth-decided", init=False)
+
+
 EVENT_TYPES: Final[dict[str, type[Event]]] = {
     cls.__dataclass_fields__["kind"].default: cls  # type: ignore[misc]
     for cls in (
@@ -247,3 +261,289 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
         PatientsMerged,
     )
 }
+
+
+# ---------------------------------------------------------------------------
+# Routing decisions: what routes.yaml made of one message (engine.routes.decide).
+# Pure values; the handler applies them (tracker, outbox) inside the processing
+# transaction, and the decisions table records them for replay.
+
+DecisionStatus = Literal["routed", "filtered", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """Hand a normalised event to the referral tracker."""
+
+    route: str
+    event: Event
+    action: str = field(default="track", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send a rendered template through a channel (a later issue's outbox). ``to`` is the
+    rendered recipient; it may be PHI (a phone number) and is never logged."""
+
+    route: str
+    channel: str
+    template: str
+    to: str = ""
+    action: str = field(default="send", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Forward the message as received to an MLLP channel (a later issue's outbox)."""
+
+    route: str
+    channel: str
+    action: str = field(default="forward", init=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The route matched and says the message needs nothing (status ``filtered``)."""
+
+    route: str
+    reason: str
+    action: str = field(default="drop", init=False)
+
+
+Action = Track | Send | Forward | Drop
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the routes decided for one message.
+
+    ``routed``: ``routes`` matched and ``actions`` are to be applied. ``filtered``: no
+    route matched, or the matching routes only drop; ``reason`` says why. ``error``: a
+    matching route failed (an expression raised, no identifiers); ``reason`` names the
+    route and what failed, never a value from the message.
+    """
+
+    status: DecisionStatus
+    routes: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()
+    reason: str = ""
+
+    @property
+    def route(self) -> str:
+        """The matched route names as one text (``a,b`` when a route said ``continue``)."""
+        return ",".join(self.routes)
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(a.event for a in self.actions if isinstance(a, Track))
+
+
+# ---------------------------------------------------------------------------
+# Outbound: what the dispatcher hands a channel (channels.base.Channel) and what it
+# gets back, plus the provider callbacks the HTTP webhooks turn into values.
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file carried by a PHI-bearing channel (never by SMS)."""
+
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One outbox row, already rendered, handed to a channel's ``send``.
+
+    ``idempotency_key`` is stable across retries of the same outbox row; channels pass it
+    to the provider where the provider has idempotency (HTTP header, FHIR conditional
+    create) and otherwise embed ``outbox_id`` so callbacks map back.
+    ``recipient`` is the channel's address: an E.164 number for SMS, a FHIR reference
+    (``Patient/123``, ``Practitioner/9``) for FHIR, a route name for webhooks.
+    ``body``/``subject``/``attachments`` are rendered text; ``payload`` is JSON text for
+    channels that send a structured document instead. ``referral_id`` is the engine's
+    opaque key (never a patient identifier); ``patient_ref`` and ``based_on`` are FHIR
+    references used only by PHI-bearing channels.
+    """
+
+    outbox_id: int
+    idempotency_key: str
+    channel: str
+    recipient: str
+    kind: str = ""  # e.g. "first-nudge", "coordinator-task", "voice-task", "loop-closed"
+    body: str = ""
+    subject: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    payload: str = ""  # JSON text
+    referral_id: str = ""
+    patient_ref: str = ""  # "Patient/123" (PHI-bearing channels only)
+    based_on: str = ""  # "ServiceRequest/456"
+    priority: str = "routine"  # routine | urgent | asap | stat (FHIR request-priority)
+    priority_score: float | None = None  # coordinator tasks: higher is more urgent
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """What a provider said when it accepted an :class:`OutboundMessage`.
+
+    ``provider_status`` is the provider's own word ("queued", "accepted", "201").
+    """
+
+    outbox_id: int
+    idempotency_key: str
+    channel: str
+    provider_message_id: str = ""
+    provider_status: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryUpdate:
+    """A provider's delivery-status callback (e.g. Twilio's StatusCallback), verified.
+
+    ``outbox_id`` is 0 when the callback could not be tied to an outbox row.
+    """
+
+    channel: str
+    outbox_id: int
+    provider_message_id: str
+    status: str
+    error_code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SmsReply:
+    """An inbound SMS from a patient, verified and classified.
+
+    ``keyword`` is the closed classification (stop/start/help/yes/other); ``body`` is
+    the patient's free text: store it if needed, never log it.
+    """
+
+    provider_message_id: str
+    from_number: str
+    to_number: str
+    keyword: Literal["stop", "start", "help", "yes", "other"]
+    body: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Specialist packet (engine.packet_source reads it from HL7; channels.packet renders it)
+# and what the Direct listener makes of inbound mail. All of it is PHI: store, never log.
+
+
+@dataclass(frozen=True, slots=True)
+class Insurance:
+    """One IN1 segment, as the packet shows it."""
+
+    plan: str = ""  # IN1-2 text (or code)
+    company: str = ""  # IN1-4
+    group_number: str = ""  # IN1-8
+    policy_number: str = ""  # IN1-36
+    insured: str = ""  # IN1-16 as a display name
+
+
+@dataclass(frozen=True, slots=True)
+class PacketData:
+    """Everything the referral packet PDF shows. Text fields are display-ready (HL7
+    escapes resolved); ``attachments`` are documents passed through byte-exact (PDFs
+    from OBX ED base64)."""
+
+    referral_id: str  # placer / referral number (RF1-6, ORC-2, OBR-2)
+    message_type: str  # "REF^I12", ...
+    referral_date: str = ""  # ISO date
+    specialty: str = ""
+    service: str = ""  # OBR-4 text: what is requested
+    reason: str = ""  # RF1-10 / OBR-31 / ORC-16 / DG1 text
+    urgency: str = "routine"  # routine | urgent | stat
+    needed_by: str = ""  # ISO date
+    patient_name: str = ""
+    patient_birth_date: str = ""  # ISO date
+    patient_sex: str = ""
+    patient_ids: tuple[str, ...] = ()
+    patient_phone: str = ""
+    referring: Provider = Provider()
+    specialist: Provider = Provider()
+    diagnoses: tuple[str, ...] = ()  # "K63.3 Ulcer of intestine"
+    notes: tuple[str, ...] = ()  # NTE-3
+    observations: tuple[str, ...] = ()  # OBX text: "name: value unit"
+    insurance: tuple[Insurance, ...] = ()
+    confirmation_line: str = ""
+    confirmation_url: str = ""
+    attachments: tuple[Attachment, ...] = ()
+
+
+DirectDisposition = Literal["processed", "dispatched", "failed", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class MdnResult:
+    """A signed, trusted MDN (RFC 8098) about a message we sent.
+
+    ``disposition``: ``processed`` (the receiving HISP accepted it: "delivered"),
+    ``dispatched`` (handed to the recipient: "confirmed"), ``failed``, or ``other``
+    (displayed/deleted/denied: recorded, no state change). ``final_delivery`` is true when
+    the MDN carries the X-DIRECT-FINAL-DESTINATION-DELIVERY extension field.
+    """
+
+    original_message_id: str
+    disposition: DirectDisposition
+    disposition_text: str  # the Disposition field's type token as sent, lower-cased
+    sender: str  # verified From address (the signer's)
+    message_id: str = ""  # the MDN's own Message-ID
+    final_recipient: str = ""
+    final_delivery: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DsnRecipient:
+    """One per-recipient block of a DSN (RFC 3464 §2.3)."""
+
+    final_recipient: str
+    action: str  # failed | delayed | delivered | relayed | expanded
+    status: str  # RFC 3463 code, e.g. "5.4.72"
+
+
+@dataclass(frozen=True, slots=True)
+class DsnResult:
+    """A signed, trusted delivery-status notification about a message we sent."""
+
+    original_message_id: str
+    sender: str
+    recipients: tuple[DsnRecipient, ...]
+    message_id: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return any(r.action == "failed" for r in self.recipients)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyWithAttachments:
+    """A signed, trusted Direct message that is not a notification: usually a
+    specialist's reply. ``references`` lists In-Reply-To then References message-ids
+    (our packet's Message-ID among them when it answers a packet)."""
+
+    sender: str
+    message_id: str
+    references: tuple[str, ...]
+    attachments: tuple[Attachment, ...]
+    subject: str = ""
+
+    @property
+    def reference(self) -> str:
+        return self.references[0] if self.references else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """Inbound Direct mail that failed a security check (unsigned, untrusted, forged,
+    undecryptable). ``raw`` is the message as received, for a human to look at;
+    ``reason`` is a short code safe to log."""
+
+    reason: str
+    raw: bytes
+    claimed_sender: str = ""  # the unverified From header
+    message_id: str = ""
+
+
+DirectInbound = MdnResult | DsnResult | ReplyWithAttachments | Quarantined
