@@ -67,6 +67,11 @@ class Inbound:
     text_encoding: str  # the Python codec that decodes ``raw`` ("utf-8", "latin-1", "ascii")
     reject: tuple[str, str, str, str] | None = None  # (ack, 0357 code, location, reason)
     batch_ref: str = ""  # BHS-11 of the batch it came in, if any
+    # Used when ``msh`` is None (FHIR resources, engine.fhir_source): what stands in for
+    # MSH-3 / MSH-10 / MSH-9 in the inbox row and its dedupe key.
+    sender: str = ""  # e.g. the FHIR source's name
+    control_id: str = ""  # e.g. "ServiceRequest/123/_history/2"
+    message_type: str = ""  # e.g. "ServiceRequest"
 
 
 @dataclass(frozen=True, slots=True)
