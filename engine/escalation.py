@@ -25,7 +25,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from engine.config import Config, Reader
+from engine.config import Config, Reader, Section
 from engine.errors import ConfigError
 
 TimerKind = Literal[
@@ -214,7 +214,19 @@ _CADENCE_KEYS: Final = {k.replace("-", "_"): k for k in TIMER_KINDS}
 
 
 def compile_policy(config: Config) -> Policy:
-    """Build the policy from routes.yaml's ``escalation:`` (defaults when absent).
+    """The policy from routes.yaml's ``escalation:`` (defaults when absent); raises
+    ConfigError listing every problem."""
+    problems: list[str] = []
+    policy = policy_from_section(config.sections.get("escalation"), problems, config.env)
+    if problems:
+        raise ConfigError(problems)
+    return policy
+
+
+def policy_from_section(
+    section: Section | None, problems: list[str], env: Mapping[str, str] | None = None
+) -> Policy:
+    """Read an ``escalation:`` section, appending problems (``file:line key.path: …``).
 
     ```yaml
     escalation:
@@ -228,11 +240,9 @@ def compile_policy(config: Config) -> Policy:
                 holidays: [2026-12-25], default_time_zone: America/New_York}
     ```
     """
-    section = config.sections.get("escalation")
     if section is None or not section.data:
         return Policy()
-    problems: list[str] = []
-    r = Reader(section.doc, section.path, problems, config.env)
+    r = Reader(section.doc, section.path, problems, env)
     on_close = r.choice("on_close", ("close", "human"), "close")
     default = _cadence(r.child("cadence") if r.has("cadence") else None, DEFAULT_OFFSETS, on_close)
     specialties: dict[str, Cadence] = {}
@@ -256,8 +266,6 @@ def compile_policy(config: Config) -> Policy:
             r.fail(("rotation", i), f"unknown channel {ch!r}; use {', '.join(CHANNELS)}")
     contact = _contact(r.child("contact")) if r.has("contact") else ContactRules()
     r.done()
-    if problems:
-        raise ConfigError(problems)
     return Policy(
         default=default,
         by_specialty=specialties,
