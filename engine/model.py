@@ -552,3 +552,23 @@ class Quarantined:
 
 
 DirectInbound = MdnResult | DsnResult | ReplyWithAttachments | Quarantined
+
+
+# ---------------------------------------------------------------------------
+# FHIR write-back (engine.fhir_source.write_back_task): what the tracker / outbox hands
+# over when a referral's loop closes. FHIR references, no free text.
+
+
+@dataclass(frozen=True, slots=True)
+class LoopClosure:
+    """A closed loop to report back to the EHR as a completed ``Task`` (and optionally a
+    ``Communication`` to the referring provider)."""
+
+    referral_id: str  # the engine's referral key (Task.identifier, idempotency)
+    service_request: str  # "ServiceRequest/123": Task.focus and basedOn
+    report: str  # "DiagnosticReport/9" or "DocumentReference/4": Task.output
+    closed_at: float  # epoch seconds: executionPeriod.end
+    task: str = ""  # "Task/77" when the EHR's Task for the referral is known
+    patient: str = ""  # "Patient/5": Task.for
+    requester: str = ""  # "Practitioner/3": Task.requester, Communication.recipient
+    owner: str = ""  # "Organization/8": the performing organisation

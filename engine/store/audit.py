@@ -1,0 +1,237 @@
+"""The audit log: append-only and hash-chained.
+
+Each row says what happened (``action``), to which referral, caused by which message or
+actor, and when, with a small JSON ``detail`` of codes and statuses. It never holds
+free text from a message or an operator (no names, reasons or notes).
+
+Chain: ``hash = sha256(prev_hash + "\\n" + canonical JSON of the row's other columns)``,
+``prev_hash`` of the first row is 64 zeros. Canonical JSON is ``json.dumps`` with sorted
+keys, ``(",", ":")`` separators and ``ensure_ascii=False``, UTF-8 encoded. The id is part of
+the hashed content, so moving a row's content to another id breaks the chain too. The
+newest row's id and hash are also kept in ``meta`` (``audit_head``) so that cutting rows
+off the end is noticed. Triggers refuse UPDATE and DELETE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import sqlite_utils
+
+from engine.store.referrals import Conn
+
+GENESIS: Final = "0" * 64
+HEAD_KEY: Final = "audit_head"
+
+_SCHEMA: Final = (
+    """CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,                 -- UTC ISO-8601 with microseconds
+        actor TEXT NOT NULL,              -- message | operator:<login> | system | auto-link
+        action TEXT NOT NULL,             -- an event kind, parked, linked, ...
+        referral_id INTEGER,
+        message_id INTEGER,
+        detail TEXT NOT NULL,             -- canonical JSON: codes, statuses, effects
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    )""",
+    "CREATE INDEX audit_at ON audit (at)",
+    """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+       BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+    """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+       BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+)
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Schema: appended to ``engine.store.db.MIGRATIONS``."""
+    for statement in _SCHEMA:
+        db.execute(statement)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    id: int
+    at: str
+    actor: str
+    action: str
+    referral_id: int | None
+    message_id: int | None
+    detail: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": self.at,
+            "actor": self.actor,
+            "action": self.action,
+            "referral_id": self.referral_id,
+            "message_id": self.message_id,
+            "detail": dict(self.detail),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def row_hash(
+    prev_hash: str,
+    *,
+    id: int,
+    at: str,
+    actor: str,
+    action: str,
+    referral_id: int | None,
+    message_id: int | None,
+    detail: Mapping[str, Any],
+) -> str:
+    body = canonical(
+        {
+            "id": id,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "referral_id": referral_id,
+            "message_id": message_id,
+            "detail": dict(detail),
+        }
+    )
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def append(
+    conn: Conn,
+    *,
+    at: str,
+    actor: str,
+    action: str,
+    referral_id: int | None,
+    message_id: int | None,
+    detail: Mapping[str, Any],
+) -> int:
+    """Append one row to the chain; call inside the transaction that did the thing."""
+    last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    prev = str(last[1]) if last else GENESIS
+    # AUTOINCREMENT never reuses an id, and a rolled-back insert rolls back the sequence
+    # too, so the next id is the sequence value + 1.
+    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
+    new_id = int(seq[0]) + 1 if seq else 1
+    digest = row_hash(
+        prev,
+        id=new_id,
+        at=at,
+        actor=actor,
+        action=action,
+        referral_id=referral_id,
+        message_id=message_id,
+        detail=detail,
+    )
+    conn.execute(
+        "INSERT INTO audit (id, at, actor, action, referral_id, message_id, detail, prev_hash, "
+        "hash) VALUES (?,?,?,?,?,?,?,?,?)",
+        (new_id, at, actor, action, referral_id, message_id, canonical(dict(detail)), prev, digest),
+    )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (HEAD_KEY, f"{new_id}:{digest}"),
+    )
+    return new_id
+
+
+def rows(conn: Conn, *, since: str | None = None) -> Iterator[AuditRow]:
+    """Audit rows in id order; ``since`` keeps rows whose ``at`` is at or after it (ISO)."""
+    sql = (
+        "SELECT id, at, actor, action, referral_id, message_id, detail, prev_hash, hash FROM audit"
+    )
+    args: list[Any] = []
+    if since:
+        sql += " WHERE at >= ?"
+        args.append(since)
+    sql += " ORDER BY id"
+    for r in conn.execute(sql, args):
+        yield _row(r)
+
+
+def _row(r: tuple[Any, ...]) -> AuditRow:
+    return AuditRow(
+        id=int(r[0]),
+        at=str(r[1]),
+        actor=str(r[2]),
+        action=str(r[3]),
+        referral_id=None if r[4] is None else int(r[4]),
+        message_id=None if r[5] is None else int(r[5]),
+        detail=json.loads(r[6]),
+        prev_hash=str(r[7]),
+        hash=str(r[8]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The outcome of :func:`verify`: ``bad_row`` is the first row that fails (None if all
+    pass), ``problem`` says why."""
+
+    rows: int
+    bad_row: int | None = None
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_row is None and not self.problem
+
+
+def verify(conn: Conn) -> Verification:
+    """Walk the chain in id order and report the first row that does not hold."""
+    prev_id = 0
+    prev_hash = GENESIS
+    count = 0
+    for r in conn.execute(
+        "SELECT id, at, actor, action, referral_id, message_id, detail, prev_hash, hash "
+        "FROM audit ORDER BY id"
+    ):
+        count += 1
+        row_id = int(r[0])
+        if row_id != prev_id + 1:
+            return Verification(count, row_id, f"row(s) {prev_id + 1}..{row_id - 1} are missing")
+        if str(r[7]) != prev_hash:
+            return Verification(count, row_id, f"prev_hash does not match row {prev_id}'s hash")
+        try:
+            detail = json.loads(r[6])
+        except (TypeError, ValueError):
+            return Verification(count, row_id, "detail is not JSON")
+        expected = row_hash(
+            prev_hash,
+            id=row_id,
+            at=str(r[1]),
+            actor=str(r[2]),
+            action=str(r[3]),
+            referral_id=None if r[4] is None else int(r[4]),
+            message_id=None if r[5] is None else int(r[5]),
+            detail=detail,
+        )
+        if expected != str(r[8]) or canonical(detail) != r[6]:
+            return Verification(count, row_id, "contents do not match the row's hash")
+        prev_id, prev_hash = row_id, str(r[8])
+    head = conn.execute("SELECT value FROM meta WHERE key = ?", (HEAD_KEY,)).fetchone()
+    if head is not None:
+        head_id, _, head_hash = str(head[0]).partition(":")
+        if int(head_id) <= prev_id and (int(head_id), head_hash) != (prev_id, prev_hash):
+            return Verification(count, prev_id, "the recorded head does not match the last row")
+        if int(head_id) > prev_id:
+            return Verification(
+                count,
+                prev_id + 1,
+                f"row(s) {prev_id + 1}..{head_id} are missing: the chain ends at row {prev_id}, "
+                f"the recorded head is row {head_id}",
+            )
+    return Verification(count)

@@ -1,0 +1,953 @@
+"""The referral tracker: correlate a normalised event with its referral, run the state
+machine (:mod:`engine.states`) and write everything the event causes in the caller's
+transaction: the referral row, its timeline entry, the audit row, timer changes and
+outbox rows (transactional outbox).
+
+Correlation, in order (docs/referral-states.md, "Correlation and storage"):
+
+1. sending facility + placer number (ORC-2/OBR-2, RF1-6, SCH-26, TXA-14); then the placer
+   number alone when exactly one referral has it (a specialist's report names our placer
+   number under its own MSH-4);
+2. filler number (ORC-3, RF1-11, SCH-2), learnt from earlier events;
+3. patient identifier + specialty, for a referral opened within the window (default 90
+   days) of the event's own time, only when the event names no placer number (a stated
+   placer number that matches nothing means its referral has not arrived yet).
+
+An event that matches nothing (or more than one referral) is parked, never dropped. When
+a referral is created or learns a filler number, parked events that now match it are
+applied in the same transaction (``auto-link``); an operator links the rest.
+
+Replays: an event already in a referral's timeline from the same message (same kind and
+fingerprint) changes nothing at all: no row, no audit entry, no effect.
+
+The tracker never reads the time itself (``clock``), never commits inside :meth:`apply`,
+and never logs or audits PHI: names, reasons, notes and patient identifiers stay in the
+referral's own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from engine import states
+from engine.clock import Clock, isoformat
+from engine.errors import StoreError
+from engine.model import (
+    EVENT_TYPES,
+    ContactUpdated,
+    Event,
+    Identifiers,
+    PatientContact,
+    PatientsMerged,
+    PriorAuthDecided,
+    Provider,
+    ReferralCreated,
+    ReferralUpdated,
+)
+from engine.store import audit as audit_store
+from engine.store import referrals as store
+from engine.store.db import Database
+from engine.store.referrals import Conn
+
+log = logging.getLogger(__name__)
+
+DAY: Final = 86400.0
+DEFAULT_WINDOW_DAYS: Final = 90.0
+
+Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged"]
+Source = Literal["message", "operator", "internal", "link"]
+TimerGroup = Literal["referral", "patient", "report"]
+AUTH_OUTCOMES: Final = ("pending", "approved", "denied")
+
+# Every event class the tracker accepts by kind (stored parked events are rebuilt by it).
+EVENT_CLASSES: Final[dict[str, type[Event]]] = {
+    **EVENT_TYPES,
+    "prior-auth-decided": PriorAuthDecided,
+}
+# Bounded metric label values: the event kinds we know, anything else is "other".
+KNOWN_KINDS: Final = frozenset(EVENT_CLASSES) | frozenset(states.INTERNAL_KINDS)
+# Outbox templates per effect; the recipient side picks the channel.
+_TEMPLATES: Final[dict[str, tuple[str, str]]] = {
+    "send-packet": ("specialist", "specialist-packet"),
+    "notify-referrer-closed": ("referring", "referrer-closed"),
+    "notify-referrer-declined": ("referring", "referrer-declined"),
+    "notify-referrer-auth-denied": ("referring", "referrer-auth-denied"),
+}
+# Event fields shown in the timeline (codes and ids; no free text).
+_TIMELINE_FIELDS: Final = (
+    "appointment_id",
+    "start",
+    "report_id",
+    "status",
+    "outcome",
+    "auth_number",
+    "priority",
+)
+
+
+# ---------------------------------------------------------------------------
+# Escalation policy: which timers an effect starts
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSpec:
+    kind: str
+    delay: float  # seconds after the event is applied
+    attempt: int = 1
+
+
+class EscalationPolicy(Protocol):
+    def timers(self, group: TimerGroup) -> tuple[TimerSpec, ...]:
+        """The timers that ``schedule-escalations`` (referral), ``schedule-patient-timers``
+        (patient) or ``schedule-report-timers`` (report) start."""
+        ...
+
+    def patient_kinds(self) -> frozenset[str]:
+        """The timer kinds ``cancel-patient-timers`` deletes."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultPolicy:
+    """The 1d / 7d / 14d / 30d / 60d ladder: nudge the patient on day 1 and day 7,
+    escalate a patient with no booking on day 14, escalate the referral on day 30 and
+    close it for no response on day 60. After the visit, chase the report on day 7 and 14.
+    (The timers issue refines this from routes.yaml ``escalation``.)"""
+
+    referral: tuple[TimerSpec, ...] = (
+        TimerSpec("escalation", 30 * DAY),
+        TimerSpec("no-response-close", 60 * DAY),
+    )
+    patient: tuple[TimerSpec, ...] = (
+        TimerSpec("patient-nudge", 1 * DAY, 1),
+        TimerSpec("patient-nudge", 7 * DAY, 2),
+        TimerSpec("patient-escalation", 14 * DAY),
+    )
+    report: tuple[TimerSpec, ...] = (
+        TimerSpec("report-chase", 7 * DAY, 1),
+        TimerSpec("report-chase", 14 * DAY, 2),
+    )
+
+    def timers(self, group: TimerGroup) -> tuple[TimerSpec, ...]:
+        return {"referral": self.referral, "patient": self.patient, "report": self.report}[group]
+
+    def patient_kinds(self) -> frozenset[str]:
+        return frozenset(t.kind for t in self.patient)
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one :meth:`Tracker.apply` did.
+
+    ``outcome``: ``applied`` (the referral's state or prior-auth item moved),
+    ``unchanged`` (recorded in the timeline, nothing moved), ``duplicate`` (this event
+    from this message was already recorded: nothing written), ``parked`` (no referral
+    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved).
+    ``how`` names the correlation step that matched (key, placer, filler,
+    patient-window, created, link, operator, merge). ``linked`` are parked events that
+    were applied to the referral as a consequence.
+    """
+
+    outcome: Outcome
+    referral_ids: tuple[int, ...] = ()
+    parked_id: int | None = None
+    status: str = ""
+    effects: tuple[str, ...] = ()
+    how: str = ""
+    linked: tuple[int, ...] = ()
+
+    @property
+    def referral_id(self) -> int | None:
+        return self.referral_ids[0] if self.referral_ids else None
+
+
+# ---------------------------------------------------------------------------
+# Events as JSON (parked events are stored whole so that linking re-applies them)
+
+_NESTED: Final[dict[str, type]] = {"Provider": Provider, "PatientContact": PatientContact}
+
+
+def event_to_dict(event: Event | states.InternalEvent) -> dict[str, Any]:
+    data = dataclasses.asdict(event)
+    data["kind"] = event.kind
+    return data
+
+
+def event_from_dict(data: Mapping[str, Any]) -> Event:
+    """Rebuild a model event from :func:`event_to_dict` output."""
+    kind = str(data.get("kind", ""))
+    cls = EVENT_CLASSES.get(kind)
+    if cls is None:
+        raise StoreError(f"stored event has an unknown kind {kind!r}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "ids":
+            value = Identifiers(
+                sending_facility=str(value.get("sending_facility", "")),
+                placer_number=str(value.get("placer_number", "")),
+                filler_numbers=tuple(value.get("filler_numbers", ())),
+                patient_ids=tuple(value.get("patient_ids", ())),
+                specialty=str(value.get("specialty", "")),
+            )
+        elif isinstance(value, dict) and str(f.type) in _NESTED:
+            value = _NESTED[str(f.type)](**value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def fingerprint(event: Event | states.InternalEvent) -> str:
+    """sha256 of the whole event's canonical JSON (kind included)."""
+    body = json.dumps(event_to_dict(event), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+class _StoreGauges(Collector):
+    """Gauges read from the store at scrape time, so they never drift from it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "refloop_referrals", "Referrals by overall status.", labels=["status"]
+        )
+        yield GaugeMetricFamily("refloop_parked_messages", "Events parked, waiting for a link.")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = store.count_by_status(self.db.conn)
+            parked = store.count_parked(self.db.conn)
+        except Exception:  # a scrape must not fail because the database is busy or closed
+            log.warning("metrics: cannot read referral counts")
+            return
+        g = GaugeMetricFamily(
+            "refloop_referrals", "Referrals by overall status.", labels=["status"]
+        )
+        for status in states.OVERALL_STATUSES:
+            g.add_metric([status], counts.get(status, 0))
+        yield g
+        yield GaugeMetricFamily(
+            "refloop_parked_messages", "Events parked, waiting for a link.", value=parked
+        )
+
+
+class TrackerMetrics:
+    """``refloop_referral_transitions_total{kind}`` (events that moved a referral), plus,
+    when ``db`` is given, the gauges ``refloop_referrals{status}`` and
+    ``refloop_parked_messages`` read from the store at scrape time.
+
+    The counter counts when the tracker applies an event; if the caller's transaction
+    then rolls back, the count stays (counters are not transactional)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, db: Database | None = None):
+        self.transitions = Counter(
+            "refloop_referral_transitions_total",
+            "Events that changed a referral, by event kind.",
+            ["kind"],
+            registry=registry,
+        )
+        if db is not None:
+            registry.register(_StoreGauges(db))
+
+    def transition(self, kind: str) -> None:
+        self.transitions.labels(kind if kind in KNOWN_KINDS else "other").inc()
+
+
+# ---------------------------------------------------------------------------
+# The tracker
+
+
+class Tracker:
+    """Applies events to referrals. One per database.
+
+    ``apply`` and ``apply_internal`` run inside the caller's transaction; the operator
+    actions (``close``, ``link``, ``decide_auth``) open their own.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        window_days: float = DEFAULT_WINDOW_DAYS,
+        policy: EscalationPolicy | None = None,
+        metrics: TrackerMetrics | None = None,
+    ):
+        self.db = db
+        self.clock = clock
+        self.window = window_days * DAY
+        self.policy: EscalationPolicy = policy or DefaultPolicy()
+        self.metrics = metrics
+
+    # -- events from messages ----------------------------------------------------
+
+    def apply(self, event: Event, conn: Conn) -> ApplyResult:
+        """Correlate ``event`` (``message_id`` = its inbox row) and apply it. Call inside
+        the processing transaction; nothing here commits."""
+        now = self.clock.now()
+        if isinstance(event, PatientsMerged):
+            return self._merge(conn, event, now)
+        if isinstance(event, ReferralCreated):
+            ids = event.ids
+            if not ids.placer_number:
+                return self._park(conn, event, "no-placer-number", now)
+            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            how = "key"
+            if rid is None:
+                initial = states.INITIAL
+                rid = store.insert_referral(
+                    conn,
+                    sending_facility=ids.sending_facility,
+                    placer_number=ids.placer_number,
+                    state=states.to_dict(initial),
+                    statuses=_statuses(initial),
+                    opened_at=event.occurred_at,
+                    now=now,
+                )
+                how = "created"
+            return self._apply_to(conn, rid, event, "message", "message", now, how)
+        rid, how, why = self._correlate(conn, event)
+        if rid is None:
+            return self._park(conn, event, why, now)
+        return self._apply_to(conn, rid, event, "message", "message", now, how)
+
+    def apply_internal(
+        self,
+        referral_id: int,
+        event: states.InternalEvent,
+        conn: Conn,
+        *,
+        actor: str = "system",
+        message_id: int | None = None,
+    ) -> ApplyResult:
+        """Apply an event refloop itself emits (a timer, a channel callback) to a known
+        referral, inside the caller's transaction. With ``message_id`` (the inbound
+        webhook's row) a repeat of the same event is a no-op."""
+        return self._apply_to(
+            conn,
+            referral_id,
+            event,
+            "internal",
+            actor,
+            self.clock.now(),
+            "internal",
+            message_id=message_id,
+        )
+
+    # -- operator actions (own transaction) --------------------------------------
+
+    def close(
+        self, referral_id: int, reason: states.CloseReason, note: str = "", actor: str = "operator"
+    ) -> ApplyResult:
+        """Close a referral by hand with a reason from ``states.CLOSE_REASONS``. The note
+        is kept with the referral, never in the audit log."""
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            event = states.InternalEvent(
+                "closed-by-operator", occurred_at=now, reason=reason, note=note
+            )
+            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
+
+    def link(self, parked_id: int, referral_id: int, actor: str = "operator") -> ApplyResult:
+        """Apply a parked event to the referral an operator chose, and mark it linked."""
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            parked = store.get_parked(conn, parked_id)
+            if parked is None:
+                raise StoreError(f"no parked event with id {parked_id}")
+            if parked.status != "parked":
+                raise StoreError(
+                    f"parked event {parked_id} is already linked to referral {parked.referral_id}"
+                )
+            event = event_from_dict(parked.event)
+            result = self._apply_to(
+                conn, referral_id, event, "link", actor, now, "link", parked_id=parked_id
+            )
+            store.mark_linked(conn, parked_id, referral_id, actor, now)
+            return result
+
+    def decide_auth(
+        self, referral_id: int, outcome: str, actor: str = "operator", auth_number: str = ""
+    ) -> ApplyResult:
+        """Record a prior-authorization outcome (``pending``, ``approved``, ``denied``)
+        given by an operator."""
+        if outcome not in AUTH_OUTCOMES:
+            raise StoreError(f"unknown prior-auth outcome {outcome!r}")
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            event = PriorAuthDecided(
+                ids=Identifiers(), occurred_at=now, outcome=outcome, auth_number=auth_number
+            )
+            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
+
+    # -- correlation ---------------------------------------------------------------
+
+    def _correlate(self, conn: Conn, event: Event) -> tuple[int | None, str, str]:
+        """(referral id or None, how it matched, why it did not)."""
+        ids = event.ids
+        if isinstance(event, ReferralCreated):
+            if not ids.placer_number:
+                return None, "", "no-placer-number"
+            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            return rid, "key", "" if rid else "no-match"
+        ambiguous = False
+        if ids.placer_number:
+            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            if rid is not None:
+                return rid, "key", ""
+            by_placer = store.find_by_placer(conn, ids.placer_number)
+            if len(by_placer) == 1:
+                return by_placer[0], "placer", ""
+            ambiguous = len(by_placer) > 1
+        if ids.filler_numbers:
+            by_filler = store.find_by_fillers(conn, ids.filler_numbers)
+            if len(by_filler) == 1:
+                return by_filler[0], "filler", ""
+            ambiguous = ambiguous or len(by_filler) > 1
+        if not ids.placer_number and ids.patient_ids and ids.specialty:
+            pids = {*ids.patient_ids, *(store.surviving_id(conn, p) for p in ids.patient_ids)}
+            found = store.find_by_patient(
+                conn,
+                pids,
+                ids.specialty,
+                event.occurred_at - self.window,
+                event.occurred_at + self.window,
+            )
+            open_ = [rid for rid, status in found if status != "closed"]
+            if len(open_) == 1:
+                return open_[0], "patient-window", ""
+            if not open_ and len(found) == 1:
+                return found[0][0], "patient-window", ""
+            ambiguous = ambiguous or len(found) > 1
+        return None, "", "ambiguous" if ambiguous else "no-match"
+
+    # -- applying ------------------------------------------------------------------
+
+    def _apply_to(
+        self,
+        conn: Conn,
+        rid: int,
+        event: Event | states.InternalEvent,
+        source: Source,
+        actor: str,
+        now: float,
+        how: str,
+        *,
+        message_id: int | None = None,
+        parked_id: int | None = None,
+        relink: bool = True,
+    ) -> ApplyResult:
+        row = store.get_referral(conn, rid)
+        if row is None:
+            raise StoreError(f"no referral with id {rid}")
+        if isinstance(event, Event) and source != "operator":
+            message_id = event.message_id or None
+        kind = event.kind
+        digest = fingerprint(event)
+        if store.event_recorded(conn, rid, message_id, kind, digest):
+            return ApplyResult("duplicate", (rid,), status=row.status, how=how)
+
+        old = states.from_dict(row.state)
+        if isinstance(event, PriorAuthDecided):
+            transition = states.Transition(old, False, ())
+        else:
+            transition = states.apply(old, event)
+        new = transition.state
+        statuses = _statuses(new)
+
+        # Details and keys
+        details, versions = _merge_details(row, event, message_id or 0)
+        new_fillers: list[str] = []
+        if isinstance(event, Event):
+            new_fillers = store.add_fillers(conn, rid, event.ids.filler_numbers)
+            store.add_patient_ids(
+                conn, rid, (store.surviving_id(conn, p) for p in event.ids.patient_ids)
+            )
+        if isinstance(event, ReferralCreated) and event.prior_auth_required:
+            store.ensure_prior_auth(conn, rid, hold_packet=event.prior_auth_hold_packet, now=now)
+        merged_details = {**row.details, **details}
+        opened_at = None
+        if isinstance(event, ReferralCreated) and event.occurred_at < row.opened_at:
+            opened_at = event.occurred_at
+        closed_at = now if new.status == "closed" and row.closed_at is None else None
+        touched = transition.changed or bool(details) or bool(new_fillers) or opened_at is not None
+        store.update_referral(
+            conn,
+            rid,
+            state=states.to_dict(new) if transition.changed else None,
+            statuses=statuses if transition.changed else None,
+            details=details,
+            versions=versions if details else None,
+            opened_at=opened_at,
+            updated_at=now if touched else None,
+            closed_at=closed_at,
+        )
+
+        # Effects, in the order the state machine gave them
+        done = self._effects(conn, rid, transition.effects, merged_details, new, now)
+        auth_changed = False
+        if isinstance(event, PriorAuthDecided):
+            auth_changed, more = self._prior_auth(
+                conn, rid, event, actor, message_id, new, merged_details, now
+            )
+            done.extend(more)
+
+        changed = transition.changed or auth_changed
+        detail: dict[str, Any] = {
+            k: getattr(event, k)
+            for k in _TIMELINE_FIELDS
+            if getattr(event, k, "") not in ("", None)
+        }
+        if isinstance(event, states.InternalEvent) and event.reason:
+            detail["reason"] = event.reason
+        if parked_id is not None:
+            detail["parked_id"] = parked_id
+        store.insert_event(
+            conn,
+            referral_id=rid,
+            kind=kind,
+            message_id=message_id,
+            fingerprint=digest,
+            source=source,
+            actor=actor,
+            occurred_at=event.occurred_at,
+            recorded_at=now,
+            changed=changed,
+            statuses=statuses[:3],
+            effects=done,
+            detail=detail,
+        )
+        audit_store.append(
+            conn,
+            at=isoformat(now),
+            actor=actor,
+            action=kind,
+            referral_id=rid,
+            message_id=message_id,
+            detail={
+                "source": source,
+                "how": how,
+                "changed": changed,
+                "from": row.status,
+                "to": statuses[0],
+                "patient_status": statuses[1],
+                "specialist_status": statuses[2],
+                "close_reason": statuses[3],
+                "effects": done,
+                **({"parked_id": parked_id} if parked_id is not None else {}),
+            },
+        )
+        if changed and self.metrics is not None:
+            self.metrics.transition(kind)
+        if changed:
+            log.debug("referral %d: %s -> %s (%s)", rid, kind, statuses[0], ",".join(done))
+        linked: tuple[int, ...] = ()
+        if relink and (how == "created" or new_fillers):
+            linked = self._relink(conn, rid, now)
+        return ApplyResult(
+            "applied" if changed else "unchanged",
+            (rid,),
+            status=statuses[0] if not linked else _current_status(conn, rid),
+            effects=tuple(done),
+            how=how,
+            linked=linked,
+        )
+
+    def _effects(
+        self,
+        conn: Conn,
+        rid: int,
+        effects: Iterable[str],
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> list[str]:
+        """Carry out the state machine's effects; returns what was done (for the
+        timeline and the audit row)."""
+        done: list[str] = []
+        for effect in effects:
+            if effect == "schedule-escalations":
+                self._schedule(conn, rid, "referral", now)
+            elif effect == "schedule-patient-timers":
+                self._schedule(conn, rid, "patient", now)
+            elif effect == "schedule-report-timers":
+                self._schedule(conn, rid, "report", now)
+            elif effect == "cancel-patient-timers":
+                store.cancel_timers(conn, rid, self.policy.patient_kinds())
+            elif effect == "cancel-all-timers":
+                store.cancel_timers(conn, rid)
+            elif effect == "stop-outbound":
+                store.cancel_outbox(conn, rid, now=now)
+                auth = store.get_prior_auth(conn, rid)
+                if auth is not None and auth.packet_held:
+                    store.update_prior_auth(conn, rid, now=now, packet_held=False)
+            elif effect == "send-packet":
+                auth = store.get_prior_auth(conn, rid)
+                if auth is not None and auth.hold_packet and auth.status != "approved":
+                    store.update_prior_auth(conn, rid, now=now, packet_held=True)
+                    done.append("hold-packet")
+                    continue
+                self._enqueue(conn, rid, effect, details, state, now)
+            elif effect in _TEMPLATES:
+                self._enqueue(conn, rid, effect, details, state, now)
+            else:
+                raise ValueError(f"unknown effect {effect!r}")
+            done.append(effect)
+        return done
+
+    def _schedule(self, conn: Conn, rid: int, group: TimerGroup, now: float) -> None:
+        for spec in self.policy.timers(group):
+            store.schedule_timer(
+                conn,
+                rid,
+                spec.kind,
+                now + spec.delay,
+                spec.attempt,
+                f"{rid}:{spec.kind}:{spec.attempt}",
+                now=now,
+            )
+
+    def _enqueue(
+        self,
+        conn: Conn,
+        rid: int,
+        effect: str,
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> None:
+        party, template = _TEMPLATES[effect]
+        if details.get(f"{party}_direct_address"):
+            channel = "direct"
+        elif details.get(f"{party}_fax"):
+            channel = "fax"
+        else:
+            channel = "task"  # a coordinator sends it by hand
+        n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
+        payload = {"referral_id": rid, "effect": effect, "close_reason": state.close_reason}
+        store.enqueue_outbox(
+            conn,
+            rid,
+            channel,
+            template,
+            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            f"{rid}:{effect}:{n}",
+            now,
+            now=now,
+        )
+
+    def _prior_auth(
+        self,
+        conn: Conn,
+        rid: int,
+        event: PriorAuthDecided,
+        actor: str,
+        message_id: int | None,
+        state: states.ReferralState,
+        details: Mapping[str, Any],
+        now: float,
+    ) -> tuple[bool, list[str]]:
+        """The prior-auth fork: the latest outcome by event time wins; an approval
+        releases a held packet, a denial tells the referrer. Returns (changed, done)."""
+        if event.outcome not in AUTH_OUTCOMES:
+            return False, []
+        store.ensure_prior_auth(conn, rid, hold_packet=False, now=now)
+        item = store.get_prior_auth(conn, rid)
+        assert item is not None
+        version = (event.occurred_at, message_id or 0)
+        if item.decided_version is not None and version <= item.decided_version:
+            return False, []
+        store.update_prior_auth(
+            conn,
+            rid,
+            now=now,
+            status=event.outcome,
+            auth_number=event.auth_number or None,
+            decided_version=version,
+            decided_by=actor,
+        )
+        done: list[str] = []
+        if event.outcome == item.status or state.status == "closed":
+            return event.outcome != item.status, done
+        if event.outcome == "approved" and item.packet_held:
+            store.update_prior_auth(conn, rid, now=now, packet_held=False)
+            self._enqueue(conn, rid, "send-packet", details, state, now)
+            done.append("send-packet")
+        elif event.outcome == "denied":
+            self._enqueue(conn, rid, "notify-referrer-auth-denied", details, state, now)
+            done.append("notify-referrer-auth-denied")
+        return True, done
+
+    def _relink(self, conn: Conn, rid: int, now: float) -> tuple[int, ...]:
+        """Apply parked events that now correlate with referral ``rid`` (it was just
+        created or learnt a filler number), oldest first, until none is left."""
+        linked: list[int] = []
+        while True:
+            row = store.get_referral(conn, rid)
+            assert row is not None
+            progress = False
+            for parked in store.parked_candidates(conn, row.placer_number, row.filler_numbers):
+                event = event_from_dict(parked.event)
+                if isinstance(event, ReferralCreated | PatientsMerged):
+                    continue
+                target, how, _ = self._correlate(conn, event)
+                if target != rid:
+                    continue
+                self._apply_to(
+                    conn,
+                    rid,
+                    event,
+                    "link",
+                    "auto-link",
+                    now,
+                    how,
+                    parked_id=parked.id,
+                    relink=False,
+                )
+                store.mark_linked(conn, parked.id, rid, "auto-link", now)
+                linked.append(parked.id)
+                progress = True
+            if not progress:
+                return tuple(linked)
+
+    def _park(self, conn: Conn, event: Event, why: str, now: float) -> ApplyResult:
+        message_id = event.message_id or None
+        pid, new = store.park(
+            conn,
+            message_id=message_id,
+            kind=event.kind,
+            fingerprint=fingerprint(event),
+            event=event_to_dict(event),
+            why=why,
+            sending_facility=event.ids.sending_facility,
+            placer_number=event.ids.placer_number,
+            filler_numbers=event.ids.filler_numbers,
+            now=now,
+        )
+        if not new:
+            return ApplyResult("duplicate", parked_id=pid, how="parked")
+        audit_store.append(
+            conn,
+            at=isoformat(now),
+            actor="message",
+            action="parked",
+            referral_id=None,
+            message_id=message_id,
+            detail={"kind": event.kind, "parked_id": pid, "why": why},
+        )
+        log.info("message %s: %s parked as %d (%s)", message_id or "-", event.kind, pid, why)
+        return ApplyResult("parked", parked_id=pid, how="parked")
+
+    def _merge(self, conn: Conn, event: PatientsMerged, now: float) -> ApplyResult:
+        """ADT^A40: move referrals from the retired patient id to the surviving one.
+        A merge for a patient with no referral is recorded (so a later referral with the
+        retired id is moved too) but not parked: it is not about a referral."""
+        retired, surviving = event.retired_id, event.surviving_id
+        if not retired or not surviving or retired == surviving:
+            return ApplyResult("unchanged", how="merge")
+        moved = store.record_merge(conn, retired, surviving, event.message_id or None, now)
+        for rid in moved:
+            self._apply_to(conn, rid, event, "message", "message", now, "merge")
+        return ApplyResult("merged", tuple(moved), how="merge")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _statuses(state: states.ReferralState) -> tuple[str, str, str, str]:
+    return (state.status, state.patient_status, state.specialist_status, state.close_reason)
+
+
+def _current_status(conn: Conn, rid: int) -> str:
+    row = store.get_referral(conn, rid)
+    return row.status if row else ""
+
+
+def _stated_details(event: Event | states.InternalEvent) -> dict[str, Any]:
+    """The detail columns this event states (blank means "not stated")."""
+    out: dict[str, Any] = {}
+    if isinstance(event, ReferralCreated | ReferralUpdated):
+        for name in ("specialty", "specialty_category", "reason", "priority", "needed_by"):
+            value = getattr(event, name)
+            if value:
+                out[name] = value
+        if "specialty" not in out and event.ids.specialty:
+            out["specialty"] = event.ids.specialty
+        for party, provider in (("referring", event.referring), ("specialist", event.specialist)):
+            for name in ("name", "npi", "organisation", "direct_address", "fax", "phone"):
+                value = getattr(provider, name)
+                if value:
+                    out[f"{party}_{name}"] = value
+    contact = event.contact if isinstance(event, ReferralCreated | ContactUpdated) else None
+    if contact is not None:
+        for column, value in (
+            ("patient_phone", contact.phone),
+            ("language", contact.language),
+            ("time_zone", contact.time_zone),
+        ):
+            if value:
+                out[column] = value
+        if contact.sms_consent is not None:
+            out["sms_consent"] = int(contact.sms_consent)
+        if contact.portal is not None:
+            out["portal"] = int(contact.portal)
+    return out
+
+
+def _merge_details(
+    row: store.ReferralRow, event: Event | states.InternalEvent, message_id: int
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Per column, the value stated by the latest event (event time, then message id,
+    then the value itself) wins, so details end the same whatever the arrival order."""
+    changes: dict[str, Any] = {}
+    versions = {k: list(v) for k, v in row.versions.items()}
+    for column, value in _stated_details(event).items():
+        version = [event.occurred_at, message_id, str(value)]
+        held = versions.get(column)
+        if held is not None and version <= held:
+            continue
+        versions[column] = version
+        changes[column] = value
+    return changes, versions
+
+
+# ---------------------------------------------------------------------------
+# Read views for the CLI and the API (JSON-able dicts)
+
+
+def _referral_summary(r: store.ReferralRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "sending_facility": r.sending_facility,
+        "placer_number": r.placer_number,
+        "filler_numbers": list(r.filler_numbers),
+        "status": r.status,
+        "patient_status": r.patient_status,
+        "specialist_status": r.specialist_status,
+        "specialty": r.details.get("specialty") or "",
+        "priority": r.details.get("priority") or "",
+        "opened_at": isoformat(r.opened_at),
+        "updated_at": isoformat(r.updated_at),
+        "closed_at": isoformat(r.closed_at) if r.closed_at is not None else None,
+        "close_reason": r.close_reason,
+    }
+
+
+def list_referrals(
+    db: Database,
+    *,
+    status: str | None = None,
+    specialty: str | None = None,
+    open_days_over: float | None = None,
+    prior_auth: str | None = None,
+    limit: int = 50,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Referral summaries, newest first (``limit`` 0 = all)."""
+    opened_before = now - open_days_over * DAY if open_days_over is not None else None
+    rows = store.list_referrals(
+        db.conn,
+        status=status,
+        specialty=specialty,
+        opened_before=opened_before,
+        prior_auth=prior_auth,
+        limit=limit,
+    )
+    return [_referral_summary(r) for r in rows]
+
+
+def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
+    """One referral: summary, details, prior-auth item, timers, outbox and timeline."""
+    conn = db.conn
+    r = store.get_referral(conn, referral_id)
+    if r is None:
+        return None
+    state = states.from_dict(r.state)
+    auth = store.get_prior_auth(conn, referral_id)
+    out = _referral_summary(r)
+    out["patient_ids"] = list(r.patient_ids)
+    out["details"] = dict(r.details)
+    out["decline_reason"] = state.decline_reason
+    out["close_note"] = state.close_note
+    out["appointments"] = [dataclasses.asdict(a) for a in state.appointments]
+    out["report_ids"] = list(state.report_ids)
+    out["prior_auth"] = (
+        None
+        if auth is None
+        else {
+            "status": auth.status,
+            "hold_packet": auth.hold_packet,
+            "packet_held": auth.packet_held,
+            "auth_number": auth.auth_number,
+            "decided_by": auth.decided_by,
+        }
+    )
+    out["timers"] = [
+        {"kind": t.kind, "attempt": t.attempt, "due": isoformat(t.due)}
+        for t in store.timers_for(conn, referral_id)
+    ]
+    out["outbox"] = [
+        {"id": o.id, "channel": o.channel, "template": o.template, "status": o.status}
+        for o in store.outbox_for(conn, referral_id)
+    ]
+    out["timeline"] = [
+        {
+            "id": e.id,
+            "kind": e.kind,
+            "occurred_at": isoformat(e.occurred_at),
+            "recorded_at": isoformat(e.recorded_at),
+            "source": e.source,
+            "actor": e.actor,
+            "message_id": e.message_id,
+            "changed": e.changed,
+            "status": e.status,
+            "patient_status": e.patient_status,
+            "specialist_status": e.specialist_status,
+            "effects": list(e.effects),
+            "detail": dict(e.detail),
+        }
+        for e in store.timeline(conn, referral_id)
+    ]
+    return out
+
+
+def list_parked(db: Database, *, include_linked: bool = False) -> list[dict[str, Any]]:
+    """Parked events: ids and keys only (no message content)."""
+    return [
+        {
+            "id": p.id,
+            "message_id": p.message_id,
+            "kind": p.kind,
+            "why": p.why,
+            "sending_facility": p.sending_facility,
+            "placer_number": p.placer_number,
+            "filler_numbers": list(p.filler_numbers),
+            "parked_at": isoformat(p.parked_at),
+            "status": p.status,
+            "referral_id": p.referral_id,
+            "linked_by": p.linked_by,
+        }
+        for p in store.list_parked(db.conn, include_linked=include_linked)
+    ]
