@@ -559,5 +559,18 @@ def replay(
     )
 
 
+# -- command groups defined beside the modules they drive ---------------------------
+
+
+def _register_groups() -> None:
+    from engine import cli_tracker
+
+    cli_tracker.register(
+        main, state_option=state_option, routes_option=routes_option, errors=errors
+    )
+
+
+_register_groups()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
