@@ -563,8 +563,9 @@ def replay(
 
 
 def _register_groups() -> None:
-    from engine import cli_tracker
+    from engine import cli_timers, cli_tracker
 
+    cli_timers.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
     cli_tracker.register(
         main, state_option=state_option, routes_option=routes_option, errors=errors
     )

@@ -84,6 +84,21 @@ DEFAULT_OFFSETS: Final[dict[str, float]] = {
 }
 
 
+TimerGroup = Literal["referral", "patient", "report"]
+# After the visit, chase the specialist's report (not in the recipe's table, but the loop
+# is only closed when the report is in the chart).
+REPORT_CHASE: Final = ((7 * DAY, 1), (14 * DAY, 2))
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSpec:
+    """A timer to schedule: ``delay`` seconds from now."""
+
+    kind: str
+    delay: float
+    attempt: int = 1
+
+
 @dataclass(frozen=True, slots=True)
 class ContactRules:
     """When a patient may be contacted: local quiet hours, frequency caps, business days."""
@@ -123,6 +138,30 @@ class Policy:
         cadence = self.cadence(specialty_category, priority)
         timers = [(kind, cadence.due(kind, opened_at)) for kind in TIMER_KINDS]
         return sorted(timers, key=lambda kt: (kt[1], TIMER_KINDS.index(kt[0])))
+
+    def timers(
+        self, group: TimerGroup, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
+        """The timers the tracker schedules when a referral opens (``referral``: the
+        specialist follow-up, coordinator task, outreach and attempt-close), when the
+        patient branch (re)starts (``patient``: first and second nudge) and after the visit
+        (``report``: report chase)."""
+        cadence = self.cadence(specialty_category, priority)
+        if group == "patient":
+            return (
+                TimerSpec("first-nudge", cadence.offsets["first-nudge"], 1),
+                TimerSpec("second-nudge", cadence.offsets["second-nudge"], 2),
+            )
+        if group == "report":
+            return tuple(TimerSpec("report-chase", delay, n) for delay, n in REPORT_CHASE)
+        return tuple(
+            TimerSpec(kind, cadence.offsets[kind])
+            for kind in ("specialist-followup", "coordinator-task", "outreach", "attempt-close")
+        )
+
+    def patient_kinds(self) -> frozenset[str]:
+        """What a booking cancels."""
+        return PATIENT_KINDS
 
     def channel_for(self, attempt: int, *, sms_allowed: bool, portal: bool = True) -> str:
         """The channel for the ``attempt``-th patient nudge (0-based) in the rotation,

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from engine import states
 from engine.clock import Clock, isoformat
 from engine.errors import StoreError
+from engine.escalation import Policy, TimerGroup, TimerSpec
 from engine.model import (
     EVENT_TYPES,
     ContactUpdated,
@@ -66,7 +67,6 @@ DEFAULT_WINDOW_DAYS: Final = 90.0
 
 Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged"]
 Source = Literal["message", "operator", "internal", "link"]
-TimerGroup = Literal["referral", "patient", "report"]
 AUTH_OUTCOMES: Final = ("pending", "approved", "denied")
 
 # Every event class the tracker accepts by kind (stored parked events are rebuilt by it).
@@ -99,50 +99,18 @@ _TIMELINE_FIELDS: Final = (
 # Escalation policy: which timers an effect starts
 
 
-@dataclass(frozen=True, slots=True)
-class TimerSpec:
-    kind: str
-    delay: float  # seconds after the event is applied
-    attempt: int = 1
-
-
 class EscalationPolicy(Protocol):
-    def timers(self, group: TimerGroup) -> tuple[TimerSpec, ...]:
+    def timers(
+        self, group: TimerGroup, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
         """The timers that ``schedule-escalations`` (referral), ``schedule-patient-timers``
-        (patient) or ``schedule-report-timers`` (report) start."""
+        (patient) or ``schedule-report-timers`` (report) start, for a referral of this
+        specialty category and priority."""
         ...
 
     def patient_kinds(self) -> frozenset[str]:
         """The timer kinds ``cancel-patient-timers`` deletes."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class DefaultPolicy:
-    """The 1d / 7d / 14d / 30d / 60d ladder: nudge the patient on day 1 and day 7,
-    escalate a patient with no booking on day 14, escalate the referral on day 30 and
-    close it for no response on day 60. After the visit, chase the report on day 7 and 14.
-    (The timers issue refines this from routes.yaml ``escalation``.)"""
-
-    referral: tuple[TimerSpec, ...] = (
-        TimerSpec("escalation", 30 * DAY),
-        TimerSpec("no-response-close", 60 * DAY),
-    )
-    patient: tuple[TimerSpec, ...] = (
-        TimerSpec("patient-nudge", 1 * DAY, 1),
-        TimerSpec("patient-nudge", 7 * DAY, 2),
-        TimerSpec("patient-escalation", 14 * DAY),
-    )
-    report: tuple[TimerSpec, ...] = (
-        TimerSpec("report-chase", 7 * DAY, 1),
-        TimerSpec("report-chase", 14 * DAY, 2),
-    )
-
-    def timers(self, group: TimerGroup) -> tuple[TimerSpec, ...]:
-        return {"referral": self.referral, "patient": self.patient, "report": self.report}[group]
-
-    def patient_kinds(self) -> frozenset[str]:
-        return frozenset(t.kind for t in self.patient)
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +265,7 @@ class Tracker:
         self.db = db
         self.clock = clock
         self.window = window_days * DAY
-        self.policy: EscalationPolicy = policy or DefaultPolicy()
+        self.policy: EscalationPolicy = policy or Policy()
         self.metrics = metrics
 
     # -- events from messages ----------------------------------------------------
@@ -617,7 +585,12 @@ class Tracker:
         return done
 
     def _schedule(self, conn: Conn, rid: int, group: TimerGroup, now: float) -> None:
-        for spec in self.policy.timers(group):
+        row = store.get_referral(conn, rid)
+        details = row.details if row is not None else {}
+        specs = self.policy.timers(
+            group, str(details.get("specialty_category") or ""), str(details.get("priority") or "")
+        )
+        for spec in specs:
             store.schedule_timer(
                 conn,
                 rid,

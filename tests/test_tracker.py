@@ -123,9 +123,8 @@ class Scenario:
     referrals: int | None = None  # referral count, when it matters
 
 
-CREATED_EFFECTS = ("schedule-escalations", "escalation", "no-response-close")
-PATIENT_TIMERS = ("patient-escalation", "patient-nudge", "patient-nudge")
-REF_TIMERS = ("escalation", "no-response-close")
+PATIENT_TIMERS = ("first-nudge", "second-nudge")
+REF_TIMERS = ("attempt-close", "coordinator-task", "outreach", "specialist-followup")
 OPEN_TIMERS = tuple(sorted(REF_TIMERS + PATIENT_TIMERS))
 BOOKED_TIMERS = tuple(sorted(REF_TIMERS))
 
@@ -931,11 +930,12 @@ def test_timers_and_outbox_keys(db: Database) -> None:
     run_steps(db, clock, (NW(0, 1),))
     timers = store.timers_for(db.conn, 1)
     assert [(t.kind, t.attempt, t.key) for t in timers] == [
-        ("patient-nudge", 1, "1:patient-nudge:1"),
-        ("patient-nudge", 2, "1:patient-nudge:2"),
-        ("patient-escalation", 1, "1:patient-escalation:1"),
-        ("escalation", 1, "1:escalation:1"),
-        ("no-response-close", 1, "1:no-response-close:1"),
+        ("first-nudge", 1, "1:first-nudge:1"),
+        ("second-nudge", 2, "1:second-nudge:2"),
+        ("specialist-followup", 1, "1:specialist-followup:1"),
+        ("coordinator-task", 1, "1:coordinator-task:1"),
+        ("outreach", 1, "1:outreach:1"),
+        ("attempt-close", 1, "1:attempt-close:1"),
     ]
     assert timers[0].due == clock.now() + DAY
     (packet,) = store.outbox_for(db.conn, 1)
@@ -949,8 +949,8 @@ def test_timers_and_outbox_keys(db: Database) -> None:
     # the write API is idempotent per key
     with db.transaction() as conn:
         assert not store.enqueue_outbox(conn, 1, "direct", "x", "{}", "1:send-packet:1", T0)
-        store.schedule_timer(conn, 1, "patient-nudge", T0 + 5, 1, "1:patient-nudge:1")
-    assert len(store.timers_for(db.conn, 1)) == 5
+        store.schedule_timer(conn, 1, "first-nudge", T0 + 5, 1, "1:first-nudge:1")
+    assert len(store.timers_for(db.conn, 1)) == 6
 
 
 def test_metrics(db: Database) -> None:
