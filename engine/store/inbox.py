@@ -132,8 +132,12 @@ class Inbox:
         digest = hashlib.sha256(m.raw).digest()
         msh = m.msh
         flags = ""
+        key: tuple[str, str, str] | None = None
         if msh is not None:
             key = (msh.sending_app, msh.sending_facility, msh.control_id)
+        elif m.control_id:
+            key = (m.sender, "", m.control_id)
+        if key is not None:
             earlier = pending.get(key)
             if earlier is None:
                 earlier = [
@@ -141,12 +145,14 @@ class Inbox:
                     for r in conn.execute(
                         "SELECT id, sha256, status, ack_code FROM messages "
                         "WHERE control_id = ? AND sending_app = ? AND sending_facility = ?",
-                        (msh.control_id, msh.sending_app, msh.sending_facility),
+                        (key[2], key[0], key[1]),
                     )
                 ]
                 pending[key] = earlier
             for row_id, sha, status, code in earlier:
-                if sha == digest:
+                # a FHIR resource version (no MSH) is immutable: the same type/id/version
+                # is the same message whatever its serialisation (FHIR R4 §2.42 versionId)
+                if sha == digest or msh is None:
                     conn.execute(
                         "UPDATE messages SET duplicates = duplicates + 1 WHERE id = ?", (row_id,)
                     )
@@ -164,12 +170,12 @@ class Inbox:
                 m.received_at,
                 m.source,
                 m.peer,
-                msh.sending_app if msh else "",
+                msh.sending_app if msh else m.sender,
                 msh.sending_facility if msh else "",
                 msh.receiving_app if msh else "",
                 msh.receiving_facility if msh else "",
-                msh.control_id if msh else "",
-                msh.message_type if msh else "",
+                msh.control_id if msh else m.control_id,
+                msh.message_type if msh else m.message_type,
                 msh.version if msh else "",
                 m.text_encoding,
                 m.raw,
@@ -183,11 +189,18 @@ class Inbox:
         )
         row_id = int(cur.lastrowid or 0)
         self.rows = max(self.rows, row_id)
-        if msh is not None:
-            pending[(msh.sending_app, msh.sending_facility, msh.control_id)].append(
-                (row_id, digest, status, ack_code)
-            )
+        if key is not None:
+            pending[key].append((row_id, digest, status, ack_code))
         return AddResult(row_id, False, status, ack_code)
+
+    def add_in(
+        self, conn: sqlite3.Connection, inbounds: list[Inbound], ack_code: str
+    ) -> list[AddResult]:
+        """Store ``inbounds`` inside the caller's open transaction, beside writes that must
+        commit with them (a FHIR poller's cursor). Same dedupe as :meth:`add`; the caller
+        commits, then notifies the processor."""
+        pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]] = {}
+        return [self._insert(conn, m, ack_code, pending) for m in inbounds]
 
     # -- reading ---------------------------------------------------------------
 

@@ -1,0 +1,165 @@
+"""Write-back when a loop closes: the referral's Task updated (or created) to completed
+with the report as output, validated by the server with fhir.resources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from fhir_server import FhirServer
+from helpers import run
+
+from engine.config import FhirSource, FhirWriteBack
+from engine.errors import ChannelError
+from engine.fhir_auth import NoAuth
+from engine.fhir_source import completed_task, validate_resource, write_back_task
+from engine.model import LoopClosure
+
+CLOSED_AT = 1_767_312_000.0  # 2026-01-02T00:00:00Z
+
+
+def closure(**kw: Any) -> LoopClosure:
+    values: dict[str, Any] = {
+        "referral_id": "42",
+        "service_request": "ServiceRequest/sr1",
+        "report": "DiagnosticReport/dr1",
+        "closed_at": CLOSED_AT,
+        "patient": "Patient/p1",
+        "requester": "Practitioner/doc1",
+        **kw,
+    }
+    return LoopClosure(**values)
+
+
+def source(server: FhirServer, **wb: bool) -> FhirSource:
+    return FhirSource(
+        name="epic",
+        base_url=server.base,
+        write_back=FhirWriteBack(**{"task": True, **wb}),
+        max_retries=1,
+    )
+
+
+async def sleep(_: float) -> None:
+    return None
+
+
+def existing_task(server: FhirServer) -> dict[str, Any]:
+    return server.put(
+        {
+            "resourceType": "Task",
+            "id": "t1",
+            "status": "in-progress",
+            "intent": "order",
+            "focus": {"reference": "ServiceRequest/sr1"},
+            "for": {"reference": "Patient/p1"},
+            "executionPeriod": {"start": "2025-12-01T00:00:00Z"},
+        }
+    )
+
+
+def test_closing_a_loop_updates_the_existing_task() -> None:
+    async def body() -> None:
+        async with FhirServer() as server, httpx.AsyncClient() as client:
+            existing_task(server)
+            result = await write_back_task(
+                source(server), closure(), client=client, auth=NoAuth(), sleep=sleep
+            )
+            assert (result.task, result.created, result.communication) == ("Task/t1", False, "")
+            ((method, path, sent),) = server.bodies
+            assert (method, path) == ("PUT", "/fhir/Task/t1")
+            assert validate_resource(sent) == ""
+            assert sent["status"] == "completed"
+            assert sent["output"][0]["valueReference"] == {"reference": "DiagnosticReport/dr1"}
+            assert sent["executionPeriod"] == {
+                "start": "2025-12-01T00:00:00Z",
+                "end": "2026-01-02T00:00:00.000000Z",
+            }
+            stored = server.resources["Task"]["t1"]
+            assert [v["status"] for v in stored] == ["in-progress", "completed"]
+            # the update was conditional on the version read
+            assert ("PUT", "/fhir/Task/t1") in server.requests
+
+    run(body())
+
+
+def test_no_task_yet_creates_one_once_and_notifies_the_referrer() -> None:
+    async def body() -> None:
+        async with FhirServer() as server, httpx.AsyncClient() as client:
+            src = source(server, communication=True)
+            first = await write_back_task(src, closure(), client=client, auth=NoAuth(), sleep=sleep)
+            assert first.created and first.task.startswith("Task/")
+            assert first.communication.startswith("Communication/")
+            methods = [(m, p) for m, p, _ in server.bodies]
+            assert methods == [("POST", "/fhir/Task"), ("POST", "/fhir/Communication")]
+            task = server.bodies[0][2]
+            assert task["focus"] == {"reference": "ServiceRequest/sr1"}
+            assert task["for"] == {"reference": "Patient/p1"}
+            comm = server.bodies[1][2]
+            assert comm["recipient"] == [{"reference": "Practitioner/doc1"}]
+            assert validate_resource(comm) == ""
+            # a retry of the same closure finds the Task (by focus) and does not add one
+            again = await write_back_task(src, closure(), client=client, auth=NoAuth(), sleep=sleep)
+            assert again.task == first.task and not again.created
+            assert len(server.resources["Task"]) == 1
+            assert len(server.resources["Communication"]) == 1  # If-None-Exist
+
+    run(body())
+
+
+def test_a_version_conflict_rereads_and_applies_again() -> None:
+    async def body() -> None:
+        async with FhirServer() as server, httpx.AsyncClient() as client:
+            existing_task(server)
+
+            def racing_update(read: dict[str, Any]) -> None:
+                if len(server.resources["Task"]["t1"]) == 1:  # someone updates meanwhile
+                    server.put({**read, "status": "accepted"})
+
+            server.after_read = racing_update
+            result = await write_back_task(
+                source(server),
+                closure(task="Task/t1"),
+                client=client,
+                auth=NoAuth(),
+                sleep=sleep,
+            )
+            assert result.task == "Task/t1"
+            versions = server.resources["Task"]["t1"]
+            assert [v["status"] for v in versions] == ["in-progress", "accepted", "completed"]
+
+    run(body())
+
+
+def test_server_errors_become_retryable_channel_errors() -> None:
+    async def body() -> None:
+        async with FhirServer() as server, httpx.AsyncClient() as client:
+            server.fail_next(503, retry_after="30")
+            server.fail_next(503, retry_after="30")
+            with pytest.raises(ChannelError) as exc:
+                await write_back_task(
+                    source(server), closure(), client=client, auth=NoAuth(), sleep=sleep
+                )
+            assert exc.value.retryable and exc.value.retry_after == 30.0
+
+    run(body())
+
+
+def test_write_back_off_sends_nothing() -> None:
+    async def body() -> None:
+        async with FhirServer() as server, httpx.AsyncClient() as client:
+            src = FhirSource(name="epic", base_url=server.base)
+            result = await write_back_task(src, closure(), client=client, auth=NoAuth())
+            assert result.skipped and server.requests == []
+
+    run(body())
+
+
+def test_completed_task_is_pure_and_valid() -> None:
+    existing = {"resourceType": "Task", "id": "t", "status": "accepted", "intent": "order"}
+    task = completed_task(existing, closure())
+    assert existing["status"] == "accepted"  # unchanged
+    assert validate_resource(task) == ""
+    twice = completed_task(task, closure())
+    assert len(twice["output"]) == 1  # the report is not added twice
