@@ -1,8 +1,10 @@
 """The engine: one object that owns every task and shuts them down in order.
 
-Start: open the store, start the inbox writer and the processor, start the HTTP server,
-then the listeners (so readiness means "ACKing"). Stop: stop accepting, drain in-flight
-messages within a bound, let the writer commit what is queued, stop processing, close.
+Start: open the store, build the tracker (when routes.yaml has routes), start the inbox
+writer and the processor, build the outbox channels and start the dispatcher, start the
+HTTP server (with the webhooks), then the listeners (so readiness means "ACKing"). Stop:
+stop accepting, drain in-flight messages within a bound, let the writer commit what is
+queued, stop processing, let in-flight sends finish and record within the bound, close.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
 from engine.config import Config
 from engine.config import load as load_config
 from engine.errors import ConfigError
+from engine.fhir_auth import make_auth
+from engine.fhir_source import FhirPoller, SubscriptionHooks
 from engine.http import HttpServer
 from engine.listener import MllpServer
 from engine.metrics import Metrics
@@ -62,7 +67,8 @@ class Engine:
     registry: CollectorRegistry | None = None
     handler_factory: HandlerFactory = default_handler
     drain_seconds: float = 10.0
-    tracker: Any = None  # engine.routes.Tracker; None: decisions are recorded only
+    tracker: Any = None  # engine.tracker.Tracker; None: built at start when there are routes
+    dispatch_sleep: Any = None  # the dispatcher's sleep (tests: one that moves a VirtualClock)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -71,10 +77,17 @@ class Engine:
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
         self.http: HttpServer | None = None
+        self.pollers: dict[str, FhirPoller] = {}
+        self._fhir_client: httpx.AsyncClient | None = None
+        self._poller_tasks: list[asyncio.Task[None]] = []
         self.ready = False
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        self.dispatcher: Any = None  # engine.dispatch.Dispatcher
+        self.hooks: Any = None  # engine.hooks.Hooks
+        self._http_client: httpx.AsyncClient | None = None  # shared by the outbox channels
+        self._dispatch_task: asyncio.Task[None] | None = None
 
     @property
     def db_path(self) -> Path:
@@ -92,15 +105,27 @@ class Engine:
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
+        if self.tracker is None and "routes" in self.config.sections:
+            self.tracker = self._make_tracker()
         handler = self._make_handler(self.config)
         self.processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
         self._tasks.append(asyncio.create_task(self.inbox.run_writer(), name="inbox-writer"))
         self._tasks.append(asyncio.create_task(self.processor.run(), name="processor"))
+        self._make_pollers()
+        self._build_outbox()
+        if self.dispatcher is not None:
+            self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         if self.config.http.enabled:
             self.http = HttpServer(
                 self.config.http, self.metrics, lambda: self.ready, reload=self.reload
             )
+            SubscriptionHooks(self.pollers).register(self.http.app)
+            if self.hooks is not None:
+                mounted = self.hooks.register(self.http.app)
+                log.info("http: webhooks %s", ", ".join(mounted) or "none (no http.public_url)")
             await self.http.start()
+        for name, poller in self.pollers.items():
+            self._poller_tasks.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
         for source in self.config.sources:
             server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
             await server.start()
@@ -108,6 +133,91 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+
+    def _make_pollers(self) -> None:
+        """One poller per FHIR source, sharing one HTTP client (connection pool)."""
+        if not self.config.fhir_sources:
+            return
+        assert self.db is not None and self.inbox is not None and self.processor is not None
+        self._fhir_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(max(s.timeout for s in self.config.fhir_sources)),
+            follow_redirects=False,
+        )
+        for source in self.config.fhir_sources:
+            self.pollers[source.name] = FhirPoller(
+                source,
+                self.db,
+                self.inbox,
+                client=self._fhir_client,
+                auth=make_auth(source.auth, clock=self.clock),
+                clock=self.clock,
+                notify=self.processor.notify,
+                metrics=self.metrics,
+            )
+
+    def _make_tracker(self) -> Any:
+        from engine.tracker import Tracker, TrackerMetrics
+
+        assert self.db is not None
+        return Tracker(self.db, self.clock, metrics=TrackerMetrics(self.metrics.registry, self.db))
+
+    def _build_outbox(self) -> None:
+        """The channels of routes.yaml, the dispatcher and the webhooks (engine.dispatch,
+        engine.hooks). Raises ConfigError when a channel's settings are unusable."""
+        from engine.channels_factory import build_channels, webhook_secret
+        from engine.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
+        from engine.hooks import Hooks
+        from engine.routes import compile_config
+
+        assert self.db is not None
+        table = compile_config(self.config)
+        http, env = self.config.http, self.config.env
+        self._http_client = httpx.AsyncClient()
+        channels = build_channels(
+            table.channels,
+            http=self._http_client,
+            clock=self.clock,
+            public_url=http.public_url,
+            env=env,
+        )
+        renderer = Renderer(table.channels, table.practice)
+        rotation = Rotation.from_channels(table.escalation, table.channels)
+        extra: dict[str, Any] = {}
+        if self.dispatch_sleep is not None:
+            extra["sleep"] = self.dispatch_sleep
+        self.dispatcher = Dispatcher(
+            self.db,
+            channels,
+            renderer=renderer,
+            clock=self.clock,
+            metrics=self.metrics,
+            tracker=self.tracker,
+            policies={n: RetryPolicy.from_settings(s.settings) for n, s in table.channels.items()},
+            rotation=rotation,
+            **extra,
+        )
+        sms = [n for n, s in table.channels.items() if s.type == "sms"]
+        faxes = [n for n, s in table.channels.items() if s.type == "fax"]
+        if len(sms) > 1:
+            log.warning("outbox: %d sms channels; /hooks/twilio/* serve %s", len(sms), sms[0])
+        self.hooks = Hooks(
+            self.db,
+            clock=self.clock,
+            public_url=http.public_url,
+            renderer=renderer,
+            rotation=rotation,
+            tracker=self.tracker,
+            metrics=self.metrics,
+            sms_channel=sms[0] if sms else "",
+            sms_auth_token=webhook_secret(table.channels[sms[0]], "auth_token", env) if sms else "",
+            fax_channels=faxes,
+            fax_token=(
+                webhook_secret(table.channels[faxes[0]], "callback_token", env) if faxes else ""
+            ),
+            confirm_key=http.confirm_key.encode(),
+            coordinator_channel="coordinator" if "coordinator" in table.channels else "task",
+            on_new_rows=self.dispatcher.wake,
+        )
 
     def _make_handler(self, config: Config) -> Handler:
         assert self.db is not None
@@ -139,10 +249,11 @@ class Engine:
             for problem in exc.problems:
                 log.error("reload: %s", problem)
             return list(exc.problems)
-        if (config.store, config.http, config.sources) != (
+        if (config.store, config.http, config.sources, config.fhir_sources) != (
             self.config.store,
             self.config.http,
             self.config.sources,
+            self.config.fhir_sources,
         ):
             log.warning("reload: store, http and sources changes take effect on restart")
         self.processor.handler = handler  # one assignment: the next message sees it
@@ -161,6 +272,15 @@ class Engine:
         self.ready = False
         sd_notify("STOPPING=1")
         await asyncio.gather(*(s.stop(self.drain_seconds) for s in self.servers))
+        for poller in self.pollers.values():
+            poller.stop()
+        if self._poller_tasks:
+            _, pending = await asyncio.wait(self._poller_tasks, timeout=self.drain_seconds)
+            for task in pending:  # a request in flight: its page is not committed, no loss
+                task.cancel()
+            await asyncio.gather(*self._poller_tasks, return_exceptions=True)
+        if self._fhir_client is not None:
+            await self._fhir_client.aclose()
         if self.inbox is not None:
             self.inbox.close()
         if self.processor is not None:
@@ -170,11 +290,22 @@ class Engine:
                 await asyncio.wait_for(task, timeout=self.drain_seconds)
             except (TimeoutError, asyncio.CancelledError):
                 pass
+        if self.dispatcher is not None:
+            self.dispatcher.stop()  # in-flight sends finish and are recorded
+        if self._dispatch_task is not None:
+            try:
+                await asyncio.wait_for(self._dispatch_task, timeout=self.drain_seconds)
+            except (TimeoutError, asyncio.CancelledError):
+                pass  # cancelled mid-send: the row stays "sending" and is resent at start
+            except Exception:
+                log.exception("dispatch stopped with an error")
         for task in self._tasks[2:]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.http is not None:
             await self.http.stop()
+        if self._http_client is not None:
+            await self._http_client.aclose()
         if self.db is not None:
             self.db.close()
         self._stopped.set()

@@ -569,6 +569,9 @@ def _register_groups() -> None:
     cli_tracker.register(
         main, state_option=state_option, routes_option=routes_option, errors=errors
     )
+    from engine import cli_outbox
+
+    cli_outbox.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
 
 _register_groups()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -360,12 +361,77 @@ class MllpSource:
         return any(addr in ipaddress.ip_network(net, strict=False) for net in self.allow_peers)
 
 
+FhirAuthType = Literal["smart", "bearer", "none"]
+JwtAlg = Literal["RS384", "ES384"]
+# FHIR R4 resource types the poller searches by default (docs/fhir.md).
+FHIR_DEFAULT_RESOURCES: Final = (
+    "ServiceRequest",
+    "Appointment",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Task",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FhirAuth:
+    """How a FHIR source authenticates. ``key`` (PEM) and ``token`` are secrets: never
+    in a repr, a log line or an error."""
+
+    type: FhirAuthType = "none"
+    client_id: str = ""
+    token_url: str = ""
+    key: str = field(default="", repr=False)
+    key_id: str = ""  # JWT header "kid" (the key's id in the registered JWK Set)
+    alg: JwtAlg = "RS384"
+    scope: str = "system/*.read"
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class FhirQuery:
+    """One search the poller repeats: ``GET [base]/<type>?<params>&_lastUpdated=gt..``."""
+
+    type: str
+    params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FhirWriteBack:
+    task: bool = False
+    communication: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FhirSource:
+    """A ``sources.<name>`` of ``type: fhir`` (engine.fhir_source)."""
+
+    name: str
+    base_url: str
+    auth: FhirAuth = FhirAuth()
+    resources: tuple[FhirQuery, ...] = tuple(FhirQuery(t) for t in FHIR_DEFAULT_RESOURCES)
+    poll_interval: float = 60.0  # seconds between searches (0: subscriptions only)
+    page_size: int = 100  # _count
+    overlap: float = 300.0  # seconds searched again behind the cursor
+    timeout: float = 30.0  # per HTTP request
+    max_retries: int = 5  # per request, on 429 / 5xx / transport errors
+    subscription_secret: str = field(default="", repr=False)  # "" = no /hooks/fhir/<name>
+    subscription_header: str = "Authorization"
+    write_back: FhirWriteBack = FhirWriteBack()
+    kind: str = "fhir"
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8575
     enabled: bool = True
     admin_token: str = ""  # bearer token for /api/ and /admin/ (loopback-only admin if empty)
+    # The URL providers call us at, as configured with them (Twilio signs it): scheme, host,
+    # optional port and path prefix, e.g. https://refloop.example.org. "" = no /hooks/.
+    public_url: str = ""
+    # HMAC key (>= 32 bytes, ${file:}) of the /confirm/<token> links; "" = not mounted.
+    confirm_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +463,7 @@ class Config:
     sources: tuple[MllpSource, ...]
     sections: Mapping[str, Section]
     env: Mapping[str, str] | None = None
+    fhir_sources: tuple[FhirSource, ...] = ()
 
     def source(self, name: str) -> MllpSource:
         for s in self.sources:
@@ -426,7 +493,7 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
         top.fail("version", f"this refloop reads version 1 files, not {version}")
     store = _store(top.child("store")) if top.has("store") else StoreConfig()
     http = _http(top.child("http")) if top.has("http") else HttpConfig()
-    sources = _sources(top, problems)
+    sources, fhir_sources = _sources(top, problems)
     sections: dict[str, Section] = {}
     for name in ("routes", "tables", "channels", "escalation", "practice"):
         top.raw(name)
@@ -435,7 +502,15 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
     top.done()
     if problems:
         raise ConfigError(problems)
-    return Config(file=file, store=store, http=http, sources=sources, sections=sections, env=env)
+    return Config(
+        file=file,
+        store=store,
+        http=http,
+        sources=sources,
+        sections=sections,
+        env=env,
+        fhir_sources=fhir_sources,
+    )
 
 
 def _store(r: Reader) -> StoreConfig:
@@ -453,17 +528,31 @@ def _http(r: Reader) -> HttpConfig:
         port=r.integer("port", 8575, lo=0, hi=65535),
         enabled=r.flag("enabled", True),
         admin_token=r.text("admin_token", ""),
+        public_url=r.text("public_url", "").rstrip("/"),
+        confirm_key=r.text("confirm_key", ""),
     )
+    if cfg.public_url:
+        url = urlsplit(cfg.public_url)
+        loopback = url.hostname in ("127.0.0.1", "::1", "localhost")
+        if url.scheme != "https" and not (url.scheme == "http" and loopback):
+            r.fail("public_url", "must be an https:// URL (http only for a loopback test host)")
+        elif not url.hostname or url.query or url.fragment:
+            r.fail("public_url", "must be scheme://host[:port][/prefix], no query or fragment")
+    if cfg.confirm_key and len(cfg.confirm_key.encode()) < 32:
+        r.fail("confirm_key", "must be at least 32 bytes (use ${file:/path})")
     r.done()
     return cfg
 
 
-def _sources(top: Reader, problems: list[str]) -> tuple[MllpSource, ...]:
+def _sources(
+    top: Reader, problems: list[str]
+) -> tuple[tuple[MllpSource, ...], tuple[FhirSource, ...]]:
     if not top.has("sources"):
         top.raw("sources")
-        return ()
+        return (), ()
     sources_reader = top.child("sources")
     out: list[MllpSource] = []
+    fhir: list[FhirSource] = []
     for name, value in sources_reader.data.items():
         sources_reader.raw(name)
         if not re.fullmatch(r"[a-z][a-z0-9_-]*", str(name)):
@@ -473,9 +562,7 @@ def _sources(top: Reader, problems: list[str]) -> tuple[MllpSource, ...]:
             continue
         kind = r.choice("type", ("mllp", "fhir"), "mllp")
         if kind == "fhir":
-            # validated by the FHIR source; kept raw here
-            for key in list(r.data):
-                r.raw(key)
+            fhir.append(_fhir_source(str(name), r))
             continue
         tls = _tls(r.child("tls")) if r.has("tls") else None
         out.append(
@@ -496,7 +583,138 @@ def _sources(top: Reader, problems: list[str]) -> tuple[MllpSource, ...]:
             )
         )
         r.done()
-    return tuple(out)
+    return tuple(out), tuple(fhir)
+
+
+_FHIR_TYPE: Final = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+def _secret(r: Reader, key: str, *, required: bool) -> str:
+    """A secret value: it must be a ${env:...} or ${file:...} reference."""
+    raw = r.data.get(key)
+    if raw is not None and not (isinstance(raw, str) and "${" in raw):
+        r._seen.add(key)
+        r.fail(key, "secrets never live in routes.yaml: use ${env:NAME} or ${file:/path}")
+        return ""
+    return r.text(key, "", required=required)
+
+
+def _fhir_source(name: str, r: Reader) -> FhirSource:
+    base_url = r.text("base_url", required=True).rstrip("/")
+    if base_url and not re.match(r"https?://[^/]+", base_url):
+        r.fail("base_url", "must be an http(s) URL")
+    auth = _fhir_auth(r.child("auth")) if r.has("auth") else FhirAuth()
+    queries: list[FhirQuery] = []
+    if r.has("resources"):
+        raw = r.raw("resources")
+        if not isinstance(raw, list) or not raw:
+            r.fail("resources", "must be a non-empty list of resource types or {type, params}")
+        else:
+            for i, item in enumerate(raw):
+                if isinstance(item, str):
+                    q = FhirQuery(item)
+                elif isinstance(item, dict):
+                    qr = Reader(r.doc, (*r.path, "resources", i), r.problems, r.env)
+                    params = qr.raw("params") or {}
+                    if not isinstance(params, dict) or not all(
+                        isinstance(v, (str, int)) and not isinstance(v, bool)
+                        for v in params.values()
+                    ):
+                        qr.fail("params", "must be a mapping of search parameter: value")
+                        params = {}
+                    q = FhirQuery(
+                        qr.text("type", required=True),
+                        tuple((str(k), str(v)) for k, v in params.items()),
+                    )
+                    for k, _ in q.params:
+                        if k in ("_lastUpdated", "_count", "_sort"):
+                            qr.fail(("params", k), "is set by the poller")
+                    qr.done()
+                else:
+                    r.fail(("resources", i), "must be a resource type or {type, params}")
+                    continue
+                if not _FHIR_TYPE.fullmatch(q.type):
+                    r.fail(("resources", i), f"not a FHIR resource type: {q.type!r}")
+                    continue
+                queries.append(q)
+    sub_secret, sub_header = "", "Authorization"
+    if r.has("subscription"):
+        sr = r.child("subscription")
+        sub_secret = _secret(sr, "secret", required=True)
+        sub_header = sr.text("header", "Authorization")
+        sr.done()
+    write_back = FhirWriteBack()
+    if r.has("write_back"):
+        wr = r.child("write_back")
+        write_back = FhirWriteBack(wr.flag("task", False), wr.flag("communication", False))
+        wr.done()
+    source = FhirSource(
+        name=name,
+        base_url=base_url,
+        auth=auth,
+        resources=tuple(queries) or tuple(FhirQuery(t) for t in FHIR_DEFAULT_RESOURCES),
+        poll_interval=r.number("poll_interval", 60.0),
+        page_size=r.integer("page_size", 100, lo=1, hi=1000),
+        overlap=r.number("overlap", 300.0),
+        timeout=r.number("timeout", 30.0, lo=0.1),
+        max_retries=r.integer("max_retries", 5, lo=0, hi=20),
+        subscription_secret=sub_secret,
+        subscription_header=sub_header,
+        write_back=write_back,
+    )
+    r.done()
+    return source
+
+
+def _fhir_auth(r: Reader) -> FhirAuth:
+    kind = cast(FhirAuthType, r.choice("type", ("smart", "bearer", "none"), "none"))
+    if not r.has("type"):
+        r.fail("type", "is required (smart, bearer or none)")
+    if kind == "bearer":
+        auth = FhirAuth(type="bearer", token=_secret(r, "token", required=True))
+    elif kind == "smart":
+        alg = cast(JwtAlg, r.choice("alg", ("RS384", "ES384"), "RS384"))
+        token_url = r.text("token_url", required=True)
+        if token_url and not re.match(r"https?://[^/]+", token_url):
+            r.fail("token_url", "must be an http(s) URL")
+        key = _secret(r, "key", required=True)
+        if key:
+            problem = _check_private_key(key, alg)
+            if problem:
+                r.fail("key", problem)
+        auth = FhirAuth(
+            type="smart",
+            client_id=r.text("client_id", required=True),
+            token_url=token_url,
+            key=key,
+            key_id=r.text("key_id", ""),
+            alg=alg,
+            scope=r.text("scope", "system/*.read"),
+        )
+    else:
+        auth = FhirAuth()
+    r.done()
+    return auth
+
+
+def _check_private_key(pem: str, alg: str) -> str:
+    """Why ``pem`` cannot sign ``alg`` JWTs, or "" (never quotes the key)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError):
+        return "not an unencrypted PEM private key"
+    if alg == "RS384" and not isinstance(key, rsa.RSAPrivateKey):
+        return "RS384 needs an RSA private key"
+    if alg == "ES384" and not (
+        isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    ):
+        return "ES384 needs an EC P-384 private key"
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
+        return "RSA keys must be at least 2048 bits"
+    return ""
 
 
 def _cidrs(r: Reader, key: str) -> tuple[str, ...]:

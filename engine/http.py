@@ -1,15 +1,20 @@
 """The HTTP server in the daemon's own event loop: health, readiness, metrics, and
 ``POST /admin/reload`` (loopback only) for routes.yaml.
 
-Later issues add webhooks under ``/hooks/`` and the JSON API under ``/api/``; they
-register their routes on :attr:`HttpServer.app` before :meth:`start`.
+Webhooks under ``/hooks/`` (engine.hooks) and the JSON API under ``/api/`` register their
+routes on :attr:`HttpServer.app` before :meth:`start`. Authentication by prefix:
+``/hooks/`` handlers verify the provider's signature themselves (403 otherwise);
+everything under ``/api/`` needs ``Authorization: Bearer <http.admin_token>`` (a
+middleware here; refused outright when no token is configured). The server binds to
+``http.host`` (loopback by default); put it behind a TLS reverse proxy to expose the
+webhooks (docs/delivery.md, "Webhooks").
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
@@ -36,7 +41,7 @@ class HttpServer:
         self.metrics = metrics
         self.ready = ready
         self.reload = reload
-        self.app = web.Application(client_max_size=1024 * 1024)
+        self.app = web.Application(client_max_size=1024 * 1024, middlewares=[self._api_auth])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -57,6 +62,27 @@ class HttpServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _api_auth(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """``/api/`` needs the bearer token from ``http.admin_token``."""
+        if request.path.startswith("/api/"):
+            token = self.cfg.admin_token
+            given = request.headers.get("Authorization", "")
+            if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                log.warning(
+                    "%s: %s %s refused (bearer token)", request.remote, request.method, request.path
+                )
+                return web.json_response(
+                    {"status": "unauthorized"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="refloop"'},
+                )
+        return await handler(request)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

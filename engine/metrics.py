@@ -113,3 +113,41 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        # Outbox dispatch (engine.dispatch): labels are channel names from routes.yaml.
+        self.outbox_depth = Gauge(
+            "refloop_outbox_depth",
+            "Outbox rows pending or being sent, by channel.",
+            ["channel"],
+            registry=registry,
+        )
+        self.outbox_oldest = Gauge(
+            "refloop_outbox_oldest_seconds",
+            "Age of the oldest pending or sending outbox row, by channel (0: none).",
+            ["channel"],
+            registry=registry,
+        )
+        self.outbox_dead = Gauge(
+            "refloop_outbox_dead",
+            "Dead-lettered outbox rows waiting for an operator, by channel (alert on > 0).",
+            ["channel"],
+            registry=registry,
+        )
+        self.outbox_sends = Counter(
+            "refloop_outbox_sends_total",
+            "Send attempts by channel and result (sent, retry, dead, skipped).",
+            ["channel", "result"],
+            registry=registry,
+        )
+        self.outbox_send_seconds = Histogram(
+            "refloop_outbox_send_seconds",
+            "Time a channel took to accept or refuse one send, by channel.",
+            ["channel"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=registry,
+        )
+        self.webhooks = Counter(
+            "refloop_webhooks_total",
+            "Inbound provider webhooks by hook and result (ok, forbidden, bad-request, error).",
+            ["hook", "result"],
+            registry=registry,
+        )

@@ -27,9 +27,20 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from channels.sms_templates import check_sms_template
 from engine.clock import Clock, WallClock
 from engine.config import Config, Doc, PathT, Reader, Section
 from engine.errors import ConfigError, MessageRejected
+from engine.escalation import Policy, policy_from_section
+from engine.fhir_routes import (
+    FhirPath,
+    FhirResource,
+    instant,
+    is_fhir,
+    path_all,
+    path_first,
+    path_refs,
+)
 from engine.hl7msg import Message, TersePath
 from engine.metrics import Metrics
 from engine.model import (
@@ -73,22 +84,61 @@ ROUTE_KEYS: Final = ("name", "description", "from", "when", "extract", "then", "
 PREDICATE_OPS: Final = ("equals", "in", "matches", "exists", "not")
 ACTIONS: Final = ("track", "send", "forward", "drop")
 BUILTIN_NAMES: Final = ("message_type", "trigger", "source")
+# FHIR routes also see the resource's own reference ("ServiceRequest/123") and version.
+FHIR_BUILTIN_NAMES: Final = (*BUILTIN_NAMES, "resource_ref", "version_id")
 
 CHANNEL_TYPES: Final[dict[str, tuple[str, ...]]] = {
     "mllp": ("host", "port", "tls", "timeout"),
     "direct": ("address", "hisp_host", "hisp_port", "username", "password", "cert", "key"),
-    "fax": ("provider", "api_url", "api_key", "from_number"),
-    "sms": ("provider", "account_sid", "auth_token", "from_number", "messaging_service_sid"),
-    "portal": ("api_url", "api_key"),
-    "task": ("api_url", "api_key", "queue"),
-    "fhir": ("base_url", "client_id", "token_url", "key", "scope"),
+    "fax": (
+        "provider",
+        "api_url",
+        "api_key",
+        "api_secret",
+        "callback_token",
+        "from_number",
+        "timeout",
+    ),
+    "sms": (
+        "provider",
+        "account_sid",
+        "auth_token",
+        "from_number",
+        "messaging_service_sid",
+        "status_callback_url",
+        "api_base",
+        "max_chars",
+        "timeout",
+    ),
+    "portal": ("api_url", "api_key", "timeout"),
+    "task": ("api_url", "api_key", "queue", "timeout"),
+    "webhook": ("url", "secret", "timeout"),
+    "fhir": (
+        "base_url",
+        "client_id",
+        "token_url",
+        "key",
+        "scope",
+        "bearer_token",
+        "sender_ref",
+        "identifier_system",
+        "resource",
+        "timeout",
+    ),
 }
 CHANNEL_COMMON: Final = ("type", "description", "enabled", "templates")
-SECRET_KEYS: Final = ("password", "api_key", "auth_token", "key")
-# The only names an SMS template may use: an SMS is not a secure channel (DESIGN.md,
-# invariants: PHI never leaves through SMS).
-SMS_ALLOWED_NAMES: Final = ("practice", "booking_link", "specialty_category")
-ESCALATION_RECIPIENTS: Final = ("patient", "specialist", "referring", "coordinator")
+# Outbox dispatch settings every channel may carry (engine.dispatch.RetryPolicy).
+CHANNEL_DISPATCH: Final = ("max_attempts", "retry_base", "retry_cap", "concurrency")
+SECRET_KEYS: Final = (
+    "password",
+    "api_key",
+    "api_secret",
+    "auth_token",
+    "bearer_token",
+    "callback_token",
+    "key",
+    "secret",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +208,13 @@ PATH_FUNCTIONS: Final[dict[str, PathFunction]] = {
     "telecom": PathFunction(_telecom, max_args=2, choices=(TELECOM_KINDS,), prepare=_reps),
 }
 
+# The path functions of FHIR routes (engine.fhir_routes; docs/routes.md "FHIR routes").
+FHIR_PATH_FUNCTIONS: Final[dict[str, PathFunction]] = {
+    "path": PathFunction(path_first),
+    "paths": PathFunction(path_all),
+    "refs": PathFunction(path_refs, max_args=2),
+}
+
 
 # ---------------------------------------------------------------------------
 # Event fields: which extract names a ``track`` action can use, and their types
@@ -216,10 +273,16 @@ def _to_float(value: Any) -> Any:
     try:
         return float(text)
     except ValueError:
+        if _ISO_DATE.match(text):  # FHIR dateTime / instant
+            epoch = instant(text)
+            if epoch is None:
+                raise RenderError("not a valid ISO date/time") from None
+            return epoch
         result = hl7_epoch(text)
         return _EMPTY if result == "" else result
 
 
+_ISO_DATE: Final = re.compile(r"\d{4}-\d{2}")
 _TRUE: Final = frozenset({"Y", "YES", "TRUE", "1", "T"})
 _FALSE: Final = frozenset({"N", "NO", "FALSE", "0", "F"})
 
@@ -286,8 +349,13 @@ class Extract:
     many: bool = False  # the path has [*]: a tuple of every value
     constant: Any = None
     expr: Compiled | None = None
+    fpath: FhirPath | None = None  # FHIR routes: one value, a tuple of several, or ""
 
-    def evaluate(self, message: Message, scope: Scope) -> Any:
+    def evaluate(self, message: Any, scope: Scope) -> Any:
+        """``message`` is a :class:`Message` (HL7 routes) or a :class:`FhirResource`."""
+        if self.fpath is not None:
+            values = self.fpath.texts(message.data)
+            return values[0] if len(values) == 1 else tuple(values) if values else ""
         if self.path is not None:
             if self.many:
                 return tuple(message.get_all(self.path))
@@ -314,7 +382,7 @@ class ActionSpec:
     reason: str = ""
 
 
-Predicate = Callable[[Message], bool]
+Predicate = Callable[[Any], bool]  # on a Message (HL7 routes) or a FhirResource (FHIR routes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +395,9 @@ class Route:
     extracts: tuple[Extract, ...]
     actions: tuple[ActionSpec, ...]
     cont: bool = False
+    # FHIR routes (``when: {resource: ...}``): the resource types they match ("*": any).
+    # None: an HL7 route, which never sees a FHIR resource (and the other way round).
+    resources: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,20 +409,13 @@ class ChannelSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
-    after_seconds: int
-    channel: str
-    template: str
-    to: str
-
-
-@dataclass(frozen=True, slots=True)
 class PracticeSpec:
     name: str = ""
     phone: str = ""
     booking_link: str = ""
     time_zone: str = ""
-    share_specialty_category: bool = False
+    # An SMS may name the specialty category (channels.sms_templates); default no.
+    sms_may_name_specialty: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +426,7 @@ class RouteTable:
     routes: tuple[Route, ...]
     tables: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     channels: Mapping[str, ChannelSpec] = field(default_factory=dict)
-    escalation: Mapping[str, tuple[Step, ...]] = field(default_factory=dict)
+    escalation: Policy = field(default_factory=Policy)
     practice: PracticeSpec = PracticeSpec()
 
     def route(self, name: str) -> Route:
@@ -384,12 +448,15 @@ def compile_config(config: Config) -> RouteTable:
     doc = _doc_of(config)
     env = config.env
     tables = _tables(sections.get("tables"), problems, env)
-    channels = _channels(sections.get("channels"), problems, env)
     practice = _practice(sections.get("practice"), problems, env)
-    escalation = _escalation(sections.get("escalation"), channels, problems, env)
+    channels = _channels(sections.get("channels"), problems, env, practice)
+    escalation = policy_from_section(sections.get("escalation"), problems, env)
     source_names = _source_names(doc)
     compiler = Compiler(PATH_FUNCTIONS, TersePath.parse, tables, make_environment())
-    routes = _routes(sections.get("routes"), compiler, source_names, channels, problems, env)
+    fhir_compiler = Compiler(FHIR_PATH_FUNCTIONS, FhirPath.parse, tables, make_environment())
+    routes = _routes(
+        sections.get("routes"), (compiler, fhir_compiler), source_names, channels, problems, env
+    )
     if problems:
         raise ConfigError(problems)
     return RouteTable(
@@ -397,7 +464,7 @@ def compile_config(config: Config) -> RouteTable:
         routes=routes,
         tables=tables,
         channels=MappingProxyType(channels),
-        escalation=MappingProxyType(escalation),
+        escalation=escalation,
         practice=practice,
     )
 
@@ -456,7 +523,10 @@ def _tables(
 
 
 def _channels(
-    section: Section | None, problems: list[str], env: Mapping[str, str] | None
+    section: Section | None,
+    problems: list[str],
+    env: Mapping[str, str] | None,
+    practice: PracticeSpec | None = None,
 ) -> dict[str, ChannelSpec]:
     if section is None:
         return {}
@@ -491,7 +561,15 @@ def _channels(
         if kind == "mllp":
             r.text("host", required=True)
             r.integer("port", 0, required=True, lo=1, hi=65535)
-        templates = _channel_templates(r, kind, doc)
+        if r.has("max_attempts"):
+            settings["max_attempts"] = r.integer("max_attempts", 8, lo=1, hi=1000)
+        if r.has("concurrency"):
+            settings["concurrency"] = r.integer("concurrency", 4, lo=1, hi=256)
+        for key in ("retry_base", "retry_cap"):
+            if r.has(key):
+                settings[key] = _seconds(r, key)
+        allow_specialty = practice.sms_may_name_specialty if practice else False
+        templates = _channel_templates(r, kind, doc, allow_specialty)
         r.done(allowed=tuple(CHANNEL_TYPES.get(kind, ())))
         out[str(name)] = ChannelSpec(
             str(name), kind, MappingProxyType(templates), MappingProxyType(settings)
@@ -499,7 +577,21 @@ def _channels(
     return out
 
 
-def _channel_templates(r: Reader, kind: str, doc: Doc) -> dict[str, str]:
+def _seconds(r: Reader, key: str) -> float:
+    """A duration setting: seconds as a number, or ``90m``/``24h``/``7d``/``2w``."""
+    raw = r.raw(key)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw > 0:
+        return float(raw)
+    seconds = _duration(str(raw)) if isinstance(raw, str) else None
+    if not seconds:
+        r.fail(key, "must be a positive number of seconds or a duration like 30m, 6h")
+        return 1.0
+    return float(seconds)
+
+
+def _channel_templates(
+    r: Reader, kind: str, doc: Doc, allow_specialty: bool = False
+) -> dict[str, str]:
     if not r.has("templates"):
         r.raw("templates")
         return {}
@@ -531,19 +623,16 @@ def _channel_templates(r: Reader, kind: str, doc: Doc) -> dict[str, str]:
             r.problems.append(f"{where}: a template is text or {{file: path}}")
             continue
         try:
-            ast = env.parse(text)
+            env.parse(text)
         except Exception as exc:  # jinja2.TemplateSyntaxError
             r.problems.append(f"{where}: template syntax error: {getattr(exc, 'message', exc)}")
             continue
         if kind == "sms":
-            from jinja2 import meta
-
-            used = meta.find_undeclared_variables(ast) - set(SMS_ALLOWED_NAMES)
-            if used:
-                r.problems.append(
-                    f"{where}: an SMS template may only use {', '.join(SMS_ALLOWED_NAMES)} "
-                    f"(no PHI over SMS), not {', '.join(sorted(used))}"
-                )
+            # SMS is not a secure channel (DESIGN.md: PHI never leaves through SMS): the
+            # template may use only the allow-list of channels.sms_templates.
+            sms_problems = check_sms_template(text, allow_specialty)
+            if sms_problems:
+                r.problems.extend(f"{where}: {p} (no PHI over SMS)" for p in sms_problems)
                 continue
         out[str(name)] = text
     return out
@@ -569,7 +658,7 @@ def _practice(
         phone=r.text("phone", ""),
         booking_link=link,
         time_zone=tz,
-        share_specialty_category=r.flag("share_specialty_category", False),
+        sms_may_name_specialty=r.flag("sms_may_name_specialty", False),
     )
     r.done()
     return spec
@@ -580,49 +669,6 @@ def _duration(text: str) -> int | None:
     if not m:
         return None
     return int(m[1]) * {"m": 60, "h": 3600, "d": 86400, "w": 604800}[m[2]]
-
-
-def _escalation(
-    section: Section | None,
-    channels: Mapping[str, ChannelSpec],
-    problems: list[str],
-    env: Mapping[str, str] | None,
-) -> dict[str, tuple[Step, ...]]:
-    if section is None:
-        return {}
-    data = _mapping(section, problems)
-    if data is None:
-        return {}
-    top = Reader(section.doc, section.path, problems, env)
-    out: dict[str, tuple[Step, ...]] = {}
-    for name in data:
-        top.raw(name)
-        if not _NAME.fullmatch(str(name)):
-            top.fail(name, "policy names are lower-case letters, digits, - and _")
-            continue
-        r = top.child(name)
-        r.text("description")
-        steps: list[Step] = []
-        if not r.has("steps"):
-            r.fail("steps", "is required")
-        for _i, s in r.items("steps"):
-            after = s.text("after", required=True)
-            seconds = _duration(after) if after else 0
-            if after and seconds is None:
-                s.fail("after", "must be a duration like 30m, 48h, 3d or 2w")
-            send = s.child("send") if s.has("send") else None
-            if send is None:
-                s.fail("send", "is required")
-                s.done()
-                continue
-            channel, template = _send_target(send, channels)
-            to = send.choice("to", ESCALATION_RECIPIENTS, "patient")
-            send.done()
-            s.done()
-            steps.append(Step(seconds or 0, channel, template, to))
-        r.done()
-        out[str(name)] = tuple(steps)
-    return out
 
 
 def _send_target(r: Reader, channels: Mapping[str, ChannelSpec]) -> tuple[str, str]:
@@ -643,7 +689,7 @@ def _send_target(r: Reader, channels: Mapping[str, ChannelSpec]) -> tuple[str, s
 
 def _routes(
     section: Section | None,
-    compiler: Compiler,
+    compilers: tuple[Compiler, Compiler],
     source_names: frozenset[str],
     channels: Mapping[str, ChannelSpec],
     problems: list[str],
@@ -665,7 +711,7 @@ def _routes(
         if not isinstance(item, dict):
             problems.append(f"{doc.where(path)}: a route must be a mapping")
             continue
-        route = _route(Reader(doc, path, problems, env), compiler, source_names, channels)
+        route = _route(Reader(doc, path, problems, env), compilers, source_names, channels)
         if route is None:
             continue
         if route.name in seen:
@@ -680,7 +726,7 @@ def _routes(
 
 def _route(
     r: Reader,
-    compiler: Compiler,
+    compilers: tuple[Compiler, Compiler],
     source_names: frozenset[str],
     channels: Mapping[str, ChannelSpec],
 ) -> Route | None:
@@ -703,13 +749,16 @@ def _route(
         sources = frozenset(values)
     types: re.Pattern[str] | None = None
     predicate: Predicate | None = None
-    if not r.has("when"):
-        r.raw("when")
-    else:
-        r.raw("when")
+    resources: frozenset[str] | None = None
+    when = r.raw("when")
+    fhir = isinstance(when, dict) and "resource" in when
+    compiler = compilers[1] if fhir else compilers[0]
+    if fhir:
+        resources, predicate = _fhir_when(r, ("when",))
+    elif when is not None:
         types, predicate = _when(r, ("when",))
-    extracts, names = _extracts(r, compiler)
-    actions = _actions(r, compiler, channels, names, extracts)
+    extracts, names = _extracts(r, compiler, fhir=fhir)
+    actions = _actions(r, compiler, channels, names, extracts, fhir=fhir)
     cont = r.flag("continue", False)
     r.done()
     if len(r.problems) > before:
@@ -723,6 +772,7 @@ def _route(
         extracts=extracts,
         actions=actions,
         cont=cont,
+        resources=resources,
     )
 
 
@@ -776,6 +826,70 @@ def _when(r: Reader, key: PathT) -> tuple[re.Pattern[str] | None, Predicate | No
         return types, checks[0]
     all_checks = tuple(checks)
     return types, lambda m: all(c(m) for c in all_checks)
+
+
+def _fhir_when(r: Reader, key: PathT) -> tuple[frozenset[str] | None, Predicate | None]:
+    """``when`` of a FHIR route: ``resource`` (a type, a list, or ``*``), FHIR paths as
+    keys (``Appointment.status: booked``) with the same predicates as terse paths, and
+    ``any``. Returns the resource types and the predicate."""
+    doc = r.doc
+    path = (*r.path, *key)
+    data: Any = r.data
+    for k in key:
+        data = data[k]
+    resources: frozenset[str] | None = None
+    checks: list[Predicate] = []
+    for k, value in data.items():
+        kpath = (*path, k)
+        if k == "resource" and len(key) == 1:
+            items = value if isinstance(value, list) else [value]
+            ok = [v for v in items if isinstance(v, str) and (v == "*" or FHIR_TYPE.fullmatch(v))]
+            if not items or len(ok) != len(items):
+                r.problems.append(
+                    f"{doc.where(kpath)}: a FHIR resource type like ServiceRequest, a list of "
+                    "them, or *"
+                )
+                continue
+            resources = frozenset(ok)
+        elif k == "any":
+            if not isinstance(value, list) or not value:
+                r.problems.append(f"{doc.where(kpath)}: must be a non-empty list of conditions")
+                continue
+            alternatives: list[Predicate] = []
+            for j, alt in enumerate(value):
+                if not isinstance(alt, dict):
+                    r.problems.append(f"{doc.where((*kpath, j))}: must be a mapping of paths")
+                    continue
+                _, sub = _fhir_when(r, (*key, k, j))
+                alternatives.append(sub if sub is not None else (lambda m: True))
+            checks.append(_any_of(tuple(alternatives)))
+        elif FHIR_TYPE.match(str(k)):
+            try:
+                fp = FhirPath.parse(str(k))
+            except ValueError as exc:
+                r.problems.append(f"{doc.where(kpath)}: {exc}")
+                continue
+            test = _predicate(value, kpath, doc, r.problems)
+            if test is not None:
+                checks.append(_fhir_check(fp, test))
+        else:
+            r.problems.append(
+                f"{doc.where(kpath)}: unknown key (expected resource, any, or a FHIR path "
+                "like Appointment.status)"
+            )
+    if not checks:
+        return resources, None
+    if len(checks) == 1:
+        return resources, checks[0]
+    all_checks = tuple(checks)
+    return resources, lambda m: all(c(m) for c in all_checks)
+
+
+FHIR_TYPE: Final = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+def _fhir_check(path: FhirPath, test: ValueTest) -> Predicate:
+    return lambda res: test(path.texts(res.data))
 
 
 def _combine(types: re.Pattern[str] | None, pred: Predicate | None) -> Predicate:
@@ -920,8 +1034,11 @@ def _field_check(path: TersePath, test: ValueTest) -> Predicate:
 # -- extract ------------------------------------------------------------------------
 
 
-def _extracts(r: Reader, compiler: Compiler) -> tuple[tuple[Extract, ...], list[str]]:
+def _extracts(
+    r: Reader, compiler: Compiler, *, fhir: bool = False
+) -> tuple[tuple[Extract, ...], list[str]]:
     doc = r.doc
+    builtins = FHIR_BUILTIN_NAMES if fhir else BUILTIN_NAMES
     names: list[str] = []
     if not r.has("extract"):
         r.raw("extract")
@@ -941,7 +1058,7 @@ def _extracts(r: Reader, compiler: Compiler) -> tuple[tuple[Extract, ...], list[
                 "level (specialist.npi); a leading _ marks a helper"
             )
             continue
-        ex = _value(str(name), value, where, compiler, [*BUILTIN_NAMES, *names], r.problems)
+        ex = _value(str(name), value, where, compiler, [*builtins, *names], r.problems, fhir=fhir)
         if ex is not None:
             out.append(ex)
         names.append(str(name).split(".")[0])
@@ -956,15 +1073,26 @@ def _value(
     compiler: Compiler,
     visible: Iterable[str],
     problems: list[str],
+    *,
+    fhir: bool = False,
 ) -> Extract | None:
-    """One value spec: "PID.3.1" (a path), "{{ expr }}" (an expression), {value: x} or a
-    non-text scalar (a constant)."""
+    """One value spec: "PID.3.1" (a path; in a FHIR route "Appointment.start"),
+    "{{ expr }}" (an expression), {value: x} or a non-text scalar (a constant)."""
     if isinstance(value, str):
         if is_template(value):
             try:
                 return Extract(name, expr=compiler.compile(value, visible))
             except CompileProblem as exc:
                 problems.append(f"{where}: {exc}")
+                return None
+        if fhir:
+            try:
+                return Extract(name, fpath=FhirPath.parse(value))
+            except ValueError as exc:
+                problems.append(
+                    f"{where}: {exc} (an expression must be inside {{{{ }}}}; a constant is "
+                    "{value: ...})"
+                )
                 return None
         try:
             tp = TersePath.parse(value)
@@ -995,6 +1123,8 @@ def _actions(
     channels: Mapping[str, ChannelSpec],
     names: list[str],
     extracts: tuple[Extract, ...],
+    *,
+    fhir: bool = False,
 ) -> tuple[ActionSpec, ...]:
     doc = r.doc
     path = (*r.path, "then")
@@ -1041,12 +1171,16 @@ def _actions(
                     sr.raw("to"),
                     doc.where((*kpath, "to")),
                     compiler,
-                    [*BUILTIN_NAMES, *names],
+                    [*(FHIR_BUILTIN_NAMES if fhir else BUILTIN_NAMES), *names],
                     r.problems,
+                    fhir=fhir,
                 )
             sr.done()
             out.append(ActionSpec("send", channel=channel, template=template, to=to))
         elif action == "forward":
+            if fhir:
+                r.problems.append(f"{kwhere}: a FHIR resource cannot be forwarded over MLLP")
+                continue
             target: Any = arg.get("channel") if isinstance(arg, dict) else arg
             cwhere = doc.where((*kpath, "channel")) if isinstance(arg, dict) else kwhere
             if isinstance(arg, dict) and set(arg) - {"channel"}:
@@ -1107,24 +1241,73 @@ def decide(
     message that states none (EVN-2, then MSH-7); ``message_id`` is copied into events.
     """
     mt = message.msh.message_type
+    variables: dict[str, Any] = {
+        "message_type": mt,
+        "trigger": message.msh.trigger,
+        "source": source,
+    }
+    routes = [
+        route
+        for route in table.routes
+        if route.resources is None
+        and (route.types is None or route.types.match(mt))
+        and (route.sources is None or source in route.sources)
+    ]
+    when = _message_time(message, received_at)
+    return _decide(routes, message, variables, message_id, when, mt or "a message without MSH-9")
+
+
+def decide_fhir(
+    table: RouteTable,
+    resource: FhirResource,
+    source: str,
+    *,
+    message_id: int = 0,
+    received_at: float = 0.0,
+) -> Decision:
+    """:func:`decide` for a FHIR resource: only FHIR routes (``when: {resource: ...}``)
+    are tried. The event time defaults to ``meta.lastUpdated``, else ``received_at``."""
+    rt = resource.resource_type
+    variables: dict[str, Any] = {
+        "message_type": rt,
+        "trigger": "",
+        "source": source,
+        "resource_ref": resource.reference,
+        "version_id": resource.version_id,
+    }
+    routes = [
+        route
+        for route in table.routes
+        if route.resources is not None
+        and ("*" in route.resources or rt in route.resources)
+        and (route.sources is None or source in route.sources)
+    ]
+    when = instant(resource.last_updated) or received_at
+    return _decide(routes, resource, variables, message_id, when, rt)
+
+
+def _decide(
+    routes: list[Route],
+    message: Any,
+    variables: dict[str, Any],
+    message_id: int,
+    when: float,
+    what: str,
+) -> Decision:
     matched: list[str] = []
     actions: list[Action] = []
-    for route in table.routes:
-        if route.sources is not None and source not in route.sources:
-            continue
-        if route.types is not None and not route.types.match(mt):
-            continue
+    for route in routes:
         if route.predicate is not None and not route.predicate(message):
             continue
         matched.append(route.name)
         try:
-            actions.extend(_run(route, message, source, message_id, received_at))
+            actions.extend(_run(route, message, dict(variables), message_id, when))
         except RenderError as exc:
             return Decision("error", tuple(matched), (), f"route {route.name}: {exc}")
         if not route.cont:
             break
     if not matched:
-        return Decision("filtered", (), (), f"no route matched {mt or 'a message without MSH-9'}")
+        return Decision("filtered", (), (), f"no route matched {what}")
     if all(isinstance(a, Drop) for a in actions):
         drop = actions[0]
         reason = drop.reason if isinstance(drop, Drop) else ""
@@ -1133,14 +1316,9 @@ def decide(
 
 
 def _run(
-    route: Route, message: Message, source: str, message_id: int, received_at: float
+    route: Route, message: Any, variables: dict[str, Any], message_id: int, when: float
 ) -> list[Action]:
     values: dict[str, Any] = {}
-    variables: dict[str, Any] = {
-        "message_type": message.msh.message_type,
-        "trigger": message.msh.trigger,
-        "source": source,
-    }
     scope = Scope(message, variables)
     for ex in route.extracts:
         try:
@@ -1159,9 +1337,7 @@ def _run(
     out: list[Action] = []
     for spec in route.actions:
         if spec.track is not None:
-            out.append(
-                Track(route.name, _build(spec.track, values, message, message_id, received_at))
-            )
+            out.append(Track(route.name, _build(spec.track, values, message_id, when)))
         elif spec.action == "send":
             to = ""
             if spec.to is not None:
@@ -1180,10 +1356,11 @@ def _run(
 def _build(
     spec: TrackSpec,
     values: Mapping[str, Any],
-    message: Message,
     message_id: int,
-    received_at: float,
+    when: float,
 ) -> Event:
+    """The event of one ``track`` action; ``when`` is the message's own time, used when
+    the route extracts no ``occurred_at``."""
     kwargs: dict[str, Any] = {}
     ids: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
@@ -1212,7 +1389,7 @@ def _build(
         if cls is not None:
             kwargs[group] = cls(**sub)
     if "occurred_at" not in kwargs:
-        kwargs["occurred_at"] = _message_time(message, received_at)
+        kwargs["occurred_at"] = when
     return spec.cls(ids=Identifiers(**ids), message_id=message_id, **kwargs)
 
 
@@ -1309,7 +1486,15 @@ def summarise(decision: Decision) -> list[dict[str, Any]]:
 
 def decide_stored(table: RouteTable, row: StoredMessage) -> Decision:
     """:func:`decide` for an inbox row: decode its bytes first (an undecodable message
-    is an ``error`` decision, not an exception)."""
+    is an ``error`` decision, not an exception). FHIR resources go to :func:`decide_fhir`."""
+    if is_fhir(row.raw, row.message_type):
+        try:
+            resource = FhirResource.from_bytes(row.raw)
+        except MessageRejected as exc:
+            return Decision("error", (), (), f"cannot read resource: {exc.reason}")
+        return decide_fhir(
+            table, resource, row.source, message_id=row.id, received_at=row.received_at
+        )
     try:
         message = Message(row.raw)
     except MessageRejected as exc:

@@ -332,9 +332,33 @@ SECTION_CASES = [
     (
         "sms-template-reaches-for-phi",
         "channels:\n  sms:\n    type: sms\n    auth_token: ${env:T:-x}\n    templates:\n"
-        "      remind: 'Hi {{ patient_name }}, call {{ practice.phone }}'\n",
-        "r.yaml:9 channels.sms.templates.remind: an SMS template may only use practice, "
-        "booking_link, specialty_category (no PHI over SMS), not patient_name",
+        "      remind: 'Hi {{ patient_name }}, call {{ practice_phone }}. Reply STOP'\n",
+        "r.yaml:9 channels.sms.templates.remind: 'patient_name' is not in the SMS allow-list "
+        "(booking_link, greeting, practice_name, practice_phone) (no PHI over SMS)",
+    ),
+    (
+        "sms-template-attribute-access",
+        "channels:\n  sms:\n    type: sms\n    auth_token: ${env:T:-x}\n    templates:\n"
+        "      remind: 'Call {{ practice.phone }}. Reply STOP'\n",
+        "r.yaml:9 channels.sms.templates.remind: line 1: attribute access: not allowed",
+    ),
+    (
+        "sms-template-specialty-not-allowed",
+        "channels:\n  sms:\n    type: sms\n    auth_token: ${env:T:-x}\n    templates:\n"
+        "      remind: 'Your {{ specialty_category }} referral. Reply STOP'\n",
+        "r.yaml:9 channels.sms.templates.remind: 'specialty_category' is not allowed in SMS "
+        "unless practice.sms_may_name_specialty is true",
+    ),
+    (
+        "practice-old-specialty-key",
+        "practice:\n  name: Clinic\n  share_specialty_category: true\n",
+        "r.yaml:6 practice.share_specialty_category: unknown key",
+    ),
+    (
+        "channel-bad-max-attempts",
+        "channels:\n  hook:\n    type: webhook\n    url: https://x.example.org/h\n"
+        "    secret: ${env:S:-x}\n    max_attempts: 0\n",
+        "r.yaml:9 channels.hook.max_attempts:",
     ),
     (
         "practice-bad-time-zone",
@@ -348,11 +372,13 @@ SECTION_CASES = [
     ),
     (
         "escalation-bad-duration",
-        "channels:\n  sms:\n    type: sms\n    auth_token: ${env:T:-x}\n    templates:\n"
-        "      remind: 'Call {{ practice.phone }}'\n"
-        "escalation:\n  unbooked:\n    steps:\n      - after: 3 days\n"
-        "        send: {channel: sms, template: remind, to: patient}\n",
-        "r.yaml:13 escalation.unbooked.steps[0].after: must be a duration like 30m",
+        "escalation:\n  cadence:\n    second_nudge: 3 days\n",
+        "r.yaml:6 escalation.cadence.second_nudge: not a duration",
+    ),
+    (
+        "escalation-unknown-specialty-timer",
+        "escalation:\n  specialties:\n    cardiology: {third_nudge: 2d}\n",
+        "r.yaml:6 escalation.specialties.cardiology.third_nudge: unknown timer",
     ),
 ]
 
@@ -394,3 +420,15 @@ def test_routes_check_cli_accepts_the_shipped_file() -> None:
     result = CliRunner().invoke(main, ["routes", "check", str(root / "routes.yaml")])
     assert result.exit_code == 0, result.output
     assert "ok" in result.output
+
+
+def test_sms_template_may_name_the_specialty_when_the_practice_allows_it() -> None:
+    sections = (
+        "practice:\n  name: Clinic\n  sms_may_name_specialty: true\n"
+        "channels:\n  sms:\n    type: sms\n    auth_token: ${env:T:-x}\n    templates:\n"
+        "      remind: 'Your {{ specialty_category }} referral. Reply STOP'\n"
+    )
+    text = "version: 1\n" + sections + "routes:\n  - name: a\n    then: [{drop: fine}]\n"
+    table = compile_config(config.loads(text, file="r.yaml"))
+    assert table.practice.sms_may_name_specialty
+    assert "remind" in table.channels["sms"].templates

@@ -93,7 +93,19 @@ def _m4_audit(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
-MIGRATIONS: Final[list[Migration]] = [_m1_inbox, _m2_decisions, _m3_referrals, _m4_audit]
+def _m5_outbox_dispatch(db: sqlite_utils.Database) -> None:
+    from engine.store.outbox import migrate
+
+    migrate(db)
+
+
+MIGRATIONS: Final[list[Migration]] = [
+    _m1_inbox,
+    _m2_decisions,
+    _m3_referrals,
+    _m4_audit,
+    _m5_outbox_dispatch,
+]
 
 
 class Database:

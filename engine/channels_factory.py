@@ -1,0 +1,244 @@
+"""routes.yaml ``channels:`` → the channel adapters the dispatcher calls.
+
+``engine.routes`` keeps each channel's settings raw (``${env:}``/``${file:}`` not yet
+substituted: secrets stay out of the compiled table); they are resolved here, once, at
+start. Each adapter's own ``problems()`` validates what it needs; every problem is a
+:class:`~engine.errors.ConfigError` line naming ``channels.<name>.<key>``, so ``refloop
+run`` refuses to start with a channel it could not use.
+
+Types and adapters:
+
+* ``sms``: channels.sms.TwilioSms (account_sid, auth_token, messaging_service_sid or
+  from_number, status_callback_url, max_chars, timeout);
+* ``webhook``: channels.webhook.WebhookChannel (url, secret, timeout);
+* ``portal``, ``task``: WebhookChannel with ``api_url`` and ``api_key`` as the secret; a
+  ``task`` without ``api_url`` has no adapter (its rows wait for a human);
+* ``fhir``: channels.fhir_out.FhirOut (base_url, bearer_token, sender_ref,
+  identifier_system, resource: Communication | Task);
+* ``fax``: channels.fax.FaxChannel over PhaxioProvider (api_key, api_secret, api_url);
+* ``mllp``: :class:`MllpChannel` over engine.client (host, port, timeout, tls);
+* ``direct``: not wired yet (needs the HISP and PKI settings).
+
+Callback URLs (``/hooks/twilio/status``, ``/hooks/fax/phaxio``) are built from
+``http.public_url`` unless a channel sets its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any, Final, cast
+
+import httpx
+
+from channels.base import Channel
+from channels.fax import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
+from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
+from channels.sms import SmsConfig, TwilioSms
+from channels.webhook import WebhookChannel, WebhookConfig
+from engine.client import MllpClient, normalise
+from engine.clock import Clock
+from engine.config import substitute
+from engine.errors import ChannelError, ConfigError, EngineError
+from engine.model import OutboundMessage, SendReceipt
+from engine.routes import ChannelSpec
+
+log = logging.getLogger(__name__)
+
+TWILIO_STATUS_PATH: Final = "/hooks/twilio/status"
+PHAXIO_CALLBACK_PATH: Final = "/hooks/fax/phaxio"
+# HL7 v2.5.1 §2.9.2, Table 0008: AA/CA accept; AE/AR/CE/CR error or reject.
+_ACCEPT: Final = frozenset({"AA", "CA"})
+
+
+class MllpChannel:
+    """HL7 v2 over MLLP to an EHR worklist or interface (coordinator tasks, referrer
+    notices). ``item.body`` is the rendered HL7 message; templates should put the outbox
+    id in MSH-10 (``{{ outbox_id }}``) so the receiver's own duplicate check (same
+    MSH-10) makes a resend harmless. AA/CA is a receipt; AE/AR/CE/CR are not retryable
+    (the receiver refused this message); no answer (timeout, refused, closed) is."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        *,
+        timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.ssl_context = ssl_context
+
+    async def send(self, item: OutboundMessage) -> SendReceipt:
+        if not item.body.startswith("MSH"):
+            raise ChannelError(f"{self.name}: body is not an HL7 message", retryable=False)
+        try:
+            client = await MllpClient.connect(
+                self.host, self.port, timeout=self.timeout, ssl_context=self.ssl_context
+            )
+        except EngineError:
+            raise ChannelError(f"{self.name}: cannot connect", retryable=True) from None
+        try:
+            result = await client.send(normalise(item.body.encode("utf-8")))
+        finally:
+            await client.close()
+        if result.code in _ACCEPT:
+            return SendReceipt(
+                outbox_id=item.outbox_id,
+                idempotency_key=item.idempotency_key,
+                channel=item.channel,
+                provider_message_id=result.control_id,
+                provider_status=result.code,
+            )
+        if not result.code:
+            raise ChannelError(f"{self.name}: no ACK; outcome unknown", retryable=True)
+        raise ChannelError(f"{self.name}: receiver answered {result.code}", retryable=False)
+
+
+class _Settings:
+    """One channel's settings with substitution; problems collected, never values."""
+
+    def __init__(
+        self, spec: ChannelSpec, env: Mapping[str, str] | None, problems: list[str]
+    ) -> None:
+        self.spec = spec
+        self.env = env
+        self.problems = problems
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(f"channels.{self.spec.name}.{key}: {message}")
+
+    def text(self, key: str, default: str = "") -> str:
+        value = self.spec.settings.get(key)
+        if value is None:
+            return default
+        text = str(value)
+        if "${" in text:
+            try:
+                text = substitute(text, env=self.env)
+            except ValueError as exc:
+                self.fail(key, str(exc))
+                return default
+        return text
+
+    def number(self, key: str, default: float) -> float:
+        text = self.text(key, "")
+        if not text:
+            return default
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(key, "must be a number")
+            return default
+
+    def check(self, found: list[tuple[str, str]]) -> None:
+        for key, message in found:
+            self.fail(key, message)
+
+
+def build_channels(
+    specs: Mapping[str, ChannelSpec],
+    *,
+    http: httpx.AsyncClient,
+    clock: Clock,
+    public_url: str = "",
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Channel]:
+    """An adapter per usable channel. Raises ConfigError listing every problem; channels
+    with no adapter (``direct``, a ``task`` without ``api_url``) are left out and logged:
+    their rows stay ``pending`` (visible in ``refloop outbox list`` and the depth metric)."""
+    problems: list[str] = []
+    out: dict[str, Channel] = {}
+    now: Callable[[], float] = clock.now
+    base = public_url.rstrip("/")
+    for name, spec in specs.items():
+        s = _Settings(spec, env, problems)
+        before = len(problems)
+        channel: Any = None
+        timeout = s.number("timeout", 10.0)
+        if spec.type == "sms":
+            cfg = SmsConfig(
+                account_sid=s.text("account_sid"),
+                auth_token=s.text("auth_token"),
+                messaging_service_sid=s.text("messaging_service_sid"),
+                from_number=s.text("from_number"),
+                status_callback_url=s.text(
+                    "status_callback_url", f"{base}{TWILIO_STATUS_PATH}" if base else ""
+                ),
+                api_base=s.text("api_base"),
+                max_chars=int(s.number("max_chars", 160)),
+                timeout=timeout,
+            )
+            s.check(cfg.problems())
+            channel = TwilioSms(cfg, http=http, clock=now)
+        elif spec.type in ("webhook", "portal", "task"):
+            url = s.text("url") or s.text("api_url")
+            if not url and spec.type == "task":
+                log.info("outbox %s: task channel without api_url; its rows wait for a human", name)
+                continue
+            wcfg = WebhookConfig(
+                url=url, secret=s.text("secret") or s.text("api_key"), timeout=timeout
+            )
+            s.check(wcfg.problems())
+            channel = WebhookChannel(name, wcfg, http=http, clock=now)
+        elif spec.type == "fhir":
+            fcfg = FhirOutConfig(
+                base_url=s.text("base_url"),
+                bearer_token=s.text("bearer_token"),
+                sender_ref=s.text("sender_ref"),
+                identifier_system=s.text("identifier_system", "urn:refloop:outbox"),
+                timeout=timeout,
+            )
+            s.check(fcfg.problems())
+            resource = s.text("resource", "Communication")
+            if resource not in ("Communication", "Task"):
+                s.fail("resource", "must be Communication or Task")
+            channel = FhirOut(
+                name, fcfg, resource=cast(ResourceType, resource), http=http, clock=now
+            )
+        elif spec.type == "fax":
+            if s.text("provider", "phaxio") != "phaxio":
+                s.fail("provider", "only phaxio is supported")
+            if not base:
+                s.fail("type", "a fax channel needs http.public_url for its status callbacks")
+            provider = PhaxioProvider(
+                api_key=s.text("api_key"),
+                api_secret=s.text("api_secret"),
+                client=http,
+                base_url=s.text("api_url", PHAXIO_BASE_URL),
+                clock=now,
+            )
+            channel = FaxChannel(provider, callback_url=f"{base}{PHAXIO_CALLBACK_PATH}")
+        elif spec.type == "mllp":
+            tls = str(spec.settings.get("tls", "")).lower() in ("true", "1", "yes")
+            channel = MllpChannel(
+                name,
+                s.text("host"),
+                int(s.number("port", 0)),
+                timeout=s.number("timeout", 30.0),
+                ssl_context=ssl.create_default_context() if tls else None,
+            )
+        else:
+            log.warning(
+                "outbox %s: %s channels are not wired to the dispatcher yet", name, spec.type
+            )
+            continue
+        if len(problems) == before:
+            out[name] = channel
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def webhook_secret(spec: ChannelSpec, key: str, env: Mapping[str, str] | None) -> str:
+    """A channel's secret setting, substituted (the webhooks verify with it)."""
+    problems: list[str] = []
+    value = _Settings(spec, env, problems).text(key)
+    if problems:
+        raise ConfigError(problems)
+    return value

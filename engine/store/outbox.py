@@ -1,0 +1,458 @@
+"""The outbox as the dispatcher sees it: claiming due rows, recording results, dead
+letters, operator retries, delivery statuses, the SMS suppression list and inbound
+replies. Rows are written by the tracker and the timers (``engine.store.referrals``
+``enqueue_outbox``); everything after that lives here.
+
+Row lifecycle (``outbox.status``)::
+
+    pending ──claim──► sending ──sent──► sent
+       ▲                  │
+       └──retry (due)─────┤──max attempts / not retryable──► dead ──operator retry──► pending
+                          └──(daemon died)── recover_in_flight at start ──► pending
+    pending | dead ──cancel──► cancelled
+
+Per-referral order: a row is claimable only when no earlier row (lower id) of the same
+referral on the same channel is ``pending`` or ``sending``. Streams on different
+channels (the specialist's packet by fax, the patient's nudges by SMS, a coordinator task
+nobody sends automatically) never hold each other up. A ``dead`` or ``cancelled`` row does
+not hold back the rows after it (a dead row is bounded by max attempts, not forever).
+
+Plain functions over an open connection, called inside the caller's transaction;
+nothing here commits. Only this package runs SQL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import sqlite_utils
+
+from engine.store.referrals import Conn
+
+OutboxStatus = Literal["pending", "sending", "sent", "dead", "cancelled"]
+OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = (
+    "pending",
+    "sending",
+    "sent",
+    "dead",
+    "cancelled",
+)
+ACTIVE: Final = ("pending", "sending")
+
+_SCHEMA: Final = (
+    "ALTER TABLE outbox ADD COLUMN recipient TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN last_error TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN provider_id TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN provider_status TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE outbox ADD COLUMN claimed_at REAL",
+    "ALTER TABLE outbox ADD COLUMN sent_at REAL",
+    "ALTER TABLE outbox ADD COLUMN dead_at REAL",
+    "CREATE INDEX outbox_channel_due ON outbox (channel, status, due)",
+    "CREATE INDEX outbox_provider ON outbox (channel, provider_id)",
+    "CREATE INDEX outbox_recipient ON outbox (channel, recipient, id)",
+    """CREATE TABLE suppressed_numbers (
+        number TEXT PRIMARY KEY,           -- E.164
+        reason TEXT NOT NULL,              -- stop | provider-opt-out
+        since REAL NOT NULL
+    )""",
+    """CREATE TABLE sms_replies (
+        message_sid TEXT PRIMARY KEY,      -- Twilio MessageSid: webhook retries dedupe on it
+        from_number TEXT NOT NULL,
+        keyword TEXT NOT NULL,             -- stop | start | help | yes | other
+        body TEXT NOT NULL,                -- the patient's text: PHI, never logged
+        referral_id INTEGER,
+        received_at REAL NOT NULL
+    )""",
+)
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Schema: appended to ``engine.store.db.MIGRATIONS`` (after the referral tables)."""
+    for statement in _SCHEMA:
+        db.execute(statement)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One outbox row with everything dispatch and the CLI show."""
+
+    id: int
+    referral_id: int | None
+    channel: str
+    template: str
+    payload: str
+    idempotency_key: str
+    due: float
+    status: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    recipient: str
+    last_error: str
+    provider_id: str
+    provider_status: str
+    claimed_at: float | None
+    sent_at: float | None
+    dead_at: float | None
+
+    def payload_dict(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.payload or "{}")
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def as_dict(self) -> dict[str, Any]:
+        """For ``--json``: everything but the payload and recipient (may be PHI)."""
+        return {
+            "id": self.id,
+            "referral_id": self.referral_id,
+            "channel": self.channel,
+            "template": self.template,
+            "status": self.status,
+            "attempts": self.attempts,
+            "due": self.due,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "last_error": self.last_error,
+            "provider_id": self.provider_id,
+            "provider_status": self.provider_status,
+            "sent_at": self.sent_at,
+            "dead_at": self.dead_at,
+        }
+
+
+_COLUMNS: Final = (
+    "id, referral_id, channel, template, payload, idempotency_key, due, status, attempts, "
+    "created_at, updated_at, recipient, last_error, provider_id, provider_status, claimed_at, "
+    "sent_at, dead_at"
+)
+
+
+def _opt(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _item(r: Sequence[Any]) -> Item:
+    return Item(
+        id=int(r[0]),
+        referral_id=None if r[1] is None else int(r[1]),
+        channel=str(r[2]),
+        template=str(r[3]),
+        payload=str(r[4]),
+        idempotency_key=str(r[5]),
+        due=float(r[6]),
+        status=str(r[7]),
+        attempts=int(r[8]),
+        created_at=float(r[9]),
+        updated_at=float(r[10]),
+        recipient=str(r[11]),
+        last_error=str(r[12]),
+        provider_id=str(r[13]),
+        provider_status=str(r[14]),
+        claimed_at=_opt(r[15]),
+        sent_at=_opt(r[16]),
+        dead_at=_opt(r[17]),
+    )
+
+
+def get(conn: Conn, outbox_id: int) -> Item | None:
+    r = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+    return _item(r) if r else None
+
+
+# ---------------------------------------------------------------------------
+# Claiming and recording (the dispatcher)
+
+
+def claim_due(conn: Conn, channel: str, now: float, limit: int) -> list[Item]:
+    """Move up to ``limit`` due ``pending`` rows of ``channel`` to ``sending`` (attempts
+    + 1) and return them, oldest due first. A row whose referral has an earlier row on
+    this channel still pending or sending is skipped, so one referral's rows go out in id
+    order while different referrals go in parallel. Commit durably before sending."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM outbox o WHERE {_CLAIMABLE} AND o.due <= ? "
+        "ORDER BY o.due, o.id LIMIT ?",
+        (channel, now, limit),
+    ).fetchall()
+    out: list[Item] = []
+    for r in rows:
+        conn.execute(
+            "UPDATE outbox SET status = 'sending', attempts = attempts + 1, claimed_at = ?, "
+            "updated_at = ? WHERE id = ? AND status = 'pending'",
+            (now, now, int(r[0])),
+        )
+        claimed = get(conn, int(r[0]))
+        if claimed is not None:
+            out.append(claimed)
+    return out
+
+
+_CLAIMABLE: Final = (
+    "o.channel = ? AND o.status = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox p "
+    "WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
+    "AND p.channel = o.channel AND p.id < o.id AND p.status IN ('pending', 'sending'))"
+)
+
+
+def next_due(conn: Conn, channel: str) -> float | None:
+    """The earliest due time of a ``channel`` row that nothing earlier holds back (a row
+    waiting behind its referral's backing-off row does not count: no busy polling)."""
+    r = conn.execute(f"SELECT min(o.due) FROM outbox o WHERE {_CLAIMABLE}", (channel,)).fetchone()
+    return None if r is None or r[0] is None else float(r[0])
+
+
+def mark_sent(
+    conn: Conn,
+    outbox_id: int,
+    *,
+    recipient: str,
+    provider_id: str,
+    provider_status: str,
+    now: float,
+) -> bool:
+    """Record a provider's acceptance. False when the row was not ``sending`` (nothing
+    written: the result was already recorded)."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'sent', sent_at = ?, updated_at = ?, recipient = ?, "
+        "provider_id = ?, last_error = '', "
+        # a delivery callback can beat the record: keep the status it wrote
+        "provider_status = CASE WHEN provider_status = '' THEN ? ELSE provider_status END "
+        "WHERE id = ? AND status = 'sending'",
+        (now, now, recipient, provider_id, provider_status, outbox_id),
+    )
+    return cur.rowcount == 1
+
+
+def mark_retry(conn: Conn, outbox_id: int, *, due: float, error: str, now: float) -> bool:
+    """Back to ``pending`` until ``due``; ``error`` is the reason (never PHI)."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'pending', due = ?, last_error = ?, updated_at = ? "
+        "WHERE id = ? AND status = 'sending'",
+        (due, error, now, outbox_id),
+    )
+    return cur.rowcount == 1
+
+
+def mark_dead(conn: Conn, outbox_id: int, *, error: str, now: float) -> bool:
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'dead', dead_at = ?, last_error = ?, updated_at = ? "
+        "WHERE id = ? AND status = 'sending'",
+        (now, error, now, outbox_id),
+    )
+    return cur.rowcount == 1
+
+
+def mark_skipped(conn: Conn, outbox_id: int, *, reason: str, now: float) -> bool:
+    """Cancel a claimed row that must not be sent (no consent, suppressed number)."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'cancelled', last_error = ?, updated_at = ? "
+        "WHERE id = ? AND status = 'sending'",
+        (reason, now, outbox_id),
+    )
+    return cur.rowcount == 1
+
+
+def recover_in_flight(conn: Conn, now: float) -> int:
+    """At start: rows left ``sending`` by a daemon that died are ``pending`` again (due
+    now). Their send may have reached the provider: the retry carries the same
+    idempotency key (docs/delivery.md, "Restart")."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'pending', due = min(due, ?), updated_at = ?, "
+        "last_error = 'interrupted: the daemon stopped while sending' WHERE status = 'sending'",
+        (now, now),
+    )
+    return int(cur.rowcount)
+
+
+# ---------------------------------------------------------------------------
+# Operator actions (CLI)
+
+
+def retry(conn: Conn, outbox_id: int, now: float) -> Item:
+    """Make a ``dead`` (or waiting ``pending``) row due now with a fresh attempt budget.
+    Raises ValueError for a row that is sent, sending or cancelled, or unknown."""
+    item = get(conn, outbox_id)
+    if item is None:
+        raise ValueError(f"no outbox item {outbox_id}")
+    if item.status not in ("dead", "pending"):
+        raise ValueError(f"outbox item {outbox_id} is {item.status}; only dead or pending retry")
+    conn.execute(
+        "UPDATE outbox SET status = 'pending', due = ?, attempts = 0, updated_at = ? WHERE id = ?",
+        (now, now, outbox_id),
+    )
+    updated = get(conn, outbox_id)
+    assert updated is not None
+    return updated
+
+
+def retry_dead(conn: Conn, now: float, channel: str = "") -> list[int]:
+    """Every dead row (of ``channel`` when given) back to ``pending``; their ids."""
+    sql = "SELECT id FROM outbox WHERE status = 'dead'"
+    args: list[Any] = []
+    if channel:
+        sql += " AND channel = ?"
+        args.append(channel)
+    ids = [int(r[0]) for r in conn.execute(sql + " ORDER BY id", args)]
+    for outbox_id in ids:
+        conn.execute(
+            "UPDATE outbox SET status = 'pending', due = ?, attempts = 0, updated_at = ? "
+            "WHERE id = ?",
+            (now, now, outbox_id),
+        )
+    return ids
+
+
+def cancel(conn: Conn, outbox_id: int, now: float, reason: str = "cancelled by operator") -> Item:
+    """Cancel a ``pending`` or ``dead`` row. Raises ValueError otherwise (a ``sending``
+    row is in flight: wait for its result)."""
+    item = get(conn, outbox_id)
+    if item is None:
+        raise ValueError(f"no outbox item {outbox_id}")
+    if item.status not in ("pending", "dead"):
+        raise ValueError(f"outbox item {outbox_id} is {item.status}; only pending or dead cancel")
+    conn.execute(
+        "UPDATE outbox SET status = 'cancelled', last_error = ?, updated_at = ? WHERE id = ?",
+        (reason, now, outbox_id),
+    )
+    updated = get(conn, outbox_id)
+    assert updated is not None
+    return updated
+
+
+def list_items(
+    conn: Conn,
+    *,
+    status: str = "",
+    channel: str = "",
+    referral_id: int | None = None,
+    limit: int = 0,
+) -> list[Item]:
+    """Rows newest first, filtered; ``limit`` 0 means all."""
+    where: list[str] = []
+    args: list[Any] = []
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    if channel:
+        where.append("channel = ?")
+        args.append(channel)
+    if referral_id is not None:
+        where.append("referral_id = ?")
+        args.append(referral_id)
+    sql = f"SELECT {_COLUMNS} FROM outbox"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC"
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit)
+    return [_item(r) for r in conn.execute(sql, args).fetchall()]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    channel: str
+    depth: int  # pending + sending
+    oldest_age: float  # seconds since the oldest pending/sending row was created (0: none)
+    dead: int
+
+
+def stats(conn: Conn, now: float) -> list[ChannelStats]:
+    """Per channel: queue depth, age of the oldest queued row, dead rows."""
+    rows = conn.execute(
+        "SELECT channel, "
+        "sum(CASE WHEN status IN ('pending', 'sending') THEN 1 ELSE 0 END), "
+        "min(CASE WHEN status IN ('pending', 'sending') THEN created_at END), "
+        "sum(CASE WHEN status = 'dead' THEN 1 ELSE 0 END) "
+        "FROM outbox GROUP BY channel ORDER BY channel"
+    ).fetchall()
+    return [
+        ChannelStats(
+            channel=str(r[0]),
+            depth=int(r[1] or 0),
+            oldest_age=max(0.0, now - float(r[2])) if r[2] is not None else 0.0,
+            dead=int(r[3] or 0),
+        )
+        for r in rows
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Delivery statuses (provider callbacks)
+
+
+def find_by_provider_id(conn: Conn, channel: str, provider_id: str) -> Item | None:
+    if not provider_id:
+        return None
+    r = conn.execute(
+        f"SELECT {_COLUMNS} FROM outbox WHERE channel = ? AND provider_id = ? "
+        "ORDER BY id DESC LIMIT 1",
+        (channel, provider_id),
+    ).fetchone()
+    return _item(r) if r else None
+
+
+def set_provider_status(conn: Conn, outbox_id: int, status: str, now: float) -> None:
+    """Write a delivery status (the caller has checked it moves forward)."""
+    conn.execute(
+        "UPDATE outbox SET provider_status = ?, updated_at = ? WHERE id = ?",
+        (status, now, outbox_id),
+    )
+
+
+def last_referral_texted(conn: Conn, channel: str, number: str) -> int | None:
+    """The referral of the latest row sent (or being sent) to ``number`` on ``channel``:
+    how a patient's SMS reply finds its referral."""
+    r = conn.execute(
+        "SELECT referral_id FROM outbox WHERE channel = ? AND recipient = ? "
+        "AND referral_id IS NOT NULL AND status IN ('sent', 'sending') ORDER BY id DESC LIMIT 1",
+        (channel, number),
+    ).fetchone()
+    return None if r is None else int(r[0])
+
+
+# ---------------------------------------------------------------------------
+# SMS suppression list and replies
+
+
+def suppress(conn: Conn, number: str, reason: str, now: float) -> bool:
+    """Put ``number`` on the list; False when it already was."""
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO suppressed_numbers (number, reason, since) VALUES (?, ?, ?)",
+        (number, reason, now),
+    )
+    return cur.rowcount == 1
+
+
+def unsuppress(conn: Conn, number: str) -> bool:
+    cur = conn.execute("DELETE FROM suppressed_numbers WHERE number = ?", (number,))
+    return cur.rowcount == 1
+
+
+def is_suppressed(conn: Conn, number: str) -> bool:
+    r = conn.execute("SELECT 1 FROM suppressed_numbers WHERE number = ?", (number,)).fetchone()
+    return r is not None
+
+
+def record_reply(
+    conn: Conn,
+    *,
+    message_sid: str,
+    from_number: str,
+    keyword: str,
+    body: str,
+    referral_id: int | None,
+    now: float,
+) -> bool:
+    """Keep an inbound SMS; False when this MessageSid was already recorded (a webhook
+    retry: do nothing again)."""
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO sms_replies (message_sid, from_number, keyword, body, "
+        "referral_id, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (message_sid, from_number, keyword, body, referral_id, now),
+    )
+    return cur.rowcount == 1
