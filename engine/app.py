@@ -88,6 +88,8 @@ class Engine:
         self.hooks: Any = None  # engine.hooks.Hooks
         self._http_client: httpx.AsyncClient | None = None  # shared by the outbox channels
         self._dispatch_task: asyncio.Task[None] | None = None
+        self.timers: Any = None  # engine.timers.TimerService
+        self._timer_task: asyncio.Task[None] | None = None
 
     @property
     def db_path(self) -> Path:
@@ -113,6 +115,8 @@ class Engine:
         self._tasks.append(asyncio.create_task(self.processor.run(), name="processor"))
         self._make_pollers()
         self._build_outbox()
+        if self.tracker is not None:
+            self._make_timers()
         if self.dispatcher is not None:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         if self.config.http.enabled:
@@ -156,10 +160,33 @@ class Engine:
             )
 
     def _make_tracker(self) -> Any:
+        from engine.routes import compile_config
         from engine.tracker import Tracker, TrackerMetrics
 
         assert self.db is not None
-        return Tracker(self.db, self.clock, metrics=TrackerMetrics(self.metrics.registry, self.db))
+        return Tracker(
+            self.db,
+            self.clock,
+            policy=compile_config(self.config).escalation,
+            metrics=TrackerMetrics(self.metrics.registry, self.db),
+        )
+
+    def _make_timers(self) -> None:
+        """The escalation timer service, when there is a tracker to act through."""
+        from engine.routes import compile_config
+        from engine.timers import TimerMetrics, TimerService
+
+        assert self.db is not None
+        self.timers = TimerService(
+            self.db,
+            self.tracker,
+            compile_config(self.config).escalation,
+            self.clock,
+            metrics=TimerMetrics(self.metrics.registry, self.db),
+        )
+        loaded = self.timers.load()
+        log.info("timers: %d due within the next hour", loaded)
+        self._timer_task = asyncio.create_task(self.timers.run(), name="timers")
 
     def _build_outbox(self) -> None:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.dispatch,
@@ -290,6 +317,10 @@ class Engine:
                 await asyncio.wait_for(task, timeout=self.drain_seconds)
             except (TimeoutError, asyncio.CancelledError):
                 pass
+        if self.timers is not None:
+            self.timers.stop()  # a firing timer finishes its transaction
+        if self._timer_task is not None:
+            await asyncio.gather(self._timer_task, return_exceptions=True)
         if self.dispatcher is not None:
             self.dispatcher.stop()  # in-flight sends finish and are recorded
         if self._dispatch_task is not None:
