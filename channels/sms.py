@@ -340,6 +340,27 @@ UCS2_SINGLE: Final = 70
 UCS2_PART: Final = 67
 
 
+def e164(number: str, *, country_code: str = "1") -> str:
+    """A phone number as Twilio writes it (E.164: ``+15555550100``). EHRs send numbers
+    in every format (``(555) 555-0100``, ``555^5550100`` components joined, with or
+    without the country code); a number without ``+`` and with as many digits as a
+    national number (10 for NANP) gets ``country_code``. Returns "" when there are no
+    digits. Used for both what we send to and what replies come from, so they match."""
+    text = number.strip()
+    digits = re.sub(r"\D", "", text)
+    if not digits:
+        return ""
+    if text.startswith("+"):
+        return f"+{digits}"
+    if text.startswith("00"):
+        return f"+{digits[2:]}"
+    if len(digits) == 10 and country_code == "1":
+        return f"+1{digits}"
+    if digits.startswith(country_code) and len(digits) > 10:
+        return f"+{digits}"
+    return f"+{country_code}{digits}"
+
+
 def is_gsm7(text: str) -> bool:
     """True when every character is in the GSM 03.38 default alphabet or its extension."""
     return all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text)

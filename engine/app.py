@@ -69,6 +69,7 @@ class Engine:
     drain_seconds: float = 10.0
     tracker: Any = None  # engine.tracker.Tracker; None: built at start when there are routes
     dispatch_sleep: Any = None  # the dispatcher's sleep (tests: one that moves a VirtualClock)
+    background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -117,7 +118,7 @@ class Engine:
         self._build_outbox()
         if self.tracker is not None:
             self._make_timers()
-        if self.dispatcher is not None:
+        if self.dispatcher is not None and self.background:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         if self.config.http.enabled:
             self.http = HttpServer(
@@ -186,7 +187,8 @@ class Engine:
         )
         loaded = self.timers.load()
         log.info("timers: %d due within the next hour", loaded)
-        self._timer_task = asyncio.create_task(self.timers.run(), name="timers")
+        if self.background:
+            self._timer_task = asyncio.create_task(self.timers.run(), name="timers")
 
     def _build_outbox(self) -> None:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.dispatch,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from channels.base import Channel
-from channels.sms import RecipientOptedOut
+from channels.sms import RecipientOptedOut, e164
 from channels.sms_templates import SmsContext, SmsTemplates
 from engine import states
 from engine.clock import Clock, isoformat
@@ -201,7 +201,7 @@ class Renderer:
             return str(payload["to"])
         details = referral.details if referral is not None else {}
         if spec.type == "sms":
-            return str(details.get("patient_phone") or "")
+            return e164(str(details.get("patient_phone") or ""))
         column = _ADDRESS.get(spec.type)
         if column:
             party = "referring" if item.template.startswith("referrer") else "specialist"

@@ -18,9 +18,9 @@ What each timer does when it fires (``if still`` is checked against the referral
 | first-nudge         | patient not booked, not closed  | nudge on the rotation's channel        |
 | second-nudge        | patient not booked, not closed  | nudge on the next channel              |
 | specialist-followup | specialist not confirmed        | "call the specialist office" task      |
-| coordinator-task    | either branch open              | coordinator task with a priority score |
-| outreach            | either branch open              | voice call + letter task               |
-| attempt-close       | either branch open              | close no-response (or a task: human)   |
+| coordinator-task    | loop open (not closed)          | coordinator task with a priority score |
+| outreach            | loop open (not closed)          | voice call + letter task               |
+| attempt-close       | loop open (not closed)          | close no-response (or a task: human)   |
 | report-chase        | report not received             | "chase the report" task                |
 
 Patient nudges respect the contact rules (local window, caps, business days): a nudge
@@ -41,6 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from channels.sms import e164
 from engine import states
 from engine.clock import Clock, isoformat
 from engine.escalation import DAY, PATIENT_KINDS, Policy, coordinator_priority, next_contact_time
@@ -231,7 +232,7 @@ class TimerService:
         now = self.clock.now()
         closed = state.status == "closed"
         patient_done = state.patient_status in _BOOKED
-        specialist_done = state.specialist_status not in _OPEN_SPECIALIST
+        specialist_done = state.specialist_status not in _OPEN_SPECIALIST  # confirmed or later
         kind = row.kind
         if closed:
             return "moot", ""
@@ -247,8 +248,8 @@ class TimerService:
             if state.specialist_status == "report-received":
                 return "moot", ""
             return "acted", self._task(conn, row, referral, "chase-report", now)
-        if patient_done and specialist_done:
-            return "moot", ""
+        # 14, 30 and 60 days: "either branch open" — the patient has not booked, or the
+        # specialist's report is not in (which would have closed the referral)
         if kind == "coordinator-task":
             self.tracker.apply_internal(
                 referral.id, states.InternalEvent("escalated", occurred_at=now), conn, actor="timer"
@@ -295,7 +296,7 @@ class TimerService:
             return "deferred", f"until:{isoformat(when)}"
         sent = store.nudges_sent(conn, referral.id)
         sms_allowed = (
-            bool(details.get("sms_consent")) and bool(phone) and not _suppressed(conn, phone)
+            bool(details.get("sms_consent")) and bool(phone) and not _suppressed(conn, e164(phone))
         )
         portal = details.get("portal") is not False and details.get("portal") != 0
         channel = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
