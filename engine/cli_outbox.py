@@ -22,7 +22,7 @@ import click
 from engine import config as config_mod
 from engine.clock import WallClock, isoformat
 from engine.errors import ConfigError, StoreError
-from engine.store.db import Database, open_database
+from engine.store.db import Database, has_column, open_database
 from engine.store.outbox import OUTBOX_STATUSES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -62,10 +62,7 @@ def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
         except ConfigError:
             pass
     db = open_database(Path(state_dir) / store_file, readonly=readonly)
-    has = db.conn.execute(
-        "SELECT count(*) FROM pragma_table_info('outbox') WHERE name = 'last_error'"
-    ).fetchone()
-    if not has or not has[0]:
+    if not has_column(db.conn, "outbox", "last_error"):
         db.close()
         raise StoreError("this database has no outbox yet (start refloop run once)")
     return db

@@ -53,7 +53,7 @@ from engine.routes import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
-from engine.store.db import Database
+from engine.store.db import Database, savepoint
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 
@@ -341,8 +341,7 @@ class Rotation:
             now,
             now=now,
         )
-        r = conn.execute("SELECT id FROM outbox WHERE idempotency_key = ?", (key,)).fetchone()
-        return None if r is None else int(r[0])
+        return outbox.id_for_key(conn, key)
 
 
 # ---------------------------------------------------------------------------
@@ -555,18 +554,16 @@ class Dispatcher:
         kind = item.payload_dict().get("event") or CONSEQUENCES.get(item.template)
         if kind not in states.INTERNAL_KINDS or kind == "closed-by-operator":
             return
-        conn.execute("SAVEPOINT consequence")
         try:
-            self.tracker.apply_internal(
-                item.referral_id,
-                states.InternalEvent(kind, occurred_at=now),
-                conn,
-                actor=f"outbox:{item.channel}",
-            )
+            with savepoint(conn, "consequence"):
+                self.tracker.apply_internal(
+                    item.referral_id,
+                    states.InternalEvent(kind, occurred_at=now),
+                    conn,
+                    actor=f"outbox:{item.channel}",
+                )
         except (StoreError, ValueError) as exc:
-            conn.execute("ROLLBACK TO consequence")
             log.error("outbox %d: %s not applied: %s", item.id, kind, exc)
-        conn.execute("RELEASE consequence")
 
     def _skipped(self, item: Item, referral: ReferralRow | None, reason: str) -> None:
         now = self.clock.now()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -18,6 +17,7 @@ from engine.clock import Clock
 from engine.metrics import Metrics
 from engine.model import StoredMessage
 from engine.store import Database, Inbox
+from engine.store.db import Conn, savepoint
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ class Outcome:
 
 # A handler applies one message's effects using the database connection it is given
 # (inside the open transaction) and says what became of it. It must not commit.
-Handler = Callable[[StoredMessage, sqlite3.Connection], Outcome]
+Handler = Callable[[StoredMessage, Conn], Outcome]
 
 
-def no_routes(message: StoredMessage, conn: sqlite3.Connection) -> Outcome:
+def no_routes(message: StoredMessage, conn: Conn) -> Outcome:
     """The handler when no routes are configured."""
     return Outcome("filtered", "no routes are configured")
 
@@ -119,20 +119,18 @@ class Processor:
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
         return len(rows)
 
-    def _process_one(self, row: StoredMessage, conn: sqlite3.Connection, now: float) -> Outcome:
+    def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
         if row.status != "received":
             # rejected at the door, or already processed (a replay marks rows itself)
             return Outcome(row.status, row.error, row.route)
-        conn.execute("SAVEPOINT message")
         try:
-            outcome = self.handler(row, conn)
-            self.inbox.mark(
-                row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
-            )
+            with savepoint(conn, "message"):
+                outcome = self.handler(row, conn)
+                self.inbox.mark(
+                    row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
+                )
         except Exception as exc:  # one message's failure must not stop the feed
-            conn.execute("ROLLBACK TO message")
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")
             self.inbox.mark(row.id, "error", error=outcome.error, now=now)
-        conn.execute("RELEASE message")
         return outcome

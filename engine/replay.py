@@ -31,7 +31,8 @@ from engine.clock import Clock, WallClock, isoformat
 from engine.config import Config
 from engine.model import Decision, StoredMessage
 from engine.routes import RouteTable, Tracker, compile_config, decide_stored, summarise
-from engine.store import Database, Inbox, audit, open_database
+from engine.store import Inbox, audit, open_database
+from engine.store.db import has_table
 from engine.store.decisions import DecisionRow, Decisions
 
 log = logging.getLogger(__name__)
@@ -205,13 +206,6 @@ def replay(
         db.close()
 
 
-def _has_table(db: Database, name: str) -> bool:
-    row = db.conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return row is not None
-
-
 def _run(
     rows: list[StoredMessage],
     inbox: Inbox,
@@ -222,7 +216,7 @@ def _run(
     resend: bool,
     user: str,
 ) -> Iterator[ReplayItem]:
-    audited = not dry_run and _has_table(handler.db, "audit")
+    audited = not dry_run and has_table(handler.db.conn, "audit")
     for row in rows:
         previous = decisions.get(row.id) if has_decisions else None
         old = _old_side(row, previous)

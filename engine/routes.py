@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +69,7 @@ from engine.render import (
     make_environment,
 )
 from engine.store import Database
+from engine.store.db import Conn
 from engine.store.decisions import DecisionRow, Decisions
 
 log = logging.getLogger(__name__)
@@ -1420,7 +1420,7 @@ class Tracker(Protocol):
     ``apply`` runs inside the processing transaction and must not commit; applying the
     same event twice must change nothing."""
 
-    def apply(self, event: Event, conn: sqlite3.Connection) -> object: ...
+    def apply(self, event: Event, conn: Conn) -> object: ...
 
 
 def fingerprint(event: Event) -> str:
@@ -1522,13 +1522,13 @@ class RouteHandler:
         self.clock = clock or WallClock()
         self.metrics = metrics
 
-    def __call__(self, row: StoredMessage, conn: sqlite3.Connection) -> Outcome:
+    def __call__(self, row: StoredMessage, conn: Conn) -> Outcome:
         return self.process(row, conn)
 
     def process(
         self,
         row: StoredMessage,
-        conn: sqlite3.Connection,
+        conn: Conn,
         *,
         replayed_by: str = "",
         decision: Decision | None = None,

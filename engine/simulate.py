@@ -68,6 +68,7 @@ from engine.clock import VirtualClock, isoformat
 from engine.errors import ConfigError, EngineError
 from engine.escalation import DAY, parse_duration
 from engine.model import OutboundMessage, SendReceipt
+from engine.store import views
 
 STEP: Final = 3600.0  # virtual seconds between timer/dispatch rounds
 SIM_TOKEN: Final = "simulated-twilio-auth-token"
@@ -665,76 +666,53 @@ class Simulation:
         conn = engine.db.conn
         sc = self.scenario
         end = sc.start + (sc.days + sc.follow_up) * DAY
-        refs = conn.execute(
-            "SELECT id, placer_number, status, patient_status, specialist_status, close_reason, "
-            "opened_at FROM referrals ORDER BY id"
-        ).fetchall()
+        refs = views.referral_summaries(conn)
         events: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for rid, kind, at, actor, status in conn.execute(
-            "SELECT referral_id, kind, occurred_at, actor, status FROM referral_events "
-            "ORDER BY referral_id, id"
-        ):
-            events[int(rid)].append(
-                {"at": isoformat(float(at))[:16], "event": kind, "by": actor, "status": status}
+        for rid, kind, at, actor, status in views.event_log(conn):
+            events[rid].append(
+                {"at": isoformat(at)[:16], "event": kind, "by": actor, "status": status}
             )
-        for rid, channel, template, due, status in conn.execute(
-            "SELECT referral_id, channel, template, due, status FROM outbox "
-            "WHERE referral_id IS NOT NULL ORDER BY referral_id, id"
-        ):
-            events[int(rid)].append(
+        for rid, channel, template, due, status in views.outbox_log(conn):
+            events[rid].append(
                 {
-                    "at": isoformat(float(due))[:16],
+                    "at": isoformat(due)[:16],
                     "event": f"out:{template}",
                     "by": channel,
                     "status": status,
                 }
             )
-        reported: dict[int, float] = {}
-        for rid, at in conn.execute(
-            "SELECT referral_id, min(occurred_at) FROM referral_events "
-            "WHERE kind = 'report-received' GROUP BY referral_id"
-        ):
-            reported[int(rid)] = float(at)
-        referrals = []
-        for rid, placer, status, pst, sst, reason, opened in refs:
-            timeline = sorted(events[int(rid)], key=lambda e: (e["at"], e["event"]))
-            referrals.append(
-                {
-                    "id": int(rid),
-                    "placer": placer,
-                    "status": status,
-                    "patient": pst,
-                    "specialist": sst,
-                    "close_reason": reason,
-                    "opened": isoformat(float(opened))[:16],
-                    "timeline": timeline,
-                }
-            )
+        reported = views.first_reports(conn)
+        opened_at = {r[0]: r[6] for r in refs}
+        referrals = [
+            {
+                "id": rid,
+                "placer": placer,
+                "status": status,
+                "patient": pst,
+                "specialist": sst,
+                "close_reason": reason,
+                "opened": isoformat(opened)[:16],
+                "timeline": sorted(events[rid], key=lambda e: (e["at"], e["event"])),
+            }
+            for rid, placer, status, pst, sst, reason, opened in refs
+        ]
 
         def rate(days: int) -> dict[str, Any]:
-            eligible = [int(r[0]) for r in refs if float(r[6]) + days * DAY <= end]
+            eligible = [rid for rid, opened in opened_at.items() if opened + days * DAY <= end]
             closed = [
                 rid
                 for rid in eligible
-                if rid in reported and reported[rid] - _opened(refs, rid) <= days * DAY
+                if rid in reported and reported[rid] - opened_at[rid] <= days * DAY
             ]
             pct = round(100.0 * len(closed) / len(eligible), 1) if eligible else None
             return {"eligible": len(eligible), "closed": len(closed), "rate_percent": pct}
 
-        nudges: Counter[str] = Counter()
-        for (channel,) in conn.execute(
-            "SELECT channel FROM outbox WHERE template IN "
-            "('first_nudge', 'second_nudge') AND status = 'sent'"
-        ):
-            nudges[str(channel)] += 1
-        tasks_by_week: Counter[str] = Counter()
-        for (due,) in conn.execute(
-            "SELECT due FROM outbox WHERE channel IN ('task', 'coordinator')"
-        ):
-            week = datetime.fromtimestamp(float(due), UTC).strftime("%G-W%V")
-            tasks_by_week[week] += 1
-        statuses = Counter(str(r[2]) for r in refs)
-        reasons = Counter(str(r[5]) for r in refs if r[5])
+        nudges = Counter(views.sent_nudge_channels(conn))
+        tasks_by_week = Counter(
+            datetime.fromtimestamp(due, UTC).strftime("%G-W%V") for due in views.task_dues(conn)
+        )
+        statuses = Counter(r[2] for r in refs)
+        reasons = Counter(r[5] for r in refs if r[5])
         return {
             "scenario": sc.name,
             "seed": sc.seed,
@@ -754,20 +732,11 @@ class Simulation:
         }
 
 
-def _opened(refs: list[Any], rid: int) -> float:
-    for r in refs:
-        if int(r[0]) == rid:
-            return float(r[6])
-    return 0.0
-
-
 def _referral_id(engine: Any, placer: str) -> int:
-    row = engine.db.conn.execute(
-        "SELECT id FROM referrals WHERE placer_number = ?", (placer,)
-    ).fetchone()
-    if row is None:
+    rid = views.referral_id_by_placer(engine.db.conn, placer)
+    if rid is None:
         raise EngineError(f"simulated referral {placer} was not created (check the routes)")
-    return int(row[0])
+    return rid
 
 
 async def _post_twilio(http: httpx.AsyncClient, path: str, params: dict[str, str]) -> None:

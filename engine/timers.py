@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -46,9 +45,10 @@ from engine import states
 from engine.clock import Clock, isoformat
 from engine.escalation import DAY, PATIENT_KINDS, Policy, coordinator_priority, next_contact_time
 from engine.store import audit as audit_store
+from engine.store import outbox as outbox_store
 from engine.store import referrals as referral_store
 from engine.store import timers as store
-from engine.store.db import Database
+from engine.store.db import Conn, Database, DatabaseError
 from engine.store.referrals import ReferralRow
 from engine.tracker import Tracker
 from engine.wheel import TimerWheel
@@ -96,7 +96,7 @@ class _PendingGauge(Collector):
         try:
             for kind, n in store.pending_by_kind(self.db.conn).items():
                 g.add_metric([kind], n)
-        except sqlite3.Error:
+        except DatabaseError:
             pass
         yield g
 
@@ -226,7 +226,7 @@ class TimerService:
         return fired
 
     def _act(
-        self, conn: sqlite3.Connection, row: referral_store.TimerRow, referral: ReferralRow
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow
     ) -> tuple[str, str]:
         state = states.from_dict(referral.state)
         now = self.clock.now()
@@ -277,7 +277,7 @@ class TimerService:
 
     def _nudge(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         row: referral_store.TimerRow,
         referral: ReferralRow,
         now: float,
@@ -296,7 +296,9 @@ class TimerService:
             return "deferred", f"until:{isoformat(when)}"
         sent = store.nudges_sent(conn, referral.id)
         sms_allowed = (
-            bool(details.get("sms_consent")) and bool(phone) and not _suppressed(conn, e164(phone))
+            bool(details.get("sms_consent"))
+            and bool(phone)
+            and not outbox_store.is_suppressed(conn, e164(phone))
         )
         portal = details.get("portal") is not False and details.get("portal") != 0
         channel = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
@@ -316,7 +318,7 @@ class TimerService:
 
     def _task(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         row: referral_store.TimerRow,
         referral: ReferralRow,
         template: str,
@@ -358,7 +360,7 @@ class TimerService:
         while not self._stopping:
             try:
                 self.tick()
-            except sqlite3.Error as exc:  # keep going: the rows are still there
+            except DatabaseError as exc:  # keep going: the rows are still there
                 log.error("timer tick failed: %s", exc)
             self._wake.clear()
             try:
@@ -369,17 +371,6 @@ class TimerService:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-
-
-def _suppressed(conn: sqlite3.Connection, phone: str) -> bool:
-    """Whether the number opted out (the dispatcher's suppression list, when present)."""
-    try:
-        row = conn.execute(
-            "SELECT 1 FROM suppressed_numbers WHERE phone = ? LIMIT 1", (phone,)
-        ).fetchone()
-    except sqlite3.OperationalError:
-        return False
-    return row is not None
 
 
 def _days_until(iso_date: str, now: float) -> float | None:

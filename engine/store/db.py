@@ -19,6 +19,38 @@ import sqlite_utils
 from engine.errors import StoreError
 
 Migration = Callable[[sqlite_utils.Database], None]
+Conn = (
+    sqlite3.Connection
+)  # the connection type other packages name (only the store imports sqlite3)
+DatabaseError = sqlite3.Error  # what a failed statement raises
+
+
+@contextlib.contextmanager
+def savepoint(conn: Conn, name: str) -> Iterator[None]:
+    """A nested unit inside an open transaction: on an exception only its own writes are
+    rolled back (and the exception goes on)."""
+    conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        conn.execute(f"ROLLBACK TO {name}")
+        conn.execute(f"RELEASE {name}")
+        raise
+    conn.execute(f"RELEASE {name}")
+
+
+def has_table(conn: Conn, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def has_column(conn: Conn, table: str, column: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pragma_table_info(?) WHERE name = ?", (table, column)
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _m1_inbox(db: sqlite_utils.Database) -> None:

@@ -404,6 +404,13 @@ def set_provider_status(conn: Conn, outbox_id: int, status: str, now: float) -> 
     )
 
 
+def id_for_key(conn: Conn, idempotency_key: str) -> int | None:
+    r = conn.execute(
+        "SELECT id FROM outbox WHERE idempotency_key = ?", (idempotency_key,)
+    ).fetchone()
+    return None if r is None else int(r[0])
+
+
 def last_referral_texted(conn: Conn, channel: str, number: str) -> int | None:
     """The referral of the latest row sent (or being sent) to ``number`` on ``channel``:
     how a patient's SMS reply finds its referral."""
