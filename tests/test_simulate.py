@@ -70,8 +70,12 @@ def test_patient_channels_end_to_end(tmp_path: Path) -> None:
 
     # a failed SMS rotates to the portal
     failed = referral(result, "SMS-FAILS")
-    first_nudges = [(by, st) for e in failed["timeline"] if e["event"] == "out:first_nudge"
-                    for by, st in [(e["by"], e["status"])]]
+    first_nudges = [
+        (by, st)
+        for e in failed["timeline"]
+        if e["event"] == "out:first_nudge"
+        for by, st in [(e["by"], e["status"])]
+    ]
     assert first_nudges[0][0] == "sms"
     assert ("portal", "sent") in first_nudges
 
