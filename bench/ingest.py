@@ -721,9 +721,12 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+ROUTES = REPO / "routes.yaml"  # --routes changes it (e.g. bench/ingest-only.yaml)
+
+
 def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
     executable = REPO / ".venv" / "bin" / "refloop"
-    routes = REPO / "routes.yaml"
+    routes = ROUTES
     if not executable.exists():
         raise BenchError(f"{executable} does not exist (pip install -e . first)")
     if not routes.exists():
@@ -953,6 +956,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=30.0,
         help="how long to wait for refloop's /readyz (default: 30)",
     )
+    parser.add_argument(
+        "--routes",
+        type=Path,
+        default=REPO / "routes.yaml",
+        help="routes.yaml for refloop (default: the shipped one, which routes and tracks "
+        "every ORM; bench/ingest-only.yaml measures ingest alone)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write raw results here")
     opts = parser.parse_args(argv)
     if opts.seconds <= 0 or opts.warmup < 0 or opts.ack_timeout <= 0:
@@ -965,7 +975,9 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def bench_main(argv: Sequence[str]) -> int:
+    global ROUTES
     opts = _parse_args(argv)
+    ROUTES = opts.routes.resolve()
     # Ctrl-C and SIGTERM take the same cleanup path (SIGINT may arrive ignored, e.g. in a
     # background job, so its default handler is installed explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -6,8 +6,8 @@ Nothing here does I/O; nothing mutates what it received.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Final, Literal
 
 # ---------------------------------------------------------------------------
 # Ingest
@@ -572,3 +572,24 @@ class LoopClosure:
     patient: str = ""  # "Patient/5": Task.for
     requester: str = ""  # "Practitioner/3": Task.requester, Communication.recipient
     owner: str = ""  # "Organization/8": the performing organisation
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def to_plain(value: Any) -> Any:
+    """A dataclass value as plain dicts, tuples and scalars — what ``dataclasses.asdict``
+    gives, without its deep copies (this runs for every event on the processing path)."""
+    cls = type(value)
+    if cls in _SCALARS:
+        return value
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if not hasattr(cls, "__dataclass_fields__"):
+            if isinstance(value, (tuple, list)):
+                return type(value)(to_plain(v) for v in value)
+            return value
+        names = tuple(f.name for f in fields(value))
+        _FIELD_NAMES[cls] = names
+    return {name: to_plain(getattr(value, name)) for name in names}

@@ -55,6 +55,7 @@ from engine.model import (
     Send,
     StoredMessage,
     Track,
+    to_plain,
 )
 from engine.pipeline import Outcome
 from engine.render import (
@@ -89,7 +90,21 @@ FHIR_BUILTIN_NAMES: Final = (*BUILTIN_NAMES, "resource_ref", "version_id")
 
 CHANNEL_TYPES: Final[dict[str, tuple[str, ...]]] = {
     "mllp": ("host", "port", "tls", "timeout"),
-    "direct": ("address", "hisp_host", "hisp_port", "username", "password", "cert", "key"),
+    "direct": (
+        "address",
+        "hisp_host",
+        "hisp_port",
+        "hisp_ca",
+        "username",
+        "password",
+        "cert",
+        "key",
+        "trust_anchors",
+        "mdn_timeout",
+        "attach_original",
+        "inbound",
+        "timeout",
+    ),
     "fax": (
         "provider",
         "api_url",
@@ -561,6 +576,8 @@ def _channels(
         if kind == "mllp":
             r.text("host", required=True)
             r.integer("port", 0, required=True, lo=1, hi=65535)
+        if kind == "direct":
+            _direct_settings(r, settings)
         if r.has("max_attempts"):
             settings["max_attempts"] = r.integer("max_attempts", 8, lo=1, hi=1000)
         if r.has("concurrency"):
@@ -575,6 +592,40 @@ def _channels(
             str(name), kind, MappingProxyType(templates), MappingProxyType(settings)
         )
     return out
+
+
+# A Direct channel's inbound SMTP listener (engine.direct_flow; docs/direct.md).
+DIRECT_INBOUND_KEYS: Final = ("host", "port", "hostname", "tls_cert", "tls_key", "require_tls")
+
+
+def _direct_settings(r: Reader, settings: dict[str, Any]) -> None:
+    """Checks a ``direct`` channel's typed settings (file:line on every problem)."""
+    for key in ("address", "hisp_host", "cert", "key"):
+        if not r.has(key):
+            r.fail(key, "is required for a direct channel")
+    if r.has("mdn_timeout"):
+        settings["mdn_timeout"] = _seconds(r, "mdn_timeout")
+    if r.has("attach_original"):
+        settings["attach_original"] = r.flag("attach_original")
+    if r.has("hisp_port"):
+        settings["hisp_port"] = r.integer("hisp_port", 587, lo=1, hi=65535)
+    if not r.has("inbound"):
+        return
+    inbound = r.child("inbound")
+    inbound.text("host", "127.0.0.1")
+    inbound.integer("port", 2525, lo=0, hi=65535)
+    inbound.text("hostname")
+    require_tls = inbound.flag("require_tls", True)
+    for key in ("tls_cert", "tls_key"):
+        value = inbound.raw(key)
+        if value is None:
+            if require_tls:
+                inbound.fail(key, "is required unless require_tls is false")
+        elif not (isinstance(value, str) and value.strip().startswith("${file:")):
+            inbound.fail(key, "must be a ${file:/path} reference")
+    if not r.has("trust_anchors"):
+        r.fail("trust_anchors", "is required to accept inbound Direct mail")
+    inbound.done()
 
 
 def _seconds(r: Reader, key: str) -> float:
@@ -1425,9 +1476,7 @@ class Tracker(Protocol):
 
 def fingerprint(event: Event) -> str:
     """A stable digest of a whole event (kind included)."""
-    body = json.dumps(
-        {"kind": event.kind, **dataclasses.asdict(event)}, sort_keys=True, default=str
-    )
+    body = json.dumps({"kind": event.kind, **to_plain(event)}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 

@@ -39,7 +39,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine import states
+from engine import specialists, states
 from engine.clock import Clock, isoformat
 from engine.errors import StoreError
 from engine.escalation import Policy, TimerGroup, TimerSpec
@@ -54,6 +54,7 @@ from engine.model import (
     Provider,
     ReferralCreated,
     ReferralUpdated,
+    to_plain,
 )
 from engine.store import audit as audit_store
 from engine.store import referrals as store
@@ -150,7 +151,7 @@ _NESTED: Final[dict[str, type]] = {"Provider": Provider, "PatientContact": Patie
 
 
 def event_to_dict(event: Event | states.InternalEvent) -> dict[str, Any]:
-    data = dataclasses.asdict(event)
+    data = to_plain(event)
     data["kind"] = event.kind
     return data
 
@@ -611,14 +612,29 @@ class Tracker:
         now: float,
     ) -> None:
         party, template = _TEMPLATES[effect]
-        if details.get(f"{party}_direct_address"):
+        payload: dict[str, Any] = {
+            "referral_id": rid,
+            "effect": effect,
+            "close_reason": state.close_reason,
+        }
+        if effect == "send-packet":
+            # Direct only with an address and a certificate, else fax, else a coordinator
+            # task (engine.specialists.packet_route); the referral teaches the directory
+            specialists.learn_from_referral(conn, details, now)
+            route = specialists.packet_route(conn, details)
+            channel = route.channel
+            if route.address:
+                payload["to"] = route.address
+            if channel == "task":
+                template = specialists.NO_WAY_TEMPLATE
+                payload["reason"] = route.why
+        elif details.get(f"{party}_direct_address"):
             channel = "direct"
         elif details.get(f"{party}_fax"):
             channel = "fax"
         else:
             channel = "task"  # a coordinator sends it by hand
         n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
-        payload = {"referral_id": rid, "effect": effect, "close_reason": state.close_reason}
         store.enqueue_outbox(
             conn,
             rid,
