@@ -22,7 +22,8 @@ from engine.store.db import Conn, savepoint
 log = logging.getLogger(__name__)
 
 CURSOR_KEY: Final = "processed_cursor"
-BATCH: Final = 256
+BATCH: Final = 16  # a batch holds the event loop: keep it short so ACKs are not held up
+INGEST_FIRST_PAUSE: Final = 0.01  # seconds the processor steps aside while messages arrive
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,11 @@ class Processor:
         self._wake.set()
 
     async def run(self) -> None:
+        """Process as messages arrive. ACKs come first: while the inbox is still taking
+        commits, each batch is followed by a short pause so the listeners get the loop
+        (processing catches up in the gaps; ``refloop_processing_lag_messages`` shows how
+        far behind it is)."""
+        commits = self.inbox.commits
         while True:
             self._wake.clear()
             done = self.process_available()
@@ -92,6 +98,10 @@ class Processor:
                 return
             if not done:
                 await self._wake.wait()
+            elif self.inbox.commits != commits and not self._stopping:
+                # messages arrived since the last batch: let the listeners run first
+                commits = self.inbox.commits
+                await asyncio.sleep(INGEST_FIRST_PAUSE)
             else:
                 await asyncio.sleep(0)
 
