@@ -91,6 +91,8 @@ class Engine:
         self._dispatch_task: asyncio.Task[None] | None = None
         self.timers: Any = None  # engine.timers.TimerService
         self._timer_task: asyncio.Task[None] | None = None
+        self.direct_listeners: list[Any] = []  # channels.direct_inbound.DirectListener
+        self.direct_flow: Any = None  # engine.direct_flow.DirectFlow
 
     @property
     def db_path(self) -> Path:
@@ -101,6 +103,8 @@ class Engine:
         out = {s.source.name: s.port for s in self.servers}
         if self.http is not None:
             out["http"] = self.http.port
+        for name, listener in self.direct_listeners:
+            out[f"direct:{name}"] = listener.port
         return out
 
     async def start(self) -> None:
@@ -131,6 +135,7 @@ class Engine:
             await self.http.start()
         for name, poller in self.pollers.items():
             self._poller_tasks.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
+        await self._start_direct()
         for source in self.config.sources:
             server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
             await server.start()
@@ -194,9 +199,12 @@ class Engine:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.dispatch,
         engine.hooks). Raises ConfigError when a channel's settings are unusable."""
         from engine.channels_factory import build_channels, webhook_secret
+        from engine.direct_flow import DEFAULT_MDN_TIMEOUT, PacketEvents
         from engine.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
         from engine.hooks import Hooks
+        from engine.packet_flow import PacketBuilder
         from engine.routes import compile_config
+        from engine.specialists import certificate_lookup
 
         assert self.db is not None
         table = compile_config(self.config)
@@ -208,8 +216,17 @@ class Engine:
             clock=self.clock,
             public_url=http.public_url,
             env=env,
+            certificate_for=certificate_lookup(self.db),
         )
-        renderer = Renderer(table.channels, table.practice)
+        directs = {n: s for n, s in table.channels.items() if s.type == "direct"}
+        packets = PacketBuilder(
+            self.db,
+            self.clock,
+            confirm_key=http.confirm_key.encode(),
+            public_url=http.public_url,
+            attach_original=[n for n, s in directs.items() if s.settings.get("attach_original")],
+        )
+        renderer = Renderer(table.channels, table.practice, packets=packets)
         rotation = Rotation.from_channels(table.escalation, table.channels)
         extra: dict[str, Any] = {}
         if self.dispatch_sleep is not None:
@@ -223,6 +240,13 @@ class Engine:
             tracker=self.tracker,
             policies={n: RetryPolicy.from_settings(s.settings) for n, s in table.channels.items()},
             rotation=rotation,
+            packet_events=PacketEvents(
+                {
+                    n: float(s.settings.get("mdn_timeout", DEFAULT_MDN_TIMEOUT))
+                    for n, s in directs.items()
+                },
+                [n for n, s in table.channels.items() if s.type == "fax"],
+            ),
             **extra,
         )
         sms = [n for n, s in table.channels.items() if s.type == "sms"]
@@ -247,6 +271,38 @@ class Engine:
             coordinator_channel="coordinator" if "coordinator" in table.channels else "task",
             on_new_rows=self.dispatcher.wake,
         )
+
+    async def _start_direct(self) -> None:
+        """The SMTP listener of each ``direct`` channel with an ``inbound:`` block: the
+        HISP delivers MDNs, DSNs and replies to it (engine.direct_flow)."""
+        from engine.channels_factory import build_direct_listener
+        from engine.direct_flow import DirectFlow
+        from engine.routes import compile_config
+
+        table = compile_config(self.config)
+        names = [n for n, s in table.channels.items() if s.type == "direct"]
+        if not names or self.tracker is None:
+            return
+        assert self.db is not None and self.inbox is not None and self.processor is not None
+        self.direct_flow = DirectFlow(
+            self.db,
+            self.inbox,
+            self.tracker,
+            self.clock,
+            direct_channels=names,
+            notify=self.processor.notify,
+            wake=self.dispatcher.wake if self.dispatcher is not None else None,
+        )
+        for name in names:
+            listener = build_direct_listener(
+                table.channels[name],
+                on_result=self.direct_flow.on_result,
+                clock=self.clock,
+                env=self.config.env,
+            )
+            if listener is not None:
+                await listener.start()
+                self.direct_listeners.append((name, listener))
 
     def _make_handler(self, config: Config) -> Handler:
         assert self.db is not None
@@ -300,6 +356,8 @@ class Engine:
             return
         self.ready = False
         sd_notify("STOPPING=1")
+        for _name, listener in self.direct_listeners:
+            await listener.stop()  # the HISP keeps what it could not deliver and retries
         await asyncio.gather(*(s.stop(self.drain_seconds) for s in self.servers))
         for poller in self.pollers.values():
             poller.stop()

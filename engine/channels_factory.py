@@ -17,7 +17,11 @@ Types and adapters:
   identifier_system, resource: Communication | Task);
 * ``fax``: channels.fax.FaxChannel over PhaxioProvider (api_key, api_secret, api_url);
 * ``mllp``: :class:`MllpChannel` over engine.client (host, port, timeout, tls);
-* ``direct``: not wired yet (needs the HISP and PKI settings).
+* ``direct``: channels.direct.DirectChannel (address, hisp_host, hisp_port, hisp_ca,
+  username, password, cert, key; the recipient's certificate from the specialist
+  directory via ``certificate_for``); :func:`build_direct_listener` builds its
+  ``inbound:`` SMTP listener (host, port, hostname, tls_cert, tls_key, require_tls; our
+  cert/key decrypt, ``trust_anchors`` verify).
 
 Callback URLs (``/hooks/twilio/status``, ``/hooks/fax/phaxio``) are built from
 ``http.public_url`` unless a channel sets its own.
@@ -31,15 +35,19 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
 import httpx
+from cryptography import x509
 
+from channels import smime
 from channels.base import Channel
+from channels.direct import DirectChannel, HispSettings
+from channels.direct_inbound import DirectHandler, DirectListener, ListenerSettings, OnResult
 from channels.fax import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
 from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
 from channels.sms import SmsConfig, TwilioSms
 from channels.webhook import WebhookChannel, WebhookConfig
 from engine.client import MllpClient, normalise
 from engine.clock import Clock
-from engine.config import substitute
+from engine.config import file_ref, substitute
 from engine.errors import ChannelError, ConfigError, EngineError
 from engine.model import OutboundMessage, SendReceipt
 from engine.routes import ChannelSpec
@@ -148,10 +156,13 @@ def build_channels(
     clock: Clock,
     public_url: str = "",
     env: Mapping[str, str] | None = None,
+    certificate_for: Callable[[str], x509.Certificate | None] | None = None,
 ) -> dict[str, Channel]:
     """An adapter per usable channel. Raises ConfigError listing every problem; channels
-    with no adapter (``direct``, a ``task`` without ``api_url``) are left out and logged:
-    their rows stay ``pending`` (visible in ``refloop outbox list`` and the depth metric)."""
+    with no adapter (a ``task`` without ``api_url``) are left out and logged: their rows
+    stay ``pending`` (visible in ``refloop outbox list`` and the depth metric).
+    ``certificate_for`` finds a Direct recipient's certificate (the specialist
+    directory); without it every Direct send fails over to fax."""
     problems: list[str] = []
     out: dict[str, Channel] = {}
     now: Callable[[], float] = clock.now
@@ -214,6 +225,8 @@ def build_channels(
                 clock=now,
             )
             channel = FaxChannel(provider, callback_url=f"{base}{PHAXIO_CALLBACK_PATH}")
+        elif spec.type == "direct":
+            channel = _direct_channel(s, certificate_for, now)
         elif spec.type == "mllp":
             tls = str(spec.settings.get("tls", "")).lower() in ("true", "1", "yes")
             channel = MllpChannel(
@@ -233,6 +246,109 @@ def build_channels(
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _identity(s: _Settings) -> smime.Identity | None:
+    cert, key = s.text("cert"), s.text("key")
+    if not cert or not key:
+        return None
+    try:
+        return smime.Identity.from_pem(cert.encode(), key.encode())
+    except (ValueError, TypeError):
+        s.fail("cert", "cert and key must be a PEM certificate and its RSA private key")
+        return None
+
+
+def _direct_channel(
+    s: _Settings,
+    certificate_for: Callable[[str], x509.Certificate | None] | None,
+    now: Callable[[], float],
+) -> DirectChannel | None:
+    address = s.text("address").strip().lower()
+    if "@" not in address:
+        s.fail("address", "must be our Direct address (local@domain)")
+    identity = _identity(s)
+    if identity is not None and address and not smime.bound_to(identity.certificate, address):
+        s.fail("cert", "does not name the Direct address (subjectAltName)")
+    tls_context = None
+    ca = s.text("hisp_ca")
+    if ca:
+        try:
+            tls_context = ssl.create_default_context(cadata=ca)
+        except (ssl.SSLError, ValueError):
+            s.fail("hisp_ca", "must be PEM CA certificates")
+    hisp = HispSettings(
+        host=s.text("hisp_host"),
+        port=int(s.number("hisp_port", 587)),
+        username=s.text("username"),
+        password=s.text("password"),
+        tls_context=tls_context,
+        timeout=s.number("timeout", 60.0),
+    )
+    if identity is None:
+        if not s.text("cert") or not s.text("key"):
+            s.fail("cert", "cert and key are required for a direct channel")
+        return None
+    return DirectChannel(
+        hisp=hisp,
+        identity=identity,
+        address=address,
+        certificate_for=certificate_for or (lambda _address: None),
+        clock=now,
+    )
+
+
+def build_direct_listener(
+    spec: ChannelSpec,
+    *,
+    on_result: OnResult,
+    clock: Clock,
+    env: Mapping[str, str] | None = None,
+) -> DirectListener | None:
+    """The SMTP listener of a ``direct`` channel with an ``inbound:`` block (None
+    without one). Raises ConfigError naming ``channels.<name>.<key>``."""
+    inbound = spec.settings.get("inbound")
+    if not isinstance(inbound, Mapping):
+        return None
+    problems: list[str] = []
+    s = _Settings(spec, env, problems)
+    identity = _identity(s)
+    anchors: list[x509.Certificate] = []
+    try:
+        anchors = x509.load_pem_x509_certificates(s.text("trust_anchors").encode())
+    except ValueError:
+        s.fail("trust_anchors", "must be PEM CA certificates")
+    tls_context = None
+    cert_ref, key_ref = (file_ref(str(inbound.get(k) or "")) for k in ("tls_cert", "tls_key"))
+    if cert_ref and key_ref:
+        try:
+            tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls_context.load_cert_chain(cert_ref, key_ref)
+        except (OSError, ssl.SSLError) as exc:
+            s.fail("inbound.tls_cert", f"cannot load the TLS certificate ({type(exc).__name__})")
+    address = s.text("address").strip().lower()
+    if problems or identity is None:
+        raise ConfigError(problems or [f"channels.{spec.name}.cert: is required"])
+
+    def text(key: str, default: str) -> str:
+        value = str(inbound.get(key) if inbound.get(key) is not None else default)
+        return substitute(value, env=env) if "${" in value else value
+
+    settings = ListenerSettings(
+        host=text("host", "127.0.0.1"),
+        port=int(text("port", "2525")),
+        hostname=text("hostname", address.rpartition("@")[2] or "refloop"),
+        tls_context=tls_context,
+        require_tls=text("require_tls", "true").lower() not in ("false", "0", "no"),
+    )
+    handler = DirectHandler(
+        addresses=[address],
+        identities=[identity],
+        trust_anchors=anchors,
+        on_result=on_result,
+        clock=clock.now,
+    )
+    return DirectListener(settings, handler)
 
 
 def webhook_secret(spec: ChannelSpec, key: str, env: Mapping[str, str] | None) -> str:

@@ -614,6 +614,11 @@ def _register_groups() -> None:
     from engine import cli_outbox
 
     cli_outbox.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
+    from engine import cli_specialists
+
+    cli_specialists.register(
+        main, state_option=state_option, routes_option=routes_option, errors=errors
+    )
 
 
 _register_groups()

@@ -47,7 +47,7 @@ from engine.errors import ChannelError, StoreError
 from engine.escalation import CHANNELS as ROTATION_SLOTS
 from engine.escalation import Policy
 from engine.metrics import Metrics
-from engine.model import OutboundMessage
+from engine.model import Attachment, OutboundMessage
 from engine.render import make_environment
 from engine.routes import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
@@ -74,6 +74,8 @@ CONSEQUENCES: Final[dict[str, states.InternalKind]] = {
     "second_nudge": "patient-nudged",
     "patient-nudge": "patient-nudged",
 }
+# Rows that carry the referral packet (engine.packet_flow renders it).
+PACKET_TEMPLATES: Final = frozenset({"specialist-packet"})
 # Which referral columns address each party, by channel type.
 _ADDRESS: Final[dict[str, str]] = {"direct": "direct_address", "fax": "fax"}
 
@@ -93,6 +95,26 @@ class Tracker(Protocol):
 
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class PacketEvents(Protocol):
+    """Packet outcomes (engine.direct_flow.PacketEvents), inside the record transaction."""
+
+    def sent(self, conn: Conn, item: Item, now: float) -> None:
+        """A packet row was sent (a Direct send starts its MDN timer)."""
+        ...
+
+    def dead(self, conn: Conn, item: Item, reason: str, now: float) -> bool:
+        """A packet row is dead (fallback); True when rows were queued."""
+        ...
+
+
+class Packets(Protocol):
+    """What the renderer needs to attach the referral packet (engine.packet_flow)."""
+
+    def build(self, item: Item, referral: ReferralRow) -> tuple[str, tuple[Attachment, ...]]:
+        """(cover text, attachments) for a ``specialist-packet`` row."""
+        ...
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +173,9 @@ class Renderer:
       payload's ``to``, else the party's address on the referral (``specialist-*``
       templates → the specialist, ``referrer-*`` → the referring provider; Direct address
       or fax number by channel type), else the channel's ``queue``.
+    * a ``specialist-packet`` row (``packets`` given): the packet PDF and the documents
+      it carries as attachments (``engine.packet_flow``), and its cover text as the
+      body unless the channel has a template or the payload a body of its own.
     """
 
     def __init__(
@@ -159,10 +184,12 @@ class Renderer:
         practice: PracticeSpec,
         *,
         sms_dir: Path = SMS_TEMPLATE_DIR,
+        packets: Packets | None = None,
     ) -> None:
         self.channels = channels
         self.practice = practice
         self.sms_dir = sms_dir
+        self.packets = packets
         self._env = make_environment()
 
     def sms_templates(self, channel: str) -> SmsTemplates:
@@ -254,12 +281,17 @@ class Renderer:
                 ) from None
         else:
             body = str(payload.get("body") or "")
+        attachments: tuple[Attachment, ...] = ()
+        if self.packets is not None and referral is not None and item.template in PACKET_TEMPLATES:
+            cover, attachments = self.packets.build(item, referral)
+            body = body or cover
         priority = str(payload.get("priority") or details.get("priority") or "routine")
         score = payload.get("priority_score")
         return OutboundMessage(
             **common,
             body=body,
             subject=str(payload.get("subject") or item.template),
+            attachments=attachments,
             payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
             patient_ref=str(payload.get("patient_ref") or ""),
             based_on=str(payload.get("based_on") or ""),
@@ -371,6 +403,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         sleep: Sleep = asyncio.sleep,
         poll_interval: float = 5.0,
+        packet_events: PacketEvents | None = None,
     ) -> None:
         self.db = db
         self.channels = dict(channels)
@@ -384,6 +417,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.sleep = sleep
         self.poll_interval = poll_interval
+        self.packet_events = packet_events
         self._stopping = False
         self._wake: dict[str, asyncio.Event] = {}
 
@@ -537,6 +571,8 @@ class Dispatcher:
             )
             if recorded:
                 self._consequence(conn, item, now)
+                if self.packet_events is not None:
+                    self.packet_events.sent(conn, item, now)
         self._count(item.channel, "sent")
         log.info(
             "outbox %d: %s %s sent (attempt %d)",
@@ -614,9 +650,13 @@ class Dispatcher:
                 reason,
             )
             return
+        queued = False
         with self.db.transaction(durable=False) as conn:
-            outbox.mark_dead(conn, item.id, error=reason, now=now)
+            if outbox.mark_dead(conn, item.id, error=reason, now=now) and self.packet_events:
+                queued = self.packet_events.dead(conn, item, reason, now)
         self._count(item.channel, "dead")
+        if queued:
+            self.wake()
         log.error(
             "outbox %d: dead after %d attempt(s) (%s): %s",
             item.id,

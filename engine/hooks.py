@@ -36,7 +36,7 @@ from aiohttp import web
 
 from channels import confirm, fax, sms
 from channels.fax_webhook import phaxio_webhook
-from engine import states
+from engine import direct_flow, states
 from engine.clock import Clock
 from engine.dispatch import Renderer, Rotation, Tracker
 from engine.errors import ChannelError, StoreError
@@ -307,8 +307,10 @@ class Hooks:
 
     async def fax_update(self, update: DeliveryUpdate) -> None:
         """A verified fax callback: forward-only status; ``success`` records
-        ``packet-delivered`` on the referral."""
+        ``packet-delivered`` on the referral (delivered, not confirmed); ``failure`` of a
+        faxed packet queues a coordinator task to call the specialist office."""
         now = self.clock.now()
+        queued = False
         with self.db.transaction() as conn:
             item = None
             for name in self.fax_channels:
@@ -318,8 +320,8 @@ class Hooks:
             if item is None:
                 log.warning("fax %s: status for no known outbox row", update.provider_message_id)
                 return
-            old = fax.normalise_status(item.provider_status) if item.provider_status else None
-            new = fax.normalise_status(update.status)
+            old = _fax_status(item.provider_status) if item.provider_status else None
+            new = _fax_status(update.status)
             if new is None or not fax.newer(old, new):
                 return
             outbox.set_provider_status(conn, item.id, new, now)
@@ -330,6 +332,11 @@ class Hooks:
                     conn,
                     actor=f"outbox:{item.channel}",
                 )
+            elif new == "failure":
+                reason = f"fax failed ({update.error_code or 'no reason given'})"
+                queued = direct_flow.fax_failed(conn, item, reason, now, actor="fax-callback")
+        if queued:
+            self._wake()
 
     # -- /confirm/<token> -------------------------------------------------------------------
 
@@ -379,3 +386,11 @@ class Hooks:
             text="<!doctype html><title>Thank you</title><p>Receipt confirmed. Thank you.</p>",
             content_type="text/html",
         )
+
+
+def _fax_status(status: str) -> fax.FaxStatus | None:
+    """A stored or reported fax status in refloop's words: already normalised
+    (``sending``), or Phaxio's word (``inprogress``)."""
+    if status in fax.RANK:
+        return status
+    return fax.normalise_status(status)

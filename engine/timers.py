@@ -22,6 +22,7 @@ What each timer does when it fires (``if still`` is checked against the referral
 | outreach            | loop open (not closed)          | voice call + letter task               |
 | attempt-close       | loop open (not closed)          | close no-response (or a task: human)   |
 | report-chase        | report not received             | "chase the report" task                |
+| direct-mdn-timeout  | specialist not confirmed        | the packet by e-fax, else a task       |
 
 Patient nudges respect the contact rules (local window, caps, business days): a nudge
 that may not go out now is moved to the next allowed moment instead.
@@ -41,7 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from channels.sms import e164
-from engine import states
+from engine import direct_flow, states
 from engine.clock import Clock, isoformat
 from engine.escalation import DAY, PATIENT_KINDS, Policy, coordinator_priority, next_contact_time
 from engine.store import audit as audit_store
@@ -244,6 +245,13 @@ class TimerService:
             if specialist_done:
                 return "moot", ""
             return "acted", self._task(conn, row, referral, "call-specialist-office", now)
+        if kind == direct_flow.MDN_TIMEOUT_KIND:
+            # no dispatched MDN in time (Direct delivery notification IG): fall back
+            packet = direct_flow.packet_for_timer(conn, referral.id, row.key)
+            if specialist_done or packet is None:
+                return "moot", ""
+            done = direct_flow.fallback(conn, packet, "no-dispatched-mdn", now, actor="timer")
+            return ("acted", f"fallback:{done}") if done in ("fax", "task") else ("moot", "")
         if kind == "report-chase":
             if state.specialist_status == "report-received":
                 return "moot", ""

@@ -158,7 +158,10 @@ SCENARIOS: tuple[Scenario, ...] = (
                 ),
                 # the dispatcher (a later issue) marks rows sent; here it is still queued,
                 # so the close cancels it
-                outbox=(("specialist-packet", "cancelled"), ("referrer-closed", "pending")),
+                outbox=(
+                    ("no-way-to-reach-specialist", "cancelled"),
+                    ("referrer-closed", "pending"),
+                ),
                 timers=(),
                 fillers=("F1",),
             )
@@ -220,7 +223,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "booked",
                 "confirmed",
                 timers=BOOKED_TIMERS,
-                outbox=(("specialist-packet", "pending"),),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
             )
         },
     ),
@@ -314,7 +317,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "not-sent",
                 timeline=("referral-created", "referral-created"),
-                outbox=(("specialist-packet", "pending"),),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
                 timers=OPEN_TIMERS,
                 details={"priority": "urgent"},
             )
@@ -371,7 +374,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-sent",
                 "cancelled",
                 timers=(),
-                outbox=(("specialist-packet", "cancelled"),),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -398,7 +401,10 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "declined",
                 "specialist-declined",
                 timers=(),
-                outbox=(("specialist-packet", "cancelled"), ("referrer-declined", "pending")),
+                outbox=(
+                    ("no-way-to-reach-specialist", "cancelled"),
+                    ("referrer-declined", "pending"),
+                ),
             )
         },
     ),
@@ -425,7 +431,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "report-received",
                 "report-received",
                 outbox=(
-                    ("specialist-packet", "cancelled"),
+                    ("no-way-to-reach-specialist", "cancelled"),
                     ("referrer-declined", "pending"),
                     ("referrer-closed", "pending"),
                 ),
@@ -522,7 +528,10 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "report-received",
                 "report-received",
-                outbox=(("specialist-packet", "cancelled"), ("referrer-closed", "pending")),
+                outbox=(
+                    ("no-way-to-reach-specialist", "cancelled"),
+                    ("referrer-closed", "pending"),
+                ),
             )
         },
     ),
@@ -681,7 +690,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "booked",
                 "not-sent",
                 auth="approved",
-                outbox=(("specialist-packet", "pending"),),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
             )
         },
     ),
@@ -705,7 +714,10 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "not-sent",
                 auth="denied",
-                outbox=(("specialist-packet", "pending"), ("referrer-auth-denied", "pending")),
+                outbox=(
+                    ("no-way-to-reach-specialist", "pending"),
+                    ("referrer-auth-denied", "pending"),
+                ),
             )
         },
     ),
@@ -730,7 +742,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "not-sent",
                 auth="approved",
-                outbox=(("specialist-packet", "pending"),),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
             )
         },
     ),
@@ -940,10 +952,11 @@ def test_timers_and_outbox_keys(db: Database) -> None:
     assert timers[0].due == clock.now() + DAY
     (packet,) = store.outbox_for(db.conn, 1)
     assert packet.idempotency_key == "1:send-packet:1"
-    assert packet.channel == "direct"
+    assert packet.channel == "task"  # a Direct address, but no certificate
     assert json.loads(packet.payload) == {
         "close_reason": "",
         "effect": "send-packet",
+        "reason": "no-certificate",
         "referral_id": 1,
     }
     # the write API is idempotent per key

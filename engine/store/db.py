@@ -131,12 +131,19 @@ def _m5_outbox_dispatch(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
+def _m6_specialists(db: sqlite_utils.Database) -> None:
+    from engine.store.specialists import migrate
+
+    migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
     _m3_referrals,
     _m4_audit,
     _m5_outbox_dispatch,
+    _m6_specialists,
 ]
 
 
