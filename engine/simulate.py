@@ -63,11 +63,13 @@ import httpx
 import yaml
 
 from engine import config as config_mod
-from engine.client import MllpClient
+from engine.client import MllpClient, normalise
 from engine.clock import VirtualClock, isoformat
-from engine.errors import ConfigError, EngineError
+from engine.direct_flow import DirectFlow
+from engine.errors import ChannelError, ConfigError, EngineError
 from engine.escalation import DAY, parse_duration
-from engine.model import OutboundMessage, SendReceipt
+from engine.model import MdnResult, OutboundMessage, SendReceipt
+from engine.store import specialists as specialist_store
 from engine.store import views
 
 STEP: Final = 3600.0  # virtual seconds between timer/dispatch rounds
@@ -109,6 +111,8 @@ class ReferralPlan:
     patient: PatientPlan = PatientPlan()
     specialist: SpecialistPlan = SpecialistPlan()
     sms_fails: bool = False
+    reach: str = "none"  # how the specialist office gets the packet: none | fax | direct
+    fax_fails: bool = False  # the fax line never answers (the send fails)
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class Scenario:
     practice: Mapping[str, Any] = field(default_factory=dict)
     escalation: Mapping[str, Any] | None = None
     routes: str = ""  # routes.yaml to use ("" = the shipped one)
+    messages: tuple[tuple[float, bytes], ...] = ()  # extra HL7 messages: (offset, bytes)
 
 
 def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
@@ -145,6 +150,7 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         "referrals",
         "generate",
         "routes",
+        "messages",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -157,7 +163,8 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         gen = data.get("generate")
         if gen:
             plans += _generate(gen, random.Random(seed), days, scale)
-    except (TypeError, ValueError, KeyError) as exc:
+        messages = _messages(data.get("messages"), Path(file).parent)
+    except (TypeError, ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{file}: {exc}") from None
     routes = str(data.get("routes", "") or "")
     if routes and not Path(routes).is_absolute():
@@ -172,6 +179,7 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         practice=dict(data.get("practice") or {}),
         escalation=data.get("escalation"),
         routes=routes,
+        messages=tuple(messages),
     )
 
 
@@ -211,7 +219,31 @@ def _plan(raw: Mapping[str, Any], index: int) -> ReferralPlan:
             report=_offset(specialist.get("report", "21d")),
         ),
         sms_fails=bool(raw.get("sms_fails", False)),
+        reach=_reach(raw.get("specialist_reach", "none")),
+        fax_fails=bool(raw.get("fax_fails", False)),
     )
+
+
+def _reach(value: Any) -> str:
+    text = str(value or "none")
+    if text not in ("none", "fax", "direct"):
+        raise ValueError(f"specialist_reach must be none, fax or direct, not {text!r}")
+    return text
+
+
+def _messages(raw: Any, base: Path) -> list[tuple[float, bytes]]:
+    """Inline or file HL7 happenings: [{at: 3d, hl7: "MSH|..."} | {at: 5d, file: x.hl7}]."""
+    out: list[tuple[float, bytes]] = []
+    for i, m in enumerate(raw or []):
+        if not isinstance(m, dict) or ("hl7" in m) == ("file" in m):
+            raise ValueError(f"messages[{i}]: give either hl7 (inline text) or file")
+        if "hl7" in m:
+            data = str(m["hl7"]).encode()
+        else:
+            path = Path(str(m["file"]))
+            data = (path if path.is_absolute() else base / path).read_bytes()
+        out.append((_offset(m.get("at", 0)) or 0.0, data))
+    return out
 
 
 def _generate(
@@ -325,7 +357,15 @@ def _message(*segments: str) -> bytes:
     return ("\r".join(segments) + "\r").encode()
 
 
+SPECIALIST_NPI: Final = "1245319599"  # a Direct-capable office (valid NPI check digit)
+FAX_ONLY_NPI: Final = "1538267901"  # a fax-only office
+SPECIALIST_DIRECT: Final = "referrals@direct.cardio.sim.example"
+SPECIALIST_FAX: Final = "+15550199000"
+
+
 def referral_message(plan: ReferralPlan, n: int, t: float) -> bytes:
+    if plan.reach != "none":
+        return _ref_message(plan, n, t)
     zcn = [
         f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
         f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
@@ -353,6 +393,58 @@ def referral_message(plan: ReferralPlan, n: int, t: float) -> bytes:
                 2: plan.placer,
                 4: f"{plan.specialty}^Specialist referral",
                 5: plan.priority,
+                31: "^Simulated referral reason",
+            },
+        ),
+    )
+
+
+def _ref_message(plan: ReferralPlan, n: int, t: float) -> bytes:
+    """REF^I12 naming the specialist (PRD role RT) with a Direct address or a fax number."""
+    if plan.reach == "direct":
+        telecom = f"^NET^Internet^{SPECIALIST_DIRECT}"
+    else:
+        telecom = f"^WPN^FX^^^{SPECIALIST_FAX[2:5]}^{SPECIALIST_FAX[5:]}"
+    zcn = [
+        f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
+        f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
+    ]
+    if plan.time_zone:
+        zcn.append(f"ZCN|TZ|{plan.time_zone}")
+    return _message(
+        _msh("REF^I12^REF_I12", f"{plan.placer}-I12", t),
+        _seg(
+            "RF1",
+            {
+                1: "P^Pending^HL70283",
+                2: f"{plan.priority}",
+                6: f"{plan.placer}^CLINIC",
+                7: _ts(t),
+                10: "^Simulated referral reason",
+            },
+        ),
+        _seg(
+            "PRD",
+            {1: "RP^Referring Provider^HL70286", 2: "REFERRER^ANN^^^^MD", 7: "1234567893^NPI"},
+        ),
+        _seg(
+            "PRD",
+            {
+                1: "RT^Referred to Provider^HL70286",
+                2: "SPECIALIST^SAM^^^^MD",
+                5: telecom,
+                7: f"{SPECIALIST_NPI if plan.reach == 'direct' else FAX_ONLY_NPI}^NPI",
+                10: "Simulated Cardiology",
+            },
+        ),
+        _pid(plan, n),
+        *zcn,
+        _seg(
+            "OBR",
+            {
+                1: "1",
+                2: plan.placer,
+                4: f"{plan.specialty}^Specialist referral",
                 31: "^Simulated referral reason",
             },
         ),
@@ -425,7 +517,16 @@ class SimulatedChannel:
     async def send(self, item: OutboundMessage) -> SendReceipt:
         n = len(self.sim.sends) + 1
         provider_id = f"SM{n:08d}" if self.name == "sms" else f"{self.name.upper()}{n:08d}"
+        if self.name == "direct":
+            provider_id = f"<SIM{n:08d}@direct.sim.example>"  # the packet's Message-ID
         rid = int(item.referral_id or 0)
+        index = self.sim.plan_of_rid.get(rid)
+        if (
+            self.name == "fax"
+            and index is not None
+            and self.sim.scenario.referrals[index].fax_fails
+        ):
+            raise ChannelError("fax: the line did not answer", retryable=False)
         self.sim.sends.append(
             Send(self.sim.clock.now(), rid, self.name, item.kind or "", provider_id)
         )
@@ -459,6 +560,7 @@ class Simulation:
         self.booked: set[int] = set()
         self.yes_sent: set[int] = set()
         self.messages = 0
+        self.direct_flow: Any = None
 
     def _at(self, at: float, what: str, index: int, **extra: Any) -> None:
         self._seq += 1
@@ -497,6 +599,9 @@ class Simulation:
             "voice": dict(webhook),
             "task": dict(webhook),
             "coordinator": dict(webhook),
+            # the specialist office's Direct HISP and fax line, played by the simulator
+            "direct": dict(webhook),
+            "fax": dict(webhook),
         }
         practice = {"name": "Simulated Family Medicine", "phone": "(555) 010-0100"}
         practice.update(self.scenario.practice)
@@ -532,6 +637,11 @@ class Simulation:
             assert engine.dispatcher is not None and engine.timers is not None
             for name in list(engine.dispatcher.channels):
                 engine.dispatcher.channels[name] = SimulatedChannel(name, self)
+            self._directory(engine)
+            assert engine.inbox is not None and engine.db is not None
+            self.direct_flow = DirectFlow(
+                engine.db, engine.inbox, engine.tracker, self.clock, direct_channels=["direct"]
+            )
             ports = engine.ports()
             mllp = await MllpClient.connect("127.0.0.1", ports["ehr"], timeout=30)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as http:
@@ -541,10 +651,28 @@ class Simulation:
         finally:
             await engine.stop()
 
+    def _directory(self, engine: Any) -> None:
+        """A Direct-capable specialist office: its address and encryption certificate in
+        the specialist directory, as an operator's import would put them."""
+        if not any(p.reach == "direct" for p in self.scenario.referrals):
+            return
+        values = {
+            "npi": SPECIALIST_NPI,
+            "name": "Sam Specialist",
+            "organisation": "Simulated Cardiology",
+            "direct_address": SPECIALIST_DIRECT,
+            "fax": SPECIALIST_FAX,
+            "certificate": _certificate(SPECIALIST_DIRECT),
+        }
+        with engine.db.transaction() as conn:
+            specialist_store.upsert(conn, values, source="import", now=self.clock.now())
+
     async def _play(self, engine: Any, mllp: MllpClient, http: httpx.AsyncClient) -> None:
         sc = self.scenario
         for i, plan in enumerate(sc.referrals):
             self._at(sc.start + plan.at, "referral", i)
+        for i, (offset, _raw) in enumerate(sc.messages):
+            self._at(sc.start + offset, "hl7", -1, message=i)
         end = sc.start + (sc.days + sc.follow_up) * DAY
         now = sc.start
         import heapq
@@ -588,6 +716,10 @@ class Simulation:
     async def _happen(
         self, h: _Happening, mllp: MllpClient, http: httpx.AsyncClient, engine: Any
     ) -> None:
+        if h.what == "hl7":
+            raw = self.scenario.messages[h.extra["message"]][1]
+            await self._send(mllp, normalise(raw), engine)
+            return
         plan = self.scenario.referrals[h.plan_index]
         n = h.plan_index + 1
         now = self.clock.now()
@@ -598,7 +730,7 @@ class Simulation:
             self.plan_of_rid[rid] = h.plan_index
             if plan.patient.books_by_phone is not None:
                 self._at(now + plan.patient.books_by_phone, "book", h.plan_index)
-            if plan.specialist.confirms is not None:
+            if plan.specialist.confirms is not None and plan.reach != "direct":
                 self._at(now + plan.specialist.confirms, "accept", h.plan_index)
         elif h.what == "book":
             rid = self.rid_of[plan.placer]
@@ -625,6 +757,16 @@ class Simulation:
                     "Body": "YES",
                 },
             )
+        elif h.what == "mdn":
+            self.direct_flow.handle(
+                MdnResult(
+                    original_message_id=h.extra["message_id"],
+                    disposition=h.extra["disposition"],
+                    disposition_text=h.extra["disposition"],
+                    sender=SPECIALIST_DIRECT,
+                    final_delivery=True,
+                )
+            )
         elif h.what == "sms-failed":
             # the status callback finds the outbox row by its MessageSid
             await _post_twilio(
@@ -640,6 +782,21 @@ class Simulation:
 
     async def _react(self, send: Send, http: httpx.AsyncClient) -> None:
         index = self.plan_of_rid.get(send.referral_id)
+        if index is not None and send.channel == "direct":
+            # the specialist's HISP: processed at once, dispatched when the office opens it
+            plan = self.scenario.referrals[index]
+            self._at(
+                send.at + 300, "mdn", index, message_id=send.provider_id, disposition="processed"
+            )
+            if plan.specialist.confirms is not None:
+                self._at(
+                    send.at + plan.specialist.confirms,
+                    "mdn",
+                    index,
+                    message_id=send.provider_id,
+                    disposition="dispatched",
+                )
+            return
         if index is None or send.channel not in PATIENT_CHANNELS:
             return
         plan = self.scenario.referrals[index]
@@ -737,6 +894,32 @@ def _referral_id(engine: Any, placer: str) -> int:
     if rid is None:
         raise EngineError(f"simulated referral {placer} was not created (check the routes)")
     return rid
+
+
+def _certificate(address: str) -> str:
+    """A self-signed encryption certificate bound to a Direct address (rfc822Name)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
+    start = dt.datetime(2020, 1, 1, tzinfo=UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=365 * 20))
+        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(address)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 async def _post_twilio(http: httpx.AsyncClient, path: str, params: dict[str, str]) -> None:

@@ -101,10 +101,10 @@ def test_same_scenario_same_bytes(tmp_path: Path) -> None:
 def test_shipped_scenarios_load_and_the_cli_prints_totals(tmp_path: Path) -> None:
     for path in sorted(SCENARIOS.glob("*.yaml")):
         assert load_scenario(path, scale=0.01).referrals
-    result = CliRunner().invoke(main, ["simulate", str(SCENARIOS / "two-specialists.yaml")])
+    result = CliRunner().invoke(main, ["simulate", str(SCENARIOS / "hand-picked.yaml")])
     assert result.exit_code == 0, result.output
-    assert "referrals 3" in result.output
-    assert "closed with report within 30d: 1/3" in result.output
+    assert "referrals 6" in result.output
+    assert "closed with report within 30d: 3/6" in result.output
     assert "referral 1 R1: closed (report-received)" in result.output
 
 
@@ -122,3 +122,48 @@ def test_text_form(tmp_path: Path, timelines: bool) -> None:
     text = render_text(result, timelines=timelines)
     assert text.startswith("scenario patient channels")
     assert ("referral 1 " in text) == timelines
+
+
+def test_direct_and_fax_only_specialists_both_close_the_loop(tmp_path: Path) -> None:
+    result = simulate(load_scenario(SCENARIOS / "hand-picked.yaml"))
+    for placer, channel in (("R4", "direct"), ("R5", "fax")):
+        r = referral(result, placer)
+        names = [(e["event"], e["by"]) for e in r["timeline"]]
+        assert ("out:specialist-packet", channel) in names
+        statuses = [e["status"] for e in r["timeline"] if not e["event"].startswith("out:")]
+        assert "specialist-confirmed" in statuses, placer
+        assert statuses.index("specialist-confirmed") < statuses.index("closed")
+        assert r["status"] == "closed" and r["close_reason"] == "report-received"
+    direct = [e["event"] for e in referral(result, "R4")["timeline"]]
+    assert "specialist-confirmed" in direct  # the dispatched MDN
+    # a fax line that never answers: the packet is dead and a coordinator task follows
+    failed = referral(result, "R6")
+    assert ("out:specialist-packet", "fax", "dead") in [
+        (e["event"], e["by"], e["status"]) for e in failed["timeline"]
+    ]
+    assert "out:fax-failed" in [e["event"] for e in failed["timeline"]]
+
+
+def test_inline_hl7_happenings(tmp_path: Path) -> None:
+    text = """
+name: inline messages
+seed: 1
+start: 2026-03-02T08:00:00-05:00
+days: 1
+follow_up: 3
+messages:
+  - at: 1h
+    hl7: "MSH|^~\\\\&|EHR|CLINIC|REFLOOP|CLINIC|20260302140000||ORM^O01|IN1|P|2.5.1\\r\\
+      PID|1||M1^^^CLINIC^MR\\rORC|NW|INLINE-1\\rOBR|1|INLINE-1||REFGI^GI referral\\r"
+  - at: 2h
+    file: cancel.hl7
+"""
+    (tmp_path / "cancel.hl7").write_bytes(
+        b"MSH|^~\\&|EHR|CLINIC|REFLOOP|CLINIC|20260302150000||ORM^O01|IN2|P|2.5.1\n"
+        b"PID|1||M1^^^CLINIC^MR\nORC|CA|INLINE-1\n"
+    )
+    result = run(tmp_path, text)
+    (r,) = result["referrals"]
+    assert r["placer"] == "INLINE-1"
+    assert r["status"] == "closed" and r["close_reason"] == "cancelled"
+    assert result["totals"]["messages_in"] == 2
