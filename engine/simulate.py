@@ -68,6 +68,7 @@ from engine.clock import VirtualClock, isoformat
 from engine.direct_flow import DirectFlow
 from engine.errors import ChannelError, ConfigError, EngineError
 from engine.escalation import DAY, parse_duration
+from engine.fhir_source import resource_inbound
 from engine.model import MdnResult, OutboundMessage, SendReceipt
 from engine.store import specialists as specialist_store
 from engine.store import views
@@ -126,7 +127,7 @@ class Scenario:
     practice: Mapping[str, Any] = field(default_factory=dict)
     escalation: Mapping[str, Any] | None = None
     routes: str = ""  # routes.yaml to use ("" = the shipped one)
-    messages: tuple[tuple[float, bytes], ...] = ()  # extra HL7 messages: (offset, bytes)
+    messages: tuple[tuple[float, str, bytes], ...] = ()  # (offset, "hl7" | "fhir", bytes)
 
 
 def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
@@ -231,18 +232,25 @@ def _reach(value: Any) -> str:
     return text
 
 
-def _messages(raw: Any, base: Path) -> list[tuple[float, bytes]]:
-    """Inline or file HL7 happenings: [{at: 3d, hl7: "MSH|..."} | {at: 5d, file: x.hl7}]."""
-    out: list[tuple[float, bytes]] = []
+def _messages(raw: Any, base: Path) -> list[tuple[float, str, bytes]]:
+    """Other happenings, in order: HL7 v2 messages sent over MLLP (``hl7:`` inline text or
+    ``file:``) and FHIR resources stored as a FHIR source would (``fhir:`` inline mapping
+    or ``fhir_file:``). Returns (offset, "hl7" | "fhir", bytes)."""
+    out: list[tuple[float, str, bytes]] = []
     for i, m in enumerate(raw or []):
-        if not isinstance(m, dict) or ("hl7" in m) == ("file" in m):
-            raise ValueError(f"messages[{i}]: give either hl7 (inline text) or file")
-        if "hl7" in m:
-            data = str(m["hl7"]).encode()
+        given = [k for k in ("hl7", "file", "fhir", "fhir_file") if isinstance(m, dict) and k in m]
+        if len(given) != 1:
+            raise ValueError(f"messages[{i}]: give exactly one of hl7, file, fhir, fhir_file")
+        key = given[0]
+        if key == "hl7":
+            kind, data = "hl7", str(m["hl7"]).encode()
+        elif key == "fhir":
+            kind, data = "fhir", json.dumps(m["fhir"], sort_keys=True).encode()
         else:
-            path = Path(str(m["file"]))
+            path = Path(str(m[key]))
             data = (path if path.is_absolute() else base / path).read_bytes()
-        out.append((_offset(m.get("at", 0)) or 0.0, data))
+            kind = "hl7" if key == "file" else "fhir"
+        out.append((_offset(m.get("at", 0)) or 0.0, kind, data))
     return out
 
 
@@ -357,6 +365,7 @@ def _message(*segments: str) -> bytes:
     return ("\r".join(segments) + "\r").encode()
 
 
+FHIR_SOURCE: Final = "fhir"  # the source name FHIR happenings are stored under
 SPECIALIST_NPI: Final = "1245319599"  # a Direct-capable office (valid NPI check digit)
 FAX_ONLY_NPI: Final = "1538267901"  # a fax-only office
 SPECIALIST_DIRECT: Final = "referrals@direct.cardio.sim.example"
@@ -671,8 +680,8 @@ class Simulation:
         sc = self.scenario
         for i, plan in enumerate(sc.referrals):
             self._at(sc.start + plan.at, "referral", i)
-        for i, (offset, _raw) in enumerate(sc.messages):
-            self._at(sc.start + offset, "hl7", -1, message=i)
+        for i, (offset, _kind, _raw) in enumerate(sc.messages):
+            self._at(sc.start + offset, "message", -1, message=i)
         end = sc.start + (sc.days + sc.follow_up) * DAY
         now = sc.start
         import heapq
@@ -716,9 +725,18 @@ class Simulation:
     async def _happen(
         self, h: _Happening, mllp: MllpClient, http: httpx.AsyncClient, engine: Any
     ) -> None:
-        if h.what == "hl7":
-            raw = self.scenario.messages[h.extra["message"]][1]
-            await self._send(mllp, normalise(raw), engine)
+        if h.what == "message":
+            _, kind, raw = self.scenario.messages[h.extra["message"]]
+            if kind == "hl7":
+                await self._send(mllp, normalise(raw), engine)
+            else:
+                # as a FHIR source stores what it fetched: the inbox, then routes
+                inbound = resource_inbound(
+                    FHIR_SOURCE, json.loads(raw), received_at=self.clock.now(), peer="simulator"
+                )
+                await engine.inbox.add(inbound, "AA")
+                self.messages += 1
+                engine.processor.process_available(10_000)
             return
         plan = self.scenario.referrals[h.plan_index]
         n = h.plan_index + 1

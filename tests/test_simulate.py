@@ -167,3 +167,37 @@ messages:
     assert r["placer"] == "INLINE-1"
     assert r["status"] == "closed" and r["close_reason"] == "cancelled"
     assert result["totals"]["messages_in"] == 2
+
+
+def test_the_same_referral_as_hl7_and_as_fhir_ends_the_same(tmp_path: Path) -> None:
+    import json
+
+    from test_fhir_routes import HL7_SCENARIO, SR, appointment, report
+
+    head = "seed: 1\nstart: 2026-01-01T12:00:00+00:00\ndays: 1\nfollow_up: 20\nmessages:\n"
+    for i, raw in enumerate(HL7_SCENARIO):
+        (tmp_path / f"m{i}.hl7").write_bytes(raw)
+    for i, resource in enumerate([SR, appointment("booked"), report()]):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(resource), encoding="utf-8")
+    hl7_text = (
+        "name: as hl7\n"
+        + head
+        + "".join(f"  - {{at: {i + 1}h, file: m{i}.hl7}}\n" for i in range(3))
+    )
+    fhir_text = (
+        "name: as fhir\n"
+        + head
+        + "".join(f"  - {{at: {i + 1}h, fhir_file: r{i}.json}}\n" for i in range(3))
+    )
+    (tmp_path / "a.yaml").write_text(hl7_text, encoding="utf-8")
+    (tmp_path / "b.yaml").write_text(fhir_text, encoding="utf-8")
+    via_hl7 = simulate(load_scenario(tmp_path / "a.yaml"))
+    via_fhir = simulate(load_scenario(tmp_path / "b.yaml"))
+
+    def outcome(result: dict[str, Any]) -> tuple[Any, ...]:
+        (r,) = result["referrals"]
+        events = [(e["event"], e["status"]) for e in r["timeline"]]
+        return r["status"], r["close_reason"], r["patient"], r["specialist"], events
+
+    assert outcome(via_hl7) == outcome(via_fhir)
+    assert outcome(via_hl7)[:2] == ("closed", "report-received")
