@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 run: $(STAMP)
+	@echo "Dashboard: http://127.0.0.1:8575/ui/   first admin: $(BIN)/refloop users add NAME --role admin --state state"
 	$(BIN)/refloop run --routes routes.yaml --state state
 
 lint: $(STAMP)
@@ -29,8 +30,12 @@ tests/node/node_modules/.bin/prism: tests/node/package.json tests/node/package-l
 	npm ci --prefix tests/node --no-audit --no-fund
 	touch $@
 
-test: lint tests/node/node_modules/.bin/prism
-	$(BIN)/pytest
+# the dashboard's browser test drives Debian's chromium (Playwright with executable_path)
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: lint tests/node/node_modules/.bin/prism /usr/bin/chromium
+	REFLOOP_REQUIRE_BROWSER=1 $(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

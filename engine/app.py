@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
+from engine.auth import Auth
 from engine.clock import Clock, WallClock
 from engine.config import Config
 from engine.config import load as load_config
@@ -78,6 +79,7 @@ class Engine:
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
         self.http: HttpServer | None = None
+        self.auth: Auth | None = None  # users, sessions and API tokens (engine.auth)
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
         self._poller_tasks: list[asyncio.Task[None]] = []
@@ -125,9 +127,15 @@ class Engine:
         if self.dispatcher is not None and self.background:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         if self.config.http.enabled:
+            self.auth = Auth(self.db, self.clock)
             self.http = HttpServer(
-                self.config.http, self.metrics, lambda: self.ready, reload=self.reload
+                self.config.http,
+                self.metrics,
+                lambda: self.ready,
+                reload=self.reload,
+                authenticate=self.auth.from_token,
             )
+            self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)
             if self.hooks is not None:
                 mounted = self.hooks.register(self.http.app)
@@ -143,6 +151,24 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+
+    def _mount_ui(self, http: HttpServer) -> None:
+        """The JSON API (engine.api) and the dashboard (engine.dashboard)."""
+        from engine.api import Api, Service
+        from engine.dashboard import Dashboard
+
+        assert self.db is not None and self.auth is not None
+        wake = self.dispatcher.wake if self.dispatcher is not None else None
+        service = Service(self.db, self.clock, tracker=self.tracker, wake=wake)
+        Api(service).register(http.app)
+        Dashboard(
+            service, self.auth, secure=self.config.http.public_url.startswith("https://")
+        ).register(http.app)
+        if not self.auth.users():
+            log.warning(
+                "http: no dashboard users yet; create the first admin with "
+                "`refloop users add NAME --role admin`, then open /ui/"
+            )
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""

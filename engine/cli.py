@@ -619,6 +619,9 @@ def _register_groups() -> None:
     cli_specialists.register(
         main, state_option=state_option, routes_option=routes_option, errors=errors
     )
+    from engine import cli_users
+
+    cli_users.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
 
 _register_groups()

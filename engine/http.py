@@ -4,8 +4,10 @@
 Webhooks under ``/hooks/`` (engine.hooks) and the JSON API under ``/api/`` register their
 routes on :attr:`HttpServer.app` before :meth:`start`. Authentication by prefix:
 ``/hooks/`` handlers verify the provider's signature themselves (403 otherwise);
-everything under ``/api/`` needs ``Authorization: Bearer <http.admin_token>`` (a
-middleware here; refused outright when no token is configured). The server binds to
+everything under ``/api/`` needs ``Authorization: Bearer <token>``: ``http.admin_token``
+(an admin) or a user's API token (``authenticate``, engine.auth); a middleware here puts
+the caller in ``request["principal"]``. The dashboard (``/ui/``, engine.dashboard) checks
+its own session cookies. The server binds to
 ``http.host`` (loopback by default); put it behind a TLS reverse proxy to expose the
 webhooks (docs/delivery.md, "Webhooks").
 """
@@ -20,12 +22,15 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine.auth import Principal
 from engine.config import HttpConfig
 from engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+# Who an authenticated /api/ request is from (set by the middleware below).
+PRINCIPAL: Final = web.RequestKey("principal", Principal)
 
 
 class HttpServer:
@@ -36,11 +41,13 @@ class HttpServer:
         ready: Callable[[], bool],
         *,
         reload: Callable[[], list[str]] | None = None,
+        authenticate: Callable[[str], Principal | None] | None = None,
     ):
         self.cfg = cfg
         self.metrics = metrics
         self.ready = ready
         self.reload = reload
+        self.authenticate = authenticate
         self.app = web.Application(client_max_size=1024 * 1024, middlewares=[self._api_auth])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
@@ -69,20 +76,31 @@ class HttpServer:
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        """``/api/`` needs the bearer token from ``http.admin_token``."""
+        """``/api/`` needs a bearer token: ``http.admin_token`` or a user's API token."""
         if request.path.startswith("/api/"):
-            token = self.cfg.admin_token
-            given = request.headers.get("Authorization", "")
-            if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            principal = self._bearer(request.headers.get("Authorization", ""))
+            if principal is None:
                 log.warning(
                     "%s: %s %s refused (bearer token)", request.remote, request.method, request.path
                 )
                 return web.json_response(
-                    {"status": "unauthorized"},
+                    {"status": "unauthorized", "error": "unauthorized"},
                     status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="refloop"'},
                 )
+            request[PRINCIPAL] = principal
         return await handler(request)
+
+    def _bearer(self, header: str) -> Principal | None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        admin = self.cfg.admin_token
+        if admin and hmac.compare_digest(token.encode(), admin.encode()):
+            return Principal("admin-token", "admin", "config")
+        if self.authenticate is not None:
+            return self.authenticate(token)
+        return None
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

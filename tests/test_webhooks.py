@@ -417,7 +417,7 @@ def test_api_needs_the_bearer_token(tmp_path: Path) -> None:
         wrong = {"Authorization": "Bearer nope"}
         assert (await r.http.get(f"{r.base}/api/referrals", headers=wrong)).status_code == 401
         right = {"Authorization": f"Bearer {ADMIN}"}
-        # authenticated: on to routing (no API route here yet → 404, not 401)
-        assert (await r.http.get(f"{r.base}/api/referrals", headers=right)).status_code == 404
+        # authenticated: on to the JSON API (engine.api; tests/test_api.py)
+        assert (await r.http.get(f"{r.base}/api/referrals", headers=right)).status_code == 200
 
     run(body, tmp_path)

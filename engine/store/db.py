@@ -137,6 +137,12 @@ def _m6_specialists(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
+def _m_users(db: sqlite_utils.Database) -> None:
+    from engine.store.users import migrate
+
+    migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -144,6 +150,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m4_audit,
     _m5_outbox_dispatch,
     _m6_specialists,
+    _m_users,
 ]
 
 

@@ -1,0 +1,210 @@
+"""Read queries for the dashboard and the JSON API: the referral worklist with its
+filters, message metadata search (indexed columns only — never a scan of raw message
+text), a message's raw bytes on request, and coordinator tasks.
+
+Plain read-only functions over an open connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from engine.store.referrals import Conn, ReferralRow, get_referral
+
+TASK_CHANNELS: Final = ("task", "coordinator")
+
+
+def search_referrals(
+    conn: Conn,
+    *,
+    status: str | None = None,
+    open_only: bool = False,
+    specialty: str | None = None,
+    specialist: str | None = None,
+    referring: str | None = None,
+    opened_before: float | None = None,
+    limit: int = 200,
+) -> list[ReferralRow]:
+    """Referrals matching every filter given, oldest first. ``specialist`` and
+    ``referring`` match the provider's name, NPI or organisation (case-insensitive
+    substring). ``opened_before`` keeps referrals opened before that time."""
+    where: list[str] = []
+    args: list[Any] = []
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    if open_only:
+        where.append("status != 'closed'")
+    if specialty:
+        where.append("lower(specialty) = lower(?)")
+        args.append(specialty)
+    for party, value in (("specialist", specialist), ("referring", referring)):
+        if value:
+            where.append(
+                f"(instr(lower({party}_name), lower(?)) > 0 OR {party}_npi = ? "
+                f"OR instr(lower({party}_organisation), lower(?)) > 0)"
+            )
+            args.extend((value, value, value))
+    if opened_before is not None:
+        where.append("opened_at < ?")
+        args.append(opened_before)
+    sql = "SELECT id FROM referrals"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY opened_at, id LIMIT ?"
+    args.append(limit)
+    ids = [int(r[0]) for r in conn.execute(sql, args).fetchall()]
+    out = []
+    for rid in ids:
+        row = get_referral(conn, rid)
+        if row is not None:
+            out.append(row)
+    return out
+
+
+def specialties(conn: Conn) -> list[str]:
+    """Distinct specialties of open referrals (for the worklist's filter)."""
+    rows = conn.execute(
+        "SELECT DISTINCT specialty FROM referrals WHERE specialty != '' ORDER BY specialty"
+    )
+    return [str(r[0]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMeta:
+    """An inbox row without its bytes."""
+
+    id: int
+    received_at: float
+    source: str
+    sending_app: str
+    sending_facility: str
+    control_id: str
+    message_type: str
+    version: str
+    status: str
+    ack_code: str
+    error: str
+    duplicates: int
+    flags: str
+    route: str
+    size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "received_at": self.received_at,
+            "source": self.source,
+            "sending_app": self.sending_app,
+            "sending_facility": self.sending_facility,
+            "control_id": self.control_id,
+            "message_type": self.message_type,
+            "version": self.version,
+            "status": self.status,
+            "ack_code": self.ack_code,
+            "error": self.error,
+            "duplicates": self.duplicates,
+            "flags": self.flags,
+            "route": self.route,
+            "size": self.size,
+        }
+
+
+_META: Final = (
+    "id, received_at, source, sending_app, sending_facility, control_id, message_type, "
+    "version, status, ack_code, error, duplicates, flags, route, length(raw)"
+)
+
+
+def _meta(r: Any) -> MessageMeta:
+    return MessageMeta(
+        id=int(r[0]),
+        received_at=float(r[1]),
+        source=str(r[2] or ""),
+        sending_app=str(r[3] or ""),
+        sending_facility=str(r[4] or ""),
+        control_id=str(r[5] or ""),
+        message_type=str(r[6] or ""),
+        version=str(r[7] or ""),
+        status=str(r[8] or ""),
+        ack_code=str(r[9] or ""),
+        error=str(r[10] or ""),
+        duplicates=int(r[11] or 0),
+        flags=str(r[12] or ""),
+        route=str(r[13] or ""),
+        size=int(r[14] or 0),
+    )
+
+
+def search_messages(
+    conn: Conn,
+    *,
+    message_type: str | None = None,
+    control_id: str | None = None,
+    status: str | None = None,
+    source: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    before_id: int | None = None,
+    limit: int = 50,
+) -> list[MessageMeta]:
+    """Inbox metadata, newest first. Filters use the indexed columns (control id,
+    received time, message type; ``TYPE*`` is a prefix match) plus status and source."""
+    where: list[str] = []
+    args: list[Any] = []
+    if message_type:
+        if message_type.endswith("*") and "*" not in message_type[:-1]:
+            # a prefix range uses the (message_type, id) index; GLOB would too, but its
+            # metacharacters ([, ?) would need escaping
+            prefix = message_type[:-1]
+            where.append("message_type >= ? AND message_type < ?")
+            args.extend((prefix, prefix + "\U0010ffff"))
+        else:
+            where.append("message_type = ?")
+            args.append(message_type)
+    if control_id:
+        where.append("control_id = ?")
+        args.append(control_id)
+    if status:
+        where.append("status = ?")
+        args.append(status)
+    if source:
+        where.append("source = ?")
+        args.append(source)
+    if since is not None:
+        where.append("received_at >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("received_at < ?")
+        args.append(until)
+    if before_id is not None:
+        where.append("id < ?")
+        args.append(before_id)
+    sql = f"SELECT {_META} FROM messages"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    args.append(limit)
+    return [_meta(r) for r in conn.execute(sql, args).fetchall()]
+
+
+def get_message(conn: Conn, message_id: int) -> MessageMeta | None:
+    r = conn.execute(f"SELECT {_META} FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return _meta(r) if r else None
+
+
+def raw_message(conn: Conn, message_id: int) -> tuple[bytes, str] | None:
+    """(the exact bytes received, the codec they decode with)."""
+    r = conn.execute("SELECT raw, charset FROM messages WHERE id = ?", (message_id,)).fetchone()
+    return (bytes(r[0]), str(r[1] or "utf-8")) if r else None
+
+
+def referral_message_ids(conn: Conn, referral_id: int) -> list[int]:
+    """Inbox rows that reached a referral's timeline."""
+    rows = conn.execute(
+        "SELECT DISTINCT message_id FROM referral_events WHERE referral_id = ? "
+        "AND message_id IS NOT NULL ORDER BY message_id",
+        (referral_id,),
+    )
+    return [int(r[0]) for r in rows]
