@@ -126,6 +126,8 @@ class Engine:
             self._make_timers()
         if self.dispatcher is not None and self.background:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
+        if self.dispatcher is not None and self.tracker is not None:
+            self.processor.after_commit = self._wake_dispatcher
         if self.config.http.enabled:
             self.auth = Auth(self.db, self.clock)
             self.http = HttpServer(
@@ -191,6 +193,26 @@ class Engine:
                 metrics=self.metrics,
             )
 
+    def _wake_dispatcher(self) -> None:
+        """After a processing commit: rows the tracker enqueued go out now, not at the
+        dispatcher's next poll."""
+        if self.tracker.take_enqueued() and self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    def _write_back_channels(self) -> dict[str, Any]:
+        """An outbox channel ``fhir:<source>`` per FHIR source with ``write_back.task``
+        (engine.fhir_source.WriteBackChannel), on its poller's client and token cache."""
+        from engine.fhir_source import WriteBackChannel
+        from engine.model import write_back_channel
+
+        return {
+            write_back_channel(name): WriteBackChannel(
+                poller.source, client=poller.client, auth=poller.auth, clock=self.clock
+            )
+            for name, poller in self.pollers.items()
+            if poller.source.write_back.task
+        }
+
     def _make_tracker(self) -> Any:
         from engine.routes import compile_config
         from engine.tracker import Tracker, TrackerMetrics
@@ -201,6 +223,7 @@ class Engine:
             self.clock,
             policy=compile_config(self.config).escalation,
             metrics=TrackerMetrics(self.metrics.registry, self.db),
+            write_back=[s.name for s in self.config.fhir_sources if s.write_back.task],
         )
 
     def _make_timers(self) -> None:
@@ -229,7 +252,7 @@ class Engine:
         from engine.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
         from engine.hooks import Hooks
         from engine.packet_flow import PacketBuilder
-        from engine.routes import compile_config
+        from engine.routes import ChannelSpec, compile_config
         from engine.specialists import certificate_lookup
 
         assert self.db is not None
@@ -244,6 +267,9 @@ class Engine:
             env=env,
             certificate_for=certificate_lookup(self.db),
         )
+        write_backs = self._write_back_channels()
+        channels.update(write_backs)
+        specs = {**table.channels, **{n: ChannelSpec(n, "fhir", {}, {}) for n in write_backs}}
         directs = {n: s for n, s in table.channels.items() if s.type == "direct"}
         packets = PacketBuilder(
             self.db,
@@ -252,7 +278,7 @@ class Engine:
             public_url=http.public_url,
             attach_original=[n for n, s in directs.items() if s.settings.get("attach_original")],
         )
-        renderer = Renderer(table.channels, table.practice, packets=packets)
+        renderer = Renderer(specs, table.practice, packets=packets)
         rotation = Rotation.from_channels(table.escalation, table.channels)
         extra: dict[str, Any] = {}
         if self.dispatch_sleep is not None:

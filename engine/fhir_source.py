@@ -60,7 +60,7 @@ from engine.errors import ChannelError, EngineError
 from engine.fhir_auth import Auth, AuthError, send
 from engine.fhir_routes import instant, reference_key
 from engine.metrics import Metrics
-from engine.model import Inbound, LoopClosure
+from engine.model import Inbound, LoopClosure, OutboundMessage, SendReceipt
 from engine.store import Database, Inbox
 from engine.store.inbox import AddResult
 
@@ -704,9 +704,11 @@ def completed_task(existing: Mapping[str, Any] | None, closure: LoopClosure) -> 
     period = _obj(task.get("executionPeriod"))
     task["executionPeriod"] = {**period, "end": when}
     outputs = [o for o in task.get("output") or [] if isinstance(o, dict)]
-    if not any((o.get("valueReference") or {}).get("reference") == closure.report for o in outputs):
+    known = any((o.get("valueReference") or {}).get("reference") == closure.report for o in outputs)
+    if closure.report and not known:
         outputs.append(output)
-    task["output"] = outputs
+    if outputs:
+        task["output"] = outputs
     task.pop("meta", None)  # the server owns meta
     return task
 
@@ -805,7 +807,11 @@ async def _write_back(
                 "sent": _iso(closure.closed_at),
                 "payload": [
                     {"contentString": "The specialist's report for your referral is available."},
-                    {"contentReference": {"reference": closure.report}},
+                    *(
+                        [{"contentReference": {"reference": closure.report}}]
+                        if closure.report
+                        else []
+                    ),
                 ],
                 **({"subject": {"reference": closure.patient}} if closure.patient else {}),
             }
@@ -819,6 +825,48 @@ async def _write_back(
         cid = str(answer.get("id", "")) if isinstance(answer, dict) else ""
         comm_ref = f"Communication/{cid}" if cid else "Communication"
     return WriteBackResult(task=task_ref, created=created, communication=comm_ref)
+
+
+class WriteBackChannel:
+    """The outbox channel ``fhir:<source>``: the tracker enqueues a
+    :data:`engine.model.WRITE_BACK_TEMPLATE` row in the transaction that closes the loop, so an EHR
+    outage or a restart delays the Task update but never loses it; the dispatcher retries
+    it like any send (:func:`write_back_task` says which failures are worth retrying).
+    Shares the source's poller HTTP client and token cache."""
+
+    def __init__(
+        self, source: FhirSource, *, client: httpx.AsyncClient, auth: Auth, clock: Clock
+    ) -> None:
+        self.source = source
+        self.client = client
+        self.auth = auth
+        self.clock = clock
+
+    async def send(self, item: OutboundMessage) -> SendReceipt:
+        try:
+            data = json.loads(item.payload or "{}")
+            closure = LoopClosure(
+                referral_id=item.referral_id or str(data["referral_id"]),
+                service_request=str(data["service_request"]),
+                report=str(data.get("report") or ""),
+                closed_at=float(data["closed_at"]),
+                patient=str(data.get("patient") or ""),
+                requester=str(data.get("requester") or ""),
+            )
+        except (ValueError, KeyError, TypeError):
+            raise ChannelError(
+                f"{item.channel}: outbox row is not a write-back", retryable=False
+            ) from None
+        result = await write_back_task(
+            self.source, closure, client=self.client, auth=self.auth, clock=self.clock
+        )
+        return SendReceipt(
+            outbox_id=item.outbox_id,
+            idempotency_key=item.idempotency_key,
+            channel=item.channel,
+            provider_message_id=result.task,
+            provider_status=result.skipped or ("created" if result.created else "updated"),
+        )
 
 
 async def _find_task(

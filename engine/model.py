@@ -574,6 +574,15 @@ class LoopClosure:
     owner: str = ""  # "Organization/8": the performing organisation
 
 
+# The outbox row (template) that carries a LoopClosure, on channel ``fhir:<source>``.
+WRITE_BACK_TEMPLATE: Final = "fhir-task-completed"
+
+
+def write_back_channel(source: str) -> str:
+    """The outbox channel of FHIR source ``source``'s write-backs."""
+    return f"fhir:{source}"
+
+
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 

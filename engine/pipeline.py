@@ -65,6 +65,9 @@ class Processor:
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
+        # called after each processing commit (the engine wakes the outbox dispatcher
+        # when the batch enqueued rows)
+        self.after_commit: Callable[[], None] | None = None
 
     def notify(self) -> None:
         """New rows were committed."""
@@ -121,6 +124,8 @@ class Processor:
                 outcomes.append(self._process_one(row, conn, now))
             self.db.set_meta(CURSOR_KEY, str(rows[-1].id))
         self.cursor = rows[-1].id
+        if self.after_commit is not None:
+            self.after_commit()
         for row, outcome in zip(rows, outcomes, strict=True):
             self.metrics.processed.labels(outcome.status).inc()
             for fut in self._waiters.pop(row.id, ()):

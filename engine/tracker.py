@@ -45,6 +45,7 @@ from engine.errors import StoreError
 from engine.escalation import Policy, TimerGroup, TimerSpec
 from engine.model import (
     EVENT_TYPES,
+    WRITE_BACK_TEMPLATE,
     ContactUpdated,
     Event,
     Identifiers,
@@ -54,7 +55,9 @@ from engine.model import (
     Provider,
     ReferralCreated,
     ReferralUpdated,
+    ReportReceived,
     to_plain,
+    write_back_channel,
 )
 from engine.store import audit as audit_store
 from engine.store import referrals as store
@@ -262,12 +265,23 @@ class Tracker:
         window_days: float = DEFAULT_WINDOW_DAYS,
         policy: EscalationPolicy | None = None,
         metrics: TrackerMetrics | None = None,
+        write_back: Iterable[str] = (),
     ):
         self.db = db
         self.clock = clock
         self.window = window_days * DAY
         self.policy: EscalationPolicy = policy or Policy()
         self.metrics = metrics
+        # FHIR sources whose Task is completed when a referral of theirs closes with a
+        # report (engine.fhir_source.WriteBackChannel sends the outbox row).
+        self.write_back = frozenset(write_back)
+        self.enqueued = 0  # outbox rows written since take_enqueued() last asked
+
+    def take_enqueued(self) -> int:
+        """How many outbox rows were written since the last call (the engine wakes the
+        dispatcher after a processing commit that wrote some)."""
+        n, self.enqueued = self.enqueued, 0
+        return n
 
     # -- events from messages ----------------------------------------------------
 
@@ -482,6 +496,15 @@ class Tracker:
             )
             done.extend(more)
 
+        if (
+            row.sending_facility in self.write_back
+            and new.close_reason == "report-received"
+            and old.close_reason != "report-received"
+        ):
+            report = event.report_id if isinstance(event, ReportReceived) else ""
+            self._write_back(conn, row, report, now)
+            done.append("fhir-write-back")
+
         changed = transition.changed or auth_changed
         detail: dict[str, Any] = {
             k: getattr(event, k)
@@ -635,6 +658,7 @@ class Tracker:
         else:
             channel = "task"  # a coordinator sends it by hand
         n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
+        self.enqueued += 1
         store.enqueue_outbox(
             conn,
             rid,
@@ -642,6 +666,37 @@ class Tracker:
             template,
             json.dumps(payload, sort_keys=True, separators=(",", ":")),
             f"{rid}:{effect}:{n}",
+            now,
+            now=now,
+        )
+
+    def _write_back(self, conn: Conn, row: store.ReferralRow, report: str, now: float) -> None:
+        """Enqueue the FHIR Task write-back of a loop closed by a report, for a referral
+        that came from FHIR source ``row.sending_facility`` (its ServiceRequest is kept as
+        a filler number)."""
+        service_request = next(
+            (f for f in row.filler_numbers if f.startswith("ServiceRequest/")), ""
+        )
+        if not service_request:
+            log.warning("referral %d: no ServiceRequest to write back to", row.id)
+            return
+        patients = [p for p in row.patient_ids if p.startswith("Patient/")]
+        payload = {
+            "referral_id": row.id,
+            "service_request": service_request,
+            "report": report if "/" in report else "",
+            "closed_at": now,
+            "patient": patients[0] if patients else "",
+        }
+        n = store.count_outbox(conn, row.id, f"{row.id}:fhir-write-back:") + 1
+        self.enqueued += 1
+        store.enqueue_outbox(
+            conn,
+            row.id,
+            write_back_channel(row.sending_facility),
+            WRITE_BACK_TEMPLATE,
+            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            f"{row.id}:fhir-write-back:{n}",
             now,
             now=now,
         )

@@ -3,14 +3,18 @@ with the report as output, validated by the server with fhir.resources."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fhir_server import FhirServer
-from helpers import run
+from fhir_server import FhirServer, make_service_request
+from helpers import WAIT, run
 
-from engine.config import FhirSource, FhirWriteBack
+from engine.app import Engine
+from engine.config import FhirSource, FhirWriteBack, loads
 from engine.errors import ChannelError
 from engine.fhir_auth import NoAuth
 from engine.fhir_source import completed_task, validate_resource, write_back_task
@@ -163,3 +167,104 @@ def test_completed_task_is_pure_and_valid() -> None:
     assert validate_resource(task) == ""
     twice = completed_task(task, closure())
     assert len(twice["output"]) == 1  # the report is not added twice
+
+
+# -- through the running engine: report in → loop closed → outbox → Task completed ------
+
+ENGINE_CONFIG = """
+version: 1
+http: {{enabled: false}}
+sources:
+  ehr:
+    type: fhir
+    base_url: {base}
+    resources: [ServiceRequest, DiagnosticReport]
+    poll_interval: 3600
+    write_back: {{task: true}}
+routes:
+  - name: fhir-referral-new
+    when: {{resource: ServiceRequest}}
+    extract:
+      sending_facility: "{{{{ source }}}}"
+      placer_number: ServiceRequest.identifier.value
+      filler_numbers: "{{{{ [resource_ref] }}}}"
+      patient_ids: "{{{{ refs('ServiceRequest.subject', 'Patient') }}}}"
+    then:
+      - track: referral-created
+  - name: fhir-diagnostic-report
+    when:
+      resource: DiagnosticReport
+      DiagnosticReport.status: final
+    extract:
+      sending_facility: "{{{{ source }}}}"
+      filler_numbers: "{{{{ refs('DiagnosticReport.basedOn', 'ServiceRequest') }}}}"
+      report_id: "{{{{ resource_ref }}}}"
+    then:
+      - track: report-received
+"""
+
+
+def test_closing_a_loop_from_fhir_completes_the_task_through_the_outbox(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with FhirServer() as server:
+            cfg = loads(ENGINE_CONFIG.format(base=server.base))
+            eng = Engine(cfg, state_dir=tmp_path / "state", drain_seconds=2.0)
+            await eng.start()
+            try:
+                poller = eng.pollers["ehr"]
+                server.put(make_service_request(1))
+                server.tick()
+                poller.request_poll()
+                await until(lambda: referral_status(eng) == "open")
+                server.put(
+                    {
+                        "resourceType": "DiagnosticReport",
+                        "id": "dr1",
+                        "status": "final",
+                        "code": {"text": "Consult note"},
+                        "basedOn": [{"reference": "ServiceRequest/sr1"}],
+                        "subject": {"reference": "Patient/p1"},
+                    }
+                )
+                server.tick()
+                poller.request_poll()
+                await until(lambda: bool(server.resources.get("Task")))
+                (versions,) = server.resources["Task"].values()
+                task = versions[-1]
+                assert referral_status(eng) == "closed"
+                assert validate_resource(task) == ""
+                assert task["status"] == "completed"
+                assert task["focus"] == {"reference": "ServiceRequest/sr1"}
+                assert task["for"] == {"reference": "Patient/p1"}
+                assert task["output"][0]["valueReference"] == {"reference": "DiagnosticReport/dr1"}
+                assert eng.db is not None
+                await until(lambda: outbox_rows(eng) == [("fhir:ehr", "sent")])
+                # the same report again (a re-read) closes nothing twice and sends nothing
+                server.tick()
+                poller.request_poll()
+                await asyncio.sleep(0.2)
+                assert outbox_rows(eng) == [("fhir:ehr", "sent")]
+            finally:
+                await eng.stop()
+
+    run(body())
+
+
+def referral_status(eng: Engine) -> str:
+    assert eng.db is not None
+    row = eng.db.conn.execute("SELECT status FROM referrals").fetchone()
+    return str(row[0]) if row else ""
+
+
+def outbox_rows(eng: Engine) -> list[tuple[str, str]]:
+    assert eng.db is not None
+    rows = eng.db.conn.execute(
+        "SELECT channel, status FROM outbox WHERE template = 'fhir-task-completed'"
+    ).fetchall()
+    return [(str(a), str(b)) for a, b in rows]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
