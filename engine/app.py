@@ -33,6 +33,7 @@ from engine.http import HttpServer
 from engine.listener import MllpServer
 from engine.metrics import Metrics
 from engine.pipeline import Handler, Processor, no_routes
+from engine.report import closure_ratios
 from engine.store import Database, Inbox, open_database
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Engine:
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
+        db = self.db
+        self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
         if self.tracker is None and "routes" in self.config.sections:
             self.tracker = self._make_tracker()
         handler = self._make_handler(self.config)

@@ -622,6 +622,9 @@ def _register_groups() -> None:
     from engine import cli_users
 
     cli_users.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
+    from engine import cli_report
+
+    cli_report.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
 
 _register_groups()

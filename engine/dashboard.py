@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hmac
-import importlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -403,14 +402,10 @@ class Dashboard:
     def chart_data(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, int]]]:
         """(closure rate % and denominator by month for the last 12 months, open
         referrals by age bucket) from the closure report (engine.report)."""
-        now = self.service.clock.now()
-        today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+        today = dt.datetime.fromtimestamp(self.service.clock.now(), dt.UTC).date()
         start = (today.replace(day=1) - dt.timedelta(days=335)).replace(day=1)
-        try:
-            data = self.service.report(start, today, "month")
-        except ApiError:
-            data = {}
-        return _months(data), _aging(data, self.service, now)
+        data = self.service.report(start, today, "month")
+        return _months(data), _aging(data)
 
     # -- users --
 
@@ -543,50 +538,13 @@ def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _months(data: Mapping[str, Any]) -> list[tuple[str, float, int]]:
-    """(month, closure rate %, denominator) from a ``by=month`` report dict: its list of
-    groups (``groups`` / ``rows`` / ``by``), each with a key and a rate or counts."""
-    groups: Any = None
-    for key in ("groups", "rows", "by", "breakdown"):
-        if isinstance(data.get(key), list):
-            groups = data[key]
-            break
-    out: list[tuple[str, float, int]] = []
-    for g in groups or []:
-        if not isinstance(g, Mapping):
-            continue
-        label = str(g.get("key") or g.get("group") or g.get("month") or "")
-        den = _number(g, ("denominator", "referrals", "total", "count"))
-        num = _number(g, ("numerator", "closed", "closed_loop"))
-        rate = _number(g, ("rate", "closure_rate", "closed_rate"))
-        if rate is None and den:
-            rate = (num or 0) / den
-        if rate is not None and rate <= 1.0:
-            rate *= 100.0
-        out.append((label, float(rate or 0.0), int(den or 0)))
-    return out
+    """(month, closure rate %, denominator) from a ``by=month`` report dict
+    (engine.report.report_to_dict): one per group; a month with no referrals has no group."""
+    return [
+        (str(g["key"]), (g["rate"] or 0.0) * 100.0, int(g["denominator"])) for g in data["groups"]
+    ]
 
 
-def _number(g: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
-    for k in keys:
-        v = g.get(k)
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def _aging(data: Mapping[str, Any], service: Service, now: float) -> list[tuple[str, int]]:
-    """Open referrals by age bucket: the report's ``open_aging`` (or ``aging``), else
-    the report store's query."""
-    for key in ("open_aging", "aging", "open_by_age"):
-        value = data.get(key)
-        if isinstance(value, Mapping):
-            return [(str(k), int(v)) for k, v in value.items() if isinstance(v, int)]
-        if isinstance(value, list):
-            return [
-                (str(b.get("bucket") or b.get("label")), int(b.get("count") or 0))
-                for b in value
-                if isinstance(b, Mapping)
-            ]
-    store = importlib.import_module("engine.store.report")
-    counts: dict[str, int] = store.open_aging(service.db.conn, 0.0, now + 1, now)
-    return list(counts.items())
+def _aging(data: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Open referrals by age bucket, in bucket order: the report's ``open_aging``."""
+    return [(str(label), int(n)) for label, n in data["open_aging"].items()]

@@ -7,10 +7,16 @@ are normalised to ``TYPE^TRIGGER`` codes (anything else becomes ``other``).
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 _TYPE = re.compile(r"[A-Z0-9]{3}(\^[A-Z0-9]{3})?")
 LATENCY_BUCKETS: Final = (
@@ -151,3 +157,58 @@ class Metrics:
             ["hook", "result"],
             registry=registry,
         )
+
+    def watch_closure_ratio(
+        self,
+        ratios: Callable[[float], Mapping[str, float | None]],
+        now: Callable[[], float],
+        *,
+        interval: float = 300.0,
+    ) -> None:
+        """Export ``refloop_closure_ratio{window}`` from ``ratios(now)`` (the daemon
+        passes engine.report.closure_ratios bound to its connection)."""
+        self.registry.register(ClosureRatio(ratios, now, interval=interval))
+
+
+class ClosureRatio(Collector):
+    """``refloop_closure_ratio{window}``: of the referrals opened in each trailing window
+    (``30d``, ``90d``, ``365d``), the share closed by a specialist report. Read at scrape
+    time, but at most once per ``interval`` seconds (a scrape in between gets the cached
+    values), so frequent scrapes cost one range scan every few minutes. A window with no
+    referrals has no sample."""
+
+    NAME: Final = "refloop_closure_ratio"
+    HELP: Final = (
+        "Of the referrals opened in the trailing window, the share closed by a "
+        "specialist report (final or corrected)."
+    )
+
+    def __init__(
+        self,
+        ratios: Callable[[float], Mapping[str, float | None]],
+        now: Callable[[], float],
+        *,
+        interval: float = 300.0,
+    ):
+        self.ratios = ratios
+        self.now = now
+        self.interval = interval
+        self._at: float | None = None
+        self._values: Mapping[str, float | None] = {}
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.NAME, self.HELP, labels=["window"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self.now()
+        if self._at is None or not 0 <= now - self._at < self.interval:
+            try:
+                self._values = self.ratios(now)
+                self._at = now
+            except Exception:  # a scrape must not fail because the database is busy or closed
+                log.warning("metrics: cannot read the closure ratio")
+        g = GaugeMetricFamily(self.NAME, self.HELP, labels=["window"])
+        for window, value in self._values.items():
+            if value is not None:
+                g.add_metric([window], value)
+        yield g

@@ -86,6 +86,9 @@ class FakeTracker:
     def apply(self, event: Event, conn: sqlite3.Connection) -> None:
         self.applied.append(event)
 
+    def take_enqueued(self) -> int:
+        return 0  # this tracker never writes outbox rows
+
 
 def write(path: Path, text: str) -> config.Config:
     path.write_text(text)

@@ -143,6 +143,12 @@ def _m_users(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
+def _m_closure_report(db: sqlite_utils.Database) -> None:
+    from engine.store.report import migrate
+
+    migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -151,6 +157,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m5_outbox_dispatch,
     _m6_specialists,
     _m_users,
+    _m_closure_report,
 ]
 
 
