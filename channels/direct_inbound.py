@@ -24,12 +24,15 @@ alternative for HISPs that only offer a mailbox.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email.parser
 import email.policy
 import imaplib
+import ipaddress
 import logging
 import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -381,82 +384,211 @@ class DirectListener:
             self._server = None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine (``localhost``, 127.0.0.0/8, ``::1``): the only
+    place a plaintext IMAP test server may be."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# RFC 8314 §3.2: IMAP with implicit TLS.
+IMAPS_PORT: Final = 993
+IMAP_TIMEOUT: Final = 30.0
+# RFC 3501 §9: an atom needs no quoting (a conservative subset of ATOM-CHAR).
+_ATOM: Final = re.compile(r"[A-Za-z0-9._/-]+")
+
+
 @dataclass(frozen=True, slots=True)
 class ImapSettings:
-    """A mailbox the HISP delivers Direct mail to (IMAP4 over TLS, RFC 9051)."""
+    """A mailbox the HISP delivers Direct mail to (IMAP4rev1, RFC 3501, over implicit
+    TLS, RFC 8314 §3.2), polled every ``interval`` seconds. ``ssl_context`` None means
+    Python's default verifying context (system CAs, hostname checked); ``use_tls``
+    False is for loopback test servers only (:meth:`problems` says so)."""
 
     host: str
     username: str
     password: str
-    port: int = 993
+    port: int = IMAPS_PORT
     mailbox: str = "INBOX"
+    interval: float = 60.0
     ssl_context: ssl.SSLContext | None = None
-    use_tls: bool = True  # False only for loopback tests
+    use_tls: bool = True
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for every setting the poller could not use."""
+        out: list[tuple[str, str]] = []
+        for key, value in (
+            ("host", self.host),
+            ("username", self.username),
+            ("password", self.password),
+        ):
+            if not value:
+                out.append((key, "is required for an IMAP mailbox"))
+        if not 1 <= self.port <= 65535:
+            out.append(("port", f"must be between 1 and 65535, not {self.port}"))
+        if not self.mailbox or not self.mailbox.isascii():
+            out.append(("mailbox", "must be a non-empty ASCII mailbox name"))
+        if not self.interval > 0:
+            out.append(("interval", "must be a positive number of seconds"))
+        if not self.use_tls and self.host and not is_loopback(self.host):
+            out.append(("tls", "may be false only for a loopback host (127.0.0.1, ::1)"))
+        return out
+
+
+def _quoted(mailbox: str) -> str:
+    """The mailbox as an IMAP astring (imaplib sends arguments as given)."""
+    if _ATOM.fullmatch(mailbox) or (len(mailbox) > 1 and mailbox[0] == mailbox[-1] == '"'):
+        return mailbox
+    return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Imap4Tls(imaplib.IMAP4_SSL):
+    """imaplib's IMAP4_SSL, closing the TCP socket when the TLS handshake fails (a
+    certificate that does not verify); imaplib leaves it to the garbage collector."""
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout)
+        try:
+            return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
 
 
 class ImapPoller:
-    """Polls a mailbox for unseen messages, classifies each and awaits ``on_result``;
-    a message is flagged ``\\Seen`` only after its callback returned, so a crash
-    re-reads it (the engine dedupes on Message-ID). imaplib runs in a worker thread,
-    never in the event loop."""
+    """Polls a mailbox for unseen messages, one connection per poll: search the unseen
+    UIDs, then for each in order fetch it (``BODY.PEEK[]``, which leaves it unseen),
+    classify it, await ``on_result`` and only after that returned flag it ``\\Seen``. A
+    callback failure leaves that message unseen, so the next poll reads it again (the
+    engine dedupes on Message-ID), and the poll goes on with the next message; so does
+    a crash between storing and flagging. Quarantined mail is a stored outcome and is
+    flagged like any other (the SMTP listener answers 250 for it too). imaplib and the
+    classification run in a worker thread, never in the event loop."""
 
     def __init__(self, settings: ImapSettings, handler: DirectHandler):
         self.settings = settings
         self.handler = handler
+        self.peer = f"{settings.host}:{settings.port}"
+
+    # -- imaplib, each call in a worker thread (one at a time per connection) --------------
 
     def _connect(self) -> imaplib.IMAP4:
         s = self.settings
         conn: imaplib.IMAP4
         if s.use_tls:
-            conn = imaplib.IMAP4_SSL(s.host, s.port, ssl_context=s.ssl_context, timeout=30)
+            context = s.ssl_context or ssl.create_default_context()
+            conn = _Imap4Tls(s.host, s.port, ssl_context=context, timeout=IMAP_TIMEOUT)
         else:
-            conn = imaplib.IMAP4(s.host, s.port, timeout=30)
-        conn.login(s.username, s.password)
-        conn.select(s.mailbox)
+            conn = imaplib.IMAP4(s.host, s.port, timeout=IMAP_TIMEOUT)
+        try:
+            conn.login(s.username, s.password)
+            typ, _data = conn.select(_quoted(s.mailbox))
+            if typ != "OK":
+                raise imaplib.IMAP4.error("SELECT refused")
+        except BaseException:
+            self._close(conn)
+            raise
         return conn
 
-    def _fetch_unseen(self) -> list[tuple[str, bytes]]:
-        conn = self._connect()
-        try:
-            _typ, data = conn.uid("SEARCH", "UNSEEN")
-            uids = [u.decode() for u in data[0].split()] if data and data[0] else []
-            out = []
-            for uid in uids:
-                _typ, parts = conn.uid("FETCH", uid, "(BODY.PEEK[])")
-                for part in parts:
-                    if isinstance(part, tuple):
-                        out.append((uid, part[1]))
-            return out
-        finally:
-            conn.logout()
+    @staticmethod
+    def _unseen(conn: imaplib.IMAP4) -> list[str]:
+        typ, data = conn.uid("SEARCH", "UNSEEN")
+        if typ != "OK":
+            raise imaplib.IMAP4.error("UID SEARCH refused")
+        found = data[0] if data else None
+        if not isinstance(found, bytes):
+            return []
+        return sorted((u.decode("ascii") for u in found.split()), key=int)
 
-    def _mark_seen(self, uid: str) -> None:
-        conn = self._connect()
-        try:
-            conn.uid("STORE", uid, "+FLAGS", "(\\Seen)")
-        finally:
-            conn.logout()
+    def _fetch(self, conn: imaplib.IMAP4, uid: str) -> DirectInbound | None:
+        """The message's classification, or None when it is gone (expunged since the
+        search)."""
+        typ, parts = conn.uid("FETCH", uid, "(BODY.PEEK[])")
+        if typ != "OK":
+            raise imaplib.IMAP4.error("UID FETCH refused")
+        for part in parts:
+            if isinstance(part, tuple) and len(part) == 2 and isinstance(part[1], bytes):
+                return self.handler.classify(part[1])
+        return None
 
-    async def poll_once(self) -> int:
-        """One poll; returns how many messages were handed on."""
-        messages = await asyncio.to_thread(self._fetch_unseen)
-        for uid, raw in messages:
-            await self.handler.on_result(self.handler.classify(raw))
-            await asyncio.to_thread(self._mark_seen, uid)
-        return len(messages)
+    @staticmethod
+    def _mark_seen(conn: imaplib.IMAP4, uid: str) -> bool:
+        typ, _data = conn.uid("STORE", uid, "+FLAGS", "(\\Seen)")
+        return typ == "OK"
+
+    @staticmethod
+    def _close(conn: imaplib.IMAP4) -> None:
+        try:
+            conn.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass
+
+    # -- the event loop side ---------------------------------------------------------------
+
+    async def poll_once(self, stop: asyncio.Event | None = None) -> int:
+        """One poll on one connection; returns how many messages were stored (and
+        flagged). A set ``stop`` ends the poll between messages (the rest stay unseen).
+        Network and IMAP errors propagate (:meth:`run` logs them)."""
+        conn = await asyncio.to_thread(self._connect)
+        try:
+            stored = await self._hand_on(conn, stop)
+        except asyncio.CancelledError:
+            # A worker may still be blocked on this connection: close the socket under
+            # it instead of a LOGOUT round trip on the same connection.
+            with contextlib.suppress(OSError):
+                conn.shutdown()
+            raise
+        except Exception:
+            await asyncio.to_thread(self._close, conn)
+            raise
+        await asyncio.to_thread(self._close, conn)
+        return stored
+
+    async def _hand_on(self, conn: imaplib.IMAP4, stop: asyncio.Event | None) -> int:
+        stored = 0
+        for uid in await asyncio.to_thread(self._unseen, conn):
+            if stop is not None and stop.is_set():
+                break
+            result = await asyncio.to_thread(self._fetch, conn, uid)
+            if result is None:
+                continue
+            try:
+                await self.handler.on_result(result)
+            except Exception:
+                log.exception(
+                    "imap %s: uid %s not stored; left unseen for the next poll", self.peer, uid
+                )
+                continue
+            if not await asyncio.to_thread(self._mark_seen, conn, uid):
+                log.warning(
+                    "imap %s: uid %s stored but not flagged \\Seen; it will be read again",
+                    self.peer,
+                    uid,
+                )
+            stored += 1
+            reason = f" ({result.reason})" if isinstance(result, Quarantined) else ""
+            log.info(
+                "imap %s: uid %s direct inbound %s%s", self.peer, uid, type(result).__name__, reason
+            )
+        return stored
 
     async def run(self, interval: float, stop: asyncio.Event) -> None:
-        """Poll every ``interval`` seconds until ``stop`` is set; errors are logged and
-        the next poll tries again."""
+        """Poll every ``interval`` seconds until ``stop`` is set; a failed poll is
+        logged and the next one tries again (a message it did not flag is re-read)."""
         while not stop.is_set():
             try:
-                await self.poll_once()
+                await self.poll_once(stop)
             except (OSError, imaplib.IMAP4.error) as exc:
-                log.warning("imap %s: poll failed (%s)", self.settings.host, type(exc).__name__)
-            try:
+                log.warning("imap %s: poll failed (%s)", self.peer, type(exc).__name__)
+            except Exception:
+                log.exception("imap %s: poll failed", self.peer)
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
 
 
 __all__ = [
@@ -467,4 +599,5 @@ __all__ = [
     "ListenerSettings",
     "attachment_kind",
     "classify",
+    "is_loopback",
 ]

@@ -94,8 +94,11 @@ class Engine:
         self._dispatch_task: asyncio.Task[None] | None = None
         self.timers: Any = None  # engine.timers.TimerService
         self._timer_task: asyncio.Task[None] | None = None
-        self.direct_listeners: list[Any] = []  # channels.direct_inbound.DirectListener
+        self.direct_listeners: list[Any] = []  # (name, channels.direct_inbound.DirectListener)
+        self.direct_pollers: list[Any] = []  # (name, channels.direct_inbound.ImapPoller)
         self.direct_flow: Any = None  # engine.direct_flow.DirectFlow
+        self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
+        self._direct_tasks: list[asyncio.Task[None]] = []
 
     @property
     def db_path(self) -> Path:
@@ -328,9 +331,11 @@ class Engine:
         )
 
     async def _start_direct(self) -> None:
-        """The SMTP listener of each ``direct`` channel with an ``inbound:`` block: the
-        HISP delivers MDNs, DSNs and replies to it (engine.direct_flow)."""
-        from engine.channels_factory import build_direct_listener
+        """Inbound Direct of each ``direct`` channel (engine.direct_flow): the SMTP
+        listener of an ``inbound:`` block, which the HISP delivers MDNs, DSNs and replies
+        to, and a task polling the mailbox of an ``imap:`` block. Every one is built
+        before any starts, so a ConfigError leaves nothing running."""
+        from engine.channels_factory import build_direct_imap_poller, build_direct_listener
         from engine.direct_flow import DirectFlow
         from engine.routes import compile_config
 
@@ -348,16 +353,31 @@ class Engine:
             notify=self.processor.notify,
             wake=self.dispatcher.wake if self.dispatcher is not None else None,
         )
+        on_result, env = self.direct_flow.on_result, self.config.env
+        listeners: list[tuple[str, Any]] = []
+        pollers: list[tuple[str, Any]] = []
         for name in names:
-            listener = build_direct_listener(
-                table.channels[name],
-                on_result=self.direct_flow.on_result,
-                clock=self.clock,
-                env=self.config.env,
-            )
+            spec = table.channels[name]
+            listener = build_direct_listener(spec, on_result=on_result, clock=self.clock, env=env)
             if listener is not None:
-                await listener.start()
-                self.direct_listeners.append((name, listener))
+                listeners.append((name, listener))
+            poller = build_direct_imap_poller(spec, on_result=on_result, clock=self.clock, env=env)
+            if poller is not None:
+                pollers.append((name, poller))
+        for name, listener in listeners:
+            await listener.start()
+            self.direct_listeners.append((name, listener))
+        for name, poller in pollers:
+            self.direct_pollers.append((name, poller))
+            self._direct_tasks.append(
+                asyncio.create_task(
+                    poller.run(poller.settings.interval, self._direct_stop),
+                    name=f"direct-imap-{name}",
+                )
+            )
+            log.info(
+                "direct %s: polling imap %s every %gs", name, poller.peer, poller.settings.interval
+            )
 
     def _make_handler(self, config: Config) -> Handler:
         assert self.db is not None
@@ -411,8 +431,14 @@ class Engine:
             return
         self.ready = False
         sd_notify("STOPPING=1")
+        self._direct_stop.set()  # IMAP pollers: no new message after the one in hand
         for _name, listener in self.direct_listeners:
             await listener.stop()  # the HISP keeps what it could not deliver and retries
+        if self._direct_tasks:
+            _, pending = await asyncio.wait(self._direct_tasks, timeout=self.drain_seconds)
+            for task in pending:  # a fetch in flight: that message stays unseen, no loss
+                task.cancel()
+            await asyncio.gather(*self._direct_tasks, return_exceptions=True)
         await asyncio.gather(*(s.stop(self.drain_seconds) for s in self.servers))
         for poller in self.pollers.values():
             poller.stop()

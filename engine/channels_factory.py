@@ -20,8 +20,10 @@ Types and adapters:
 * ``direct``: channels.direct.DirectChannel (address, hisp_host, hisp_port, hisp_ca,
   username, password, cert, key; the recipient's certificate from the specialist
   directory via ``certificate_for``); :func:`build_direct_listener` builds its
-  ``inbound:`` SMTP listener (host, port, hostname, tls_cert, tls_key, require_tls; our
-  cert/key decrypt, ``trust_anchors`` verify).
+  ``inbound:`` SMTP listener (host, port, hostname, tls_cert, tls_key, require_tls) and
+  :func:`build_direct_imap_poller` its ``imap:`` mailbox poller (host, port, username,
+  password, mailbox, interval, tls, ca_file); both decrypt with our cert/key and verify
+  with ``trust_anchors``.
 
 Callback URLs (``/hooks/twilio/status``, ``/hooks/fax/phaxio``) are built from
 ``http.public_url`` unless a channel sets its own.
@@ -40,7 +42,15 @@ from cryptography import x509
 from channels import smime
 from channels.base import Channel
 from channels.direct import DirectChannel, HispSettings
-from channels.direct_inbound import DirectHandler, DirectListener, ListenerSettings, OnResult
+from channels.direct_inbound import (
+    IMAPS_PORT,
+    DirectHandler,
+    DirectListener,
+    ImapPoller,
+    ImapSettings,
+    ListenerSettings,
+    OnResult,
+)
 from channels.fax import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
 from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
 from channels.sms import SmsConfig, TwilioSms
@@ -109,20 +119,28 @@ class MllpChannel:
 
 
 class _Settings:
-    """One channel's settings with substitution; problems collected, never values."""
+    """One channel's settings (or one ``block:`` of them, e.g. ``imap``) with
+    substitution; problems collected, never values."""
 
     def __init__(
-        self, spec: ChannelSpec, env: Mapping[str, str] | None, problems: list[str]
+        self,
+        spec: ChannelSpec,
+        env: Mapping[str, str] | None,
+        problems: list[str],
+        block: str = "",
     ) -> None:
         self.spec = spec
         self.env = env
         self.problems = problems
+        self.prefix = f"{block}." if block else ""
+        values = spec.settings.get(block) if block else spec.settings
+        self.values: Mapping[str, Any] = values if isinstance(values, Mapping) else {}
 
     def fail(self, key: str, message: str) -> None:
-        self.problems.append(f"channels.{self.spec.name}.{key}: {message}")
+        self.problems.append(f"channels.{self.spec.name}.{self.prefix}{key}: {message}")
 
     def text(self, key: str, default: str = "") -> str:
-        value = self.spec.settings.get(key)
+        value = self.values.get(key)
         if value is None:
             return default
         text = str(value)
@@ -143,6 +161,17 @@ class _Settings:
         except ValueError:
             self.fail(key, "must be a number")
             return default
+
+    def flag(self, key: str, default: bool) -> bool:
+        text = self.text(key, "").strip().lower()
+        if not text:
+            return default
+        if text in ("true", "yes", "1"):
+            return True
+        if text in ("false", "no", "0"):
+            return False
+        self.fail(key, "must be true or false")
+        return default
 
     def check(self, found: list[tuple[str, str]]) -> None:
         for key, message in found:
@@ -298,6 +327,30 @@ def _direct_channel(
     )
 
 
+def _direct_handler(s: _Settings, on_result: OnResult, clock: Clock) -> DirectHandler | None:
+    """What both inbound paths (listener, IMAP poller) hand mail to: our address, our
+    identity (decrypts) and the trust anchors (verify signers). None, with the problem
+    recorded, when the identity does not load."""
+    before = len(s.problems)
+    identity = _identity(s)
+    if identity is None and len(s.problems) == before:
+        s.fail("cert", "cert and key are required to read inbound Direct mail")
+    anchors: list[x509.Certificate] = []
+    try:
+        anchors = x509.load_pem_x509_certificates(s.text("trust_anchors").encode())
+    except ValueError:
+        s.fail("trust_anchors", "must be PEM CA certificates")
+    if identity is None:
+        return None
+    return DirectHandler(
+        addresses=[s.text("address").strip().lower()],
+        identities=[identity],
+        trust_anchors=anchors,
+        on_result=on_result,
+        clock=clock.now,
+    )
+
+
 def build_direct_listener(
     spec: ChannelSpec,
     *,
@@ -307,48 +360,78 @@ def build_direct_listener(
 ) -> DirectListener | None:
     """The SMTP listener of a ``direct`` channel with an ``inbound:`` block (None
     without one). Raises ConfigError naming ``channels.<name>.<key>``."""
-    inbound = spec.settings.get("inbound")
-    if not isinstance(inbound, Mapping):
+    if not isinstance(spec.settings.get("inbound"), Mapping):
         return None
     problems: list[str] = []
     s = _Settings(spec, env, problems)
-    identity = _identity(s)
-    anchors: list[x509.Certificate] = []
-    try:
-        anchors = x509.load_pem_x509_certificates(s.text("trust_anchors").encode())
-    except ValueError:
-        s.fail("trust_anchors", "must be PEM CA certificates")
+    inbound = _Settings(spec, env, problems, block="inbound")
+    handler = _direct_handler(s, on_result, clock)
     tls_context = None
-    cert_ref, key_ref = (file_ref(str(inbound.get(k) or "")) for k in ("tls_cert", "tls_key"))
+    cert_ref, key_ref = (
+        file_ref(str(inbound.values.get(k) or "")) for k in ("tls_cert", "tls_key")
+    )
     if cert_ref and key_ref:
         try:
             tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls_context.load_cert_chain(cert_ref, key_ref)
         except (OSError, ssl.SSLError) as exc:
-            s.fail("inbound.tls_cert", f"cannot load the TLS certificate ({type(exc).__name__})")
+            inbound.fail("tls_cert", f"cannot load the TLS certificate ({type(exc).__name__})")
     address = s.text("address").strip().lower()
-    if problems or identity is None:
-        raise ConfigError(problems or [f"channels.{spec.name}.cert: is required"])
-
-    def text(key: str, default: str) -> str:
-        value = str(inbound.get(key) if inbound.get(key) is not None else default)
-        return substitute(value, env=env) if "${" in value else value
-
     settings = ListenerSettings(
-        host=text("host", "127.0.0.1"),
-        port=int(text("port", "2525")),
-        hostname=text("hostname", address.rpartition("@")[2] or "refloop"),
+        host=inbound.text("host", "127.0.0.1"),
+        port=int(inbound.number("port", 2525)),
+        hostname=inbound.text("hostname", address.rpartition("@")[2] or "refloop"),
         tls_context=tls_context,
-        require_tls=text("require_tls", "true").lower() not in ("false", "0", "no"),
+        require_tls=inbound.flag("require_tls", True),
     )
-    handler = DirectHandler(
-        addresses=[address],
-        identities=[identity],
-        trust_anchors=anchors,
-        on_result=on_result,
-        clock=clock.now,
-    )
+    if problems or handler is None:
+        raise ConfigError(problems)
     return DirectListener(settings, handler)
+
+
+def build_direct_imap_poller(
+    spec: ChannelSpec,
+    *,
+    on_result: OnResult,
+    clock: Clock,
+    env: Mapping[str, str] | None = None,
+) -> ImapPoller | None:
+    """The IMAP poller of a ``direct`` channel with an ``imap:`` block (None without
+    one): the alternative to the listener for HISPs that only offer a mailbox. TLS
+    verifies the server with Python's default context (system CAs and hostname), or
+    with the CAs of ``ca_file`` instead. Raises ConfigError naming
+    ``channels.<name>.imap.<key>``."""
+    if not isinstance(spec.settings.get("imap"), Mapping):
+        return None
+    problems: list[str] = []
+    s = _Settings(spec, env, problems)
+    imap = _Settings(spec, env, problems, block="imap")
+    handler = _direct_handler(s, on_result, clock)
+    use_tls = imap.flag("tls", True)
+    ssl_context = None
+    if use_tls:
+        ca_raw = imap.values.get("ca_file")
+        ca_file = file_ref(str(ca_raw)) if ca_raw is not None else None
+        if ca_raw is not None and ca_file is None:
+            imap.fail("ca_file", "must be a ${file:/path} reference")
+        try:
+            ssl_context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            imap.fail("ca_file", f"cannot load the CA certificates ({type(exc).__name__})")
+    settings = ImapSettings(
+        host=imap.text("host").strip(),
+        username=imap.text("username"),
+        password=imap.text("password"),
+        port=int(imap.number("port", IMAPS_PORT)),
+        mailbox=imap.text("mailbox", "INBOX"),
+        interval=imap.number("interval", 60.0),
+        ssl_context=ssl_context,
+        use_tls=use_tls,
+    )
+    imap.check(settings.problems())
+    if problems or handler is None:
+        raise ConfigError(problems)
+    return ImapPoller(settings, handler)
 
 
 def webhook_secret(spec: ChannelSpec, key: str, env: Mapping[str, str] | None) -> str:

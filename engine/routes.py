@@ -26,9 +26,10 @@ from types import MappingProxyType
 from typing import Any, Final, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from channels.direct_inbound import is_loopback
 from channels.sms_templates import check_sms_template
 from engine.clock import Clock, WallClock
-from engine.config import Config, Doc, PathT, Reader, Section
+from engine.config import Config, Doc, PathT, Reader, Section, file_ref
 from engine.errors import ConfigError, MessageRejected
 from engine.escalation import Policy, policy_from_section
 from engine.fhir_routes import (
@@ -103,6 +104,7 @@ CHANNEL_TYPES: Final[dict[str, tuple[str, ...]]] = {
         "mdn_timeout",
         "attach_original",
         "inbound",
+        "imap",
         "timeout",
     ),
     "fax": (
@@ -596,6 +598,18 @@ def _channels(
 
 # A Direct channel's inbound SMTP listener (engine.direct_flow; docs/direct.md).
 DIRECT_INBOUND_KEYS: Final = ("host", "port", "hostname", "tls_cert", "tls_key", "require_tls")
+# Its IMAP mailbox, polled instead of or beside the listener
+# (channels.direct_inbound.ImapPoller; docs/direct.md, "What comes back").
+DIRECT_IMAP_KEYS: Final = (
+    "host",
+    "port",
+    "username",
+    "password",
+    "mailbox",
+    "interval",
+    "tls",
+    "ca_file",
+)
 
 
 def _direct_settings(r: Reader, settings: dict[str, Any]) -> None:
@@ -609,9 +623,15 @@ def _direct_settings(r: Reader, settings: dict[str, Any]) -> None:
         settings["attach_original"] = r.flag("attach_original")
     if r.has("hisp_port"):
         settings["hisp_port"] = r.integer("hisp_port", 587, lo=1, hi=65535)
-    if not r.has("inbound"):
-        return
-    inbound = r.child("inbound")
+    if r.has("inbound"):
+        _direct_inbound(r.child("inbound"))
+    if r.has("imap"):
+        _direct_imap(r.child("imap"))
+    if (r.has("inbound") or r.has("imap")) and not r.has("trust_anchors"):
+        r.fail("trust_anchors", "is required to accept inbound Direct mail")
+
+
+def _direct_inbound(inbound: Reader) -> None:
     inbound.text("host", "127.0.0.1")
     inbound.integer("port", 2525, lo=0, hi=65535)
     inbound.text("hostname")
@@ -623,9 +643,29 @@ def _direct_settings(r: Reader, settings: dict[str, Any]) -> None:
                 inbound.fail(key, "is required unless require_tls is false")
         elif not (isinstance(value, str) and value.strip().startswith("${file:")):
             inbound.fail(key, "must be a ${file:/path} reference")
-    if not r.has("trust_anchors"):
-        r.fail("trust_anchors", "is required to accept inbound Direct mail")
     inbound.done()
+
+
+def _direct_imap(imap: Reader) -> None:
+    host = imap.text("host", required=True).strip()
+    imap.integer("port", 993, lo=1, hi=65535)
+    imap.text("username", required=True)
+    password = imap.raw("password")
+    if password is None:
+        imap.fail("password", "is required")
+    elif not (isinstance(password, str) and "${" in password):
+        imap.fail("password", "secrets never live in routes.yaml: use ${env:NAME} or ${file:/path}")
+    mailbox = imap.text("mailbox", "INBOX")
+    if not mailbox.strip() or not mailbox.isascii():
+        imap.fail("mailbox", "must be a non-empty ASCII mailbox name")
+    imap.number("interval", 60.0, lo=1.0)
+    # RFC 8314 §3.2 (implicit TLS); plaintext only for a test server on this machine.
+    if not imap.flag("tls", True) and host and not is_loopback(host):
+        imap.fail("tls", f"may be false only for a loopback host (127.0.0.1, ::1), not {host!r}")
+    ca_file = imap.raw("ca_file")
+    if ca_file is not None and file_ref(str(ca_file)) is None:
+        imap.fail("ca_file", "must be a ${file:/path} reference")
+    imap.done(allowed=DIRECT_IMAP_KEYS)
 
 
 def _seconds(r: Reader, key: str) -> float:
