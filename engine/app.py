@@ -132,7 +132,7 @@ class Engine:
             self._make_timers()
         if self.dispatcher is not None and self.background:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
-        if self.dispatcher is not None and self.tracker is not None:
+        if self.dispatcher is not None:
             self.processor.after_commit = self._wake_dispatcher
         if self.config.http.enabled:
             self.auth = Auth(self.db, self.clock)
@@ -202,7 +202,10 @@ class Engine:
     def _wake_dispatcher(self) -> None:
         """After a processing commit: rows the tracker enqueued go out now, not at the
         dispatcher's next poll."""
-        if self.tracker.take_enqueued() and self.dispatcher is not None:
+        queued = self.tracker.take_enqueued() if self.tracker is not None else 0
+        take = getattr(self.processor.handler if self.processor else None, "take_enqueued", None)
+        queued += take() if take is not None else 0  # a route's send / forward
+        if queued and self.dispatcher is not None:
             self.dispatcher.wake()
 
     def _write_back_channels(self) -> dict[str, Any]:
@@ -392,8 +395,9 @@ class Engine:
         processor uses the new routes from its next message; on any problem the running
         routes stay and the problems are logged and returned (``file:line key: message``).
 
-        Only the routing sections take effect: changes to ``store``, ``http`` or
-        ``sources`` need a restart (logged)."""
+        Only ``routes`` and ``tables`` take effect: the other sections are built into
+        listeners, pollers, channels and timers at start, so their changes need a restart
+        (logged by name)."""
         if self.processor is None or self.db is None:
             return ["the engine is not running"]
         try:
@@ -409,13 +413,9 @@ class Engine:
             for problem in exc.problems:
                 log.error("reload: %s", problem)
             return list(exc.problems)
-        if (config.store, config.http, config.sources, config.fhir_sources) != (
-            self.config.store,
-            self.config.http,
-            self.config.sources,
-            self.config.fhir_sources,
-        ):
-            log.warning("reload: store, http and sources changes take effect on restart")
+        stale = _restart_sections(self.config, config)
+        if stale:
+            log.warning("reload: %s changes take effect on restart", ", ".join(stale))
         self.processor.handler = handler  # one assignment: the next message sees it
         self.routes_config = config
         self.metrics.config_reloads.labels("ok").inc()
@@ -506,3 +506,22 @@ def sd_notify(message: str) -> None:
             sock.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
+
+
+def _restart_sections(running: Config, new: Config) -> list[str]:
+    """The sections of ``new`` that differ from what the daemon started with and that a
+    reload does not apply."""
+    out = [
+        name
+        for name, a, b in (
+            ("store", running.store, new.store),
+            ("http", running.http, new.http),
+            ("sources", (running.sources, running.fhir_sources), (new.sources, new.fhir_sources)),
+        )
+        if a != b
+    ]
+    for name in ("channels", "escalation", "practice"):
+        a, b = running.sections.get(name), new.sections.get(name)
+        if (a.data if a else None) != (b.data if b else None):
+            out.append(name)
+    return out

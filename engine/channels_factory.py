@@ -31,6 +31,8 @@ Callback URLs (``/hooks/twilio/status``, ``/hooks/fax/phaxio``) are built from
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import ssl
 from collections.abc import Callable, Mapping
@@ -93,7 +95,9 @@ class MllpChannel:
         self.ssl_context = ssl_context
 
     async def send(self, item: OutboundMessage) -> SendReceipt:
-        if not item.body.startswith("MSH"):
+        raw = _forwarded(item)
+        raw = item.body.encode("utf-8") if raw is None else raw.removeprefix(b"\xef\xbb\xbf")
+        if not raw.startswith(b"MSH"):
             raise ChannelError(f"{self.name}: body is not an HL7 message", retryable=False)
         try:
             client = await MllpClient.connect(
@@ -102,7 +106,7 @@ class MllpChannel:
         except EngineError:
             raise ChannelError(f"{self.name}: cannot connect", retryable=True) from None
         try:
-            result = await client.send(normalise(item.body.encode("utf-8")))
+            result = await client.send(normalise(raw))
         finally:
             await client.close()
         if result.code in _ACCEPT:
@@ -116,6 +120,17 @@ class MllpChannel:
         if not result.code:
             raise ChannelError(f"{self.name}: no ACK; outcome unknown", retryable=True)
         raise ChannelError(f"{self.name}: receiver answered {result.code}", retryable=False)
+
+
+def _forwarded(item: OutboundMessage) -> bytes | None:
+    """The message a route's ``forward`` queued (payload ``hl7_b64``): the bytes as
+    received, so the receiver sees the sender's own encoding and MSH-10."""
+    if '"hl7_b64"' not in item.payload:
+        return None
+    try:
+        return base64.b64decode(json.loads(item.payload)["hl7_b64"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        raise ChannelError("forward: the queued message is unreadable", retryable=False) from None
 
 
 class _Settings:

@@ -470,7 +470,9 @@ def _login_name() -> str:
 @click.option("--status", type=click.Choice(["routed", "filtered", "error"]))
 @click.option("--route", help="Only messages the named route decided.")
 @click.option("--dry-run", is_flag=True, help="Show old and new decisions; change nothing.")
-@click.option("--resend", is_flag=True, help="Re-send send/forward side effects too.")
+@click.option(
+    "--resend", is_flag=True, help="Queue send/forward rows again (unchanged decisions too)."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, one a line.")
 def replay(
     routes_path: str,

@@ -6,6 +6,7 @@ Nothing here does I/O; nothing mutates what it received.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final, Literal
 
@@ -287,19 +288,21 @@ class Track:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send a rendered template through a channel (a later issue's outbox). ``to`` is the
-    rendered recipient; it may be PHI (a phone number) and is never logged."""
+    """Send a channel template through the outbox. ``to`` is the rendered recipient (may
+    be PHI, a phone number: never logged); ``values`` are the route's extracted values,
+    the template's ``payload.values`` (PHI channels only; an SMS template never sees them)."""
 
     route: str
     channel: str
     template: str
     to: str = ""
+    values: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     action: str = field(default="send", init=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """Forward the message as received to an MLLP channel (a later issue's outbox)."""
+    """Forward the message, byte for byte as received, to an MLLP channel (outbox)."""
 
     route: str
     channel: str

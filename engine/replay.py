@@ -227,7 +227,7 @@ def _run(
         decision = decide_stored(handler.table, row)
         new = _new_side(decision)
         changed = _differs(old, new)
-        if dry_run or not changed:
+        if dry_run or not (changed or resend):  # --resend: send again what it sent
             yield ReplayItem(row.id, row.message_type, old, new, changed, False)
             continue
         now = handler.clock.now()

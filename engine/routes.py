@@ -12,6 +12,7 @@ The file format is documented in docs/routes.md.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import fnmatch
 import hashlib
@@ -70,7 +71,7 @@ from engine.render import (
     is_template,
     make_environment,
 )
-from engine.store import Database
+from engine.store import Database, referrals
 from engine.store.db import Conn
 from engine.store.decisions import DecisionRow, Decisions
 
@@ -1436,7 +1437,7 @@ def _run(
                     to = str(spec.to.evaluate(message, scope) or "")
                 except RenderError as exc:
                     raise RenderError(f"send to: {exc}") from None
-            out.append(Send(route.name, spec.channel, spec.template, to))
+            out.append(Send(route.name, spec.channel, spec.template, to, dict(values)))
         elif spec.action == "forward":
             out.append(Forward(route.name, spec.channel))
         else:
@@ -1610,6 +1611,7 @@ class RouteHandler:
         self.tracker = tracker
         self.clock = clock or WallClock()
         self.metrics = metrics
+        self.enqueued = 0  # outbox rows queued by send/forward since take_enqueued()
 
     def __call__(self, row: StoredMessage, conn: Conn) -> Outcome:
         return self.process(row, conn)
@@ -1627,9 +1629,10 @@ class RouteHandler:
         tracker, record the decision. Events whose fingerprint the message's previous
         decision already applied are not applied again (replay idempotence).
 
-        ``send``/``forward`` actions are recorded only: the outbox that dispatches them
-        arrives with the channels issue, which will dispatch them here when this is not a
-        replay, or when ``resend`` is true.
+        ``send``/``forward`` actions become outbox rows in the same transaction (the
+        dispatcher sends them after the commit): on first processing, and on a replay
+        only with ``resend``. Keys are ``route:<message id>:<action index>`` (a resend
+        adds the replay time), so processing a message again never queues it twice.
         """
         started = time.perf_counter()
         table = self.table
@@ -1638,10 +1641,26 @@ class RouteHandler:
         previous = self.decisions.get(row.id, conn)
         applied = previous.fingerprints if previous is not None else frozenset()
         summary = summarise(decision)
-        if decision.status == "routed" and self.tracker is not None:
-            for action, item in zip(decision.actions, summary, strict=True):
-                if isinstance(action, Track) and item["fingerprint"] not in applied:
-                    self.tracker.apply(action.event, conn)
+        if decision.status == "routed":
+            send = resend or not replayed_by
+            referral_id: int | None = None  # of the route's last track: its sends' referral
+            route = ""
+            for index, (action, item) in enumerate(zip(decision.actions, summary, strict=True)):
+                if action.route != route:
+                    route, referral_id = action.route, None
+                if isinstance(action, Track) and self.tracker is not None:
+                    if item["fingerprint"] not in applied:
+                        result = self.tracker.apply(action.event, conn)
+                        ids = getattr(result, "referral_ids", ())
+                        referral_id = ids[0] if ids else referral_id
+                    elif send and action.event.ids.placer_number:  # a --resend replay
+                        ids_ = action.event.ids
+                        found = referrals.find_by_key(
+                            conn, ids_.sending_facility, ids_.placer_number
+                        )
+                        referral_id = found if found is not None else referral_id
+                elif isinstance(action, Send | Forward) and send:
+                    self._enqueue(conn, row, index, action, referral_id, resend=resend)
         self.decisions.record(
             conn,
             row.id,
@@ -1655,6 +1674,38 @@ class RouteHandler:
         if self.metrics is not None:
             self._count(decision, time.perf_counter() - started)
         return Outcome(decision.status, decision.reason, decision.route)
+
+    def _enqueue(
+        self,
+        conn: Conn,
+        row: StoredMessage,
+        index: int,
+        action: Send | Forward,
+        referral_id: int | None,
+        *,
+        resend: bool,
+    ) -> None:
+        """One outbox row for a route's ``send`` or ``forward``."""
+        now = self.clock.now()
+        key = f"route:{row.id}:{index}" + (f":resend:{now:.6f}" if resend else "")
+        payload: dict[str, Any] = {"route": action.route, "message_id": row.id}
+        if isinstance(action, Send):
+            template = action.template
+            payload["to"] = action.to
+            payload["values"] = action.values
+        else:
+            template = "forward"
+            payload["hl7_b64"] = base64.b64encode(row.raw).decode("ascii")
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        if referrals.enqueue_outbox(
+            conn, referral_id, action.channel, template, body, key, now, now=now
+        ):
+            self.enqueued += 1
+
+    def take_enqueued(self) -> int:
+        """Outbox rows queued since the last call (the engine wakes the dispatcher)."""
+        n, self.enqueued = self.enqueued, 0
+        return n
 
     def _count(self, decision: Decision, seconds: float) -> None:
         m = self.metrics
