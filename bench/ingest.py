@@ -108,10 +108,10 @@ ORM_O01_SEGMENTS: Final = (
     r"N^Not Hispanic or Latino^HL70189",
     r"PV1|1|O|NWC^EXAM3^01^NWC^^^^^Northwind Family Medicine||||"
     r"1234567893^WELBY^MARCUS^A^^DR^MD^^NPI^L^^^NPI|||FAM||||1||||OP|V000193842^^^NWC^VN",
-    r"ORC|NW|REF448812^NWC_EHR|||SC||^^^20261128093000^^R||20261128093015-0500|"
+    r"ORC|NW|{control_id}^NWC_EHR|||SC||^^^20261128093000^^R||20261128093015-0500|"
     r"NURSE01^RATCHED^MILDRED^^^^RN||1234567893^WELBY^MARCUS^A^^DR^MD^^NPI|NWC^EXAM3^01|"
     r"^WPN^PH^^1^217^5550100|20261128093015-0500||NWC^Northwind Family Medicine^L",
-    r"OBR|1|REF448812^NWC_EHR||REF-CARD^Referral to Cardiology^L|R|20261128093000|||||||||"
+    r"OBR|1|{control_id}^NWC_EHR||REF-CARD^Referral to Cardiology^L|R|20261128093000|||||||||"
     r"1234567893^WELBY^MARCUS^A^^DR^MD^^NPI|^WPN^PH^^1^217^5550100|||||||||||"
     r"^^^20261128093000^^R||||I49.9^Cardiac arrhythmia, unspecified^I10C",
     r"OBX|1|CWE|REASON^Reason for referral^L||I49.9^Cardiac arrhythmia, unspecified^I10C||||||F"
@@ -126,11 +126,12 @@ ORM_O01_SEGMENTS: Final = (
 )
 
 
-def message_template() -> tuple[bytes, bytes]:
-    """The MLLP-framed test message split around MSH-10: (head, tail)."""
+def message_template() -> tuple[bytes, ...]:
+    """The MLLP-framed test message split where the control id goes: MSH-10 and, so
+    that every message is a new referral, the placer number in ORC-2 and OBR-2."""
     text = "\r".join(ORM_O01_SEGMENTS) + "\r"
-    head, tail = text.encode("ascii").split(b"{control_id}")
-    return START_BLOCK + head, tail + FRAME_END
+    parts = text.encode("ascii").split(b"{control_id}")
+    return (START_BLOCK + parts[0], *parts[1:-1], parts[-1] + FRAME_END)
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +394,7 @@ class _LoadRun:
     """State shared by the client's connections: message template, phase and tallies."""
 
     def __init__(self, tag: str, ack_timeout_s: float) -> None:
-        self.head, self.tail = message_template()
+        self.parts = message_template()
         self.tag = tag
         self.ack_timeout_ns = int(ack_timeout_s * 1e9)
         self.sending = True
@@ -436,7 +437,7 @@ class LoadConnection(asyncio.Protocol):
         run = self._run
         self._seq += 1
         self._expected = self._prefix + str(self._seq).encode()
-        frame = run.head + self._expected + run.tail
+        frame = self._expected.join(run.parts)
         run.in_flight += 1
         self.sent_at_ns = time.perf_counter_ns()
         self._transport.write(frame)
@@ -830,8 +831,8 @@ def _empty_cell(label: str, conns: int, note: str) -> CellResult:
 
 
 def _message_bytes_without_msh10() -> int:
-    head, tail = message_template()
-    return len(head) + len(tail) - len(START_BLOCK) - len(FRAME_END)
+    """The message's size without its control ids (MSH-10, ORC-2, OBR-2)."""
+    return sum(map(len, message_template())) - len(START_BLOCK) - len(FRAME_END)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

@@ -453,7 +453,7 @@ class Engine:
             self.inbox.close()
         if self.processor is not None:
             self.processor.stop()
-        for task in self._tasks[:2]:  # writer drains, processor finishes its batch
+        for task in self._tasks[:2]:  # writer drains, processor finishes its slice
             try:
                 await asyncio.wait_for(task, timeout=self.drain_seconds)
             except (TimeoutError, asyncio.CancelledError):

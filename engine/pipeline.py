@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -22,8 +23,9 @@ from engine.store.db import Conn, savepoint
 log = logging.getLogger(__name__)
 
 CURSOR_KEY: Final = "processed_cursor"
-BATCH: Final = 16  # a batch holds the event loop: keep it short so ACKs are not held up
-INGEST_FIRST_PAUSE: Final = 0.01  # seconds the processor steps aside while messages arrive
+BATCH: Final = 16  # most messages one processing transaction takes
+SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
+MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,39 +91,46 @@ class Processor:
         self._wake.set()
 
     async def run(self) -> None:
-        """Process as messages arrive. ACKs come first: while the inbox is still taking
-        commits, each batch is followed by a short pause so the listeners get the loop
-        (processing catches up in the gaps; ``refloop_processing_lag_messages`` shows how
-        far behind it is)."""
+        """Process as messages arrive, in slices of about :data:`SLICE` seconds, so an
+        ACK never waits behind more than one slice. While the inbox is still taking
+        commits, each slice is followed by a pause as long as the slice (at least
+        :data:`MIN_PAUSE`): under load listeners and processing share the loop about
+        evenly, and processing catches up in the gaps
+        (``refloop_processing_lag_messages`` shows how far behind it is)."""
         commits = self.inbox.commits
         while True:
             self._wake.clear()
-            done = self.process_available()
-            if self._stopping and not done:
-                return
+            started = time.perf_counter()
+            done = self.process_available(budget=SLICE)
+            if self._stopping:
+                return  # the rest waits after the cursor for the next start: nothing is lost
             if not done:
                 await self._wake.wait()
-            elif self.inbox.commits != commits and not self._stopping:
-                # messages arrived since the last batch: let the listeners run first
+            elif self.inbox.commits != commits:
+                # messages arrived since the last slice: let the listeners run
                 commits = self.inbox.commits
-                await asyncio.sleep(INGEST_FIRST_PAUSE)
+                await asyncio.sleep(max(MIN_PAUSE, time.perf_counter() - started))
             else:
                 await asyncio.sleep(0)
 
-    def process_available(self, limit: int = BATCH) -> int:
+    def process_available(self, limit: int = BATCH, *, budget: float | None = None) -> int:
         """Process up to ``limit`` messages after the cursor in one transaction (each
         message in its own savepoint, so one failure rolls back only that message's
-        effects); returns how many."""
+        effects), stopping early once ``budget`` seconds have gone; returns how many."""
         rows = self.inbox.after(self.cursor, limit)
         if not rows:
             return 0
         outcomes: list[Outcome] = []
         now = self.clock.now()
+        deadline = None if budget is None else time.perf_counter() + budget
         # not fsync'd on its own (see Database.transaction): the next inbox commit or any
         # durable commit makes it durable; a crash before that only repeats processing
         with self.db.transaction(durable=False) as conn:
             for row in rows:
                 outcomes.append(self._process_one(row, conn, now))
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+            rows = rows[: len(outcomes)]
             self.db.set_meta(CURSOR_KEY, str(rows[-1].id))
         self.cursor = rows[-1].id
         if self.after_commit is not None:

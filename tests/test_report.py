@@ -49,6 +49,8 @@ import httpx
 import pytest
 from click.testing import CliRunner
 from helpers import run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from ui_rig import ref_i12, ui_engine
 
@@ -346,6 +348,52 @@ def test_triggers_agree_with_a_rebuild(state: Path) -> None:
             db.conn.execute("ROLLBACK")
         assert kept == rebuilt
         assert len(kept) == 20
+    finally:
+        db.close()
+
+
+# Operations on the tables the triggers watch: (kind, referral index, patient, day).
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["refer", "add", "merge", "redate"]),
+        st.integers(0, 7),
+        st.sampled_from(["P1", "P2", "P3", "P4"]),
+        st.integers(0, 5),  # few distinct days: ties in opened_at are common
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=_OPS)
+def test_triggers_agree_with_a_rebuild_under_random_moves(tmp_path_factory: Any, ops: Any) -> None:
+    """Whatever order referrals are created, gain patient ids, are merged and re-dated in,
+    the rows the triggers kept (prev_opened_at above all) equal a rebuild."""
+    db = open_database(tmp_path_factory.mktemp("moves") / "refloop.db")
+    try:
+        with db.transaction() as conn:
+            ids: list[int] = []
+            for kind, i, patient, day in ops:
+                when = at(2025, 1, 1 + day)
+                if kind == "refer" or not ids:
+                    ids.append(
+                        referral_store.insert_referral(
+                            conn, sending_facility="F", placer_number=f"R{len(ids)}",
+                            state={}, statuses=("open", "", "", ""), opened_at=when, now=when,
+                        )
+                    )  # fmt: skip
+                    referral_store.add_patient_ids(conn, ids[-1], [patient])
+                elif kind == "add":
+                    referral_store.add_patient_ids(conn, ids[i % len(ids)], [patient + "X"])
+                elif kind == "merge":
+                    referral_store.record_merge(conn, patient, f"P{day % 4 + 1}", None, when)
+                else:
+                    referral_store.update_referral(conn, ids[i % len(ids)], opened_at=when)
+            query = "SELECT * FROM report_referrals ORDER BY referral_id"
+            kept = conn.execute(query).fetchall()
+            conn.execute("DELETE FROM report_referrals")
+            conn.execute(report_store.BACKFILL)
+            assert kept == conn.execute(query).fetchall()
     finally:
         db.close()
 

@@ -19,7 +19,8 @@ referrals insert                 a row; patient ``#<id>`` until the referral has
 referrals opened_at / details    ``opened_at``; ``specialty``, ``specialist``, ``referrer``
 referral_patients insert/delete  ``patient_id``: the lowest id the referral carries (merges
                                  move ids, so merged patients share one)
-(patient_id or opened_at moved)  ``prev_opened_at`` of every referral of both patients
+(patient_id or opened_at moved)  ``prev_opened_at`` of the moved referral and of the one
+                                 after it, before and after the move
 referral_events insert           ``reported_at``: the earliest counted report's own time
 outbox status -> sent            ``nudge_channel``: the first patient nudge sent
 ==============================  ===========================================================
@@ -135,17 +136,29 @@ _SCHEMA: Final = (
         UPDATE report_referrals SET patient_id = {_PATIENT.format(id="old.referral_id")}
         WHERE referral_id = old.referral_id;
     END""",
-    # A referral moved in its patient's order, or to another patient: every referral of
-    # the old and the new patient gets its previous referral again (patients have few).
+    # A referral moved in its patient's order, or to another patient: three rows can have
+    # a new previous referral: the moved one, the one now after it, and the one that was
+    # after it. Each is an index seek, so a patient with thousands of referrals (a
+    # placeholder MRN) costs no more than one with two.
     """CREATE TRIGGER report_patient_order AFTER UPDATE OF patient_id, opened_at
         ON report_referrals
         WHEN old.patient_id IS NOT new.patient_id OR old.opened_at IS NOT new.opened_at BEGIN
         UPDATE report_referrals SET prev_opened_at = (
-            SELECT max(p.opened_at) FROM report_referrals p
+            SELECT p.opened_at FROM report_referrals p
             WHERE p.patient_id = report_referrals.patient_id
               AND (p.opened_at, p.referral_id)
-                  < (report_referrals.opened_at, report_referrals.referral_id))
-        WHERE patient_id IN (old.patient_id, new.patient_id);
+                  < (report_referrals.opened_at, report_referrals.referral_id)
+            ORDER BY p.opened_at DESC, p.referral_id DESC LIMIT 1)
+        WHERE referral_id IN (
+            new.referral_id,
+            (SELECT s.referral_id FROM report_referrals s
+             WHERE s.patient_id = new.patient_id
+               AND (s.opened_at, s.referral_id) > (new.opened_at, new.referral_id)
+             ORDER BY s.opened_at, s.referral_id LIMIT 1),
+            (SELECT s.referral_id FROM report_referrals s
+             WHERE s.patient_id = old.patient_id AND s.referral_id != new.referral_id
+               AND (s.opened_at, s.referral_id) > (old.opened_at, old.referral_id)
+             ORDER BY s.opened_at, s.referral_id LIMIT 1));
     END""",
     f"""CREATE TRIGGER report_report_received AFTER INSERT ON referral_events
         WHEN new.kind = 'report-received'
