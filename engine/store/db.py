@@ -149,6 +149,12 @@ def _m_closure_report(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
+def _m_patient_phone(db: sqlite_utils.Database) -> None:
+    # the nudge caps look up a patient's contacts across referrals by phone
+    # (store.timers.patient_contacts): without it each nudge scanned every patient nudge
+    db.execute("CREATE INDEX referrals_patient_phone ON referrals (patient_phone)")
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -158,6 +164,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m6_specialists,
     _m_users,
     _m_closure_report,
+    _m_patient_phone,
 ]
 
 

@@ -103,9 +103,11 @@ def patient_contacts(conn: Conn, referral_id: int, phone: str, since: float) -> 
     across all their referrals when a phone number identifies them."""
     if phone:
         sql = (
-            "SELECT o.due FROM outbox o JOIN referrals r ON r.id = o.referral_id "
-            "WHERE r.patient_phone = ? AND o.due >= ? AND o.status NOT IN ('cancelled', 'dead') "
-            "AND o.channel IN ('sms', 'portal', 'voice')"
+            # by the patient's referrals, then their outbox rows (``+channel``: not the
+            # channel index, which would scan every patient nudge there is)
+            "SELECT due FROM outbox WHERE referral_id IN "
+            "(SELECT id FROM referrals WHERE patient_phone = ?) AND due >= ? "
+            "AND status NOT IN ('cancelled', 'dead') AND +channel IN ('sms', 'portal', 'voice')"
         )
         args: tuple[object, ...] = (phone, since)
     else:
