@@ -118,6 +118,8 @@ class Engine:
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
+        inbox = self.inbox
+        self.metrics.watch_inbox_commits(lambda: inbox.commits)
         db = self.db
         self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
         if self.tracker is None and "routes" in self.config.sections:

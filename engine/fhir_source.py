@@ -397,11 +397,15 @@ class FhirPoller:
     def _count(self, inbounds: list[Inbound], results: list[AddResult]) -> None:
         if self.metrics is None:
             return
+        # the type label is one of the source's configured resource types, else "other":
+        # a server's (or a notification's) own string never becomes a label value
+        known = {q.type for q in self.source.resources}
         for m, r in zip(inbounds, results, strict=True):
             if r.duplicate:
                 self.metrics.duplicates.labels(self.source.name).inc()
             else:
-                self.metrics.messages_received.labels(self.source.name, m.message_type).inc()
+                kind = m.message_type if m.message_type in known else "other"
+                self.metrics.messages_received.labels(self.source.name, kind).inc()
         self.metrics.inbox_rows.set(self.inbox.rows)
 
     async def _get_bundle(

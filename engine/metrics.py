@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,12 @@ class Metrics:
         )
         self.frame_errors = Counter(
             "refloop_frame_errors_total",
-            "MLLP framing problems, by kind (oversize, garbage, stray, timeout).",
+            "MLLP framing problems, by kind (oversize, garbage, timeout, idle).",
             ["source", "kind"],
             registry=registry,
         )
         self.inbox_rows = Gauge(
             "refloop_inbox_rows", "Rows in the inbox (highest message id).", registry=registry
-        )
-        self.inbox_commits = Counter(
-            "refloop_inbox_commits_total", "Inbox group commits.", registry=registry
         )
         self.processing_lag = Gauge(
             "refloop_processing_lag_messages",
@@ -158,6 +155,11 @@ class Metrics:
             registry=registry,
         )
 
+    def watch_inbox_commits(self, commits: Callable[[], int]) -> None:
+        """Export ``refloop_inbox_commits_total`` from ``commits()`` (the inbox writer's
+        count of group commits), read at scrape time."""
+        self.registry.register(_Reading("refloop_inbox_commits", "Inbox group commits.", commits))
+
     def watch_closure_ratio(
         self,
         ratios: Callable[[float], Mapping[str, float | None]],
@@ -212,3 +214,16 @@ class ClosureRatio(Collector):
             if value is not None:
                 g.add_metric([window], value)
         yield g
+
+
+class _Reading(Collector):
+    """A counter whose value is read from the code that keeps it, at scrape time."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], int]):
+        self.name, self.help_text, self.read = name, help_text, read
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.help_text)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.help_text, value=self.read())

@@ -41,6 +41,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         TrackerMetrics(registry, db)
         TimerMetrics(registry, db)
         metrics.watch_closure_ratio(lambda now: {"30d": 0.5}, lambda: 0.0)
+        metrics.watch_inbox_commits(lambda: 0)
         return {
             family.name + suffix
             for family in registry.collect()
