@@ -386,7 +386,9 @@ class Message:
                     if p.subcomponent and len(enc) > 3:
                         subs = v.split(enc[3])
                         v = subs[p.subcomponent - 1] if p.subcomponent <= len(subs) else ""
-                out.append(self.unescape(v))
+                        out.append(self.unescape(v))
+                        continue
+                out.append(self._composite(v))
             if p.occurrence == 0 and p.repetition != -1 and out:
                 # no [n]: the first segment occurrence that has the field answers
                 break
@@ -396,6 +398,24 @@ class Message:
         """The first value the path names, or ``default``."""
         values = self.get_all(path)
         return values[0] if values else default
+
+    def _composite(self, value: str) -> str:
+        """A whole field or component, unescaped, with its components joined by ``^`` and
+        its subcomponents by ``&`` whatever delimiters the message declares, so that
+        ``hl7_name``, ``ids()`` and routes read ``PID.5`` alike from ``|^~\\&`` and
+        ``#@%*!`` senders, and without trailing empty components. Standard delimiters
+        take the plain path (same result)."""
+        enc = self.msh.encoding_chars
+        cs = enc[0]
+        ss = enc[3] if len(enc) > 3 else ""
+        # trailing delimiters are optional (HL7 v2.5.1 §2.5.3): ``NW^^`` reads as ``NW``
+        value = value.rstrip(cs + ss)
+        if (cs == "^" and ss in ("&", "")) or (cs not in value and (not ss or ss not in value)):
+            return self.unescape(value)
+        return "^".join(
+            "&".join(self.unescape(s) for s in (c.split(ss) if ss else (c,)))
+            for c in value.split(cs)
+        )
 
     def unescape(self, value: str) -> str:
         """Replace HL7 escape sequences (HL7 v2.5.1 §2.7.4) with the characters they stand for."""

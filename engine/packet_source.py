@@ -88,9 +88,7 @@ def packet_data_from_hl7(
         patient_name=_person(msg, "PID.5"),
         patient_birth_date=_iso_date(_first(msg, "PID.7")),
         patient_sex=_first(msg, "PID.8"),
-        patient_ids=tuple(
-            f"{pid.split(msg.msh.component_sep)[0]}" for pid in msg.get_all("PID.3[*]") if pid
-        ),
+        patient_ids=tuple(f"{pid.split('^')[0]}" for pid in msg.get_all("PID.3[*]") if pid),
         patient_phone=_phone(msg, "PID.13"),
         referring=_referring(msg),
         specialist=_prd(msg, "RT"),
