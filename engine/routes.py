@@ -176,11 +176,11 @@ def _reps(path: TersePath) -> TersePath:
 
 
 def _ids(message: Message, path: TersePath) -> tuple[str, ...]:
-    """CX repetitions (PID-3, MRG-1) as ``id^^^authority`` (CX.1 and CX.4's namespace)."""
+    """CX repetitions (PID-3, MRG-1) as ``id^^^authority`` (CX.1 and CX.4's namespace).
+    Whole repetitions read with ``^`` and ``&`` whatever the message's delimiters."""
     out = []
-    cs = message.msh.component_sep
     for rep in message.get_all(path):
-        parts = rep.split(cs)
+        parts = rep.split("^")
         ident = parts[0].strip()
         if not ident:
             continue
@@ -196,9 +196,8 @@ def _telecom(message: Message, path: TersePath, kind: str = "phone") -> str:
     """The first XTN repetition of a kind (HL7 table 0201 use / 0202 equipment):
     ``email`` (NET or Internet: XTN.4), ``fax`` (FX), ``mobile`` (CP), ``phone`` (any
     telephone, not fax or e-mail). Numbers come from XTN.12, else XTN.6+XTN.7, else XTN.1."""
-    cs = message.msh.component_sep
     for rep in message.get_all(path):
-        c = rep.split(cs) + [""] * 12
+        c = rep.split("^") + [""] * 12
         use, equip = c[1].strip().upper(), c[2].strip().upper()
         is_email = use == "NET" or equip in ("INTERNET", "X.400")
         if kind == "email":
@@ -446,6 +445,27 @@ class RouteTable:
     channels: Mapping[str, ChannelSpec] = field(default_factory=dict)
     escalation: Policy = field(default_factory=Policy)
     practice: PracticeSpec = PracticeSpec()
+    # (message type, source) -> the HL7 routes whose type and source filters admit it:
+    # filled as types are seen, so decide() does not try 40 type patterns per message
+    _candidates: dict[tuple[str, str], tuple[Route, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def candidates(self, message_type: str, source: str) -> tuple[Route, ...]:
+        key = (message_type, source)
+        found = self._candidates.get(key)
+        if found is None:
+            found = tuple(
+                route
+                for route in self.routes
+                if route.resources is None
+                and (route.types is None or route.types.match(message_type))
+                and (route.sources is None or source in route.sources)
+            )
+            if len(self._candidates) >= 4096:  # a sender inventing types: stay bounded
+                self._candidates.clear()
+            self._candidates[key] = found
+        return found
 
     def route(self, name: str) -> Route:
         for r in self.routes:
@@ -1338,13 +1358,7 @@ def decide(
         "trigger": message.msh.trigger,
         "source": source,
     }
-    routes = [
-        route
-        for route in table.routes
-        if route.resources is None
-        and (route.types is None or route.types.match(mt))
-        and (route.sources is None or source in route.sources)
-    ]
+    routes = table.candidates(mt, source)
     when = _message_time(message, received_at)
     return _decide(routes, message, variables, message_id, when, mt or "a message without MSH-9")
 
@@ -1379,7 +1393,7 @@ def decide_fhir(
 
 
 def _decide(
-    routes: list[Route],
+    routes: Iterable[Route],
     message: Any,
     variables: dict[str, Any],
     message_id: int,
