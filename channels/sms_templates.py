@@ -27,11 +27,12 @@ Error messages name the template and the variable, never a value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -97,6 +98,18 @@ def _environment() -> SandboxedEnvironment:
     return env
 
 
+_ENV: Final = _environment()
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str, allow_specialty: bool) -> tuple[tuple[str, ...], Template | None]:
+    """The template's problems, or its compiled form: checked and compiled once per
+    source text, not on every text sent (the sources are the few in routes.yaml and
+    templates/sms/)."""
+    problems = tuple(check_sms_template(source, allow_specialty))
+    return problems, (None if problems else _ENV.from_string(source))
+
+
 def allowed_variables(allow_specialty: bool) -> frozenset[str]:
     """The allow-list in force for a practice."""
     return ALLOWED_VARIABLES | {SPECIALTY_VARIABLE} if allow_specialty else ALLOWED_VARIABLES
@@ -156,7 +169,6 @@ class SmsTemplates:
         self.directory = directory
         self.allow_specialty = allow_specialty
         self.max_chars = max_chars
-        self._env = _environment()
 
     def names(self) -> list[str]:
         """Template names (file stems), sorted."""
@@ -208,11 +220,12 @@ class SmsTemplates:
     def render_source(self, source: str, ctx: SmsContext, *, name: str = "<string>") -> str:
         """Render ``source`` (as :meth:`render`); ``name`` is used in errors and picks the
         opt-out-confirmation rule for :data:`OPT_OUT_CONFIRMATION`."""
-        problems = check_sms_template(source, self.allow_specialty)
+        problems, template = _compiled(source, self.allow_specialty)
         if problems:
             raise SmsTemplateError(f"sms template {name!r}: {problems[0]}")
+        assert template is not None
         try:
-            body = self._env.from_string(source).render(self.context(ctx))
+            body = template.render(self.context(ctx))
         except UndefinedError as exc:
             # the message names the missing variable (a template name, not a value)
             raise SmsTemplateError(f"sms template {name!r}: {exc.message}") from None
