@@ -120,54 +120,40 @@ def outbox(eng: Engine) -> list[tuple[str, str, str, str]]:
     return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
 
-def test_forward_and_send_go_out_through_the_outbox(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with Receiver().running() as rx:
-            eng = make_engine(tmp_path, rx.port)
-            await eng.start()
+async def deliver(tmp_path: Path, *messages: bytes) -> tuple[list[bytes], list[tuple[str, ...]]]:
+    """Send ``messages`` to a fresh engine whose channels point at a :class:`Receiver`;
+    wait until each outbox row is sent. (frames received, outbox rows)"""
+    async with Receiver().running() as rx:
+        eng = make_engine(tmp_path, rx.port)
+        await eng.start()
+        try:
+            client = await MllpClient.connect("127.0.0.1", eng.ports()["ehr"], timeout=5)
             try:
-                client = await MllpClient.connect("127.0.0.1", eng.ports()["ehr"], timeout=5)
-                try:
-                    assert (await client.send(ADT)).code == "AA"
-                    assert (await client.send(CANCEL)).code == "AA"
-                finally:
-                    await client.close()
-                await until(lambda: len(rx.frames) == 2)
-                await until(lambda: [r[3] for r in outbox(eng)] == ["sent", "sent"])
-                rows = outbox(eng)
+                for raw in messages:
+                    assert (await client.send(raw)).code == "AA"
             finally:
-                await eng.stop()
-        by_type = {f.split(b"|", 9)[8]: f for f in rx.frames}
-        # the forward: the sender's own bytes (latin-1, MSH-10), segment ends made CR
-        assert by_type[b"ADT^A08"] == ADT.replace(b"\n", b"\r")
-        # the send: the channel's template with the route's extracted values
-        notice = by_type[b"ORU^R01"].decode()
-        assert "OBX|1|TX|DECLINED||Patient moved away for DR7" in notice
-        assert [(c, t) for c, t, _, _ in rows] == [
-            ("downstream", "forward"),
-            ("worklist", "notice"),
-        ]
-        assert [k for _, _, k, _ in rows] == ["route:1:0", "route:2:0"]
+                await client.close()
+            await until(lambda: len(rx.frames) == len(messages))
+            await until(lambda: {r[3] for r in outbox(eng)} == {"sent"})
+            return rx.frames, outbox(eng)
+        finally:
+            await eng.stop()
 
-    asyncio.run(body())
+
+def test_forward_and_send_go_out_through_the_outbox(tmp_path: Path) -> None:
+    frames, rows = asyncio.run(deliver(tmp_path, ADT, CANCEL))
+    by_type = {f.split(b"|", 9)[8]: f for f in frames}
+    # the forward: the sender's own bytes (latin-1, MSH-10), segment ends made CR
+    assert by_type[b"ADT^A08"] == ADT.replace(b"\n", b"\r")
+    # the send: the channel's template with the route's extracted values
+    notice = by_type[b"ORU^R01"].decode()
+    assert "OBX|1|TX|DECLINED||Patient moved away for DR7" in notice
+    assert [(c, t) for c, t, _, _ in rows] == [("downstream", "forward"), ("worklist", "notice")]
+    assert [k for _, _, k, _ in rows] == ["route:1:0", "route:2:0"]
 
 
 def test_replay_queues_nothing_again_unless_resend(tmp_path: Path) -> None:
-    async def body() -> None:
-        async with Receiver().running() as rx:
-            eng = make_engine(tmp_path, rx.port)
-            await eng.start()
-            try:
-                client = await MllpClient.connect("127.0.0.1", eng.ports()["ehr"], timeout=5)
-                try:
-                    assert (await client.send(ADT)).code == "AA"
-                finally:
-                    await client.close()
-                await until(lambda: len(rx.frames) == 1)
-            finally:
-                await eng.stop()
-
-    asyncio.run(body())
+    asyncio.run(deliver(tmp_path, ADT))
     cfg = config.load(tmp_path / "routes.yaml")
     path = tmp_path / "state" / "refloop.db"
     replay(path, cfg, ReplayFilter(), dry_run=False, user="ops")
