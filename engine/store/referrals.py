@@ -717,15 +717,18 @@ def parked_candidates(
 ) -> list[ParkedRow]:
     """Still-parked events naming this placer number or any of these filler numbers."""
     numbers = sorted(set(filler_numbers))
-    sql = f"SELECT {_PARKED_COLUMNS} FROM parked WHERE status = 'parked' AND (placer_number = ?"
+    # one indexed look-up per way of matching (an OR under ``status = 'parked'`` made
+    # SQLite read every parked event on each referral message)
+    sql = f"SELECT {_PARKED_COLUMNS} FROM parked WHERE placer_number = ? AND status = 'parked'"
     args: list[Any] = [placer_number]
     if numbers:
         sql += (
-            " OR id IN (SELECT parked_id FROM parked_fillers WHERE filler_number IN "
-            f"({','.join('?' * len(numbers))}))"
+            f" UNION SELECT {_PARKED_COLUMNS} FROM parked WHERE id IN (SELECT parked_id "
+            f"FROM parked_fillers WHERE filler_number IN ({','.join('?' * len(numbers))})) "
+            "AND status = 'parked'"
         )
         args.extend(numbers)
-    sql += ") ORDER BY id"
+    sql += " ORDER BY id"
     return [_parked(conn, r) for r in conn.execute(sql, args).fetchall()]
 
 
