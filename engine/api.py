@@ -317,7 +317,7 @@ class Service:
     def audit(
         self, *, since: str | None = None, after_id: int = 0, limit: int = 500
     ) -> list[dict[str, Any]]:
-        rows = (r for r in audit_store.rows(self.db.conn, since=since) if r.id > after_id)
+        rows = audit_store.rows(self.db.conn, since=since, after_id=after_id)
         return [r.as_dict() for r in islice(rows, limit)]
 
     def report(self, start: dt.date, end: dt.date, by: str | None) -> dict[str, Any]:

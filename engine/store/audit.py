@@ -148,15 +148,23 @@ def append(
     return new_id
 
 
-def rows(conn: Conn, *, since: str | None = None) -> Iterator[AuditRow]:
-    """Audit rows in id order; ``since`` keeps rows whose ``at`` is at or after it (ISO)."""
+def rows(conn: Conn, *, since: str | None = None, after_id: int = 0) -> Iterator[AuditRow]:
+    """Audit rows in id order; ``since`` keeps rows whose ``at`` is at or after it (ISO),
+    ``after_id`` those after that row (a page of an export starts at its row, instead of
+    reading every row before it)."""
     sql = (
         "SELECT id, at, actor, action, referral_id, message_id, detail, prev_hash, hash FROM audit"
     )
+    where: list[str] = []
     args: list[Any] = []
     if since:
-        sql += " WHERE at >= ?"
+        where.append("at >= ?")
         args.append(since)
+    if after_id:
+        where.append("id > ?")
+        args.append(after_id)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY id"
     for r in conn.execute(sql, args):
         yield _row(r)

@@ -155,6 +155,22 @@ def _m_patient_phone(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX referrals_patient_phone ON referrals (patient_phone)")
 
 
+def _m_browse_indexes(db: sqlite_utils.Database) -> None:
+    # the worklist (dashboard, /api/referrals: store.worklist.search_referrals) lists open
+    # referrals, by specialty or not, or all referrals, oldest first: without these each
+    # request read every referral and sorted it. The open ones are a partial index (the
+    # query's ``status != 'closed'`` selects it), so they cost nothing once closed.
+    db.execute("CREATE INDEX referrals_open ON referrals (opened_at) WHERE status != 'closed'")
+    db.execute(
+        "CREATE INDEX referrals_open_specialty ON referrals (lower(specialty), opened_at) "
+        "WHERE status != 'closed'"
+    )
+    db.execute("CREATE INDEX referrals_opened ON referrals (opened_at)")
+    # the message browser's status filter (newest first): without it a status with few or
+    # no rows (received, rejected) read the whole inbox
+    db.execute("CREATE INDEX messages_status ON messages (status, id)")
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -165,6 +181,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_users,
     _m_closure_report,
     _m_patient_phone,
+    _m_browse_indexes,
 ]
 
 

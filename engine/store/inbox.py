@@ -246,7 +246,10 @@ class Inbox:
                 where.append("message_type = ?")
             args.append(message_type)
         if status:
-            where.append("status = ?")
+            # the (status, id) index only when nothing narrower is given (see
+            # store.worklist.search_messages)
+            narrower = since is not None or until is not None or message_type or ids
+            where.append("+status = ?" if narrower else "status = ?")
             args.append(status)
         if source:
             where.append("source = ?")

@@ -108,8 +108,11 @@ def find(conn: Conn, *, npi: str = "", local_id: str = "") -> SpecialistRow | No
     """The row with this NPI, else with this local id."""
     for column, value in (("npi", npi), ("local_id", local_id)):
         if value:
+            # ``!= ''`` as in the partial unique indexes, so SQLite can use them (without it
+            # each referral's look-up read the whole directory)
             r = conn.execute(
-                f"SELECT {_COLUMNS} FROM specialists WHERE {column} = ?", (value,)
+                f"SELECT {_COLUMNS} FROM specialists WHERE {column} = ? AND {column} != ''",
+                (value,),
             ).fetchone()
             if r is not None:
                 return _row(r)

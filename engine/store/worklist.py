@@ -150,7 +150,7 @@ def search_messages(
     limit: int = 50,
 ) -> list[MessageMeta]:
     """Inbox metadata, newest first. Filters use the indexed columns (control id,
-    received time, message type; ``TYPE*`` is a prefix match) plus status and source."""
+    received time, message type; ``TYPE*`` is a prefix match; status) plus source."""
     where: list[str] = []
     args: list[Any] = []
     if message_type:
@@ -167,7 +167,10 @@ def search_messages(
         where.append("control_id = ?")
         args.append(control_id)
     if status:
-        where.append("status = ?")
+        # through the (status, id) index only when nothing narrower is given: beside a
+        # control id, a type or a time window it would walk every row of that status
+        narrower = message_type or control_id or since is not None or until is not None
+        where.append("+status = ?" if narrower else "status = ?")
         args.append(status)
     if source:
         where.append("source = ?")
