@@ -9,7 +9,8 @@ CSRF tokens, the login rate limit, API bearer tokens and roles.
   nothing more to store, and it changes with every login).
 - Login rate limit: :data:`LOGIN_FAILURES` failures per username + client address within
   :data:`LOGIN_WINDOW` seconds lock that pair out until the oldest failure ages out
-  (in memory: a restart forgets, which is fine for a throttle).
+  (in memory: a restart forgets, which is fine for a throttle). An attempt is counted
+  before its password is hashed, so concurrent guesses cannot all slip under the limit.
 - API: ``Authorization: Bearer <token>``, a per-user token (``refloop users token``).
 
 Roles (:data:`PERMISSIONS`): ``coordinator`` works the referral worklist and its actions;
@@ -189,13 +190,15 @@ class LoginLimiter:
             del self._failures[key]
         return q
 
-    def check(self, name: str, address: str) -> None:
-        """Raise :class:`RateLimited` while the pair is locked out."""
+    def reserve(self, name: str, address: str) -> None:
+        """Count an attempt for the pair *before* its password is checked, or raise
+        :class:`RateLimited` while the pair is locked out. Reserving first (no ``await``
+        between the check and the count) is what makes the limit hold under concurrent
+        requests: 40 parallel guesses see the count rise one by one, so only
+        :attr:`limit` of them reach the KDF. A success then forgets the pair."""
         q = self._recent((name, address))
         if len(q) >= self.limit:
             raise RateLimited(q[0] + self.window - self.clock.now())
-
-    def failed(self, name: str, address: str) -> None:
         if len(self._failures) > 100_000:  # bound memory under a spray of names
             self._failures.clear()
         self._failures.setdefault((name, address), deque()).append(self.clock.now())
@@ -261,9 +264,10 @@ class Auth:
         return self.finish_login(key, address, user, ok)
 
     def begin_login(self, name: str, address: str) -> tuple[str, store.UserRow | None]:
-        """The rate-limit check and the user lookup: (limiter key, user or None)."""
+        """The rate-limit reservation (the attempt counts as failed until
+        :meth:`finish_login` says otherwise) and the user lookup: (limiter key, user or None)."""
         key = name.strip().lower()[:64]
-        self.limiter.check(key, address)
+        self.limiter.reserve(key, address)
         return key, store.get_by_name(self.db.conn, key)
 
     def finish_login(
@@ -271,7 +275,7 @@ class Auth:
     ) -> tuple[Principal, str] | None:
         """Record the outcome; on success a new session (principal, cookie value)."""
         if user is None or not ok or user.disabled or user.role not in ROLES:
-            self.limiter.failed(key, address)
+            # the attempt was counted by begin_login's reservation
             log.warning("%s: login refused", address)
             return None
         self.limiter.succeeded(key, address)

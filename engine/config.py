@@ -432,6 +432,9 @@ class HttpConfig:
     public_url: str = ""
     # HMAC key (>= 32 bytes, ${file:}) of the /confirm/<token> links; "" = not mounted.
     confirm_key: str = field(default="", repr=False)
+    # Host header values (host names, no port) the server answers; () = the default list
+    # (engine.http.allowed_hosts: the bind address, localhost, loopback, public_url's host).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,7 +533,10 @@ def _http(r: Reader) -> HttpConfig:
         admin_token=r.text("admin_token", ""),
         public_url=r.text("public_url", "").rstrip("/"),
         confirm_key=r.text("confirm_key", ""),
+        allowed_hosts=tuple(h.strip().lower() for h in r.texts("allowed_hosts")),
     )
+    if any(not h or "/" in h or " " in h for h in cfg.allowed_hosts):
+        r.fail("allowed_hosts", "must be host names or addresses (no scheme, path or spaces)")
     if cfg.public_url:
         url = urlsplit(cfg.public_url)
         loopback = url.hostname in ("127.0.0.1", "::1", "localhost")

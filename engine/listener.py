@@ -30,7 +30,7 @@ from engine.clock import Clock
 from engine.config import MllpSource, TlsConfig
 from engine.errors import FramingError, MessageRejected, StoreError
 from engine.hl7msg import read_msh, reply_header, split_messages, strip_preamble
-from engine.metrics import Metrics, type_label
+from engine.metrics import Metrics
 from engine.mllp import Framer, frame
 from engine.model import Inbound, MshInfo
 from engine.pipeline import Outcome, Processor
@@ -366,7 +366,7 @@ class _Connection(asyncio.Protocol):
         else:
             msh = unit.inbound.msh
             m.messages_received.labels(
-                self.source.name, type_label(msh.message_type if msh else "")
+                self.source.name, m.type_label(msh.message_type if msh else "")
             ).inc()
             m.inbox_rows.set(self.server.inbox.rows)
         self.server.processor.notify()

@@ -1,19 +1,31 @@
 """Prometheus metrics. One object built with the registry it registers in (tests pass a
 fresh ``CollectorRegistry()``); modules receive it instead of using globals.
 
-Label values are bounded, never PHI: source names come from routes.yaml, message types
-are normalised to ``TYPE^TRIGGER`` codes (anything else becomes ``other``).
+Label values are bounded, never PHI, and never chosen by a peer: source, route and
+channel names come from routes.yaml; a message's ``type`` label is one of the message
+types the routes name (:class:`TypeLabels`), else ``other``; every other label is a
+fixed vocabulary of refloop's own (ACK codes, results, reasons, kinds).
+
+The exposition (``GET /metrics``) is generated in a worker thread
+(:meth:`Metrics.exposition`), not on the event loop that writes ACKs; collectors that
+read the store (:class:`StoreCollector`) run their queries back on the loop's thread,
+which owns the connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
+import fnmatch
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -24,13 +36,104 @@ LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 
 
-def type_label(message_type: str) -> str:
-    return message_type if _TYPE.fullmatch(message_type) else "other"
+OTHER: Final = "other"
+LABEL_CACHE: Final = 4096  # codes remembered by TypeLabels (a spray of codes: cleared)
+STORE_READ_SECONDS: Final = 5.0  # how long a scrape's worker waits for a store read
+
+
+class TypeLabels:
+    """MSH-9 codes → a bounded set of label values. A code a route names exactly
+    (``REF^I12``) is its own label; a code only wildcard patterns admit is labelled with
+    the most specific of them as written (most literal characters: ``RRI^I13`` is
+    ``RRI^I1[2-5]`` rather than ``RRI^*``); any other code, however well-formed, is
+    ``other``: a sender inventing 50,000 codes makes no new series."""
+
+    def __init__(self, names: Iterable[str] = ()):
+        literal: set[str] = set()
+        patterns: list[tuple[str, re.Pattern[str]]] = []
+        for name in sorted(set(names)):
+            if _TYPE.fullmatch(name):
+                literal.add(name)
+            else:  # routes read a bare ``ADT`` as ``ADT`` or ``ADT^*`` (engine.routes)
+                forms = (name,) if "^" in name else (name, f"{name}^*")
+                regex = "|".join(fnmatch.translate(f) for f in forms)
+                patterns.append((name, re.compile(regex)))
+        self.literal = frozenset(literal)
+        self.patterns = tuple(sorted(patterns, key=lambda p: (-_literal_chars(p[0]), p[0])))
+        self._cache: dict[str, str] = {}
+
+    def __call__(self, code: str) -> str:
+        label = self._cache.get(code)
+        if label is None:
+            label = self._label(code)
+            if len(self._cache) >= LABEL_CACHE:
+                self._cache.clear()
+            self._cache[code] = label
+        return label
+
+    def _label(self, code: str) -> str:
+        if not _TYPE.fullmatch(code):
+            return OTHER
+        if code in self.literal:
+            return code
+        return next((name for name, regex in self.patterns if regex.match(code)), OTHER)
+
+
+def _literal_chars(pattern: str) -> int:
+    return len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
+
+
+# The running loop of the scrape in hand, seen by StoreCollector in the worker thread
+# (asyncio.to_thread copies the caller's context into the thread).
+_SCRAPE_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "refloop_scrape_loop", default=None
+)
+
+
+class StoreCollector(Collector):
+    """A collector that reads the store at scrape time: subclasses implement
+    :meth:`read`. The store's connection belongs to the event loop's thread, so when
+    :meth:`Metrics.exposition` formats in a worker thread, ``read`` is scheduled on the
+    loop (``call_soon_threadsafe``) and the worker waits for its result; the loop spends
+    the few queries, never the formatting. Called outside a scrape (a test's
+    ``generate_latest``), ``read`` runs in place. A read that fails or does not come back
+    within :data:`STORE_READ_SECONDS` leaves its samples out of that scrape."""
+
+    def read(self) -> Iterable[Metric]:
+        raise NotImplementedError
+
+    def collect(self) -> Iterator[Metric]:
+        loop = _SCRAPE_LOOP.get()
+        if loop is None or _running_loop() is loop:
+            return iter(list(self.read()))
+        done: concurrent.futures.Future[list[Metric]] = concurrent.futures.Future()
+
+        def on_loop() -> None:
+            try:
+                done.set_result(list(self.read()))
+            except Exception as exc:  # delivered to the waiting worker
+                done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(on_loop)
+            return iter(done.result(timeout=STORE_READ_SECONDS))
+        except Exception:  # a scrape must not fail because the loop is busy or stopping
+            log.warning("metrics: %s: cannot read the store", type(self).__name__)
+            return iter(())
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.registry = registry
+        self.type_labels = TypeLabels()  # until the routes name their types: all "other"
+        self._scrape = asyncio.Lock()  # one exposition at a time, however many scrapers
         self.messages_received = Counter(
             "refloop_messages_received_total",
             "Messages received and stored, by source and message type.",
@@ -155,6 +258,22 @@ class Metrics:
             registry=registry,
         )
 
+    def name_message_types(self, names: Iterable[str]) -> None:
+        """The message type patterns the routes name (engine.routes.make_handler, at
+        start and on each reload): the ``type`` label's values."""
+        self.type_labels = TypeLabels(names)
+
+    def type_label(self, code: str) -> str:
+        """The ``type`` label of an MSH-9 code (see :class:`TypeLabels`)."""
+        return self.type_labels(code)
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text exposition, generated in a worker thread so that a scrape
+        does not hold up ACKs; scrapes take turns (one thread at a time)."""
+        async with self._scrape:
+            _SCRAPE_LOOP.set(asyncio.get_running_loop())
+            return await asyncio.to_thread(generate_latest, self.registry)
+
     def watch_inbox_commits(self, commits: Callable[[], int]) -> None:
         """Export ``refloop_inbox_commits_total`` from ``commits()`` (the inbox writer's
         count of group commits), read at scrape time."""
@@ -172,7 +291,7 @@ class Metrics:
         self.registry.register(ClosureRatio(ratios, now, interval=interval))
 
 
-class ClosureRatio(Collector):
+class ClosureRatio(StoreCollector):
     """``refloop_closure_ratio{window}``: of the referrals opened in each trailing window
     (``30d``, ``90d``, ``365d``), the share closed by a specialist report. Read at scrape
     time, but at most once per ``interval`` seconds (a scrape in between gets the cached
@@ -201,7 +320,7 @@ class ClosureRatio(Collector):
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self.NAME, self.HELP, labels=["window"])
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def read(self) -> Iterator[GaugeMetricFamily]:
         now = self.now()
         if self._at is None or not 0 <= now - self._at < self.interval:
             try:

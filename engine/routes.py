@@ -415,6 +415,8 @@ class Route:
     # FHIR routes (``when: {resource: ...}``): the resource types they match ("*": any).
     # None: an HL7 route, which never sees a FHIR resource (and the other way round).
     resources: frozenset[str] | None = None
+    # the message type patterns of ``when`` as written (upper case): metric label values
+    type_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,6 +452,11 @@ class RouteTable:
     _candidates: dict[tuple[str, str], tuple[Route, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
+
+    @property
+    def message_types(self) -> frozenset[str]:
+        """Every HL7 message type pattern the routes name (engine.metrics.TypeLabels)."""
+        return frozenset(name for route in self.routes for name in route.type_names)
 
     def candidates(self, message_type: str, source: str) -> tuple[Route, ...]:
         key = (message_type, source)
@@ -885,7 +892,19 @@ def _route(
         actions=actions,
         cont=cont,
         resources=resources,
+        type_names=() if fhir else _named_types(when),
     )
+
+
+def _named_types(when: Any) -> tuple[str, ...]:
+    """The ``type:`` patterns of a compiled (valid) HL7 ``when``, nested ``any`` included."""
+    if not isinstance(when, dict):
+        return ()
+    value = when.get("type")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    nested = when.get("any")
+    subs = [n for sub in (nested if isinstance(nested, list) else []) for n in _named_types(sub)]
+    return tuple(str(v).strip().upper() for v in values) + tuple(subs)
 
 
 # -- when ---------------------------------------------------------------------------
@@ -1743,8 +1762,12 @@ def make_handler(
     clock: Clock | None = None,
     metrics: Metrics | None = None,
 ) -> RouteHandler:
-    """Compile ``config``'s routes (ConfigError on problems) into a processor handler."""
-    return RouteHandler(compile_config(config), db, tracker, clock=clock, metrics=metrics)
+    """Compile ``config``'s routes (ConfigError on problems) into a processor handler;
+    ``metrics`` learns the message types they name (its bounded ``type`` label set)."""
+    table = compile_config(config)
+    if metrics is not None:
+        metrics.name_message_types(table.message_types)
+    return RouteHandler(table, db, tracker, clock=clock, metrics=metrics)
 
 
 def previous_decision(db: Database, message_id: int) -> DecisionRow | None:

@@ -39,12 +39,12 @@ from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from channels.sms import e164
 from engine import direct_flow, states
 from engine.clock import Clock, isoformat
 from engine.escalation import DAY, PATIENT_KINDS, Policy, coordinator_priority, next_contact_time
+from engine.metrics import StoreCollector
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
 from engine.store import referrals as referral_store
@@ -83,7 +83,7 @@ class TimerMetrics:
             registry.register(_PendingGauge(db))
 
 
-class _PendingGauge(Collector):
+class _PendingGauge(StoreCollector):
     def __init__(self, db: Database):
         self.db = db
 
@@ -92,7 +92,7 @@ class _PendingGauge(Collector):
             "refloop_timers_pending", "Pending timers by kind.", labels=["kind"]
         )
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def read(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("refloop_timers_pending", "Pending timers by kind.", labels=["kind"])
         try:
             for kind, n in store.pending_by_kind(self.db.conn).items():

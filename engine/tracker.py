@@ -37,12 +37,12 @@ from typing import Any, Final, Literal, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from engine import specialists, states
 from engine.clock import Clock, isoformat
 from engine.errors import StoreError
 from engine.escalation import Policy, TimerGroup, TimerSpec
+from engine.metrics import StoreCollector
 from engine.model import (
     EVENT_TYPES,
     WRITE_BACK_TEMPLATE,
@@ -194,7 +194,7 @@ def fingerprint(event: Event | states.InternalEvent) -> str:
 # Metrics
 
 
-class _StoreGauges(Collector):
+class _StoreGauges(StoreCollector):
     """Gauges read from the store at scrape time, so they never drift from it."""
 
     def __init__(self, db: Database):
@@ -206,7 +206,7 @@ class _StoreGauges(Collector):
         )
         yield GaugeMetricFamily("refloop_parked_messages", "Events parked, waiting for a link.")
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def read(self) -> Iterator[GaugeMetricFamily]:
         try:
             counts = store.count_by_status(self.db.conn)
             parked = store.count_parked(self.db.conn)

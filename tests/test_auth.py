@@ -81,18 +81,17 @@ def test_login_rate_limit_per_user_and_address() -> None:
     clock = VirtualClock()
     limiter = LoginLimiter(clock, limit=5, window=900)
     for _ in range(5):
-        limiter.check("casey", "10.0.0.1")
-        limiter.failed("casey", "10.0.0.1")
+        limiter.reserve("casey", "10.0.0.1")  # counted before the password is checked
     with pytest.raises(RateLimited) as exc:
-        limiter.check("casey", "10.0.0.1")
+        limiter.reserve("casey", "10.0.0.1")
     assert exc.value.retry_after == pytest.approx(900)
-    limiter.check("casey", "10.0.0.2")  # another address
-    limiter.check("ana", "10.0.0.1")  # another user
+    limiter.reserve("casey", "10.0.0.2")  # another address
+    limiter.reserve("ana", "10.0.0.1")  # another user
     clock.advance(600)
     with pytest.raises(RateLimited):
-        limiter.check("casey", "10.0.0.1")
+        limiter.reserve("casey", "10.0.0.1")
     clock.advance(301)
-    limiter.check("casey", "10.0.0.1")
+    limiter.reserve("casey", "10.0.0.1")
 
 
 def test_unknown_users_fail_like_wrong_passwords(auth: Auth) -> None:

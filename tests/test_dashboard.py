@@ -7,6 +7,7 @@ user's name; raw messages and referral pages are audited views."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -139,6 +140,25 @@ def test_wrong_passwords_are_rate_limited(tmp_path: Path) -> None:
         assert (await attempt(PASSWORD)).status_code == 303
 
     go(tmp_path, body, clock=clock)
+
+
+def test_concurrent_wrong_passwords_are_checked_at_most_five_times(tmp_path: Path) -> None:
+    """40 parallel guesses: each attempt is counted before its password is hashed, so
+    at most 5 reach the KDF (401) and the rest get the throttle answer (429)."""
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        token = csrf_of((await http.get(f"{rig.base}/ui/login")).text)
+
+        async def attempt(password: str) -> int:
+            data = {"name": "casey", "password": password, "csrf": token}
+            return (await http.post(f"{rig.base}/ui/login", data=data)).status_code
+
+        statuses = await asyncio.gather(*(attempt(f"wrong {i:02}") for i in range(40)))
+        checked = statuses.count(401)  # a password hashed and found wrong
+        assert checked <= 5 and statuses.count(429) == 40 - checked, statuses
+        assert await attempt(PASSWORD) == 429  # the right one, while throttled
+
+    go(tmp_path, body)
 
 
 def _set_cookie(r: httpx.Response, name: str) -> str:

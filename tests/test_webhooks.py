@@ -411,6 +411,36 @@ def test_confirm_link(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
+def test_behind_the_public_url_hooks_and_confirm_still_work(tmp_path: Path) -> None:
+    """A TLS proxy for public_url passes its Host on: /hooks/ and /confirm/ answer it, the
+    specialist's same-origin confirm POST is accepted, a cross-site one is refused, and
+    the confirm page is neither sniffed nor stored (issue 14.8)."""
+    proxied = {"Host": "refloop.example.org"}
+
+    async def body(r: Rig) -> None:
+        r.http.headers.update(proxied)
+        assert (await r.twilio("/hooks/twilio/sms", inbound("SM9", "HELP"))).status_code == 200
+        rid = r.referral("R9")
+        token = make_token(str(rid), T0 + 86400, CONFIRM_KEY.encode())
+        page = await r.http.get(f"{r.base}/confirm/{token}")
+        assert page.status_code == 200
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert page.headers["Cache-Control"] == "no-store"
+        cross = {"Origin": "https://attacker.example", "Sec-Fetch-Site": "cross-site"}
+        assert (await r.http.post(f"{r.base}/confirm/{token}", headers=cross)).status_code == 403
+        referral = referral_store.get_referral(r.db.conn, rid)
+        assert referral is not None and referral.specialist_status != "confirmed"
+        own = {"Origin": PUBLIC, "Sec-Fetch-Site": "same-origin"}
+        done = await r.http.post(f"{r.base}/confirm/{token}", headers=own)
+        assert done.status_code == 200 and done.headers["Cache-Control"] == "no-store"
+        referral = referral_store.get_referral(r.db.conn, rid)
+        assert referral is not None and referral.specialist_status == "confirmed"
+        other = await r.http.get(f"{r.base}/confirm/{token}", headers={"Host": "evil.example"})
+        assert other.status_code == 421
+
+    run(body, tmp_path)
+
+
 def test_api_needs_the_bearer_token(tmp_path: Path) -> None:
     async def body(r: Rig) -> None:
         assert (await r.http.get(f"{r.base}/api/referrals")).status_code == 401
