@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import email.parser
 import email.policy
@@ -63,6 +64,7 @@ FINAL_DELIVERY_FIELD: Final = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
 _MSGID: Final = re.compile(r"<[^<>\s]+>")
 _DISPOSITION: Final = re.compile(r";\s*([A-Za-z-]+)\s*(?:/\s*([A-Za-z-]+))?")
 MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+_KEEP_RAW: Final = (MdnResult, ReplyWithAttachments)
 
 
 def classify(
@@ -106,9 +108,12 @@ def classify(
             return quarantine("signer-mismatch")
         headers, content = inner, inner  # type: ignore[assignment]
     try:
-        return _read_content(content, headers, claimed, message_id)
+        result = _read_content(content, headers, claimed, message_id)
     except (ValueError, LookupError, TypeError):
         return quarantine("malformed")
+    # kept so the engine can still quarantine it visibly (a sender that is not the
+    # packet's recipient: engine.direct_flow)
+    return dataclasses.replace(result, raw=raw) if isinstance(result, _KEEP_RAW) else result
 
 
 def _first_id(value: str) -> str:
