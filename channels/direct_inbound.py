@@ -57,6 +57,7 @@ from engine.model import (
 )
 
 log = logging.getLogger(__name__)
+_SMTP_LOG: Final = logging.getLogger("mail.log")  # aiosmtpd's logger (aiosmtpd/smtp.py)
 
 OnResult = Callable[[DirectInbound], Awaitable[None]]
 # Delivery Notification IG §3.2: the extension field a dispatched MDN carries.
@@ -375,6 +376,12 @@ class DirectListener:
         )
 
     async def start(self) -> None:
+        # aiosmtpd logs each command line at INFO (MAIL FROM, RCPT TO: addresses) and
+        # every header line of DATA at DEBUG (From, Message-ID, Subject); the log must not
+        # carry them, so its logger stays at WARNING. The handler logs one line per
+        # message itself (peer, result type, quarantine reason).
+        if _SMTP_LOG.getEffectiveLevel() < logging.WARNING:
+            _SMTP_LOG.setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self.settings.host, self.settings.port

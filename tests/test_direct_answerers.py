@@ -26,6 +26,7 @@ import asyncio
 import base64
 import email
 import itertools
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -282,11 +283,15 @@ MISMATCH = ("direct/quarantined", "rejected", "quarantined: signer-mismatch")
 
 
 def test_third_party_mdn_and_reply_are_quarantined_recipient_still_closes(
-    tmp_path: Path, certs: Certs
+    tmp_path: Path, certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+    packet_ids: list[str] = []
+
     async def main() -> None:
         async with live(tmp_path, certs, Hisp()) as lv:
             packet_id = await referral_with_packet(lv, tmp_path, certs)
+            packet_ids.append(packet_id)
             assert lv.state() == SENT
             third = certs.third
             await lv.send(mdn(certs, third, THIRD, packet_id, "processed"))
@@ -310,6 +315,10 @@ def test_third_party_mdn_and_reply_are_quarantined_recipient_still_closes(
             assert lv.direct_inbox()[4:] == [("direct/pdf", "routed", "")]
 
     run(main())
+    # the log names outbox rows and reason codes: no Message-ID, address or patient
+    secret = (*packet_ids, SPECIALIST, THIRD, "Doe", "MRN1", "19700101")
+    leaks = [r.getMessage() for r in caplog.records if any(x in r.getMessage() for x in secret)]
+    assert caplog.records and not leaks, leaks
 
 
 # ---------------------------------------------------------------------------
