@@ -488,7 +488,9 @@ DirectDisposition = Literal["processed", "dispatched", "failed", "other"]
 
 @dataclass(frozen=True, slots=True)
 class MdnResult:
-    """A signed, trusted MDN (RFC 8098) about a message we sent.
+    """A signed, trusted MDN (RFC 8098) about a message we sent, signed by a certificate
+    bound to ``sender`` (the engine acts on it only if ``sender`` is the packet's
+    recipient: ``engine.direct_flow``).
 
     ``disposition``: ``processed`` (the receiving HISP accepted it: "delivered"),
     ``dispatched`` (handed to the recipient: "confirmed"), ``failed``, or ``other``
