@@ -9,9 +9,12 @@ packet PDF, passed-through documents, optionally the original HL7 message). We a
 ``processed`` and ``dispatched`` MDNs with ``Disposition-Notification-To`` and
 ``Disposition-Notification-Options: X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true``.
 
-Idempotency: the Message-ID is derived from the outbox row's idempotency key
-(:func:`make_message_id`), so a retry after an ambiguous failure resubmits the same
-Message-ID and every MDN maps back to the same row.
+Message-ID: random (:func:`new_message_id`, 128 bits from :mod:`secrets`), assigned by
+the dispatcher when it first claims the outbox row and stored with it
+(``OutboundMessage.message_id``), so a retry after an ambiguous failure resubmits the
+same Message-ID and every MDN maps back to the same row through the store. Nobody can
+compute it from a referral id; it is not what authorises an MDN or a reply either (the
+signer's address must be the packet's recipient: ``engine.direct_flow``).
 
 SMTP client: aiosmtplib (maintained asyncio client; smtplib would block the event loop).
 SMTP replies map to :class:`~engine.errors.ChannelError`: 4xx and transport trouble are
@@ -24,8 +27,8 @@ from __future__ import annotations
 
 import email.policy
 import email.utils
-import hashlib
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -64,10 +67,15 @@ class HispSettings:
     timeout: float = 60.0
 
 
-def make_message_id(idempotency_key: str, domain: str) -> str:
-    """A stable RFC 5322 Message-ID for one outbox row (no PHI: a hash of the key)."""
-    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
-    return f"<refloop.{digest}@{domain}>"
+# At least 128 bits of randomness: unguessable, and unique without coordination.
+MESSAGE_ID_BYTES: Final = 16
+# RFC 2606 §2: the id-right when the channel has no address to take a domain from.
+FALLBACK_DOMAIN: Final = "refloop.invalid"
+
+
+def new_message_id(domain: str) -> str:
+    """A fresh RFC 5322 §3.6.4 Message-ID, ``<refloop.<32 hex>@domain>``: random, no PHI."""
+    return f"<refloop.{secrets.token_hex(MESSAGE_ID_BYTES)}@{domain or FALLBACK_DOMAIN}>"
 
 
 def build_content(body_text: str, attachments: Sequence[Attachment]) -> bytes:
@@ -182,7 +190,8 @@ class DirectChannel:
         cert = self.certificate_for(item.recipient)
         if cert is None:
             raise ChannelError(f"{CHANNEL}: no certificate for the recipient", retryable=False)
-        message_id = make_message_id(item.idempotency_key, self.domain)
+        # the dispatcher stores one with the row; a caller without one gets a fresh one
+        message_id = item.message_id or new_message_id(self.domain)
         data = build_message(
             sender=self.address,
             recipient=item.recipient,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import email.parser
 import email.policy
@@ -56,6 +57,7 @@ from engine.model import (
 )
 
 log = logging.getLogger(__name__)
+_SMTP_LOG: Final = logging.getLogger("mail.log")  # aiosmtpd's logger (aiosmtpd/smtp.py)
 
 OnResult = Callable[[DirectInbound], Awaitable[None]]
 # Delivery Notification IG §3.2: the extension field a dispatched MDN carries.
@@ -63,6 +65,7 @@ FINAL_DELIVERY_FIELD: Final = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
 _MSGID: Final = re.compile(r"<[^<>\s]+>")
 _DISPOSITION: Final = re.compile(r";\s*([A-Za-z-]+)\s*(?:/\s*([A-Za-z-]+))?")
 MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+_KEEP_RAW: Final = (MdnResult, ReplyWithAttachments)
 
 
 def classify(
@@ -106,9 +109,12 @@ def classify(
             return quarantine("signer-mismatch")
         headers, content = inner, inner  # type: ignore[assignment]
     try:
-        return _read_content(content, headers, claimed, message_id)
+        result = _read_content(content, headers, claimed, message_id)
     except (ValueError, LookupError, TypeError):
         return quarantine("malformed")
+    # kept so the engine can still quarantine it visibly (a sender that is not the
+    # packet's recipient: engine.direct_flow)
+    return dataclasses.replace(result, raw=raw) if isinstance(result, _KEEP_RAW) else result
 
 
 def _first_id(value: str) -> str:
@@ -370,6 +376,12 @@ class DirectListener:
         )
 
     async def start(self) -> None:
+        # aiosmtpd logs each command line at INFO (MAIL FROM, RCPT TO: addresses) and
+        # every header line of DATA at DEBUG (From, Message-ID, Subject); the log must not
+        # carry them, so its logger stays at WARNING. The handler logs one line per
+        # message itself (peer, result type, quarantine reason).
+        if _SMTP_LOG.getEffectiveLevel() < logging.WARNING:
+            _SMTP_LOG.setLevel(logging.WARNING)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self.settings.host, self.settings.port

@@ -27,10 +27,11 @@ import email.message
 import email.parser
 import email.policy
 import hmac
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from email import errors
+from email.headerregistry import AddressHeader, HeaderRegistry
 from typing import Final, Literal
 
 from cryptography import x509
@@ -40,7 +41,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509 import verification
-from cryptography.x509.oid import NameOID
 
 from channels import der
 from engine.errors import EngineError
@@ -312,22 +312,21 @@ def unprotect(
 
 
 def bound_to(cert: x509.Certificate, address: str) -> bool:
-    """Direct AS §4: an address-bound certificate names the address in subjectAltName
-    rfc822Name; a domain-bound one names the domain as dNSName. (emailAddress in the
-    subject is the legacy form, honoured only without a subjectAltName.)"""
+    """Direct AS v1.3 §4 and the DirectTrust certificate profile: an address-bound
+    certificate names the address as a subjectAltName rfc822Name, an org-bound one the
+    address's domain as a subjectAltName dNSName (both compared case-insensitively). An
+    emailAddress in the subject DN binds nothing: the profile requires subjectAltName,
+    and without it any address would be as good as another."""
     addr = address.strip().lower()
-    if "@" not in addr:
+    local, at, domain = addr.rpartition("@")
+    if not (local and at and domain):
         return False
-    domain = addr.rpartition("@")[2]
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        emails = [
-            str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.EMAIL_ADDRESS)
-        ]
-        return addr in emails
-    emails = [e.lower() for e in san.get_values_for_type(x509.RFC822Name)]
-    names = [d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)]
+        return False
+    emails = [e.strip().lower() for e in san.get_values_for_type(x509.RFC822Name)]
+    names = [d.strip().lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)]
     return addr in emails or domain in names
 
 
@@ -490,10 +489,23 @@ def _check_chain(
         raise SmimeError("untrusted-signer", "chain") from exc
 
 
-_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+_HEADERS: Final = HeaderRegistry()
 
 
 def bare_address(value: str) -> str:
-    """``"Dr X" <x@direct.example>`` → ``x@direct.example`` (lower-cased); "" if none."""
-    m = _ADDRESS.search(value or "")
-    return m.group(0).lower() if m else ""
+    """The one mailbox of a From header (RFC 5322 §3.6.2 and §3.4), lower-cased:
+    ``"Dr X" <x@direct.example>`` → ``x@direct.example``. "" when the header names no
+    mailbox, more than one (Direct mail has one author, Direct AS §3), or does not parse
+    cleanly: an address inside a display name or comment is never taken for the mailbox."""
+    try:
+        header = _HEADERS("from", value or "")
+    except (ValueError, IndexError, TypeError):  # the parser's failures on hostile input
+        return ""
+    if not isinstance(header, AddressHeader) or any(
+        isinstance(d, errors.InvalidHeaderDefect) for d in header.defects
+    ):
+        return ""
+    boxes = header.addresses
+    if len(boxes) != 1 or not boxes[0].username or not boxes[0].domain:
+        return ""
+    return boxes[0].addr_spec.lower()

@@ -16,13 +16,22 @@ DirectHandler` callback; one durable transaction before the listener answers 250
 
 * :class:`~engine.model.Quarantined`: an inbox row, source ``direct``, status
   ``rejected``, error ``quarantined: <reason>``, the message as received. No effect.
-* MDN / DSN: mapped to the packet's outbox row by the Message-ID the channel derived
-  from its idempotency key; the row's ``provider_status`` moves forward only
-  (accepted → processed → dispatched | failed), so repeats and late arrivals do nothing.
+* MDN / DSN: mapped to the packet's outbox row by the random Message-ID stored with the
+  row (``outbox.message_id``; rows from before that column by ``provider_id``); the
+  row's ``provider_status`` moves forward only (accepted → processed → dispatched |
+  failed), so repeats and late arrivals do nothing.
 * a reply: every attachment that is an HL7 v2 message enters the inbox as source
   ``direct`` (the processor routes it like MLLP input); a PDF or C-CDA document in a
   reply whose In-Reply-To/References names one of our packets is stored (status
   ``routed``) and records ``report-received`` on that referral, closing the loop.
+
+Who may answer a packet: the channel checked that the signer certificate is bound to the
+From address (Direct AS v1.3 §4: rfc822Name = the address, or dNSName = its domain); an
+MDN or a reply about one of our packets acts on it only when that address is also the
+one the packet went to (the row's recipient) or the specialist's Direct address in the
+directory for its referral (:func:`answerers`). Any other trusted sender's MDN or reply
+about it is quarantined (reason :data:`NOT_RECIPIENT`) and changes nothing: a valid
+Direct certificate makes a sender authentic, not the recipient of someone else's packet.
 
 Fallback rows use the key ``<packet row key>:fallback`` and fax-failure tasks
 ``<fax row key>:fax-failed``: whatever triggers them first, and however often, they are
@@ -79,6 +88,8 @@ _RANK: Final[dict[str, int]] = {
 }
 _DONE: Final = frozenset({"confirmed", "declined", "report-received"})
 HL7_TYPES: Final = frozenset({"ORU", "MDM", "SIU", "OSU"})
+# Quarantine reason: a trusted, address-bound sender answering a packet sent to another.
+NOT_RECIPIENT: Final = "sender-not-recipient"
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
@@ -242,6 +253,18 @@ class PacketEvents:
         return False
 
 
+def answerers(conn: Conn, packet: outbox.Item) -> frozenset[str]:
+    """The addresses that may answer a Direct packet, lower-cased: the one it was sent to
+    (the row's recipient once the send is recorded, the tracker's ``to`` before) and the
+    specialist's Direct address in the directory for its referral."""
+    found = {packet.recipient, str(packet.payload_dict().get("to") or "")}
+    if packet.referral_id is not None:
+        referral = referral_store.get_referral(conn, packet.referral_id)
+        if referral is not None:
+            found.add(specialists.direct_address(conn, referral.details))
+    return frozenset(a.strip().lower() for a in found if a.strip())
+
+
 def packet_for_timer(conn: Conn, referral_id: int, key: str) -> outbox.Item | None:
     """The Direct packet row a ``direct-mdn-timeout`` timer (key ``<rid>:<kind>:<outbox
     id>``) is about."""
@@ -305,7 +328,7 @@ class DirectFlow:
 
     def _packet(self, conn: Conn, message_id: str) -> outbox.Item | None:
         for name in self.direct_channels:
-            item = outbox.find_by_provider_id(conn, name, message_id)
+            item = outbox.find_by_message_id(conn, name, message_id)
             if item is not None:
                 return item
         return None
@@ -327,6 +350,22 @@ class DirectFlow:
         log.warning("direct inbound quarantined (%s)", q.reason)
         return f"quarantined:{q.reason}"
 
+    def _foreign(
+        self, conn: Conn, packet: outbox.Item, answer: MdnResult | ReplyWithAttachments, now: float
+    ) -> str:
+        """The quarantine outcome when ``answer``'s sender may not answer ``packet``
+        (:func:`answerers`), else ''. The log names the outbox row, never an address."""
+        if answer.sender.strip().lower() in answerers(conn, packet):
+            return ""
+        log.warning("direct inbound about outbox %d from a sender it was not sent to", packet.id)
+        quarantined = Quarantined(
+            reason=NOT_RECIPIENT,
+            raw=answer.raw,
+            claimed_sender=answer.sender,
+            message_id=answer.message_id,
+        )
+        return self._quarantine(conn, quarantined, now)
+
     def _status(self, conn: Conn, item: outbox.Item, status: str, now: float) -> bool:
         if not _newer(item.provider_status, status):
             return False
@@ -341,6 +380,9 @@ class DirectFlow:
 
     def _mdn(self, conn: Conn, mdn: MdnResult, now: float) -> str:
         item = self._packet(conn, mdn.original_message_id)
+        foreign = self._foreign(conn, item, mdn, now) if item is not None else ""
+        if foreign:
+            return foreign
         audit_store.append(
             conn,
             at=isoformat(now),
@@ -379,6 +421,9 @@ class DirectFlow:
 
     def _reply(self, conn: Conn, reply: ReplyWithAttachments, now: float) -> str:
         packet = next((p for p in (self._packet(conn, ref) for ref in reply.references) if p), None)
+        foreign = self._foreign(conn, packet, reply, now) if packet is not None else ""
+        if foreign:  # nothing of it is stored but the quarantine row, HL7 included
+            return foreign
         hl7: list[Inbound] = []
         documents: list[Inbound] = []
         for n, att in enumerate(reply.attachments, 1):

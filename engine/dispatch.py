@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 from channels.base import Channel
+from channels.direct import new_message_id
 from channels.sms import RecipientOptedOut, e164
 from channels.sms_templates import SmsContext, SmsTemplates
 from engine import states
@@ -235,6 +236,14 @@ class Renderer:
             return str(details.get(f"{party}_{column}") or "")
         return str(spec.settings.get("queue") or "")
 
+    def message_domain(self, channel: str) -> str | None:
+        """The id-right of the Message-IDs that rows of ``channel`` go out under (Direct:
+        the domain of our address); None for a channel whose rows carry none."""
+        spec = self.channels.get(channel)
+        if spec is None or spec.type != "direct":
+            return None
+        return str(spec.settings.get("address") or "").rpartition("@")[2]
+
     def render(self, item: Item, referral: ReferralRow | None) -> OutboundMessage:
         """Raises :class:`ChannelError` (not retryable) when the row cannot be rendered."""
         spec = self.channels.get(item.channel)
@@ -250,6 +259,7 @@ class Renderer:
             "recipient": recipient,
             "kind": kind,
             "referral_id": "" if item.referral_id is None else str(item.referral_id),
+            "message_id": item.message_id,
         }
         if spec.type == "sms":
             if not recipient:
@@ -494,8 +504,11 @@ class Dispatcher:
         """Claim the channel's due rows (durable commit), send them concurrently, record
         each result. Returns how many rows were claimed."""
         policy = self.policy(name)
+        domain = self.renderer.message_domain(name)
         with self.db.transaction() as conn:  # durable: the claim precedes any send
             items = outbox.claim_due(conn, name, self.clock.now(), policy.concurrency)
+            if items and domain is not None:  # random, stored before the first send
+                items = outbox.assign_message_ids(conn, items, lambda: new_message_id(domain))
         if not items:
             return 0
         await asyncio.gather(*(self._deliver(name, item) for item in items))

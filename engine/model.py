@@ -389,6 +389,9 @@ class OutboundMessage:
     based_on: str = ""  # "ServiceRequest/456"
     priority: str = "routine"  # routine | urgent | asap | stat (FHIR request-priority)
     priority_score: float | None = None  # coordinator tasks: higher is more urgent
+    # RFC 5322 Message-ID stored with the row (Direct: random, assigned at first claim,
+    # the same on every retry); '' when the channel has none
+    message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,7 +488,9 @@ DirectDisposition = Literal["processed", "dispatched", "failed", "other"]
 
 @dataclass(frozen=True, slots=True)
 class MdnResult:
-    """A signed, trusted MDN (RFC 8098) about a message we sent.
+    """A signed, trusted MDN (RFC 8098) about a message we sent, signed by a certificate
+    bound to ``sender`` (the engine acts on it only if ``sender`` is the packet's
+    recipient: ``engine.direct_flow``).
 
     ``disposition``: ``processed`` (the receiving HISP accepted it: "delivered"),
     ``dispatched`` (handed to the recipient: "confirmed"), ``failed``, or ``other``
@@ -500,6 +505,7 @@ class MdnResult:
     message_id: str = ""  # the MDN's own Message-ID
     final_recipient: str = ""
     final_delivery: bool = False
+    raw: bytes = b""  # the message as received (kept if the engine quarantines it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +542,7 @@ class ReplyWithAttachments:
     references: tuple[str, ...]
     attachments: tuple[Attachment, ...]
     subject: str = ""
+    raw: bytes = b""  # the message as received (kept if the engine quarantines it)
 
     @property
     def reference(self) -> str:

@@ -330,16 +330,28 @@ class PacketRoute:
     why: str
 
 
-def packet_route(
-    conn: Conn, details: Mapping[str, Any], *, without_direct: bool = False
-) -> PacketRoute:
-    """The routing rule for the specialist packet (module docstring)."""
+def _directory_entry(conn: Conn, details: Mapping[str, Any]) -> tuple[SpecialistRow | None, str]:
+    """The referral's specialist in the directory (by NPI, else by the referral's Direct
+    address) and their Direct address (the directory's, else the referral's)."""
     npi = str(details.get("specialist_npi") or "").strip()
     referral_address = str(details.get("specialist_direct_address") or "").strip().lower()
     entry = store.find(conn, npi=npi) if npi else None
     if entry is None and referral_address:
         entry = store.find_by_address(conn, referral_address)
-    address = (entry.direct_address if entry else "") or referral_address
+    return entry, (entry.direct_address if entry else "") or referral_address
+
+
+def direct_address(conn: Conn, details: Mapping[str, Any]) -> str:
+    """The specialist's Direct address for a referral as the routing rule reads it ('' if
+    none): where its packet goes by Direct, so the one address that may answer it."""
+    return _directory_entry(conn, details)[1]
+
+
+def packet_route(
+    conn: Conn, details: Mapping[str, Any], *, without_direct: bool = False
+) -> PacketRoute:
+    """The routing rule for the specialist packet (module docstring)."""
+    entry, address = _directory_entry(conn, details)
     cert = ""
     if address:
         cert = (entry.certificate if entry and entry.direct_address == address else "") or (

@@ -100,11 +100,22 @@ def make_ca(tmp: Path, stem: str) -> Issued:
     return _write(tmp, stem, cert, key)
 
 
-def issue(tmp: Path, ca: Issued, stem: str, address: str) -> Issued:
+def issue(
+    tmp: Path,
+    ca: Issued,
+    stem: str,
+    address: str,
+    *,
+    san: list[x509.GeneralName] | None = None,
+    subject: x509.Name | None = None,
+) -> Issued:
+    """An end-entity Direct certificate; ``san`` defaults to rfc822Name ``address`` (an
+    address-bound certificate); ``[]`` leaves the subjectAltName extension out."""
+    names = [x509.RFC822Name(address)] if san is None else san
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(address))
+        .subject_name(subject or _name(address))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -128,15 +139,15 @@ def issue(tmp: Path, ca: Issued, stem: str, address: str) -> Issued:
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
         )
-        .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(address)]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),
             critical=False,
         )
-        .sign(ca.key, hashes.SHA256())
     )
-    return _write(tmp, stem, cert, key)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return _write(tmp, stem, builder.sign(ca.key, hashes.SHA256()), key)
 
 
 def tls_server_context(tmp: Path, ca: Issued) -> ssl.SSLContext:

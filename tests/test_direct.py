@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from channels.direct import (
     DISPOSITION_OPTIONS,
     DirectChannel,
     HispSettings,
-    make_message_id,
+    new_message_id,
 )
 from engine.errors import ChannelError
 from engine.model import Attachment, OutboundMessage
@@ -108,12 +109,23 @@ def channel(pki: Pki, port: int, *, password: str = "s3cret") -> DirectChannel:
     )
 
 
+STORED_ID = "<refloop.0123456789abcdef0123456789abcdef@direct.clinic.test>"
+
+
+def test_new_message_ids_are_random_and_carry_no_key() -> None:
+    ids = {new_message_id("direct.clinic.test") for _ in range(64)}
+    assert len(ids) == 64
+    for mid in ids:  # 128 bits of hex between a fixed prefix and our domain
+        assert re.fullmatch(r"<refloop\.[0-9a-f]{32}@direct\.clinic\.test>", mid), mid
+
+
 def item(outbox_id: int = 7, recipient: str = SPECIALIST) -> OutboundMessage:
     return OutboundMessage(
         outbox_id=outbox_id,
         idempotency_key=f"outbox-{outbox_id}",
         channel="direct",
         recipient=recipient,
+        message_id=STORED_ID,
         body="Referral packet attached. Please confirm receipt.",
         attachments=(
             Attachment("referral.pdf", "application/pdf", PDF),
@@ -145,7 +157,7 @@ def delivered(pki: Pki) -> Iterator[tuple[bytes, str]]:
 def test_headers_ask_for_delivery_notification(delivered: tuple[bytes, str]) -> None:
     raw, message_id = delivered
     msg = email.message_from_bytes(raw, policy=email.policy.default)
-    assert message_id == make_message_id("outbox-7", "direct.clinic.test")
+    assert message_id == STORED_ID  # the one stored with the row, not derived from it
     assert msg["Message-ID"] == message_id
     assert msg["From"] == OUR_ADDRESS and msg["To"] == SPECIALIST
     assert msg["Disposition-Notification-To"] == OUR_ADDRESS

@@ -215,6 +215,39 @@ def test_dispatched_mdn_confirms_and_cancels_the_timer(
     assert loop.mdn("processed", "<unknown@x>") == "mdn:unknown"
 
 
+class Racing(FakeChannel):
+    """A HISP so fast that the specialist's MDN arrives before the send is recorded."""
+
+    def __init__(self, loop: Loop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.outcomes: list[str] = []
+
+    async def send(self, item: OutboundMessage) -> SendReceipt:
+        mdn = MdnResult(
+            original_message_id=item.message_id,
+            disposition="processed",
+            disposition_text="processed",
+            sender=SPECIALIST,
+        )
+        self.outcomes.append(self.loop.flow.handle(mdn))
+        return await super().send(item)
+
+
+def test_an_mdn_that_beats_the_send_record_finds_the_stored_message_id(
+    db: Database, tmp_path: Path, pki: Pki
+) -> None:
+    loop = Loop(db, tmp_path, pki)
+    racing = Racing(loop)
+    loop.dispatcher.channels["direct"] = racing
+    assert loop.dispatch("direct") == 1
+    assert racing.outcomes == ["mdn:processed"]  # the row was still "sending"
+    (item,) = [o for o in rstore.outbox_for(db.conn, loop.rid) if o.channel == "direct"]
+    row = outbox.get(db.conn, item.id)
+    assert row is not None and (row.status, row.provider_status) == ("sent", "processed")
+    assert loop.referral().specialist_status == "delivered"
+
+
 def test_failed_mdn_falls_back_at_once_and_only_once(
     db: Database, tmp_path: Path, pki: Pki
 ) -> None:

@@ -222,6 +222,18 @@ QUARANTINE: list[tuple[str, QuarantineCase, str]] = [
         "signer-mismatch",
     ),
     (
+        # RFC 5322 §3.6.2: a Direct message has one author; the signer's address first in
+        # a list must not vouch for the others
+        "two-from-mailboxes",
+        lambda p: envelope(
+            p,
+            mdn_body("dispatched"),
+            signer=p.specialist,
+            sender=f"{SPECIALIST}, other@direct.otherclinic.test",
+        ),
+        "no-sender",
+    ),
+    (
         "plaintext",
         lambda p: f"From: {SPECIALIST}\r\nTo: {OUR_ADDRESS}\r\n\r\nhello\r\n".encode(),
         "not-encrypted",

@@ -24,7 +24,7 @@ nothing here commits. Only this package runs SQL.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -75,6 +75,14 @@ def migrate(db: sqlite_utils.Database) -> None:
         db.execute(statement)
 
 
+def migrate_message_id(db: sqlite_utils.Database) -> None:
+    """The RFC 5322 Message-ID a row goes out under (Direct packets), assigned at its
+    first claim and kept across retries; '' for rows that have none (every row written
+    before this column existed: their MDNs still map through ``provider_id``)."""
+    db.execute("ALTER TABLE outbox ADD COLUMN message_id TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX outbox_message_id ON outbox (channel, message_id)")
+
+
 @dataclass(frozen=True, slots=True)
 class Item:
     """One outbox row with everything dispatch and the CLI show."""
@@ -97,6 +105,7 @@ class Item:
     claimed_at: float | None
     sent_at: float | None
     dead_at: float | None
+    message_id: str = ""  # RFC 5322 Message-ID assigned at first claim (Direct), else ''
 
     def payload_dict(self) -> dict[str, Any]:
         try:
@@ -128,7 +137,7 @@ class Item:
 _COLUMNS: Final = (
     "id, referral_id, channel, template, payload, idempotency_key, due, status, attempts, "
     "created_at, updated_at, recipient, last_error, provider_id, provider_status, claimed_at, "
-    "sent_at, dead_at"
+    "sent_at, dead_at, message_id"
 )
 
 
@@ -156,6 +165,7 @@ def _item(r: Sequence[Any]) -> Item:
         claimed_at=_opt(r[15]),
         sent_at=_opt(r[16]),
         dead_at=_opt(r[17]),
+        message_id=str(r[18]),
     )
 
 
@@ -196,6 +206,23 @@ _CLAIMABLE: Final = (
     "WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
     "AND p.channel = o.channel AND p.id < o.id AND p.status IN ('pending', 'sending'))"
 )
+
+
+def assign_message_ids(conn: Conn, items: Sequence[Item], new_id: Callable[[], str]) -> list[Item]:
+    """Give each claimed row that has no Message-ID yet a fresh one from ``new_id`` and
+    return the rows as stored. A row keeps the first one it got: a retry after an
+    ambiguous failure resubmits the same Message-ID, so the MDNs of either attempt map
+    back to the row. Call in the claim transaction (the id is durable before any send)."""
+    out: list[Item] = []
+    for item in items:
+        if not item.message_id:
+            conn.execute(
+                "UPDATE outbox SET message_id = ? WHERE id = ? AND message_id = ''",
+                (new_id(), item.id),
+            )
+        stored = get(conn, item.id)
+        out.append(stored if stored is not None else item)
+    return out
 
 
 def next_due(conn: Conn, channel: str) -> float | None:
@@ -391,6 +418,20 @@ def stats(conn: Conn, now: float) -> list[ChannelStats]:
 
 # ---------------------------------------------------------------------------
 # Delivery statuses (provider callbacks)
+
+
+def find_by_message_id(conn: Conn, channel: str, message_id: str) -> Item | None:
+    """The ``channel`` row sent under RFC 5322 ``message_id`` (the value stored with the
+    row, never recomputed); rows from before the ``message_id`` column (and channels that
+    report the Message-ID as their provider id) are found by ``provider_id``."""
+    if not message_id:
+        return None
+    r = conn.execute(
+        f"SELECT {_COLUMNS} FROM outbox WHERE channel = ? AND message_id = ? "
+        "ORDER BY id DESC LIMIT 1",
+        (channel, message_id),
+    ).fetchone()
+    return _item(r) if r else find_by_provider_id(conn, channel, message_id)
 
 
 def find_by_provider_id(conn: Conn, channel: str, provider_id: str) -> Item | None:
