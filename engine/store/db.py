@@ -171,6 +171,12 @@ def _m_browse_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_status ON messages (status, id)")
 
 
+def _m_tasks_queue(db: sqlite_utils.Database) -> None:
+    from engine.store.tasks import migrate
+
+    migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -182,6 +188,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_closure_report,
     _m_patient_phone,
     _m_browse_indexes,
+    _m_tasks_queue,
 ]
 
 
