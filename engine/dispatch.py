@@ -44,12 +44,11 @@ from channels.sms_templates import SmsContext, SmsTemplates
 from engine import states
 from engine.clock import Clock, isoformat
 from engine.errors import ChannelError, StoreError
-from engine.escalation import CHANNELS as ROTATION_SLOTS
 from engine.escalation import Policy
 from engine.metrics import Metrics
 from engine.model import Attachment, OutboundMessage
 from engine.render import make_environment
-from engine.routes import ChannelSpec, PracticeSpec
+from engine.routes import ChannelSpec, PracticeSpec, rotation_slots
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
@@ -326,15 +325,7 @@ class Rotation:
 
     @classmethod
     def from_channels(cls, policy: Policy, channels: Mapping[str, ChannelSpec]) -> Rotation:
-        slots: dict[str, str] = {}
-        for slot in ROTATION_SLOTS:
-            if slot in channels:
-                slots[slot] = slot
-            else:
-                typed = [n for n, s in channels.items() if s.type == slot]
-                if len(typed) == 1:
-                    slots[slot] = typed[0]
-        return cls(policy, slots)
+        return cls(policy, rotation_slots(channels))
 
     def slot_of(self, channel: str) -> str | None:
         for slot, name in self.slots.items():

@@ -181,3 +181,21 @@ def test_delivering_an_outbox_row_twice_opens_one_task(tmp_path: Path) -> None:
                                                      "coordinator-task")  # fmt: skip
     assert row.attempts == ({"at": "2026-12-01T09:00:00Z", "what": "sms"},)
     db.close()
+
+
+def test_routes_check_reports_a_rotation_step_nothing_serves(tmp_path: Path) -> None:
+    shipped = (REPO / "routes.yaml").read_text(encoding="utf-8")
+    assert "\nescalation:" not in shipped  # the shipped file keeps the default rotation
+    path = tmp_path / "routes.yaml"
+    lines = shipped.rstrip("\n").count("\n") + 1
+    path.write_text(
+        shipped.rstrip("\n") + "\nescalation:\n  rotation:\n    - voice\n    - portal\n"
+        "channels:\n  portal: {type: webhook, url: 'https://portal.example.org/x'}\n",
+        encoding="utf-8",
+    )
+    out = refloop("routes", "check", str(path))
+    assert out.returncode == 2, out.stdout.decode()
+    (line,) = out.stderr.decode().splitlines()
+    assert line.startswith(f"{path}:{lines + 3} escalation.rotation[0]: no channel serves 'voice'")
+    # the staff channels need none: the built-in task queue serves task / coordinator
+    assert refloop("routes", "check", str(REPO / "routes.yaml")).returncode == 0
