@@ -341,6 +341,9 @@ class Engine:
             confirm_key=http.confirm_key.encode(),
             coordinator_channel="coordinator" if "coordinator" in table.channels else "task",
             on_new_rows=self.dispatcher.wake,
+            sms_advanced_opt_out=bool(
+                sms and table.channels[sms[0]].settings.get("advanced_opt_out")
+            ),
         )
 
     async def _start_direct(self) -> None:
