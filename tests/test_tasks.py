@@ -24,6 +24,7 @@ from engine.clock import WallClock
 from engine.store import open_database
 from engine.store import referrals as referral_store
 from engine.store import tasks as task_store
+from engine.store.outbox import claim_due
 from engine.store.outbox import get as get_outbox
 from engine.tasks import TaskQueue
 
@@ -199,3 +200,33 @@ def test_routes_check_reports_a_rotation_step_nothing_serves(tmp_path: Path) -> 
     assert line.startswith(f"{path}:{lines + 3} escalation.rotation[0]: no channel serves 'voice'")
     # the staff channels need none: the built-in task queue serves task / coordinator
     assert refloop("routes", "check", str(REPO / "routes.yaml")).returncode == 0
+
+
+def test_assign_snooze_and_errors_through_the_executable(tmp_path: Path) -> None:
+    """``refloop tasks assign`` / ``snooze`` on a real database file; an unknown task or
+    a bad time is refused (click's usage error)."""
+    state = tmp_path / "state"
+    db = open_database(state / "refloop.db")
+    now = WallClock().now()
+    with db.transaction() as conn:
+        referral_store.enqueue_outbox(conn, None, "task", "call-to-book", "{}", "k1", now)
+        (item,) = claim_due(conn, "task", now + 1, 1)
+        task_id = TaskQueue().deliver(conn, item, now)
+    db.close()
+    where = ("--state", str(state))
+    assert refloop("tasks", "assign", str(task_id), "casey", *where).returncode == 0
+    snoozed = refloop("tasks", "snooze", str(task_id), "2099-01-02T09:00:00Z", *where)
+    assert snoozed.returncode == 0, snoozed.stderr.decode()
+    (t,) = tasks_json(state)
+    assert (t["assignee"], t["snoozed_until"], t["snoozed"]) == (
+        "casey",
+        "2099-01-02T09:00:00.000000Z",
+        True,
+    )
+    audit = query(state / "refloop.db", "SELECT action FROM audit ORDER BY id")
+    assert audit == [("task-assigned",), ("task-snoozed",)]
+    missing = refloop("tasks", "done", "999", "--note", "x", *where)
+    assert missing.returncode == 1
+    assert missing.stderr.decode().splitlines() == ["Error: no task 999"]
+    bad = refloop("tasks", "snooze", str(task_id), "soon", *where)
+    assert bad.returncode != 0 and "not an ISO date or time: 'soon'" in bad.stderr.decode()
