@@ -354,10 +354,8 @@ class Dashboard:
         )  # fmt: skip
 
     async def _task_assign(self, request: web.Request, me: Principal) -> web.StreamResponse:
-        """Assign to me (or, with ``user`` empty and ``release=1``, give it back)."""
-        tid = _path_id(request, "task_id")
-        user = "" if self._form(request).get("release") == "1" else me.name
-        self.service.task_action(me, tid, "assign", user)
+        """Assign to me."""
+        self.service.task_action(me, _path_id(request, "task_id"), "assign", me.name)
         return _redirect(f"{PREFIX}/tasks?done=assigned")
 
     async def _task_done(self, request: web.Request, me: Principal) -> web.StreamResponse:
