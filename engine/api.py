@@ -264,13 +264,32 @@ class Service:
             )
         ]
 
-    def tasks(self, *, status: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        """Coordinator tasks: outbox rows for the task / coordinator channels."""
-        out: list[dict[str, Any]] = []
-        for channel in worklist.TASK_CHANNELS:
-            out.extend(self.outbox(status=status, channel=channel, limit=limit))
-        out.sort(key=lambda i: -int(i["id"]))
-        return out[:limit]
+    # -- coordinator tasks (engine.tasks) --
+
+    def tasks(self, *, status: str = "open", limit: int = 100) -> list[dict[str, Any]]:
+        """Coordinator tasks of the built-in queue: open ones most urgent first."""
+        from engine import tasks
+
+        try:
+            return tasks.list_tasks(self.db, self.clock, status=status, limit=limit)
+        except StoreError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def task_action(
+        self, principal: Principal, task_id: int, action: str, value: str
+    ) -> dict[str, Any]:
+        """``done`` (value: the note) or ``assign`` (value: the user; "" unassigns),
+        with ``actor = user:<name>``: audited, and a done task on the referral's timeline."""
+        from engine import tasks
+
+        try:
+            if action == "done":
+                return tasks.complete(self.db, self.clock, task_id, note=value, by=principal.actor)
+            return tasks.assign(self.db, self.clock, task_id, value, by=principal.actor)
+        except KeyError:
+            raise ApiError(404, f"no task {task_id}") from None
+        except StoreError as exc:
+            raise ApiError(409, str(exc)) from None
 
     def retry(self, principal: Principal, outbox_id: int) -> dict[str, Any]:
         from engine.dispatch import retry_item
@@ -635,6 +654,28 @@ OUTBOX_ITEM: Final = _obj(
         "dead_at": _nullable(STR),
     }
 )
+TASK_ITEM: Final = _obj(
+    {
+        "id": INT,
+        "referral_id": _nullable(INT),
+        "outbox_id": INT,
+        "kind": STR,
+        "template": STR,
+        "reason": STR,
+        "priority": NUM,
+        "attempts": {"type": "array", "items": _obj({"at": STR, "what": STR})},
+        "status": {"type": "string", "enum": ["open", "done", "superseded"]},
+        "assignee": STR,
+        "due_at": _nullable(STR),
+        "snoozed_until": _nullable(STR),
+        "snoozed": BOOL,
+        "note": STR,
+        "created_at": STR,
+        "done_at": _nullable(STR),
+        "done_by": STR,
+        "superseded_by": _nullable(INT),
+    }
+)
 PARKED_ITEM: Final = _obj(
     {
         "id": INT,
@@ -717,6 +758,8 @@ BOOK_BODY: Final = _body(
     },
     (),
 )
+TASK_DONE_BODY: Final = _body({"note": {"type": "string", "maxLength": 2000}}, ("note",))
+TASK_ASSIGN_BODY: Final = _body({"user": {"type": "string", "maxLength": 100}}, ("user",))
 DECLINE_BODY: Final = _body({"reason": {"type": "string", "maxLength": 2000}}, ())
 LINK_BODY: Final = _body(
     {"referral_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}, ("referral_id",)
@@ -803,7 +846,18 @@ async def _decline(api: Api, call: Call) -> Any:
 
 
 async def _tasks(api: Api, call: Call) -> Any:
-    return {"items": api.service.tasks(status=call.args["status"] or "", limit=call.args["limit"])}
+    status = call.args["status"] or "open"
+    return {"items": api.service.tasks(status=status, limit=call.args["limit"])}
+
+
+async def _task_done(api: Api, call: Call) -> Any:
+    return api.service.task_action(call.principal, call.args["task_id"], "done", call.body["note"])
+
+
+async def _task_assign(api: Api, call: Call) -> Any:
+    return api.service.task_action(
+        call.principal, call.args["task_id"], "assign", call.body["user"]
+    )
 
 
 async def _parked(api: Api, call: Call) -> Any:
@@ -911,9 +965,24 @@ ROUTES: Final[tuple[Route, ...]] = (
         params=(_id("referral_id"),), body=DECLINE_BODY, statuses=(404, 409, 503),
     ),
     Route(
-        "GET", "/api/tasks", "listTasks", "Coordinator tasks (task / coordinator outbox rows)",
-        "outbox", _tasks, _list_of(OUTBOX_ITEM),
-        params=(Param("status", enum=outbox_store.OUTBOX_STATUSES), LIMIT),
+        "GET", "/api/tasks", "listTasks",
+        "Coordinator tasks of the built-in queue; open ones most urgent first",
+        "referrals", _tasks, _list_of(TASK_ITEM),
+        params=(
+            Param("status", enum=("open", "done", "superseded", "all"),
+                  description="Default open; all: every task, newest first."),
+            LIMIT,
+        ),
+    ),
+    Route(
+        "POST", "/api/tasks/{task_id}/done", "completeTask",
+        "Complete an open task with a note (timeline and audit)", "act", _task_done,
+        TASK_ITEM, params=(_id("task_id"),), body=TASK_DONE_BODY, statuses=(404, 409),
+    ),
+    Route(
+        "POST", "/api/tasks/{task_id}/assign", "assignTask",
+        "Give an open task to a user (an empty user unassigns)", "act", _task_assign,
+        TASK_ITEM, params=(_id("task_id"),), body=TASK_ASSIGN_BODY, statuses=(404, 409),
     ),
     Route(
         "GET", "/api/parked", "listParked", "Parked events waiting for a link",

@@ -132,6 +132,8 @@ class Engine:
         self._build_outbox()
         if self.tracker is not None:
             self._make_timers()
+        if self.dispatcher is not None:  # every channel's gauges exist (0) before a scrape
+            self.dispatcher.refresh_metrics()
         if self.dispatcher is not None and self.background:
             self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
         if self.dispatcher is not None:
@@ -265,6 +267,7 @@ class Engine:
         from engine.packet_flow import PacketBuilder
         from engine.routes import ChannelSpec, compile_config
         from engine.specialists import certificate_lookup
+        from engine.tasks import TaskQueue, builtin_channels
 
         assert self.db is not None
         table = compile_config(self.config)
@@ -294,9 +297,14 @@ class Engine:
         extra: dict[str, Any] = {}
         if self.dispatch_sleep is not None:
             extra["sleep"] = self.dispatch_sleep
+        local = {
+            name: TaskQueue()
+            for name in builtin_channels({n: s.type for n, s in table.channels.items()}, channels)
+        }
         self.dispatcher = Dispatcher(
             self.db,
             channels,
+            local=local,
             renderer=renderer,
             clock=self.clock,
             metrics=self.metrics,
@@ -333,6 +341,9 @@ class Engine:
             confirm_key=http.confirm_key.encode(),
             coordinator_channel="coordinator" if "coordinator" in table.channels else "task",
             on_new_rows=self.dispatcher.wake,
+            sms_advanced_opt_out=bool(
+                sms and table.channels[sms[0]].settings.get("advanced_opt_out")
+            ),
         )
 
     async def _start_direct(self) -> None:

@@ -12,7 +12,8 @@ Types and adapters:
   from_number, status_callback_url, max_chars, timeout);
 * ``webhook``: channels.webhook.WebhookChannel (url, secret, timeout);
 * ``portal``, ``task``: WebhookChannel with ``api_url`` and ``api_key`` as the secret; a
-  ``task`` without ``api_url`` has no adapter (its rows wait for a human);
+  ``task`` without ``api_url`` has no adapter (the built-in task queue, engine.tasks,
+  serves it);
 * ``fhir``: channels.fhir_out.FhirOut (base_url, bearer_token, sender_ref,
   identifier_system, resource: Communication | Task);
 * ``fax``: channels.fax.FaxChannel over PhaxioProvider (api_key, api_secret, api_url);
@@ -203,8 +204,8 @@ def build_channels(
     certificate_for: Callable[[str], x509.Certificate | None] | None = None,
 ) -> dict[str, Channel]:
     """An adapter per usable channel. Raises ConfigError listing every problem; channels
-    with no adapter (a ``task`` without ``api_url``) are left out and logged: their rows
-    stay ``pending`` (visible in ``refloop outbox list`` and the depth metric).
+    with no adapter (a ``task`` without ``api_url``) are left out and logged: the built-in
+    task queue (engine.tasks) serves them.
     ``certificate_for`` finds a Direct recipient's certificate (the specialist
     directory); without it every Direct send fails over to fax."""
     problems: list[str] = []
@@ -234,7 +235,10 @@ def build_channels(
         elif spec.type in ("webhook", "portal", "task"):
             url = s.text("url") or s.text("api_url")
             if not url and spec.type == "task":
-                log.info("outbox %s: task channel without api_url; its rows wait for a human", name)
+                log.info(
+                    "outbox %s: task channel without api_url; the built-in task queue serves it",
+                    name,
+                )
                 continue
             wcfg = WebhookConfig(
                 url=url, secret=s.text("secret") or s.text("api_key"), timeout=timeout

@@ -627,6 +627,9 @@ def _register_groups() -> None:
     from engine import cli_report
 
     cli_report.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
+    from engine import cli_tasks
+
+    cli_tasks.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
 
 _register_groups()

@@ -65,6 +65,7 @@ HEADERS: Final = {
 }
 FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
+TASK_FILTERS: Final = ("open", "done", "superseded", "all")
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -137,6 +138,9 @@ class Dashboard:
             ("POST", "/referrals/{referral_id}/decline", "act", self._decline),
             ("GET", "/parked", "referrals", self._parked),
             ("POST", "/parked/{parked_id}/link", "act", self._link),
+            ("GET", "/tasks", "referrals", self._tasks),
+            ("POST", "/tasks/{task_id}/assign", "act", self._task_assign),
+            ("POST", "/tasks/{task_id}/done", "act", self._task_done),
             ("GET", "/outbox", "outbox", self._outbox),
             ("POST", "/outbox/{outbox_id}/retry", "act", self._retry),
             ("GET", "/messages", "messages", self._messages),
@@ -336,6 +340,29 @@ class Dashboard:
             raise ApiError(400, "referral id must be a number")
         self.service.link(me, pid, rid)
         return _redirect(f"{PREFIX}/referrals/{rid}?done=linked")
+
+    # -- coordinator tasks --
+
+    async def _tasks(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        status = request.query.get("status", "open")
+        if status not in TASK_FILTERS:
+            raise ApiError(400, "unknown status")
+        items = self.service.tasks(status=status, limit=200)
+        return self._render(
+            request, me, "tasks.html", items=items, current=status, statuses=TASK_FILTERS,
+            notice=request.query.get("done", ""),
+        )  # fmt: skip
+
+    async def _task_assign(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Assign to me."""
+        self.service.task_action(me, _path_id(request, "task_id"), "assign", me.name)
+        return _redirect(f"{PREFIX}/tasks?done=assigned")
+
+    async def _task_done(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        tid = _path_id(request, "task_id")
+        note = str(self._form(request).get("note", ""))[:2000]
+        self.service.task_action(me, tid, "done", note)
+        return _redirect(f"{PREFIX}/tasks?done=done")
 
     # -- outbox --
 

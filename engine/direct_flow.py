@@ -140,6 +140,10 @@ def _note(
     )
 
 
+# Public name for the same timeline + audit entry (engine.tasks records done tasks with it).
+timeline_note: Final = _note
+
+
 def fallback(conn: Conn, packet: outbox.Item, reason: str, now: float, *, actor: str) -> str:
     """Queue the packet again without Direct: by fax when the specialist has a fax
     number, else a coordinator task. Nothing when the specialist branch already moved

@@ -45,12 +45,11 @@ from channels.sms_templates import SmsContext, SmsTemplates
 from engine import states
 from engine.clock import Clock, isoformat
 from engine.errors import ChannelError, StoreError
-from engine.escalation import CHANNELS as ROTATION_SLOTS
 from engine.escalation import Policy
 from engine.metrics import Metrics
 from engine.model import Attachment, OutboundMessage
 from engine.render import make_environment
-from engine.routes import ChannelSpec, PracticeSpec
+from engine.routes import ChannelSpec, PracticeSpec, rotation_slots
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
@@ -107,6 +106,15 @@ class PacketEvents(Protocol):
 
     def dead(self, conn: Conn, item: Item, reason: str, now: float) -> bool:
         """A packet row is dead (fallback); True when rows were queued."""
+        ...
+
+
+class LocalChannel(Protocol):
+    """A channel refloop serves itself, inside its own database (the built-in task queue,
+    engine.tasks.TaskQueue): no provider, so no send; delivery is one write."""
+
+    def deliver(self, conn: Conn, item: Item, now: float) -> int:
+        """Deliver the row inside the caller's transaction (idempotent per outbox id)."""
         ...
 
 
@@ -327,15 +335,7 @@ class Rotation:
 
     @classmethod
     def from_channels(cls, policy: Policy, channels: Mapping[str, ChannelSpec]) -> Rotation:
-        slots: dict[str, str] = {}
-        for slot in ROTATION_SLOTS:
-            if slot in channels:
-                slots[slot] = slot
-            else:
-                typed = [n for n, s in channels.items() if s.type == slot]
-                if len(typed) == 1:
-                    slots[slot] = typed[0]
-        return cls(policy, slots)
+        return cls(policy, rotation_slots(channels))
 
     def slot_of(self, channel: str) -> str | None:
         for slot, name in self.slots.items():
@@ -391,7 +391,9 @@ class Rotation:
 
 
 class Dispatcher:
-    """One worker per channel in ``channels`` (name → :class:`channels.base.Channel`).
+    """One worker per channel in ``channels`` (name → :class:`channels.base.Channel`) and
+    in ``local`` (name → :class:`LocalChannel`: a row is delivered and marked ``sent`` in
+    one transaction).
 
     ``sleep`` waits between polls (tests pass one that advances a VirtualClock);
     ``rng`` draws the backoff jitter (tests seed it). :meth:`run_once` is one claim-send-
@@ -414,9 +416,11 @@ class Dispatcher:
         sleep: Sleep = asyncio.sleep,
         poll_interval: float = 5.0,
         packet_events: PacketEvents | None = None,
+        local: Mapping[str, LocalChannel] | None = None,
     ) -> None:
         self.db = db
         self.channels = dict(channels)
+        self.local = {n: c for n, c in (local or {}).items() if n not in self.channels}
         self.renderer = renderer
         self.clock = clock
         self.metrics = metrics
@@ -430,6 +434,10 @@ class Dispatcher:
         self.packet_events = packet_events
         self._stopping = False
         self._wake: dict[str, asyncio.Event] = {}
+
+    def names(self) -> list[str]:
+        """Every channel with a worker: the provider channels, then the local ones."""
+        return [*self.channels, *self.local]
 
     def policy(self, channel: str) -> RetryPolicy:
         return self.policies.get(channel, self.default_policy)
@@ -450,7 +458,7 @@ class Dispatcher:
         self.recover()
         self.refresh_metrics()
         async with asyncio.TaskGroup() as tg:
-            for name in self.channels:
+            for name in self.names():
                 tg.create_task(self._worker(name), name=f"dispatch-{name}")
 
     def stop(self) -> None:
@@ -515,6 +523,9 @@ class Dispatcher:
         return len(items)
 
     async def _deliver(self, name: str, item: Item) -> None:
+        if name in self.local:
+            self._deliver_local(self.local[name], item)
+            return
         channel = self.channels[name]
         referral = self._referral(item)
         started = self.clock.monotonic()
@@ -538,6 +549,24 @@ class Dispatcher:
             return
         self._observe(name, started)
         self._sent(item, message, receipt.provider_message_id, receipt.provider_status)
+
+    def _deliver_local(self, channel: LocalChannel, item: Item) -> None:
+        """Mark the row sent and deliver it in the same transaction: both or neither."""
+        now = self.clock.now()
+        with self.db.transaction(durable=False) as conn:
+            recorded = outbox.mark_sent(
+                conn,
+                item.id,
+                recipient="",
+                provider_id=f"local:{item.channel}",
+                provider_status="delivered",
+                now=now,
+            )
+            if recorded:
+                channel.deliver(conn, item, now)
+                self._consequence(conn, item, now)
+        self._count(item.channel, "sent")
+        log.info("outbox %d: %s %s delivered locally", item.id, item.channel, item.template)
 
     def _referral(self, item: Item) -> ReferralRow | None:
         if item.referral_id is None:
@@ -689,7 +718,7 @@ class Dispatcher:
             self.metrics.outbox_depth.labels(s.channel).set(s.depth)
             self.metrics.outbox_oldest.labels(s.channel).set(s.oldest_age)
             self.metrics.outbox_dead.labels(s.channel).set(s.dead)
-        for name in self.channels:
+        for name in self.names():
             if name not in seen:
                 self.metrics.outbox_depth.labels(name).set(0)
                 self.metrics.outbox_oldest.labels(name).set(0)

@@ -63,7 +63,9 @@ class Hooks:
     """The webhook handlers. ``sms_channel`` is the routes.yaml name of the SMS channel
     (its ``auth_token`` verifies Twilio); ``fax_channels`` the fax channel names (their
     ``callback_token`` verifies Phaxio); ``coordinator_channel`` receives the "call to
-    book" tasks; ``on_new_rows`` wakes the dispatcher."""
+    book" tasks; ``on_new_rows`` wakes the dispatcher. ``sms_advanced_opt_out`` (the SMS
+    channel's ``advanced_opt_out``): Twilio's Advanced Opt-Out confirms a STOP itself, so
+    refloop does not answer it with ``stop_confirm``."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class Hooks:
         confirm_key: bytes = b"",
         coordinator_channel: str = "task",
         on_new_rows: Callable[[], None] | None = None,
+        sms_advanced_opt_out: bool = False,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -97,6 +100,7 @@ class Hooks:
         self.confirm_key = confirm_key
         self.coordinator_channel = coordinator_channel
         self.on_new_rows = on_new_rows
+        self.sms_advanced_opt_out = sms_advanced_opt_out
 
     def register(self, app: web.Application) -> list[str]:
         """Add the routes this configuration can serve; returns their paths."""
@@ -179,7 +183,7 @@ class Hooks:
             self._count("twilio-sms", "bad-request")
             return web.Response(status=400, text="no MessageSid or From")
         now = self.clock.now()
-        queued = False
+        queued = stopped = False
         try:
             with self.db.transaction() as conn:  # durable: Twilio will not send it again
                 rid = outbox.last_referral_texted(conn, self.sms_channel, reply.from_number)
@@ -193,7 +197,7 @@ class Hooks:
                     now=now,
                 )
                 if new and reply.keyword == "stop":
-                    outbox.suppress(conn, reply.from_number, "stop", now)
+                    stopped = outbox.suppress(conn, reply.from_number, "stop", now)
                 elif new and reply.keyword == "start":
                     outbox.unsuppress(conn, reply.from_number)
                 elif new and reply.keyword == "yes" and rid is not None:
@@ -208,6 +212,8 @@ class Hooks:
             self._wake()
         answer = sms.twiml_empty()
         template = {"help": "help", "yes": "yes_confirm"}.get(reply.keyword)
+        if stopped and self._confirms_stop(form):
+            template = sms.OPT_OUT_CONFIRMATION
         if template is not None:
             try:
                 answer = sms.twiml_message(
@@ -218,6 +224,12 @@ class Hooks:
                     "sms %s: %s reply not rendered: %s", reply.provider_message_id, template, exc
                 )
         return web.Response(text=answer, content_type=TWIML)
+
+    def _confirms_stop(self, form: dict[str, str]) -> bool:
+        """Whether refloop answers a STOP that put the number on the list: the one
+        opt-out confirmation (CTIA), unless Twilio's Advanced Opt-Out sends it (the
+        channel's ``advanced_opt_out: true``, or the webhook carries its ``OptOutType``)."""
+        return not self.sms_advanced_opt_out and not form.get("OptOutType")
 
     def _booking_requested(self, conn: referral_store.Conn, rid: int, sid: str, now: float) -> bool:
         """YES: ``booking-requested`` on the referral and a coordinator "call to book"

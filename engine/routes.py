@@ -32,6 +32,7 @@ from channels.sms_templates import check_sms_template
 from engine.clock import Clock, WallClock
 from engine.config import Config, Doc, PathT, Reader, Section, file_ref
 from engine.errors import ConfigError, MessageRejected
+from engine.escalation import CHANNELS as ROTATION_SLOTS
 from engine.escalation import Policy, policy_from_section
 from engine.fhir_routes import (
     FhirPath,
@@ -127,6 +128,7 @@ CHANNEL_TYPES: Final[dict[str, tuple[str, ...]]] = {
         "api_base",
         "max_chars",
         "timeout",
+        "advanced_opt_out",
     ),
     "portal": ("api_url", "api_key", "timeout"),
     "task": ("api_url", "api_key", "queue", "timeout"),
@@ -496,6 +498,7 @@ def compile_config(config: Config) -> RouteTable:
     practice = _practice(sections.get("practice"), problems, env)
     channels = _channels(sections.get("channels"), problems, env, practice)
     escalation = policy_from_section(sections.get("escalation"), problems, env)
+    _unserved_rotation(sections.get("escalation"), channels, problems)
     source_names = _source_names(doc)
     compiler = Compiler(PATH_FUNCTIONS, TersePath.parse, tables, make_environment())
     fhir_compiler = Compiler(FHIR_PATH_FUNCTIONS, FhirPath.parse, tables, make_environment())
@@ -512,6 +515,40 @@ def compile_config(config: Config) -> RouteTable:
         escalation=escalation,
         practice=practice,
     )
+
+
+def rotation_slots(channels: Mapping[str, ChannelSpec]) -> dict[str, str]:
+    """Which channel serves each patient rotation slot (``sms``, ``portal``, ``voice``):
+    the channel named like the slot, else the only channel of that type; a slot with
+    neither is served by nothing (engine.dispatch.Rotation skips it)."""
+    slots: dict[str, str] = {}
+    for slot in ROTATION_SLOTS:
+        typed = [n for n, s in channels.items() if s.type == slot]
+        if slot in channels:
+            slots[slot] = slot
+        elif len(typed) == 1:
+            slots[slot] = typed[0]
+    return slots
+
+
+def _unserved_rotation(
+    section: Section | None, channels: Mapping[str, ChannelSpec], problems: list[str]
+) -> None:
+    """An ``escalation.rotation`` entry that no channel serves is an error: the timers
+    would queue nudges there that nothing ever sends. (The staff channels ``task`` and
+    ``coordinator`` are always served: engine.tasks, the built-in task queue.)"""
+    if section is None or not isinstance(section.data, dict):
+        return
+    rotation = section.data.get("rotation")
+    if not isinstance(rotation, list):
+        return
+    served = rotation_slots(channels)
+    for i, slot in enumerate(rotation):
+        if slot in ROTATION_SLOTS and slot not in served:
+            problems.append(
+                f"{section.doc.where((*section.path, 'rotation', i))}: no channel serves "
+                f"{slot!r}: define channels.{slot} (or a channel of type {slot}) or remove it"
+            )
 
 
 def _doc_of(config: Config) -> Doc | None:

@@ -20,6 +20,7 @@ from engine.clock import isoformat
 from engine.model import AppointmentBooked, Identifiers
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
+from engine.store import referrals as referral_store
 
 Body = Callable[[UiRig, httpx.AsyncClient], Awaitable[None]]
 
@@ -171,15 +172,33 @@ def test_parked_link_outbox_retry_and_tasks(tmp_path: Path) -> None:
         assert again.status_code == 409
         assert [r["actor"] for r in audit_rows(rig, "appointment-booked")] == ["user:casey"]
 
-        # the packet went to a coordinator task (no channels configured); make it dead
+        # the packet went to a coordinator task (no channels configured): the built-in
+        # queue delivered it (engine.tasks); a coordinator assigns and completes it
         tasks = (await http.get(f"{rig.base}/api/tasks", headers=casey)).json()["items"]
-        assert tasks and tasks[0]["channel"] == "task"
-        oid = tasks[0]["id"]
+        (task,) = [t for t in tasks if t["referral_id"] == e]
+        assert (task["status"], task["template"]) == ("open", "no-way-to-reach-specialist")
+        assert outbox_store.get(rig.db.conn, task["outbox_id"]).status == "sent"  # type: ignore[union-attr]
+        url = f"{rig.base}/api/tasks/{task['id']}"
+        mine = await http.post(f"{url}/assign", headers=casey, json={"user": "casey"})
+        assert mine.status_code == 200 and mine.json()["assignee"] == "casey", mine.text
+        done = await http.post(f"{url}/done", headers=casey, json={"note": "faxed by hand"})
+        assert done.status_code == 200 and done.json()["status"] == "done", done.text
+        assert (
+            await http.post(f"{url}/done", headers=casey, json={"note": "x"})
+        ).status_code == 409
+        gone = await http.post(
+            f"{rig.base}/api/tasks/999999/done", headers=casey, json={"note": ""}
+        )
+        assert gone.status_code == 404
+        assert [r["actor"] for r in audit_rows(rig, "task-done")] == ["user:casey"]
+
+        # a row on a channel nothing here serves (no fax channel), made dead
         now = rig.engine.clock.now()
         with rig.db.transaction() as conn:
-            if tasks[0]["status"] != "dead":
-                outbox_store.claim_due(conn, "task", now + 86400 * 365, 10)
-                assert outbox_store.mark_dead(conn, oid, error="test", now=now)
+            referral_store.enqueue_outbox(conn, e, "fax", "specialist-packet", "{}", "dead-1", now)
+            (item,) = outbox_store.claim_due(conn, "fax", now + 1, 10)
+            assert outbox_store.mark_dead(conn, item.id, error="test", now=now)
+        oid = item.id
         dead = (await http.get(f"{rig.base}/api/dead-letters", headers=casey)).json()["items"]
         assert [i["id"] for i in dead] == [oid]
         retried = await http.post(f"{rig.base}/api/outbox/{oid}/retry", headers=casey)

@@ -274,3 +274,29 @@ def test_bar_chart_geometry() -> None:
     c = bar_chart([("a", 50.0, "50%"), ("b", 100.0, "100%")], top=100.0, height=100.0)
     assert [b.height for b in c["bars"]] == [50.0, 100.0]
     assert c["bars"][1].y == 20.0 and c["base"] == 120.0
+
+
+def test_tasks_page_done_with_a_note(tmp_path: Path) -> None:
+    """/ui/tasks: the referral's packet task (no way to reach the specialist) is listed;
+    Done with a note completes it, on the referral's timeline as the user."""
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        await rig.send(ref_i12("REF-TASK", "t1"))
+        rid = await rig.wait_referral("REF-TASK")
+        await login(http, rig.base, "casey")
+        for _ in range(200):  # the dispatcher delivers the task row: wait on the row
+            page = await http.get(f"{rig.base}/ui/tasks")
+            if "no-way-to-reach-specialist" in page.text:
+                break
+            await asyncio.sleep(0.05)
+        (tid,) = re.findall(r'action="/ui/tasks/(\d+)/done"', page.text)
+        done = await http.post(
+            f"{rig.base}/ui/tasks/{tid}/done", data={"csrf": csrf_of(page.text), "note": "faxed"}
+        )
+        assert done.status_code == 303 and done.headers["Location"] == "/ui/tasks?done=done"
+        history = await http.get(f"{rig.base}/ui/tasks?status=done")
+        assert "faxed" in history.text and "user:casey" in history.text
+        events = [r for r in audit_store.rows(rig.db.conn) if r.action == "task-done"]
+        assert [(e.actor, e.referral_id) for e in events] == [("user:casey", rid)]
+
+    go(tmp_path, body)

@@ -7,14 +7,16 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
-from helpers import run
+from helpers import REPO, refloop, run
 
 from channels.fax import (
     FaxChannel,
@@ -28,6 +30,7 @@ from channels.fax import (
 from channels.fax_webhook import phaxio_webhook
 from engine.errors import ChannelError
 from engine.model import Attachment, DeliveryUpdate, OutboundMessage
+from engine.routes import CHANNEL_TYPES
 
 PDF = b"%PDF-1.4\nfax me\n%%EOF\n"
 TOKEN = "callback-token"
@@ -305,3 +308,21 @@ def test_fax_channel_needs_a_pdf() -> None:
     with pytest.raises(ChannelError) as err:
         run(FaxChannel(Never(), callback_url=CALLBACK).send(msg))
     assert not err.value.retryable
+
+
+def test_docs_name_the_fax_keys_routes_check_accepts(tmp_path: Path) -> None:
+    """docs/fax.md's configuration keys are the ones the validator accepts (and the
+    factory reads: ``api_url``); the wrong name is refused with file:line."""
+    text = (REPO / "docs" / "fax.md").read_text(encoding="utf-8")
+    bullet = text[text.index("* Configuration") :].split("\n\n")[0]
+    named = set(re.findall(r"`([a-z_]+)`", bullet)) - {"fax", "phaxio"}
+    assert "api_url" in named and named - {"base_url"} <= set(CHANNEL_TYPES["fax"])
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        "version: 1\nchannels:\n  fax:\n    type: fax\n    api_key: ${env:K}\n"
+        "    api_secret: ${env:K}\n    base_url: https://api.phaxio.example/v2\n",
+        encoding="utf-8",
+    )
+    out = refloop("routes", "check", str(path))
+    assert out.returncode == 2
+    assert f"{path}:7 channels.fax.base_url: unknown key" in out.stderr.decode()

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GROWING = (
     "messages", "decisions", "referrals", "referral_events", "referral_patients",
     "referral_fillers", "parked", "parked_fillers", "outbox", "timers", "audit",
-    "report_referrals", "sms_replies", "specialists",
+    "report_referrals", "sms_replies", "specialists", "tasks",
 )  # fmt: skip
 LOW_CARDINALITY = ("channel", "status", "kind", "template")
 # An allowance covers the statement's scans and low-cardinality searches; its sorts only
@@ -64,6 +64,12 @@ ALLOWED = {
         "worklist by status via referrals_status: in order, stops at the LIMIT",
     "SELECT id FROM referrals WHERE status != ? ORDER BY opened_at, id LIMIT ?":
         "open worklist via referrals_open (open referrals only): stops at the LIMIT",
+    "SELECT … FROM tasks WHERE status = ? ORDER BY priority DESC, id LIMIT ?":
+        "open tasks, most urgent first via tasks_status_priority: stops at the LIMIT",
+    "SELECT … FROM tasks WHERE status = ? ORDER BY id DESC LIMIT ?":
+        "done / superseded tasks via tasks_status: newest first, stops at the LIMIT",
+    "SELECT … FROM tasks ORDER BY id DESC LIMIT ?":
+        "every task (`refloop tasks list --status all`): rowid order, stops at the LIMIT",
     "SELECT id FROM referrals ORDER BY opened_at, id LIMIT ?":
         "worklist of all referrals via referrals_opened: stops at the LIMIT",
     "SELECT id FROM referrals WHERE lower(specialty) = lower(?) ORDER BY opened_at, id LIMIT ?":
@@ -102,8 +108,6 @@ ALLOWED = {
         "retry every dead row via outbox_due: sorts the dead rows",
     "SELECT id FROM outbox WHERE status = ? AND channel = ? ORDER BY id":
         "retry a channel's dead rows via outbox_channel_due: sorts them",
-    "SELECT … FROM outbox WHERE status = ? AND channel = ? ORDER BY id DESC LIMIT ?":
-        "pending coordinator tasks via outbox_channel_due: sorts the channel's queue",
     "WITH RECURSIVE channels (name) AS (SELECT min(channel) FROM outbox UNION ALL SELECT "
     "(SELECT min(channel) FROM outbox WHERE channel > name) FROM channels WHERE name IS NOT "
     "NULL) SELECT name, (SELECT count(*) FROM outbox WHERE channel = name AND status IN (?, ?)"
@@ -119,8 +123,6 @@ ALLOWED = {
         "metrics scrape: one pass of referrals_status (~70 ms at 1M referrals)",
     "SELECT … FROM outbox WHERE status = ? ORDER BY id DESC LIMIT ?":
         "outbox page: sorts that status's rows (the queue; all history for sent / cancelled)",
-    "SELECT … FROM outbox WHERE channel = ? ORDER BY id DESC LIMIT ?":
-        "coordinator tasks (task / coordinator channels): sorts all of that channel's rows",
     "SELECT … FROM outbox WHERE status = ? ORDER BY id DESC":
         "`refloop outbox list --status`: sorts that status's rows",
     "SELECT … FROM referrals ORDER BY id DESC": "`refloop referrals list --limit 0`: all",
@@ -248,7 +250,8 @@ def _operator_paths(db: Any, now: float) -> None:
     for status in ("", "pending", "dead"):
         svc.outbox(status=status)
     svc.tasks()
-    svc.tasks(status="pending")
+    for status in ("open", "done", "all"):
+        svc.tasks(status=status)
     for kw in (
         {},
         {"status": "error"},

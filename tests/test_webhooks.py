@@ -12,11 +12,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
 import yaml
 from aiohttp import web
+from twilio.request_validator import RequestValidator
 
 from channels.confirm import make_token
 from channels.fax import SIGNATURE_HEADER as PHAXIO_HEADER
@@ -136,7 +138,7 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, **sms_settings: Any) -> AsyncIterator[Rig]:
     async with (
         receiver() as (portal_url, portal_keys, portal_evt),
         receiver() as (
@@ -162,6 +164,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                     "auth_token": "${env:TWILIO_TOKEN}",
                     "from_number": "+15550009999",
                     "api_base": "http://127.0.0.1:9",
+                    **sms_settings,
                 },
                 "portal": {"type": "webhook", "url": portal_url, "secret": "${env:HOOK_SECRET}"},
                 "coordinator": {
@@ -203,9 +206,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
             await engine.stop()
 
 
-def run(body: Callable[[Rig], Awaitable[None]], tmp_path: Path) -> None:
+def run(body: Callable[[Rig], Awaitable[None]], tmp_path: Path, **sms_settings: Any) -> None:
     async def main() -> None:
-        async with rig(tmp_path) as r:
+        async with rig(tmp_path, **sms_settings) as r:
             await asyncio.wait_for(body(r), 20)
 
     asyncio.run(main())
@@ -265,10 +268,65 @@ def test_stop_then_start_and_plain_language_opt_out(tmp_path: Path) -> None:
             response = await r.twilio("/hooks/twilio/sms", inbound(sid, text))
             assert response.status_code == 200
             assert response.headers["Content-Type"].startswith("application/xml")
-            assert "<Message>" not in response.text
+            # an opt-out is confirmed once (stop_confirm, "START"); START gets no answer
+            assert ("<Message>" in response.text) is suppressed, text
             assert outbox.is_suppressed(r.db.conn, PATIENT) is suppressed, text
 
     run(body, tmp_path)
+
+
+def _twiml_message(xml: str) -> str | None:
+    """The text of the one <Message> of a TwiML answer, or None."""
+    root = ElementTree.fromstring(xml)
+    assert root.tag == "Response"
+    messages = root.findall("Message")
+    assert len(messages) <= 1
+    return messages[0].text if messages else None
+
+
+def _sdk_signed(form: dict[str, str]) -> dict[str, str]:
+    """The X-Twilio-Signature the official SDK computes for this webhook."""
+    return {SIGNATURE_HEADER: RequestValidator(TOKEN).compute_signature(SMS_URL, form)}
+
+
+def test_stop_is_confirmed_once_with_stop_confirm(tmp_path: Path) -> None:
+    async def body(r: Rig) -> None:
+        form = inbound("SM1", "STOP")
+        first = await r.http.post(
+            f"{r.base}/hooks/twilio/sms", data=form, headers=_sdk_signed(form)
+        )
+        assert first.status_code == 200
+        text = _twiml_message(first.text)
+        assert text == (
+            "Riverside Family Medicine: you will get no more texts from us. "
+            "Reply START to get texts again. Questions? Call 555-0100."
+        )
+        # a second STOP from a number already on the list: no second confirmation
+        again = inbound("SM2", "stop")
+        second = await r.http.post(
+            f"{r.base}/hooks/twilio/sms", data=again, headers=_sdk_signed(again)
+        )
+        assert second.status_code == 200 and _twiml_message(second.text) is None
+        # Twilio's Advanced Opt-Out answered this one itself (OptOutType in the webhook)
+        await r.twilio("/hooks/twilio/sms", inbound("SM3", "START"))
+        aoo = {**inbound("SM4", "STOP"), "OptOutType": "STOP"}
+        third = await r.http.post(f"{r.base}/hooks/twilio/sms", data=aoo, headers=_sdk_signed(aoo))
+        assert third.status_code == 200 and _twiml_message(third.text) is None
+        assert outbox.is_suppressed(r.db.conn, PATIENT)
+
+    run(body, tmp_path)
+
+
+def test_advanced_opt_out_channel_leaves_the_stop_confirmation_to_twilio(tmp_path: Path) -> None:
+    async def body(r: Rig) -> None:
+        form = inbound("SM1", "STOP")
+        response = await r.http.post(
+            f"{r.base}/hooks/twilio/sms", data=form, headers=_sdk_signed(form)
+        )
+        assert response.status_code == 200 and _twiml_message(response.text) is None
+        assert outbox.is_suppressed(r.db.conn, PATIENT)
+
+    run(body, tmp_path, advanced_opt_out=True)
 
 
 def test_help_answers_with_the_practice_phone(tmp_path: Path) -> None:

@@ -171,10 +171,16 @@ def _m_browse_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_status ON messages (status, id)")
 
 
-def direct_sec_outbox_message_id(db: sqlite_utils.Database) -> None:
+def _m_outbox_message_id(db: sqlite_utils.Database) -> None:
     from engine.store.outbox import migrate_message_id
 
     migrate_message_id(db)
+
+
+def _m_tasks_queue(db: sqlite_utils.Database) -> None:
+    from engine.store.tasks import migrate
+
+    migrate(db)
 
 
 MIGRATIONS: Final[list[Migration]] = [
@@ -188,7 +194,8 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_closure_report,
     _m_patient_phone,
     _m_browse_indexes,
-    direct_sec_outbox_message_id,
+    _m_outbox_message_id,
+    _m_tasks_queue,
 ]
 
 

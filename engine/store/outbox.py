@@ -14,7 +14,7 @@ Row lifecycle (``outbox.status``)::
 Per-referral order: a row is claimable only when no earlier row (lower id) of the same
 referral on the same channel is ``pending`` or ``sending``. Streams on different
 channels (the specialist's packet by fax, the patient's nudges by SMS, a coordinator task
-nobody sends automatically) never hold each other up. A ``dead`` or ``cancelled`` row does
+on the task queue) never hold each other up. A ``dead`` or ``cancelled`` row does
 not hold back the rows after it (a dead row is bounded by max attempts, not forever).
 
 Plain functions over an open connection, called inside the caller's transaction;
