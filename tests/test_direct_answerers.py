@@ -424,7 +424,7 @@ def test_rows_from_before_the_migration_still_answer_to_their_message_id(
     state = tmp_path / "state"
     state.mkdir()
     before = db_module.MIGRATIONS[
-        : db_module.MIGRATIONS.index(db_module.direct_sec_outbox_message_id)
+        : db_module.MIGRATIONS.index(db_module._m_outbox_message_id)
     ]
     old = open_database(state / "refloop.db", migrations=before)
     clock = VirtualClock(T0)
