@@ -388,23 +388,29 @@ class _Connection(asyncio.Protocol):
             self._pause("replies")
 
     def _frame(self, payload: bytes, received_at: float) -> None:
-        """Answer one frame. Whatever goes wrong reading it, the frame gets a reply."""
-        reply = _Reply(t0=self.server.clock.monotonic())
-        self.replies.append(reply)
-        try:
-            work = self._plan(payload, received_at, reply)
-        except Exception:
-            log.exception("%s: frame could not be read; rejecting it", self.peer)
-            work = None
-            self._submit([self._unit(payload, received_at, "", failed=True)], reply, None)
+        work = self._begin(payload, received_at)
         if work is not None:
             self._start_worker(work)
 
+    def _begin(
+        self, payload: bytes, received_at: float
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """Answer one frame. Whatever goes wrong reading it, the frame gets a reply (AR,
+        stored ``rejected``); returns the sliced work a large batch still needs."""
+        reply = _Reply(t0=self.server.clock.monotonic())
+        self.replies.append(reply)
+        try:
+            return self._plan(payload, received_at, reply)
+        except Exception:
+            log.exception("%s: frame could not be read; rejecting it", self.peer)
+            self._submit([self._unit(payload, received_at, "", failed=True)], reply, None)
+            return None
+
     def _plan(
         self, payload: bytes, received_at: float, reply: _Reply
-    ) -> Coroutine[Any, Any, None] | None:
-        """Submit a frame's messages; a batch too big to read at once comes back as a
-        coroutine that reads it in slices."""
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """Submit a frame's messages; for a batch too big to read at once, return the
+        coroutine function that reads it in slices."""
         body = strip_preamble(payload)
         if not _looks_batched(body):
             self._submit([self._unit(payload, received_at, "")], reply, batch_header=None)
@@ -424,7 +430,7 @@ class _Connection(asyncio.Protocol):
             units = [self._unit(m, received_at, _ref(batch)) for m in batch.messages]
             self._submit(units, reply, batch_header=batch.header or b"BHS|^~\\&")
             return None
-        return self._sliced(batch, received_at, reply)
+        return functools.partial(self._sliced, batch, received_at, reply)
 
     async def _sliced(self, batch: Batch, received_at: float, reply: _Reply) -> None:
         """Read a large batch a slice at a time, letting other connections' ACKs out
@@ -438,27 +444,18 @@ class _Connection(asyncio.Protocol):
             ]
         self._submit(units, reply, batch_header=batch.header or b"BHS|^~\\&")
 
-    def _start_worker(self, work: Coroutine[Any, Any, None]) -> None:
+    def _start_worker(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self._pause("work")
         self.worker = asyncio.create_task(self._work(work), name=f"mllp-slices-{self.peer}")
 
-    async def _work(self, work: Coroutine[Any, Any, None]) -> None:
+    async def _work(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run sliced work, then the frames that queued behind it, in arrival order."""
         try:
-            await work
+            await work()
             while self.backlog and not self.closed:
-                payload, received_at = self.backlog.popleft()
-                reply = _Reply(t0=self.server.clock.monotonic())
-                self.replies.append(reply)
-                try:
-                    more = self._plan(payload, received_at, reply)
-                except Exception:
-                    log.exception("%s: frame could not be read; rejecting it", self.peer)
-                    more = None
-                    unit = self._unit(payload, received_at, "", failed=True)
-                    self._submit([unit], reply, None)
+                more = self._begin(*self.backlog.popleft())
                 if more is not None:
-                    await more
+                    await more()
         except Exception:
             log.exception("%s: internal error; closing", self.peer)
             self.abort()
