@@ -347,6 +347,10 @@ class MllpSource:
     idle_timeout: float = 300.0
     frame_timeout: float = 60.0  # a started frame must finish within this (slowloris)
     max_connections: int = 256
+    max_connections_per_peer: int = 64  # per peer IP address (docs/listener.md)
+    max_batch_messages: int = 2000  # messages in one frame; more: the frame is rejected AR
+    max_stray_bytes: int = 4096  # bytes outside a frame since the last frame, then closed
+    write_timeout: float = 60.0  # ACKs left unread by the peer this long: connection closed
     allow_peers: tuple[str, ...] = ()  # CIDRs; empty = any
     tls: TlsConfig | None = None
     kind: str = "mllp"
@@ -584,6 +588,10 @@ def _sources(
                 idle_timeout=r.number("idle_timeout", 300.0),
                 frame_timeout=r.number("frame_timeout", 60.0),
                 max_connections=r.integer("max_connections", 256, lo=1),
+                max_connections_per_peer=r.integer("max_connections_per_peer", 64, lo=1),
+                max_batch_messages=r.integer("max_batch_messages", 2000, lo=1),
+                max_stray_bytes=r.integer("max_stray_bytes", 4096, lo=16),
+                write_timeout=r.number("write_timeout", 60.0),
                 allow_peers=_cidrs(r, "allow_peers"),
                 tls=tls,
             )

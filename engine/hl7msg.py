@@ -109,8 +109,36 @@ def reply_header(raw: bytes) -> MshInfo | None:
     try:
         fields, fs, enc, _codec = _split_msh(raw)
     except MessageRejected:
-        return None
+        return _loose_header(raw)
     return _msh_info(fields, fs, enc, "", "")
+
+
+_DEFAULT_ENC: Final = "^~\\&"
+
+
+def _loose_header(raw: bytes) -> MshInfo | None:
+    """MSH read with only MSH-1 trusted (MSH-2 unusable): the fields the separator
+    delimits, echoed with the default encoding characters, so MSA-2 still names the
+    sender's MSH-10 (HL7 v2.5.1 §2.15.8.2). None when MSH-1 is unusable too."""
+    body = strip_preamble(raw)
+    end = _SEGMENT_END.search(body)
+    seg = (body[: end.start()] if end else body).decode("latin-1")
+    if not seg.startswith("MSH") or len(seg) < 4:
+        return None
+    fs = seg[3]
+    if fs.isalnum() or fs in " \t":
+        return None
+    fields = seg.split(fs)
+    # keep the reply parseable: no field may carry one of the reply's own delimiters
+    reply_fs = fs if fs not in _DEFAULT_ENC else "|"
+    clean = [_strip_delims(v, reply_fs + _DEFAULT_ENC) for v in fields]
+    return _msh_info(clean, reply_fs, _DEFAULT_ENC, "", "")
+
+
+def _strip_delims(value: str, delims: str) -> str:
+    for ch in delims:
+        value = value.replace(ch, "")
+    return value
 
 
 def _split_msh(raw: bytes) -> tuple[list[str], str, str, str]:
@@ -128,6 +156,11 @@ def _split_msh(raw: bytes) -> tuple[list[str], str, str, str]:
     msh18 = _raw_field(seg_bytes, 18)
     codec = choose_codec(raw, msh18.decode("latin-1"))  # raw: a BOM makes it UTF-8
     seg = seg_bytes.decode(codec, errors="replace")
+    if len(seg) < 4:
+        # a bare ``MSH`` segment: the body is long enough, the segment is not
+        raise MessageRejected(
+            "MSH-1 field separator is missing", code="101", location="MSH^1^1", ack="AR"
+        )
     fs = seg[3]
     if fs.isalnum() or fs in " \t":
         raise MessageRejected(
@@ -205,6 +238,12 @@ class Batch:
     enveloped: bool = False  # FHS/BHS present
 
 
+def count_messages(body: bytes) -> int:
+    """How many messages (segments starting with MSH) ``body`` holds, counted without
+    splitting it (a cheap cap check before :func:`split_messages`)."""
+    return int(body.startswith(b"MSH")) + body.count(b"\rMSH") + body.count(b"\nMSH")
+
+
 def split_messages(data: bytes) -> Batch:
     """Cut bytes holding one or more messages at each MSH, keeping every message's exact
     bytes (terminators included). FHS/BHS/BTS/FTS envelope segments are set aside; text
@@ -232,13 +271,16 @@ def split_messages(data: bytes) -> Batch:
                 header = body[pos:seg_end]
         pos = nxt
     messages: list[bytes] = []
+    spans = [s for s, _e in envelope_spans]  # ascending, like ``starts``
+    j = 0
     for i, start in enumerate(starts):
         stop = starts[i + 1] if i + 1 < len(starts) else n
-        # a trailing BTS/FTS (or the next batch's BHS) is not part of the message
-        for s, _e in envelope_spans:
-            if start < s < stop:
-                stop = s
-                break
+        # a trailing BTS/FTS (or the next batch's BHS) is not part of the message; both
+        # lists ascend, so one pointer walks the spans (linear, not messages x spans)
+        while j < len(spans) and spans[j] <= start:
+            j += 1
+        if j < len(spans) and spans[j] < stop:
+            stop = spans[j]
         messages.append(body[start:stop])
     return Batch(messages=tuple(messages), header=header, enveloped=enveloped)
 

@@ -17,19 +17,27 @@ ACK modes (HL7 v2.5.1 §2.9):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from engine.ack import build_ack, next_control_id, wants_ack
 from engine.clock import Clock
 from engine.config import MllpSource, TlsConfig
-from engine.errors import FramingError, MessageRejected, StoreError
-from engine.hl7msg import read_msh, reply_header, split_messages, strip_preamble
+from engine.errors import MessageRejected, StoreError
+from engine.hl7msg import (
+    Batch,
+    count_messages,
+    read_msh,
+    reply_header,
+    split_messages,
+    strip_preamble,
+)
 from engine.metrics import Metrics
 from engine.mllp import Framer, frame
 from engine.model import Inbound, MshInfo
@@ -40,6 +48,8 @@ log = logging.getLogger(__name__)
 
 PAUSE_AT = 256  # unanswered frames on one connection before we stop reading from it
 RESUME_AT = 64
+SLICE_MESSAGES = 200  # batch messages read between two returns to the event loop
+WRITE_HIGH = 64 * 1024  # unsent ACK bytes before the transport asks us to pause writing
 
 
 def tls_context(cfg: TlsConfig) -> ssl.SSLContext:
@@ -142,7 +152,7 @@ class MllpServer:
         while any(c.replies for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self.connections):
-            conn.close()
+            conn.abort(graceful=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -153,25 +163,36 @@ class MllpServer:
             await self._server.wait_closed()
 
     async def _sweep(self) -> None:
-        """Close idle connections and frames that never finish (slowloris)."""
+        """Close idle connections, frames that never finish (slowloris) and peers that
+        leave their ACKs unread."""
         while True:
             await asyncio.sleep(1.0)
             now = self.clock.monotonic()
             for conn in list(self.connections):
-                if conn.replies:
-                    continue  # waiting on us, not on the peer
-                if now - conn.last_activity > self.source.idle_timeout:
-                    log.info("%s: idle timeout, closing", conn.peer)
-                    self.metrics.frame_errors.labels(self.source.name, "idle").inc()
-                    conn.close()
-                elif conn.frame_started and now - conn.frame_started > self.source.frame_timeout:
-                    log.warning(
-                        "%s: frame not finished in %.0fs, closing",
-                        conn.peer,
-                        self.source.frame_timeout,
-                    )
-                    self.metrics.frame_errors.labels(self.source.name, "timeout").inc()
-                    conn.close()
+                conn.check_timers(now)
+
+    def admit(self, conn: _Connection, host: str) -> str:
+        """Make room for a new connection from ``host``: past a limit, evict the oldest
+        idle connection (that host's own first when its per-peer limit is reached).
+        Returns why it must be refused, or "" when it may come in."""
+        same = [c for c in self.connections if c.host == host]
+        if len(same) >= self.source.max_connections_per_peer and not self._evict(same):
+            return "per-peer"
+        if len(self.connections) >= self.source.max_connections and not self._evict(
+            list(self.connections)
+        ):
+            return "limit"
+        return ""
+
+    def _evict(self, candidates: list[_Connection]) -> bool:
+        idle = [c for c in candidates if c.idle and not c.closing]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_activity)
+        log.info("%s: evicted (oldest idle connection; slots full)", oldest.peer)
+        self.metrics.frame_errors.labels(self.source.name, "evicted").inc()
+        oldest.abort()
+        return True
 
 
 class _Connection(asyncio.Protocol):
@@ -181,11 +202,21 @@ class _Connection(asyncio.Protocol):
         self.framer = Framer(server.source.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.host = "?"
         self.replies: deque[_Reply] = deque()
         self.last_activity = server.clock.monotonic()
         self.frame_started = 0.0
-        self.paused = False
+        self.write_paused_at = 0.0  # when the transport asked us to stop writing
+        self.pauses: set[str] = set()  # why reading is paused: replies, writing, work
+        self.backlog: deque[tuple[bytes, float]] = deque()  # frames behind a sliced one
+        self.worker: asyncio.Task[None] | None = None
+        self.closing = False  # no more reading; closes once every owed reply is written
         self.closed = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing owed to the peer and no frame in progress: safe to evict."""
+        return not self.replies and not self.framer.in_frame and self.worker is None
 
     # -- connection lifecycle ------------------------------------------------------
 
@@ -200,18 +231,18 @@ class _Connection(asyncio.Protocol):
 
     def _admit(self, transport: asyncio.Transport) -> None:
         peername = transport.get_extra_info("peername")
-        host = str(peername[0]) if peername else "?"
+        self.host = host = str(peername[0]) if peername else "?"
         self.peer = f"{host}:{peername[1]}" if peername else "?"
         server = self.server
         refuse = ""
-        if len(server.connections) >= self.source.max_connections:
-            refuse = "limit"
-        elif not self.source.peer_allowed(host):
+        if not self.source.peer_allowed(host):
             refuse = "allowlist"
         elif self.source.tls and self.source.tls.allowed_subjects:
             cn = _subject_cn(transport.get_extra_info("peercert"))
             if cn not in self.source.tls.allowed_subjects:
                 refuse = "subject"
+        if not refuse:
+            refuse = server.admit(self, host)
         if refuse:
             log.warning("%s: connection refused (%s)", self.peer, refuse)
             server.metrics.connections_refused.labels(self.source.name, refuse).inc()
@@ -220,17 +251,82 @@ class _Connection(asyncio.Protocol):
             return
         server.connections.add(self)
         server.metrics.connections.labels(self.source.name).inc()
+        # small buffers: pause_writing comes early, so an unread peer costs little
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.server.metrics.connections.labels(self.source.name).dec()
         self.closed = True
+        if self.worker is not None:
+            self.worker.cancel()
 
     def close(self) -> None:
+        """Stop reading; close once every reply owed for frames already read is written
+        (a frame that was read is always answered)."""
+        if self.closed or self.transport is None:
+            return
+        self.closing = True
+        self._pause("closing")
+        if not self.replies and self.worker is None:
+            self.abort(graceful=True)
+
+    def abort(self, *, graceful: bool = False) -> None:
+        """Close now, whatever is owed (stop past the drain, an unread peer, eviction)."""
         if self.transport is not None and not self.closed:
             self.closed = True
-            self.transport.close()
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
+            if self.worker is not None:
+                self.worker.cancel()
+
+    def check_timers(self, now: float) -> None:
+        """The sweeper's per-connection check (HL7 peers that stall, not us)."""
+        if self.write_paused_at and now - self.write_paused_at > self.source.write_timeout:
+            log.warning(
+                "%s: ACKs left unread for %.0fs, closing", self.peer, now - self.write_paused_at
+            )
+            self._error("unread")
+            self.abort()
+        elif self.replies or self.worker is not None or self.closing:
+            return  # waiting on us, not on the peer
+        elif self.frame_started and now - self.frame_started > self.source.frame_timeout:
+            log.warning(
+                "%s: frame not finished in %.0fs, closing", self.peer, self.source.frame_timeout
+            )
+            self._error("timeout")
+            self.close()
+        elif now - self.last_activity > self.source.idle_timeout:
+            log.info("%s: idle timeout, closing", self.peer)
+            self._error("idle")
+            self.close()
+
+    def _error(self, kind: str) -> None:
+        self.server.metrics.frame_errors.labels(self.source.name, kind).inc()
+
+    def _pause(self, reason: str) -> None:
+        if not self.pauses and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.pauses.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason not in self.pauses:
+            return
+        self.pauses.discard(reason)
+        if not self.pauses and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # asyncio flow control: the peer is not reading its ACKs
+    def pause_writing(self) -> None:
+        self.write_paused_at = self.server.clock.monotonic() or 1e-9
+        self._pause("writing")
+
+    def resume_writing(self) -> None:
+        self.write_paused_at = 0.0
+        self._resume("writing")
 
     def _safe(self, fn: Callable[[Any], None]) -> Callable[[Any], None]:
         """Wrap a callback so an exception closes this connection instead of reaching the
@@ -248,7 +344,7 @@ class _Connection(asyncio.Protocol):
     # -- reading -------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.closing:
             return
         try:
             self._received(data)
@@ -258,57 +354,166 @@ class _Connection(asyncio.Protocol):
 
     def _received(self, data: bytes) -> None:
         clock = self.server.clock
-        self.last_activity = clock.monotonic()
-        try:
-            frames = self.framer.feed(data)
-        except FramingError as exc:
-            kind = "oversize" if "exceeds" in str(exc) else "garbage"
-            log.warning("%s: %s; closing", self.peer, exc)
-            self.server.metrics.frame_errors.labels(self.source.name, kind).inc()
-            self.close()
-            return
-        if not self.framer.pending:
+        framer = self.framer
+        was_in_frame = framer.in_frame
+        frames = framer.decode(data)
+        now = clock.monotonic()
+        if frames or was_in_frame or framer.in_frame:
+            # only frame bytes count as activity: stray bytes between frames (a newline
+            # every few seconds) must not keep a connection slot forever
+            self.last_activity = now
+        if not framer.in_frame:
             self.frame_started = 0.0
-        elif frames or not self.frame_started:
+        elif frames or not was_in_frame:
             # a frame began in this read; a frame that is still growing keeps its start
             # time, so trickling one byte at a time (slowloris) cannot reset the clock
-            self.frame_started = self.last_activity
+            self.frame_started = now
+        received_at = clock.now()
         for payload in frames:
-            self._frame(payload, clock.now())
-        if not self.paused and len(self.replies) >= PAUSE_AT and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+            if self.worker is not None or self.backlog:
+                self.backlog.append((payload, received_at))
+            else:
+                self._frame(payload, received_at)
+        if framer.error is not None:
+            exc = framer.error
+            kind = "oversize" if "exceeds" in str(exc) else "garbage"
+            log.warning("%s: %s; closing", self.peer, exc)
+            self._error(kind)
+            self.close()
+        elif framer.stray_run > self.source.max_stray_bytes:
+            log.warning("%s: %d bytes outside any frame; closing", self.peer, framer.stray_run)
+            self._error("stray")
+            self.close()
+        if len(self.replies) >= PAUSE_AT:
+            self._pause("replies")
 
     def _frame(self, payload: bytes, received_at: float) -> None:
+        work = self._begin(payload, received_at)
+        if work is not None:
+            self._start_worker(work)
+
+    def _begin(
+        self, payload: bytes, received_at: float
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """Answer one frame. Whatever goes wrong reading it, the frame gets a reply (AR,
+        stored ``rejected``); returns the sliced work a large batch still needs."""
         reply = _Reply(t0=self.server.clock.monotonic())
         self.replies.append(reply)
+        try:
+            return self._plan(payload, received_at, reply)
+        except Exception:
+            log.exception("%s: frame could not be read; rejecting it", self.peer)
+            self._submit([self._unit(payload, received_at, "", failed=True)], reply, None)
+            return None
+
+    def _plan(
+        self, payload: bytes, received_at: float, reply: _Reply
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """Submit a frame's messages; for a batch too big to read at once, return the
+        coroutine function that reads it in slices."""
         body = strip_preamble(payload)
-        batch = split_messages(payload) if _looks_batched(body) else None
-        if batch is None or (
-            not batch.enveloped and (len(batch.messages) <= 1 or not body.startswith(b"MSH"))
-        ):
-            unit = self._unit(payload, received_at, "")
-            self._submit([unit], reply, batch_header=None)
-            return
-        ref = _batch_control_id(batch.header) if batch.header else ""
-        units = [self._unit(m, received_at, ref) for m in batch.messages]
-        if not units:  # an envelope with no messages: an empty reply batch
+        if not _looks_batched(body):
+            self._submit([self._unit(payload, received_at, "")], reply, batch_header=None)
+            return None
+        count = count_messages(body)
+        if count > self.source.max_batch_messages:
+            self._submit([self._too_big(payload, body, count, received_at)], reply, None)
+            return None
+        batch = split_messages(payload)
+        if not batch.enveloped and (len(batch.messages) <= 1 or not body.startswith(b"MSH")):
+            self._submit([self._unit(payload, received_at, "")], reply, batch_header=None)
+            return None
+        if not batch.messages:  # an envelope with no messages: an empty reply batch
             self._batch_reply([], reply, batch.header)
-            return
+            return None
+        if len(batch.messages) <= SLICE_MESSAGES:
+            units = [self._unit(m, received_at, _ref(batch)) for m in batch.messages]
+            self._submit(units, reply, batch_header=batch.header or b"BHS|^~\\&")
+            return None
+        return functools.partial(self._sliced, batch, received_at, reply)
+
+    async def _sliced(self, batch: Batch, received_at: float, reply: _Reply) -> None:
+        """Read a large batch a slice at a time, letting other connections' ACKs out
+        between slices."""
+        ref = _ref(batch)
+        units: list[_Unit] = []
+        for i in range(0, len(batch.messages), SLICE_MESSAGES):
+            await asyncio.sleep(0)
+            units += [
+                self._unit(m, received_at, ref) for m in batch.messages[i : i + SLICE_MESSAGES]
+            ]
         self._submit(units, reply, batch_header=batch.header or b"BHS|^~\\&")
 
-    def _unit(self, raw: bytes, received_at: float, batch_ref: str) -> _Unit:
+    def _start_worker(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._pause("work")
+        self.worker = asyncio.create_task(self._work(work), name=f"mllp-slices-{self.peer}")
+
+    async def _work(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run sliced work, then the frames that queued behind it, in arrival order."""
         try:
-            msh, codec = read_msh(raw)
-            error = None
-            ack = "AA"
-            reject = None
-        except MessageRejected as exc:
-            msh, codec = None, _fallback_codec(raw)
-            error = (exc.code, exc.location, exc.reason)
-            ack = exc.ack
-            reject = (exc.ack, exc.code, exc.location, exc.reason)
-            log.warning("%s: rejected: %s", self.peer, exc.reason)
+            await work()
+            while self.backlog and not self.closed:
+                more = self._begin(*self.backlog.popleft())
+                if more is not None:
+                    await more()
+        except Exception:
+            log.exception("%s: internal error; closing", self.peer)
+            self.abort()
+        finally:
+            self.worker = None
+            self._resume("work")
+            if self.closing and not self.replies:
+                self.abort(graceful=True)
+
+    def _too_big(self, payload: bytes, body: bytes, count: int, received_at: float) -> _Unit:
+        """The one unit that stands for a batch over ``max_batch_messages``: stored
+        ``rejected`` (nothing a peer sent is lost) and answered AR."""
+        limit = self.source.max_batch_messages
+        reason = f"batch of {count} messages exceeds max_batch_messages ({limit}); split it"
+        first = _first_msh(body)
+        head = reply_header(body[first:]) if first >= 0 else None
+        header = _batch_header(body)
+        ref = _batch_control_id(header) if header else ""
+        if head is not None and ref:
+            head = dataclasses.replace(head, control_id=ref)
+        log.warning("%s: rejected: batch of %d messages (max %d)", self.peer, count, limit)
+        inbound = Inbound(
+            source=self.source.name,
+            peer=self.peer,
+            raw=payload,
+            received_at=received_at,
+            msh=None,
+            text_encoding=_fallback_codec(payload),
+            reject=("AR", "207", "", reason),
+            batch_ref=ref,
+        )
+        return _Unit(inbound=inbound, ack="AR", error=("207", "", reason), reply_msh=head)
+
+    def _unit(
+        self, raw: bytes, received_at: float, batch_ref: str, *, failed: bool = False
+    ) -> _Unit:
+        """One message, read at the door. Never raises: a message that cannot be read,
+        for whatever reason, becomes a rejected unit (stored, answered AR)."""
+        msh: MshInfo | None = None
+        codec = _fallback_codec(raw)
+        reject: tuple[str, str, str, str] | None = None
+        if failed:
+            reject = ("AR", "207", "", "message could not be read")
+        else:
+            try:
+                msh, codec = read_msh(raw)
+            except MessageRejected as exc:
+                reject = (exc.ack, exc.code, exc.location, exc.reason)
+            except Exception:  # a bug in reading must cost this message only (it is stored)
+                log.exception("%s: message could not be read", self.peer)
+                reject = ("AR", "207", "", "message could not be read")
+        reply_msh = None
+        if reject is not None:
+            log.warning("%s: rejected: %s", self.peer, reject[3])
+            try:
+                reply_msh = reply_header(raw)
+            except Exception:
+                log.exception("%s: MSH could not be echoed", self.peer)
         inbound = Inbound(
             source=self.source.name,
             peer=self.peer,
@@ -321,9 +526,9 @@ class _Connection(asyncio.Protocol):
         )
         return _Unit(
             inbound=inbound,
-            ack=ack,
-            error=error,
-            reply_msh=reply_header(raw) if msh is None else None,
+            ack=reject[0] if reject else "AA",
+            error=(reject[1], reject[2], reject[3]) if reject else None,
+            reply_msh=reply_msh,
         )
 
     # -- committing and answering ----------------------------------------------------
@@ -498,9 +703,10 @@ class _Connection(asyncio.Protocol):
             transport.write(frame(reply.payload))
             metrics.acks.labels(self.source.name, reply.code).inc()
             metrics.ack_latency.labels(self.source.name).observe(now - reply.t0)
-        if self.paused and len(replies) <= RESUME_AT and transport is not None and not self.closed:
-            self.paused = False
-            transport.resume_reading()
+        if len(replies) <= RESUME_AT:
+            self._resume("replies")
+        if self.closing and not replies and self.worker is None:
+            self.abort(graceful=True)  # every owed reply is written: now close
 
 
 def _looks_batched(body: bytes) -> bool:
@@ -508,6 +714,37 @@ def _looks_batched(body: bytes) -> bool:
     if body[:3] in (b"FHS", b"BHS"):
         return True
     return body.find(b"\rMSH", 3) != -1 or body.find(b"\nMSH", 3) != -1
+
+
+def _ref(batch: Batch) -> str:
+    return _batch_control_id(batch.header) if batch.header else ""
+
+
+def _first_msh(body: bytes) -> int:
+    """Offset of the first segment that is MSH, or -1."""
+    if body.startswith(b"MSH"):
+        return 0
+    hits = [i + 1 for i in (body.find(b"\rMSH"), body.find(b"\nMSH")) if i != -1]
+    return min(hits) if hits else -1
+
+
+def _batch_header(body: bytes) -> bytes:
+    """The BHS segment (else FHS) of a batch, found without splitting the batch."""
+    for tag in (b"BHS", b"FHS"):
+        if body.startswith(tag):
+            start = 0
+        else:
+            hits = [j + 1 for j in (body.find(b"\r" + tag), body.find(b"\n" + tag)) if j != -1]
+            if not hits:
+                continue
+            start = min(hits)
+        return body[start : _segment_end(body, start)]
+    return b""
+
+
+def _segment_end(body: bytes, start: int) -> int:
+    ends = [e for e in (body.find(b"\r", start), body.find(b"\n", start)) if e != -1]
+    return min(ends) if ends else len(body)
 
 
 def _batch_control_id(header: bytes) -> str:

@@ -25,48 +25,96 @@ class Framer:
 
     Tolerates what real peers send: frames split across reads, several frames in one
     read, a missing <CR> after <FS>, and stray bytes (e.g. a lone <CR> or keep-alive
-    newlines) between frames, which are counted in :attr:`stray` and dropped. A frame
-    larger than ``max_frame``, or more than ``max_frame`` bytes of garbage in a row with
-    no start block, raises :class:`FramingError`: the caller closes the connection.
+    newlines) between frames, which are counted in :attr:`stray` (over the connection's
+    life) and :attr:`stray_run` (since the last frame) and dropped. A frame larger than
+    ``max_frame``, or more than ``max_frame`` bytes of garbage in a row with no start
+    block, sets :attr:`error`: the frames completed before it are still returned, and the
+    caller answers them, then closes the connection.
+
+    Each byte is scanned once (the end-block search resumes where the last read stopped),
+    so a large frame arriving in many reads costs linear time.
     """
 
-    __slots__ = ("_buf", "_garbage", "_in_frame", "max_frame", "stray")
+    __slots__ = (
+        "_buf",
+        "_garbage",
+        "_in_frame",
+        "_scanned",
+        "error",
+        "max_frame",
+        "stray",
+        "stray_run",
+    )
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_frame = max_frame
         self._buf = bytearray()
         self._in_frame = False
+        self._scanned = 0  # bytes of _buf already searched for END_BLOCK
         self._garbage = 0  # stray bytes since the last start block
         self.stray = 0  # stray bytes over the connection's life
+        self.stray_run = 0  # stray bytes since the last complete frame
+        self.error: FramingError | None = None
 
     @property
     def pending(self) -> int:
         """Bytes held for an unfinished frame."""
         return len(self._buf)
 
+    @property
+    def in_frame(self) -> bool:
+        """A start block was read and its frame is not finished."""
+        return self._in_frame
+
     def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes; return the frames they complete, in order."""
+        """Add bytes; return the frames they complete, in order. Raises
+        :class:`FramingError` on a framing error (frames completed in the same call are
+        lost: use :meth:`decode` to keep them)."""
+        frames = self.decode(data)
+        if self.error is not None:
+            raise self.error
+        return frames
+
+    def decode(self, data: bytes) -> list[bytes]:
+        """Add bytes; return the frames they complete, in order, up to a framing error,
+        which sets :attr:`error`. After that nothing more is decoded."""
+        frames: list[bytes] = []
+        if self.error is not None:
+            return frames
+        try:
+            self._feed(data, frames)
+        except FramingError as exc:
+            self.error = exc
+            self._buf.clear()
+        return frames
+
+    def _stray(self, n: int) -> None:
+        self.stray += n
+        self.stray_run += n
+        self._garbage += n
+
+    def _feed(self, data: bytes, frames: list[bytes]) -> None:
         buf = self._buf
         buf += data
-        frames: list[bytes] = []
         while buf:
             if not self._in_frame:
                 start = buf.find(START_BLOCK)
                 if start == -1:
-                    self.stray += len(buf)
-                    self._garbage += len(buf)
+                    self._stray(len(buf))
                     buf.clear()
                     if self._garbage > self.max_frame:
                         raise FramingError("no MLLP start block in the stream")
                     break
                 if start:
-                    self.stray += start
+                    self._stray(start)
                     del buf[:start]
                 del buf[:1]
                 self._garbage = 0
+                self._scanned = 0
                 self._in_frame = True
-            end = buf.find(END_BLOCK)
+            end = buf.find(END_BLOCK, self._scanned)
             if end == -1:
+                self._scanned = len(buf)
                 if len(buf) > self.max_frame:
                     raise FramingError(f"frame exceeds {self.max_frame} bytes")
                 break
@@ -80,9 +128,10 @@ class Framer:
                 self.stray += restart + 1
                 payload = payload[restart + 1 :]
             frames.append(payload)
+            self.stray_run = 0
             cut = end + 1
             if len(buf) > cut and buf[cut : cut + 1] == CARRIAGE_RETURN:
                 cut += 1
             del buf[:cut]
+            self._scanned = 0
             self._in_frame = False
-        return frames

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import WAIT, Peer, hl7, mllp_port, peer, run, running_engine
+from helpers import WAIT, Peer, Reply, hl7, mllp_port, peer, run, running_engine
 
 from engine.app import Engine
 from engine.clock import VirtualClock
@@ -61,6 +61,7 @@ def test_idle_sockets_and_slowloris_do_not_delay_a_normal_client(tmp_path: Path)
             idle_timeout=3,
             frame_timeout=1,
             max_connections=IDLE + 10,
+            max_connections_per_peer=IDLE + 10,  # every peer here is 127.0.0.1
         ) as engine:
             port = mllp_port(engine)
             server = engine.servers[0]
@@ -120,7 +121,7 @@ def test_frame_and_idle_timeouts_follow_the_clock(tmp_path: Path) -> None:
     run(go())
 
 
-def test_max_connections_refuses_extras(tmp_path: Path) -> None:
+def test_full_slots_evict_the_oldest_idle_connection_else_refuse(tmp_path: Path) -> None:
     async def go() -> None:
         async with running_engine(tmp_path, max_connections=3) as engine:
             port = mllp_port(engine)
@@ -129,17 +130,49 @@ def test_max_connections_refuses_extras(tmp_path: Path) -> None:
             try:
                 for i, p in enumerate(admitted):
                     assert (await p.ask(hl7(f"IN-{i}"))).code == "AA"
+                # all idle: the newcomer evicts the one idle the longest (IN-0's)
+                newcomer = await Peer.connect(port)
+                admitted.append(newcomer)
+                assert (await newcomer.ask(hl7("NEW"))).code == "AA"
+                assert await admitted[0].closed_by_server()
+                assert counter(engine, "refloop_frame_errors_total", kind="evicted") == 1
+                # the other three are each in the middle of a frame: nobody is idle
+                for p in admitted[1:]:
+                    await p.write(b"\x0bMSH|")
+                await until(lambda: all(c.framer.in_frame for c in server.connections))
                 async with peer(port) as extra:
                     assert await extra.closed_by_server()
                 assert counter(engine, "refloop_connections_refused_total", reason="limit") == 1
-                # the admitted ones are unaffected; a freed slot admits a new peer
-                assert (await admitted[0].ask(hl7("IN-AGAIN"))).code == "AA"
-                await admitted.pop().close()
-                await until(lambda: len(server.connections) == 2)
-                async with peer(port) as next_one:
-                    assert (await next_one.ask(hl7("NEXT"))).code == "AA"
+                # the busy ones are unaffected: they finish their frames and are answered
+                for i, p in enumerate(admitted[1:]):
+                    await p.write(b"^~\\&|A|B|C|D|2026||ADT^A01|FIN-%d|P|2.5.1\r\x1c\r" % i)
+                    reply = await p.recv()
+                    assert reply is not None and Reply.parse(reply).control_id == f"FIN-{i}"
             finally:
                 await asyncio.gather(*(p.close() for p in admitted))
+
+    run(go())
+
+
+def test_per_peer_limit_evicts_that_peers_idle_connection_else_refuses(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with running_engine(tmp_path, max_connections_per_peer=2) as engine:
+            port = mllp_port(engine)
+            first, second = await Peer.connect(port), await Peer.connect(port)
+            try:
+                assert (await first.ask(hl7("P-1"))).code == "AA"
+                await second.write(b"\x0bMSH|")  # busy: mid-frame
+                # a third from the same address: its own idle connection (first) goes
+                async with peer(port) as third:
+                    assert (await third.ask(hl7("P-3"))).code == "AA"
+                    assert await first.closed_by_server()
+                    await third.write(b"\x0bMSH|")  # now both are busy
+                    async with peer(port) as fourth:
+                        assert await fourth.closed_by_server()
+                assert counter(engine, "refloop_connections_refused_total", reason="per-peer") == 1
+            finally:
+                await first.close()
+                await second.close()
 
     run(go())
 

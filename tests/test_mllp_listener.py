@@ -264,9 +264,12 @@ REJECTS = {
     ),
     "missing-msh10-custom-delimiters": Reject(hl7("", fs="#", enc="!@%*"), "", "MSH^1^10", "101"),
     "no-msh-segment": Reject(b"PID|1||12345^^^MRN||DOE^JOHN\r", "", "MSH", "100"),
+    # MSH-1 still delimits the fields, so MSH-10 is readable and echoed (§2.15.8.2)
     "unusable-encoding-characters": Reject(
-        b"MSH|^^^^|A|B|C|D|2026||ADT^A01|ENC-1|P|2.5.1\r", "", "MSH^1^2", "102"
+        b"MSH|^^^^|A|B|C|D|2026||ADT^A01|ENC-1|P|2.5.1\r", "ENC-1", "MSH^1^2", "102"
     ),
+    "bare-msh-segment-cr": Reject(b"MSH\rPID|1||12345^^^MRN\r", "", "MSH^1^1", "101"),
+    "bare-msh-segment-lf": Reject(b"MSH\nPID|1||12345^^^MRN\n", "", "MSH^1^1", "101"),
     "alphanumeric-field-separator": Reject(
         b"MSHX^~\\&XAXBXCXDX2026XXADT^A01XSEP-1XPX2.5.1\r", "", "MSH^1^1", "102"
     ),
