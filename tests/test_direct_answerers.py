@@ -423,9 +423,7 @@ def test_rows_from_before_the_migration_still_answer_to_their_message_id(
     still confirms it and a third party's is still quarantined."""
     state = tmp_path / "state"
     state.mkdir()
-    before = db_module.MIGRATIONS[
-        : db_module.MIGRATIONS.index(db_module._m_outbox_message_id)
-    ]
+    before = db_module.MIGRATIONS[: db_module.MIGRATIONS.index(db_module._m_outbox_message_id)]
     old = open_database(state / "refloop.db", migrations=before)
     clock = VirtualClock(T0)
     import_csv(old, directory(tmp_path, certs), clock)
