@@ -147,7 +147,8 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                # no address for the office: nothing to resend, the task comes 7 days on
+                ("specialist-followup", "resend:none"),
             ],
         ),
         (
@@ -155,8 +156,11 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                # due with the coordinator task: one task per referral, whose reason
+                # names both concerns
+                ("specialist-followup", "merged:call-specialist-office"),
             ],
         ),
         (
@@ -164,8 +168,9 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                ("specialist-followup", "merged:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
             ],
         ),
@@ -174,8 +179,9 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                ("specialist-followup", "merged:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
                 ("attempt-close", "close:no-response"),
             ],

@@ -123,10 +123,12 @@ class Scenario:
     referrals: int | None = None  # referral count, when it matters
 
 
-PATIENT_TIMERS = ("first-nudge", "second-nudge")
-REF_TIMERS = ("attempt-close", "coordinator-task", "outreach", "specialist-followup")
+# Escalation follows progress (docs/escalation.md): the not-booked branch is the patient's
+# (a booking cancels it), the booked branch waits for the visit to ask for the report.
+PATIENT_TIMERS = ("attempt-close", "coordinator-task", "first-nudge", "outreach", "second-nudge")
+REF_TIMERS = ("specialist-followup",)
 OPEN_TIMERS = tuple(sorted(REF_TIMERS + PATIENT_TIMERS))
-BOOKED_TIMERS = tuple(sorted(REF_TIMERS))
+BOOKED_TIMERS = tuple(sorted((*REF_TIMERS, "report-request")))
 
 SCENARIOS: tuple[Scenario, ...] = (
     # -- the happy path, one per EHR identifier style --------------------------------
@@ -158,10 +160,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 ),
                 # the dispatcher (a later issue) marks rows sent; here it is still queued,
                 # so the close cancels it
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
                 timers=(),
                 fillers=("F1",),
             )
@@ -401,10 +400,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "declined",
                 "specialist-declined",
                 timers=(),
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-declined", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -430,11 +426,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "report-received",
                 "report-received",
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-declined", "pending"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -528,10 +520,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "report-received",
                 "report-received",
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -714,10 +703,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "not-sent",
                 auth="denied",
-                outbox=(
-                    ("no-way-to-reach-specialist", "pending"),
-                    ("referrer-auth-denied", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
             )
         },
     ),
@@ -956,7 +942,12 @@ def test_timers_and_outbox_keys(db: Database) -> None:
     assert json.loads(packet.payload) == {
         "close_reason": "",
         "effect": "send-packet",
-        "reason": "no-certificate",
+        "kind": "send-packet",
+        "task": "no-way-to-reach-specialist",
+        "why": "no-certificate",
+        "reason": "no Direct certificate and no fax number for the specialist office",
+        "priority_score": 0,
+        "attempts": [],
         "referral_id": 1,
     }
     # the write API is idempotent per key
