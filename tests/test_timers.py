@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine.clock import VirtualClock
+from engine.clock import VirtualClock, isoformat
 from engine.config import loads
 from engine.escalation import DAY, Policy, compile_policy
 from engine.model import (
@@ -238,6 +238,56 @@ def test_booking_cancels_patient_nudges_in_the_same_transaction(db: Database) ->
     assert "second-nudge" not in kinds and "first-nudge" not in kinds
     fired = loop.advance_to(T0 + 8 * DAY)
     assert [k for k, _ in acted(fired)] == ["specialist-followup"]
+
+
+def test_booked_patient_gets_no_task_and_the_report_request_follows_the_date(
+    db: Database,
+) -> None:
+    """Booked on day 2 for 2026-03-20 10:00 UTC: nothing of the not-booked branch fires
+    (no 14-day task, no outreach, no close), and the report request is due 3 days after
+    the visit date, moved when the appointment moves."""
+    loop = Loop(db)
+    rid = loop.create()
+    loop.advance_to(T0 + 2 * DAY)
+    loop.apply(
+        AppointmentBooked(
+            ids=Identifiers(sending_facility="CLINIC", placer_number="R1"),
+            occurred_at=loop.clock.now(),
+            appointment_id="A1",
+            start="2026-03-20T10:00:00Z",
+        )
+    )
+    due = {t.kind: t.due for t in rstore.timers_for(db.conn, rid)}
+    assert set(due) == {"specialist-followup", "report-request"}
+    assert due["report-request"] == datetime(2026, 3, 23, 10, tzinfo=ZoneInfo("UTC")).timestamp()
+    fired = loop.advance_to(T0 + 61 * DAY)
+    kinds = [k for k, _ in acted(fired)]
+    assert "coordinator-task" not in kinds and "outreach" not in kinds
+    assert "attempt-close" not in kinds
+    assert loop.status(rid)[0] != "closed"
+
+
+def test_task_payload_carries_reason_and_attempts(db: Database) -> None:
+    """The 14-day task says why (every open concern) and what the machine already tried:
+    the SMS on day 1 and the portal nudge on day 7 (docs/escalation.md, Tasks)."""
+    loop = Loop(db)
+    rid = loop.create()
+    loop.advance_to(T0 + 14 * DAY + 1)
+    (row,) = [o for o in rstore.outbox_for(db.conn, rid) if o.template == "coordinator-followup"]
+    payload = json.loads(row.payload)
+    assert payload["kind"] == "coordinator-task" and payload["task"] == "coordinator-followup"
+    assert isinstance(payload["priority_score"], int)
+    assert payload["reason"].startswith("not booked 14 days after the referral")
+    assert "the specialist office has not confirmed" in payload["reason"]
+    assert payload["attempts"] == [
+        {"at": isoformat(T0 + DAY), "what": "patient nudge by sms (pending)"},
+        {"at": isoformat(T0 + 7 * DAY), "what": "patient nudge by portal (pending)"},
+    ]
+    # the call-office task due at the same moment became part of this one
+    assert [o.template for o in rstore.outbox_for(db.conn, rid) if o.channel == "task"] == [
+        "no-way-to-reach-specialist",
+        "coordinator-followup",
+    ]
 
 
 def test_specialist_confirmation_makes_the_follow_up_moot(db: Database) -> None:
