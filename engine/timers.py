@@ -272,9 +272,9 @@ class TimerService:
                 return self._reminder(conn, row, referral, state, now)
             if kind == "report-request":
                 return self._report_request(conn, row, referral, now)
-            return "acted", self._task(
-                conn, row, referral, "call-for-report", now, reason=_REASONS["report-task"]
-            )
+            asked = referral_store.count_outbox(conn, referral.id, f"{referral.id}:report-request:")
+            why = _REASONS["report-task" if asked else "report-no-route"]
+            return "acted", self._task(conn, row, referral, "call-for-report", now, reason=why)
         # 14, 30 and 60 days of the not-booked branch (from the opening or the no-show):
         # a booked patient has a next step in the future, so nothing here is due
         if patient_booked:
@@ -347,10 +347,12 @@ class TimerService:
         packet's channel (Direct, else a fax cover sheet); after the second request the
         human task follows, each ``report_repeat`` later. No way to send it: the task."""
         route = specialists.packet_route(conn, referral.details)
+        repeat = self._cadence(referral).offsets["report-repeat"]
         if route.channel == "task":
-            return "acted", self._task(
-                conn, row, referral, "call-for-report", now, reason=_REASONS["report-no-route"]
-            )
+            # nothing to send: the human task still waits as long as the two requests
+            # would have (no task for a step whose time has not come)
+            self._next(conn, row, "report-task", 1, now + repeat * (3 - row.attempt))
+            return "acted", "request:none"
         body = (
             f"Please send the consult note for referral {referral.placer_number}. "
             f"This is automated request {row.attempt} of 2."
@@ -367,7 +369,6 @@ class TimerService:
             conn, referral.id, route.channel, REPORT_REQUEST_TEMPLATE, _dumps(payload),
             f"{referral.id}:report-request:{row.attempt}", now, now=now,
         )  # fmt: skip
-        repeat = self._cadence(referral).offsets["report-repeat"]
         nxt = ("report-request", 2) if row.attempt < 2 else ("report-task", 1)
         self._next(conn, row, nxt[0], nxt[1], now + repeat)
         return "acted", f"request:{route.channel}"
@@ -544,8 +545,8 @@ _REASONS: Final = {
     "specialist": "the specialist office has not confirmed the referral (not confirmed "
     "7 days after the packet was sent again)",
     "report-task": "no consult note after the visit and two automated report requests",
-    "report-no-route": "no consult note after the visit, and no Direct address or fax "
-    "number to request it automatically",
+    "report-no-route": "no consult note after the visit (waited as long as two automated "
+    "requests would have), and no Direct address or fax number to request it",
 }
 
 
