@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from engine import states
 from engine.cli_tracker import register
 from engine.clock import VirtualClock
+from engine.escalation import Policy
 from engine.model import EVENT_TYPES, Event, Identifiers, PatientContact, Provider
 from engine.store import audit as audit_store
 from engine.store import referrals as store
@@ -974,6 +975,34 @@ def test_metrics(db: Database) -> None:
     assert value("refloop_referrals", {"status": "patient-booked"}) == 1
     assert value("refloop_referrals", {"status": "closed"}) == 0
     assert value("refloop_parked_messages") == 1
+
+
+@pytest.mark.parametrize(("notify", "result"), [("", "timeline"), ("ehr-inbox", "sent")])
+def test_referrer_notice_is_a_notification_not_a_task(
+    db: Database, notify: str, result: str
+) -> None:
+    """docs/escalation.md "Notices to the referring provider": on the ``notify`` channel
+    when one is configured, else recorded only (the close event's effects); never a task,
+    counted by refloop_referrer_notices_total{result}."""
+    registry = CollectorRegistry()
+    tracker = Tracker(
+        db, VirtualClock(T0), policy=Policy(notify=notify), metrics=TrackerMetrics(registry)
+    )
+    with db.transaction() as conn:
+        tracker.apply(NW(0, 1), conn)
+    closed = tracker.close(1, "other", actor="operator:alice")
+    rows = [(o.channel, o.template) for o in store.outbox_for(db.conn, 1)]
+    assert ("task", "referrer-closed") not in rows
+    if notify:
+        assert closed.effects[-1] == "notify-referrer-closed"
+        assert (notify, "referrer-closed") in rows
+        (row,) = [o for o in store.outbox_for(db.conn, 1) if o.channel == notify]
+        assert json.loads(row.payload)["kind"] == "notification"
+    else:
+        assert closed.effects[-1] == "notify-referrer-closed:timeline"
+        assert not [r for r in rows if r[1] == "referrer-closed"]
+    value = registry.get_sample_value("refloop_referrer_notices_total", {"result": result})
+    assert value == 1
 
 
 def test_window_is_configurable(db: Database) -> None:
