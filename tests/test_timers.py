@@ -24,6 +24,7 @@ from engine.config import loads
 from engine.escalation import DAY, Policy, compile_policy
 from engine.model import (
     AppointmentBooked,
+    AppointmentRescheduled,
     Identifiers,
     PatientContact,
     ReferralCancelled,
@@ -265,6 +266,43 @@ def test_booked_patient_gets_no_task_and_the_report_request_follows_the_date(
     assert "coordinator-task" not in kinds and "outreach" not in kinds
     assert "attempt-close" not in kinds
     assert loop.status(rid)[0] != "closed"
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("UTC")).timestamp()
+
+
+def test_reschedule_moves_the_booked_branch_and_the_reminder_waits_for_the_window(
+    db: Database,
+) -> None:
+    """With ``appointment_reminder`` on: booked for 2026-03-20 12:00 UTC, then moved to
+    2026-03-27 12:00 UTC (SIU S13). The old date's timers go; the reminder is due the day
+    before, 2026-03-26 12:00 UTC = 08:00 in New York (daylight time), before the 09:00
+    window, so it goes at 13:00 UTC; the report request is due 2026-03-30 12:00 UTC."""
+    loop = Loop(db, Policy(appointment_reminder=True))
+    rid = loop.create()
+    ids = Identifiers(sending_facility="CLINIC", placer_number="R1")
+    loop.apply(
+        AppointmentBooked(
+            ids=ids, occurred_at=T0 + 3600, appointment_id="A1", start="2026-03-20T12:00:00Z"
+        )
+    )
+    loop.apply(
+        AppointmentRescheduled(
+            ids=ids, occurred_at=T0 + 7200, appointment_id="A1", start="2026-03-27T12:00:00Z"
+        )
+    )
+    due = {t.kind: t.due for t in rstore.timers_for(db.conn, rid)}
+    assert due["appointment-reminder"] == utc("2026-03-26T12:00:00")
+    assert due["report-request"] == utc("2026-03-30T12:00:00")
+    fired = loop.advance_to(utc("2026-03-26T14:00:00"))
+    reminders = [f for f in fired if f.kind == "appointment-reminder"]
+    assert [(f.result, f.at) for f in reminders] == [
+        ("deferred", utc("2026-03-26T12:00:00")),
+        ("acted", utc("2026-03-26T13:00:00")),
+    ]
+    sms = [(o.channel, o.template) for o in rstore.outbox_for(db.conn, rid) if o.channel == "sms"]
+    assert sms == [("sms", "appointment_reminder")]  # no nudge: booked before the first
 
 
 def test_task_payload_carries_reason_and_attempts(db: Database) -> None:
