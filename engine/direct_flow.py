@@ -149,8 +149,8 @@ def fallback(conn: Conn, packet: outbox.Item, reason: str, now: float, *, actor:
     number, else a coordinator task. Nothing when the specialist branch already moved
     past ``delivered`` or the referral is closed. Returns what was done
     (``fax``, ``task``, ``moot``, ``already``)."""
-    if packet.referral_id is None:
-        return "moot"
+    if packet.referral_id is None or packet.template != PACKET_TEMPLATE:
+        return "moot"  # only the packet falls back (not a report request or a notice)
     rid = packet.referral_id
     referral = referral_store.get_referral(conn, rid)
     if referral is None:
@@ -404,6 +404,9 @@ class DirectFlow:
             return "mdn:other"
         if not self._status(conn, item, mdn.disposition, now):
             return f"mdn:{mdn.disposition}:stale"
+        if item.template != PACKET_TEMPLATE:
+            # a report request or a notice by Direct: its MDN is not news about the packet
+            return f"mdn:{mdn.disposition}:not-packet"
         if mdn.disposition == "processed":
             self._apply(conn, rid, "packet-delivered", now)
             return "mdn:processed"

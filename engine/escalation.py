@@ -3,23 +3,28 @@
 Pure: no I/O, no clock reads. Times are epoch seconds (UTC); the patient's local time
 comes from their IANA time zone (``zoneinfo``), so quiet hours follow DST changes.
 
-Default cadence (the recipe; overridable per specialty category and per priority in
-``routes.yaml`` ``escalation:``):
+Escalation follows progress (DESIGN.md): each step's clock starts when the referral's
+state makes it necessary, and its condition is checked against the state when it fires.
+Default cadence (overridable per specialty category and per priority in ``routes.yaml``
+``escalation:``; docs/escalation.md has the state-by-state table):
 
-| kind                | after | if still                 | action                           |
-|---------------------|-------|--------------------------|----------------------------------|
-| first-nudge         | 1 d   | patient not booked       | first patient nudge (within 24 h)|
-| second-nudge        | 7 d   | patient not booked       | next channel: SMS, portal, voice |
-| specialist-followup | 7 d   | specialist not confirmed | specialist-office follow-up task |
-| coordinator-task    | 14 d  | either branch open       | coordinator task with a priority |
-| outreach            | 30 d  | either branch open       | voice call + letter task         |
-| attempt-close       | 60 d  | either branch open       | close no-response or ask a human |
+| group       | kind                 | after                        | if still                 |
+|-------------|----------------------|------------------------------|--------------------------|
+| patient     | first-nudge          | 1 d from open / no-show      | patient not booked       |
+| patient     | second-nudge         | 7 d                          | patient not booked       |
+| patient     | coordinator-task     | 14 d                         | patient not booked       |
+| patient     | outreach             | 30 d                         | patient not booked       |
+| patient     | attempt-close        | 60 d                         | patient not booked       |
+| referral    | specialist-followup  | 7 d (resend), +7 d (task)    | specialist not confirmed |
+| appointment | appointment-reminder | 1 d before the visit (opt-in)| still booked             |
+| appointment | report-request       | visit + 3 d, then +7 d       | no report                |
+| appointment | report-task          | +7 d after the 2nd request   | no report                |
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, time, timedelta
 from typing import Any, Final, Literal
@@ -44,7 +49,15 @@ TIMER_KINDS: Final[tuple[TimerKind, ...]] = (
     "outreach",
     "attempt-close",
 )
-PATIENT_KINDS: Final = frozenset({"first-nudge", "second-nudge"})
+NUDGE_KINDS: Final = frozenset({"first-nudge", "second-nudge"})
+# The not-booked branch: a booking cancels all of these, a no-show or a cancelled
+# appointment schedules them again from that moment (its own clock).
+PATIENT_KINDS: Final = frozenset(
+    {"first-nudge", "second-nudge", "coordinator-task", "outreach", "attempt-close"}
+)
+# The booked branch: a new appointment date reschedules these, losing the booking
+# cancels them.
+APPOINTMENT_KINDS: Final = frozenset({"appointment-reminder", "report-request", "report-task"})
 SPECIALIST_KINDS: Final = frozenset({"specialist-followup"})
 CHANNELS: Final = ("sms", "portal", "voice")
 
@@ -81,13 +94,17 @@ DEFAULT_OFFSETS: Final[dict[str, float]] = {
     "coordinator-task": 14 * DAY,
     "outreach": 30 * DAY,
     "attempt-close": 60 * DAY,
+    # the steps that follow progress rather than the opening day
+    "specialist-task": 7 * DAY,  # after the packet was resent: "call the office" task
+    "appointment-reminder": 1 * DAY,  # before the visit (only with appointment_reminder)
+    "report-request": 3 * DAY,  # after the visit: first automated report request
+    "report-repeat": 7 * DAY,  # between the requests, and before the human task
 }
+# A booking that names no appointment date: the visit is assumed this long after it.
+UNDATED_VISIT: Final = 30 * DAY
 
 
 TimerGroup = Literal["referral", "patient", "report"]
-# After the visit, chase the specialist's report (not in the recipe's table, but the loop
-# is only closed when the report is in the chart).
-REPORT_CHASE: Final = ((7 * DAY, 1), (14 * DAY, 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +136,9 @@ class Policy:
     by_priority: Mapping[str, float] = field(default_factory=dict)  # scale factor, e.g. 0.5
     rotation: tuple[str, ...] = CHANNELS
     contact: ContactRules = field(default_factory=ContactRules)
+    appointment_reminder: bool = False  # an SMS the day before the visit (opt-in)
+    notify: str = ""  # the channel for notices to the referring provider ("" = timeline)
+    packet_task: bool = True  # a task when the packet cannot be sent at all
 
     def cadence(self, specialty_category: str = "", priority: str = "") -> Cadence:
         """The cadence for a referral: the specialty's override (or the default), with
@@ -143,25 +163,46 @@ class Policy:
         self, group: TimerGroup, specialty_category: str = "", priority: str = ""
     ) -> tuple[TimerSpec, ...]:
         """The timers the tracker schedules when a referral opens (``referral``: the
-        specialist follow-up, coordinator task, outreach and attempt-close), when the
-        patient branch (re)starts (``patient``: first and second nudge) and after the visit
-        (``report``: report chase)."""
+        specialist follow-up), when the patient branch (re)starts at the opening or after a
+        no-show or a cancelled appointment (``patient``: nudges, coordinator task,
+        outreach, attempt-close, each from that moment) and after a visit reported as seen
+        (``report``: the first automated report request)."""
         cadence = self.cadence(specialty_category, priority)
         if group == "patient":
             return (
                 TimerSpec("first-nudge", cadence.offsets["first-nudge"], 1),
                 TimerSpec("second-nudge", cadence.offsets["second-nudge"], 2),
+                *(
+                    TimerSpec(kind, cadence.offsets[kind])
+                    for kind in ("coordinator-task", "outreach", "attempt-close")
+                ),
             )
         if group == "report":
-            return tuple(TimerSpec("report-chase", delay, n) for delay, n in REPORT_CHASE)
-        return tuple(
-            TimerSpec(kind, cadence.offsets[kind])
-            for kind in ("specialist-followup", "coordinator-task", "outreach", "attempt-close")
-        )
+            return (TimerSpec("report-request", cadence.offsets["report-request"], 1),)
+        return (TimerSpec("specialist-followup", cadence.offsets["specialist-followup"], 1),)
+
+    def appointment_timers(
+        self, visit: float, now: float, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
+        """The booked branch for a visit at ``visit`` (epoch seconds): the optional
+        reminder the day before (only while still ahead) and the first report request
+        ``report-request`` after the visit. Delays are from ``now``."""
+        cadence = self.cadence(specialty_category, priority)
+        out: list[TimerSpec] = []
+        remind = visit - cadence.offsets["appointment-reminder"]
+        if self.appointment_reminder and remind > now:
+            out.append(TimerSpec("appointment-reminder", remind - now, 1))
+        request = visit + cadence.offsets["report-request"]
+        out.append(TimerSpec("report-request", max(0.0, request - now), 1))
+        return tuple(out)
 
     def patient_kinds(self) -> frozenset[str]:
         """What a booking cancels."""
         return PATIENT_KINDS
+
+    def appointment_kinds(self) -> frozenset[str]:
+        """What a new appointment date replaces and a no-show or cancel deletes."""
+        return APPOINTMENT_KINDS
 
     def channel_for(self, attempt: int, *, sms_allowed: bool, portal: bool = True) -> str:
         """The channel for the ``attempt``-th patient nudge (0-based) in the rotation,
@@ -249,28 +290,38 @@ def coordinator_priority(
 # Reading the ``escalation:`` section
 
 
-_CADENCE_KEYS: Final = {k.replace("-", "_"): k for k in TIMER_KINDS}
+_CADENCE_KEYS: Final = {k.replace("-", "_"): k for k in DEFAULT_OFFSETS}
 
 
 def compile_policy(config: Config) -> Policy:
     """The policy from routes.yaml's ``escalation:`` (defaults when absent); raises
     ConfigError listing every problem."""
     problems: list[str] = []
-    policy = policy_from_section(config.sections.get("escalation"), problems, config.env)
+    channels = config.sections.get("channels")
+    names = [str(k) for k in channels.data] if channels is not None and channels.data else []
+    policy = policy_from_section(config.sections.get("escalation"), problems, config.env, names)
     if problems:
         raise ConfigError(problems)
     return policy
 
 
 def policy_from_section(
-    section: Section | None, problems: list[str], env: Mapping[str, str] | None = None
+    section: Section | None,
+    problems: list[str],
+    env: Mapping[str, str] | None = None,
+    channels: Collection[str] | None = None,
 ) -> Policy:
     """Read an ``escalation:`` section, appending problems (``file:line key.path: …``).
 
     ```yaml
     escalation:
       cadence: {first_nudge: 1d, second_nudge: 7d, specialist_followup: 7d,
-                coordinator_task: 14d, outreach: 30d, attempt_close: 60d}
+                coordinator_task: 14d, outreach: 30d, attempt_close: 60d,
+                specialist_task: 7d, appointment_reminder: 1d, report_request: 3d,
+                report_repeat: 7d}
+      appointment_reminder: false  # an SMS the day before the visit
+      notify: ""                   # channel for notices to the referring provider
+      packet_task: true            # a task when the packet cannot be sent at all
       on_close: close            # or: human
       rotation: [sms, portal, voice]
       specialties: {cardiology: {second_nudge: 5d}}
@@ -304,6 +355,11 @@ def policy_from_section(
         if ch not in CHANNELS:
             r.fail(("rotation", i), f"unknown channel {ch!r}; use {', '.join(CHANNELS)}")
     contact = _contact(r.child("contact")) if r.has("contact") else ContactRules()
+    reminder = r.flag("appointment_reminder", False)
+    notify = r.text("notify", "")
+    if notify and channels is not None and notify not in channels:
+        r.fail("notify", f"no channel named {notify!r} in channels:")
+    packet_task = r.flag("packet_task", True)
     r.done()
     return Policy(
         default=default,
@@ -311,6 +367,9 @@ def policy_from_section(
         by_priority=priorities,
         rotation=tuple(rotation),
         contact=contact,
+        appointment_reminder=reminder,
+        notify=notify,
+        packet_task=packet_task,
     )
 
 

@@ -497,7 +497,7 @@ def compile_config(config: Config) -> RouteTable:
     tables = _tables(sections.get("tables"), problems, env)
     practice = _practice(sections.get("practice"), problems, env)
     channels = _channels(sections.get("channels"), problems, env, practice)
-    escalation = policy_from_section(sections.get("escalation"), problems, env)
+    escalation = policy_from_section(sections.get("escalation"), problems, env, channels)
     _unserved_rotation(sections.get("escalation"), channels, problems)
     source_names = _source_names(doc)
     compiler = Compiler(PATH_FUNCTIONS, TersePath.parse, tables, make_environment())

@@ -68,6 +68,8 @@ Effect = Literal[
     "schedule-patient-timers",
     "cancel-patient-timers",
     "schedule-report-timers",
+    "schedule-appointment-timers",
+    "cancel-appointment-timers",
     "cancel-all-timers",
     "stop-outbound",
     "notify-referrer-closed",
@@ -322,6 +324,7 @@ def _effects(old: ReferralState, new: ReferralState) -> tuple[Effect, ...]:
             out += _NOTIFY.get(new.close_reason, ("notify-referrer-closed",))
         return tuple(out)
     booked = _booked(new)
+    was_booked = old.created and _booked(old)
     if not old.created:
         if new.specialist == "not-sent":
             out.append("send-packet")
@@ -330,9 +333,22 @@ def _effects(old: ReferralState, new: ReferralState) -> tuple[Effect, ...]:
             out.append("schedule-patient-timers")
     elif booked != _booked(old):
         out.append("cancel-patient-timers" if booked else "schedule-patient-timers")
+    # The booked branch follows the appointment date: a new date (or the first booking)
+    # restarts it, a no-show or cancelled appointment ends it (docs/escalation.md).
+    if booked and not new.seen and (not was_booked or visit_start(new) != visit_start(old)):
+        out.append("schedule-appointment-timers")
+    elif was_booked and not booked:
+        out.append("cancel-appointment-timers")
     if new.seen and not (old.seen and old.created):
         out.append("schedule-report-timers")
     return tuple(out)
+
+
+def visit_start(state: ReferralState) -> str:
+    """The ISO start of the appointment in force ("" when none is booked or it has no
+    date): the latest booked or rescheduled appointment by event time."""
+    live = [a for a in state.appointments if a.event in ("booked", "rescheduled")]
+    return max(live, key=Appointment.key).start if live else ""
 
 
 def to_dict(state: ReferralState) -> dict[str, Any]:

@@ -87,6 +87,12 @@ _TEMPLATES: Final[dict[str, tuple[str, str]]] = {
     "notify-referrer-declined": ("referring", "referrer-declined"),
     "notify-referrer-auth-denied": ("referring", "referrer-auth-denied"),
 }
+# The coordinator's words for packet_route's codes (specialists.PacketRoute.why).
+_NO_WAY_REASONS: Final = {
+    "no-address": "the specialist office has no Direct address or fax number on file",
+    "no-certificate": "no Direct certificate and no fax number for the specialist office",
+    "direct-failed-no-fax": "the Direct packet failed and the office has no fax number",
+}
 # Event fields shown in the timeline (codes and ids; no free text).
 _TIMELINE_FIELDS: Final = (
     "appointment_id",
@@ -114,6 +120,26 @@ class EscalationPolicy(Protocol):
 
     def patient_kinds(self) -> frozenset[str]:
         """The timer kinds ``cancel-patient-timers`` deletes."""
+        ...
+
+    def appointment_timers(
+        self, visit: float, now: float, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
+        """The timers ``schedule-appointment-timers`` starts for a visit at ``visit``."""
+        ...
+
+    def appointment_kinds(self) -> frozenset[str]:
+        """The timer kinds a new appointment date replaces and losing the booking deletes."""
+        ...
+
+    @property
+    def notify(self) -> str:
+        """The channel for notices to the referring provider ("" = the timeline only)."""
+        ...
+
+    @property
+    def packet_task(self) -> bool:
+        """A coordinator task when the packet cannot be sent at all (else a timeline note)."""
         ...
 
 
@@ -237,6 +263,13 @@ class TrackerMetrics:
             "refloop_referral_transitions_total",
             "Events that changed a referral, by event kind.",
             ["kind"],
+            registry=registry,
+        )
+        self.notices = Counter(
+            "refloop_referrer_notices_total",
+            "Notices to the referring provider, by how they went: sent (on the notify "
+            "channel) or timeline (recorded only: no notify channel configured).",
+            ["result"],
             registry=registry,
         )
         if db is not None:
@@ -584,7 +617,12 @@ class Tracker:
             elif effect == "schedule-patient-timers":
                 self._schedule(conn, rid, "patient", now)
             elif effect == "schedule-report-timers":
-                self._schedule(conn, rid, "report", now)
+                if not self._report_requested(conn, rid):
+                    self._schedule(conn, rid, "report", now)
+            elif effect == "schedule-appointment-timers":
+                self._schedule_visit(conn, rid, details, state, now)
+            elif effect == "cancel-appointment-timers":
+                store.cancel_timers(conn, rid, self.policy.appointment_kinds())
             elif effect == "cancel-patient-timers":
                 store.cancel_timers(conn, rid, self.policy.patient_kinds())
             elif effect == "cancel-all-timers":
@@ -602,11 +640,49 @@ class Tracker:
                     continue
                 self._enqueue(conn, rid, effect, details, state, now)
             elif effect in _TEMPLATES:
-                self._enqueue(conn, rid, effect, details, state, now)
+                if self._enqueue(conn, rid, effect, details, state, now) == "note":
+                    done.append(f"{effect}:timeline")
+                    continue
             else:
                 raise ValueError(f"unknown effect {effect!r}")
             done.append(effect)
         return done
+
+    def _report_requested(self, conn: Conn, rid: int) -> bool:
+        """A report request already went out or its chase is further along: a visit
+        reported as seen does not restart it."""
+        if store.count_outbox(conn, rid, f"{rid}:report-request:"):
+            return True
+        return any(
+            t.kind == "report-task" or (t.kind == "report-request" and t.attempt > 1)
+            for t in store.timers_for(conn, rid)
+        )
+
+    def _schedule_visit(
+        self,
+        conn: Conn,
+        rid: int,
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> None:
+        """The booked branch for the appointment in force: the old date's timers go, the
+        new date's come (a booking without a date assumes ``UNDATED_VISIT``)."""
+        from engine.clock import parse_iso
+        from engine.escalation import UNDATED_VISIT
+
+        store.cancel_timers(conn, rid, self.policy.appointment_kinds())
+        try:
+            visit = parse_iso(states.visit_start(state))
+        except ValueError:
+            visit = now + UNDATED_VISIT
+        specs = self.policy.appointment_timers(
+            visit,
+            now,
+            str(details.get("specialty_category") or ""),
+            str(details.get("priority") or ""),
+        )
+        self._schedule_specs(conn, rid, specs, now)
 
     def _schedule(self, conn: Conn, rid: int, group: TimerGroup, now: float) -> None:
         row = store.get_referral(conn, rid)
@@ -614,6 +690,9 @@ class Tracker:
         specs = self.policy.timers(
             group, str(details.get("specialty_category") or ""), str(details.get("priority") or "")
         )
+        self._schedule_specs(conn, rid, specs, now)
+
+    def _schedule_specs(self, conn: Conn, rid: int, specs: Iterable[TimerSpec], now: float) -> None:
         for spec in specs:
             store.schedule_timer(
                 conn,
@@ -633,8 +712,11 @@ class Tracker:
         details: Mapping[str, Any],
         state: states.ReferralState,
         now: float,
-    ) -> None:
-        party, template = _TEMPLATES[effect]
+    ) -> str:
+        """Queue the effect's outbox row; returns its channel, or ``note`` when it was
+        only written on the timeline (a notice with no notification channel, a packet
+        with no way to send it when the practice asked for no task)."""
+        template = _TEMPLATES[effect][1]
         payload: dict[str, Any] = {
             "referral_id": rid,
             "effect": effect,
@@ -645,18 +727,33 @@ class Tracker:
             # task (engine.specialists.packet_route); the referral teaches the directory
             specialists.learn_from_referral(conn, details, now)
             route = specialists.packet_route(conn, details)
-            channel = route.channel
+            channel: str = route.channel
             if route.address:
                 payload["to"] = route.address
             if channel == "task":
+                if not self.policy.packet_task:
+                    self.note(conn, rid, "packet-not-sent", {"reason": route.why}, now)
+                    return "note"
                 template = specialists.NO_WAY_TEMPLATE
-                payload["reason"] = route.why
-        elif details.get(f"{party}_direct_address"):
-            channel = "direct"
-        elif details.get(f"{party}_fax"):
-            channel = "fax"
+                payload.update(
+                    kind=effect,
+                    task=template,
+                    why=route.why,
+                    reason=_NO_WAY_REASONS.get(route.why, route.why),
+                    priority_score=0,
+                    attempts=[],
+                )
         else:
-            channel = "task"  # a coordinator sends it by hand
+            # a notice to the referring provider is a notification, never a coordinator
+            # task: the ``escalation.notify`` channel, else a timeline entry and a metric
+            payload["kind"] = "notification"
+            channel = self.policy.notify
+            if not channel:  # the close event's effects name it (``...:timeline``)
+                if self.metrics is not None:
+                    self.metrics.notices.labels("timeline").inc()
+                return "note"
+            if self.metrics is not None:
+                self.metrics.notices.labels("sent").inc()
         n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
         self.enqueued += 1
         store.enqueue_outbox(
@@ -668,6 +765,30 @@ class Tracker:
             f"{rid}:{effect}:{n}",
             now,
             now=now,
+        )
+        return channel
+
+    def note(self, conn: Conn, rid: int, kind: str, detail: Mapping[str, Any], now: float) -> None:
+        """A recorded-only timeline entry (``changed`` false): something refloop decided
+        not to send, kept where the coordinator and the simulator see it."""
+        row = store.get_referral(conn, rid)
+        if row is None:
+            return
+        body = json.dumps({"kind": kind, **detail}, sort_keys=True, separators=(",", ":"))
+        store.insert_event(
+            conn,
+            referral_id=rid,
+            kind=kind,
+            message_id=None,
+            fingerprint=hashlib.sha256(f"{body}{now}".encode()).hexdigest()[:32],
+            source="internal",
+            actor="system",
+            occurred_at=now,
+            recorded_at=now,
+            changed=False,
+            statuses=(row.status, row.patient_status, row.specialist_status),
+            effects=(),
+            detail=dict(detail),
         )
 
     def _write_back(self, conn: Conn, row: store.ReferralRow, report: str, now: float) -> None:

@@ -20,13 +20,14 @@ from direct_pki import SPECIALIST, Pki, make_direct_pki
 
 from channels.fax import SIGNATURE_HEADER, phaxio_signature
 from engine.app import Engine
-from engine.clock import VirtualClock
+from engine.clock import VirtualClock, isoformat
 from engine.config import loads
 from engine.direct_flow import MDN_TIMEOUT_KIND, DirectFlow, PacketEvents
 from engine.dispatch import Dispatcher, Renderer, RetryPolicy
 from engine.errors import ChannelError
 from engine.escalation import DAY, Policy
 from engine.model import (
+    AppointmentBooked,
     Attachment,
     DsnRecipient,
     DsnResult,
@@ -425,3 +426,55 @@ def test_fax_webhook_signature_and_out_of_order_statuses(tmp_path: Path) -> None
             await engine.stop()
 
     asyncio.run(main())
+
+
+def test_mdn_for_a_report_request_is_not_news_about_the_packet(
+    db: Database, tmp_path: Path, pki: Pki
+) -> None:
+    """After the visit the report request goes by Direct (docs/escalation.md); the
+    specialist HISP's MDNs for it say nothing about the packet: a dispatched one does not
+    confirm the referral, a failed one does not send the packet by fax."""
+    loop = Loop(db, tmp_path, pki)
+    loop.dispatch("direct")
+    assert loop.mdn("processed") == "mdn:processed"
+    visit = T0 + 2 * DAY
+    with db.transaction() as conn:
+        loop.tracker.apply(
+            AppointmentBooked(
+                ids=Identifiers(sending_facility="EPIC", placer_number="R1"),
+                occurred_at=T0 + HOUR,
+                message_id=0,
+                appointment_id="A1",
+                start=isoformat(visit),
+            ),
+            conn,
+        )
+    loop.advance(DAY)  # no dispatched MDN for the packet: it went by fax already
+    assert loop.rows()[-1] == ("fax", "specialist-packet", "pending")
+    loop.advance(visit + 3 * DAY - loop.clock.now())  # visit + 3 d: the first request
+    assert loop.rows()[-1] == ("direct", "specialist-report-request", "pending")
+    assert loop.dispatch("direct") == 1
+    request = loop.channels["direct"].sent[-1]
+    assert request.recipient == SPECIALIST
+    assert "Please send the consult note for referral R1" in request.body
+    rows = loop.rows()
+    assert loop.mdn("failed", f"<m{request.outbox_id}@direct.clinic.test>") == (
+        "mdn:failed:not-packet"
+    )
+    assert loop.rows() == rows  # no fax of the packet, no task
+
+
+def test_dispatched_mdn_for_a_notice_does_not_confirm(
+    db: Database, tmp_path: Path, pki: Pki
+) -> None:
+    """An MDN for a Direct row that is not the packet leaves the specialist branch alone."""
+    loop = Loop(db, tmp_path, pki)
+    loop.dispatch("direct")
+    assert loop.mdn("processed") == "mdn:processed"
+    with db.transaction() as conn:
+        rstore.enqueue_outbox(conn, loop.rid, "direct", "specialist-report-request", "{}",
+                              "notice:1", loop.clock.now(), now=loop.clock.now())  # fmt: skip
+    assert loop.dispatch("direct") == 1
+    other = loop.channels["direct"].sent[-1].outbox_id
+    assert loop.mdn("dispatched", f"<m{other}@direct.clinic.test>") == "mdn:dispatched:not-packet"
+    assert loop.referral().specialist_status == "delivered"

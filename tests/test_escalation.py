@@ -68,6 +68,29 @@ escalation:
 """
 
 
+def test_progress_defaults_and_overrides() -> None:
+    """The new steps' defaults (docs/escalation.md) and their keys in routes.yaml."""
+    default = Policy().cadence().offsets
+    assert default["report-request"] == 3 * DAY
+    assert default["report-repeat"] == 7 * DAY
+    assert default["specialist-task"] == 7 * DAY
+    assert Policy().appointment_reminder is False and Policy().notify == ""
+    text = (
+        "version: 1\nchannels: {ehr: {type: webhook, url: 'http://x'}}\n"
+        "escalation:\n  cadence: {report_request: 2d, report_repeat: 5d}\n"
+        "  appointment_reminder: true\n  notify: ehr\n  packet_task: false\n"
+    )
+    policy = compile_policy(loads(text))
+    assert policy.cadence().offsets["report-request"] == 2 * DAY
+    assert (policy.appointment_reminder, policy.notify, policy.packet_task) == (True, "ehr", False)
+    # the booked branch for a visit 10 days ahead: reminder 1 day before, request 2 d after
+    specs = policy.appointment_timers(OPENED + 10 * DAY, OPENED)
+    assert [(s.kind, s.delay) for s in specs] == [
+        ("appointment-reminder", 9 * DAY),
+        ("report-request", 12 * DAY),
+    ]
+
+
 def test_overrides_per_specialty_and_priority() -> None:
     policy = compile_policy(loads(CONFIG))
     assert policy.cadence().offsets["first-nudge"] == 12 * 3600
@@ -105,8 +128,32 @@ def test_overrides_per_specialty_and_priority() -> None:
         ("escalation: {priorities: {urgent: 0}}", "escalation.priorities.urgent: must be a factor"),
         ("escalation: {on_close: maybe}", "escalation.on_close: must be one of close, human"),
         ("escalation: {bogus: 1}", "escalation.bogus: unknown key"),
+        (
+            "channels: {ehr: {type: webhook, url: 'http://x'}}\nescalation:\n  notify: inbox",
+            "routes.yaml:4 escalation.notify: no channel named 'inbox' in channels:",
+        ),
+        (
+            "escalation: {cadence: {report_request: later}}",
+            "routes.yaml:2 escalation.cadence.report_request: not a duration",
+        ),
+        (
+            "escalation: {appointment_reminder: perhaps}",
+            "routes.yaml:2 escalation.appointment_reminder:",
+        ),
     ],
-    ids=["duration", "timer", "channel", "window", "zone", "factor", "on_close", "unknown"],
+    ids=[
+        "duration",
+        "timer",
+        "channel",
+        "window",
+        "zone",
+        "factor",
+        "on_close",
+        "unknown",
+        "notify",
+        "report-request",
+        "reminder",
+    ],
 )
 def test_bad_escalation_config_names_line_and_path(yaml_text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -19,11 +19,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine.clock import VirtualClock
+from engine.clock import VirtualClock, isoformat
 from engine.config import loads
 from engine.escalation import DAY, Policy, compile_policy
 from engine.model import (
     AppointmentBooked,
+    AppointmentRescheduled,
     Identifiers,
     PatientContact,
     ReferralCancelled,
@@ -147,7 +148,8 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                # no address for the office: nothing to resend, the task comes 7 days on
+                ("specialist-followup", "resend:none"),
             ],
         ),
         (
@@ -155,8 +157,11 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                # due with the coordinator task: one task per referral, whose reason
+                # names both concerns
+                ("specialist-followup", "merged:call-specialist-office"),
             ],
         ),
         (
@@ -164,8 +169,9 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                ("specialist-followup", "merged:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
             ],
         ),
@@ -174,8 +180,9 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
             [
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
-                ("specialist-followup", "task:call-specialist-office"),
+                ("specialist-followup", "resend:none"),
                 ("coordinator-task", "task:coordinator-followup"),
+                ("specialist-followup", "merged:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
                 ("attempt-close", "close:no-response"),
             ],
@@ -232,6 +239,93 @@ def test_booking_cancels_patient_nudges_in_the_same_transaction(db: Database) ->
     assert "second-nudge" not in kinds and "first-nudge" not in kinds
     fired = loop.advance_to(T0 + 8 * DAY)
     assert [k for k, _ in acted(fired)] == ["specialist-followup"]
+
+
+def test_booked_patient_gets_no_task_and_the_report_request_follows_the_date(
+    db: Database,
+) -> None:
+    """Booked on day 2 for 2026-03-20 10:00 UTC: nothing of the not-booked branch fires
+    (no 14-day task, no outreach, no close), and the report request is due 3 days after
+    the visit date, moved when the appointment moves."""
+    loop = Loop(db)
+    rid = loop.create()
+    loop.advance_to(T0 + 2 * DAY)
+    loop.apply(
+        AppointmentBooked(
+            ids=Identifiers(sending_facility="CLINIC", placer_number="R1"),
+            occurred_at=loop.clock.now(),
+            appointment_id="A1",
+            start="2026-03-20T10:00:00Z",
+        )
+    )
+    due = {t.kind: t.due for t in rstore.timers_for(db.conn, rid)}
+    assert set(due) == {"specialist-followup", "report-request"}
+    assert due["report-request"] == datetime(2026, 3, 23, 10, tzinfo=ZoneInfo("UTC")).timestamp()
+    fired = loop.advance_to(T0 + 61 * DAY)
+    kinds = [k for k, _ in acted(fired)]
+    assert "coordinator-task" not in kinds and "outreach" not in kinds
+    assert "attempt-close" not in kinds
+    assert loop.status(rid)[0] != "closed"
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("UTC")).timestamp()
+
+
+def test_reschedule_moves_the_booked_branch_and_the_reminder_waits_for_the_window(
+    db: Database,
+) -> None:
+    """With ``appointment_reminder`` on: booked for 2026-03-20 12:00 UTC, then moved to
+    2026-03-27 12:00 UTC (SIU S13). The old date's timers go; the reminder is due the day
+    before, 2026-03-26 12:00 UTC = 08:00 in New York (daylight time), before the 09:00
+    window, so it goes at 13:00 UTC; the report request is due 2026-03-30 12:00 UTC."""
+    loop = Loop(db, Policy(appointment_reminder=True))
+    rid = loop.create()
+    ids = Identifiers(sending_facility="CLINIC", placer_number="R1")
+    loop.apply(
+        AppointmentBooked(
+            ids=ids, occurred_at=T0 + 3600, appointment_id="A1", start="2026-03-20T12:00:00Z"
+        )
+    )
+    loop.apply(
+        AppointmentRescheduled(
+            ids=ids, occurred_at=T0 + 7200, appointment_id="A1", start="2026-03-27T12:00:00Z"
+        )
+    )
+    due = {t.kind: t.due for t in rstore.timers_for(db.conn, rid)}
+    assert due["appointment-reminder"] == utc("2026-03-26T12:00:00")
+    assert due["report-request"] == utc("2026-03-30T12:00:00")
+    fired = loop.advance_to(utc("2026-03-26T14:00:00"))
+    reminders = [f for f in fired if f.kind == "appointment-reminder"]
+    assert [(f.result, f.at) for f in reminders] == [
+        ("deferred", utc("2026-03-26T12:00:00")),
+        ("acted", utc("2026-03-26T13:00:00")),
+    ]
+    sms = [(o.channel, o.template) for o in rstore.outbox_for(db.conn, rid) if o.channel == "sms"]
+    assert sms == [("sms", "appointment_reminder")]  # no nudge: booked before the first
+
+
+def test_task_payload_carries_reason_and_attempts(db: Database) -> None:
+    """The 14-day task says why (every open concern) and what the machine already tried:
+    the SMS on day 1 and the portal nudge on day 7 (docs/escalation.md, Tasks)."""
+    loop = Loop(db)
+    rid = loop.create()
+    loop.advance_to(T0 + 14 * DAY + 1)
+    (row,) = [o for o in rstore.outbox_for(db.conn, rid) if o.template == "coordinator-followup"]
+    payload = json.loads(row.payload)
+    assert payload["kind"] == "coordinator-task" and payload["task"] == "coordinator-followup"
+    assert isinstance(payload["priority_score"], int)
+    assert payload["reason"].startswith("not booked 14 days after the referral")
+    assert "the specialist office has not confirmed" in payload["reason"]
+    assert payload["attempts"] == [
+        {"at": isoformat(T0 + DAY), "what": "patient nudge by sms (pending)"},
+        {"at": isoformat(T0 + 7 * DAY), "what": "patient nudge by portal (pending)"},
+    ]
+    # the call-office task due at the same moment became part of this one
+    assert [o.template for o in rstore.outbox_for(db.conn, rid) if o.channel == "task"] == [
+        "no-way-to-reach-specialist",
+        "coordinator-followup",
+    ]
 
 
 def test_specialist_confirmation_makes_the_follow_up_moot(db: Database) -> None:

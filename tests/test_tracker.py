@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from engine import states
 from engine.cli_tracker import register
 from engine.clock import VirtualClock
+from engine.escalation import Policy
 from engine.model import EVENT_TYPES, Event, Identifiers, PatientContact, Provider
 from engine.store import audit as audit_store
 from engine.store import referrals as store
@@ -123,10 +124,12 @@ class Scenario:
     referrals: int | None = None  # referral count, when it matters
 
 
-PATIENT_TIMERS = ("first-nudge", "second-nudge")
-REF_TIMERS = ("attempt-close", "coordinator-task", "outreach", "specialist-followup")
+# Escalation follows progress (docs/escalation.md): the not-booked branch is the patient's
+# (a booking cancels it), the booked branch waits for the visit to ask for the report.
+PATIENT_TIMERS = ("attempt-close", "coordinator-task", "first-nudge", "outreach", "second-nudge")
+REF_TIMERS = ("specialist-followup",)
 OPEN_TIMERS = tuple(sorted(REF_TIMERS + PATIENT_TIMERS))
-BOOKED_TIMERS = tuple(sorted(REF_TIMERS))
+BOOKED_TIMERS = tuple(sorted((*REF_TIMERS, "report-request")))
 
 SCENARIOS: tuple[Scenario, ...] = (
     # -- the happy path, one per EHR identifier style --------------------------------
@@ -158,10 +161,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 ),
                 # the dispatcher (a later issue) marks rows sent; here it is still queued,
                 # so the close cancels it
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
                 timers=(),
                 fillers=("F1",),
             )
@@ -401,10 +401,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "declined",
                 "specialist-declined",
                 timers=(),
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-declined", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -430,11 +427,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "report-received",
                 "report-received",
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-declined", "pending"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -528,10 +521,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "report-received",
                 "report-received",
-                outbox=(
-                    ("no-way-to-reach-specialist", "cancelled"),
-                    ("referrer-closed", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "cancelled"),),
             )
         },
     ),
@@ -714,10 +704,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "not-contacted",
                 "not-sent",
                 auth="denied",
-                outbox=(
-                    ("no-way-to-reach-specialist", "pending"),
-                    ("referrer-auth-denied", "pending"),
-                ),
+                outbox=(("no-way-to-reach-specialist", "pending"),),
             )
         },
     ),
@@ -956,7 +943,12 @@ def test_timers_and_outbox_keys(db: Database) -> None:
     assert json.loads(packet.payload) == {
         "close_reason": "",
         "effect": "send-packet",
-        "reason": "no-certificate",
+        "kind": "send-packet",
+        "task": "no-way-to-reach-specialist",
+        "why": "no-certificate",
+        "reason": "no Direct certificate and no fax number for the specialist office",
+        "priority_score": 0,
+        "attempts": [],
         "referral_id": 1,
     }
     # the write API is idempotent per key
@@ -983,6 +975,34 @@ def test_metrics(db: Database) -> None:
     assert value("refloop_referrals", {"status": "patient-booked"}) == 1
     assert value("refloop_referrals", {"status": "closed"}) == 0
     assert value("refloop_parked_messages") == 1
+
+
+@pytest.mark.parametrize(("notify", "result"), [("", "timeline"), ("ehr-inbox", "sent")])
+def test_referrer_notice_is_a_notification_not_a_task(
+    db: Database, notify: str, result: str
+) -> None:
+    """docs/escalation.md "Notices to the referring provider": on the ``notify`` channel
+    when one is configured, else recorded only (the close event's effects); never a task,
+    counted by refloop_referrer_notices_total{result}."""
+    registry = CollectorRegistry()
+    tracker = Tracker(
+        db, VirtualClock(T0), policy=Policy(notify=notify), metrics=TrackerMetrics(registry)
+    )
+    with db.transaction() as conn:
+        tracker.apply(NW(0, 1), conn)
+    closed = tracker.close(1, "other", actor="operator:alice")
+    rows = [(o.channel, o.template) for o in store.outbox_for(db.conn, 1)]
+    assert ("task", "referrer-closed") not in rows
+    if notify:
+        assert closed.effects[-1] == "notify-referrer-closed"
+        assert (notify, "referrer-closed") in rows
+        (row,) = [o for o in store.outbox_for(db.conn, 1) if o.channel == notify]
+        assert json.loads(row.payload)["kind"] == "notification"
+    else:
+        assert closed.effects[-1] == "notify-referrer-closed:timeline"
+        assert not [r for r in rows if r[1] == "referrer-closed"]
+    value = registry.get_sample_value("refloop_referrer_notices_total", {"result": result})
+    assert value == 1
 
 
 def test_window_is_configurable(db: Database) -> None:
