@@ -92,8 +92,19 @@ def test_escalation_reaches_the_coordinator_as_a_task_and_done_closes_it(
     # cadence puts the coordinator task at 14 days), and it fires them when it restarts.
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.log_tail()
+    # Everything already in the file moves back 15 days: the referral, its timers, the
+    # packet task queued at creation (else it looks like a task queued moments ago).
     with closing(sqlite3.connect(daemon.db)) as conn, conn:
         conn.execute("UPDATE timers SET due = due - ?", (15 * DAY,))
+        conn.execute("UPDATE referrals SET opened_at = opened_at - ?", (15 * DAY,))
+        conn.execute(
+            "UPDATE outbox SET due = due - ?1, created_at = created_at - ?1, "
+            "updated_at = updated_at - ?1, sent_at = sent_at - ?1",
+            (15 * DAY,),
+        )
+        conn.execute(
+            "UPDATE tasks SET created_at = created_at - ?1, due_at = due_at - ?1", (15 * DAY,)
+        )
     daemon.start()
     wait_rows(
         daemon.db,
@@ -106,6 +117,7 @@ def test_escalation_reaches_the_coordinator_as_a_task_and_done_closes_it(
     (task,) = [t for t in tasks_json(state) if t["referral_id"] == rid]
     assert task["status"] == "open"
     assert task["template"] == "coordinator-followup"
+    assert "not booked" in task["reason"]
     assert 0 <= task["priority"] <= 100
     older = [t for t in tasks_json(state, "--status", "all") if t["id"] != task["id"]]
     assert older and all(t["status"] == "superseded" for t in older)
