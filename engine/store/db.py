@@ -171,6 +171,14 @@ def _m_browse_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_status ON messages (status, id)")
 
 
+def _m_track_fix_referral_keys(db: sqlite_utils.Database) -> None:
+    # a placer number is unique only within its assigning authority (EI.2): two practices
+    # may both send order 10482 (docs/referral-states.md, "Keys"); and the FHIR requester
+    # of a referral, to address the write-back Communication (docs/fhir.md)
+    db.execute("ALTER TABLE referrals ADD COLUMN placer_authority TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE referrals ADD COLUMN referring_reference TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -182,6 +190,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_closure_report,
     _m_patient_phone,
     _m_browse_indexes,
+    _m_track_fix_referral_keys,
 ]
 
 
