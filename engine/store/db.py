@@ -175,8 +175,11 @@ def _m_track_fix_referral_keys(db: sqlite_utils.Database) -> None:
     # a placer number is unique only within its assigning authority (EI.2): two practices
     # may both send order 10482 (docs/referral-states.md, "Keys"); and the FHIR requester
     # of a referral, to address the write-back Communication (docs/fhir.md)
-    db.execute("ALTER TABLE referrals ADD COLUMN placer_authority TEXT NOT NULL DEFAULT ''")
-    db.execute("ALTER TABLE referrals ADD COLUMN referring_reference TEXT NOT NULL DEFAULT ''")
+    # (a database created since has them from _m3_referrals)
+    columns = db["referrals"].columns_dict
+    for column in ("placer_authority", "referring_reference"):
+        if column not in columns:
+            db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
 MIGRATIONS: Final[list[Migration]] = [

@@ -55,6 +55,7 @@ _SCHEMA: Final = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         sending_facility TEXT NOT NULL DEFAULT '',
         placer_number TEXT NOT NULL,
+        placer_authority TEXT NOT NULL DEFAULT '',  -- EI.2 of the placer number, if stated
         state TEXT NOT NULL,              -- engine.states.to_dict as JSON
         status TEXT NOT NULL,             -- derived from state, kept for queries
         patient_status TEXT NOT NULL,
@@ -77,6 +78,7 @@ _SCHEMA: Final = (
         specialist_direct_address TEXT NOT NULL DEFAULT '',
         specialist_fax TEXT NOT NULL DEFAULT '',
         specialist_phone TEXT NOT NULL DEFAULT '',
+        referring_reference TEXT NOT NULL DEFAULT '',  -- FHIR requester (Practitioner/…)
         patient_phone TEXT NOT NULL DEFAULT '',
         sms_consent INTEGER,              -- NULL: never stated
         portal INTEGER,
