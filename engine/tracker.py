@@ -132,9 +132,10 @@ class ApplyResult:
     ``outcome``: ``applied`` (the referral's state or prior-auth item moved),
     ``unchanged`` (recorded in the timeline, nothing moved), ``duplicate`` (this event
     from this message was already recorded: nothing written), ``parked`` (no referral
-    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved).
-    ``how`` names the correlation step that matched (key, placer, filler,
-    patient-window, created, link, operator, merge). ``linked`` are parked events that
+    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved),
+    ``dropped`` (a contact update for a patient with no open referral: counted, not kept).
+    ``how`` names the correlation step that matched (key, placer-authority, placer,
+    filler, patient-window, patient, created, link, operator, merge). ``linked`` are parked events that
     were applied to the referral as a consequence.
     """
 
@@ -446,7 +447,8 @@ class Tracker:
     def _by_placer(self, conn: Conn, ids: Identifiers) -> tuple[int | None, str, bool]:
         """(referral, how, ambiguous) by placer number. A placer number is unique only
         within the practice that assigned it, named by the sending facility (the key) or
-        the placer number's assigning authority EI.2 (docs/referral-states.md, "Keys"):
+        the placer number's assigning authority EI.2 (docs/referral-states.md, "Which
+        practice a message names"):
         the key; then the one referral whose recorded authority is the stated one; then
         the only referral with the number, unless its recorded authority contradicts the
         stated one (that practice's referral has not arrived yet)."""
@@ -865,13 +867,9 @@ class Tracker:
             self._apply_to(conn, rid, event, "message", "message", now, "patient") for rid in rids
         ]
         outcomes = {r.outcome for r in results}
-        outcome: Outcome = (
-            "duplicate"
-            if outcomes == {"duplicate"}
-            else "applied"
-            if "applied" in outcomes
-            else "unchanged"
-        )
+        outcome: Outcome = "applied" if "applied" in outcomes else "unchanged"
+        if outcomes == {"duplicate"}:
+            outcome = "duplicate"
         return ApplyResult(outcome, tuple(rids), how="patient")
 
     def _merge(self, conn: Conn, event: PatientsMerged, now: float) -> ApplyResult:
