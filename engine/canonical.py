@@ -2,7 +2,9 @@
 
 Two digests of the same value must be equal, so every hash of a JSON value goes through
 :func:`canonical_json`: keys sorted, no whitespace (``separators=(",", ":")``), ASCII
-escapes, anything that is not JSON written with ``str``. Pure; no I/O.
+escapes, anything that is not JSON written with ``str``. Pure; no I/O. (The audit log's
+hash chain keeps its own form, ``engine.store.audit.canonical`` with UTF-8 text:
+changing it would break every chain already stored.)
 
 :func:`event_fingerprint` is the digest of a normalised event that the decisions table,
 the referral timeline and the parked queue record (replays compare it, so it must not
