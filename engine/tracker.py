@@ -135,8 +135,8 @@ class ApplyResult:
     matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved),
     ``dropped`` (a contact update for a patient with no open referral: counted, not kept).
     ``how`` names the correlation step that matched (key, placer-authority, placer,
-    filler, patient-window, patient, created, link, operator, merge). ``linked`` are parked events that
-    were applied to the referral as a consequence.
+    filler, patient-window, patient, created, link, operator, merge). ``linked`` are
+    parked events that were applied to the referral as a consequence.
     """
 
     outcome: Outcome
