@@ -42,13 +42,13 @@ queued once. Every fallback is written on the referral's timeline (kind
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from channels.direct_inbound import attachment_kind
 from engine import specialists, states
+from engine.canonical import canonical_json
 from engine.clock import Clock, isoformat
 from engine.errors import MessageRejected
 from engine.hl7msg import choose_codec, read_msh
@@ -93,7 +93,7 @@ NOT_RECIPIENT: Final = "sender-not-recipient"
 
 
 def _dumps(value: Mapping[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return canonical_json(value)
 
 
 def _newer(old: str, new: str) -> bool:

@@ -113,6 +113,9 @@ class Identifiers:
     filler_numbers: tuple[str, ...] = ()  # ORC-3 / RF1-11 / SCH-2
     patient_ids: tuple[str, ...] = ()  # PID-3 repetitions as "id^^^authority"
     specialty: str = ""  # for the patient + specialty window match
+    # EI.2 (namespace id) of the placer number as this message states it (ORC-2.2, RF1-6.2,
+    # SCH-26.2, TXA-14.2): the practice that assigned it (docs/referral-states.md)
+    placer_authority: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class Provider:
     direct_address: str = ""
     fax: str = ""
     phone: str = ""
+    reference: str = ""  # FHIR reference (Practitioner/…, PractitionerRole/…) when known
 
 
 @dataclass(frozen=True, slots=True)

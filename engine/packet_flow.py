@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Final
 
 from channels import confirm
@@ -76,12 +77,17 @@ class PacketBuilder:
         return confirm.confirm_url(self.public_url, token)
 
     def data(self, referral: ReferralRow, raw: bytes | None, url: str) -> PacketData:
+        """The packet's values: the message's own (documents, notes, insurance, ...), with
+        what the route extracted into the referral row (reason, urgency, needed-by) in
+        place of the message reader's guesses, so the packet says what the referral says."""
         line = LINK_LINE if url else DEFAULT_CONFIRMATION
         if raw is not None and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"MSH"):
             try:
-                return packet_data_from_hl7(raw, confirmation_line=line, confirmation_url=url)
+                data = packet_data_from_hl7(raw, confirmation_line=line, confirmation_url=url)
             except EngineError:
                 log.warning("referral %d: packet source message unreadable", referral.id)
+            else:
+                return _as_recorded(data, referral)
         d = referral.details
 
         def party(prefix: str) -> Provider:
@@ -121,3 +127,15 @@ class PacketBuilder:
             attachments.append(Attachment("original.hl7", HL7_V2_TYPE, raw))
         body = BODY.format(link=f" or with this link: {url}" if url else "")
         return body, tuple(attachments)
+
+
+def _as_recorded(data: PacketData, referral: ReferralRow) -> PacketData:
+    """``data`` with the referral row's reason, priority and needed-by date where the
+    route recorded one: one extraction (routes.yaml) feeds the row and the packet."""
+    d = referral.details
+    return replace(
+        data,
+        reason=str(d.get("reason") or data.reason),
+        urgency=str(d.get("priority") or data.urgency),
+        needed_by=str(d.get("needed_by") or data.needed_by),
+    )

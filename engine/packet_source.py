@@ -4,12 +4,14 @@
 This lives in ``engine/`` because channels never read HL7 (STYLE.md, Layers); the PDF is
 rendered by :mod:`channels.packet`. Pure: no I/O, no clock.
 
-Where each field comes from (HL7 v2.5.1-v2.8 chapters 4 and 11), first non-empty wins:
+Where each field comes from (HL7 v2.5.1-v2.8 chapters 4 and 11), first non-empty wins.
+The reason, urgency and needed-by date the route recorded on the referral replace these
+(``engine.packet_flow``); this order, the shipped routes' own, is the fallback:
 
 | field          | REF                      | ORM / OMG                                   |
 |----------------|--------------------------|---------------------------------------------|
 | referral_id    | RF1-6                    | ORC-2, OBR-2                                |
-| reason         | RF1-10 (table 0336)      | OBR-31, ORC-16, DG1-4 / DG1-3, then OBR-4   |
+| reason         | OBR-31, RF1-10 (t. 0336) | OBR-31, ORC-16, DG1-4 / DG1-3, then OBR-4   |
 | urgency        | RF1-2 (table 0280)       | TQ1-9, ORC-7.6, OBR-27.6, OBR-5             |
 | referring      | PRD(RP)                  | ORC-12 / ORC-14, OBR-16 / OBR-17            |
 | specialist     | PRD(RT)                  | —                                           |
@@ -69,10 +71,10 @@ def packet_data_from_hl7(
         service=_first(msg, "OBR.4.2", "OBR.4.1"),
         reason=_first(
             msg,
-            "RF1.10.2",
-            "RF1.10.1",
             "OBR.31.2",
             "OBR.31.1",
+            "RF1.10.2",
+            "RF1.10.1",
             "ORC.16.2",
             "ORC.16.1",
             "DG1.4",

@@ -23,14 +23,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from engine.clock import Clock, WallClock, isoformat
 from engine.config import Config
 from engine.model import Decision, StoredMessage
-from engine.routes import RouteTable, Tracker, compile_config, decide_stored, summarise
+from engine.routes import (
+    RouteTable,
+    Tracker,
+    canonical_actions,
+    compile_config,
+    decide_stored,
+    summarise,
+)
 from engine.store import Inbox, audit, open_database
 from engine.store.db import has_table
 from engine.store.decisions import DecisionRow, Decisions
@@ -226,7 +233,7 @@ def _run(
             continue
         decision = decide_stored(handler.table, row)
         new = _new_side(decision)
-        changed = _differs(old, new)
+        changed = _differs(replace(old, actions=canonical_actions(old.actions, decision)), new)
         if dry_run or not (changed or resend):  # --resend: send again what it sent
             yield ReplayItem(row.id, row.message_type, old, new, changed, False)
             continue

@@ -16,7 +16,6 @@ import base64
 import dataclasses
 import fnmatch
 import hashlib
-import json
 import logging
 import re
 import time
@@ -29,6 +28,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from channels.direct_inbound import is_loopback
 from channels.sms_templates import check_sms_template
+from engine.canonical import canonical_json, event_fingerprint, legacy_event_fingerprint
 from engine.clock import Clock, WallClock
 from engine.config import Config, Doc, PathT, Reader, Section, file_ref
 from engine.errors import ConfigError, MessageRejected
@@ -58,7 +58,6 @@ from engine.model import (
     Send,
     StoredMessage,
     Track,
-    to_plain,
 )
 from engine.pipeline import Outcome
 from engine.render import (
@@ -1586,9 +1585,15 @@ class Tracker(Protocol):
 
 
 def fingerprint(event: Event) -> str:
-    """A stable digest of a whole event (kind included)."""
-    body = json.dumps({"kind": event.kind, **to_plain(event)}, sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()[:32]
+    """A stable digest of a whole event (kind included): the tracker's too
+    (:func:`engine.canonical.event_fingerprint`)."""
+    return event_fingerprint(event)
+
+
+def already_applied(event: Event, applied: frozenset[str]) -> bool:
+    """Whether a decision that recorded the fingerprints ``applied`` handed this event to
+    the tracker, in either the canonical or the pre-canonical digest form."""
+    return event_fingerprint(event) in applied or legacy_event_fingerprint(event) in applied
 
 
 _KEY_FIELDS: Final = (
@@ -1601,6 +1606,20 @@ _KEY_FIELDS: Final = (
     "specialty_category",
     "priority",
 )
+
+
+def canonical_actions(
+    actions: Iterable[Mapping[str, Any]], decision: Decision
+) -> tuple[dict[str, Any], ...]:
+    """Stored action summaries with the pre-canonical fingerprint of one of ``decision``'s
+    events rewritten in the canonical form, so a replay compares like with like."""
+    legacy = {legacy_event_fingerprint(e): event_fingerprint(e) for e in decision.events}
+    return tuple(
+        {**a, "fingerprint": legacy.get(str(a["fingerprint"]), a["fingerprint"])}
+        if a.get("action") == "track"
+        else dict(a)
+        for a in actions
+    )
 
 
 def summarise(decision: Decision) -> list[dict[str, Any]]:
@@ -1715,11 +1734,11 @@ class RouteHandler:
             send = resend or not replayed_by
             referral_id: int | None = None  # of the route's last track: its sends' referral
             route = ""
-            for index, (action, item) in enumerate(zip(decision.actions, summary, strict=True)):
+            for index, action in enumerate(decision.actions):
                 if action.route != route:
                     route, referral_id = action.route, None
                 if isinstance(action, Track) and self.tracker is not None:
-                    if item["fingerprint"] not in applied:
+                    if not already_applied(action.event, applied):
                         result = self.tracker.apply(action.event, conn)
                         ids = getattr(result, "referral_ids", ())
                         referral_id = ids[0] if ids else referral_id
@@ -1766,7 +1785,7 @@ class RouteHandler:
         else:
             template = "forward"
             payload["hl7_b64"] = base64.b64encode(row.raw).decode("ascii")
-        body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        body = canonical_json(payload)
         if referrals.enqueue_outbox(
             conn, referral_id, action.channel, template, body, key, now, now=now
         ):

@@ -37,7 +37,6 @@ that may not go out now is moved to the next allowed moment instead.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from channels.sms import e164
 from engine import direct_flow, specialists, states
+from engine.canonical import canonical_json
 from engine.clock import Clock, isoformat, parse_iso
 from engine.escalation import (
     APPOINTMENT_KINDS,
@@ -447,7 +447,7 @@ class TimerService:
             referral.id,
             channel,
             template,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            canonical_json(payload),
             f"{referral.id}:{row.kind}:{row.attempt}",
             now,
             now=now,
@@ -496,7 +496,7 @@ class TimerService:
             referral.id,
             channel,
             template,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            canonical_json(payload),
             f"{referral.id}:{template}:{row.attempt}",
             now,
             now=now,
@@ -524,7 +524,7 @@ class TimerService:
 
 
 def _dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return canonical_json(value)
 
 
 # What the machine sends on its own (outbox templates), as the coordinator reads it.

@@ -5,15 +5,19 @@ outbox rows (transactional outbox).
 
 Correlation, in order (docs/referral-states.md, "Correlation and storage"):
 
-1. sending facility + placer number (ORC-2/OBR-2, RF1-6, SCH-26, TXA-14); then the placer
-   number alone when exactly one referral has it (a specialist's report names our placer
-   number under its own MSH-4);
+1. the practice + placer number (ORC-2/OBR-2, RF1-6, SCH-26, TXA-14): the key with the
+   sending facility or the placer number's assigning authority (EI.2); then the one
+   referral that recorded that authority; then the placer number alone when exactly one
+   referral has it and no stated authority contradicts it (a specialist's report names
+   our placer number under its own MSH-4);
 2. filler number (ORC-3, RF1-11, SCH-2), learnt from earlier events;
 3. patient identifier + specialty, for a referral opened within the window (default 90
    days) of the event's own time, only when the event names no placer number (a stated
    placer number that matches nothing means its referral has not arrived yet).
 
-An event that matches nothing (or more than one referral) is parked, never dropped. When
+A contact update that names no referral goes to the patient's open referrals; with none
+it is counted and dropped (it cannot belong to a referral). Any other event that matches
+nothing (or more than one referral) is parked, never dropped. When
 a referral is created or learns a filler number, parked events that now match it are
 applied in the same transaction (``auto-link``); an operator links the rest.
 
@@ -28,8 +32,6 @@ referral's own rows.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from engine import specialists, states
+from engine.canonical import canonical_json, digest, event_fingerprint
 from engine.clock import Clock, isoformat
 from engine.errors import StoreError
 from engine.escalation import Policy, TimerGroup, TimerSpec
@@ -69,7 +72,7 @@ log = logging.getLogger(__name__)
 DAY: Final = 86400.0
 DEFAULT_WINDOW_DAYS: Final = 90.0
 
-Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged"]
+Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged", "dropped"]
 Source = Literal["message", "operator", "internal", "link"]
 AUTH_OUTCOMES: Final = ("pending", "approved", "denied")
 
@@ -154,10 +157,11 @@ class ApplyResult:
     ``outcome``: ``applied`` (the referral's state or prior-auth item moved),
     ``unchanged`` (recorded in the timeline, nothing moved), ``duplicate`` (this event
     from this message was already recorded: nothing written), ``parked`` (no referral
-    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved).
-    ``how`` names the correlation step that matched (key, placer, filler,
-    patient-window, created, link, operator, merge). ``linked`` are parked events that
-    were applied to the referral as a consequence.
+    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved),
+    ``dropped`` (a contact update for a patient with no open referral: counted, not kept).
+    ``how`` names the correlation step that matched (key, placer-authority, placer,
+    filler, patient-window, patient, created, link, operator, merge). ``linked`` are
+    parked events that were applied to the referral as a consequence.
     """
 
     outcome: Outcome
@@ -203,6 +207,7 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
                 filler_numbers=tuple(value.get("filler_numbers", ())),
                 patient_ids=tuple(value.get("patient_ids", ())),
                 specialty=str(value.get("specialty", "")),
+                placer_authority=str(value.get("placer_authority", "")),
             )
         elif isinstance(value, dict) and str(f.type) in _NESTED:
             value = _NESTED[str(f.type)](**value)
@@ -211,9 +216,9 @@ def event_from_dict(data: Mapping[str, Any]) -> Event:
 
 
 def fingerprint(event: Event | states.InternalEvent) -> str:
-    """sha256 of the whole event's canonical JSON (kind included)."""
-    body = json.dumps(event_to_dict(event), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(body.encode()).hexdigest()[:32]
+    """sha256 of the whole event's canonical JSON (kind included):
+    :func:`engine.canonical.event_fingerprint`, the digest the decisions table keeps too."""
+    return event_fingerprint(event)
 
 
 # ---------------------------------------------------------------------------
@@ -272,11 +277,21 @@ class TrackerMetrics:
             ["result"],
             registry=registry,
         )
+        self.unrelated_events = Counter(
+            "refloop_unrelated_events_total",
+            "Events dropped because they cannot belong to a referral (a contact update "
+            "for a patient with no open referral), by event kind.",
+            ["kind"],
+            registry=registry,
+        )
         if db is not None:
             registry.register(_StoreGauges(db))
 
     def transition(self, kind: str) -> None:
         self.transitions.labels(kind if kind in KNOWN_KINDS else "other").inc()
+
+    def unrelated(self, kind: str) -> None:
+        self.unrelated_events.labels(kind if kind in KNOWN_KINDS else "other").inc()
 
 
 # ---------------------------------------------------------------------------
@@ -340,9 +355,16 @@ class Tracker:
                     statuses=_statuses(initial),
                     opened_at=event.occurred_at,
                     now=now,
+                    placer_authority=ids.placer_authority,
                 )
                 how = "created"
+            elif ids.placer_authority:
+                store.learn_placer_authority(conn, rid, ids.placer_authority)
             return self._apply_to(conn, rid, event, "message", "message", now, how)
+        if isinstance(event, ContactUpdated) and not (
+            event.ids.placer_number or event.ids.filler_numbers
+        ):
+            return self._contact(conn, event, now)
         rid, how, why = self._correlate(conn, event)
         if rid is None:
             return self._park(conn, event, why, now)
@@ -429,13 +451,9 @@ class Tracker:
             return rid, "key", "" if rid else "no-match"
         ambiguous = False
         if ids.placer_number:
-            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            rid, how, ambiguous = self._by_placer(conn, ids)
             if rid is not None:
-                return rid, "key", ""
-            by_placer = store.find_by_placer(conn, ids.placer_number)
-            if len(by_placer) == 1:
-                return by_placer[0], "placer", ""
-            ambiguous = len(by_placer) > 1
+                return rid, how, ""
         if ids.filler_numbers:
             by_filler = store.find_by_fillers(conn, ids.filler_numbers)
             if len(by_filler) == 1:
@@ -457,6 +475,31 @@ class Tracker:
                 return found[0][0], "patient-window", ""
             ambiguous = ambiguous or len(found) > 1
         return None, "", "ambiguous" if ambiguous else "no-match"
+
+    def _by_placer(self, conn: Conn, ids: Identifiers) -> tuple[int | None, str, bool]:
+        """(referral, how, ambiguous) by placer number. A placer number is unique only
+        within the practice that assigned it, named by the sending facility (the key) or
+        the placer number's assigning authority EI.2 (docs/referral-states.md, "Which
+        practice a message names"):
+        the key; then the one referral whose recorded authority is the stated one; then
+        the only referral with the number, unless its recorded authority contradicts the
+        stated one (that practice's referral has not arrived yet)."""
+        stated = ids.placer_authority
+        for scope in (ids.sending_facility, *([stated] if stated else [])):
+            rid = store.find_by_key(conn, scope, ids.placer_number)
+            if rid is not None:
+                return rid, "key", False
+        candidates = store.placer_candidates(conn, ids.placer_number)
+        if stated:
+            owned = [c for c in candidates if stated in (c[1], c[2])]
+            if len(owned) == 1:
+                return owned[0][0], "placer-authority", False
+            if owned:
+                return None, "", True
+            candidates = [c for c in candidates if not c[2]]
+        if len(candidates) == 1:
+            return candidates[0][0], "placer", False
+        return None, "", len(candidates) > 1
 
     # -- applying ------------------------------------------------------------------
 
@@ -761,7 +804,7 @@ class Tracker:
             rid,
             channel,
             template,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            canonical_json(payload),
             f"{rid}:{effect}:{n}",
             now,
             now=now,
@@ -774,13 +817,12 @@ class Tracker:
         row = store.get_referral(conn, rid)
         if row is None:
             return
-        body = json.dumps({"kind": kind, **detail}, sort_keys=True, separators=(",", ":"))
         store.insert_event(
             conn,
             referral_id=rid,
             kind=kind,
             message_id=None,
-            fingerprint=hashlib.sha256(f"{body}{now}".encode()).hexdigest()[:32],
+            fingerprint=digest({"kind": kind, **detail, "at": now}),
             source="internal",
             actor="system",
             occurred_at=now,
@@ -808,6 +850,8 @@ class Tracker:
             "report": report if "/" in report else "",
             "closed_at": now,
             "patient": patients[0] if patients else "",
+            # ServiceRequest.requester: the Communication's recipient (docs/fhir.md)
+            "requester": str(row.details.get("referring_reference") or ""),
         }
         n = store.count_outbox(conn, row.id, f"{row.id}:fhir-write-back:") + 1
         self.enqueued += 1
@@ -816,7 +860,7 @@ class Tracker:
             row.id,
             write_back_channel(row.sending_facility),
             WRITE_BACK_TEMPLATE,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            canonical_json(payload),
             f"{row.id}:fhir-write-back:{n}",
             now,
             now=now,
@@ -924,6 +968,29 @@ class Tracker:
         log.info("message %s: %s parked as %d (%s)", message_id or "-", event.kind, pid, why)
         return ApplyResult("parked", parked_id=pid, how="parked")
 
+    def _contact(self, conn: Conn, event: ContactUpdated, now: float) -> ApplyResult:
+        """A contact update that names no referral (ADT^A04/A08/A31): applied to each open
+        referral of the patient. With none it cannot belong to a referral: counted
+        (``refloop_unrelated_events_total``) and dropped, never parked; parked means a
+        referral message that needs a human, and an ADT feed is mostly other patients."""
+        pids = event.ids.patient_ids
+        rids = store.find_open_by_patient(
+            conn, {*pids, *(store.surviving_id(conn, p) for p in pids)}
+        )
+        if not rids:
+            if self.metrics is not None:
+                self.metrics.unrelated(event.kind)
+            log.debug("message %s: %s for no open referral", event.message_id or "-", event.kind)
+            return ApplyResult("dropped", how="patient")
+        results = [
+            self._apply_to(conn, rid, event, "message", "message", now, "patient") for rid in rids
+        ]
+        outcomes = {r.outcome for r in results}
+        outcome: Outcome = "applied" if "applied" in outcomes else "unchanged"
+        if outcomes == {"duplicate"}:
+            outcome = "duplicate"
+        return ApplyResult(outcome, tuple(rids), how="patient")
+
     def _merge(self, conn: Conn, event: PatientsMerged, now: float) -> ApplyResult:
         """ADT^A40: move referrals from the retired patient id to the surviving one.
         A merge for a patient with no referral is recorded (so a later referral with the
@@ -961,7 +1028,15 @@ def _stated_details(event: Event | states.InternalEvent) -> dict[str, Any]:
         if "specialty" not in out and event.ids.specialty:
             out["specialty"] = event.ids.specialty
         for party, provider in (("referring", event.referring), ("specialist", event.specialist)):
-            for name in ("name", "npi", "organisation", "direct_address", "fax", "phone"):
+            for name in (
+                "name",
+                "npi",
+                "organisation",
+                "direct_address",
+                "fax",
+                "phone",
+                "reference",
+            ):
                 value = getattr(provider, name)
                 if value:
                     out[f"{party}_{name}"] = value

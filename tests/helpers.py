@@ -551,3 +551,19 @@ def tls_source(
     if allowed_subjects:
         out["allowed_subjects"] = list(allowed_subjects)
     return out
+
+
+def shipped_routes(path: Path, *, ack_when: str = "on-processed", **top: Any) -> Path:
+    """The shipped routes.yaml written to ``path`` with the ``ehr`` source's ``ack_when``
+    (default ``on-processed``: the ACK arrives once the message is routed and tracked, so
+    a test reads the result without waiting) and top-level sections added or replaced
+    (``channels={...}``, ``sources={...}`` merged into the shipped sources)."""
+    data = yaml.safe_load((REPO / "routes.yaml").read_text(encoding="utf-8"))
+    data["sources"]["ehr"]["ack_when"] = ack_when
+    for key, value in top.items():
+        if key == "sources":
+            data["sources"].update(value)
+        else:
+            data[key] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fhir_server import FhirServer, make_service_request
-from helpers import WAIT, run
+from helpers import WAIT, Daemon, query, run, shipped_routes
 
 from engine.app import Engine
 from engine.config import FhirSource, FhirWriteBack, loads
@@ -264,7 +264,70 @@ def outbox_rows(eng: Engine) -> list[tuple[str, str]]:
     return [(str(a), str(b)) for a, b in rows]
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(WAIT):
+async def until(condition: Callable[[], bool], bound: float = WAIT) -> None:
+    async with asyncio.timeout(bound):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+# -- the daemon with the shipped routes: write_back.communication reaches the requester ---
+
+
+def test_daemon_sends_the_communication_to_the_service_requests_requester(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Issue 13.7: ``write_back: {task: true, communication: true}`` on a FHIR source; the
+    shipped routes open a referral from a ServiceRequest (requester Practitioner/doc1)
+    and close it with a final DiagnosticReport; the Communication arrives at the loopback
+    FHIR server addressed to that requester."""
+
+    def referral_status() -> str:
+        if not daemon.db.exists():
+            return ""
+        rows = query(daemon.db, "SELECT status FROM referrals")
+        return str(rows[0][0]) if rows else ""
+
+    async def body() -> list[dict[str, Any]]:
+        async with FhirServer() as server:
+            daemon.routes = shipped_routes(
+                tmp_path / "routes.yaml",
+                sources={
+                    "epic": {
+                        "type": "fhir",
+                        "base_url": server.base,
+                        "resources": ["ServiceRequest", "DiagnosticReport"],
+                        "poll_interval": 0.2,
+                        "write_back": {"task": True, "communication": True},
+                    }
+                },
+            )
+            server.put(
+                make_service_request(
+                    1,
+                    requester={"reference": "Practitioner/doc1", "display": "Harriet Home"},
+                    code={"coding": [{"code": "REFCARD"}]},
+                )
+            )
+            server.tick()
+            await asyncio.to_thread(daemon.start)
+            await until(lambda: referral_status() == "open", 4 * WAIT)
+            server.put(
+                {
+                    "resourceType": "DiagnosticReport",
+                    "id": "dr1",
+                    "status": "final",
+                    "code": {"text": "Consult note"},
+                    "basedOn": [{"reference": "ServiceRequest/sr1"}],
+                    "subject": {"reference": "Patient/p1"},
+                }
+            )
+            server.tick()
+            await until(lambda: bool(server.resources.get("Communication")), 4 * WAIT)
+            return [v[-1] for v in server.resources["Communication"].values()]
+
+    (communication,) = run(body())
+    assert communication["recipient"] == [{"reference": "Practitioner/doc1"}]
+    assert communication["basedOn"] == [{"reference": "ServiceRequest/sr1"}]
+    assert {"contentReference": {"reference": "DiagnosticReport/dr1"}} in communication["payload"]
+    assert validate_resource(communication) == ""
+    assert referral_status() == "closed"

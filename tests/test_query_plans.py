@@ -116,8 +116,9 @@ ALLOWED = {
     "name IS NOT NULL ORDER BY name":
         "outbox gauges via outbox_channel_due: queued and dead rows; sorts the channel names",
     # -- deliberate passes: metrics of everything, reports, exports, lists, the CLI
-    "INSERT INTO referrals (sending_facility, placer_number, state, status, patient_status, "
-    "specialist_status, close_reason, opened_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)":
+    "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
+    "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?)":
         "SCAN parked: a foreign-key check SQLite runs only while a violation is pending",
     "SELECT status, count(*) FROM referrals GROUP BY status":
         "metrics scrape: one pass of referrals_status (~70 ms at 1M referrals)",
@@ -333,6 +334,9 @@ def _operator_paths(db: Any, now: float) -> None:
         timers_store.patient_contacts(c, rid, phone or "+15555550100", now - 86400)
         timers_store.patient_contacts(c, rid, "", now - 86400)
         referral_store.find_by_patient(c, ["P1^^^MRN"], "REFCARD", now - 86400, now)
+        referral_store.find_open_by_patient(c, ["P1^^^MRN", "P3^^^MRN"])
+        referral_store.placer_candidates(c, "P-1")
+        referral_store.learn_placer_authority(c, rid, "NORTH_EHR")
         referral_store.record_merge(c, "P1^^^MRN", "P2^^^MRN", None, now)
         referral_store.surviving_id(c, "P1^^^MRN")
         pid, _ = referral_store.park(

@@ -183,6 +183,17 @@ def _m_tasks_queue(db: sqlite_utils.Database) -> None:
     migrate(db)
 
 
+def _m_referral_keys(db: sqlite_utils.Database) -> None:
+    # a placer number is unique only within its assigning authority (EI.2): two practices
+    # may both send order 10482 (docs/referral-states.md, "Keys"); and the FHIR requester
+    # of a referral, to address the write-back Communication (docs/fhir.md)
+    # (a database created since has them from _m3_referrals)
+    columns = db["referrals"].columns_dict
+    for column in ("placer_authority", "referring_reference"):
+        if column not in columns:
+            db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -196,6 +207,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_browse_indexes,
     _m_outbox_message_id,
     _m_tasks_queue,
+    _m_referral_keys,
 ]
 
 

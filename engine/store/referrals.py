@@ -42,6 +42,7 @@ DETAIL_COLUMNS: Final = (
     "specialist_direct_address",
     "specialist_fax",
     "specialist_phone",
+    "referring_reference",
     "patient_phone",
     "sms_consent",
     "portal",
@@ -54,6 +55,7 @@ _SCHEMA: Final = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         sending_facility TEXT NOT NULL DEFAULT '',
         placer_number TEXT NOT NULL,
+        placer_authority TEXT NOT NULL DEFAULT '',  -- EI.2 of the placer number, if stated
         state TEXT NOT NULL,              -- engine.states.to_dict as JSON
         status TEXT NOT NULL,             -- derived from state, kept for queries
         patient_status TEXT NOT NULL,
@@ -76,6 +78,7 @@ _SCHEMA: Final = (
         specialist_direct_address TEXT NOT NULL DEFAULT '',
         specialist_fax TEXT NOT NULL DEFAULT '',
         specialist_phone TEXT NOT NULL DEFAULT '',
+        referring_reference TEXT NOT NULL DEFAULT '',  -- FHIR requester (Practitioner/…)
         patient_phone TEXT NOT NULL DEFAULT '',
         sms_consent INTEGER,              -- NULL: never stated
         portal INTEGER,
@@ -293,14 +296,34 @@ def insert_referral(
     statuses: tuple[str, str, str, str],
     opened_at: float,
     now: float,
+    placer_authority: str = "",
 ) -> int:
-    """A new referral row; ``statuses`` = (status, patient, specialist, close reason)."""
+    """A new referral row; ``statuses`` = (status, patient, specialist, close reason);
+    ``placer_authority`` is the placer number's EI.2 as the creating message stated it."""
     cur = conn.execute(
-        "INSERT INTO referrals (sending_facility, placer_number, state, status, patient_status, "
-        "specialist_status, close_reason, opened_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-        (sending_facility, placer_number, _dumps(state), *statuses, opened_at, now),
+        "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
+        "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            sending_facility,
+            placer_number,
+            placer_authority,
+            _dumps(state),
+            *statuses,
+            opened_at,
+            now,
+        ),
     )
     return int(cur.lastrowid or 0)
+
+
+def learn_placer_authority(conn: Conn, referral_id: int, placer_authority: str) -> None:
+    """Record the placer number's EI.2 of a referral that had none (created before it
+    was recorded, or by a message that did not state it)."""
+    conn.execute(
+        "UPDATE referrals SET placer_authority = ? WHERE id = ? AND placer_authority = ''",
+        (placer_authority, referral_id),
+    )
 
 
 def update_referral(
@@ -357,6 +380,31 @@ def find_by_placer(conn: Conn, placer_number: str) -> list[int]:
     """Referrals with this placer number under any sending facility."""
     rows = conn.execute(
         "SELECT id FROM referrals WHERE placer_number = ? ORDER BY id", (placer_number,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def placer_candidates(conn: Conn, placer_number: str) -> list[tuple[int, str, str]]:
+    """(id, sending facility, placer authority) of every referral with this placer
+    number, oldest first (the tracker picks the one the message's practice owns)."""
+    rows = conn.execute(
+        "SELECT id, sending_facility, placer_authority FROM referrals WHERE placer_number = ? "
+        "ORDER BY id",
+        (placer_number,),
+    )
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def find_open_by_patient(conn: Conn, patient_ids: Iterable[str]) -> list[int]:
+    """Open referrals of any of these patient ids (any specialty), oldest first."""
+    ids = sorted(set(patient_ids))
+    if not ids:
+        return []
+    rows = conn.execute(
+        "SELECT DISTINCT r.id FROM referral_patients p JOIN referrals r ON r.id = p.referral_id "
+        f"WHERE p.patient_id IN ({','.join('?' * len(ids))}) AND r.status != 'closed' "
+        "ORDER BY r.id",
+        ids,
     )
     return [int(r[0]) for r in rows]
 
