@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from engine import config as config_mod
+from engine.cli_common import database_path, load_routes, open_store
 from engine.clock import isoformat, parse_iso
 from engine.errors import ConfigError, EngineError
 
@@ -243,17 +244,10 @@ def messages() -> None:
     """Look at stored inbox messages."""
 
 
-def _open_inbox(state_dir: str, routes_path: str | None = None) -> Any:
+def _open_inbox(state_dir: str, routes_path: str) -> Any:
     from engine.store import Inbox
-    from engine.store.db import open_database
 
-    store_file = "refloop.db"
-    if routes_path and Path(routes_path).exists():
-        try:
-            store_file = config_mod.load(routes_path).store.file
-        except ConfigError:
-            pass
-    return Inbox(open_database(Path(state_dir) / store_file, readonly=True))
+    return Inbox(open_store(state_dir, routes_path))
 
 
 def _time_arg(value: str | None) -> float | None:
@@ -524,8 +518,8 @@ def replay(
         return f"{item.message_id:>7}  {item.message_type:<9} {old} -> {new}  {mark}  {events}"
 
     with errors():
-        cfg = config_mod.load(routes_path)
-        db_path = Path(state_dir) / cfg.store.file
+        cfg = load_routes(routes_path)
+        db_path = database_path(state_dir, cfg)
         bar_wanted = sys.stdout.isatty() and not as_json
         lines: list[str] = []
         with ExitStack() as stack:

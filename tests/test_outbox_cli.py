@@ -41,8 +41,10 @@ def setup(tmp_path: Path) -> tuple[Path, dict[str, int]]:
 
 
 def cli(state: Path, *args: str) -> tuple[int, str]:
+    routes = state.parent / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
     result = CliRunner().invoke(
-        main, ["outbox", *args, "--state", str(state), "--routes", str(state / "none.yaml")]
+        main, ["outbox", *args, "--state", str(state), "--routes", str(routes)]
     )
     return result.exit_code, result.output
 

@@ -1009,9 +1009,9 @@ def _cli() -> click.Group:
 
 
 def _invoke(state: Path, *args: str) -> Any:
-    return CliRunner().invoke(
-        _cli(), [*args, "--state", str(state), "--routes", str(state / "none.yaml")]
-    )
+    routes = state.parent / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
+    return CliRunner().invoke(_cli(), [*args, "--state", str(state), "--routes", str(routes)])
 
 
 def test_cli_unmatched_report_parked_then_linked(tmp_path: Path) -> None:
