@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from engine import config as config_mod
-from engine.cli_common import database_path, load_routes, open_store
+from engine.cli_common import Group, database_path, load_routes, open_store
 from engine.clock import isoformat, parse_iso
 from engine.errors import ConfigError, EngineError
 
@@ -71,7 +71,7 @@ state_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="refloop")
 def main() -> None:
     """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking."""
@@ -282,13 +282,10 @@ def messages_list(
 
     Example: refloop messages list --type 'SIU^S1*' --status error --limit 20
     """
+    after = _time_arg(since)  # a usage error before anything is opened
     with errors():
         inbox = _open_inbox(state_dir, routes_path)
-        rows = list(
-            inbox.list(
-                since=_time_arg(since), message_type=message_type, status=status, limit=limit
-            )
-        )
+        rows = list(inbox.list(since=after, message_type=message_type, status=status, limit=limit))
     items = [
         {
             "id": r.id,
@@ -626,4 +623,4 @@ def _register_groups() -> None:
 _register_groups()
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="refloop")

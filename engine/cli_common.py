@@ -1,4 +1,5 @@
-"""What every ``refloop`` command shares: the one way to find and open the database.
+"""What every ``refloop`` command shares: the one way to find and open the database, and
+one-line usage errors.
 
 The database is ``<state>/<store.file>``, and only routes.yaml names ``store.file``. A
 routes.yaml that does not load is therefore an error (one line, exit 1), never a guess:
@@ -7,7 +8,10 @@ falling back to a default name would open, or create, a different and empty data
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -41,3 +45,42 @@ def open_store(state_dir: str, routes_path: str, *, readonly: bool = True) -> Da
     Raises ``click.ClickException`` (one line, exit 1) when routes.yaml does not load.
     """
     return open_database(database_path(state_dir, load_routes(routes_path)), readonly=readonly)
+
+
+class UsageFailure(click.ClickException):
+    """A usage error as docs/cli.md promises it: one line on stderr, exit status 1."""
+
+    exit_code = 1
+
+
+@contextmanager
+def _one_line_usage(ctx: click.Context | None) -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare group prints its help: nothing went wrong
+    except click.UsageError as exc:
+        at = exc.ctx or ctx
+        where = at.command_path if at is not None else "refloop"
+        message = " ".join(exc.format_message().split())
+        raise UsageFailure(f"{where}: {message} (see {where} --help)") from None
+
+
+class Group(click.Group):
+    """The ``refloop`` group: click's usage errors (unknown option or command, missing
+    argument, bad value), raised while parsing any subcommand or from a command's body,
+    become :class:`UsageFailure` (click prints them as three lines and exits 2)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_usage(parent):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage(ctx):
+            return super().invoke(ctx)

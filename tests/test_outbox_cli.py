@@ -102,7 +102,7 @@ def test_retry_refuses_a_sent_row_and_bad_usage(tmp_path: Path) -> None:
     code, out = cli(state, "retry", str(ids["sent"]))
     assert code == 1 and "is sent" in out
     code, out = cli(state, "retry")
-    assert code == 2 and "give one outbox ID or --dead" in out
+    assert code == 1 and "give one outbox ID or --dead" in out  # a usage error
     code, out = cli(state, "retry", "999")
     assert code == 1 and "no outbox item 999" in out
 

@@ -545,8 +545,10 @@ def test_cli_table(state: Path) -> None:
 )
 def test_cli_bad_input(state: Path, args: tuple[str, ...], message: str) -> None:
     result = cli(state, *args)
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    # a usage error: one line, exit 1 (docs/cli.md)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.splitlines()) == 1
 
 
 def test_cli_no_database(tmp_path: Path) -> None:
