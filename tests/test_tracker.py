@@ -1285,8 +1285,7 @@ def test_hl7_through_routes(
     messages: list[tuple[str, tuple[str, ...]]],
     expected: tuple[str, str, str, str],
 ) -> None:
-    routes = pytest.importorskip("engine.routes")
-    from engine import config
+    from engine import config, routes
     from engine.hl7msg import Message
     from engine.model import Track
 
