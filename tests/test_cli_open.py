@@ -116,3 +116,15 @@ def test_simulate_keep_leaves_a_folder_the_commands_open(tmp_path: Path) -> None
     assert sorted(r["placer_number"] for r in json.loads(listed.stdout)) == ["KEEP-1", "KEEP-2"]
     checked = refloop("routes", "check", str(kept / "routes.yaml"))
     assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("dry", [[], ["--dry-run"]], ids=["replay", "dry-run"])
+def test_replay_into_a_missing_database_makes_none(tmp_path: Path, dry: list[str]) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(GOOD)
+    state = tmp_path / "state"
+    result = refloop("replay", *dry, "--state", str(state), "--routes", str(routes))
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert err == f"Error: no database at {state / 'clinic.db'}\n"
+    assert not (state / "clinic.db").exists()
