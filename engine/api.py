@@ -1017,7 +1017,7 @@ ROUTES: Final[tuple[Route, ...]] = (
         "Inbox metadata search on indexed columns, newest first", "messages", _messages,
         _list_of(MESSAGE),
         params=(
-            Param("type", max_length=64, description="TYPE^TRIGGER; a trailing * is a prefix."),
+            Param("type", max_length=64, description="TYPE^TRIGGER; * stands for any text."),
             Param("control_id", max_length=200),
             Param("status", enum=("received", "routed", "filtered", "error", "rejected")),
             Param("source", max_length=64),

@@ -228,15 +228,15 @@ class Engine:
 
     def _make_tracker(self) -> Any:
         from engine.routes import compile_config
-        from engine.tracker import Tracker, TrackerMetrics
+        from engine.tracker import build_tracker
 
         assert self.db is not None
-        return Tracker(
+        return build_tracker(
+            self.config,
             self.db,
             self.clock,
             policy=compile_config(self.config).escalation,
-            metrics=TrackerMetrics(self.metrics.registry, self.db),
-            write_back=[s.name for s in self.config.fhir_sources if s.write_back.task],
+            registry=self.metrics.registry,
         )
 
     def _make_timers(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from engine import config as config_mod
+from engine.cli_common import Group, database_path, load_routes, open_store
 from engine.clock import isoformat, parse_iso
 from engine.errors import ConfigError, EngineError
 
@@ -70,7 +71,7 @@ state_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="refloop")
 def main() -> None:
     """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking."""
@@ -243,17 +244,10 @@ def messages() -> None:
     """Look at stored inbox messages."""
 
 
-def _open_inbox(state_dir: str, routes_path: str | None = None) -> Any:
+def _open_inbox(state_dir: str, routes_path: str) -> Any:
     from engine.store import Inbox
-    from engine.store.db import open_database
 
-    store_file = "refloop.db"
-    if routes_path and Path(routes_path).exists():
-        try:
-            store_file = config_mod.load(routes_path).store.file
-        except ConfigError:
-            pass
-    return Inbox(open_database(Path(state_dir) / store_file, readonly=True))
+    return Inbox(open_store(state_dir, routes_path))
 
 
 def _time_arg(value: str | None) -> float | None:
@@ -288,13 +282,10 @@ def messages_list(
 
     Example: refloop messages list --type 'SIU^S1*' --status error --limit 20
     """
+    after = _time_arg(since)  # a usage error before anything is opened
     with errors():
         inbox = _open_inbox(state_dir, routes_path)
-        rows = list(
-            inbox.list(
-                since=_time_arg(since), message_type=message_type, status=status, limit=limit
-            )
-        )
+        rows = list(inbox.list(since=after, message_type=message_type, status=status, limit=limit))
     items = [
         {
             "id": r.id,
@@ -524,8 +515,8 @@ def replay(
         return f"{item.message_id:>7}  {item.message_type:<9} {old} -> {new}  {mark}  {events}"
 
     with errors():
-        cfg = config_mod.load(routes_path)
-        db_path = Path(state_dir) / cfg.store.file
+        cfg = load_routes(routes_path)
+        db_path = database_path(state_dir, cfg)
         bar_wanted = sys.stdout.isatty() and not as_json
         lines: list[str] = []
         with ExitStack() as stack:
@@ -635,4 +626,4 @@ def _register_groups() -> None:
 _register_groups()
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="refloop")

@@ -14,15 +14,14 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import click
 
-from engine import config as config_mod
+from engine.cli_common import open_store
 from engine.clock import WallClock, isoformat
-from engine.errors import ConfigError, StoreError
-from engine.store.db import Database, has_column, open_database
+from engine.errors import StoreError
+from engine.store.db import Database, has_column
 from engine.store.outbox import OUTBOX_STATUSES
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -55,13 +54,8 @@ def _login_name() -> str:
 
 
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
-    store_file = "refloop.db"
-    if routes_path and Path(routes_path).exists():
-        try:
-            store_file = config_mod.load(routes_path).store.file
-        except ConfigError:
-            pass
-    db = open_database(Path(state_dir) / store_file, readonly=readonly)
+    """The store (engine.cli_common.open_store), which must hold the outbox."""
+    db = open_store(state_dir, routes_path, readonly=readonly)
     if not has_column(db.conn, "outbox", "last_error"):
         db.close()
         raise StoreError("this database has no outbox yet (start refloop run once)")

@@ -29,8 +29,8 @@ def register(
 ) -> None:
     """Add the ``specialists`` group to ``main``."""
     from engine import specialists as lib
-    from engine.cli_tracker import _db_path, _login_name
-    from engine.store.db import open_database
+    from engine.cli_common import open_store
+    from engine.cli_tracker import _login_name
 
     @click.group("specialists")
     def specialists() -> None:
@@ -51,7 +51,7 @@ def register(
         Example: refloop specialists import /etc/refloop/specialists.csv
         """
         with errors():
-            db = open_database(_db_path(state_dir, routes_path))
+            db = open_store(state_dir, routes_path, readonly=False)
             try:
                 summary = lib.import_csv(db, Path(csv_file), WallClock(), actor=_login_name())
             finally:
@@ -71,7 +71,7 @@ def register(
         Example: refloop specialists list --json
         """
         with errors():
-            db = open_database(_db_path(state_dir, routes_path), readonly=True)
+            db = open_store(state_dir, routes_path)
             try:
                 rows = lib.list_specialists(db)
             finally:
@@ -103,7 +103,7 @@ def register(
         Example: refloop specialists show 1234567893 --json
         """
         with errors():
-            db = open_database(_db_path(state_dir, routes_path), readonly=True)
+            db = open_store(state_dir, routes_path)
             try:
                 found = lib.show_specialist(db, key)
             finally:

@@ -14,17 +14,16 @@ import json
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import click
 
-from engine import config as config_mod
 from engine import states
+from engine.cli_common import open_store
 from engine.clock import WallClock, isoformat, parse_iso
-from engine.errors import ConfigError, StoreError
+from engine.errors import StoreError
 from engine.store import audit as audit_store
-from engine.store.db import Database, open_database
+from engine.store.db import Database
 from engine.store.referrals import referral_tables_exist
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -57,18 +56,9 @@ def _login_name() -> str:
         return str(os.getuid())
 
 
-def _db_path(state_dir: str, routes_path: str) -> Path:
-    store_file = "refloop.db"
-    if routes_path and Path(routes_path).exists():
-        try:
-            store_file = config_mod.load(routes_path).store.file
-        except ConfigError:
-            pass
-    return Path(state_dir) / store_file
-
-
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
-    db = open_database(_db_path(state_dir, routes_path), readonly=readonly)
+    """The store (engine.cli_common.open_store), which must hold the referral tables."""
+    db = open_store(state_dir, routes_path, readonly=readonly)
     if not referral_tables_exist(db.conn):
         db.close()
         raise StoreError("this database has no referral tables yet (start refloop run once)")

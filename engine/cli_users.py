@@ -11,16 +11,13 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import click
 
-from engine import config as config_mod
 from engine.auth import ROLES, Auth
+from engine.cli_common import open_store
 from engine.clock import WallClock, isoformat
-from engine.errors import ConfigError
-from engine.store.db import Database, open_database
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -34,16 +31,6 @@ def register(
 ) -> None:
     """Add the ``users`` group to ``main``."""
     main.add_command(_build(state_option, routes_option, errors))
-
-
-def _open(state_dir: str, routes_path: str) -> Database:
-    store_file = "refloop.db"
-    if routes_path and Path(routes_path).exists():
-        try:
-            store_file = config_mod.load(routes_path).store.file
-        except ConfigError:
-            pass
-    return open_database(Path(state_dir) / store_file)
 
 
 def _password(from_stdin: bool) -> str:
@@ -87,7 +74,7 @@ def _build(
         """
         password = _password(password_stdin)
         with errors():
-            db = _open(state_dir, routes_path)
+            db = open_store(state_dir, routes_path, readonly=False)
             try:
                 auth = Auth(db, WallClock())
                 user = auth.add_user(name, role, password)
@@ -108,7 +95,7 @@ def _build(
         Example: refloop users list --json
         """
         with errors():
-            db = _open(state_dir, routes_path)
+            db = open_store(state_dir, routes_path, readonly=False)
             try:
                 rows = Auth(db, WallClock()).users()
             finally:
@@ -131,7 +118,7 @@ def _build(
         Example: refloop users disable bob
         """
         with errors():
-            db = _open(state_dir, routes_path)
+            db = open_store(state_dir, routes_path, readonly=False)
             try:
                 Auth(db, WallClock()).set_disabled(name, True)
             finally:
@@ -149,7 +136,7 @@ def _build(
         Example: refloop users token alice --label reporting-job
         """
         with errors():
-            db = _open(state_dir, routes_path)
+            db = open_store(state_dir, routes_path, readonly=False)
             try:
                 token = Auth(db, WallClock()).new_token(name, label)
             finally:

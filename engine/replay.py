@@ -27,8 +27,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from engine.clock import Clock, WallClock, isoformat
 from engine.config import Config
+from engine.errors import StoreError
 from engine.model import Decision, StoredMessage
 from engine.routes import (
     RouteTable,
@@ -41,6 +44,7 @@ from engine.routes import (
 from engine.store import Inbox, audit, open_database
 from engine.store.db import has_table
 from engine.store.decisions import DecisionRow, Decisions
+from engine.tracker import build_tracker
 
 log = logging.getLogger(__name__)
 
@@ -178,14 +182,24 @@ def replay(
     progress: Callable[[ReplayItem, int], None] | None = None,
 ) -> ReplaySummary:
     """Replay the selected messages through ``config``'s routes (ConfigError if they do
-    not compile). ``user`` is recorded with each re-applied decision. ``progress`` is
-    called after each message with the item and the number of messages selected."""
+    not compile; StoreError if there is no database at ``db_path``). ``track`` actions
+    go through ``tracker``, by default the daemon's (engine.tracker.build_tracker), in
+    the transaction that records the decision. ``user`` is recorded with each
+    re-applied decision. ``progress`` is called after each message with the item and
+    the number of messages selected."""
     from engine.routes import RouteHandler
 
     table = table or compile_config(config)
     clock = clock or WallClock()
+    if not Path(db_path).exists():  # never make up an empty database to replay into
+        raise StoreError(f"no database at {db_path}")
     db = open_database(db_path, readonly=dry_run)
     try:
+        if tracker is None and not dry_run:
+            # the daemon's own tracker; its metrics go to a registry nothing scrapes
+            tracker = build_tracker(
+                config, db, clock, policy=table.escalation, registry=CollectorRegistry()
+            )
         inbox = Inbox(db)
         decisions = Decisions(db)
         has_decisions = decisions.available()

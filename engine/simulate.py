@@ -583,7 +583,7 @@ class Simulation:
             "host": "127.0.0.1",
             "port": 0,
             "public_url": "http://127.0.0.1",
-            "confirm_key": "${env:SIM_CONFIRM_KEY}",
+            "confirm_key": f"${{env:SIM_CONFIRM_KEY:-{CONFIRM_KEY}}}",
         }
         for source in data.get("sources", {}).values():
             if source.get("type", "mllp") == "mllp":
@@ -594,13 +594,13 @@ class Simulation:
         webhook = {
             "type": "webhook",
             "url": "http://127.0.0.1:9/unused",
-            "secret": "${env:SIM_SECRET}",
+            "secret": f"${{env:SIM_SECRET:-{SIM_SECRET}}}",
         }
         data["channels"] = {
             "sms": {
                 "type": "sms",
                 "account_sid": "AC00000000000000000000000000000000",
-                "auth_token": "${env:SIM_TWILIO_TOKEN}",
+                "auth_token": f"${{env:SIM_TWILIO_TOKEN:-{SIM_TOKEN}}}",
                 "from_number": "+15550100000",
                 "status_callback_url": "https://sim.invalid/hooks/twilio/status",
             },
@@ -617,6 +617,8 @@ class Simulation:
         data["practice"] = practice
         if self.scenario.escalation is not None:
             data["escalation"] = self.scenario.escalation
+        # The simulated secrets are defaults in the file itself (they guard nothing), so
+        # the folder `--keep` leaves opens as it is: refloop ... --routes DIR/routes.yaml.
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "routes.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -43,6 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from engine import specialists, states
 from engine.canonical import canonical_json, digest, event_fingerprint
 from engine.clock import Clock, isoformat
+from engine.config import Config
 from engine.errors import StoreError
 from engine.escalation import Policy, TimerGroup, TimerSpec
 from engine.metrics import StoreCollector
@@ -1191,3 +1192,24 @@ def list_parked(db: Database, *, include_linked: bool = False) -> list[dict[str,
         }
         for p in store.list_parked(db.conn, include_linked=include_linked)
     ]
+
+
+def build_tracker(
+    config: Config,
+    db: Database,
+    clock: Clock,
+    *,
+    policy: EscalationPolicy,
+    registry: CollectorRegistry = REGISTRY,
+) -> Tracker:
+    """The tracker for ``config``, as the daemon runs it (engine.app) and as ``refloop
+    replay`` applies through it: one construction, so a replayed event has exactly the
+    effects it would have had on first processing. ``policy`` is the compiled routes'
+    escalation policy; ``registry`` receives the tracker's metrics."""
+    return Tracker(
+        db,
+        clock,
+        policy=policy,
+        metrics=TrackerMetrics(registry, db),
+        write_back=[s.name for s in config.fhir_sources if s.write_back.task],
+    )

@@ -390,11 +390,16 @@ class Daemon:
             return "(no log)"
 
 
-def refloop(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
-    """Run a ``refloop`` CLI command in a subprocess from the repo root."""
+def refloop(
+    *args: str, timeout: float = 30.0, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a ``refloop`` CLI command in a subprocess from the repo root (``stdin``: its
+    standard input; none by default)."""
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args],
         cwd=REPO,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
         timeout=timeout,
         check=False,

@@ -109,7 +109,9 @@ def test_roles() -> None:
 
 def test_users_cli(tmp_path: Path) -> None:
     runner = CliRunner()
-    state = ["--state", str(tmp_path / "state"), "--routes", str(tmp_path / "none.yaml")]
+    routes = tmp_path / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
+    state = ["--state", str(tmp_path / "state"), "--routes", str(routes)]
     added = runner.invoke(
         main, ["users", "add", "ada", "--role", "admin", "--password-stdin", "--token", *state],
         input=f"{PASSWORD}\n",

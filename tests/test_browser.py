@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run
+from playwright import async_api
 from ui_rig import PASSWORD, ref_i12, ui_engine
 
 from engine.store import audit as audit_store
@@ -39,8 +40,6 @@ if not CHROMIUM.exists():
     if os.environ.get("REFLOOP_REQUIRE_BROWSER") == "1":
         raise RuntimeError(f"{CHROMIUM} is missing: make test installs Debian's chromium")
     pytest.skip(f"{CHROMIUM} is not installed (make test installs it)", allow_module_level=True)
-
-async_api = pytest.importorskip("playwright.async_api")
 
 
 def test_coordinator_closes_a_referral_in_the_browser(tmp_path: Path) -> None:

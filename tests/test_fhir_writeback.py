@@ -240,9 +240,13 @@ def test_closing_a_loop_from_fhir_completes_the_task_through_the_outbox(tmp_path
                 assert eng.db is not None
                 await until(lambda: outbox_rows(eng) == [("fhir:ehr", "sent")])
                 # the same report again (a re-read) closes nothing twice and sends nothing
+                # (waits for that poll to finish and what it stored to be processed: the
+                # outbox row a second close would write commits with the processing)
                 server.tick()
-                poller.request_poll()
-                await asyncio.sleep(0.2)
+                await asyncio.wait_for(poller.request_poll(), WAIT)
+                processor, stored = eng.processor, eng.inbox
+                assert processor is not None and stored is not None
+                await until(lambda: processor.cursor >= stored.rows)
                 assert outbox_rows(eng) == [("fhir:ehr", "sent")]
             finally:
                 await eng.stop()

@@ -143,12 +143,12 @@ ALLOWED = {
         "message browser window: sorts the window's rows (ids need not follow received_at)",
     "SELECT … FROM messages WHERE +status = ? AND received_at >= ? AND received_at < ? "
     "ORDER BY id DESC LIMIT ?": "message browser window: sorts the window's rows",
-    "SELECT … FROM messages WHERE received_at >= ? AND +status = ? ORDER BY id DESC LIMIT ?":
+    "SELECT … FROM messages WHERE +status = ? AND received_at >= ? ORDER BY id DESC LIMIT ?":
         "`refloop messages list --since --status`: newest first back to since",
     "SELECT … FROM messages WHERE message_type >= ? AND message_type < ? ORDER BY id DESC "
-    "LIMIT ?": "message browser TYPE* prefix: sorts the prefix's rows",
+    "LIMIT ?": "message browser / `messages list --type TYPE*`: sorts the prefix's rows",
     "SELECT … FROM messages WHERE message_type GLOB ? ORDER BY id DESC LIMIT ?":
-        "`refloop messages list --type TYPE*`: sorts the prefix's rows",
+        "message browser / `messages list --type 'SIU^*12'`: sorts the prefix's rows",
     "SELECT … FROM report_referrals WHERE opened_at >= ? AND opened_at < ? AND "
     "(prev_opened_at IS NULL OR prev_opened_at < ?) GROUP BY ?":
         "closure report: sorts the period's referrals into groups",
@@ -262,6 +262,7 @@ def _operator_paths(db: Any, now: float) -> None:
         {"message_type": "ORM^O01"},
         {"message_type": "ORM^O01", "status": "routed"},
         {"message_type": "SIU*"},
+        {"message_type": "SIU^*12"},
         {"control_id": "X1", "status": "error"},
         {"since": now - 86400},
         {"since": now - 86400, "until": now},

@@ -1,5 +1,5 @@
-"""Replay: dry runs change nothing, a replay after a route change re-routes, and replaying
-twice hands the tracker nothing twice."""
+"""Replay: dry runs change nothing, a replay after a route change re-routes through the
+daemon's real tracker (the referrals appear), and replaying twice applies nothing twice."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ import asyncio
 import hashlib
 import json
 import sqlite3
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from helpers import query, refloop
 from prometheus_client import CollectorRegistry
 
 from engine import config
 from engine.app import Engine
 from engine.cli import main
 from engine.client import MllpClient
-from engine.model import Event
 from engine.replay import ReplayFilter, replay
 from engine.store import open_database
 from engine.store.decisions import Decisions
@@ -79,24 +80,14 @@ MESSAGES = [
 ]
 
 
-class FakeTracker:
-    def __init__(self) -> None:
-        self.applied: list[Event] = []
-
-    def apply(self, event: Event, conn: sqlite3.Connection) -> None:
-        self.applied.append(event)
-
-    def take_enqueued(self) -> int:
-        return 0  # this tracker never writes outbox rows
-
-
 def write(path: Path, text: str) -> config.Config:
     path.write_text(text)
     return config.load(path)
 
 
-async def ingest(cfg: config.Config, state: Path, tracker: FakeTracker) -> None:
-    engine = Engine(cfg, state, registry=CollectorRegistry(), tracker=tracker, drain_seconds=5)
+async def ingest(cfg: config.Config, state: Path) -> None:
+    """The messages through a real engine (and its own tracker) under ``cfg``'s routes."""
+    engine = Engine(cfg, state, registry=CollectorRegistry(), drain_seconds=5)
     await engine.start()
     try:
         client = await MllpClient.connect("127.0.0.1", engine.ports()["ehr"], timeout=5)
@@ -117,13 +108,38 @@ async def ingest(cfg: config.Config, state: Path, tracker: FakeTracker) -> None:
 
 
 @pytest.fixture
-def processed(tmp_path: Path) -> tuple[Path, Path, FakeTracker]:
+def processed(tmp_path: Path) -> tuple[Path, Path]:
     routes = tmp_path / "routes.yaml"
     cfg = write(routes, V1)
-    tracker = FakeTracker()
-    asyncio.run(ingest(cfg, tmp_path / "state", tracker))
-    assert [e.kind for e in tracker.applied] == ["appointment-booked"]
-    return routes, tmp_path / "state" / "refloop.db", tracker
+    asyncio.run(ingest(cfg, tmp_path / "state"))
+    db_path = tmp_path / "state" / "refloop.db"
+    # V1 tracks only the booking, which has no referral yet: parked, nothing created
+    assert referrals(routes, db_path) == []
+    parked = json.loads(cli(routes, db_path, "parked", "list", "--json").stdout)
+    assert [(p["kind"], p["placer_number"]) for p in parked] == [("appointment-booked", "REF-1")]
+    return routes, db_path
+
+
+def cli(routes: Path, db_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``refloop ARGS --routes ROUTES --state DIR`` (the executable), which must exit 0."""
+    result = refloop(*args, "--routes", str(routes), "--state", str(db_path.parent))
+    assert result.returncode == 0, result.stderr.decode()
+    return result
+
+
+def referrals(routes: Path, db_path: Path) -> list[tuple[str, str]]:
+    """(placer number, status) of every referral, as ``refloop referrals list`` shows them."""
+    out = json.loads(cli(routes, db_path, "referrals", "list", "--limit", "0", "--json").stdout)
+    return sorted((r["placer_number"], r["status"]) for r in out)
+
+
+def tracker_rows(db_path: Path) -> list[tuple[Any, ...]]:
+    """What the tracker wrote: referral events, timers and outbox rows."""
+    return [
+        *query(db_path, "SELECT referral_id, kind, message_id FROM referral_events ORDER BY id"),
+        *query(db_path, "SELECT referral_id, kind, due FROM timers ORDER BY id"),
+        *query(db_path, "SELECT id, channel, status FROM outbox ORDER BY id"),
+    ]
 
 
 def statuses(db_path: Path) -> list[tuple[int, str, str]]:
@@ -152,8 +168,8 @@ def data_checksum(db_path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_processing_records_decisions(processed: tuple[Path, Path, FakeTracker]) -> None:
-    _, db_path, _ = processed
+def test_processing_records_decisions(processed: tuple[Path, Path]) -> None:
+    _, db_path = processed
     assert statuses(db_path) == [
         (1, "filtered", "orders-ignored"),
         (2, "routed", "booked"),
@@ -172,8 +188,8 @@ def test_processing_records_decisions(processed: tuple[Path, Path, FakeTracker])
         db.close()
 
 
-def test_dry_run_changes_nothing(processed: tuple[Path, Path, FakeTracker]) -> None:
-    routes, db_path, _ = processed
+def test_dry_run_changes_nothing(processed: tuple[Path, Path]) -> None:
+    routes, db_path = processed
     cfg = write(routes, V2)
     before = data_checksum(db_path)
     summary = replay(db_path, cfg, ReplayFilter(), dry_run=True, user="tester")
@@ -188,27 +204,23 @@ def test_dry_run_changes_nothing(processed: tuple[Path, Path, FakeTracker]) -> N
     assert not by_id[2].changed
 
 
-def test_replay_after_route_change_reroutes_once(
-    processed: tuple[Path, Path, FakeTracker],
-) -> None:
-    routes, db_path, _ = processed
+def test_replay_after_route_change_reroutes_once(processed: tuple[Path, Path]) -> None:
+    routes, db_path = processed
     cfg = write(routes, V2)
-    tracker = FakeTracker()
-    first = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester", tracker=tracker)
+    first = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester")
     assert (first.changed, first.applied) == (2, 2)
-    assert [(e.kind, e.ids.placer_number) for e in tracker.applied] == [
-        ("referral-created", "REF-1"),
-        ("referral-created", "REF-3"),
-    ]
+    # REF-1's parked booking is linked when REF-1 is created (docs/referral-states.md)
+    assert referrals(routes, db_path) == [("REF-1", "patient-booked"), ("REF-3", "open")]
     assert statuses(db_path) == [
         (1, "routed", "orders"),
         (2, "routed", "booked"),
         (3, "routed", "orders"),
         (4, "filtered", ""),
     ]
-    second = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester", tracker=tracker)
+    written = tracker_rows(db_path)
+    second = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester")
     assert (second.changed, second.applied) == (0, 0)
-    assert len(tracker.applied) == 2  # nothing handed to the tracker twice
+    assert tracker_rows(db_path) == written  # nothing applied twice
     db = open_database(db_path, readonly=True)
     try:
         decisions = Decisions(db)
@@ -219,8 +231,34 @@ def test_replay_after_route_change_reroutes_once(
         db.close()
 
 
-def test_replay_filters(processed: tuple[Path, Path, FakeTracker]) -> None:
-    routes, db_path, _ = processed
+def test_replay_through_the_executable_reaches_the_tracker(processed: tuple[Path, Path]) -> None:
+    """The operator's repair: change routes.yaml, look (--dry-run), replay, replay again."""
+    routes, db_path = processed
+    write(routes, V2)
+    before = data_checksum(db_path)
+    dry = cli(routes, db_path, "replay", "--dry-run")
+    assert "4 selected, 2 would change, 0 skipped" in dry.stderr.decode() + dry.stdout.decode()
+    changed = [line.split()[0] for line in dry.stdout.decode().splitlines() if "changed" in line]
+    assert changed == ["1", "3"]
+    assert data_checksum(db_path) == before
+    assert referrals(routes, db_path) == []
+
+    first = cli(routes, db_path, "replay")
+    assert "4 selected, 2 re-applied, 0 skipped" in first.stdout.decode()
+    assert referrals(routes, db_path) == [("REF-1", "patient-booked"), ("REF-3", "open")]
+    parked = json.loads(cli(routes, db_path, "parked", "list", "--json").stdout)
+    assert parked == []  # the booking found its referral
+    written = tracker_rows(db_path)
+    assert written  # events, timers: the tracker ran
+
+    second = cli(routes, db_path, "replay")
+    assert "4 selected, 0 re-applied, 0 skipped" in second.stdout.decode()
+    assert tracker_rows(db_path) == written
+    assert referrals(routes, db_path) == [("REF-1", "patient-booked"), ("REF-3", "open")]
+
+
+def test_replay_filters(processed: tuple[Path, Path]) -> None:
+    routes, db_path = processed
     cfg = write(routes, V2)
     by_route = replay(db_path, cfg, ReplayFilter(route="booked"), dry_run=True)
     assert [i.message_id for i in by_route.items] == [2]
@@ -230,8 +268,8 @@ def test_replay_filters(processed: tuple[Path, Path, FakeTracker]) -> None:
     assert [i.message_id for i in by_id.items] == [3]
 
 
-def test_replay_cli_dry_run_json(processed: tuple[Path, Path, FakeTracker]) -> None:
-    routes, db_path, _ = processed
+def test_replay_cli_dry_run_json(processed: tuple[Path, Path]) -> None:
+    routes, db_path = processed
     write(routes, V2)
     before = data_checksum(db_path)
     result = CliRunner().invoke(
@@ -259,19 +297,8 @@ def test_replay_cli_dry_run_json(processed: tuple[Path, Path, FakeTracker]) -> N
     assert data_checksum(db_path) == before
 
 
-def test_replay_cli_real(processed: tuple[Path, Path, FakeTracker]) -> None:
-    routes, db_path, _ = processed
-    write(routes, V2)
-    args = ["replay", "--routes", str(routes), "--state", str(db_path.parent)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    assert "4 selected, 2 re-applied, 0 skipped" in result.output
-    again = CliRunner().invoke(main, args)
-    assert "4 selected, 0 re-applied, 0 skipped" in again.output
-
-
-def test_real_replay_is_audited(processed: tuple[Path, Path, FakeTracker]) -> None:
-    routes, db_path, _ = processed
+def test_real_replay_is_audited(processed: tuple[Path, Path]) -> None:
+    routes, db_path = processed
     cfg = write(routes, V2)
     replay(db_path, cfg, ReplayFilter(ids=(1,)), dry_run=False, user="tester")
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)

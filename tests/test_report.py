@@ -489,9 +489,10 @@ def test_no_referrals_no_samples(tmp_path: Path) -> None:
 
 
 def cli(state: Path, *args: str) -> Any:
+    routes = state.parent / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
     return CliRunner().invoke(
-        main,
-        ["report", "closure", "--state", str(state), "--routes", str(state / "none.yaml"), *args],
+        main, ["report", "closure", "--state", str(state), "--routes", str(routes), *args]
     )
 
 
@@ -544,8 +545,10 @@ def test_cli_table(state: Path) -> None:
 )
 def test_cli_bad_input(state: Path, args: tuple[str, ...], message: str) -> None:
     result = cli(state, *args)
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    # a usage error: one line, exit 1 (docs/cli.md)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.splitlines()) == 1
 
 
 def test_cli_no_database(tmp_path: Path) -> None:

@@ -22,17 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import schemathesis
 import yaml
 from helpers import free_port
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode, checks
 from ui_rig import PASSWORD, ref_i12, ui_config
 
+from engine.api import ROUTES
 from engine.client import MllpClient
-
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from schemathesis import GenerationMode, checks  # noqa: E402
-
-from engine.api import ROUTES  # noqa: E402
 
 REPORT = importlib.util.find_spec("engine.report") is not None
 EXAMPLES = 40  # per operation and mode: about 1,400 requests, well under a minute

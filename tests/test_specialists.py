@@ -195,7 +195,8 @@ def test_packet_routing_rule(
 
 def test_cli_import_list_show(tmp_path: Path, pki: Pki) -> None:
     state = tmp_path / "state"
-    routes = tmp_path / "none.yaml"
+    routes = tmp_path / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
     path = write(
         tmp_path,
         f"{NPI_A},,Dr Smith,Heart Group,cardiology,{SPECIALIST},,,{pki.specialist.cert_path}",

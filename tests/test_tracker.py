@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from engine import states
-from engine.cli_tracker import register
 from engine.clock import VirtualClock
 from engine.escalation import Policy
 from engine.model import EVENT_TYPES, Event, Identifiers, PatientContact, Provider
@@ -1020,18 +1019,16 @@ def test_window_is_configurable(db: Database) -> None:
 
 
 def _cli() -> click.Group:
-    @click.group()
-    def main() -> None:
-        """test root"""
+    """The ``refloop`` group users run (engine.cli registers these groups on it)."""
+    from engine.cli import main
 
-    register(main)
     return main
 
 
 def _invoke(state: Path, *args: str) -> Any:
-    return CliRunner().invoke(
-        _cli(), [*args, "--state", str(state), "--routes", str(state / "none.yaml")]
-    )
+    routes = state.parent / "routes.yaml"  # names no store file: the default, refloop.db
+    routes.write_text("version: 1\n")
+    return CliRunner().invoke(_cli(), [*args, "--state", str(state), "--routes", str(routes)])
 
 
 def test_cli_unmatched_report_parked_then_linked(tmp_path: Path) -> None:
@@ -1134,7 +1131,7 @@ def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     assert lines[-1]["actor"].startswith("operator:")
     future = _invoke(state, "audit", "export", "--since", "2100-01-01")
     assert json.loads(future.output) == []
-    assert _invoke(state, "audit", "export", "--since", "yesterday").exit_code == 2
+    assert _invoke(state, "audit", "export", "--since", "yesterday").exit_code == 1
 
 
 def test_cli_on_a_database_without_referral_tables(tmp_path: Path) -> None:
@@ -1151,7 +1148,8 @@ def test_every_command_has_an_example_and_is_documented() -> None:
     docs = "\n".join(p.read_text(encoding="utf-8") for p in (root / "docs").glob("*.md"))
     main = _cli()
     for group in main.commands.values():
-        assert isinstance(group, click.Group)
+        if not isinstance(group, click.Group):  # run, send, replay, simulate
+            continue
         for name, cmd in group.commands.items():
             assert "Example:" in (cmd.help or ""), name
             assert f"refloop {group.name} {name}" in docs
@@ -1308,8 +1306,7 @@ def test_hl7_through_routes(
     messages: list[tuple[str, tuple[str, ...]]],
     expected: tuple[str, str, str, str],
 ) -> None:
-    routes = pytest.importorskip("engine.routes")
-    from engine import config
+    from engine import config, routes
     from engine.hl7msg import Message
     from engine.model import Track
 

@@ -24,6 +24,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.db import Database
+from engine.store.message_filter import MessageFilter, where
 
 log = logging.getLogger(__name__)
 
@@ -229,37 +230,18 @@ class Inbox:
         limit: int = 50,
         newest_first: bool = True,
     ) -> Iterator[StoredMessage]:
-        """Metadata search on indexed columns; ``message_type`` accepts a ``*`` wildcard
-        (``SIU^S1*``). ``limit`` 0 means all."""
-        where: list[str] = []
-        args: list[Any] = []
-        if since is not None:
-            where.append("received_at >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("received_at < ?")
-            args.append(until)
-        if message_type:
-            if "*" in message_type:
-                where.append("message_type GLOB ?")
-            else:
-                where.append("message_type = ?")
-            args.append(message_type)
-        if status:
-            # the (status, id) index only when nothing narrower is given (see
-            # store.worklist.search_messages)
-            narrower = since is not None or until is not None or message_type or ids
-            where.append("+status = ?" if narrower else "status = ?")
-            args.append(status)
-        if source:
-            where.append("source = ?")
-            args.append(source)
-        if ids:
-            where.append(f"id IN ({','.join('?' * len(ids))})")
-            args.extend(ids)
-        sql = f"SELECT {_COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        """Metadata search on indexed columns (engine.store.message_filter: ``*`` in
+        ``message_type`` stands for any text). ``limit`` 0 means all."""
+        flt = MessageFilter(
+            message_type=message_type,
+            status=status,
+            source=source,
+            since=since,
+            until=until,
+            ids=tuple(ids or ()),
+        )
+        clause, args = where(flt)
+        sql = f"SELECT {_COLUMNS} FROM messages{clause}"
         sql += " ORDER BY id " + ("DESC" if newest_first else "ASC")
         if limit:
             sql += " LIMIT ?"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engine.store import message_filter
 from engine.store.referrals import Conn, ReferralRow, get_referral
 
 TASK_CHANNELS: Final = ("task", "coordinator")
@@ -149,45 +150,20 @@ def search_messages(
     before_id: int | None = None,
     limit: int = 50,
 ) -> list[MessageMeta]:
-    """Inbox metadata, newest first. Filters use the indexed columns (control id,
-    received time, message type; ``TYPE*`` is a prefix match; status) plus source."""
-    where: list[str] = []
-    args: list[Any] = []
-    if message_type:
-        if message_type.endswith("*") and "*" not in message_type[:-1]:
-            # a prefix range uses the (message_type, id) index; GLOB would too, but its
-            # metacharacters ([, ?) would need escaping
-            prefix = message_type[:-1]
-            where.append("message_type >= ? AND message_type < ?")
-            args.extend((prefix, prefix + "\U0010ffff"))
-        else:
-            where.append("message_type = ?")
-            args.append(message_type)
-    if control_id:
-        where.append("control_id = ?")
-        args.append(control_id)
-    if status:
-        # through the (status, id) index only when nothing narrower is given: beside a
-        # control id, a type or a time window it would walk every row of that status
-        narrower = message_type or control_id or since is not None or until is not None
-        where.append("+status = ?" if narrower else "status = ?")
-        args.append(status)
-    if source:
-        where.append("source = ?")
-        args.append(source)
-    if since is not None:
-        where.append("received_at >= ?")
-        args.append(since)
-    if until is not None:
-        where.append("received_at < ?")
-        args.append(until)
-    if before_id is not None:
-        where.append("id < ?")
-        args.append(before_id)
-    sql = f"SELECT {_META} FROM messages"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC LIMIT ?"
+    """Inbox metadata, newest first, selected by engine.store.message_filter (the filter
+    ``refloop messages list`` uses: ``*`` in ``message_type`` stands for any text)."""
+    clause, args = message_filter.where(
+        message_filter.MessageFilter(
+            message_type=message_type,
+            control_id=control_id,
+            status=status,
+            source=source,
+            since=since,
+            until=until,
+            before_id=before_id,
+        )
+    )
+    sql = f"SELECT {_META} FROM messages{clause} ORDER BY id DESC LIMIT ?"
     args.append(limit)
     return [_meta(r) for r in conn.execute(sql, args).fetchall()]
 

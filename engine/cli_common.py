@@ -1,0 +1,86 @@
+"""What every ``refloop`` command shares: the one way to find and open the database, and
+one-line usage errors.
+
+The database is ``<state>/<store.file>``, and only routes.yaml names ``store.file``. A
+routes.yaml that does not load is therefore an error (one line, exit 1), never a guess:
+falling back to a default name would open, or create, a different and empty database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from engine import config as config_mod
+from engine.errors import ConfigError
+from engine.store.db import Database, open_database
+
+
+def load_routes(routes_path: str) -> config_mod.Config:
+    """routes.yaml, loaded and validated; a file that does not load raises
+    ``click.ClickException`` with its first problem (``routes.yaml:LINE key: message``)
+    on one line, and how many more there are (``refloop routes check`` lists them)."""
+    try:
+        return config_mod.load(routes_path)
+    except ConfigError as exc:
+        first, *rest = exc.problems or [f"{routes_path}: invalid"]
+        more = f" (and {len(rest)} more: refloop routes check {routes_path})" if rest else ""
+        raise click.ClickException(first.replace("\n", " ") + more) from None
+
+
+def database_path(state_dir: str, config: config_mod.Config) -> Path:
+    """``<state>/<store.file>``: where the daemon run with this config keeps its database."""
+    return Path(state_dir) / config.store.file
+
+
+def open_store(state_dir: str, routes_path: str, *, readonly: bool = True) -> Database:
+    """Open the database the daemon started with ``--state``/``--routes`` uses.
+
+    ``readonly`` opens never create or migrate a file (``StoreError`` "no database at
+    PATH" when it is missing); writable opens create and migrate it, as the daemon does.
+    Raises ``click.ClickException`` (one line, exit 1) when routes.yaml does not load.
+    """
+    return open_database(database_path(state_dir, load_routes(routes_path)), readonly=readonly)
+
+
+class UsageFailure(click.ClickException):
+    """A usage error as docs/cli.md promises it: one line on stderr, exit status 1."""
+
+    exit_code = 1
+
+
+@contextmanager
+def _one_line_usage(ctx: click.Context | None) -> Iterator[None]:
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare group prints its help: nothing went wrong
+    except click.UsageError as exc:
+        at = exc.ctx or ctx
+        where = at.command_path if at is not None else "refloop"
+        message = " ".join(exc.format_message().split())
+        raise UsageFailure(f"{where}: {message} (see {where} --help)") from None
+
+
+class Group(click.Group):
+    """The ``refloop`` group: click's usage errors (unknown option or command, missing
+    argument, bad value), raised while parsing any subcommand or from a command's body,
+    become :class:`UsageFailure` (click prints them as three lines and exits 2)."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with _one_line_usage(parent):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage(ctx):
+            return super().invoke(ctx)
