@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from engine.cli_common import open_store
 from engine.clock import WallClock, parse_iso
 from engine.errors import StoreError
 from engine.store.db import Database, has_table
@@ -33,9 +34,7 @@ def register(
 
 
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
-    # The CLI's shared opener (the routes.yaml store file, the referral tables).
-    from engine.cli_tracker import _open as open_store
-
+    """The store through the CLI's one opener, which must hold the tasks table."""
     db = open_store(state_dir, routes_path, readonly=readonly)
     if not has_table(db.conn, "tasks"):
         db.close()
