@@ -51,8 +51,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine.hl7msg import split_messages  # noqa: E402
-from engine.mllp import Framer, frame  # noqa: E402
+from engine.hl7v2.message import split_messages  # noqa: E402
+from engine.hl7v2.mllp import Framer, frame  # noqa: E402
 
 HOST = "127.0.0.1"
 CORPUS = REPO.parent / "shared" / "corpus" / "hl7"

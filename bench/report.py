@@ -3,7 +3,7 @@
 Builds a real SQLite file (all migrations, so the report's table and its triggers too) with
 ``--n`` referrals, written in the order the engine writes them (referral, patient ids,
 events, then nudges marked sent), so the triggers fill ``report_referrals`` as they do in
-production, and times :func:`engine.report.closure_report` on it.
+production, and times :func:`engine.tracking.report.closure_report` on it.
 
 The population, deterministic for a seed:
 
@@ -38,10 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import states
-from engine.report import closure_ratios, closure_report
 from engine.store import open_database
 from engine.store.db import Database
+from engine.tracking import states
+from engine.tracking.report import closure_ratios, closure_report
 
 DAY = 86_400.0
 NOW = datetime(2026, 3, 1, tzinfo=UTC).timestamp()

@@ -27,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import states
 from engine.clock import VirtualClock
-from engine.escalation import DAY, Policy
 from engine.store import open_database
 from engine.store import referrals as rstore
 from engine.store.db import Database
-from engine.timers import TimerService
-from engine.tracker import Tracker
+from engine.timers.service import TimerService
+from engine.tracking import states
+from engine.tracking.escalation import DAY, Policy
+from engine.tracking.tracker import Tracker
 
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 

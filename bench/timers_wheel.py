@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.wheel import TimerWheel
+from engine.timers.wheel import TimerWheel
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY = 86_400.0

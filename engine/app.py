@@ -22,19 +22,19 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from engine.auth import Auth
 from engine.clock import Clock, WallClock
 from engine.config import Config
 from engine.config import load as load_config
 from engine.errors import ConfigError
-from engine.fhir_auth import make_auth
-from engine.fhir_source import FhirPoller, SubscriptionHooks
-from engine.http import HttpServer
-from engine.listener import MllpServer
+from engine.ingest.fhir import FhirPoller, SubscriptionHooks
+from engine.ingest.listener import MllpServer
+from engine.ingest.processor import Handler, Processor, no_routes
+from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
-from engine.pipeline import Handler, Processor, no_routes
-from engine.report import closure_ratios
 from engine.store import Database, Inbox, open_database
+from engine.tracking.report import closure_ratios
+from engine.web.auth import Auth
+from engine.web.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def default_handler(
     if "routes" not in config.sections:
         return no_routes
     try:  # compiled routes arrive with the routes module
-        routes = importlib.import_module("engine.routes")
+        routes = importlib.import_module("engine.routing.routes")
     except ModuleNotFoundError:
         return no_routes
     handler: Handler = routes.make_handler(config, db, tracker, clock=clock, metrics=metrics)
@@ -69,7 +69,9 @@ class Engine:
     registry: CollectorRegistry | None = None
     handler_factory: HandlerFactory = default_handler
     drain_seconds: float = 10.0
-    tracker: Any = None  # engine.tracker.Tracker; None: built at start when there are routes
+    tracker: Any = (
+        None  # engine.tracking.tracker.Tracker; None: built at start when there are routes
+    )
     dispatch_sleep: Any = None  # the dispatcher's sleep (tests: one that moves a VirtualClock)
     background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
 
@@ -80,7 +82,7 @@ class Engine:
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
         self.http: HttpServer | None = None
-        self.auth: Auth | None = None  # users, sessions and API tokens (engine.auth)
+        self.auth: Auth | None = None  # users, sessions and API tokens (engine.web.auth)
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
         self._poller_tasks: list[asyncio.Task[None]] = []
@@ -88,15 +90,15 @@ class Engine:
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
-        self.dispatcher: Any = None  # engine.dispatch.Dispatcher
-        self.hooks: Any = None  # engine.hooks.Hooks
+        self.dispatcher: Any = None  # engine.delivery.dispatch.Dispatcher
+        self.hooks: Any = None  # engine.delivery.webhooks.Hooks
         self._http_client: httpx.AsyncClient | None = None  # shared by the outbox channels
         self._dispatch_task: asyncio.Task[None] | None = None
-        self.timers: Any = None  # engine.timers.TimerService
+        self.timers: Any = None  # engine.timers.service.TimerService
         self._timer_task: asyncio.Task[None] | None = None
-        self.direct_listeners: list[Any] = []  # (name, channels.direct_inbound.DirectListener)
-        self.direct_pollers: list[Any] = []  # (name, channels.direct_inbound.ImapPoller)
-        self.direct_flow: Any = None  # engine.direct_flow.DirectFlow
+        self.direct_listeners: list[Any] = []  # (name, channels.direct.inbound.DirectListener)
+        self.direct_pollers: list[Any] = []  # (name, channels.direct.inbound.ImapPoller)
+        self.direct_flow: Any = None  # engine.delivery.direct_inbound.DirectFlow
         self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
         self._direct_tasks: list[asyncio.Task[None]] = []
 
@@ -165,9 +167,9 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
 
     def _mount_ui(self, http: HttpServer) -> None:
-        """The JSON API (engine.api) and the dashboard (engine.dashboard)."""
-        from engine.api import Api, Service
-        from engine.dashboard import Dashboard
+        """The JSON API (engine.web.api) and the dashboard (engine.web.dashboard)."""
+        from engine.web.api import Api, Service
+        from engine.web.dashboard import Dashboard
 
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None
@@ -214,8 +216,8 @@ class Engine:
 
     def _write_back_channels(self) -> dict[str, Any]:
         """An outbox channel ``fhir:<source>`` per FHIR source with ``write_back.task``
-        (engine.fhir_source.WriteBackChannel), on its poller's client and token cache."""
-        from engine.fhir_source import WriteBackChannel
+        (engine.ingest.fhir.WriteBackChannel), on its poller's client and token cache."""
+        from engine.ingest.fhir import WriteBackChannel
         from engine.model import write_back_channel
 
         return {
@@ -227,8 +229,8 @@ class Engine:
         }
 
     def _make_tracker(self) -> Any:
-        from engine.routes import compile_config
-        from engine.tracker import build_tracker
+        from engine.routing.routes import compile_config
+        from engine.tracking.tracker import build_tracker
 
         assert self.db is not None
         return build_tracker(
@@ -241,8 +243,8 @@ class Engine:
 
     def _make_timers(self) -> None:
         """The escalation timer service, when there is a tracker to act through."""
-        from engine.routes import compile_config
-        from engine.timers import TimerMetrics, TimerService
+        from engine.routing.routes import compile_config
+        from engine.timers.service import TimerMetrics, TimerService
 
         assert self.db is not None
         self.timers = TimerService(
@@ -258,16 +260,16 @@ class Engine:
             self._timer_task = asyncio.create_task(self.timers.run(), name="timers")
 
     def _build_outbox(self) -> None:
-        """The channels of routes.yaml, the dispatcher and the webhooks (engine.dispatch,
-        engine.hooks). Raises ConfigError when a channel's settings are unusable."""
-        from engine.channels_factory import build_channels, webhook_secret
-        from engine.direct_flow import DEFAULT_MDN_TIMEOUT, PacketEvents
-        from engine.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
-        from engine.hooks import Hooks
-        from engine.packet_flow import PacketBuilder
-        from engine.routes import ChannelSpec, compile_config
-        from engine.specialists import certificate_lookup
-        from engine.tasks import TaskQueue, builtin_channels
+        """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
+        engine.delivery.webhooks). Raises ConfigError when a channel's settings are unusable."""
+        from engine.delivery.direct_inbound import DEFAULT_MDN_TIMEOUT, PacketEvents
+        from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
+        from engine.delivery.factory import build_channels, webhook_secret
+        from engine.delivery.packet import PacketBuilder
+        from engine.delivery.task_queue import TaskQueue, builtin_channels
+        from engine.delivery.webhooks import Hooks
+        from engine.routing.routes import ChannelSpec, compile_config
+        from engine.tracking.specialists import certificate_lookup
 
         assert self.db is not None
         table = compile_config(self.config)
@@ -347,13 +349,13 @@ class Engine:
         )
 
     async def _start_direct(self) -> None:
-        """Inbound Direct of each ``direct`` channel (engine.direct_flow): the SMTP
+        """Inbound Direct of each ``direct`` channel (engine.delivery.direct_inbound): the SMTP
         listener of an ``inbound:`` block, which the HISP delivers MDNs, DSNs and replies
         to, and a task polling the mailbox of an ``imap:`` block. Every one is built
         before any starts, so a ConfigError leaves nothing running."""
-        from engine.channels_factory import build_direct_imap_poller, build_direct_listener
-        from engine.direct_flow import DirectFlow
-        from engine.routes import compile_config
+        from engine.delivery.direct_inbound import DirectFlow
+        from engine.delivery.factory import build_direct_imap_poller, build_direct_listener
+        from engine.routing.routes import compile_config
 
         table = compile_config(self.config)
         names = [n for n, s in table.channels.items() if s.type == "direct"]

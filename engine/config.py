@@ -7,7 +7,7 @@ secret sits in the file. This is the only module that reads the environment.
 
 This module parses the sections the engine core needs (``store``, ``http``, ``sources``)
 and keeps the others as located raw trees (:class:`Section`) for the modules that compile
-them (``engine.routes`` for ``routes`` and ``tables``).
+them (``engine.routing.routes`` for ``routes`` and ``tables``).
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ class FhirWriteBack:
 
 @dataclass(frozen=True, slots=True)
 class FhirSource:
-    """A ``sources.<name>`` of ``type: fhir`` (engine.fhir_source)."""
+    """A ``sources.<name>`` of ``type: fhir`` (engine.ingest.fhir)."""
 
     name: str
     base_url: str
@@ -437,7 +437,7 @@ class HttpConfig:
     # HMAC key (>= 32 bytes, ${file:}) of the /confirm/<token> links; "" = not mounted.
     confirm_key: str = field(default="", repr=False)
     # Host header values (host names, no port) the server answers; () = the default list
-    # (engine.http.allowed_hosts: the bind address, localhost, loopback, public_url's host).
+    # (engine.web.server.allowed_hosts: the bind address, localhost, loopback, public_url's host).
     allowed_hosts: tuple[str, ...] = ()
 
 

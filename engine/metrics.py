@@ -54,7 +54,7 @@ class TypeLabels:
         for name in sorted(set(names)):
             if _TYPE.fullmatch(name):
                 literal.add(name)
-            else:  # routes read a bare ``ADT`` as ``ADT`` or ``ADT^*`` (engine.routes)
+            else:  # routes read a bare ``ADT`` as ``ADT`` or ``ADT^*`` (engine.routing.routes)
                 forms = (name,) if "^" in name else (name, f"{name}^*")
                 regex = "|".join(fnmatch.translate(f) for f in forms)
                 patterns.append((name, re.compile(regex)))
@@ -188,7 +188,7 @@ class Metrics:
             ["status"],
             registry=registry,
         )
-        # Routing (engine.routes): labels are route names from routes.yaml, never content.
+        # Routing (engine.routing.routes): labels are route names from routes.yaml, never content.
         self.route_matched = Counter(
             "refloop_route_matched_total",
             "Messages a route matched and routed (or dropped on purpose).",
@@ -219,7 +219,7 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        # Outbox dispatch (engine.dispatch): labels are channel names from routes.yaml.
+        # Outbox dispatch (engine.delivery.dispatch): labels are channel names from routes.yaml.
         self.outbox_depth = Gauge(
             "refloop_outbox_depth",
             "Outbox rows pending or being sent, by channel.",
@@ -259,7 +259,7 @@ class Metrics:
         )
 
     def name_message_types(self, names: Iterable[str]) -> None:
-        """The message type patterns the routes name (engine.routes.make_handler, at
+        """The message type patterns the routes name (engine.routing.routes.make_handler, at
         start and on each reload): the ``type`` label's values."""
         self.type_labels = TypeLabels(names)
 
@@ -287,7 +287,7 @@ class Metrics:
         interval: float = 300.0,
     ) -> None:
         """Export ``refloop_closure_ratio{window}`` from ``ratios(now)`` (the daemon
-        passes engine.report.closure_ratios bound to its connection)."""
+        passes engine.tracking.report.closure_ratios bound to its connection)."""
         self.registry.register(ClosureRatio(ratios, now, interval=interval))
 
 

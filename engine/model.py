@@ -68,7 +68,7 @@ class Inbound:
     text_encoding: str  # the Python codec that decodes ``raw`` ("utf-8", "latin-1", "ascii")
     reject: tuple[str, str, str, str] | None = None  # (ack, 0357 code, location, reason)
     batch_ref: str = ""  # BHS-11 of the batch it came in, if any
-    # Used when ``msh`` is None (FHIR resources, engine.fhir_source): what stands in for
+    # Used when ``msh`` is None (FHIR resources, engine.ingest.fhir): what stands in for
     # MSH-3 / MSH-10 / MSH-9 in the inbox row and its dedupe key.
     sender: str = ""  # e.g. the FHIR source's name
     control_id: str = ""  # e.g. "ServiceRequest/123/_history/2"
@@ -274,7 +274,7 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
 
 
 # ---------------------------------------------------------------------------
-# Routing decisions: what routes.yaml made of one message (engine.routes.decide).
+# Routing decisions: what routes.yaml made of one message (engine.routing.routes.decide).
 # Pure values; the handler applies them (tracker, outbox) inside the processing
 # transaction, and the decisions table records them for replay.
 
@@ -442,7 +442,7 @@ class SmsReply:
 
 
 # ---------------------------------------------------------------------------
-# Specialist packet (engine.packet_source reads it from HL7; channels.packet renders it)
+# Specialist packet (engine.delivery.packet_source reads it from HL7; channels.packet renders it)
 # and what the Direct listener makes of inbound mail. All of it is PHI: store, never log.
 
 
@@ -494,7 +494,7 @@ DirectDisposition = Literal["processed", "dispatched", "failed", "other"]
 class MdnResult:
     """A signed, trusted MDN (RFC 8098) about a message we sent, signed by a certificate
     bound to ``sender`` (the engine acts on it only if ``sender`` is the packet's
-    recipient: ``engine.direct_flow``).
+    recipient: ``engine.delivery.direct_inbound``).
 
     ``disposition``: ``processed`` (the receiving HISP accepted it: "delivered"),
     ``dispatched`` (handed to the recipient: "confirmed"), ``failed``, or ``other``
@@ -569,7 +569,7 @@ DirectInbound = MdnResult | DsnResult | ReplyWithAttachments | Quarantined
 
 
 # ---------------------------------------------------------------------------
-# FHIR write-back (engine.fhir_source.write_back_task): what the tracker / outbox hands
+# FHIR write-back (engine.ingest.fhir.write_back_task): what the tracker / outbox hands
 # over when a referral's loop closes. FHIR references, no free text.
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from channels.smime import Identity
+from channels.direct.smime import Identity
 
 NOW = dt.datetime.now(dt.UTC)
 

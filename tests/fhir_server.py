@@ -34,7 +34,7 @@ import jwt
 from aiohttp import web
 from fhir.resources.R4B import get_fhir_model_class
 
-from engine.fhir_source import validate_resource
+from engine.ingest.fhir import validate_resource
 
 CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "fhir"
 FHIR_JSON = "application/fhir+json"

@@ -33,7 +33,7 @@ import yaml
 from engine.app import Engine
 from engine.clock import Clock, WallClock
 from engine.config import Config, loads
-from engine.mllp import Framer, frame
+from engine.hl7v2.mllp import Framer, frame
 
 T = TypeVar("T")
 
@@ -113,7 +113,7 @@ def hl7(
 
 
 # ---------------------------------------------------------------------------
-# Reading replies (independently of engine.ack and engine.client)
+# Reading replies (independently of engine.hl7v2.ack and engine.hl7v2.client)
 
 
 @dataclass(frozen=True)

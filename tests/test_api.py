@@ -15,12 +15,12 @@ import pytest
 from helpers import run
 from ui_rig import UiRig, ref_i12, ui_engine
 
-from engine.api import ROUTES, build_openapi
 from engine.clock import isoformat
 from engine.model import AppointmentBooked, Identifiers
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
 from engine.store import referrals as referral_store
+from engine.web.api import ROUTES, build_openapi
 
 Body = Callable[[UiRig, httpx.AsyncClient], Awaitable[None]]
 
@@ -173,7 +173,7 @@ def test_parked_link_outbox_retry_and_tasks(tmp_path: Path) -> None:
         assert [r["actor"] for r in audit_rows(rig, "appointment-booked")] == ["user:casey"]
 
         # the packet went to a coordinator task (no channels configured): the built-in
-        # queue delivered it (engine.tasks); a coordinator assigns and completes it
+        # queue delivered it (engine.delivery.task_queue); a coordinator assigns and completes it
         tasks = (await http.get(f"{rig.base}/api/tasks", headers=casey)).json()["items"]
         (task,) = [t for t in tasks if t["referral_id"] == e]
         assert (task["status"], task["template"]) == ("open", "no-way-to-reach-specialist")

@@ -11,12 +11,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from engine.cli_tracker import register
+from engine.cli.tracker import register
 from engine.clock import VirtualClock
 from engine.model import Identifiers, ReferralCreated, ReportReceived
 from engine.store import audit as audit_store
 from engine.store.db import open_database
-from engine.tracker import Tracker
+from engine.tracking.tracker import Tracker
 
 T0 = 1_767_225_600.0
 ROWS = 8

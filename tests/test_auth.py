@@ -1,4 +1,4 @@
-"""engine.auth without HTTP: scrypt hashes, sessions and API tokens stored hashed, the
+"""engine.web.auth without HTTP: scrypt hashes, sessions and API tokens stored hashed, the
 login rate limit on a virtual clock, CSRF tokens, roles; and ``refloop users``."""
 
 from __future__ import annotations
@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.auth import (
+from engine.cli.main import main
+from engine.clock import VirtualClock
+from engine.store.db import open_database
+from engine.web.auth import (
     PERMISSIONS,
     SESSION_SECONDS,
     Auth,
@@ -20,9 +23,6 @@ from engine.auth import (
     token_hash,
     verify_password,
 )
-from engine.cli import main
-from engine.clock import VirtualClock
-from engine.store.db import open_database
 
 PASSWORD = "correct horse battery"
 

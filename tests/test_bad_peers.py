@@ -12,7 +12,7 @@ from helpers import WAIT, Peer, Reply, hl7, mllp_port, peer, run, running_engine
 
 from engine.app import Engine
 from engine.clock import VirtualClock
-from engine.mllp import frame
+from engine.hl7v2.mllp import frame
 
 IDLE = 200
 

@@ -1,4 +1,4 @@
-"""engine.client.MllpClient against a real listener, and reading ACKs with ack_code."""
+"""engine.hl7v2.client.MllpClient against a real listener, and reading ACKs with ack_code."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from helpers import hl7, mllp_port, run, running_engine
 
-from engine.client import AckResult, MllpClient, ack_code, normalise
 from engine.errors import EngineError
+from engine.hl7v2.client import AckResult, MllpClient, ack_code, normalise
 
 
 def test_client_reads_aa_ar_and_batch_replies(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from helpers import CORPUS, Peer, Reply, hl7, mllp_port, query, run, running_engine
 
 from engine.errors import MessageRejected
-from engine.hl7msg import read_msh, split_messages
+from engine.hl7v2.message import read_msh, split_messages
 
 if not CORPUS.is_dir():  # every corpus file must be checked: a missing corpus fails
     raise RuntimeError(f"shared HL7 corpus not found at {CORPUS} (clone beside ../shared)")

@@ -18,8 +18,8 @@ from helpers import run
 from ui_rig import PASSWORD, UiRig, csrf_of, login, ref_i12, ui_engine
 
 from engine.clock import VirtualClock
-from engine.dashboard import bar_chart
 from engine.store import audit as audit_store
+from engine.web.dashboard import bar_chart
 
 Body = Callable[[UiRig, httpx.AsyncClient], Awaitable[None]]
 

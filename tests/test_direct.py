@@ -27,13 +27,8 @@ from direct_pki import (
 )
 from helpers import run
 
-from channels import smime
-from channels.direct import (
-    DISPOSITION_OPTIONS,
-    DirectChannel,
-    HispSettings,
-    new_message_id,
-)
+from channels.direct import smime
+from channels.direct.send import DISPOSITION_OPTIONS, DirectChannel, HispSettings, new_message_id
 from engine.errors import ChannelError
 from engine.model import Attachment, OutboundMessage
 

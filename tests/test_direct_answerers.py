@@ -52,17 +52,17 @@ from prometheus_client import CollectorRegistry
 from test_fax import FakePhaxio, serve
 from test_packet_flow import NPI_DIRECT, T0, config, ref_i12
 
-from channels import smime
+from channels.direct import smime
 from engine.app import Engine
-from engine.client import MllpClient
 from engine.clock import VirtualClock
+from engine.hl7v2.client import MllpClient
 from engine.model import Identifiers, Provider, ReferralCreated
-from engine.specialists import import_csv
 from engine.store import db as db_module
 from engine.store import outbox
 from engine.store import referrals as rstore
 from engine.store.db import open_database
-from engine.tracker import Tracker
+from engine.tracking.specialists import import_csv
+from engine.tracking.tracker import Tracker
 
 THIRD = "intake@direct.otherclinic.test"  # another clinic, same trust anchor
 NURSE = "nurse@direct.specialist.test"  # the specialist's colleague: same domain

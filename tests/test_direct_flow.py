@@ -18,14 +18,13 @@ import pytest
 import yaml
 from direct_pki import SPECIALIST, Pki, make_direct_pki
 
-from channels.fax import SIGNATURE_HEADER, phaxio_signature
+from channels.fax.phaxio import SIGNATURE_HEADER, phaxio_signature
 from engine.app import Engine
 from engine.clock import VirtualClock, isoformat
 from engine.config import loads
-from engine.direct_flow import MDN_TIMEOUT_KIND, DirectFlow, PacketEvents
-from engine.dispatch import Dispatcher, Renderer, RetryPolicy
+from engine.delivery.direct_inbound import MDN_TIMEOUT_KIND, DirectFlow, PacketEvents
+from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy
 from engine.errors import ChannelError
-from engine.escalation import DAY, Policy
 from engine.model import (
     AppointmentBooked,
     Attachment,
@@ -40,14 +39,15 @@ from engine.model import (
     ReplyWithAttachments,
     SendReceipt,
 )
-from engine.routes import ChannelSpec, PracticeSpec
-from engine.specialists import import_csv
+from engine.routing.routes import ChannelSpec, PracticeSpec
 from engine.store import outbox
 from engine.store import referrals as rstore
 from engine.store.db import Database, open_database
 from engine.store.inbox import Inbox
-from engine.timers import TimerService
-from engine.tracker import Tracker
+from engine.timers.service import TimerService
+from engine.tracking.escalation import DAY, Policy
+from engine.tracking.specialists import import_csv
+from engine.tracking.tracker import Tracker
 
 T0 = 1_767_225_600.0
 HOUR = 3600.0

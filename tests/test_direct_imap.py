@@ -37,19 +37,19 @@ from direct_pki import (
 from helpers import run
 from prometheus_client import CollectorRegistry
 
-from channels import smime
-from channels.direct_inbound import DirectHandler, ImapPoller, ImapSettings
+from channels.direct import smime
+from channels.direct.inbound import DirectHandler, ImapPoller, ImapSettings
 from engine.app import Engine
-from engine.channels_factory import build_direct_imap_poller
 from engine.clock import VirtualClock, WallClock
 from engine.config import loads
-from engine.direct_flow import MDN_TIMEOUT_KIND
+from engine.delivery.direct_inbound import MDN_TIMEOUT_KIND
+from engine.delivery.factory import build_direct_imap_poller
 from engine.errors import ConfigError
 from engine.model import DirectInbound, Identifiers, MdnResult, Provider, ReferralCreated
-from engine.routes import ChannelSpec, compile_config
-from engine.specialists import import_csv
+from engine.routing.routes import ChannelSpec, compile_config
 from engine.store import outbox
 from engine.store import referrals as rstore
+from engine.tracking.specialists import import_csv
 
 T0 = WallClock().now()  # certificates are checked at the clock's time
 NPI = "1234567893"

@@ -24,8 +24,8 @@ from direct_pki import (
 )
 from helpers import run
 
-from channels import smime
-from channels.direct_inbound import (
+from channels.direct import smime
+from channels.direct.inbound import (
     DirectHandler,
     DirectListener,
     ListenerSettings,
@@ -422,7 +422,7 @@ class FakeImap:
 
 
 def test_imap_poller_hands_on_then_marks_seen(pki: Pki) -> None:
-    from channels.direct_inbound import ImapPoller, ImapSettings
+    from channels.direct.inbound import ImapPoller, ImapSettings
 
     fake = FakeImap(
         {

@@ -29,20 +29,20 @@ import pytest  # noqa: E402
 from aiohttp import web  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from channels.sms import SmsConfig, TwilioSms  # noqa: E402
+from channels.sms.twilio import SmsConfig, TwilioSms  # noqa: E402
 from channels.webhook import IDEMPOTENCY_HEADER, WebhookChannel, WebhookConfig  # noqa: E402
-from engine.channels_factory import build_channels  # noqa: E402
 from engine.clock import Clock, VirtualClock, WallClock  # noqa: E402
-from engine.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation  # noqa: E402
+from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation  # noqa: E402
+from engine.delivery.factory import build_channels  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
-from engine.escalation import Policy  # noqa: E402
 from engine.metrics import Metrics  # noqa: E402
 from engine.model import Identifiers, PatientContact, Provider, ReferralCreated  # noqa: E402
-from engine.routes import ChannelSpec, PracticeSpec  # noqa: E402
+from engine.routing.routes import ChannelSpec, PracticeSpec  # noqa: E402
 from engine.store import outbox  # noqa: E402
 from engine.store import referrals as referral_store  # noqa: E402
 from engine.store.db import Database, open_database  # noqa: E402
-from engine.tracker import Tracker  # noqa: E402
+from engine.tracking.escalation import Policy  # noqa: E402
+from engine.tracking.tracker import Tracker  # noqa: E402
 
 T0 = 1_767_225_600.0
 SECRET = "dispatch-test-secret-0123456789"

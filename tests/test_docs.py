@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import config
 from engine.app import Engine
-from engine.cli import main
+from engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

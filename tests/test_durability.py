@@ -16,7 +16,7 @@ import signal
 import pytest
 from helpers import Daemon, Reply, hl7, peer, query, run
 
-from engine.mllp import frame
+from engine.hl7v2.mllp import frame
 
 MESSAGES = 3000
 CONNECTIONS = 8

@@ -9,7 +9,7 @@ import pytest
 
 from engine.config import loads
 from engine.errors import ConfigError
-from engine.escalation import (
+from engine.tracking.escalation import (
     DAY,
     ContactRules,
     Policy,

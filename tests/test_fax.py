@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from helpers import REPO, refloop, run
 
-from channels.fax import (
+from channels.fax.phaxio import (
     FaxChannel,
     PhaxioProvider,
     newer,
@@ -27,10 +27,10 @@ from channels.fax import (
     phaxio_signature,
     verify_phaxio_signature,
 )
-from channels.fax_webhook import phaxio_webhook
+from channels.fax.webhook import phaxio_webhook
 from engine.errors import ChannelError
 from engine.model import Attachment, DeliveryUpdate, OutboundMessage
-from engine.routes import CHANNEL_TYPES
+from engine.routing.routes import CHANNEL_TYPES
 
 PDF = b"%PDF-1.4\nfax me\n%%EOF\n"
 TOKEN = "callback-token"

@@ -17,8 +17,8 @@ from helpers import run
 from engine.clock import VirtualClock
 from engine.config import FhirAuth, FhirQuery, FhirSource, loads
 from engine.errors import ConfigError
-from engine.fhir_auth import AuthError, BearerAuth, SmartBackendAuth, send
-from engine.fhir_source import FhirPoller
+from engine.ingest.fhir import FhirPoller
+from engine.ingest.smart_auth import AuthError, BearerAuth, SmartBackendAuth, send
 from engine.store import Inbox, open_database
 
 

@@ -17,8 +17,8 @@ from fhir_server import FhirServer, corpus_resources, make_service_request
 from helpers import run
 
 from engine.config import FhirQuery, FhirSource
-from engine.fhir_auth import NoAuth
-from engine.fhir_source import FhirPoller, FhirSourceError, cursor_key, resource_inbound
+from engine.ingest.fhir import FhirPoller, FhirSourceError, cursor_key, resource_inbound
+from engine.ingest.smart_auth import NoAuth
 from engine.store import Inbox, open_database
 
 TYPES = ("ServiceRequest", "Appointment", "DiagnosticReport", "DocumentReference", "Task")

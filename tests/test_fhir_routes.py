@@ -14,12 +14,12 @@ from helpers import hl7
 from engine.clock import VirtualClock
 from engine.config import load, loads
 from engine.errors import ConfigError
-from engine.fhir_routes import FhirPath, FhirResource, reference_key
-from engine.hl7msg import Message
+from engine.hl7v2.message import Message
 from engine.model import Event, StoredMessage
-from engine.routes import RouteTable, compile_config, decide, decide_fhir, decide_stored
+from engine.routing.fhirpath import FhirPath, FhirResource, reference_key
+from engine.routing.routes import RouteTable, compile_config, decide, decide_fhir, decide_stored
 from engine.store import open_database
-from engine.tracker import Tracker, list_referrals, show_referral
+from engine.tracking.tracker import Tracker, list_referrals, show_referral
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from helpers import WAIT, run
 
 from engine.app import Engine
 from engine.config import loads
-from engine.fhir_source import parse_notification
+from engine.ingest.fhir import parse_notification
 
 SECRET = "hook-secret-123"
 

@@ -16,8 +16,8 @@ from helpers import WAIT, Daemon, query, run, shipped_routes
 from engine.app import Engine
 from engine.config import FhirSource, FhirWriteBack, loads
 from engine.errors import ChannelError
-from engine.fhir_auth import NoAuth
-from engine.fhir_source import completed_task, validate_resource, write_back_task
+from engine.ingest.fhir import completed_task, validate_resource, write_back_task
+from engine.ingest.smart_auth import NoAuth
 from engine.model import LoopClosure
 
 CLOSED_AT = 1_767_312_000.0  # 2026-01-02T00:00:00Z

@@ -21,7 +21,7 @@ from helpers import Daemon, peer, query, refloop, run, shipped_routes
 
 from engine.config import load
 from engine.model import Event, StoredMessage, to_plain
-from engine.routes import compile_config, decide_stored
+from engine.routing.routes import compile_config, decide_stored
 from engine.store import Inbox, open_database
 
 REF = (

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from engine.metrics import Metrics
 from engine.store.db import open_database
-from engine.timers import TimerMetrics
-from engine.tracker import TrackerMetrics
+from engine.timers.service import TimerMetrics
+from engine.tracking.tracker import TrackerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "docs" / "grafana" / "refloop.json"

@@ -26,7 +26,7 @@ from helpers import (
 
 from engine.app import Engine
 from engine.clock import VirtualClock
-from engine.mllp import frame
+from engine.hl7v2.mllp import frame
 
 BARE_MSH = b"MSH\rPID|1||12345^^^MRN||DOE^JANE\r"
 

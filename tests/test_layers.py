@@ -44,13 +44,13 @@ LOW = (
     "engine.errors",
     "engine.config",
     "engine.clock",
-    "engine.mllp",
-    "engine.hl7msg",
-    "engine.wheel",
-    "engine.states",
-    "engine.escalation",
+    "engine.hl7v2.mllp",
+    "engine.hl7v2.message",
+    "engine.timers.wheel",
+    "engine.tracking.states",
+    "engine.tracking.escalation",
 )
-TOP = ("engine.app", "engine.cli", "engine.cli_*", "engine.simulate")
+TOP = ("engine.app", "engine.cli", "engine.cli.*", "engine.sim", "engine.sim.*")
 
 RULES: tuple[Rule, ...] = (
     Rule(
@@ -68,7 +68,13 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "low layers do not reach up",
         who=LOW,
-        forbid=(*TOP, "engine.store", "engine.pipeline", "engine.tracker", "engine.routes"),
+        forbid=(
+            *TOP,
+            "engine.store",
+            "engine.ingest.processor",
+            "engine.tracking.tracker",
+            "engine.routing.routes",
+        ),
     ),
     Rule(
         "only the composition root and the CLI import the composition root and the CLI",
@@ -81,18 +87,18 @@ RULES: tuple[Rule, ...] = (
         who=("engine.store.*",),
         forbid=(
             *TOP,
-            "engine.pipeline",
-            "engine.tracker",
-            "engine.routes",
-            "engine.dispatch",
-            "engine.listener",
-            "engine.http",
-            "engine.api",
-            "engine.dashboard",
+            "engine.ingest.processor",
+            "engine.tracking.tracker",
+            "engine.routing.routes",
+            "engine.delivery.dispatch",
+            "engine.ingest.listener",
+            "engine.web.server",
+            "engine.web.api",
+            "engine.web.dashboard",
         ),
     ),
     Rule(
-        "MLLP is engine/mllp.py and engine/listener.py, not python-hl7's",
+        "MLLP is engine/hl7v2/mllp.py and engine/ingest/listener.py, not python-hl7's",
         who=("engine.*", "channels.*"),
         forbid=("hl7.mllp",),
     ),
@@ -253,9 +259,9 @@ def test_the_repository_keeps_the_layering_rules() -> None:
 def test_the_checker_sees_the_repository() -> None:
     """A checker that reads nothing passes everything: make sure it reads the real tree."""
     found = modules(ROOT)
-    assert {"engine.app", "engine.store.db", "channels.sms", "engine.metrics"} <= set(found)
-    assert "engine.routes" in imports("engine.app", found["engine.app"])  # importlib
-    assert "engine.app" in imports("engine.cli", found["engine.cli"])  # a local import
+    assert {"engine.app", "engine.store.db", "channels.sms.twilio", "engine.metrics"} <= set(found)
+    assert "engine.routing.routes" in imports("engine.app", found["engine.app"])  # importlib
+    assert "engine.app" in imports("engine.cli.main", found["engine.cli.main"])  # a local import
 
 
 # -- the self-test: each planted violation fails the check -----------------------
@@ -270,51 +276,66 @@ CLEAN = {
         "def open_database(p):\n    c = sqlite3.connect(p)\n    c.execute('select 1')\n"
         "    sqlite_utils.Database(c).query('select 1')\n    return c\n"
     ),
-    "engine/pipeline.py": "from engine.store import open_database\nfrom engine import model\n",
-    "engine/app.py": (
-        "import importlib\nfrom engine import pipeline\n\n"
-        "def load():\n    return importlib.import_module('engine.pipeline')\n"
+    "engine/ingest/__init__.py": "",
+    "engine/ingest/processor.py": (
+        "from engine.store import open_database\nfrom engine import model\n"
     ),
-    "engine/cli.py": "def main():\n    from engine.app import load\n    return load()\n",
-    "engine/hl7msg.py": "import hl7\n",
+    "engine/app.py": (
+        "import importlib\nfrom engine.ingest import processor\n\n"
+        "def load():\n    return importlib.import_module('engine.ingest.processor')\n"
+    ),
+    "engine/cli/__init__.py": "",
+    "engine/cli/main.py": "def main():\n    from engine.app import load\n    return load()\n",
+    "engine/hl7v2/__init__.py": "",
+    "engine/hl7v2/message.py": "import hl7\n",
     "channels/__init__.py": "",
     "channels/base.py": "from engine.errors import EngineError\nfrom engine.model import X\n",
-    "channels/sms.py": "from channels.base import EngineError\n",
+    "channels/sms/__init__.py": "",
+    "channels/sms/twilio.py": "from channels.base import EngineError\n",
 }
 
 PLANTED = {
-    "sqlite_utils-query": ("engine/pipeline.py", "def f(db):\n    db.query('select 1')\n"),
-    "sqlite_utils-table": ("engine/pipeline.py", "def f(db):\n    db['t'].insert({'a': 1})\n"),
-    "sqlite_utils-import": ("engine/pipeline.py", "import sqlite_utils\n"),
+    "sqlite_utils-query": ("engine/ingest/processor.py", "def f(db):\n    db.query('select 1')\n"),
+    "sqlite_utils-table": (
+        "engine/ingest/processor.py",
+        "def f(db):\n    db['t'].insert({'a': 1})\n",
+    ),
+    "sqlite_utils-import": ("engine/ingest/processor.py", "import sqlite_utils\n"),
     "aliased-execute": (
-        "engine/pipeline.py",
+        "engine/ingest/processor.py",
         "def f(conn):\n    run = conn.execute\n    run('delete from t')\n",
     ),
     "getattr-execute": (
-        "engine/pipeline.py",
+        "engine/ingest/processor.py",
         "def f(conn):\n    getattr(conn, 'execute')('delete from t')\n",
     ),
     "from-engine-import-store": ("engine/model.py", "from engine import store\n"),
     "relative-import-store": ("engine/model.py", "from . import store\n"),
-    "channel-from-engine-import": ("channels/sms.py", "from engine import pipeline\n"),
+    "channel-from-engine-import": (
+        "channels/sms/twilio.py",
+        "from engine.ingest import processor\n",
+    ),
     "channel-local-import": (
-        "channels/sms.py",
+        "channels/sms/twilio.py",
         "def f():\n    from engine.store import db\n    return db\n",
     ),
     "importlib-literal": (
-        "channels/sms.py",
+        "channels/sms/twilio.py",
         "import importlib\nstore = importlib.import_module('engine.store')\n",
     ),
     "importlib-computed": (
-        "engine/pipeline.py",
+        "engine/ingest/processor.py",
         "import importlib\nname = 'sqlite' + '3'\nm = importlib.import_module(name)\n",
     ),
-    "dunder-import": ("engine/pipeline.py", "m = __import__('sqlite3')\n"),
-    "hl7-mllp": ("engine/pipeline.py", "from hl7.mllp import open_hl7_connection\n"),
-    "second-hl7-user": ("channels/sms.py", "import hl7.client\n"),
-    "middle-imports-app": ("engine/pipeline.py", "def f():\n    from engine.app import load\n"),
-    "middle-imports-app-from": ("engine/pipeline.py", "from engine import app\n"),
-    "store-imports-pipeline": ("engine/store/db.py", "from engine import pipeline\n"),
+    "dunder-import": ("engine/ingest/processor.py", "m = __import__('sqlite3')\n"),
+    "hl7-mllp": ("engine/ingest/processor.py", "from hl7.mllp import open_hl7_connection\n"),
+    "second-hl7-user": ("channels/sms/twilio.py", "import hl7.client\n"),
+    "middle-imports-app": (
+        "engine/ingest/processor.py",
+        "def f():\n    from engine.app import load\n",
+    ),
+    "middle-imports-app-from": ("engine/ingest/processor.py", "from engine import app\n"),
+    "store-imports-pipeline": ("engine/store/db.py", "from engine.ingest import processor\n"),
 }
 
 

@@ -18,7 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from ui_rig import ref_i12, ui_engine
 
-from engine.client import MllpClient
+from engine.hl7v2.client import MllpClient
 from engine.metrics import StoreCollector
 
 N_CODES = 300

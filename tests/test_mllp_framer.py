@@ -1,4 +1,4 @@
-"""engine.mllp.Framer: example tables and hypothesis properties.
+"""engine.hl7v2.mllp.Framer: example tables and hypothesis properties.
 
 Whatever way a stream of valid frames is cut into reads, with stray bytes between
 frames and the <CR> after <FS> sometimes missing, the framer yields exactly the
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import FramingError
-from engine.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, Framer, frame
+from engine.hl7v2.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, Framer, frame
 
 VT, FS, CR = START_BLOCK, END_BLOCK, CARRIAGE_RETURN
 

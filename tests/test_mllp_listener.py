@@ -27,7 +27,7 @@ from helpers import (
 )
 
 from engine.app import Engine
-from engine.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
+from engine.hl7v2.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
 VT, FS, CR = START_BLOCK, END_BLOCK, CARRIAGE_RETURN
 M1 = hl7("CTRL-1")

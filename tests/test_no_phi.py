@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engine import config
 from engine.app import Engine
-from engine.client import MllpClient
-from engine.hl7msg import split_messages
+from engine.hl7v2.client import MllpClient
+from engine.hl7v2.message import split_messages
 
 if not CORPUS.is_dir():  # every corpus message must be checked: a missing corpus fails
     raise RuntimeError(f"shared HL7 corpus not found at {CORPUS} (clone beside ../shared)")
@@ -414,7 +414,9 @@ def test_no_phi_in_logs_or_metrics(tmp_path: Path) -> None:
 
     # the run did what it should have: messages stored and processed, refusals logged
     assert rows > 100  # fewer than sent: identical resends are stored once
-    assert any(name == "engine.listener" and "rejected" in text for name, text in logs.records)
+    assert any(
+        name == "engine.ingest.listener" and "rejected" in text for name, text in logs.records
+    )
     assert "refloop_messages_processed_total" in registry_text
     for route in ("ref-new", "adt-contact", "orm-new"):  # the three failing routes failed
         assert f'refloop_route_errors_total{{route="{route}"}}' in registry_text, route

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from engine.cli import main
+from engine.cli.main import main
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store

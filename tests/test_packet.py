@@ -13,9 +13,9 @@ from helpers import CORPUS, hl7
 from pypdf import PdfReader
 
 from channels.packet import PacketRenderer, latin1
-from engine.hl7msg import read_msh, split_messages
+from engine.delivery.packet_source import packet_data_from_hl7
+from engine.hl7v2.message import read_msh, split_messages
 from engine.model import PacketData
-from engine.packet_source import packet_data_from_hl7
 
 REFERRAL_TYPES = ("REF", "ORM", "OMG")
 

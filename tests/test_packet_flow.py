@@ -35,14 +35,14 @@ from prometheus_client import CollectorRegistry
 from pypdf import PdfReader
 from test_fax import FakePhaxio, serve
 
-from channels import smime
-from channels.fax import phaxio_signature
+from channels.direct import smime
+from channels.fax.phaxio import phaxio_signature
 from engine.app import Engine
-from engine.client import MllpClient
 from engine.clock import VirtualClock
 from engine.config import loads
-from engine.specialists import import_csv
+from engine.hl7v2.client import MllpClient
 from engine.store import referrals as rstore
+from engine.tracking.specialists import import_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = dt.datetime.now(dt.UTC).timestamp()  # certificates are checked at the clock's time

@@ -32,11 +32,9 @@ from typing import Any
 import pytest
 
 import engine.app
-from engine import dispatch, report, timers, tracker
-from engine.api import Service
-from engine.auth import Principal
 from engine.clock import VirtualClock
-from engine.simulate import load_scenario, simulate
+from engine.delivery import dispatch
+from engine.sim.simulate import load_scenario, simulate
 from engine.store import audit as audit_store
 from engine.store import open_database
 from engine.store import outbox as outbox_store
@@ -47,6 +45,10 @@ from engine.store import timers as timers_store
 from engine.store import users as users_store
 from engine.store.decisions import Decisions
 from engine.store.inbox import Inbox
+from engine.timers import service as timers
+from engine.tracking import report, tracker
+from engine.web.api import Service
+from engine.web.auth import Principal
 
 ROOT = Path(__file__).resolve().parent.parent
 GROWING = (

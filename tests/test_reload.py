@@ -23,11 +23,11 @@ from prometheus_client import CollectorRegistry
 
 from engine import config
 from engine.app import Engine
-from engine.cli import main
-from engine.client import MllpClient
+from engine.cli.main import main
 from engine.config import HttpConfig
-from engine.http import HttpServer
+from engine.hl7v2.client import MllpClient
 from engine.metrics import Metrics
+from engine.web.server import HttpServer
 
 HEAD = """\
 version: 1

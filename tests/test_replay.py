@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from engine import config
 from engine.app import Engine
-from engine.cli import main
-from engine.client import MllpClient
-from engine.replay import ReplayFilter, replay
+from engine.cli.main import main
+from engine.hl7v2.client import MllpClient
+from engine.routing.replay import ReplayFilter, replay
 from engine.store import open_database
 from engine.store.decisions import Decisions
 

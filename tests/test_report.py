@@ -54,8 +54,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from ui_rig import ref_i12, ui_engine
 
-from engine.api import REPORT
-from engine.cli import main
+from engine.cli.main import main
 from engine.clock import VirtualClock
 from engine.metrics import Metrics
 from engine.model import (
@@ -66,17 +65,18 @@ from engine.model import (
     ReferralCreated,
     ReportReceived,
 )
-from engine.report import (
+from engine.store import referrals as referral_store
+from engine.store import report as report_store
+from engine.store.db import Database, open_database
+from engine.tracking.report import (
     GROUPS,
     closure_ratios,
     closure_report,
     percentile,
     report_to_dict,
 )
-from engine.store import referrals as referral_store
-from engine.store import report as report_store
-from engine.store.db import Database, open_database
-from engine.tracker import Tracker
+from engine.tracking.tracker import Tracker
+from engine.web.api import REPORT
 
 DAY = 86_400.0
 NOW = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
@@ -590,6 +590,6 @@ def test_api_report(tmp_path: Path) -> None:
 
 
 def test_groups_match_the_api_enum() -> None:
-    from engine.api import REPORT_GROUPS
+    from engine.web.api import REPORT_GROUPS
 
     assert tuple(REPORT_GROUPS) == GROUPS

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from engine import config
 from engine.app import Engine
-from engine.client import MllpClient
-from engine.replay import ReplayFilter, replay
+from engine.hl7v2.client import MllpClient
+from engine.routing.replay import ReplayFilter, replay
 from engine.store import open_database
 
 WAIT = 10.0

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from engine import config
-from engine.cli import main
+from engine.cli.main import main
 from engine.errors import ConfigError
-from engine.routes import compile_config
+from engine.routing.routes import compile_config
 
 HEAD = """\
 version: 1

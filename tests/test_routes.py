@@ -11,9 +11,9 @@ import pytest
 
 from engine import config
 from engine.errors import MessageRejected
-from engine.hl7msg import Message, split_messages
+from engine.hl7v2.message import Message, split_messages
 from engine.model import Drop, Send, StoredMessage, Track
-from engine.routes import RouteTable, compile_config, decide, decide_stored
+from engine.routing.routes import RouteTable, compile_config, decide, decide_stored
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "hl7"
@@ -1027,6 +1027,6 @@ def test_decisions_are_frozen(table: RouteTable) -> None:
     ],
 )
 def test_filters(filter_: str, value: str, expected: Any) -> None:
-    from engine import render
+    from engine.routing import expressions as render
 
     assert getattr(render, filter_)(value) == expected

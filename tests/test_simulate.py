@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.simulate import load_scenario, render_text, simulate, to_json
+from engine.cli.main import main
+from engine.sim.simulate import load_scenario, render_text, simulate, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "docs" / "scenarios"

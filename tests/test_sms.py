@@ -27,7 +27,8 @@ import pytest
 from aiohttp import web
 from multidict import MultiDict
 
-from channels.sms import (
+from channels.sms.templates import SmsContext, SmsTemplates
+from channels.sms.twilio import (
     RecipientOptedOut,
     SmsConfig,
     TwilioSms,
@@ -48,7 +49,6 @@ from channels.sms import (
     twiml_message,
     verify_twilio_signature,
 )
-from channels.sms_templates import SmsContext, SmsTemplates
 from engine.errors import ChannelError
 from engine.model import OutboundMessage
 

@@ -9,14 +9,14 @@ import pytest
 from jinja2 import StrictUndefined, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
-from channels.sms import is_gsm7
-from channels.sms_templates import (
+from channels.sms.templates import (
     ALLOWED_VARIABLES,
     SmsContext,
     SmsTemplateError,
     SmsTemplates,
     check_sms_template,
 )
+from channels.sms.twilio import is_gsm7
 from engine.errors import ChannelError
 
 ROOT = Path(__file__).resolve().parent.parent

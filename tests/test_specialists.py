@@ -12,10 +12,12 @@ import pytest
 from click.testing import CliRunner
 from direct_pki import SPECIALIST, Pki, make_direct_pki
 
-from engine.cli import main
+from engine.cli.main import main
 from engine.clock import VirtualClock
 from engine.errors import ConfigError
-from engine.specialists import (
+from engine.store import specialists as store
+from engine.store.db import Database, open_database
+from engine.tracking.specialists import (
     import_csv,
     learn_from_referral,
     normalise_fax,
@@ -23,8 +25,6 @@ from engine.specialists import (
     packet_route,
     show_specialist,
 )
-from engine.store import specialists as store
-from engine.store.db import Database, open_database
 
 T0 = 1_767_225_600.0
 NPI_A, NPI_B, NPI_C = "1234567893", "9876543205", "1234567802"

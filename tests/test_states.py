@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import states
 from engine.model import EVENT_TYPES, Event, Identifiers
-from engine.states import (
+from engine.tracking import states
+from engine.tracking.states import (
     INITIAL,
     Appointment,
     InternalEvent,

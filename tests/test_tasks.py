@@ -1,5 +1,6 @@
-"""The built-in coordinator task queue (engine.tasks; docs/escalation.md "Where tasks go"):
-on a fresh daemon with the shipped routes.yaml, which configures no worklist channel, an
+"""The built-in coordinator task queue (engine.delivery.task_queue; docs/escalation.md
+"Where tasks go"): on a fresh daemon with the shipped routes.yaml, which configures no
+worklist channel, an
 escalation that reaches the coordinator step yields an open task a coordinator sees in
 ``refloop tasks list``, ``/api/tasks`` and ``/ui/tasks``, and closes with ``refloop tasks
 done``."""
@@ -21,12 +22,12 @@ from helpers import REPO, Daemon, query, refloop
 from ui_rig import PASSWORD, csrf_of, ref_i12
 
 from engine.clock import WallClock
+from engine.delivery.task_queue import TaskQueue
 from engine.store import open_database
 from engine.store import referrals as referral_store
 from engine.store import tasks as task_store
 from engine.store.outbox import claim_due
 from engine.store.outbox import get as get_outbox
-from engine.tasks import TaskQueue
 
 DAY = 86400.0
 

@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 
 from engine.clock import VirtualClock, isoformat
 from engine.config import loads
-from engine.escalation import DAY, Policy, compile_policy
 from engine.model import (
     AppointmentBooked,
     AppointmentRescheduled,
@@ -34,8 +33,9 @@ from engine.model import (
 from engine.store import open_database
 from engine.store import referrals as rstore
 from engine.store.db import Database
-from engine.timers import Fired, TimerMetrics, TimerService
-from engine.tracker import Tracker
+from engine.timers.service import Fired, TimerMetrics, TimerService
+from engine.tracking.escalation import DAY, Policy, compile_policy
+from engine.tracking.tracker import Tracker
 
 NY = "America/New_York"
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,11 +460,11 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys
     from engine.clock import VirtualClock
-    from engine.escalation import DAY, Policy
+    from engine.tracking.escalation import DAY, Policy
     from engine.model import Identifiers, PatientContact, ReferralCreated
     from engine.store import open_database
-    from engine.timers import TimerService
-    from engine.tracker import Tracker
+    from engine.timers.service import TimerService
+    from engine.tracking.tracker import Tracker
 
     path, start, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
     db = open_database(path)

@@ -34,7 +34,7 @@ from helpers import (
     tls_source,
 )
 
-from engine.mllp import Framer, frame
+from engine.hl7v2.mllp import Framer, frame
 
 ALLOWED = ("good-client",)
 

@@ -18,14 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from engine import states
 from engine.clock import VirtualClock
-from engine.escalation import Policy
 from engine.model import EVENT_TYPES, Event, Identifiers, PatientContact, Provider
 from engine.store import audit as audit_store
 from engine.store import referrals as store
 from engine.store.db import Database, open_database
-from engine.tracker import (
+from engine.tracking import states
+from engine.tracking.escalation import Policy
+from engine.tracking.tracker import (
     EVENT_CLASSES,
     Tracker,
     TrackerMetrics,
@@ -1020,7 +1020,7 @@ def test_window_is_configurable(db: Database) -> None:
 
 def _cli() -> click.Group:
     """The ``refloop`` group users run (engine.cli registers these groups on it)."""
-    from engine.cli import main
+    from engine.cli.main import main
 
     return main
 
@@ -1306,9 +1306,10 @@ def test_hl7_through_routes(
     messages: list[tuple[str, tuple[str, ...]]],
     expected: tuple[str, str, str, str],
 ) -> None:
-    from engine import config, routes
-    from engine.hl7msg import Message
+    from engine import config
+    from engine.hl7v2.message import Message
     from engine.model import Track
+    from engine.routing import routes
 
     root = Path(__file__).resolve().parent.parent
     table = routes.compile_config(config.load(root / "routes.yaml"))

@@ -123,7 +123,7 @@ def stream() -> list[Any]:
 def child(path: str) -> None:
     from engine.clock import VirtualClock
     from engine.store.db import open_database
-    from engine.tracker import Tracker
+    from engine.tracking.tracker import Tracker
 
     events = stream()
     db = open_database(path)

@@ -23,11 +23,11 @@ from helpers import CORPUS, mllp_port, query, run
 
 from engine import config
 from engine.app import Engine
-from engine.client import MllpClient
-from engine.hl7msg import UTF8_BOM, Message, TersePath, read_msh, split_messages
-from engine.mllp import frame
+from engine.hl7v2.client import MllpClient
+from engine.hl7v2.message import UTF8_BOM, Message, TersePath, read_msh, split_messages
+from engine.hl7v2.mllp import frame
 from engine.model import StoredMessage
-from engine.routes import RouteTable, compile_config, decide_stored, summarise
+from engine.routing.routes import RouteTable, compile_config, decide_stored, summarise
 
 if not CORPUS.is_dir():  # every corpus message must be checked: a missing corpus fails
     raise RuntimeError(f"shared HL7 corpus not found at {CORPUS} (clone beside ../shared)")

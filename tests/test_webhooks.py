@@ -21,9 +21,9 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from channels.confirm import make_token
-from channels.fax import SIGNATURE_HEADER as PHAXIO_HEADER
-from channels.fax import phaxio_signature
-from channels.sms import SIGNATURE_HEADER, compute_twilio_signature, status_callback_url
+from channels.fax.phaxio import SIGNATURE_HEADER as PHAXIO_HEADER
+from channels.fax.phaxio import phaxio_signature
+from channels.sms.twilio import SIGNATURE_HEADER, compute_twilio_signature, status_callback_url
 from channels.webhook import IDEMPOTENCY_HEADER
 from engine.app import Engine
 from engine.clock import VirtualClock
@@ -505,7 +505,7 @@ def test_api_needs_the_bearer_token(tmp_path: Path) -> None:
         wrong = {"Authorization": "Bearer nope"}
         assert (await r.http.get(f"{r.base}/api/referrals", headers=wrong)).status_code == 401
         right = {"Authorization": f"Bearer {ADMIN}"}
-        # authenticated: on to the JSON API (engine.api; tests/test_api.py)
+        # authenticated: on to the JSON API (engine.web.api; tests/test_api.py)
         assert (await r.http.get(f"{r.base}/api/referrals", headers=right)).status_code == 200
 
     run(body, tmp_path)

@@ -17,9 +17,9 @@ import httpx
 import yaml
 
 from engine.app import Engine
-from engine.client import MllpClient
 from engine.clock import Clock, WallClock
 from engine.config import loads
+from engine.hl7v2.client import MllpClient
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "config-admin-token-for-ui-tests"

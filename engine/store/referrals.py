@@ -56,7 +56,7 @@ _SCHEMA: Final = (
         sending_facility TEXT NOT NULL DEFAULT '',
         placer_number TEXT NOT NULL,
         placer_authority TEXT NOT NULL DEFAULT '',  -- EI.2 of the placer number, if stated
-        state TEXT NOT NULL,              -- engine.states.to_dict as JSON
+        state TEXT NOT NULL,              -- engine.tracking.states.to_dict as JSON
         status TEXT NOT NULL,             -- derived from state, kept for queries
         patient_status TEXT NOT NULL,
         specialist_status TEXT NOT NULL,
@@ -216,7 +216,7 @@ def referral_tables_exist(conn: Conn) -> bool:
 @dataclass(frozen=True, slots=True)
 class ReferralRow:
     """A referral as stored. ``details`` holds :data:`DETAIL_COLUMNS`; ``state`` is the
-    state machine's dict (``engine.states.to_dict``)."""
+    state machine's dict (``engine.tracking.states.to_dict``)."""
 
     id: int
     sending_facility: str

@@ -1,5 +1,5 @@
 """The closure report's data: ``report_referrals``, one row per referral with what the
-report needs, kept by triggers, and the queries over it (``engine.report`` builds the
+report needs, kept by triggers, and the queries over it (``engine.tracking.report`` builds the
 report from what they return).
 
 Why a table of its own: a patient's first referral needs the patient (another table), the
@@ -40,18 +40,18 @@ from typing import Final, Literal
 import sqlite_utils
 
 from engine.errors import StoreError
-from engine.states import CLOSING_REPORT_STATUSES, OVERALL_STATUSES
 from engine.store.db import has_table
 from engine.store.referrals import Conn
+from engine.tracking.states import CLOSING_REPORT_STATUSES, OVERALL_STATUSES
 
 GroupBy = Literal["specialty", "specialist", "referrer", "month"]
 DAY: Final = 86_400.0
 
 # A report counts when it is final or corrected, exactly as the state machine counts it
-# (engine.states.CLOSING_REPORT_STATUSES: a preliminary report is an interim note).
+# (engine.tracking.states.CLOSING_REPORT_STATUSES: a preliminary report is an interim note).
 _COUNTED: Final = ", ".join(f"'{s}'" for s in sorted(CLOSING_REPORT_STATUSES))
-# Outbox templates of patient nudges (engine.timers writes first_nudge / second_nudge; a
-# rotation to the next channel keeps the template) and their channels (engine.escalation
+# Outbox templates of patient nudges (engine.timers.service writes first_nudge / second_nudge; a
+# rotation to the next channel keeps the template) and their channels (engine.tracking.escalation
 # CHANNELS; anything else counts as "none").
 NUDGE_TEMPLATES: Final = ("first_nudge", "second_nudge")
 NUDGE_CHANNELS: Final = ("sms", "portal", "voice")

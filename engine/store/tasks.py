@@ -1,7 +1,7 @@
 """The built-in coordinator task queue (docs/escalation.md, "Where tasks go").
 
 A coordinator task is an outbox row on the ``task`` / ``coordinator`` channel; when no
-external worklist serves that channel, ``engine.tasks.TaskQueue`` delivers the row by
+external worklist serves that channel, ``engine.delivery.task_queue.TaskQueue`` delivers the row by
 inserting a ``tasks`` row here in the same transaction that marks the outbox row sent.
 
 Row lifecycle (``tasks.status``)::
@@ -93,7 +93,8 @@ class TaskRow:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """What a delivered outbox row says (``engine.tasks.new_task`` reads the payload)."""
+    """What a delivered outbox row says (``engine.delivery.task_queue.new_task`` reads the
+    payload)."""
 
     outbox_id: int
     referral_id: int | None

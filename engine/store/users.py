@@ -1,7 +1,7 @@
 """Dashboard and API users, their sessions and their API tokens.
 
 Plain functions over an open connection (the caller owns the transaction). Secrets are
-never stored: a password as its scrypt hash (``engine.auth``), a session id and an API
+never stored: a password as its scrypt hash (``engine.web.auth``), a session id and an API
 token as the SHA-256 of the random value (high-entropy tokens need no slow hash; a
 database leak does not hand out live sessions).
 """
@@ -21,7 +21,7 @@ _SCHEMA: Final = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         name TEXT NOT NULL UNIQUE,
         role TEXT NOT NULL,               -- coordinator | analyst | admin
-        password_hash TEXT NOT NULL,      -- engine.auth.hash_password
+        password_hash TEXT NOT NULL,      -- engine.web.auth.hash_password
         disabled INTEGER NOT NULL DEFAULT 0,
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL

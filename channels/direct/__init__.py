@@ -1,0 +1,1 @@
+"""Direct secure messaging: outbound SMTP + S/MIME, inbound classification, a DER reader."""

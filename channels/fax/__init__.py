@@ -1,0 +1,1 @@
+"""e-fax (Phaxio): the adapter, status rules and its signed callback."""

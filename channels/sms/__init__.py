@@ -1,0 +1,1 @@
+"""SMS by Twilio: the adapter, webhook helpers and the PHI-free templates."""

@@ -1,0 +1,787 @@
+"""Outbox dispatch: one worker per channel takes due outbox rows, renders them, calls the
+channel and records the result (docs/delivery.md, "Outbox").
+
+Each row goes through two transactions:
+
+1. **claim** (durable: fsync'd): ``pending → sending``, attempts + 1. Everything committed
+   before it (the tracker's non-durable processing commits that wrote the row) becomes
+   durable with it.
+2. **record** (after the provider answered): ``sent`` (plus the tracker consequence, e.g.
+   ``packet-sent`` or ``patient-nudged``, in the same transaction), or back to
+   ``pending`` with a backoff due time, or ``dead``.
+
+A daemon killed between the two leaves the row ``sending``; :meth:`Dispatcher.recover`
+(at start) makes it ``pending`` again and it is sent again with the **same idempotency
+key**: at-least-once, with the duplicate confined to that window and made harmless where
+the provider dedupes on the key. A row whose result was recorded is never sent again.
+
+Backoff: after the n-th failed attempt the row waits ``uniform(0, min(cap, base·2^(n-1)))``
+seconds ("full jitter", from an injected ``random.Random``), at least the provider's
+``Retry-After``; after ``max_attempts`` attempts (default 8) it is ``dead``: counted in
+``refloop_outbox_dead{channel}`` and retryable with ``refloop outbox retry``.
+
+Order: a referral's rows go out in id order (``engine.store.outbox.claim_due``); different
+referrals go in parallel, up to ``concurrency`` sends per channel at once.
+
+Nothing here logs PHI: lines name the outbox id, channel, template, attempt and the
+channel's reason (which never carries a recipient or body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from channels.base import Channel
+from channels.direct.send import new_message_id
+from channels.sms.templates import SmsContext, SmsTemplates
+from channels.sms.twilio import RecipientOptedOut, e164
+from engine.clock import Clock, isoformat
+from engine.errors import ChannelError, StoreError
+from engine.metrics import Metrics
+from engine.model import Attachment, OutboundMessage
+from engine.routing.expressions import make_environment
+from engine.routing.routes import ChannelSpec, PracticeSpec, rotation_slots
+from engine.store import audit as audit_store
+from engine.store import outbox
+from engine.store import referrals as referral_store
+from engine.store.db import Database, savepoint
+from engine.store.outbox import Item
+from engine.store.referrals import Conn, ReferralRow
+from engine.tracking import states
+from engine.tracking.escalation import Policy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS: Final = 8
+DEFAULT_RETRY_BASE: Final = 30.0  # seconds
+DEFAULT_RETRY_CAP: Final = 6 * 3600.0
+DEFAULT_CONCURRENCY: Final = 4
+SMS_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "sms"
+# What a sent row means for its referral (engine.tracking.states internal event kinds). A row's
+# payload may name its own with ``"event": "<kind>"``.
+CONSEQUENCES: Final[dict[str, states.InternalKind]] = {
+    "specialist-packet": "packet-sent",
+    "first-nudge": "patient-nudged",
+    "first_nudge": "patient-nudged",
+    "second-nudge": "patient-nudged",
+    "second_nudge": "patient-nudged",
+    "patient-nudge": "patient-nudged",
+}
+# Rows that carry the referral packet (engine.delivery.packet renders it).
+PACKET_TEMPLATES: Final = frozenset({"specialist-packet"})
+# Which referral columns address each party, by channel type.
+_ADDRESS: Final[dict[str, str]] = {"direct": "direct_address", "fax": "fax"}
+
+
+class Tracker(Protocol):
+    """What dispatch and the webhooks need of ``engine.tracking.tracker.Tracker``."""
+
+    def apply_internal(
+        self,
+        referral_id: int,
+        event: states.InternalEvent,
+        conn: Conn,
+        *,
+        actor: str = "system",
+        message_id: int | None = None,
+    ) -> Any: ...
+
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class PacketEvents(Protocol):
+    """Packet outcomes (engine.delivery.direct_inbound.PacketEvents), inside the record
+    transaction."""
+
+    def sent(self, conn: Conn, item: Item, now: float) -> None:
+        """A packet row was sent (a Direct send starts its MDN timer)."""
+        ...
+
+    def dead(self, conn: Conn, item: Item, reason: str, now: float) -> bool:
+        """A packet row is dead (fallback); True when rows were queued."""
+        ...
+
+
+class LocalChannel(Protocol):
+    """A channel refloop serves itself, inside its own database (the built-in task queue,
+    engine.delivery.task_queue.TaskQueue): no provider, so no send; delivery is one write."""
+
+    def deliver(self, conn: Conn, item: Item, now: float) -> int:
+        """Deliver the row inside the caller's transaction (idempotent per outbox id)."""
+        ...
+
+
+class Packets(Protocol):
+    """What the renderer needs to attach the referral packet (engine.delivery.packet)."""
+
+    def build(self, item: Item, referral: ReferralRow) -> tuple[str, tuple[Attachment, ...]]:
+        """(cover text, attachments) for a ``specialist-packet`` row."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Retry policy
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Per channel (routes.yaml ``channels.<name>``: ``max_attempts``, ``retry_base``,
+    ``retry_cap``, ``concurrency``)."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    base: float = DEFAULT_RETRY_BASE
+    cap: float = DEFAULT_RETRY_CAP
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def ceiling(self, attempt: int) -> float:
+        """The most the row waits after its ``attempt``-th failure (1-based)."""
+        return float(min(self.cap, self.base * 2 ** max(0, attempt - 1)))
+
+    def delay(self, attempt: int, rng: random.Random, retry_after: float | None = None) -> float:
+        """Full jitter: uniform in [0, ceiling], but never sooner than ``retry_after``."""
+        wait = rng.uniform(0.0, self.ceiling(attempt))
+        if retry_after is not None:
+            wait = max(wait, retry_after)
+        return wait
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> RetryPolicy:
+        return cls(
+            max_attempts=int(settings.get("max_attempts", DEFAULT_MAX_ATTEMPTS)),
+            base=float(settings.get("retry_base", DEFAULT_RETRY_BASE)),
+            cap=float(settings.get("retry_cap", DEFAULT_RETRY_CAP)),
+            concurrency=int(settings.get("concurrency", DEFAULT_CONCURRENCY)),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Rendering
+
+
+class Renderer:
+    """Turns an outbox row into the :class:`OutboundMessage` its channel sends.
+
+    * ``sms`` channels: the template (``channels.<name>.templates.<template>``, else
+      ``templates/sms/<template>.txt`` with ``-`` read as ``_``) rendered by
+      :class:`channels.sms.templates.SmsTemplates` with the allow-listed context built
+      from ``practice:`` only (plus the specialty category where
+      ``practice.sms_may_name_specialty``). The recipient is the payload's ``to`` or the
+      referral's patient phone. Never any other referral field.
+    * every other channel (PHI-bearing, secure): the channel's template, if it has one
+      of that name, rendered with the sandboxed refloop Jinja environment and the context
+      ``referral`` (the referral's detail columns and id), ``practice``, ``payload`` (the
+      row's JSON payload) and ``outbox_id``; otherwise the payload's ``body``. The row's
+      payload also travels as ``OutboundMessage.payload`` (JSON). The recipient is the
+      payload's ``to``, else the party's address on the referral (``specialist-*``
+      templates → the specialist, ``referrer-*`` → the referring provider; Direct address
+      or fax number by channel type), else the channel's ``queue``.
+    * a ``specialist-packet`` row (``packets`` given): the packet PDF and the documents
+      it carries as attachments (``engine.delivery.packet``), and its cover text as the
+      body unless the channel has a template or the payload a body of its own.
+    """
+
+    def __init__(
+        self,
+        channels: Mapping[str, ChannelSpec],
+        practice: PracticeSpec,
+        *,
+        sms_dir: Path = SMS_TEMPLATE_DIR,
+        packets: Packets | None = None,
+    ) -> None:
+        self.channels = channels
+        self.practice = practice
+        self.sms_dir = sms_dir
+        self.packets = packets
+        self._env = make_environment()
+
+    def sms_templates(self, channel: str) -> SmsTemplates:
+        spec = self.channels.get(channel)
+        max_chars = int(spec.settings.get("max_chars", 160)) if spec else 160
+        return SmsTemplates(
+            self.sms_dir, allow_specialty=self.practice.sms_may_name_specialty, max_chars=max_chars
+        )
+
+    def sms_context(self, referral: ReferralRow | None) -> SmsContext:
+        category = ""
+        if referral is not None and self.practice.sms_may_name_specialty:
+            category = str(referral.details.get("specialty_category") or "")
+        return SmsContext(
+            practice_name=self.practice.name,
+            practice_phone=self.practice.phone,
+            booking_link=self.practice.booking_link,
+            specialty_category=category,
+        )
+
+    def render_sms_text(self, channel: str, template: str, referral: ReferralRow | None) -> str:
+        """One SMS body (also used for the HELP reply). Raises SmsTemplateError."""
+        spec = self.channels.get(channel)
+        templates = self.sms_templates(channel)
+        ctx = self.sms_context(referral)
+        if spec is not None and template in spec.templates:
+            return templates.render_source(spec.templates[template], ctx, name=template)
+        name = (
+            template if (self.sms_dir / f"{template}.txt").exists() else template.replace("-", "_")
+        )
+        return templates.render(name, ctx)
+
+    def recipient(self, item: Item, spec: ChannelSpec, referral: ReferralRow | None) -> str:
+        payload = item.payload_dict()
+        if payload.get("to"):
+            return str(payload["to"])
+        details = referral.details if referral is not None else {}
+        if spec.type == "sms":
+            return e164(str(details.get("patient_phone") or ""))
+        column = _ADDRESS.get(spec.type)
+        if column:
+            party = "referring" if item.template.startswith("referrer") else "specialist"
+            return str(details.get(f"{party}_{column}") or "")
+        return str(spec.settings.get("queue") or "")
+
+    def message_domain(self, channel: str) -> str | None:
+        """The id-right of the Message-IDs that rows of ``channel`` go out under (Direct:
+        the domain of our address); None for a channel whose rows carry none."""
+        spec = self.channels.get(channel)
+        if spec is None or spec.type != "direct":
+            return None
+        return str(spec.settings.get("address") or "").rpartition("@")[2]
+
+    def render(self, item: Item, referral: ReferralRow | None) -> OutboundMessage:
+        """Raises :class:`ChannelError` (not retryable) when the row cannot be rendered."""
+        spec = self.channels.get(item.channel)
+        if spec is None:
+            raise ChannelError(f"{item.channel}: no such channel in routes.yaml", retryable=False)
+        payload = item.payload_dict()
+        recipient = self.recipient(item, spec, referral)
+        kind = str(payload.get("kind") or item.template)
+        common: dict[str, Any] = {
+            "outbox_id": item.id,
+            "idempotency_key": item.idempotency_key,
+            "channel": item.channel,
+            "recipient": recipient,
+            "kind": kind,
+            "referral_id": "" if item.referral_id is None else str(item.referral_id),
+            "message_id": item.message_id,
+        }
+        if spec.type == "sms":
+            if not recipient:
+                raise ChannelError(f"{item.channel}: no phone number to text", retryable=False)
+            body = self.render_sms_text(item.channel, item.template, referral)
+            return OutboundMessage(**common, body=body)
+        details: dict[str, Any] = dict(referral.details) if referral is not None else {}
+        if referral is not None:
+            details["id"] = referral.id
+            details["status"] = referral.status
+        source = spec.templates.get(item.template)
+        if source is not None:
+            context = {
+                "referral": details,
+                "practice": {
+                    "name": self.practice.name,
+                    "phone": self.practice.phone,
+                    "booking_link": self.practice.booking_link,
+                },
+                "payload": payload,
+                "outbox_id": item.id,
+            }
+            try:
+                body = self._env.from_string(source).render(context)
+            except Exception as exc:  # jinja2 errors: the message names a variable, not data
+                raise ChannelError(
+                    f"{item.channel}: template {item.template!r} failed ({type(exc).__name__})",
+                    retryable=False,
+                ) from None
+        else:
+            body = str(payload.get("body") or "")
+        attachments: tuple[Attachment, ...] = ()
+        if self.packets is not None and referral is not None and item.template in PACKET_TEMPLATES:
+            cover, attachments = self.packets.build(item, referral)
+            body = body or cover
+        priority = str(payload.get("priority") or details.get("priority") or "routine")
+        score = payload.get("priority_score")
+        return OutboundMessage(
+            **common,
+            body=body,
+            subject=str(payload.get("subject") or item.template),
+            attachments=attachments,
+            payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            patient_ref=str(payload.get("patient_ref") or ""),
+            based_on=str(payload.get("based_on") or ""),
+            priority=priority if priority in ("routine", "urgent", "asap", "stat") else "routine",
+            priority_score=float(score) if isinstance(score, int | float) else None,
+        )
+
+
+# ---------------------------------------------------------------------------
+# The patient-channel rotation
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """Which configured channel serves each rotation slot (``sms``, ``portal``,
+    ``voice``; escalation ``rotation:``), and how a failed patient contact moves on.
+
+    ``slots`` maps a slot to a channel name; by default a channel named like the slot,
+    else the only channel of that type (``sms``), else none (the slot is skipped)."""
+
+    policy: Policy = field(default_factory=Policy)
+    slots: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_channels(cls, policy: Policy, channels: Mapping[str, ChannelSpec]) -> Rotation:
+        return cls(policy, rotation_slots(channels))
+
+    def slot_of(self, channel: str) -> str | None:
+        for slot, name in self.slots.items():
+            if name == channel:
+                return slot
+        return None
+
+    def next_channel(self, channel: str, referral: ReferralRow | None) -> str | None:
+        """The channel after ``channel`` in the rotation, skipping SMS (it just failed
+        or may not be used) and the portal for a patient without one."""
+        current = self.slot_of(channel)
+        if current is None:
+            return None
+        order = list(self.policy.rotation)
+        has_portal = referral is None or referral.details.get("portal") not in (0, False)
+        start = order.index(current) + 1 if current in order else 0
+        for slot in order[start:] + order[:start]:
+            if slot == current or slot == "sms" or (slot == "portal" and not has_portal):
+                continue
+            if slot in self.slots:
+                return self.slots[slot]
+        return None
+
+    def advance(
+        self, conn: Conn, item: Item, referral: ReferralRow | None, reason: str, now: float
+    ) -> int | None:
+        """Queue ``item``'s message on the next channel of the rotation (same template,
+        key ``<key>:next``: doing it twice queues it once). Returns the new row's id, or
+        None when there is no next channel (the coordinator's timers take over)."""
+        nxt = self.next_channel(item.channel, referral)
+        if nxt is None:
+            return None
+        payload = item.payload_dict()
+        payload.pop("to", None)  # the address belonged to the failed channel
+        payload["rotated_from"] = item.channel
+        payload["rotated_because"] = reason
+        key = f"{item.idempotency_key}:next"
+        referral_store.enqueue_outbox(
+            conn,
+            item.referral_id,
+            nxt,
+            item.template,
+            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            key,
+            now,
+            now=now,
+        )
+        return outbox.id_for_key(conn, key)
+
+
+# ---------------------------------------------------------------------------
+# The dispatcher
+
+
+class Dispatcher:
+    """One worker per channel in ``channels`` (name → :class:`channels.base.Channel`) and
+    in ``local`` (name → :class:`LocalChannel`: a row is delivered and marked ``sent`` in
+    one transaction).
+
+    ``sleep`` waits between polls (tests pass one that advances a VirtualClock);
+    ``rng`` draws the backoff jitter (tests seed it). :meth:`run_once` is one claim-send-
+    record round for one channel, for tests and tools.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        channels: Mapping[str, Channel],
+        *,
+        renderer: Renderer,
+        clock: Clock,
+        metrics: Metrics | None = None,
+        tracker: Tracker | None = None,
+        policies: Mapping[str, RetryPolicy] | None = None,
+        default_policy: RetryPolicy = RetryPolicy(),
+        rotation: Rotation | None = None,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+        poll_interval: float = 5.0,
+        packet_events: PacketEvents | None = None,
+        local: Mapping[str, LocalChannel] | None = None,
+    ) -> None:
+        self.db = db
+        self.channels = dict(channels)
+        self.local = {n: c for n, c in (local or {}).items() if n not in self.channels}
+        self.renderer = renderer
+        self.clock = clock
+        self.metrics = metrics
+        self.tracker = tracker
+        self.policies = dict(policies or {})
+        self.default_policy = default_policy
+        self.rotation = rotation or Rotation()
+        self.rng = rng or random.Random()
+        self.sleep = sleep
+        self.poll_interval = poll_interval
+        self.packet_events = packet_events
+        self._stopping = False
+        self._wake: dict[str, asyncio.Event] = {}
+
+    def names(self) -> list[str]:
+        """Every channel with a worker: the provider channels, then the local ones."""
+        return [*self.channels, *self.local]
+
+    def policy(self, channel: str) -> RetryPolicy:
+        return self.policies.get(channel, self.default_policy)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rows a dead daemon left ``sending`` become ``pending`` (durably). Call once at
+        start, before any worker runs."""
+        with self.db.transaction() as conn:
+            n = outbox.recover_in_flight(conn, self.clock.now())
+        if n:
+            log.warning("outbox: %d row(s) were in flight when refloop stopped; resending", n)
+        return n
+
+    async def run(self) -> None:
+        """Recover, then run every channel's worker until :meth:`stop`."""
+        self.recover()
+        self.refresh_metrics()
+        async with asyncio.TaskGroup() as tg:
+            for name in self.names():
+                tg.create_task(self._worker(name), name=f"dispatch-{name}")
+
+    def stop(self) -> None:
+        """Workers finish the sends in flight, record them, and return."""
+        self._stopping = True
+        for event in self._wake.values():
+            event.set()
+
+    def wake(self, channel: str | None = None) -> None:
+        """New rows may be due (a CLI retry, a webhook): poll now instead of waiting."""
+        for name, event in self._wake.items():
+            if channel is None or name == channel:
+                event.set()
+
+    async def _worker(self, name: str) -> None:
+        event = self._wake.setdefault(name, asyncio.Event())
+        while not self._stopping:
+            try:
+                count = await self.run_once(name)
+            except Exception as exc:  # e.g. the database locked by a long CLI write
+                # A row whose result could not be recorded stays "sending" and is resent
+                # (same key) at the next start; the worker itself keeps going.
+                log.error("outbox %s: round failed (%s: %s)", name, type(exc).__name__, exc)
+                count = 0
+            self.refresh_metrics()
+            if self._stopping:
+                break
+            if count:
+                continue
+            event.clear()
+            await self._idle(name, event)
+
+    async def _idle(self, name: str, event: asyncio.Event) -> None:
+        now = self.clock.now()
+        wait = self.poll_interval
+        nxt = outbox.next_due(self.db.conn, name)
+        if nxt is not None:
+            wait = min(wait, max(0.0, nxt - now))
+        sleeper = asyncio.ensure_future(self.sleep(max(wait, 0.001)))
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+    # -- one round -----------------------------------------------------------------
+
+    async def run_once(self, name: str) -> int:
+        """Claim the channel's due rows (durable commit), send them concurrently, record
+        each result. Returns how many rows were claimed."""
+        policy = self.policy(name)
+        domain = self.renderer.message_domain(name)
+        with self.db.transaction() as conn:  # durable: the claim precedes any send
+            items = outbox.claim_due(conn, name, self.clock.now(), policy.concurrency)
+            if items and domain is not None:  # random, stored before the first send
+                items = outbox.assign_message_ids(conn, items, lambda: new_message_id(domain))
+        if not items:
+            return 0
+        await asyncio.gather(*(self._deliver(name, item) for item in items))
+        return len(items)
+
+    async def _deliver(self, name: str, item: Item) -> None:
+        if name in self.local:
+            self._deliver_local(self.local[name], item)
+            return
+        channel = self.channels[name]
+        referral = self._referral(item)
+        started = self.clock.monotonic()
+        message: OutboundMessage | None = None
+        try:
+            skip = self._skip_reason(item, referral)
+            if skip:
+                self._skipped(item, referral, skip)
+                return
+            message = self.renderer.render(item, referral)
+            receipt = await channel.send(message)
+        except ChannelError as exc:
+            self._observe(name, started)
+            self._failed(item, referral, exc, message)
+            return
+        except Exception as exc:  # a bug in a channel: retry, and say what kind of error
+            self._observe(name, started)
+            reason = f"{name}: internal error ({type(exc).__name__})"
+            log.error("outbox %d: %s", item.id, reason)
+            self._failed(item, referral, ChannelError(reason, retryable=True), message)
+            return
+        self._observe(name, started)
+        self._sent(item, message, receipt.provider_message_id, receipt.provider_status)
+
+    def _deliver_local(self, channel: LocalChannel, item: Item) -> None:
+        """Mark the row sent and deliver it in the same transaction: both or neither."""
+        now = self.clock.now()
+        with self.db.transaction(durable=False) as conn:
+            recorded = outbox.mark_sent(
+                conn,
+                item.id,
+                recipient="",
+                provider_id=f"local:{item.channel}",
+                provider_status="delivered",
+                now=now,
+            )
+            if recorded:
+                channel.deliver(conn, item, now)
+                self._consequence(conn, item, now)
+        self._count(item.channel, "sent")
+        log.info("outbox %d: %s %s delivered locally", item.id, item.channel, item.template)
+
+    def _referral(self, item: Item) -> ReferralRow | None:
+        if item.referral_id is None:
+            return None
+        return referral_store.get_referral(self.db.conn, item.referral_id)
+
+    def _observe(self, name: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.outbox_send_seconds.labels(name).observe(
+                max(0.0, self.clock.monotonic() - started)
+            )
+
+    def _count(self, name: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outbox_sends.labels(name, result).inc()
+
+    def _skip_reason(self, item: Item, referral: ReferralRow | None) -> str:
+        """Why an SMS row must not be sent at all: no recorded consent, or the number is
+        on the suppression list. Other channels are never skipped here."""
+        spec = self.renderer.channels.get(item.channel)
+        if spec is None or spec.type != "sms":
+            return ""
+        if referral is not None and not referral.details.get("sms_consent"):
+            return "no recorded SMS consent"
+        if referral is None and not item.payload_dict().get("to"):
+            return "no recorded SMS consent"
+        number = self.renderer.recipient(item, spec, referral)
+        if number and outbox.is_suppressed(self.db.conn, number):
+            return "number is on the suppression list"
+        return ""
+
+    def _sent(
+        self, item: Item, message: OutboundMessage, provider_id: str, provider_status: str
+    ) -> None:
+        now = self.clock.now()
+        with self.db.transaction(durable=False) as conn:
+            recorded = outbox.mark_sent(
+                conn,
+                item.id,
+                recipient=message.recipient,
+                provider_id=provider_id,
+                provider_status=provider_status,
+                now=now,
+            )
+            if recorded:
+                self._consequence(conn, item, now)
+                if self.packet_events is not None:
+                    self.packet_events.sent(conn, item, now)
+        self._count(item.channel, "sent")
+        log.info(
+            "outbox %d: %s %s sent (attempt %d)",
+            item.id,
+            item.channel,
+            item.template,
+            item.attempts,
+        )
+
+    def _consequence(self, conn: Conn, item: Item, now: float) -> None:
+        """The tracker event a sent row means, applied in the recording transaction. A
+        failure here (the referral is gone) is logged and does not undo the record."""
+        if self.tracker is None or item.referral_id is None:
+            return
+        kind = item.payload_dict().get("event") or CONSEQUENCES.get(item.template)
+        if kind not in states.INTERNAL_KINDS or kind == "closed-by-operator":
+            return
+        try:
+            with savepoint(conn, "consequence"):
+                self.tracker.apply_internal(
+                    item.referral_id,
+                    states.InternalEvent(kind, occurred_at=now),
+                    conn,
+                    actor=f"outbox:{item.channel}",
+                )
+        except (StoreError, ValueError) as exc:
+            log.error("outbox %d: %s not applied: %s", item.id, kind, exc)
+
+    def _skipped(self, item: Item, referral: ReferralRow | None, reason: str) -> None:
+        now = self.clock.now()
+        with self.db.transaction(durable=False) as conn:
+            if outbox.mark_skipped(conn, item.id, reason=reason, now=now):
+                nxt = self.rotation.advance(conn, item, referral, reason, now)
+            else:
+                nxt = None
+        self._count(item.channel, "skipped")
+        log.info(
+            "outbox %d: %s not sent (%s)%s",
+            item.id,
+            item.channel,
+            reason,
+            f"; rotation moves to outbox {nxt}" if nxt else "",
+        )
+        if nxt:
+            self.wake()
+
+    def _failed(
+        self,
+        item: Item,
+        referral: ReferralRow | None,
+        exc: ChannelError,
+        message: OutboundMessage | None,
+    ) -> None:
+        now = self.clock.now()
+        reason = str(exc)
+        if isinstance(exc, RecipientOptedOut):
+            # Twilio refuses the number (21610): remember it, and move the rotation on.
+            with self.db.transaction(durable=False) as conn:
+                if message is not None:
+                    outbox.suppress(conn, message.recipient, "provider-opt-out", now)
+            self._skipped(item, referral, "recipient opted out at the provider")
+            return
+        policy = self.policy(item.channel)
+        if exc.retryable and item.attempts < policy.max_attempts:
+            wait = policy.delay(item.attempts, self.rng, exc.retry_after)
+            with self.db.transaction(durable=False) as conn:
+                outbox.mark_retry(conn, item.id, due=now + wait, error=reason, now=now)
+            self._count(item.channel, "retry")
+            log.warning(
+                "outbox %d: attempt %d/%d failed, retry in %.0fs: %s",
+                item.id,
+                item.attempts,
+                policy.max_attempts,
+                wait,
+                reason,
+            )
+            return
+        queued = False
+        with self.db.transaction(durable=False) as conn:
+            if outbox.mark_dead(conn, item.id, error=reason, now=now) and self.packet_events:
+                queued = self.packet_events.dead(conn, item, reason, now)
+        self._count(item.channel, "dead")
+        if queued:
+            self.wake()
+        log.error(
+            "outbox %d: dead after %d attempt(s) (%s): %s",
+            item.id,
+            item.attempts,
+            "retryable" if exc.retryable else "not retryable",
+            reason,
+        )
+
+    def refresh_metrics(self) -> None:
+        """Depth, oldest age and dead rows per channel, from the table."""
+        if self.metrics is None:
+            return
+        now = self.clock.now()
+        seen: set[str] = set()
+        for s in outbox.stats(self.db.conn, now):
+            seen.add(s.channel)
+            self.metrics.outbox_depth.labels(s.channel).set(s.depth)
+            self.metrics.outbox_oldest.labels(s.channel).set(s.oldest_age)
+            self.metrics.outbox_dead.labels(s.channel).set(s.dead)
+        for name in self.names():
+            if name not in seen:
+                self.metrics.outbox_depth.labels(name).set(0)
+                self.metrics.outbox_oldest.labels(name).set(0)
+                self.metrics.outbox_dead.labels(name).set(0)
+
+
+# ---------------------------------------------------------------------------
+# Operator actions (``refloop outbox``): each in its own short transaction, audited.
+
+
+def list_outbox(
+    db: Database, *, status: str = "", channel: str = "", limit: int = 0
+) -> list[dict[str, Any]]:
+    """Rows newest first, without payloads or recipients (they may be PHI)."""
+    return [
+        i.as_dict() for i in outbox.list_items(db.conn, status=status, channel=channel, limit=limit)
+    ]
+
+
+def _audit(conn: Conn, now: float, actor: str, action: str, item: Item) -> None:
+    audit_store.append(
+        conn,
+        at=isoformat(now),
+        actor=actor,
+        action=action,
+        referral_id=item.referral_id,
+        message_id=None,
+        detail={"outbox_id": item.id, "channel": item.channel, "template": item.template},
+    )
+
+
+def retry_item(db: Database, outbox_id: int, clock: Clock, actor: str) -> dict[str, Any]:
+    """Make a dead (or waiting) row due now with a fresh attempt budget."""
+    now = clock.now()
+    with db.transaction() as conn:
+        try:
+            item = outbox.retry(conn, outbox_id, now)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        _audit(conn, now, actor, "outbox-retry", item)
+    return item.as_dict()
+
+
+def retry_dead(db: Database, clock: Clock, actor: str, channel: str = "") -> list[int]:
+    """Every dead row (of ``channel``) due now again; their ids."""
+    now = clock.now()
+    with db.transaction() as conn:
+        ids = outbox.retry_dead(conn, now, channel)
+        for outbox_id in ids:
+            item = outbox.get(conn, outbox_id)
+            if item is not None:
+                _audit(conn, now, actor, "outbox-retry", item)
+    return ids
+
+
+def cancel_item(db: Database, outbox_id: int, clock: Clock, actor: str) -> dict[str, Any]:
+    """Cancel a pending or dead row; it will never be sent."""
+    now = clock.now()
+    with db.transaction() as conn:
+        try:
+            item = outbox.cancel(conn, outbox_id, now, reason=f"cancelled by {actor}")
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        _audit(conn, now, actor, "outbox-cancel", item)
+    return item.as_dict()

@@ -1,0 +1,1 @@
+"""`refloop simulate`: scenarios run through the real engine on a virtual clock."""

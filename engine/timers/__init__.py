@@ -1,0 +1,3 @@
+"""The hierarchical timer wheel (pure, in memory) and the timer service that fires
+escalation timers in durable transactions.
+"""

@@ -1,0 +1,595 @@
+"""The timer service: durable escalation timers driven by one clock.
+
+Every pending escalation is a row in ``timers`` (written by the tracker in the
+transaction that made it necessary; deleted in the transaction that made it moot). The
+service keeps the rows due within ``horizon`` seconds in an in-memory hashed wheel
+(:mod:`engine.timers.wheel`), refilled from the table as time moves, so a tick costs the same
+with a thousand or a million pending timers. At start the wheel is rebuilt from the
+table; timers that fell due while the daemon was down fire at once, in due order.
+
+Firing is at-most-once: the row is read and deleted in the same durable transaction that
+applies its consequence (an outbox row, a tracker event, an audit entry). A row that is
+gone was made moot; a row whose due moved later goes back on the wheel.
+
+What each timer does when it fires (``if still`` is checked against the referral now;
+docs/escalation.md has the state-by-state table):
+
+| kind                 | if still                        | then                                   |
+|----------------------|---------------------------------|----------------------------------------|
+| first-nudge          | patient not booked, not closed  | nudge on the rotation's channel        |
+| second-nudge         | patient not booked, not closed  | nudge on the next channel              |
+| coordinator-task     | patient not booked              | coordinator task with a priority score |
+| outreach             | patient not booked              | voice call + letter task               |
+| attempt-close        | patient not booked              | close no-response (or a task: human)   |
+| specialist-followup  | specialist not confirmed        | 1: the packet again; 2: call-office task|
+| appointment-reminder | booked, SMS consent             | reminder SMS the day before (opt-in)   |
+| report-request       | booked or seen, no report       | report request by Direct, else fax     |
+| report-task          | booked or seen, no report       | "call for the report" task             |
+| direct-mdn-timeout   | specialist not confirmed        | the packet by e-fax, else a task       |
+
+Every task's payload carries ``reason`` and ``attempts`` (what was already sent
+automatically) besides ``priority_score``.
+
+Patient nudges respect the contact rules (local window, caps, business days): a nudge
+that may not go out now is moved to the next allowed moment instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from channels.sms.twilio import e164
+from engine.canonical import canonical_json
+from engine.clock import Clock, isoformat, parse_iso
+from engine.delivery import direct_inbound as direct_flow
+from engine.metrics import StoreCollector
+from engine.store import audit as audit_store
+from engine.store import outbox as outbox_store
+from engine.store import referrals as referral_store
+from engine.store import timers as store
+from engine.store.db import Conn, Database, DatabaseError
+from engine.store.referrals import ReferralRow
+from engine.timers.wheel import TimerWheel
+from engine.tracking import specialists, states
+from engine.tracking.escalation import (
+    APPOINTMENT_KINDS,
+    DAY,
+    NUDGE_KINDS,
+    Cadence,
+    Policy,
+    coordinator_priority,
+    next_contact_time,
+)
+from engine.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HORIZON: Final = 3600.0  # seconds of timers held in memory
+LATENESS_BUCKETS: Final = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400)
+_OPEN_SPECIALIST: Final = frozenset({"not-sent", "packet-sent", "delivered"})
+_BOOKED: Final = frozenset({"booked", "rescheduled", "seen"})
+
+
+class TimerMetrics:
+    """refloop_timers_pending{kind} (read at scrape), refloop_timers_fired_total{kind,
+    result}, refloop_timer_lateness_seconds."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, db: Database | None = None):
+        self.fired = Counter(
+            "refloop_timers_fired_total",
+            "Timers fired, by kind and what they did (acted, moot, deferred).",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.lateness = Histogram(
+            "refloop_timer_lateness_seconds",
+            "Fire time minus due time.",
+            buckets=LATENESS_BUCKETS,
+            registry=registry,
+        )
+        if db is not None:
+            registry.register(_PendingGauge(db))
+
+
+class _PendingGauge(StoreCollector):
+    def __init__(self, db: Database):
+        self.db = db
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "refloop_timers_pending", "Pending timers by kind.", labels=["kind"]
+        )
+
+    def read(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily("refloop_timers_pending", "Pending timers by kind.", labels=["kind"])
+        try:
+            for kind, n in store.pending_by_kind(self.db.conn).items():
+                g.add_metric([kind], n)
+        except DatabaseError:
+            pass
+        yield g
+
+
+@dataclass(frozen=True, slots=True)
+class Fired:
+    """What one timer did (for the simulator and tests)."""
+
+    timer_id: int
+    referral_id: int
+    kind: str
+    due: float
+    at: float
+    result: str  # acted | moot | deferred
+    action: str = ""  # e.g. "nudge:sms", "task:coordinator", "close:no-response"
+
+
+class TimerService:
+    """Owns the wheel. Call :meth:`load` once, then :meth:`tick` (or run :meth:`run`)."""
+
+    def __init__(
+        self,
+        db: Database,
+        tracker: Tracker,
+        policy: Policy,
+        clock: Clock,
+        *,
+        metrics: TimerMetrics | None = None,
+        horizon: float = DEFAULT_HORIZON,
+        on_fired: Callable[[Fired], None] | None = None,
+    ):
+        self.db = db
+        self.tracker = tracker
+        self.policy = policy
+        self.clock = clock
+        self.metrics = metrics
+        self.horizon = horizon
+        self.on_fired = on_fired
+        self.wheel = TimerWheel(start=clock.now(), tick=1.0)
+        self._loaded_until = clock.now()
+        self._last_id = 0
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    # -- filling the wheel ----------------------------------------------------------
+
+    def load(self) -> int:
+        """Rebuild the wheel from the table (at start): every timer due within the
+        horizon, including those that fell due while the daemon was down."""
+        now = self.clock.now()
+        conn = self.db.conn
+        self.wheel = TimerWheel(start=now, tick=1.0)
+        self._last_id = store.max_id(conn)
+        self._loaded_until = now + self.horizon
+        rows = store.due_until(conn, self._loaded_until)
+        for timer_id, due in rows:
+            self.wheel.schedule(timer_id, due)
+        return len(rows)
+
+    def refill(self) -> None:
+        """Pick up timers created since the last look, and extend the horizon."""
+        conn = self.db.conn
+        now = self.clock.now()
+        for timer_id, due in store.added_since(conn, self._last_id, self._loaded_until):
+            self.wheel.schedule(timer_id, due)
+        self._last_id = store.max_id(conn)
+        until = now + self.horizon
+        if until > self._loaded_until:
+            for timer_id, due in store.due_until(conn, until, after=self._loaded_until):
+                self.wheel.schedule(timer_id, due)
+            self._loaded_until = until
+
+    def notify(self) -> None:
+        """Rows may have been added (the tracker scheduled timers)."""
+        self._wake.set()
+
+    # -- firing ----------------------------------------------------------------------
+
+    def tick(self) -> list[Fired]:
+        """Fire everything due now, in due order; returns what happened."""
+        self.refill()
+        now = self.clock.now()
+        out: list[Fired] = []
+        for _due, timer_id in self.wheel.advance(now):
+            fired = self.fire(int(timer_id))  # type: ignore[call-overload]
+            if fired is not None:
+                out.append(fired)
+        return out
+
+    def fire(self, timer_id: int) -> Fired | None:
+        """Claim the row and apply its consequence in one durable transaction."""
+        now = self.clock.now()
+        with self.db.transaction() as conn:
+            row = store.get(conn, timer_id)
+            if row is None:
+                return None  # cancelled: it became moot in another transaction
+            if row.due > now + 0.5:
+                self.wheel.schedule(timer_id, row.due)  # moved later since it was loaded
+                return None
+            store.delete(conn, timer_id)
+            referral = referral_store.get_referral(conn, row.referral_id)
+            result, action = ("moot", "") if referral is None else self._act(conn, row, referral)
+            audit_store.append(
+                conn,
+                at=isoformat(now),
+                actor="timer",
+                action=f"timer:{row.kind}",
+                referral_id=row.referral_id,
+                message_id=None,
+                detail={
+                    "timer": row.key,
+                    "result": result,
+                    "action": action,
+                    "due": isoformat(row.due),
+                },
+            )
+        fired = Fired(timer_id, row.referral_id, row.kind, row.due, now, result, action)
+        if self.metrics is not None:
+            self.metrics.fired.labels(row.kind, result).inc()
+            if result != "deferred":
+                self.metrics.lateness.observe(max(0.0, now - row.due))
+        if result == "deferred":
+            self.refill()
+        if self.on_fired is not None:
+            self.on_fired(fired)
+        log.debug("referral %d: timer %s %s %s", row.referral_id, row.kind, result, action)
+        return fired
+
+    def _act(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow
+    ) -> tuple[str, str]:
+        state = states.from_dict(referral.state)
+        now = self.clock.now()
+        patient_booked = state.patient_status in _BOOKED
+        specialist_done = state.specialist_status not in _OPEN_SPECIALIST  # confirmed or later
+        kind = row.kind
+        if state.status == "closed":
+            return "moot", ""
+        if kind in NUDGE_KINDS:
+            if patient_booked:
+                return "moot", ""
+            return self._nudge(conn, row, referral, now)
+        if kind == "specialist-followup":
+            if specialist_done:
+                return "moot", ""
+            return self._specialist(conn, row, referral, now)
+        if kind == direct_flow.MDN_TIMEOUT_KIND:
+            # no dispatched MDN in time (Direct delivery notification IG): fall back
+            packet = direct_flow.packet_for_timer(conn, referral.id, row.key)
+            if specialist_done or packet is None:
+                return "moot", ""
+            done = direct_flow.fallback(conn, packet, "no-dispatched-mdn", now, actor="timer")
+            return ("acted", f"fallback:{done}") if done in ("fax", "task") else ("moot", "")
+        if kind in APPOINTMENT_KINDS:
+            if state.specialist_status == "report-received" or not patient_booked:
+                return "moot", ""
+            if kind == "appointment-reminder":
+                return self._reminder(conn, row, referral, state, now)
+            if kind == "report-request":
+                return self._report_request(conn, row, referral, now)
+            asked = referral_store.count_outbox(conn, referral.id, f"{referral.id}:report-request:")
+            why = _REASONS["report-task" if asked else "report-no-route"]
+            return "acted", self._task(conn, row, referral, "call-for-report", now, reason=why)
+        # 14, 30 and 60 days of the not-booked branch (from the opening or the no-show):
+        # a booked patient has a next step in the future, so nothing here is due
+        if patient_booked:
+            return "moot", ""
+        if kind == "coordinator-task":
+            self.tracker.apply_internal(
+                referral.id, states.InternalEvent("escalated", occurred_at=now), conn, actor="timer"
+            )
+            return "acted", self._task(conn, row, referral, "coordinator-followup", now)
+        if kind == "outreach":
+            self._task(conn, row, referral, "outreach-letter", now)
+            return "acted", self._task(conn, row, referral, "outreach-call", now, channel="voice")
+        if kind == "attempt-close":
+            cadence = self._cadence(referral)
+            if cadence.on_close == "human":
+                return "acted", self._task(conn, row, referral, "decide-close", now)
+            self.tracker.apply_internal(
+                referral.id,
+                states.InternalEvent("no-response-close", occurred_at=now),
+                conn,
+                actor="timer",
+            )
+            return "acted", "close:no-response"
+        log.warning("referral %d: unknown timer kind %s", referral.id, kind)
+        return "moot", ""
+
+    def _cadence(self, referral: ReferralRow) -> Cadence:
+        return self.policy.cadence(
+            str(referral.details.get("specialty_category") or ""),
+            str(referral.details.get("priority") or ""),
+        )
+
+    def _next(
+        self, conn: Conn, row: referral_store.TimerRow, kind: str, attempt: int, due: float
+    ) -> None:
+        referral_store.schedule_timer(
+            conn, row.referral_id, kind, due, attempt, f"{row.referral_id}:{kind}:{attempt}",
+            now=self.clock.now(),
+        )  # fmt: skip
+
+    def _specialist(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
+    ) -> tuple[str, str]:
+        """Specialist not confirmed: first the packet again (Direct, else fax), then,
+        ``specialist_task`` later and still unconfirmed, the "call the office" task."""
+        if row.attempt > 1:
+            return "acted", self._task(
+                conn, row, referral, "call-specialist-office", now, reason=_REASONS["specialist"]
+            )
+        self._next(conn, row, row.kind, 2, now + self._cadence(referral).offsets["specialist-task"])
+        auth = referral_store.get_prior_auth(conn, referral.id)
+        if auth is not None and auth.packet_held:
+            return "acted", "resend:held"  # the packet waits for the prior authorization
+        route = specialists.packet_route(conn, referral.details)
+        if route.channel == "task":
+            return "acted", "resend:none"  # no address: the task comes at the next step
+        payload = {"referral_id": referral.id, "effect": "send-packet", "to": route.address,
+                   "resend": True}  # fmt: skip
+        referral_store.enqueue_outbox(
+            conn, referral.id, route.channel, direct_flow.PACKET_TEMPLATE, _dumps(payload),
+            f"{referral.id}:packet-resend:{row.attempt}", now, now=now,
+        )  # fmt: skip
+        self.tracker.note(conn, referral.id, "packet-resent", {"channel": route.channel}, now)
+        return "acted", f"resend:{route.channel}"
+
+    def _report_request(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
+    ) -> tuple[str, str]:
+        """After the visit and no report: ask the specialist office for it by the
+        packet's channel (Direct, else a fax cover sheet); after the second request the
+        human task follows, each ``report_repeat`` later. No way to send it: the task."""
+        route = specialists.packet_route(conn, referral.details)
+        repeat = self._cadence(referral).offsets["report-repeat"]
+        if route.channel == "task":
+            # nothing to send: the human task still waits as long as the two requests
+            # would have (no task for a step whose time has not come)
+            self._next(conn, row, "report-task", 1, now + repeat * (3 - row.attempt))
+            return "acted", "request:none"
+        body = (
+            f"Please send the consult note for referral {referral.placer_number}. "
+            f"This is automated request {row.attempt} of 2."
+        )
+        payload = {
+            "referral_id": referral.id,
+            "kind": row.kind,
+            "attempt": row.attempt,
+            "to": route.address,
+            "subject": f"Consult note requested: referral {referral.placer_number}",
+            "body": body,
+        }
+        referral_store.enqueue_outbox(
+            conn, referral.id, route.channel, REPORT_REQUEST_TEMPLATE, _dumps(payload),
+            f"{referral.id}:report-request:{row.attempt}", now, now=now,
+        )  # fmt: skip
+        nxt = ("report-request", 2) if row.attempt < 2 else ("report-task", 1)
+        self._next(conn, row, nxt[0], nxt[1], now + repeat)
+        return "acted", f"request:{route.channel}"
+
+    def _reminder(
+        self,
+        conn: Conn,
+        row: referral_store.TimerRow,
+        referral: ReferralRow,
+        state: states.ReferralState,
+        now: float,
+    ) -> tuple[str, str]:
+        """The optional day-before reminder: SMS only (a non-PHI allow-listed template),
+        inside the contact window and before the visit, else nothing."""
+        details = referral.details
+        phone = str(details.get("patient_phone") or "")
+        if not (details.get("sms_consent") and phone) or outbox_store.is_suppressed(
+            conn, e164(phone)
+        ):
+            return "moot", "no-sms"
+        when = next_contact_time(
+            now,
+            self.policy.contact,
+            time_zone=str(details.get("time_zone") or ""),
+            previous_contacts=store.patient_contacts(conn, referral.id, phone, now - 8 * DAY),
+        )
+        try:
+            visit = parse_iso(states.visit_start(state))
+        except ValueError:
+            visit = when + DAY
+        if when >= visit:
+            return "moot", "too-late"
+        if when > now + 1.0:
+            referral_store.schedule_timer(
+                conn, referral.id, row.kind, when, row.attempt, row.key, now=now
+            )
+            return "deferred", f"until:{isoformat(when)}"
+        payload = {"referral_id": referral.id, "kind": row.kind, "attempt": row.attempt}
+        referral_store.enqueue_outbox(
+            conn, referral.id, "sms", "appointment_reminder", _dumps(payload),
+            f"{referral.id}:appointment-reminder:{states.visit_start(state)}", now, now=now,
+        )  # fmt: skip
+        return "acted", "reminder:sms"
+
+    def _nudge(
+        self,
+        conn: Conn,
+        row: referral_store.TimerRow,
+        referral: ReferralRow,
+        now: float,
+    ) -> tuple[str, str]:
+        details = referral.details
+        phone = str(details.get("patient_phone") or "")
+        rules = self.policy.contact
+        previous = store.patient_contacts(conn, referral.id, phone, now - 8 * DAY)
+        when = next_contact_time(
+            now, rules, time_zone=str(details.get("time_zone") or ""), previous_contacts=previous
+        )
+        if when > now + 1.0:
+            referral_store.schedule_timer(
+                conn, referral.id, row.kind, when, row.attempt, row.key, now=now
+            )
+            return "deferred", f"until:{isoformat(when)}"
+        sent = store.nudges_sent(conn, referral.id)
+        sms_allowed = (
+            bool(details.get("sms_consent"))
+            and bool(phone)
+            and not outbox_store.is_suppressed(conn, e164(phone))
+        )
+        portal = details.get("portal") is not False and details.get("portal") != 0
+        channel = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
+        template = row.kind.replace("-", "_")  # first_nudge / second_nudge
+        payload = {"referral_id": referral.id, "kind": row.kind, "attempt": row.attempt}
+        referral_store.enqueue_outbox(
+            conn,
+            referral.id,
+            channel,
+            template,
+            canonical_json(payload),
+            f"{referral.id}:{row.kind}:{row.attempt}",
+            now,
+            now=now,
+        )
+        return "acted", f"nudge:{channel}"
+
+    def _task(
+        self,
+        conn: Conn,
+        row: referral_store.TimerRow,
+        referral: ReferralRow,
+        template: str,
+        now: float,
+        *,
+        channel: str = "task",
+        reason: str = "",
+    ) -> str:
+        """A coordinator task (the shared contract: ``referral_id``, ``kind``, ``task``,
+        ``priority_score``, ``reason``, ``attempts``): what the machine already tried
+        travels with it, so the coordinator starts where the machine stopped."""
+        details = referral.details
+        if channel in _TASK_CHANNELS and _task_queued_since(
+            conn, referral.id, now - TASK_MERGE_WINDOW
+        ):
+            # one task per referral: a task queued moments ago already names every open
+            # concern of this referral (its reason lists them), so no second one
+            return f"merged:{template}"
+        failed = sum(1 for _c, status in store.nudges_sent(conn, referral.id) if status == "dead")
+        needed_by = _days_until(str(details.get("needed_by") or ""), now)
+        score = coordinator_priority(
+            days_open=(now - referral.opened_at) / DAY,
+            priority=str(details.get("priority") or ""),
+            failed_contacts=failed,
+            needed_by_days=needed_by,
+        )
+        payload = {
+            "referral_id": referral.id,
+            "kind": row.kind,
+            "task": template,
+            "priority_score": score,
+            "reason": _reason(reason or _REASONS.get(row.kind, ""), referral),
+            "attempts": attempts_made(conn, referral.id),
+        }
+        referral_store.enqueue_outbox(
+            conn,
+            referral.id,
+            channel,
+            template,
+            canonical_json(payload),
+            f"{referral.id}:{template}:{row.attempt}",
+            now,
+            now=now,
+        )
+        return f"task:{template}"
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self, *, idle: float = 1.0) -> None:
+        """Tick at least every ``idle`` seconds (real time) until :meth:`stop`."""
+        while not self._stopping:
+            try:
+                self.tick()
+            except DatabaseError as exc:  # keep going: the rows are still there
+                log.error("timer tick failed: %s", exc)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=idle)
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+
+def _dumps(value: object) -> str:
+    return canonical_json(value)
+
+
+# What the machine sends on its own (outbox templates), as the coordinator reads it.
+_AUTOMATED: Final = {
+    "first_nudge": "patient nudge",
+    "second_nudge": "patient nudge",
+    "appointment_reminder": "appointment reminder",
+    direct_flow.PACKET_TEMPLATE: "referral packet",
+    "specialist-report-request": "report request",
+}
+REPORT_REQUEST_TEMPLATE: Final = "specialist-report-request"
+_REASONS: Final = {
+    "coordinator-task": "not booked 14 days after the referral (or the missed visit), "
+    "after the automatic nudges",
+    "outreach": "not booked 30 days after the referral (or the missed visit): "
+    "call the patient and send a letter",
+    "attempt-close": "not booked after 60 days: decide whether to close the referral",
+    "specialist": "the specialist office has not confirmed the referral (not confirmed "
+    "7 days after the packet was sent again)",
+    "report-task": "no consult note after the visit and two automated report requests",
+    "report-no-route": "no consult note after the visit (waited as long as two automated "
+    "requests would have), and no Direct address or fax number to request it",
+}
+
+
+TASK_MERGE_WINDOW: Final = 3600.0  # tasks due this close together become one
+_TASK_CHANNELS: Final = ("task", "coordinator")
+
+
+def _task_queued_since(conn: Conn, referral_id: int, since: float) -> bool:
+    return any(
+        o.channel in _TASK_CHANNELS and o.due >= since and o.status != "cancelled"
+        for o in referral_store.outbox_for(conn, referral_id)
+    )
+
+
+def _reason(main: str, referral: ReferralRow) -> str:
+    """The task's reason, then every other open concern of the referral, so a task that
+    stands for the referral (one at a time) leaves none out."""
+    state = states.from_dict(referral.state)
+    others = []
+    if state.patient_status not in _BOOKED and "not booked" not in main:
+        others.append("the patient has not booked")
+    if state.specialist_status in _OPEN_SPECIALIST and "not confirmed" not in main:
+        others.append("the specialist office has not confirmed the referral")
+    return f"{main}; also: {', '.join(others)}" if others and main else main or ", ".join(others)
+
+
+def attempts_made(conn: Conn, referral_id: int) -> list[dict[str, str]]:
+    """What the machine already tried for this referral, oldest first: each automated
+    send (nudges, reminders, packets, report requests) with its channel and outcome."""
+    out: list[dict[str, str]] = []
+    for o in referral_store.outbox_for(conn, referral_id):
+        what = _AUTOMATED.get(o.template)
+        if what is None or o.status == "cancelled":
+            continue
+        out.append({"at": isoformat(o.due), "what": f"{what} by {o.channel} ({o.status})"})
+    return out
+
+
+def _days_until(iso_date: str, now: float) -> float | None:
+    if not iso_date:
+        return None
+    try:
+        return (parse_iso(iso_date[:10]) - now) / DAY
+    except ValueError:
+        return None

@@ -1,0 +1,1215 @@
+"""The referral tracker: correlate a normalised event with its referral, run the state
+machine (:mod:`engine.tracking.states`) and write everything the event causes in the caller's
+transaction: the referral row, its timeline entry, the audit row, timer changes and
+outbox rows (transactional outbox).
+
+Correlation, in order (docs/referral-states.md, "Correlation and storage"):
+
+1. the practice + placer number (ORC-2/OBR-2, RF1-6, SCH-26, TXA-14): the key with the
+   sending facility or the placer number's assigning authority (EI.2); then the one
+   referral that recorded that authority; then the placer number alone when exactly one
+   referral has it and no stated authority contradicts it (a specialist's report names
+   our placer number under its own MSH-4);
+2. filler number (ORC-3, RF1-11, SCH-2), learnt from earlier events;
+3. patient identifier + specialty, for a referral opened within the window (default 90
+   days) of the event's own time, only when the event names no placer number (a stated
+   placer number that matches nothing means its referral has not arrived yet).
+
+A contact update that names no referral goes to the patient's open referrals; with none
+it is counted and dropped (it cannot belong to a referral). Any other event that matches
+nothing (or more than one referral) is parked, never dropped. When
+a referral is created or learns a filler number, parked events that now match it are
+applied in the same transaction (``auto-link``); an operator links the rest.
+
+Replays: an event already in a referral's timeline from the same message (same kind and
+fingerprint) changes nothing at all: no row, no audit entry, no effect.
+
+The tracker never reads the time itself (``clock``), never commits inside :meth:`apply`,
+and never logs or audits PHI: names, reasons, notes and patient identifiers stay in the
+referral's own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+
+from engine.canonical import canonical_json, digest, event_fingerprint
+from engine.clock import Clock, isoformat
+from engine.config import Config
+from engine.errors import StoreError
+from engine.metrics import StoreCollector
+from engine.model import (
+    EVENT_TYPES,
+    WRITE_BACK_TEMPLATE,
+    ContactUpdated,
+    Event,
+    Identifiers,
+    PatientContact,
+    PatientsMerged,
+    PriorAuthDecided,
+    Provider,
+    ReferralCreated,
+    ReferralUpdated,
+    ReportReceived,
+    to_plain,
+    write_back_channel,
+)
+from engine.store import audit as audit_store
+from engine.store import referrals as store
+from engine.store.db import Database
+from engine.store.referrals import Conn
+from engine.tracking import specialists, states
+from engine.tracking.escalation import Policy, TimerGroup, TimerSpec
+
+log = logging.getLogger(__name__)
+
+DAY: Final = 86400.0
+DEFAULT_WINDOW_DAYS: Final = 90.0
+
+Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged", "dropped"]
+Source = Literal["message", "operator", "internal", "link"]
+AUTH_OUTCOMES: Final = ("pending", "approved", "denied")
+
+# Every event class the tracker accepts by kind (stored parked events are rebuilt by it).
+EVENT_CLASSES: Final[dict[str, type[Event]]] = {
+    **EVENT_TYPES,
+    "prior-auth-decided": PriorAuthDecided,
+}
+# Bounded metric label values: the event kinds we know, anything else is "other".
+KNOWN_KINDS: Final = frozenset(EVENT_CLASSES) | frozenset(states.INTERNAL_KINDS)
+# Outbox templates per effect; the recipient side picks the channel.
+_TEMPLATES: Final[dict[str, tuple[str, str]]] = {
+    "send-packet": ("specialist", "specialist-packet"),
+    "notify-referrer-closed": ("referring", "referrer-closed"),
+    "notify-referrer-declined": ("referring", "referrer-declined"),
+    "notify-referrer-auth-denied": ("referring", "referrer-auth-denied"),
+}
+# The coordinator's words for packet_route's codes (specialists.PacketRoute.why).
+_NO_WAY_REASONS: Final = {
+    "no-address": "the specialist office has no Direct address or fax number on file",
+    "no-certificate": "no Direct certificate and no fax number for the specialist office",
+    "direct-failed-no-fax": "the Direct packet failed and the office has no fax number",
+}
+# Event fields shown in the timeline (codes and ids; no free text).
+_TIMELINE_FIELDS: Final = (
+    "appointment_id",
+    "start",
+    "report_id",
+    "status",
+    "outcome",
+    "auth_number",
+    "priority",
+)
+
+
+# ---------------------------------------------------------------------------
+# Escalation policy: which timers an effect starts
+
+
+class EscalationPolicy(Protocol):
+    def timers(
+        self, group: TimerGroup, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
+        """The timers that ``schedule-escalations`` (referral), ``schedule-patient-timers``
+        (patient) or ``schedule-report-timers`` (report) start, for a referral of this
+        specialty category and priority."""
+        ...
+
+    def patient_kinds(self) -> frozenset[str]:
+        """The timer kinds ``cancel-patient-timers`` deletes."""
+        ...
+
+    def appointment_timers(
+        self, visit: float, now: float, specialty_category: str = "", priority: str = ""
+    ) -> tuple[TimerSpec, ...]:
+        """The timers ``schedule-appointment-timers`` starts for a visit at ``visit``."""
+        ...
+
+    def appointment_kinds(self) -> frozenset[str]:
+        """The timer kinds a new appointment date replaces and losing the booking deletes."""
+        ...
+
+    @property
+    def notify(self) -> str:
+        """The channel for notices to the referring provider ("" = the timeline only)."""
+        ...
+
+    @property
+    def packet_task(self) -> bool:
+        """A coordinator task when the packet cannot be sent at all (else a timeline note)."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one :meth:`Tracker.apply` did.
+
+    ``outcome``: ``applied`` (the referral's state or prior-auth item moved),
+    ``unchanged`` (recorded in the timeline, nothing moved), ``duplicate`` (this event
+    from this message was already recorded: nothing written), ``parked`` (no referral
+    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved),
+    ``dropped`` (a contact update for a patient with no open referral: counted, not kept).
+    ``how`` names the correlation step that matched (key, placer-authority, placer,
+    filler, patient-window, patient, created, link, operator, merge). ``linked`` are
+    parked events that were applied to the referral as a consequence.
+    """
+
+    outcome: Outcome
+    referral_ids: tuple[int, ...] = ()
+    parked_id: int | None = None
+    status: str = ""
+    effects: tuple[str, ...] = ()
+    how: str = ""
+    linked: tuple[int, ...] = ()
+
+    @property
+    def referral_id(self) -> int | None:
+        return self.referral_ids[0] if self.referral_ids else None
+
+
+# ---------------------------------------------------------------------------
+# Events as JSON (parked events are stored whole so that linking re-applies them)
+
+_NESTED: Final[dict[str, type]] = {"Provider": Provider, "PatientContact": PatientContact}
+
+
+def event_to_dict(event: Event | states.InternalEvent) -> dict[str, Any]:
+    data = to_plain(event)
+    data["kind"] = event.kind
+    return data
+
+
+def event_from_dict(data: Mapping[str, Any]) -> Event:
+    """Rebuild a model event from :func:`event_to_dict` output."""
+    kind = str(data.get("kind", ""))
+    cls = EVENT_CLASSES.get(kind)
+    if cls is None:
+        raise StoreError(f"stored event has an unknown kind {kind!r}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "ids":
+            value = Identifiers(
+                sending_facility=str(value.get("sending_facility", "")),
+                placer_number=str(value.get("placer_number", "")),
+                filler_numbers=tuple(value.get("filler_numbers", ())),
+                patient_ids=tuple(value.get("patient_ids", ())),
+                specialty=str(value.get("specialty", "")),
+                placer_authority=str(value.get("placer_authority", "")),
+            )
+        elif isinstance(value, dict) and str(f.type) in _NESTED:
+            value = _NESTED[str(f.type)](**value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def fingerprint(event: Event | states.InternalEvent) -> str:
+    """sha256 of the whole event's canonical JSON (kind included):
+    :func:`engine.canonical.event_fingerprint`, the digest the decisions table keeps too."""
+    return event_fingerprint(event)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+class _StoreGauges(StoreCollector):
+    """Gauges read from the store at scrape time, so they never drift from it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "refloop_referrals", "Referrals by overall status.", labels=["status"]
+        )
+        yield GaugeMetricFamily("refloop_parked_messages", "Events parked, waiting for a link.")
+
+    def read(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            counts = store.count_by_status(self.db.conn)
+            parked = store.count_parked(self.db.conn)
+        except Exception:  # a scrape must not fail because the database is busy or closed
+            log.warning("metrics: cannot read referral counts")
+            return
+        g = GaugeMetricFamily(
+            "refloop_referrals", "Referrals by overall status.", labels=["status"]
+        )
+        for status in states.OVERALL_STATUSES:
+            g.add_metric([status], counts.get(status, 0))
+        yield g
+        yield GaugeMetricFamily(
+            "refloop_parked_messages", "Events parked, waiting for a link.", value=parked
+        )
+
+
+class TrackerMetrics:
+    """``refloop_referral_transitions_total{kind}`` (events that moved a referral), plus,
+    when ``db`` is given, the gauges ``refloop_referrals{status}`` and
+    ``refloop_parked_messages`` read from the store at scrape time.
+
+    The counter counts when the tracker applies an event; if the caller's transaction
+    then rolls back, the count stays (counters are not transactional)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY, db: Database | None = None):
+        self.transitions = Counter(
+            "refloop_referral_transitions_total",
+            "Events that changed a referral, by event kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.notices = Counter(
+            "refloop_referrer_notices_total",
+            "Notices to the referring provider, by how they went: sent (on the notify "
+            "channel) or timeline (recorded only: no notify channel configured).",
+            ["result"],
+            registry=registry,
+        )
+        self.unrelated_events = Counter(
+            "refloop_unrelated_events_total",
+            "Events dropped because they cannot belong to a referral (a contact update "
+            "for a patient with no open referral), by event kind.",
+            ["kind"],
+            registry=registry,
+        )
+        if db is not None:
+            registry.register(_StoreGauges(db))
+
+    def transition(self, kind: str) -> None:
+        self.transitions.labels(kind if kind in KNOWN_KINDS else "other").inc()
+
+    def unrelated(self, kind: str) -> None:
+        self.unrelated_events.labels(kind if kind in KNOWN_KINDS else "other").inc()
+
+
+# ---------------------------------------------------------------------------
+# The tracker
+
+
+class Tracker:
+    """Applies events to referrals. One per database.
+
+    ``apply`` and ``apply_internal`` run inside the caller's transaction; the operator
+    actions (``close``, ``link``, ``decide_auth``) open their own.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        window_days: float = DEFAULT_WINDOW_DAYS,
+        policy: EscalationPolicy | None = None,
+        metrics: TrackerMetrics | None = None,
+        write_back: Iterable[str] = (),
+    ):
+        self.db = db
+        self.clock = clock
+        self.window = window_days * DAY
+        self.policy: EscalationPolicy = policy or Policy()
+        self.metrics = metrics
+        # FHIR sources whose Task is completed when a referral of theirs closes with a
+        # report (engine.ingest.fhir.WriteBackChannel sends the outbox row).
+        self.write_back = frozenset(write_back)
+        self.enqueued = 0  # outbox rows written since take_enqueued() last asked
+
+    def take_enqueued(self) -> int:
+        """How many outbox rows were written since the last call (the engine wakes the
+        dispatcher after a processing commit that wrote some)."""
+        n, self.enqueued = self.enqueued, 0
+        return n
+
+    # -- events from messages ----------------------------------------------------
+
+    def apply(self, event: Event, conn: Conn) -> ApplyResult:
+        """Correlate ``event`` (``message_id`` = its inbox row) and apply it. Call inside
+        the processing transaction; nothing here commits."""
+        now = self.clock.now()
+        if isinstance(event, PatientsMerged):
+            return self._merge(conn, event, now)
+        if isinstance(event, ReferralCreated):
+            ids = event.ids
+            if not ids.placer_number:
+                return self._park(conn, event, "no-placer-number", now)
+            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            how = "key"
+            if rid is None:
+                initial = states.INITIAL
+                rid = store.insert_referral(
+                    conn,
+                    sending_facility=ids.sending_facility,
+                    placer_number=ids.placer_number,
+                    state=states.to_dict(initial),
+                    statuses=_statuses(initial),
+                    opened_at=event.occurred_at,
+                    now=now,
+                    placer_authority=ids.placer_authority,
+                )
+                how = "created"
+            elif ids.placer_authority:
+                store.learn_placer_authority(conn, rid, ids.placer_authority)
+            return self._apply_to(conn, rid, event, "message", "message", now, how)
+        if isinstance(event, ContactUpdated) and not (
+            event.ids.placer_number or event.ids.filler_numbers
+        ):
+            return self._contact(conn, event, now)
+        rid, how, why = self._correlate(conn, event)
+        if rid is None:
+            return self._park(conn, event, why, now)
+        return self._apply_to(conn, rid, event, "message", "message", now, how)
+
+    def apply_internal(
+        self,
+        referral_id: int,
+        event: states.InternalEvent,
+        conn: Conn,
+        *,
+        actor: str = "system",
+        message_id: int | None = None,
+    ) -> ApplyResult:
+        """Apply an event refloop itself emits (a timer, a channel callback) to a known
+        referral, inside the caller's transaction. With ``message_id`` (the inbound
+        webhook's row) a repeat of the same event is a no-op."""
+        return self._apply_to(
+            conn,
+            referral_id,
+            event,
+            "internal",
+            actor,
+            self.clock.now(),
+            "internal",
+            message_id=message_id,
+        )
+
+    # -- operator actions (own transaction) --------------------------------------
+
+    def close(
+        self, referral_id: int, reason: states.CloseReason, note: str = "", actor: str = "operator"
+    ) -> ApplyResult:
+        """Close a referral by hand with a reason from ``states.CLOSE_REASONS``. The note
+        is kept with the referral, never in the audit log."""
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            event = states.InternalEvent(
+                "closed-by-operator", occurred_at=now, reason=reason, note=note
+            )
+            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
+
+    def link(self, parked_id: int, referral_id: int, actor: str = "operator") -> ApplyResult:
+        """Apply a parked event to the referral an operator chose, and mark it linked."""
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            parked = store.get_parked(conn, parked_id)
+            if parked is None:
+                raise StoreError(f"no parked event with id {parked_id}")
+            if parked.status != "parked":
+                raise StoreError(
+                    f"parked event {parked_id} is already linked to referral {parked.referral_id}"
+                )
+            event = event_from_dict(parked.event)
+            result = self._apply_to(
+                conn, referral_id, event, "link", actor, now, "link", parked_id=parked_id
+            )
+            store.mark_linked(conn, parked_id, referral_id, actor, now)
+            return result
+
+    def decide_auth(
+        self, referral_id: int, outcome: str, actor: str = "operator", auth_number: str = ""
+    ) -> ApplyResult:
+        """Record a prior-authorization outcome (``pending``, ``approved``, ``denied``)
+        given by an operator."""
+        if outcome not in AUTH_OUTCOMES:
+            raise StoreError(f"unknown prior-auth outcome {outcome!r}")
+        with self.db.transaction() as conn:
+            now = self.clock.now()
+            event = PriorAuthDecided(
+                ids=Identifiers(), occurred_at=now, outcome=outcome, auth_number=auth_number
+            )
+            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
+
+    # -- correlation ---------------------------------------------------------------
+
+    def _correlate(self, conn: Conn, event: Event) -> tuple[int | None, str, str]:
+        """(referral id or None, how it matched, why it did not)."""
+        ids = event.ids
+        if isinstance(event, ReferralCreated):
+            if not ids.placer_number:
+                return None, "", "no-placer-number"
+            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+            return rid, "key", "" if rid else "no-match"
+        ambiguous = False
+        if ids.placer_number:
+            rid, how, ambiguous = self._by_placer(conn, ids)
+            if rid is not None:
+                return rid, how, ""
+        if ids.filler_numbers:
+            by_filler = store.find_by_fillers(conn, ids.filler_numbers)
+            if len(by_filler) == 1:
+                return by_filler[0], "filler", ""
+            ambiguous = ambiguous or len(by_filler) > 1
+        if not ids.placer_number and ids.patient_ids and ids.specialty:
+            pids = {*ids.patient_ids, *(store.surviving_id(conn, p) for p in ids.patient_ids)}
+            found = store.find_by_patient(
+                conn,
+                pids,
+                ids.specialty,
+                event.occurred_at - self.window,
+                event.occurred_at + self.window,
+            )
+            open_ = [rid for rid, status in found if status != "closed"]
+            if len(open_) == 1:
+                return open_[0], "patient-window", ""
+            if not open_ and len(found) == 1:
+                return found[0][0], "patient-window", ""
+            ambiguous = ambiguous or len(found) > 1
+        return None, "", "ambiguous" if ambiguous else "no-match"
+
+    def _by_placer(self, conn: Conn, ids: Identifiers) -> tuple[int | None, str, bool]:
+        """(referral, how, ambiguous) by placer number. A placer number is unique only
+        within the practice that assigned it, named by the sending facility (the key) or
+        the placer number's assigning authority EI.2 (docs/referral-states.md, "Which
+        practice a message names"):
+        the key; then the one referral whose recorded authority is the stated one; then
+        the only referral with the number, unless its recorded authority contradicts the
+        stated one (that practice's referral has not arrived yet)."""
+        stated = ids.placer_authority
+        for scope in (ids.sending_facility, *([stated] if stated else [])):
+            rid = store.find_by_key(conn, scope, ids.placer_number)
+            if rid is not None:
+                return rid, "key", False
+        candidates = store.placer_candidates(conn, ids.placer_number)
+        if stated:
+            owned = [c for c in candidates if stated in (c[1], c[2])]
+            if len(owned) == 1:
+                return owned[0][0], "placer-authority", False
+            if owned:
+                return None, "", True
+            candidates = [c for c in candidates if not c[2]]
+        if len(candidates) == 1:
+            return candidates[0][0], "placer", False
+        return None, "", len(candidates) > 1
+
+    # -- applying ------------------------------------------------------------------
+
+    def _apply_to(
+        self,
+        conn: Conn,
+        rid: int,
+        event: Event | states.InternalEvent,
+        source: Source,
+        actor: str,
+        now: float,
+        how: str,
+        *,
+        message_id: int | None = None,
+        parked_id: int | None = None,
+        relink: bool = True,
+    ) -> ApplyResult:
+        row = store.get_referral(conn, rid)
+        if row is None:
+            raise StoreError(f"no referral with id {rid}")
+        if isinstance(event, Event) and source != "operator":
+            message_id = event.message_id or None
+        kind = event.kind
+        digest = fingerprint(event)
+        if store.event_recorded(conn, rid, message_id, kind, digest):
+            return ApplyResult("duplicate", (rid,), status=row.status, how=how)
+
+        old = states.from_dict(row.state)
+        if isinstance(event, PriorAuthDecided):
+            transition = states.Transition(old, False, ())
+        else:
+            transition = states.apply(old, event)
+        new = transition.state
+        statuses = _statuses(new)
+
+        # Details and keys
+        details, versions = _merge_details(row, event, message_id or 0)
+        new_fillers: list[str] = []
+        if isinstance(event, Event):
+            new_fillers = store.add_fillers(conn, rid, event.ids.filler_numbers)
+            store.add_patient_ids(
+                conn, rid, (store.surviving_id(conn, p) for p in event.ids.patient_ids)
+            )
+        if isinstance(event, ReferralCreated) and event.prior_auth_required:
+            store.ensure_prior_auth(conn, rid, hold_packet=event.prior_auth_hold_packet, now=now)
+        merged_details = {**row.details, **details}
+        opened_at = None
+        if isinstance(event, ReferralCreated) and event.occurred_at < row.opened_at:
+            opened_at = event.occurred_at
+        closed_at = now if new.status == "closed" and row.closed_at is None else None
+        touched = transition.changed or bool(details) or bool(new_fillers) or opened_at is not None
+        store.update_referral(
+            conn,
+            rid,
+            state=states.to_dict(new) if transition.changed else None,
+            statuses=statuses if transition.changed else None,
+            details=details,
+            versions=versions if details else None,
+            opened_at=opened_at,
+            updated_at=now if touched else None,
+            closed_at=closed_at,
+        )
+
+        # Effects, in the order the state machine gave them
+        done = self._effects(conn, rid, transition.effects, merged_details, new, now)
+        auth_changed = False
+        if isinstance(event, PriorAuthDecided):
+            auth_changed, more = self._prior_auth(
+                conn, rid, event, actor, message_id, new, merged_details, now
+            )
+            done.extend(more)
+
+        if (
+            row.sending_facility in self.write_back
+            and new.close_reason == "report-received"
+            and old.close_reason != "report-received"
+        ):
+            report = event.report_id if isinstance(event, ReportReceived) else ""
+            self._write_back(conn, row, report, now)
+            done.append("fhir-write-back")
+
+        changed = transition.changed or auth_changed
+        detail: dict[str, Any] = {
+            k: getattr(event, k)
+            for k in _TIMELINE_FIELDS
+            if getattr(event, k, "") not in ("", None)
+        }
+        if isinstance(event, states.InternalEvent) and event.reason:
+            detail["reason"] = event.reason
+        if parked_id is not None:
+            detail["parked_id"] = parked_id
+        store.insert_event(
+            conn,
+            referral_id=rid,
+            kind=kind,
+            message_id=message_id,
+            fingerprint=digest,
+            source=source,
+            actor=actor,
+            occurred_at=event.occurred_at,
+            recorded_at=now,
+            changed=changed,
+            statuses=statuses[:3],
+            effects=done,
+            detail=detail,
+        )
+        audit_store.append(
+            conn,
+            at=isoformat(now),
+            actor=actor,
+            action=kind,
+            referral_id=rid,
+            message_id=message_id,
+            detail={
+                "source": source,
+                "how": how,
+                "changed": changed,
+                "from": row.status,
+                "to": statuses[0],
+                "patient_status": statuses[1],
+                "specialist_status": statuses[2],
+                "close_reason": statuses[3],
+                "effects": done,
+                **({"parked_id": parked_id} if parked_id is not None else {}),
+            },
+        )
+        if changed and self.metrics is not None:
+            self.metrics.transition(kind)
+        if changed:
+            log.debug("referral %d: %s -> %s (%s)", rid, kind, statuses[0], ",".join(done))
+        linked: tuple[int, ...] = ()
+        if relink and (how == "created" or new_fillers):
+            linked = self._relink(conn, rid, now)
+        return ApplyResult(
+            "applied" if changed else "unchanged",
+            (rid,),
+            status=statuses[0] if not linked else _current_status(conn, rid),
+            effects=tuple(done),
+            how=how,
+            linked=linked,
+        )
+
+    def _effects(
+        self,
+        conn: Conn,
+        rid: int,
+        effects: Iterable[str],
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> list[str]:
+        """Carry out the state machine's effects; returns what was done (for the
+        timeline and the audit row)."""
+        done: list[str] = []
+        for effect in effects:
+            if effect == "schedule-escalations":
+                self._schedule(conn, rid, "referral", now)
+            elif effect == "schedule-patient-timers":
+                self._schedule(conn, rid, "patient", now)
+            elif effect == "schedule-report-timers":
+                if not self._report_requested(conn, rid):
+                    self._schedule(conn, rid, "report", now)
+            elif effect == "schedule-appointment-timers":
+                self._schedule_visit(conn, rid, details, state, now)
+            elif effect == "cancel-appointment-timers":
+                store.cancel_timers(conn, rid, self.policy.appointment_kinds())
+            elif effect == "cancel-patient-timers":
+                store.cancel_timers(conn, rid, self.policy.patient_kinds())
+            elif effect == "cancel-all-timers":
+                store.cancel_timers(conn, rid)
+            elif effect == "stop-outbound":
+                store.cancel_outbox(conn, rid, now=now)
+                auth = store.get_prior_auth(conn, rid)
+                if auth is not None and auth.packet_held:
+                    store.update_prior_auth(conn, rid, now=now, packet_held=False)
+            elif effect == "send-packet":
+                auth = store.get_prior_auth(conn, rid)
+                if auth is not None and auth.hold_packet and auth.status != "approved":
+                    store.update_prior_auth(conn, rid, now=now, packet_held=True)
+                    done.append("hold-packet")
+                    continue
+                self._enqueue(conn, rid, effect, details, state, now)
+            elif effect in _TEMPLATES:
+                if self._enqueue(conn, rid, effect, details, state, now) == "note":
+                    done.append(f"{effect}:timeline")
+                    continue
+            else:
+                raise ValueError(f"unknown effect {effect!r}")
+            done.append(effect)
+        return done
+
+    def _report_requested(self, conn: Conn, rid: int) -> bool:
+        """A report request already went out or its chase is further along: a visit
+        reported as seen does not restart it."""
+        if store.count_outbox(conn, rid, f"{rid}:report-request:"):
+            return True
+        return any(
+            t.kind == "report-task" or (t.kind == "report-request" and t.attempt > 1)
+            for t in store.timers_for(conn, rid)
+        )
+
+    def _schedule_visit(
+        self,
+        conn: Conn,
+        rid: int,
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> None:
+        """The booked branch for the appointment in force: the old date's timers go, the
+        new date's come (a booking without a date assumes ``UNDATED_VISIT``)."""
+        from engine.clock import parse_iso
+        from engine.tracking.escalation import UNDATED_VISIT
+
+        store.cancel_timers(conn, rid, self.policy.appointment_kinds())
+        try:
+            visit = parse_iso(states.visit_start(state))
+        except ValueError:
+            visit = now + UNDATED_VISIT
+        specs = self.policy.appointment_timers(
+            visit,
+            now,
+            str(details.get("specialty_category") or ""),
+            str(details.get("priority") or ""),
+        )
+        self._schedule_specs(conn, rid, specs, now)
+
+    def _schedule(self, conn: Conn, rid: int, group: TimerGroup, now: float) -> None:
+        row = store.get_referral(conn, rid)
+        details = row.details if row is not None else {}
+        specs = self.policy.timers(
+            group, str(details.get("specialty_category") or ""), str(details.get("priority") or "")
+        )
+        self._schedule_specs(conn, rid, specs, now)
+
+    def _schedule_specs(self, conn: Conn, rid: int, specs: Iterable[TimerSpec], now: float) -> None:
+        for spec in specs:
+            store.schedule_timer(
+                conn,
+                rid,
+                spec.kind,
+                now + spec.delay,
+                spec.attempt,
+                f"{rid}:{spec.kind}:{spec.attempt}",
+                now=now,
+            )
+
+    def _enqueue(
+        self,
+        conn: Conn,
+        rid: int,
+        effect: str,
+        details: Mapping[str, Any],
+        state: states.ReferralState,
+        now: float,
+    ) -> str:
+        """Queue the effect's outbox row; returns its channel, or ``note`` when it was
+        only written on the timeline (a notice with no notification channel, a packet
+        with no way to send it when the practice asked for no task)."""
+        template = _TEMPLATES[effect][1]
+        payload: dict[str, Any] = {
+            "referral_id": rid,
+            "effect": effect,
+            "close_reason": state.close_reason,
+        }
+        if effect == "send-packet":
+            # Direct only with an address and a certificate, else fax, else a coordinator
+            # task (engine.tracking.specialists.packet_route); the referral teaches the directory
+            specialists.learn_from_referral(conn, details, now)
+            route = specialists.packet_route(conn, details)
+            channel: str = route.channel
+            if route.address:
+                payload["to"] = route.address
+            if channel == "task":
+                if not self.policy.packet_task:
+                    self.note(conn, rid, "packet-not-sent", {"reason": route.why}, now)
+                    return "note"
+                template = specialists.NO_WAY_TEMPLATE
+                payload.update(
+                    kind=effect,
+                    task=template,
+                    why=route.why,
+                    reason=_NO_WAY_REASONS.get(route.why, route.why),
+                    priority_score=0,
+                    attempts=[],
+                )
+        else:
+            # a notice to the referring provider is a notification, never a coordinator
+            # task: the ``escalation.notify`` channel, else a timeline entry and a metric
+            payload["kind"] = "notification"
+            channel = self.policy.notify
+            if not channel:  # the close event's effects name it (``...:timeline``)
+                if self.metrics is not None:
+                    self.metrics.notices.labels("timeline").inc()
+                return "note"
+            if self.metrics is not None:
+                self.metrics.notices.labels("sent").inc()
+        n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
+        self.enqueued += 1
+        store.enqueue_outbox(
+            conn,
+            rid,
+            channel,
+            template,
+            canonical_json(payload),
+            f"{rid}:{effect}:{n}",
+            now,
+            now=now,
+        )
+        return channel
+
+    def note(self, conn: Conn, rid: int, kind: str, detail: Mapping[str, Any], now: float) -> None:
+        """A recorded-only timeline entry (``changed`` false): something refloop decided
+        not to send, kept where the coordinator and the simulator see it."""
+        row = store.get_referral(conn, rid)
+        if row is None:
+            return
+        store.insert_event(
+            conn,
+            referral_id=rid,
+            kind=kind,
+            message_id=None,
+            fingerprint=digest({"kind": kind, **detail, "at": now}),
+            source="internal",
+            actor="system",
+            occurred_at=now,
+            recorded_at=now,
+            changed=False,
+            statuses=(row.status, row.patient_status, row.specialist_status),
+            effects=(),
+            detail=dict(detail),
+        )
+
+    def _write_back(self, conn: Conn, row: store.ReferralRow, report: str, now: float) -> None:
+        """Enqueue the FHIR Task write-back of a loop closed by a report, for a referral
+        that came from FHIR source ``row.sending_facility`` (its ServiceRequest is kept as
+        a filler number)."""
+        service_request = next(
+            (f for f in row.filler_numbers if f.startswith("ServiceRequest/")), ""
+        )
+        if not service_request:
+            log.warning("referral %d: no ServiceRequest to write back to", row.id)
+            return
+        patients = [p for p in row.patient_ids if p.startswith("Patient/")]
+        payload = {
+            "referral_id": row.id,
+            "service_request": service_request,
+            "report": report if "/" in report else "",
+            "closed_at": now,
+            "patient": patients[0] if patients else "",
+            # ServiceRequest.requester: the Communication's recipient (docs/fhir.md)
+            "requester": str(row.details.get("referring_reference") or ""),
+        }
+        n = store.count_outbox(conn, row.id, f"{row.id}:fhir-write-back:") + 1
+        self.enqueued += 1
+        store.enqueue_outbox(
+            conn,
+            row.id,
+            write_back_channel(row.sending_facility),
+            WRITE_BACK_TEMPLATE,
+            canonical_json(payload),
+            f"{row.id}:fhir-write-back:{n}",
+            now,
+            now=now,
+        )
+
+    def _prior_auth(
+        self,
+        conn: Conn,
+        rid: int,
+        event: PriorAuthDecided,
+        actor: str,
+        message_id: int | None,
+        state: states.ReferralState,
+        details: Mapping[str, Any],
+        now: float,
+    ) -> tuple[bool, list[str]]:
+        """The prior-auth fork: the latest outcome by event time wins; an approval
+        releases a held packet, a denial tells the referrer. Returns (changed, done)."""
+        if event.outcome not in AUTH_OUTCOMES:
+            return False, []
+        store.ensure_prior_auth(conn, rid, hold_packet=False, now=now)
+        item = store.get_prior_auth(conn, rid)
+        assert item is not None
+        version = (event.occurred_at, message_id or 0)
+        if item.decided_version is not None and version <= item.decided_version:
+            return False, []
+        store.update_prior_auth(
+            conn,
+            rid,
+            now=now,
+            status=event.outcome,
+            auth_number=event.auth_number or None,
+            decided_version=version,
+            decided_by=actor,
+        )
+        done: list[str] = []
+        if event.outcome == item.status or state.status == "closed":
+            return event.outcome != item.status, done
+        if event.outcome == "approved" and item.packet_held:
+            store.update_prior_auth(conn, rid, now=now, packet_held=False)
+            self._enqueue(conn, rid, "send-packet", details, state, now)
+            done.append("send-packet")
+        elif event.outcome == "denied":
+            self._enqueue(conn, rid, "notify-referrer-auth-denied", details, state, now)
+            done.append("notify-referrer-auth-denied")
+        return True, done
+
+    def _relink(self, conn: Conn, rid: int, now: float) -> tuple[int, ...]:
+        """Apply parked events that now correlate with referral ``rid`` (it was just
+        created or learnt a filler number), oldest first, until none is left."""
+        linked: list[int] = []
+        while True:
+            row = store.get_referral(conn, rid)
+            assert row is not None
+            progress = False
+            for parked in store.parked_candidates(conn, row.placer_number, row.filler_numbers):
+                event = event_from_dict(parked.event)
+                if isinstance(event, ReferralCreated | PatientsMerged):
+                    continue
+                target, how, _ = self._correlate(conn, event)
+                if target != rid:
+                    continue
+                self._apply_to(
+                    conn,
+                    rid,
+                    event,
+                    "link",
+                    "auto-link",
+                    now,
+                    how,
+                    parked_id=parked.id,
+                    relink=False,
+                )
+                store.mark_linked(conn, parked.id, rid, "auto-link", now)
+                linked.append(parked.id)
+                progress = True
+            if not progress:
+                return tuple(linked)
+
+    def _park(self, conn: Conn, event: Event, why: str, now: float) -> ApplyResult:
+        message_id = event.message_id or None
+        pid, new = store.park(
+            conn,
+            message_id=message_id,
+            kind=event.kind,
+            fingerprint=fingerprint(event),
+            event=event_to_dict(event),
+            why=why,
+            sending_facility=event.ids.sending_facility,
+            placer_number=event.ids.placer_number,
+            filler_numbers=event.ids.filler_numbers,
+            now=now,
+        )
+        if not new:
+            return ApplyResult("duplicate", parked_id=pid, how="parked")
+        audit_store.append(
+            conn,
+            at=isoformat(now),
+            actor="message",
+            action="parked",
+            referral_id=None,
+            message_id=message_id,
+            detail={"kind": event.kind, "parked_id": pid, "why": why},
+        )
+        log.info("message %s: %s parked as %d (%s)", message_id or "-", event.kind, pid, why)
+        return ApplyResult("parked", parked_id=pid, how="parked")
+
+    def _contact(self, conn: Conn, event: ContactUpdated, now: float) -> ApplyResult:
+        """A contact update that names no referral (ADT^A04/A08/A31): applied to each open
+        referral of the patient. With none it cannot belong to a referral: counted
+        (``refloop_unrelated_events_total``) and dropped, never parked; parked means a
+        referral message that needs a human, and an ADT feed is mostly other patients."""
+        pids = event.ids.patient_ids
+        rids = store.find_open_by_patient(
+            conn, {*pids, *(store.surviving_id(conn, p) for p in pids)}
+        )
+        if not rids:
+            if self.metrics is not None:
+                self.metrics.unrelated(event.kind)
+            log.debug("message %s: %s for no open referral", event.message_id or "-", event.kind)
+            return ApplyResult("dropped", how="patient")
+        results = [
+            self._apply_to(conn, rid, event, "message", "message", now, "patient") for rid in rids
+        ]
+        outcomes = {r.outcome for r in results}
+        outcome: Outcome = "applied" if "applied" in outcomes else "unchanged"
+        if outcomes == {"duplicate"}:
+            outcome = "duplicate"
+        return ApplyResult(outcome, tuple(rids), how="patient")
+
+    def _merge(self, conn: Conn, event: PatientsMerged, now: float) -> ApplyResult:
+        """ADT^A40: move referrals from the retired patient id to the surviving one.
+        A merge for a patient with no referral is recorded (so a later referral with the
+        retired id is moved too) but not parked: it is not about a referral."""
+        retired, surviving = event.retired_id, event.surviving_id
+        if not retired or not surviving or retired == surviving:
+            return ApplyResult("unchanged", how="merge")
+        moved = store.record_merge(conn, retired, surviving, event.message_id or None, now)
+        for rid in moved:
+            self._apply_to(conn, rid, event, "message", "message", now, "merge")
+        return ApplyResult("merged", tuple(moved), how="merge")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _statuses(state: states.ReferralState) -> tuple[str, str, str, str]:
+    return (state.status, state.patient_status, state.specialist_status, state.close_reason)
+
+
+def _current_status(conn: Conn, rid: int) -> str:
+    row = store.get_referral(conn, rid)
+    return row.status if row else ""
+
+
+def _stated_details(event: Event | states.InternalEvent) -> dict[str, Any]:
+    """The detail columns this event states (blank means "not stated")."""
+    out: dict[str, Any] = {}
+    if isinstance(event, ReferralCreated | ReferralUpdated):
+        for name in ("specialty", "specialty_category", "reason", "priority", "needed_by"):
+            value = getattr(event, name)
+            if value:
+                out[name] = value
+        if "specialty" not in out and event.ids.specialty:
+            out["specialty"] = event.ids.specialty
+        for party, provider in (("referring", event.referring), ("specialist", event.specialist)):
+            for name in (
+                "name",
+                "npi",
+                "organisation",
+                "direct_address",
+                "fax",
+                "phone",
+                "reference",
+            ):
+                value = getattr(provider, name)
+                if value:
+                    out[f"{party}_{name}"] = value
+    contact = event.contact if isinstance(event, ReferralCreated | ContactUpdated) else None
+    if contact is not None:
+        for column, value in (
+            ("patient_phone", contact.phone),
+            ("language", contact.language),
+            ("time_zone", contact.time_zone),
+        ):
+            if value:
+                out[column] = value
+        if contact.sms_consent is not None:
+            out["sms_consent"] = int(contact.sms_consent)
+        if contact.portal is not None:
+            out["portal"] = int(contact.portal)
+    return out
+
+
+def _merge_details(
+    row: store.ReferralRow, event: Event | states.InternalEvent, message_id: int
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Per column, the value stated by the latest event (event time, then message id,
+    then the value itself) wins, so details end the same whatever the arrival order."""
+    changes: dict[str, Any] = {}
+    versions = {k: list(v) for k, v in row.versions.items()}
+    for column, value in _stated_details(event).items():
+        version = [event.occurred_at, message_id, str(value)]
+        held = versions.get(column)
+        if held is not None and version <= held:
+            continue
+        versions[column] = version
+        changes[column] = value
+    return changes, versions
+
+
+# ---------------------------------------------------------------------------
+# Read views for the CLI and the API (JSON-able dicts)
+
+
+def _referral_summary(r: store.ReferralRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "sending_facility": r.sending_facility,
+        "placer_number": r.placer_number,
+        "filler_numbers": list(r.filler_numbers),
+        "status": r.status,
+        "patient_status": r.patient_status,
+        "specialist_status": r.specialist_status,
+        "specialty": r.details.get("specialty") or "",
+        "priority": r.details.get("priority") or "",
+        "opened_at": isoformat(r.opened_at),
+        "updated_at": isoformat(r.updated_at),
+        "closed_at": isoformat(r.closed_at) if r.closed_at is not None else None,
+        "close_reason": r.close_reason,
+    }
+
+
+def list_referrals(
+    db: Database,
+    *,
+    status: str | None = None,
+    specialty: str | None = None,
+    open_days_over: float | None = None,
+    prior_auth: str | None = None,
+    limit: int = 50,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Referral summaries, newest first (``limit`` 0 = all)."""
+    opened_before = now - open_days_over * DAY if open_days_over is not None else None
+    rows = store.list_referrals(
+        db.conn,
+        status=status,
+        specialty=specialty,
+        opened_before=opened_before,
+        prior_auth=prior_auth,
+        limit=limit,
+    )
+    return [_referral_summary(r) for r in rows]
+
+
+def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
+    """One referral: summary, details, prior-auth item, timers, outbox and timeline."""
+    conn = db.conn
+    r = store.get_referral(conn, referral_id)
+    if r is None:
+        return None
+    state = states.from_dict(r.state)
+    auth = store.get_prior_auth(conn, referral_id)
+    out = _referral_summary(r)
+    out["patient_ids"] = list(r.patient_ids)
+    out["details"] = dict(r.details)
+    out["decline_reason"] = state.decline_reason
+    out["close_note"] = state.close_note
+    out["appointments"] = [dataclasses.asdict(a) for a in state.appointments]
+    out["report_ids"] = list(state.report_ids)
+    out["prior_auth"] = (
+        None
+        if auth is None
+        else {
+            "status": auth.status,
+            "hold_packet": auth.hold_packet,
+            "packet_held": auth.packet_held,
+            "auth_number": auth.auth_number,
+            "decided_by": auth.decided_by,
+        }
+    )
+    out["timers"] = [
+        {"kind": t.kind, "attempt": t.attempt, "due": isoformat(t.due)}
+        for t in store.timers_for(conn, referral_id)
+    ]
+    out["outbox"] = [
+        {"id": o.id, "channel": o.channel, "template": o.template, "status": o.status}
+        for o in store.outbox_for(conn, referral_id)
+    ]
+    out["timeline"] = [
+        {
+            "id": e.id,
+            "kind": e.kind,
+            "occurred_at": isoformat(e.occurred_at),
+            "recorded_at": isoformat(e.recorded_at),
+            "source": e.source,
+            "actor": e.actor,
+            "message_id": e.message_id,
+            "changed": e.changed,
+            "status": e.status,
+            "patient_status": e.patient_status,
+            "specialist_status": e.specialist_status,
+            "effects": list(e.effects),
+            "detail": dict(e.detail),
+        }
+        for e in store.timeline(conn, referral_id)
+    ]
+    return out
+
+
+def list_parked(db: Database, *, include_linked: bool = False) -> list[dict[str, Any]]:
+    """Parked events: ids and keys only (no message content)."""
+    return [
+        {
+            "id": p.id,
+            "message_id": p.message_id,
+            "kind": p.kind,
+            "why": p.why,
+            "sending_facility": p.sending_facility,
+            "placer_number": p.placer_number,
+            "filler_numbers": list(p.filler_numbers),
+            "parked_at": isoformat(p.parked_at),
+            "status": p.status,
+            "referral_id": p.referral_id,
+            "linked_by": p.linked_by,
+        }
+        for p in store.list_parked(db.conn, include_linked=include_linked)
+    ]
+
+
+def build_tracker(
+    config: Config,
+    db: Database,
+    clock: Clock,
+    *,
+    policy: EscalationPolicy,
+    registry: CollectorRegistry = REGISTRY,
+) -> Tracker:
+    """The tracker for ``config``, as the daemon runs it (engine.app) and as ``refloop
+    replay`` applies through it: one construction, so a replayed event has exactly the
+    effects it would have had on first processing. ``policy`` is the compiled routes'
+    escalation policy; ``registry`` receives the tracker's metrics."""
+    return Tracker(
+        db,
+        clock,
+        policy=policy,
+        metrics=TrackerMetrics(registry, db),
+        write_back=[s.name for s in config.fhir_sources if s.write_back.task],
+    )

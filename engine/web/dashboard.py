@@ -1,0 +1,578 @@
+"""The care-team dashboard under ``/ui/``: server-rendered Jinja2 pages (autoescaped),
+one small script and one stylesheet from ``templates/dashboard/static/`` (no build
+step, no CDN), and charts drawn as inline SVG on the server.
+
+Access: a session cookie (``HttpOnly``, ``SameSite=Strict``, ``Secure`` when the request
+came over TLS or ``http.public_url`` is https) from the login form. Every page needs a
+session (GET redirects to the login page, anything else answers 401) and a role allowed
+its permission (403, engine.web.auth.PERMISSIONS). Every POST carries the session's CSRF
+token (403 without it); the login form uses a double-submit cookie instead. Failed logins
+are rate-limited per user name + client address (429).
+
+Coordinator actions call :class:`engine.web.api.Service`, the same path as the JSON API:
+the tracker or the outbox functions with ``actor = user:<name>``, so each lands in the
+referral's timeline and the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import quote, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from engine.clock import isoformat, parse_iso
+from engine.store import outbox as outbox_store
+from engine.tracking import states
+from engine.web.api import ApiError, Service
+from engine.web.auth import (
+    ROLES,
+    SESSION_COOKIE,
+    SESSION_SECONDS,
+    Auth,
+    AuthError,
+    Permission,
+    Principal,
+    RateLimited,
+    csrf_ok,
+    stored_hash,
+    verify_password,
+)
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "dashboard"
+LOGIN_CSRF_COOKIE: Final = "refloop_login_csrf"
+PREFIX: Final = "/ui"
+HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
+MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
+TASK_FILTERS: Final = ("open", "done", "superseded", "all")
+
+Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    label: str
+    value: str
+
+
+def bar_chart(
+    values: list[tuple[str, float, str]],
+    *,
+    height: float = 160.0,
+    bar: float = 36.0,
+    gap: float = 12.0,
+    top: float | None = None,
+) -> dict[str, Any]:
+    """Geometry for an SVG bar chart of (label, value, value text) — drawn by the
+    ``chart`` macro in templates/dashboard/_macros.html."""
+    peak = top if top is not None else max([v for _, v, _ in values] + [1.0])
+    bars = []
+    for i, (label, value, text) in enumerate(values):
+        h = 0.0 if peak <= 0 else height * max(0.0, value) / peak
+        bars.append(Bar(gap + i * (bar + gap), 20 + height - h, bar, h, label, text))
+    return {
+        "bars": bars,
+        "width": gap + len(values) * (bar + gap),
+        "height": height + 60,
+        "base": 20 + height,
+    }
+
+
+class Dashboard:
+    def __init__(self, service: Service, auth: Auth, *, secure: bool = False):
+        self.service = service
+        self.auth = auth
+        self.secure = secure
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.env.filters["when"] = _when
+
+    # -- wiring --
+
+    def register(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/", self._root)
+        r.add_get(f"{PREFIX}/login", self._login_form)
+        r.add_post(f"{PREFIX}/login", self._login)
+        r.add_static(f"{PREFIX}/static/", TEMPLATE_DIR / "static", append_version=False)
+        for method, path, permission, page in self.pages():
+            r.add_route(method, f"{PREFIX}{path}", self._guard(permission, page))
+
+    def pages(self) -> list[tuple[str, str, Permission | None, Page]]:
+        """Every authenticated page: (method, path under /ui, permission, handler)."""
+        return [
+            ("GET", "/", None, self._home),
+            ("POST", "/logout", None, self._logout),
+            ("GET", "/worklist", "referrals", self._worklist),
+            ("GET", "/referrals/{referral_id}", "referrals", self._referral),
+            ("POST", "/referrals/{referral_id}/close", "act", self._close),
+            ("POST", "/referrals/{referral_id}/book", "act", self._book),
+            ("POST", "/referrals/{referral_id}/decline", "act", self._decline),
+            ("GET", "/parked", "referrals", self._parked),
+            ("POST", "/parked/{parked_id}/link", "act", self._link),
+            ("GET", "/tasks", "referrals", self._tasks),
+            ("POST", "/tasks/{task_id}/assign", "act", self._task_assign),
+            ("POST", "/tasks/{task_id}/done", "act", self._task_done),
+            ("GET", "/outbox", "outbox", self._outbox),
+            ("POST", "/outbox/{outbox_id}/retry", "act", self._retry),
+            ("GET", "/messages", "messages", self._messages),
+            ("GET", "/messages/{message_id}", "messages", self._message),
+            ("GET", "/chart", "report", self._chart),
+            ("GET", "/users", "users", self._users),
+            ("POST", "/users", "users", self._add_user),
+            ("POST", "/users/{name}/disable", "users", self._disable_user),
+        ]
+
+    def _guard(self, permission: Permission | None, page: Page) -> Callable[..., Any]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            principal = self.auth.from_session(request.cookies.get(SESSION_COOKIE, ""))
+            if principal is None:
+                if request.method == "GET":
+                    target = f"{PREFIX}/login?next={quote(request.path_qs, safe='')}"
+                    return _redirect(target)
+                return self._render(request, None, "error.html", status=401, message="Log in.")
+            if request.method == "POST":
+                form = await request.post()
+                if not csrf_ok(principal, str(form.get("csrf", ""))):
+                    log.warning("%s: %s %s refused (CSRF)", request.remote, request.method,
+                                request.path)  # fmt: skip
+                    return self._render(
+                        request, principal, "error.html", status=403, message="Bad CSRF token."
+                    )
+                request[FORM] = form
+            if permission is not None and not principal.may(permission):
+                return self._render(
+                    request, principal, "error.html", status=403,
+                    message=f"The {principal.role} role may not open this page.",
+                )  # fmt: skip
+            try:
+                return await page(request, principal)
+            except ApiError as exc:
+                return self._render(
+                    request, principal, "error.html", status=exc.status, message=exc.reason
+                )
+
+        return handle
+
+    def _render(
+        self,
+        request: web.Request,
+        principal: Principal | None,
+        template: str,
+        *,
+        status: int = 200,
+        **context: Any,
+    ) -> web.Response:
+        body = self.env.get_template(template).render(
+            me=principal,
+            csrf=principal.csrf if principal is not None and principal.session else "",
+            path=request.path,
+            roles=ROLES,
+            **context,
+        )
+        return _secure(web.Response(text=body, status=status, content_type="text/html"))
+
+    def _is_secure(self, request: web.Request) -> bool:
+        return self.secure or request.secure
+
+    # -- logging in and out --
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        return _redirect(f"{PREFIX}/", 302)
+
+    async def _login_form(self, request: web.Request) -> web.StreamResponse:
+        token = secrets.token_urlsafe(24)
+        response = self._render(
+            request, None, "login.html", login_csrf=token, next=_safe_next(request), error=""
+        )
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict",
+            secure=self._is_secure(request), path=f"{PREFIX}/login", max_age=3600,
+        )  # fmt: skip
+        return response
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        given = str(form.get("csrf", ""))
+        if not cookie or not hmac.compare_digest(cookie, given):
+            return self._render(request, None, "error.html", status=403, message="Bad CSRF token.")
+        name, password = str(form.get("name", "")), str(form.get("password", ""))
+        address = request.remote or ""
+        next_ = _safe_next(request, str(form.get("next", "")))
+        try:
+            key, user = self.auth.begin_login(name, address)
+        except RateLimited as exc:
+            response = self._render(
+                request, None, "login.html", status=429, login_csrf=cookie, next=next_,
+                error="Too many failed logins. Try again later.",
+            )  # fmt: skip
+            response.headers["Retry-After"] = str(max(1, int(exc.retry_after)))
+            return response
+        # the KDF takes tens of milliseconds and 16 MiB: off the event loop's thread
+        ok = await asyncio.get_running_loop().run_in_executor(
+            None, verify_password, password, stored_hash(user)
+        )
+        result = self.auth.finish_login(key, address, user, ok)
+        if result is None:
+            return self._render(
+                request, None, "login.html", status=401, login_csrf=cookie, next=next_,
+                error="Wrong user name or password.",
+            )  # fmt: skip
+        principal, session = result
+        log.info("%s: %s logged in", address, principal.name)
+        response = _redirect(next_)
+        response.set_cookie(
+            SESSION_COOKIE, session, httponly=True, samesite="Strict",
+            secure=self._is_secure(request), path="/", max_age=int(SESSION_SECONDS),
+        )  # fmt: skip
+        response.del_cookie(LOGIN_CSRF_COOKIE, path=f"{PREFIX}/login")
+        return _secure(response)
+
+    async def _logout(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        self.auth.logout(me.session)
+        response = _redirect(f"{PREFIX}/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return _secure(response)
+
+    async def _home(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        if me.may("referrals"):
+            return _redirect(f"{PREFIX}/worklist")
+        if me.may("messages"):
+            return _redirect(f"{PREFIX}/messages")
+        return _redirect(f"{PREFIX}/chart")
+
+    # -- referrals --
+
+    async def _worklist(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        q = request.query
+        status = q.get("status") or None
+        if status not in (None, *states.OVERALL_STATUSES):
+            raise ApiError(400, "unknown status")
+        show = q.get("show", "open")
+        days = _int(q.get("days_open_min"), 0, 36500)
+        filters = {
+            "status": status or "",
+            "show": show,
+            "specialty": q.get("specialty", "")[:100],
+            "specialist": q.get("specialist", "")[:100],
+            "referring": q.get("referring", "")[:100],
+            "days_open_min": "" if days is None else str(days),
+        }
+        items = self.service.worklist(
+            status=status,
+            open_only=show != "all" and status is None,
+            specialty=filters["specialty"] or None,
+            specialist=filters["specialist"] or None,
+            referring=filters["referring"] or None,
+            days_open_min=days,
+            overdue=True if show == "overdue" else None,
+            limit=500,
+        )
+        return self._render(
+            request, me, "worklist.html", items=items, filters=filters,
+            statuses=states.OVERALL_STATUSES,
+        )  # fmt: skip
+
+    async def _referral(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        rid = _path_id(request, "referral_id")
+        item = self.service.referral(me, rid, via="dashboard")
+        return self._render(
+            request, me, "referral.html", r=item, timeline=_timeline(item),
+            close_reasons=states.CLOSE_PRECEDENCE, notice=request.query.get("done", ""),
+        )  # fmt: skip
+
+    def _form(self, request: web.Request) -> Mapping[str, Any]:
+        return request[FORM]
+
+    async def _close(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        rid = _path_id(request, "referral_id")
+        form = self._form(request)
+        self.service.close(me, rid, str(form.get("reason", "")), str(form.get("note", ""))[:2000])
+        return _redirect(f"{PREFIX}/referrals/{rid}?done=closed")
+
+    async def _book(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        rid = _path_id(request, "referral_id")
+        self.service.book(me, rid, str(self._form(request).get("start", ""))[:40])
+        return _redirect(f"{PREFIX}/referrals/{rid}?done=booked")
+
+    async def _decline(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        rid = _path_id(request, "referral_id")
+        self.service.decline(me, rid, str(self._form(request).get("reason", ""))[:2000])
+        return _redirect(f"{PREFIX}/referrals/{rid}?done=declined")
+
+    async def _parked(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        items = self.service.parked(include_linked=request.query.get("all") == "1")
+        return self._render(request, me, "parked.html", items=items)
+
+    async def _link(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        pid = _path_id(request, "parked_id")
+        rid = _int(str(self._form(request).get("referral_id", "")), 1, 2**53)
+        if rid is None:
+            raise ApiError(400, "referral id must be a number")
+        self.service.link(me, pid, rid)
+        return _redirect(f"{PREFIX}/referrals/{rid}?done=linked")
+
+    # -- coordinator tasks --
+
+    async def _tasks(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        status = request.query.get("status", "open")
+        if status not in TASK_FILTERS:
+            raise ApiError(400, "unknown status")
+        items = self.service.tasks(status=status, limit=200)
+        return self._render(
+            request, me, "tasks.html", items=items, current=status, statuses=TASK_FILTERS,
+            notice=request.query.get("done", ""),
+        )  # fmt: skip
+
+    async def _task_assign(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Assign to me."""
+        self.service.task_action(me, _path_id(request, "task_id"), "assign", me.name)
+        return _redirect(f"{PREFIX}/tasks?done=assigned")
+
+    async def _task_done(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        tid = _path_id(request, "task_id")
+        note = str(self._form(request).get("note", ""))[:2000]
+        self.service.task_action(me, tid, "done", note)
+        return _redirect(f"{PREFIX}/tasks?done=done")
+
+    # -- outbox --
+
+    async def _outbox(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        status = request.query.get("status", "dead")
+        if status not in ("", *outbox_store.OUTBOX_STATUSES):
+            raise ApiError(400, "unknown status")
+        items = self.service.outbox(status=status, limit=200)
+        return self._render(
+            request, me, "outbox.html", items=items, current=status,
+            statuses=outbox_store.OUTBOX_STATUSES,
+        )  # fmt: skip
+
+    async def _retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        oid = _path_id(request, "outbox_id")
+        self.service.retry(me, oid)
+        return _redirect(f"{PREFIX}/outbox?status=pending")
+
+    # -- messages --
+
+    async def _messages(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        q = request.query
+        status = q.get("status") or None
+        if status not in (None, *MESSAGE_STATUSES):
+            raise ApiError(400, "unknown status")
+        since, until = _day(q.get("since")), _day(q.get("until"))
+        filters = {
+            "type": q.get("type", "")[:64],
+            "control_id": q.get("control_id", "")[:200],
+            "status": status or "",
+            "since": q.get("since", "")[:10] if since is not None else "",
+            "until": q.get("until", "")[:10] if until is not None else "",
+        }
+        items = self.service.messages(
+            message_type=filters["type"] or None,
+            control_id=filters["control_id"] or None,
+            status=status,
+            since=since,
+            until=None if until is None else until + 86400,
+            limit=200,
+        )
+        return self._render(
+            request, me, "messages.html", items=items, filters=filters, statuses=MESSAGE_STATUSES
+        )
+
+    async def _message(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        mid = _path_id(request, "message_id")
+        meta = self.service.message(mid)
+        raw = None
+        if request.query.get("raw") == "1":
+            raw = self.service.raw(me, mid, via="dashboard").replace("\r", "\n")
+        return self._render(request, me, "message.html", m=meta, raw=raw)
+
+    # -- chart --
+
+    async def _chart(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        months, aging = self.chart_data()
+        closure = bar_chart([(m, rate, f"{round(rate)}%") for m, rate, _n in months], top=100.0)
+        ages = bar_chart([(label, float(n), str(n)) for label, n in aging])
+        return self._render(
+            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging
+        )
+
+    def chart_data(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, int]]]:
+        """(closure rate % and denominator by month for the last 12 months, open
+        referrals by age bucket) from the closure report (engine.tracking.report)."""
+        today = dt.datetime.fromtimestamp(self.service.clock.now(), dt.UTC).date()
+        start = (today.replace(day=1) - dt.timedelta(days=335)).replace(day=1)
+        data = self.service.report(start, today, "month")
+        return _months(data), _aging(data)
+
+    # -- users --
+
+    async def _users(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        return self._render(request, me, "users.html", users=self.auth.users(), error="")
+
+    async def _add_user(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        form = self._form(request)
+        try:
+            self.auth.add_user(
+                str(form.get("name", "")), str(form.get("role", "")),
+                str(form.get("password", "")),
+            )  # fmt: skip
+        except AuthError as exc:
+            return self._render(
+                request, me, "users.html", status=400, users=self.auth.users(), error=str(exc)
+            )
+        return _redirect(f"{PREFIX}/users")
+
+    async def _disable_user(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        try:
+            self.auth.set_disabled(request.match_info["name"], True)
+        except AuthError as exc:
+            raise ApiError(404, str(exc)) from None
+        return _redirect(f"{PREFIX}/users")
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+R = TypeVar("R", bound=web.StreamResponse)
+
+
+def _redirect(location: str, status: int = 303) -> web.Response:
+    return _secure(web.Response(status=status, headers={"Location": location}))
+
+
+def _secure(response: R) -> R:
+    for key, value in HEADERS.items():
+        response.headers.setdefault(key, value)
+    return response
+
+
+def _safe_next(request: web.Request, given: str | None = None) -> str:
+    """Only a local /ui/ path (no open redirects)."""
+    target = given if given is not None else request.query.get("next", "")
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith(f"{PREFIX}/") or "\\" in target:
+        return f"{PREFIX}/"
+    return target
+
+
+def _int(raw: str | None, lo: int, hi: int) -> int | None:
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "not a whole number") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, "number out of range")
+    return value
+
+
+def _path_id(request: web.Request, name: str) -> int:
+    value = _int(request.match_info.get(name), 1, 2**53)
+    if value is None:
+        raise ApiError(404, "not found")
+    return value
+
+
+def _day(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        return parse_iso(raw[:10])
+    except ValueError:
+        raise ApiError(400, "dates are YYYY-MM-DD") from None
+
+
+def _when(value: Any) -> str:
+    """ISO or epoch to ``YYYY-MM-DD HH:MM`` (UTC)."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, int | float):
+        value = isoformat(float(value))
+    return str(value)[:16].replace("T", " ")
+
+
+def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Events (messages in, nudges, MDNs, escalations, operator actions) and outbound
+    rows in one list, by time."""
+    rows: list[dict[str, Any]] = []
+    for e in item["timeline"]:
+        if e["message_id"]:
+            direction = "in"
+        elif e["source"] in ("operator", "link") or str(e["actor"]).startswith(
+            ("user:", "operator:")
+        ):
+            direction = "action"
+        else:
+            direction = "event"
+        rows.append(
+            {
+                "at": e["recorded_at"],
+                "direction": direction,
+                "what": e["kind"],
+                "who": e["actor"] if not e["message_id"] else f"message {e['message_id']}",
+                "status": e["status"],
+                "effects": ", ".join(e["effects"]),
+                "detail": ", ".join(f"{k}={v}" for k, v in sorted(e["detail"].items())),
+                "changed": e["changed"],
+            }
+        )
+    for o in item["outbox"]:
+        rows.append(
+            {
+                "at": "",
+                "direction": "out",
+                "what": o["template"],
+                "who": o["channel"],
+                "status": o["status"],
+                "effects": "",
+                "detail": f"outbox {o['id']}",
+                "changed": True,
+            }
+        )
+    return rows
+
+
+def _months(data: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(month, closure rate %, denominator) from a ``by=month`` report dict
+    (engine.tracking.report.report_to_dict): one per group; a month with no referrals has no
+    group."""
+    return [
+        (str(g["key"]), (g["rate"] or 0.0) * 100.0, int(g["denominator"])) for g in data["groups"]
+    ]
+
+
+def _aging(data: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """Open referrals by age bucket, in bucket order: the report's ``open_aging``."""
+    return [(str(label), int(n)) for label, n in data["open_aging"].items()]
