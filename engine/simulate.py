@@ -49,6 +49,7 @@ Scenario (YAML)::
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import random
 import tempfile
@@ -572,8 +573,11 @@ class Simulation:
         self.direct_flow: Any = None
 
     def _at(self, at: float, what: str, index: int, **extra: Any) -> None:
+        """Schedule a happening. The queue is a heap ordered by (time, sequence number):
+        everything scheduled during the run goes through ``heappush`` so it is applied at
+        its own time, and ties keep the order they were scheduled in."""
         self._seq += 1
-        self.queue.append(_Happening(at, self._seq, what, index, extra))
+        heapq.heappush(self.queue, _Happening(at, self._seq, what, index, extra))
 
     def _config(self) -> config_mod.Config:
         routes = self.scenario.routes or str(Path(__file__).resolve().parent.parent / "routes.yaml")
@@ -684,9 +688,6 @@ class Simulation:
             self._at(sc.start + offset, "message", -1, message=i)
         end = sc.start + (sc.days + sc.follow_up) * DAY
         now = sc.start
-        import heapq
-
-        heapq.heapify(self.queue)
         next_round = now
         while now < end:
             nxt = self.queue[0].at if self.queue else end
