@@ -96,7 +96,7 @@ class Model:
     directory: Mapping[str, float] = field(
         default_factory=lambda: {"direct": 0.45, "fax": 0.50, "unknown": 0.05}
     )
-    offices_per_specialty: int = 4
+    offices_per_specialty: int = 8
     patient: PatientModel = PatientModel()
     specialist: SpecialistModel = SpecialistModel()
 
@@ -190,16 +190,28 @@ def npi_with_check_digit(base9: str) -> str:
     return base9 + str((10 - total % 10) % 10)
 
 
+def _apportion(shares: Mapping[str, float], total: int) -> list[str]:
+    """``total`` labels in the given shares, by largest remainder (so "a few unknown"
+    offices exist even in a small directory)."""
+    norm = sum(shares.values()) or 1.0
+    exact = {k: v / norm * total for k, v in shares.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], k))[: total - sum(counts.values())]:
+        counts[k] += 1
+    return [k for k in shares for _ in range(counts[k])]
+
+
 def directory(model: Model, rng: random.Random) -> list[Office]:
     """The practice's specialist offices: per specialty, ``offices_per_specialty`` offices,
-    each Direct-capable, fax-only or unknown (no address on file) by the directory shares.
-    """
-    kinds = list(model.directory)
-    weights = list(model.directory.values())
+    Direct-capable, fax-only or unknown (no address on file) in the directory's shares
+    (apportioned exactly, then shuffled with the scenario's seed)."""
+    specialties = sorted(model.specialties)
+    reaches = _apportion(model.directory, len(specialties) * model.offices_per_specialty)
+    rng.shuffle(reaches)
     offices: list[Office] = []
-    for s_index, specialty in enumerate(sorted(model.specialties)):
+    for s_index, specialty in enumerate(specialties):
         for o in range(model.offices_per_specialty):
-            reach = rng.choices(kinds, weights)[0]
+            reach = reaches[s_index * model.offices_per_specialty + o]
             n = s_index * 100 + o + 1
             npi = npi_with_check_digit(f"1{n:08d}")
             slug = f"{specialty.lower()}{o + 1}"
@@ -208,9 +220,9 @@ def directory(model: Model, rng: random.Random) -> list[Office]:
                     npi=npi,
                     specialty=specialty,
                     reach=reach,
-                    direct_address=f"referrals@{slug}.direct.sim.example"
-                    if reach == "direct"
-                    else "",
+                    direct_address=(
+                        f"referrals@{slug}.direct.sim.example" if reach == "direct" else ""
+                    ),
                     fax=f"+1555020{n:04d}" if reach != "unknown" else "",
                 )
             )
