@@ -1044,8 +1044,12 @@ class Simulation:
                 await self._send(mllp, report_message(plan, n, now), engine)
             else:
                 life.report = "lost"
-        elif h.what == "staff":
+        elif h.what == "staff" and self._open(engine, plan):
             self._staff_works(h.plan_index, plan, life, model, now)
+
+    def _open(self, engine: Any, plan: ReferralPlan) -> bool:
+        """A person works a task from the worklist: a closed referral needs nothing."""
+        return views.referral_status(engine.db.conn, self.rid_of[plan.placer]) != "closed"
 
     async def _visit(
         self,
@@ -1182,6 +1186,7 @@ def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
     cadence[BASELINE_KEEP] = dict(out.get("cadence") or {}).get(BASELINE_KEEP, "14d")
     out["cadence"] = cadence
     out.pop("specialties", None)
+    out.pop("appointment_reminder", None)  # an automated reminder is automation too
     return out
 
 
