@@ -33,17 +33,11 @@ Scenario (YAML)::
         patient: {books_after_nudge: 1, replies_yes: null, books_by_phone: null}
         specialist: {confirms: 2d, report: 21d}   # report: after the booking
         sms_fails: false
-    generate:                       # ... a seeded random practice
-      per_month: 800
-      sms_consent: 0.7
-      portal: 0.8
-      books_by_phone: 0.15          # books before any nudge, days 1-10
-      books_per_nudge: 0.35         # chance to book after each nudge
-      replies_yes: 0.2              # replies YES to an SMS nudge
-      confirms: 0.8                 # specialist acknowledges the referral
-      report: 0.85                  # the report comes back after the visit
-      sms_failure: 0.05
-      specialties: {REFCARD: 3, REFDERM: 2, REFGI: 2, REFORTHO: 2, REFNEURO: 1}
+    generate:                       # ... a practice from the behaviour model
+      per_month: 800                # (engine.sim_model; docs/simulator.md names every
+      patient: {schedules: 0.75}    #  parameter and its source)
+      specialist: {report_sent: 0.9}
+    staff: {minutes: {patient_call: 5}}   # minutes per kind of work (engine.sim_report)
 """
 
 from __future__ import annotations
@@ -226,6 +220,7 @@ DEFAULT_STAFF: Final[dict[str, Any]] = {
         "call-to-book": "patient_call",
         "call-specialist-office": "office_call",
         "chase-report": "office_call",
+        "call-for-report": "office_call",
         "no-way-to-reach-specialist": "fax_by_hand",
         "referrer-closed": "review",
         "decide-close": "review",
