@@ -138,3 +138,21 @@ def test_the_model_draws_what_its_parameters_say() -> None:
     assert not any(o.fax for o in offices if o.reach == "unknown")
     # a published valid NPI (CMS's example) gets its check digit back
     assert npi_with_check_digit("123456789") == "1234567893"
+
+
+def test_the_baseline_pushes_every_cadence_step_but_the_14_day_task() -> None:
+    from engine.escalation import DEFAULT_OFFSETS, parse_duration
+    from engine.simulate import baseline_escalation
+
+    section = baseline_escalation(
+        {"cadence": {"first_nudge": "2d"}, "specialties": {"cardiology": {"outreach": "9d"}}}
+    )
+    cadence = section["cadence"]
+    # every step the engine knows, including any added later, is out of a run's reach
+    assert {k.replace("-", "_") for k in DEFAULT_OFFSETS} == set(cadence)
+    for key, value in cadence.items():
+        if key == "coordinator_task":
+            assert parse_duration(value) == 14 * 86_400
+        else:
+            assert parse_duration(value) >= 365 * 86_400, key
+    assert "specialties" not in section
