@@ -571,7 +571,23 @@ def replay(
     type=click.Path(file_okay=False),
     help="Keep the simulated state (database, routes.yaml) in this folder.",
 )
-def simulate(scenario: str, as_json: bool, scale: float, summary: bool, keep: str | None) -> None:
+@click.option(
+    "--baseline", is_flag=True, help="refloop's automation off: only a coordinator task at 14 days."
+)
+@click.option(
+    "--compare", is_flag=True, help="Run refloop and the baseline on the same seed; side by side."
+)
+@click.option("--markdown", is_flag=True, help="With --compare: the table as Markdown.")
+def simulate(
+    scenario: str,
+    as_json: bool,
+    scale: float,
+    summary: bool,
+    keep: str | None,
+    baseline: bool,
+    compare: bool,
+    markdown: bool,
+) -> None:
     """Run a scenario through the real engine on a virtual clock; print what happened.
 
     Months of a practice in seconds: the real routes, store, MLLP listener and webhooks,
@@ -579,19 +595,40 @@ def simulate(scenario: str, as_json: bool, scale: float, summary: bool, keep: st
     scenario and seed, byte-identical output. Scenarios: docs/scenarios/.
 
     Example: refloop simulate docs/scenarios/practice-800.yaml --summary
+    (--compare --markdown prints docs/simulator.md's table)
     """
     from engine.sim import simulate as sim
 
+    if markdown and not compare:
+        raise click.UsageError("--markdown goes with --compare")
+    if compare and (baseline or keep):
+        raise click.UsageError("--compare runs both: drop --baseline and --keep")
     with errors():
         loaded = sim.load_scenario(scenario, scale=scale)
         folder = Path(keep) if keep else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-        result = sim.simulate(loaded, folder)
+        result = sim.simulate(loaded, folder, baseline=baseline)
+        if compare:
+            base = sim.simulate(loaded, None, baseline=True)
+    if compare:
+        _print_compare(sim, result, base, as_json=as_json, markdown=markdown)
+        return
     if as_json:
         click.echo(sim.to_json(result), nl=False)
     else:
         click.echo(sim.render_text(result, timelines=not summary), nl=False)
+
+
+def _print_compare(
+    sim: Any, result: dict[str, Any], base: dict[str, Any], *, as_json: bool, markdown: bool
+) -> None:
+    from engine.sim.report import compare_table
+
+    if as_json:
+        click.echo(sim.to_json({"refloop": result, "baseline": base}), nl=False)
+    else:
+        click.echo(compare_table(result, base, markdown=markdown), nl=False)
 
 
 # -- command groups defined beside the modules they drive ---------------------------

@@ -33,22 +33,17 @@ Scenario (YAML)::
         patient: {books_after_nudge: 1, replies_yes: null, books_by_phone: null}
         specialist: {confirms: 2d, report: 21d}   # report: after the booking
         sms_fails: false
-    generate:                       # ... a seeded random practice
-      per_month: 800
-      sms_consent: 0.7
-      portal: 0.8
-      books_by_phone: 0.15          # books before any nudge, days 1-10
-      books_per_nudge: 0.35         # chance to book after each nudge
-      replies_yes: 0.2              # replies YES to an SMS nudge
-      confirms: 0.8                 # specialist acknowledges the referral
-      report: 0.85                  # the report comes back after the visit
-      sms_failure: 0.05
-      specialties: {REFCARD: 3, REFDERM: 2, REFGI: 2, REFORTHO: 2, REFNEURO: 1}
+    generate:                       # ... a practice from the behaviour model
+      per_month: 800                # (engine.sim.model; docs/simulator.md names every
+      patient: {schedules: 0.75}    #  parameter and its source)
+      specialist: {report_sent: 0.9}
+    staff: {minutes: {patient_call: 5}}   # minutes per kind of work (engine.sim.report)
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import random
 import tempfile
@@ -69,6 +64,8 @@ from engine.errors import ChannelError, ConfigError, EngineError
 from engine.hl7v2.client import MllpClient, normalise
 from engine.ingest.fhir import resource_inbound
 from engine.model import MdnResult, OutboundMessage, SendReceipt
+from engine.sim.model import Model, Office, directory, parse_model
+from engine.sim.report import median_days, staff_and_automation
 from engine.store import specialists as specialist_store
 from engine.store import views
 from engine.tracking.escalation import DAY, parse_duration
@@ -77,8 +74,8 @@ STEP: Final = 3600.0  # virtual seconds between timer/dispatch rounds
 SIM_TOKEN: Final = "simulated-twilio-auth-token"
 SIM_SECRET: Final = "simulated-webhook-secret-0123456789"
 CONFIRM_KEY: Final = "simulated-confirmation-key-0123456789abcdef"
-DEFAULT_SPECIALTIES: Final = {"REFCARD": 3, "REFDERM": 2, "REFGI": 2, "REFORTHO": 2, "REFNEURO": 1}
 PATIENT_CHANNELS: Final = ("sms", "portal", "voice")
+_WORLD: Final = frozenset({"book", "visit", "report-sent", "staff"})  # generated referrals
 
 
 # ---------------------------------------------------------------------------
@@ -114,6 +111,12 @@ class ReferralPlan:
     sms_fails: bool = False
     reach: str = "none"  # how the specialist office gets the packet: none | fax | direct
     fax_fails: bool = False  # the fax line never answers (the send fails)
+    # generated referrals only: the office in the simulated directory, and the latent
+    # draws of the behaviour model (engine.sim.model); ``modelled`` switches the reactions
+    office: int = -1
+    modelled: bool = False
+    intake_lost: bool = False  # the office does not log the first packet it gets
+    declined: bool = False  # the office returns the referral: never scheduled
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ class Scenario:
     escalation: Mapping[str, Any] | None = None
     routes: str = ""  # routes.yaml to use ("" = the shipped one)
     messages: tuple[tuple[float, str, bytes], ...] = ()  # (offset, "hl7" | "fhir", bytes)
+    model: Model | None = None  # the behaviour model of a generated practice
+    offices: tuple[Office, ...] = ()  # its specialist directory
+    staff: Mapping[str, Any] = field(default_factory=dict)  # minutes per kind of work
 
 
 def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
@@ -152,6 +158,7 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         "generate",
         "routes",
         "messages",
+        "staff",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -162,9 +169,14 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         days = float(data.get("days", 90))
         plans = [_plan(r, i) for i, r in enumerate(data.get("referrals") or [])]
         gen = data.get("generate")
+        model, offices = None, []
         if gen:
-            plans += _generate(gen, random.Random(seed), days, scale)
+            model = parse_model(gen)
+            rng = random.Random(seed)
+            offices = directory(model, rng)
+            plans += _generate(model, offices, rng, days, scale)
         messages = _messages(data.get("messages"), Path(file).parent)
+        staff = _staff(data.get("staff"))
     except (TypeError, ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{file}: {exc}") from None
     routes = str(data.get("routes", "") or "")
@@ -181,7 +193,58 @@ def load_scenario(path: str | Path, *, scale: float = 1.0) -> Scenario:
         escalation=data.get("escalation"),
         routes=routes,
         messages=tuple(messages),
+        model=model,
+        offices=tuple(offices),
+        staff=staff,
     )
+
+
+# What a person's work costs, in minutes (reference/referral-outcomes.md §5/§7: all
+# assumptions anchored on CAQH's 8-minute manual transaction). ``tasks`` maps an outbox
+# template to a kind of work; a template not listed costs its channel's kind, else default.
+DEFAULT_STAFF: Final[dict[str, Any]] = {
+    "channels": ["task", "coordinator", "voice"],
+    "minutes": {
+        "patient_call": 5,
+        "office_call": 8,
+        "letter": 5,
+        "fax_by_hand": 5,
+        "review": 3,
+        "default": 8,
+    },
+    "by_channel": {"voice": "patient_call"},
+    "tasks": {
+        "coordinator-followup": "patient_call",
+        "outreach-call": "patient_call",
+        "outreach-letter": "letter",
+        "call-to-book": "patient_call",
+        "call-specialist-office": "office_call",
+        "chase-report": "office_call",
+        "call-for-report": "office_call",
+        "no-way-to-reach-specialist": "fax_by_hand",
+        "referrer-closed": "review",
+        "decide-close": "review",
+    },
+}
+
+
+def _staff(raw: Any) -> dict[str, Any]:
+    """The scenario's ``staff:`` over :data:`DEFAULT_STAFF` (each sub-mapping merged)."""
+    out: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in DEFAULT_STAFF.items()
+    }
+    if raw is None:
+        return out
+    if not isinstance(raw, dict) or set(raw) - set(DEFAULT_STAFF):
+        raise ValueError(f"staff: give only {', '.join(DEFAULT_STAFF)}")
+    for key, value in raw.items():
+        if key == "channels":
+            out[key] = [str(c) for c in value]
+        else:
+            out[key].update({str(k): v for k, v in dict(value).items()})
+    for kind, minutes in out["minutes"].items():
+        out["minutes"][kind] = float(minutes)
+    return out
 
 
 def _instant(value: Any) -> float:
@@ -255,68 +318,50 @@ def _messages(raw: Any, base: Path) -> list[tuple[float, str, bytes]]:
 
 
 def _generate(
-    gen: Mapping[str, Any], rng: random.Random, days: float, scale: float
+    model: Model, offices: list[Office], rng: random.Random, days: float, scale: float
 ) -> list[ReferralPlan]:
-    """A seeded random practice: referrals arrive on weekday business hours."""
-    per_month = float(gen.get("per_month", 200)) * scale
-    total = max(1, round(per_month * days / 30.0))
-    weights = dict(gen.get("specialties") or DEFAULT_SPECIALTIES)
-    codes, w = list(weights), list(weights.values())
-    p = {
-        k: float(gen.get(k, d))
-        for k, d in (
-            ("sms_consent", 0.7),
-            ("portal", 0.8),
-            ("books_by_phone", 0.15),
-            ("books_per_nudge", 0.35),
-            ("replies_yes", 0.2),
-            ("confirms", 0.8),
-            ("report", 0.85),
-            ("sms_failure", 0.05),
-            ("urgent", 0.1),
-        )
-    }
+    """A seeded random practice (engine.sim.model): referrals arrive on business hours,
+    each to an office of its specialty in the directory. The draws fixed here are the
+    patient's and the office's own dispositions; reactions to what refloop sends are drawn
+    during the run from each referral's own random stream."""
+    total = max(1, round(model.per_month * scale * days / 30.0))
+    codes, w = list(model.specialties), list(model.specialties.values())
+    by_specialty = {c: [i for i, o in enumerate(offices) if o.specialty == c] for c in codes}
+    pm, sm = model.patient, model.specialist
     plans: list[ReferralPlan] = []
     for i in range(total):
-        day = rng.uniform(0, days - 1)
-        hour = rng.uniform(8, 17) * 3600
-        at = int(day) * DAY + hour
         # every draw happens for every referral, in a fixed order: same seed, same practice
-        consent = rng.random() < p["sms_consent"]
-        portal = rng.random() < p["portal"]
-        by_phone = rng.random() < p["books_by_phone"]
-        phone_day = rng.uniform(1, 10) * DAY
-        nudges_needed = 1
-        while nudges_needed < 4 and rng.random() >= p["books_per_nudge"]:
-            nudges_needed += 1
-        books_after = nudges_needed if nudges_needed < 4 else None
-        yes = rng.random() < p["replies_yes"]
-        confirms = rng.random() < p["confirms"]
-        confirm_after = rng.uniform(1, 4) * DAY
-        report = rng.random() < p["report"]
-        report_after = rng.uniform(14, 45) * DAY
-        sms_fails = rng.random() < p["sms_failure"]
-        urgent = rng.random() < p["urgent"]
+        at = int(rng.uniform(0, days - 1)) * DAY + rng.uniform(8, 17) * 3600
+        specialty = rng.choices(codes, w)[0]
+        office = rng.choice(by_specialty[specialty])
+        consent = rng.random() < pm.sms_reachable
+        portal = rng.random() < pm.portal
+        schedules = rng.random() < pm.schedules
+        schedule_after = pm.schedule_days.draw(rng) * DAY
+        sms_fails = rng.random() < pm.sms_failure
+        urgent = rng.random() < model.urgent
+        lost = rng.random() < sm.intake_lost
+        declined = rng.random() < sm.declined
+        reach = offices[office].reach
         plans.append(
             ReferralPlan(
                 placer=f"SIM{i + 1:06d}",
                 at=at,
-                specialty=rng.choices(codes, w)[0],
+                specialty=specialty,
                 priority="A" if urgent else "R",
                 sms_consent=consent,
                 portal=portal,
                 phone=f"+1555{i:07d}",
                 patient=PatientPlan(
-                    books_after_nudge=books_after,
-                    book_delay=rng.uniform(0.2, 3) * DAY,
-                    replies_yes=yes,
-                    books_by_phone=phone_day if by_phone else None,
+                    books_by_phone=schedule_after if schedules and not declined else None
                 ),
-                specialist=SpecialistPlan(
-                    confirms=confirm_after if confirms else None,
-                    report=report_after if report else None,
-                ),
+                specialist=SpecialistPlan(confirms=None, report=None),
                 sms_fails=sms_fails,
+                reach="none" if reach == "unknown" else reach,
+                office=office,
+                modelled=True,
+                intake_lost=lost,
+                declined=declined,
             )
         )
     return plans
@@ -370,11 +415,20 @@ SPECIALIST_NPI: Final = "1245319599"  # a Direct-capable office (valid NPI check
 FAX_ONLY_NPI: Final = "1538267901"  # a fax-only office
 SPECIALIST_DIRECT: Final = "referrals@direct.cardio.sim.example"
 SPECIALIST_FAX: Final = "+15550199000"
+# the offices of hand-written referrals (``specialist_reach: direct | fax``)
+OFFICE_DIRECT: Final = Office(
+    SPECIALIST_NPI, "REFCARD", "direct", SPECIALIST_DIRECT, SPECIALIST_FAX
+)
+OFFICE_FAX: Final = Office(FAX_ONLY_NPI, "REFCARD", "fax", "", SPECIALIST_FAX)
 
 
-def referral_message(plan: ReferralPlan, n: int, t: float) -> bytes:
+def referral_message(plan: ReferralPlan, n: int, t: float, office: Office | None = None) -> bytes:
+    """The referral as the EHR sends it: REF^I12 naming the office when its Direct address
+    or fax number is known, else ORM^O01 (the packet then needs a person)."""
     if plan.reach != "none":
-        return _ref_message(plan, n, t)
+        return _ref_message(
+            plan, n, t, office or (OFFICE_DIRECT if plan.reach == "direct" else OFFICE_FAX)
+        )
     zcn = [
         f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
         f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
@@ -408,12 +462,12 @@ def referral_message(plan: ReferralPlan, n: int, t: float) -> bytes:
     )
 
 
-def _ref_message(plan: ReferralPlan, n: int, t: float) -> bytes:
+def _ref_message(plan: ReferralPlan, n: int, t: float, office: Office) -> bytes:
     """REF^I12 naming the specialist (PRD role RT) with a Direct address or a fax number."""
     if plan.reach == "direct":
-        telecom = f"^NET^Internet^{SPECIALIST_DIRECT}"
+        telecom = f"^NET^Internet^{office.direct_address}"
     else:
-        telecom = f"^WPN^FX^^^{SPECIALIST_FAX[2:5]}^{SPECIALIST_FAX[5:]}"
+        telecom = f"^WPN^FX^^^{office.fax[2:5]}^{office.fax[5:]}"
     zcn = [
         f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
         f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
@@ -442,7 +496,7 @@ def _ref_message(plan: ReferralPlan, n: int, t: float) -> bytes:
                 1: "RT^Referred to Provider^HL70286",
                 2: "SPECIALIST^SAM^^^^MD",
                 5: telecom,
-                7: f"{SPECIALIST_NPI if plan.reach == 'direct' else FAX_ONLY_NPI}^NPI",
+                7: f"{office.npi}^NPI",
                 10: "Simulated Cardiology",
             },
         ),
@@ -460,12 +514,16 @@ def _ref_message(plan: ReferralPlan, n: int, t: float) -> bytes:
     )
 
 
-def booking_message(plan: ReferralPlan, n: int, t: float, visit: float, seq: int) -> bytes:
+def booking_message(
+    plan: ReferralPlan, n: int, t: float, visit: float, seq: int, event: str = "S12"
+) -> bytes:
+    """SIU^S12 (booked); ``event`` S15 (cancelled) or S26 (no-show) for the same slot."""
+    status = {"S12": "Booked", "S15": "Cancelled", "S26": "Noshow"}[event]
     return _message(
-        _msh("SIU^S12^SIU_S12", f"{plan.placer}-S12-{seq}", t),
+        _msh(f"SIU^{event}^SIU_{event}", f"{plan.placer}-{event}-{seq}", t),
         _seg(
             "SCH",
-            {2: f"APPT-{plan.placer}-{seq}", 11: f"^^^{_ts(visit)}", 25: "Booked", 26: plan.placer},
+            {2: f"APPT-{plan.placer}-{seq}", 11: f"^^^{_ts(visit)}", 25: status, 26: plan.placer},
         ),
         _pid(plan, n),
         _seg("TQ1", {1: "1", 7: _ts(visit)}),
@@ -555,10 +613,30 @@ class _Happening:
     extra: dict[str, Any] = field(compare=False, default_factory=dict)
 
 
+@dataclass
+class _Life:
+    """What the simulated world knows about one generated referral (not the engine's
+    view of it): the patient's booking, the office's intake, the visit and the report."""
+
+    rng: random.Random
+    booked: bool = False
+    appointment: int = 0  # the current slot's sequence number (SIU ids)
+    visit_at: float = 0.0
+    lead: float = 0.0
+    reminded: bool = False
+    logged: bool = False  # the office has logged the referral
+    lost_once: bool = False  # the office already mislaid one packet
+    seen: bool = False
+    report: str = ""  # "" not sent | "lost" (sent, never reached the chart) | "in"
+    nudges: int = 0
+
+
 class Simulation:
-    def __init__(self, scenario: Scenario, state_dir: Path):
+    def __init__(self, scenario: Scenario, state_dir: Path, *, baseline: bool = False):
         self.scenario = scenario
         self.state_dir = state_dir
+        self.baseline = baseline  # refloop's automation off: only the 14-day task
+        self.lives: dict[int, _Life] = {}
         self.clock = VirtualClock(scenario.start)
         self.sends: list[Send] = []
         self.queue: list[_Happening] = []
@@ -572,8 +650,11 @@ class Simulation:
         self.direct_flow: Any = None
 
     def _at(self, at: float, what: str, index: int, **extra: Any) -> None:
+        """Schedule a happening. The queue is a heap ordered by (time, sequence number):
+        everything scheduled during the run goes through ``heappush`` so it is applied at
+        its own time, and ties keep the order they were scheduled in."""
         self._seq += 1
-        self.queue.append(_Happening(at, self._seq, what, index, extra))
+        heapq.heappush(self.queue, _Happening(at, self._seq, what, index, extra))
 
     def _config(self) -> config_mod.Config:
         routes = self.scenario.routes or str(Path(__file__).resolve().parents[2] / "routes.yaml")
@@ -608,6 +689,8 @@ class Simulation:
             "voice": dict(webhook),
             "task": dict(webhook),
             "coordinator": dict(webhook),
+            # referring-provider notifications (issue 15): counted apart from staff work
+            "notify": dict(webhook),
             # the specialist office's Direct HISP and fax line, played by the simulator
             "direct": dict(webhook),
             "fax": dict(webhook),
@@ -619,6 +702,8 @@ class Simulation:
             data["escalation"] = self.scenario.escalation
         # The simulated secrets are defaults in the file itself (they guard nothing), so
         # the folder `--keep` leaves opens as it is: refloop ... --routes DIR/routes.yaml.
+        if self.baseline:
+            data["escalation"] = baseline_escalation(data.get("escalation"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         path = self.state_dir / "routes.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -663,20 +748,26 @@ class Simulation:
             await engine.stop()
 
     def _directory(self, engine: Any) -> None:
-        """A Direct-capable specialist office: its address and encryption certificate in
-        the specialist directory, as an operator's import would put them."""
-        if not any(p.reach == "direct" for p in self.scenario.referrals):
+        """The Direct-capable specialist offices: address and encryption certificate in
+        the specialist directory, as an operator's import would put them. (Fax-only
+        offices are learnt from the referrals that name them.)"""
+        offices = [o for o in self.scenario.offices if o.reach == "direct"]
+        if any(p.reach == "direct" and not p.modelled for p in self.scenario.referrals):
+            offices.append(OFFICE_DIRECT)
+        if not offices:
             return
-        values = {
-            "npi": SPECIALIST_NPI,
-            "name": "Sam Specialist",
-            "organisation": "Simulated Cardiology",
-            "direct_address": SPECIALIST_DIRECT,
-            "fax": SPECIALIST_FAX,
-            "certificate": _certificate(SPECIALIST_DIRECT),
-        }
+        key = _key()
         with engine.db.transaction() as conn:
-            specialist_store.upsert(conn, values, source="import", now=self.clock.now())
+            for office in offices:
+                values = {
+                    "npi": office.npi,
+                    "name": f"Simulated {office.specialty} office",
+                    "organisation": f"Simulated {office.specialty}",
+                    "direct_address": office.direct_address,
+                    "fax": office.fax,
+                    "certificate": _certificate(office.direct_address, key),
+                }
+                specialist_store.upsert(conn, values, source="import", now=self.clock.now())
 
     async def _play(self, engine: Any, mllp: MllpClient, http: httpx.AsyncClient) -> None:
         sc = self.scenario
@@ -686,9 +777,6 @@ class Simulation:
             self._at(sc.start + offset, "message", -1, message=i)
         end = sc.start + (sc.days + sc.follow_up) * DAY
         now = sc.start
-        import heapq
-
-        heapq.heapify(self.queue)
         next_round = now
         while now < end:
             nxt = self.queue[0].at if self.queue else end
@@ -743,11 +831,18 @@ class Simulation:
         plan = self.scenario.referrals[h.plan_index]
         n = h.plan_index + 1
         now = self.clock.now()
+        if plan.modelled and h.what in _WORLD:
+            await self._world(h, plan, mllp, engine)
+            return
         if h.what == "referral":
-            await self._send(mllp, referral_message(plan, n, now), engine)
+            office = self.scenario.offices[plan.office] if plan.modelled else None
+            await self._send(mllp, referral_message(plan, n, now, office), engine)
             rid = _referral_id(engine, plan.placer)
             self.rid_of[plan.placer] = rid
             self.plan_of_rid[rid] = h.plan_index
+            if plan.modelled:
+                rng = random.Random(f"{self.scenario.seed}:{plan.placer}")
+                self.lives[h.plan_index] = _Life(rng)
             if plan.patient.books_by_phone is not None:
                 self._at(now + plan.patient.books_by_phone, "book", h.plan_index)
             if plan.specialist.confirms is not None and plan.reach != "direct":
@@ -783,7 +878,7 @@ class Simulation:
                     original_message_id=h.extra["message_id"],
                     disposition=h.extra["disposition"],
                     disposition_text=h.extra["disposition"],
-                    sender=SPECIALIST_DIRECT,
+                    sender=h.extra.get("sender", SPECIALIST_DIRECT),
                     final_delivery=True,
                 )
             )
@@ -802,6 +897,9 @@ class Simulation:
 
     async def _react(self, send: Send, http: httpx.AsyncClient) -> None:
         index = self.plan_of_rid.get(send.referral_id)
+        if index is not None and self.scenario.referrals[index].modelled:
+            self._react_modelled(send, index)
+            return
         if index is not None and send.channel == "direct":
             # the specialist's HISP: processed at once, dispatched when the office opens it
             plan = self.scenario.referrals[index]
@@ -836,6 +934,162 @@ class Simulation:
         booked_after = plan.patient.books_after_nudge
         if booked_after is not None and self.nudges_seen[send.referral_id] == booked_after:
             self._at(now + plan.patient.book_delay, "book", index)
+
+    # -- the generated practice's world (engine.sim.model) -----------------------------
+
+    def _react_modelled(self, send: Send, index: int) -> None:
+        """How the world answers what refloop sent, by where it went: the office gets a
+        packet or a request; a person works a task; the patient reads a nudge or a
+        reminder. Reactions depend on the world's state, not on the template, so new kinds
+        of outbound work are answered too."""
+        plan = self.scenario.referrals[index]
+        life = self.lives[index]
+        model = self.scenario.model
+        assert model is not None
+        if send.channel in ("direct", "fax"):
+            if send.channel == "direct":
+                # the office's HISP processes the message at once
+                self._at(
+                    send.at + 300,
+                    "mdn",
+                    index,
+                    message_id=send.provider_id,
+                    disposition="processed",
+                    sender=self._office(plan).direct_address,
+                )
+            elif life.rng.random() >= model.specialist.fax_reach:
+                return  # the fax never reached the office
+            self._office_receives(index, send)
+        elif send.channel in self.scenario.staff["channels"]:
+            # a person works the task within one to two working days
+            self._at(send.at + life.rng.uniform(0.5, 2) * DAY, "staff", index)
+        elif send.channel in PATIENT_CHANNELS:
+            if send.channel == "sms" and plan.sms_fails:
+                self._at(send.at + 60, "sms-failed", index, sid=send.provider_id)
+            elif life.booked:
+                life.reminded = life.reminded or send.at < life.visit_at
+            elif not plan.declined:
+                life.nudges += 1
+                will_book = plan.patient.books_by_phone is not None
+                if model.nudge_books(life.rng, life.nudges, will_book):
+                    self._at(send.at + life.rng.uniform(0.2, 3) * DAY, "book", index)
+
+    def _office(self, plan: ReferralPlan) -> Office:
+        return self.scenario.offices[plan.office]
+
+    def _office_receives(self, index: int, send: Send) -> None:
+        """A packet or a request reached the office. Not yet logged: this logs it (but the
+        first one may be mislaid) and the office acknowledges a few days later. After the
+        visit: a request for the report."""
+        plan = self.scenario.referrals[index]
+        life = self.lives[index]
+        sm = self.scenario.model.specialist  # type: ignore[union-attr]
+        if not life.logged:
+            if plan.intake_lost and not life.lost_once:
+                life.lost_once = True
+                return
+            life.logged = True
+            after = life.rng.uniform(*sm.confirm_days) * DAY
+            if send.channel == "direct":
+                self._at(
+                    send.at + after,
+                    "mdn",
+                    index,
+                    message_id=send.provider_id,
+                    disposition="dispatched",
+                    sender=self._office(plan).direct_address,
+                )
+            else:
+                self._at(send.at + after, "accept", index)
+        elif life.seen:
+            self._request_report(index, send.at)
+
+    def _request_report(self, index: int, now: float) -> None:
+        """Someone asked the office for the report: it sends it (again) with
+        ``answers_request``, one to five days later."""
+        life = self.lives[index]
+        sm = self.scenario.model.specialist  # type: ignore[union-attr]
+        if life.report != "in" and life.rng.random() < sm.answers_request:
+            self._at(now + life.rng.uniform(1, 5) * DAY, "report-sent", index)
+
+    async def _world(
+        self, h: _Happening, plan: ReferralPlan, mllp: MllpClient, engine: Any
+    ) -> None:
+        life = self.lives[h.plan_index]
+        model = self.scenario.model
+        assert model is not None
+        n, now = h.plan_index + 1, self.clock.now()
+        if h.what == "book":
+            if life.booked or plan.declined or life.seen:
+                return
+            life.booked, life.reminded = True, False
+            life.appointment += 1
+            life.lead = model.lead_time(life.rng, plan.specialty)
+            life.visit_at = now + life.lead
+            msg = booking_message(plan, n, now, life.visit_at, life.appointment)
+            await self._send(mllp, msg, engine)
+            self._at(life.visit_at, "visit", h.plan_index, appointment=life.appointment)
+        elif h.what == "visit":
+            if h.extra["appointment"] != life.appointment or not life.booked:
+                return
+            await self._visit(h.plan_index, plan, life, model, mllp, engine)
+        elif h.what == "report-sent":
+            if life.report == "in":
+                return
+            if life.rng.random() < model.specialist.report_reaches:
+                life.report = "in"
+                await self._send(mllp, report_message(plan, n, now), engine)
+            else:
+                life.report = "lost"
+        elif h.what == "staff" and self._open(engine, plan):
+            self._staff_works(h.plan_index, plan, life, model, now)
+
+    def _open(self, engine: Any, plan: ReferralPlan) -> bool:
+        """A person works a task from the worklist: a closed referral needs nothing."""
+        return views.referral_status(engine.db.conn, self.rid_of[plan.placer]) != "closed"
+
+    async def _visit(
+        self,
+        index: int,
+        plan: ReferralPlan,
+        life: _Life,
+        model: Model,
+        mllp: MllpClient,
+        engine: Any,
+    ) -> None:
+        now = self.clock.now()
+        if model.attends(life.rng, life.lead, life.reminded):
+            life.seen = True
+            if life.rng.random() < model.specialist.report_sent:
+                self._at(
+                    now + model.specialist.report_days.draw(life.rng) * DAY, "report-sent", index
+                )
+            return
+        # missed: cancelled (S15) or a no-show (S26); the patient may book again
+        life.booked = False
+        event = "S15" if life.rng.random() < model.patient.cancel_ahead else "S26"
+        msg = booking_message(plan, index + 1, now, life.visit_at, life.appointment, event)
+        await self._send(mllp, msg, engine)
+        if life.rng.random() < model.patient.reschedules:
+            self._at(now + life.rng.uniform(1, 42) * DAY, "book", index)
+
+    def _staff_works(
+        self, index: int, plan: ReferralPlan, life: _Life, model: Model, now: float
+    ) -> None:
+        """A person works a task on what the referral needs now: a patient not booked is
+        called (and booked when reached and willing); an office that never logged the
+        referral gets the packet by hand; a missing report is asked for."""
+        if not life.booked and not life.seen:
+            if plan.declined:
+                return
+            pm = model.patient
+            if life.rng.random() < pm.phone_reach and life.rng.random() < pm.staff_call_books:
+                self._at(now + 3600, "book", index)
+        elif not life.logged:
+            life.logged = True
+            self._at(now + life.rng.uniform(*model.specialist.confirm_days) * DAY, "accept", index)
+        elif life.seen:
+            self._request_report(index, now)
 
     # -- output -------------------------------------------------------------------------
 
@@ -890,8 +1144,10 @@ class Simulation:
         )
         statuses = Counter(r[2] for r in refs)
         reasons = Counter(r[5] for r in refs if r[5])
+        work = staff_and_automation(views.outbox_log(conn), sc.staff, sc.start, sc.days)
         return {
             "scenario": sc.name,
+            "mode": "baseline" if self.baseline else "refloop",
             "seed": sc.seed,
             "start": isoformat(sc.start)[:16],
             "days": sc.days,
@@ -904,9 +1160,31 @@ class Simulation:
                 "close_reasons": dict(sorted(reasons.items())),
                 "nudges_by_channel": dict(sorted(nudges.items())),
                 "coordinator_tasks_by_week": dict(sorted(tasks_by_week.items())),
+                "median_days_to_closure": median_days(opened_at, reported),
+                **work,
             },
             "referrals": referrals,
         }
+
+
+BASELINE_KEEP: Final = "coordinator_task"
+NEVER: Final = "520w"  # ten years: a step the baseline practice does not take
+
+
+def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The escalation a practice without refloop's automation has: every cadence step
+    pushed out of reach except the coordinator task at 14 days (what a practice does by
+    hand). Every step the engine knows (``DEFAULT_OFFSETS``) is pushed, so steps added
+    later are off in the baseline too."""
+    from engine.tracking.escalation import DEFAULT_OFFSETS
+
+    out = dict(section or {})
+    cadence = {k.replace("-", "_"): NEVER for k in DEFAULT_OFFSETS}
+    cadence[BASELINE_KEEP] = dict(out.get("cadence") or {}).get(BASELINE_KEEP, "14d")
+    out["cadence"] = cadence
+    out.pop("specialties", None)
+    out.pop("appointment_reminder", None)  # an automated reminder is automation too
+    return out
 
 
 def _referral_id(engine: Any, placer: str) -> int:
@@ -916,16 +1194,21 @@ def _referral_id(engine: Any, placer: str) -> int:
     return rid
 
 
-def _certificate(address: str) -> str:
-    """A self-signed encryption certificate bound to a Direct address (rfc822Name)."""
+def _key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _certificate(address: str, key: Any) -> str:
+    """A self-signed encryption certificate bound to a Direct address (rfc822Name); the
+    simulated offices share one key (generating one per office would only cost time)."""
     import datetime as dt
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
     start = dt.datetime(2020, 1, 1, tzinfo=UTC)
     cert = (
@@ -952,11 +1235,15 @@ async def _post_twilio(http: httpx.AsyncClient, path: str, params: dict[str, str
         raise EngineError(f"simulated webhook {path.split('?')[0]} answered {response.status_code}")
 
 
-def simulate(scenario: Scenario, state_dir: Path | None = None) -> dict[str, Any]:
-    """Run a scenario; returns the timeline of every referral and the totals."""
+def simulate(
+    scenario: Scenario, state_dir: Path | None = None, *, baseline: bool = False
+) -> dict[str, Any]:
+    """Run a scenario; returns the timeline of every referral and the totals.
+    ``baseline``: the same population with refloop's automation off (only the 14-day
+    coordinator task, as a practice does by hand)."""
 
     async def go(folder: Path) -> dict[str, Any]:
-        return await Simulation(scenario, folder).run()
+        return await Simulation(scenario, folder, baseline=baseline).run()
 
     if state_dir is not None:
         return asyncio.run(go(state_dir))
@@ -987,6 +1274,20 @@ def render_text(result: Mapping[str, Any], *, timelines: bool = True) -> str:
         "coordinator tasks by week: "
         + (", ".join(f"{k} {v}" for k, v in t["coordinator_tasks_by_week"].items()) or "-")
     )
+    for key, label in (
+        ("coordinator_tasks_by_kind", "coordinator tasks by kind"),
+        ("coordinator_minutes_by_work", "coordinator minutes by work"),
+        ("coordinator_hours_by_week", "coordinator hours by week"),
+        ("automated_by_kind", "automated actions by kind"),
+    ):
+        lines.append(f"{label}: " + (", ".join(f"{k} {v}" for k, v in t[key].items()) or "-"))
+    steady = t["coordinator_hours_per_week_steady"]
+    lines.append(
+        "coordinator hours per week, steady state (day 60 to the last arrival): "
+        + ("-" if steady is None else f"{steady}")
+    )
+    med = t["median_days_to_closure"]
+    lines.append("median days to closure with report: " + ("-" if med is None else f"{med}"))
     if timelines:
         for r in result["referrals"]:
             lines.append("")

@@ -73,3 +73,9 @@ def task_dues(conn: Conn, channels: tuple[str, ...] = ("task", "coordinator")) -
         float(r[0])
         for r in conn.execute(f"SELECT due FROM outbox WHERE channel IN ({marks})", args)
     ]
+
+
+def referral_status(conn: Conn, referral_id: int) -> str:
+    """A referral's overall status now ("" when there is no such referral)."""
+    row = conn.execute("SELECT status FROM referrals WHERE id = ?", (referral_id,)).fetchone()
+    return "" if row is None else str(row[0])

@@ -1,0 +1,163 @@
+"""The simulator's outcome measures (issue 15): a generated practice from a named behaviour
+model, coordinator hours from minutes per kind of work, automated actions by kind, and the
+baseline run of the same population beside refloop's — through the `refloop` executable."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from helpers import refloop
+
+from engine.sim.model import Lognormal, Model, directory, npi_with_check_digit
+
+MINUTES = {"patient_call": 5, "office_call": 11, "letter": 7, "fax_by_hand": 13, "review": 2}
+SMALL = {
+    "name": "small generated practice",
+    "seed": 11,
+    "start": "2026-03-02T08:00:00-05:00",
+    "days": 21,
+    "follow_up": 40,
+    "generate": {
+        "per_month": 60,
+        "directory": {"direct": 0.5, "fax": 0.5, "unknown": 0.0},
+        "offices_per_specialty": 2,
+    },
+    "staff": {"minutes": {**MINUTES, "default": 17}},
+}
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_compare_runs_one_population_with_and_without_automation(tmp_path: Path) -> None:
+    done = refloop("simulate", str(write(tmp_path, SMALL)), "--compare", "--json", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    both = json.loads(done.stdout)
+    ref, base = both["refloop"]["totals"], both["baseline"]["totals"]
+    expected_referrals = round(60 * 21 / 30)  # per_month × days / 30
+    assert ref["referrals"] == base["referrals"] == expected_referrals
+    assert (both["refloop"]["mode"], both["baseline"]["mode"]) == ("refloop", "baseline")
+
+    # the baseline practice does nothing automatically but send the packet: no nudges, and
+    # no staff work but the 14-day task (plus what the engine cannot do without a channel)
+    assert base["nudges_by_channel"] == {}
+    assert set(base["coordinator_tasks_by_kind"]) <= {
+        "coordinator-followup",
+        "referrer-closed",
+        "no-way-to-reach-specialist",
+    }
+    assert base["coordinator_tasks_by_kind"]["coordinator-followup"] <= expected_referrals
+    assert sum(ref["nudges_by_channel"].values()) > 0
+
+    # every referral's packet went to its office by the directory's reach (half Direct,
+    # half fax-only, none unknown): once each in the baseline; refloop may resend a packet
+    # the office did not acknowledge (issue 15), never send fewer
+    for totals in (ref, base):
+        packets = {
+            k: v for k, v in totals["automated_by_kind"].items() if k.endswith(":specialist-packet")
+        }
+        assert set(packets) == {"direct:specialist-packet", "fax:specialist-packet"}
+        if totals is base:
+            assert sum(packets.values()) == expected_referrals
+        else:
+            assert sum(packets.values()) >= expected_referrals
+
+    # minutes: each task costs its kind of work's minutes, per docs/simulator.md's mapping
+    work = {
+        "coordinator-followup": "patient_call",
+        "outreach-call": "patient_call",
+        "outreach-letter": "letter",
+        "call-specialist-office": "office_call",
+        "chase-report": "office_call",
+        "call-for-report": "office_call",
+        "no-way-to-reach-specialist": "fax_by_hand",
+        "referrer-closed": "review",
+        "decide-close": "review",
+    }
+    for totals in (ref, base):
+        by_work: dict[str, int] = {}
+        for kind, count in totals["coordinator_tasks_by_kind"].items():
+            w = "patient_call" if kind.startswith("voice:") else work.get(kind, "default")
+            by_work[w] = by_work.get(w, 0) + count * {**MINUTES, "default": 17}[w]
+        assert totals["coordinator_minutes_by_work"] == dict(sorted(by_work.items()))
+        hours = sum(totals["coordinator_hours_by_week"].values())
+        assert (
+            abs(hours - sum(by_work.values()) / 60)
+            < 0.05 * len(totals["coordinator_hours_by_week"]) + 0.01
+        )
+
+
+def test_the_markdown_table_is_a_command(tmp_path: Path) -> None:
+    small = {**SMALL, "days": 7, "follow_up": 10}
+    done = refloop("simulate", str(write(tmp_path, small)), "--compare", "--markdown", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    text = done.stdout.decode()
+    assert "|  | baseline (a task at 14 days) | refloop |" in text
+    assert "| closed with report within 90d |" in text
+    assert "| coordinator hours per week (steady state) |" in text
+
+
+def test_markdown_without_compare_is_a_usage_error(tmp_path: Path) -> None:
+    done = refloop("simulate", str(write(tmp_path, SMALL)), "--markdown")
+    assert done.returncode != 0  # a usage error (2 from click; 1 where usage errors are one line)
+    assert b"--markdown goes with --compare" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_an_unknown_model_parameter_is_named(tmp_path: Path) -> None:
+    bad = {**SMALL, "generate": {"per_month": 10, "patient": {"sms_reach": 0.5}}}
+    done = refloop("simulate", str(write(tmp_path, bad)))
+    assert done.returncode != 0
+    assert b"generate.patient: unknown keys: sms_reach" in done.stderr
+    assert b"Traceback" not in done.stderr
+
+
+def test_the_notification_and_task_channels_are_served(tmp_path: Path) -> None:
+    keep = tmp_path / "kept"
+    small = {**SMALL, "days": 2, "follow_up": 1}
+    done = refloop("simulate", str(write(tmp_path, small)), "--summary", "--keep", str(keep))
+    assert done.returncode == 0, done.stderr.decode()
+    channels = yaml.safe_load((keep / "routes.yaml").read_text(encoding="utf-8"))["channels"]
+    assert {"notify", "task", "coordinator"} <= set(channels)
+
+
+def test_the_model_draws_what_its_parameters_say() -> None:
+    rng = random.Random(5)
+    days = [Lognormal(5.0, 30.0).draw(rng) for _ in range(40_000)]
+    assert abs(statistics.median(days) - 5.0) < 0.25
+    assert abs(statistics.quantiles(days, n=10)[-1] - 30.0) < 2.0
+
+    # the directory's shares are apportioned exactly: 40 offices, 18 / 20 / 2
+    offices = directory(Model(), random.Random(1))
+    counts = {k: sum(o.reach == k for o in offices) for k in ("direct", "fax", "unknown")}
+    assert counts == {"direct": 18, "fax": 20, "unknown": 2}
+    assert all(o.direct_address for o in offices if o.reach == "direct")
+    assert not any(o.fax for o in offices if o.reach == "unknown")
+    # a published valid NPI (CMS's example) gets its check digit back
+    assert npi_with_check_digit("123456789") == "1234567893"
+
+
+def test_the_baseline_pushes_every_cadence_step_but_the_14_day_task() -> None:
+    from engine.sim.simulate import baseline_escalation
+    from engine.tracking.escalation import DEFAULT_OFFSETS, parse_duration
+
+    section = baseline_escalation(
+        {"cadence": {"first_nudge": "2d"}, "specialties": {"cardiology": {"outreach": "9d"}}}
+    )
+    cadence = section["cadence"]
+    # every step the engine knows, including any added later, is out of a run's reach
+    assert {k.replace("-", "_") for k in DEFAULT_OFFSETS} == set(cadence)
+    for key, value in cadence.items():
+        if key == "coordinator_task":
+            assert parse_duration(value) == 14 * 86_400
+        else:
+            assert parse_duration(value) >= 365 * 86_400, key
+    assert "specialties" not in section
