@@ -40,6 +40,10 @@ OPENERS = [
     pytest.param(["specialists", "list"], id="specialists-list"),
     pytest.param(["users", "list"], id="users-list"),
     pytest.param(["users", "add", "alice", "--role", "admin", "--password-stdin"], id="users-add"),
+    # without --password-stdin: the routes.yaml error comes before the password prompt
+    pytest.param(["users", "add", "alice", "--role", "admin"], id="users-add-prompt"),
+    pytest.param(["tasks", "list"], id="tasks-list"),
+    pytest.param(["tasks", "done", "1", "--note", "called"], id="tasks-done"),
     pytest.param(["users", "token", "alice"], id="users-token"),
     pytest.param(["report", "closure", "--from", "2026-01-01", "--to", "2026-01-31"], id="report"),
     pytest.param(["replay"], id="replay"),

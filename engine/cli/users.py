@@ -72,10 +72,12 @@ def _build(
 
         Example: refloop users add alice --role admin
         """
-        password = _password(password_stdin)
         with errors():
+            # the store first: a routes.yaml that does not load is reported before anyone
+            # types a password twice
             db = open_store(state_dir, routes_path, readonly=False)
             try:
+                password = _password(password_stdin)
                 auth = Auth(db, WallClock())
                 user = auth.add_user(name, role, password)
                 token = auth.new_token(user.name, "cli") if with_token else ""
