@@ -168,8 +168,9 @@ class Engine:
 
     def _mount_ui(self, http: HttpServer) -> None:
         """The JSON API (engine.web.api) and the dashboard (engine.web.dashboard)."""
-        from engine.web.api import Api, Service
+        from engine.web.api import Api
         from engine.web.dashboard import Dashboard
+        from engine.web.service import Service
 
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None

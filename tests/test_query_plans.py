@@ -47,8 +47,8 @@ from engine.store.decisions import Decisions
 from engine.store.inbox import Inbox
 from engine.timers import service as timers
 from engine.tracking import report, tracker
-from engine.web.api import Service
 from engine.web.auth import Principal
+from engine.web.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 GROWING = (

@@ -76,7 +76,7 @@ from engine.tracking.report import (
     report_to_dict,
 )
 from engine.tracking.tracker import Tracker
-from engine.web.api import REPORT
+from engine.web.openapi import REPORT
 
 DAY = 86_400.0
 NOW = datetime(2026, 1, 5, tzinfo=UTC).timestamp()
@@ -590,6 +590,6 @@ def test_api_report(tmp_path: Path) -> None:
 
 
 def test_groups_match_the_api_enum() -> None:
-    from engine.web.api import REPORT_GROUPS
+    from engine.web.service import REPORT_GROUPS
 
     assert tuple(REPORT_GROUPS) == GROUPS

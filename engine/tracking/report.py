@@ -180,7 +180,7 @@ def _row_dict(row: ClosureRow) -> dict[str, Any]:
 
 def report_to_dict(report: ClosureReport) -> dict[str, Any]:
     """The report as JSON-able values (dates as ISO text, missing numbers as None); the
-    shape is the ``/api/report`` response schema in engine.web.api."""
+    shape is the ``/api/report`` response schema in engine.web.openapi."""
     total = _row_dict(report.total)
     del total["key"]
     return {

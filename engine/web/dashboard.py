@@ -9,7 +9,7 @@ its permission (403, engine.web.auth.PERMISSIONS). Every POST carries the sessio
 token (403 without it); the login form uses a double-submit cookie instead. Failed logins
 are rate-limited per user name + client address (429).
 
-Coordinator actions call :class:`engine.web.api.Service`, the same path as the JSON API:
+Coordinator actions call :class:`engine.web.service.Service`, the same path as the JSON API:
 the tracker or the outbox functions with ``actor = user:<name>``, so each lands in the
 referral's timeline and the audit log.
 """
@@ -33,7 +33,6 @@ from aiohttp import web
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
 from engine.tracking import states
-from engine.web.api import ApiError, Service
 from engine.web.auth import (
     ROLES,
     SESSION_COOKIE,
@@ -47,6 +46,7 @@ from engine.web.auth import (
     stored_hash,
     verify_password,
 )
+from engine.web.service import ApiError, Service
 
 log = logging.getLogger(__name__)
 
