@@ -12,20 +12,25 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import click
 
 from engine import config as config_mod
-from engine.cli.common import Group, database_path, load_routes, open_store
+from engine.cli.common import (
+    Group,
+    database_path,
+    errors,
+    load_routes,
+    login_name,
+    open_store,
+    routes_option,
+    state_option,
+)
 from engine.clock import isoformat, parse_iso
-from engine.errors import ConfigError, EngineError
-
-DEFAULT_ROUTES = "routes.yaml"
-DEFAULT_STATE = "state"
+from engine.errors import EngineError
 
 log = logging.getLogger("refloop")
 
@@ -36,39 +41,6 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-@contextmanager
-def errors() -> Iterator[None]:
-    """Map engine errors to click's clean exits."""
-    try:
-        yield
-    except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        raise SystemExit(2) from None
-    except EngineError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-routes_option = click.option(
-    "--routes",
-    "routes_path",
-    envvar="REFLOOP_ROUTES",
-    default=DEFAULT_ROUTES,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="routes.yaml to use (env REFLOOP_ROUTES).",
-)
-state_option = click.option(
-    "--state",
-    "state_dir",
-    envvar="REFLOOP_STATE",
-    default=DEFAULT_STATE,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="State directory holding the SQLite database (env REFLOOP_STATE).",
-)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -441,15 +413,6 @@ def routes_reload(routes_path: str, url: str | None, timeout: float) -> None:
 # -- replay -----------------------------------------------------------------------
 
 
-def _login_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
 @main.command()
 @routes_option
 @state_option
@@ -539,7 +502,7 @@ def replay(
                 flt,
                 dry_run=dry_run,
                 resend=resend,
-                user=_login_name(),
+                user=login_name(),
                 progress=progress,
             )
         for text in lines:
