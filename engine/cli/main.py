@@ -7,14 +7,13 @@ one-line message (exit 1; configuration errors exit 2). No tracebacks for users.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -31,6 +30,9 @@ from engine.cli.common import (
 )
 from engine.clock import isoformat, parse_iso
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.routing.routes import RouteTable
 
 log = logging.getLogger("refloop")
 
@@ -71,8 +73,8 @@ def run(routes_path: str, state_dir: str, log_level: str) -> None:
     os.umask(0o077)  # the database and anything else we write holds PHI
     with errors():
         cfg = config_mod.load(routes_path)
-        _check_routes(cfg)
-    engine = Engine(cfg, Path(state_dir))
+        table = _compile_routes(cfg)
+    engine = Engine(cfg, Path(state_dir), table=table)  # compiled once, here
 
     async def start() -> None:
         await engine.start()
@@ -114,13 +116,11 @@ def _install_reload(engine: Any) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
-def _check_routes(cfg: config_mod.Config) -> None:
-    """Compile the routes section when the routes module is present."""
-    try:
-        routes = importlib.import_module("engine.routing.routes")
-    except ModuleNotFoundError:
-        return
-    routes.compile_config(cfg)
+def _compile_routes(cfg: config_mod.Config) -> RouteTable:
+    """The routing sections compiled; ConfigError lists every problem."""
+    from engine.routing.routes import compile_config
+
+    return compile_config(cfg)
 
 
 # -- send -------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def routes_check(path: str | None, routes_path: str) -> None:
     target = path or routes_path
     with errors():
         cfg = config_mod.load(target)
-        _check_routes(cfg)
+        _compile_routes(cfg)
     click.echo(f"{target}: ok ({len(cfg.sources)} source(s))")
 
 
