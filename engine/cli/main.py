@@ -6,20 +6,21 @@ one-line message (exit 1; configuration errors exit 2). No tracebacks for users.
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import json
 import logging
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from engine import config as config_mod
 from engine.cli.common import (
-    Group,
+    LazyGroup,
+    MainGroup,
     database_path,
     errors,
     load_routes,
@@ -32,6 +33,7 @@ from engine.clock import isoformat, parse_iso
 from engine.errors import EngineError
 
 if TYPE_CHECKING:
+    from engine.config import Config
     from engine.routing.routes import RouteTable
 
 log = logging.getLogger("refloop")
@@ -45,10 +47,13 @@ def setup_logging(level: str) -> None:
     )
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="refloop")
 def main() -> None:
     """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking."""
+
+
+assert isinstance(main, MainGroup)
 
 
 # -- run --------------------------------------------------------------------------
@@ -72,7 +77,7 @@ def run(routes_path: str, state_dir: str, log_level: str) -> None:
     setup_logging(log_level)
     os.umask(0o077)  # the database and anything else we write holds PHI
     with errors():
-        cfg = config_mod.load(routes_path)
+        cfg = load_config(routes_path)
         table = _compile_routes(cfg)
     engine = Engine(cfg, Path(state_dir), table=table)  # compiled once, here
 
@@ -113,10 +118,19 @@ def _install_reload(engine: Any) -> None:
     reload = getattr(engine, "reload", None)
     if reload is None:
         return
+    import asyncio
+
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
-def _compile_routes(cfg: config_mod.Config) -> RouteTable:
+def load_config(path: str) -> Config:
+    """routes.yaml loaded; ConfigError lists every problem (engine.config, imported on use)."""
+    from engine.config import load
+
+    return load(path)
+
+
+def _compile_routes(cfg: Config) -> RouteTable:
     """The routing sections compiled; ConfigError lists every problem."""
     from engine.routing.routes import compile_config
 
@@ -203,6 +217,8 @@ def send(
         return ok
 
     with errors():
+        import asyncio
+
         ok = asyncio.run(go())
     if not ok:
         raise SystemExit(1)
@@ -357,7 +373,7 @@ def routes_check(path: str | None, routes_path: str) -> None:
     """
     target = path or routes_path
     with errors():
-        cfg = config_mod.load(target)
+        cfg = load_config(target)
         _compile_routes(cfg)
     click.echo(f"{target}: ok ({len(cfg.sources)} source(s))")
 
@@ -384,7 +400,7 @@ def routes_reload(routes_path: str, url: str | None, timeout: float) -> None:
     token = ""
     if url is None:
         with errors():
-            cfg = config_mod.load(routes_path)
+            cfg = load_config(routes_path)
         host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
@@ -558,36 +574,41 @@ def simulate(scenario: str, as_json: bool, scale: float, summary: bool, keep: st
 
 
 # -- command groups defined beside the modules they drive ---------------------------
+# Loaded when a command of theirs runs (or its --help is asked), not at start: they import
+# the store, the tracker and, through them, the channel SDKs, which `refloop --version`
+# and `refloop --help` do not need (bench/cli.py measures the start).
 
 
-def _register_groups() -> None:
-    from engine.cli import timers as cli_timers
-    from engine.cli import tracker as cli_tracker
+def _load(module: ModuleType) -> None:
+    module.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
-    cli_timers.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    cli_tracker.register(
-        main, state_option=state_option, routes_option=routes_option, errors=errors
+
+LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
+    group.name: group
+    for group in (
+        LazyGroup("audit", "Check and export the hash-chained audit log.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
+                  lambda: _load(importlib.import_module("engine.cli.outbox"))),
+        LazyGroup("parked", "Events that matched no referral.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("referrals", "List, inspect, close and link referrals.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("report", "Quality reports from the referral store.",
+                  lambda: _load(importlib.import_module("engine.cli.report"))),
+        LazyGroup("specialists",
+                  "The specialist directory: Direct addresses, certificates, fax numbers.",
+                  lambda: _load(importlib.import_module("engine.cli.specialists"))),
+        LazyGroup("tasks", "Coordinator tasks of the built-in queue: list, done, assign, snooze.",
+                  lambda: _load(importlib.import_module("engine.cli.tasks"))),
+        LazyGroup("timers", "Pending escalation timers.",
+                  lambda: _load(importlib.import_module("engine.cli.timers"))),
+        LazyGroup("users", "Dashboard and API users: coordinator, analyst, admin.",
+                  lambda: _load(importlib.import_module("engine.cli.users"))),
     )
-    from engine.cli import outbox as cli_outbox
+}  # fmt: skip
+main.lazy = LAZY_GROUPS
 
-    cli_outbox.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import specialists as cli_specialists
-
-    cli_specialists.register(
-        main, state_option=state_option, routes_option=routes_option, errors=errors
-    )
-    from engine.cli import users as cli_users
-
-    cli_users.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import report as cli_report
-
-    cli_report.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import tasks as cli_tasks
-
-    cli_tasks.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-
-
-_register_groups()
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="refloop")
