@@ -181,6 +181,8 @@ def send(
 
     Example: refloop send --port 2575 ../shared/corpus/hl7/fhir-converter/REF-I12-01.hl7
     """
+    import asyncio
+
     from engine.hl7v2.client import MllpClient, normalise
     from engine.hl7v2.message import split_messages
 
@@ -217,8 +219,6 @@ def send(
         return ok
 
     with errors():
-        import asyncio
-
         ok = asyncio.run(go())
     if not ok:
         raise SystemExit(1)
