@@ -82,7 +82,7 @@ RULES: tuple[Rule, ...] = (
         "only engine/store/ talks to SQLite",
         who=("engine", "engine.*", "channels", "channels.*"),
         forbid=("sqlite3", "sqlite_utils"),
-        unless=("engine.store.*",),
+        unless=("engine.store", "engine.store.*"),
     ),
     Rule(
         "MLLP is engine/hl7v2/mllp.py and engine/ingest/listener.py, not python-hl7's",
