@@ -10,14 +10,13 @@ queued, stop processing, let in-flight sends finish and record within the bound,
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Final
 
 import httpx
 from prometheus_client import CollectorRegistry
@@ -36,9 +35,65 @@ from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
 
+if TYPE_CHECKING:  # built at start, imported there: a daemon without them never loads them
+    from channels.base import Channel
+    from channels.direct.inbound import DirectListener, ImapPoller
+    from engine.delivery.direct_inbound import DirectFlow
+    from engine.delivery.dispatch import Dispatcher, Renderer, Rotation
+    from engine.delivery.webhooks import Hooks
+    from engine.routing.routes import ChannelSpec, RouteTable
+    from engine.timers.service import TimerService
+    from engine.tracking.tracker import Tracker
+
 log = logging.getLogger(__name__)
 
 HandlerFactory = Callable[[Config, Database], Handler]
+Sleep = Callable[[float], Awaitable[None]]
+
+# The shutdown, step by step (Engine.stop runs ``Engine._stop_<step>`` in this order):
+# stop taking work in (Direct, MLLP, FHIR), let what was accepted reach the database
+# (inbox writer, processor), stop firing timers, let in-flight sends finish and be
+# recorded (dispatch), then the side tasks, the HTTP server, the HTTP clients, the database.
+STOP_ORDER: Final[tuple[str, ...]] = (
+    "direct",
+    "mllp",
+    "fhir",
+    "processing",
+    "timers",
+    "dispatch",
+    "side_tasks",
+    "http",
+    "clients",
+    "database",
+)
+
+
+@dataclass
+class Tasks:
+    """Every background task the engine runs, by its role; :data:`STOP_ORDER` says in
+    which order the roles stop."""
+
+    writer: asyncio.Task[None] | None = None  # the inbox's group-commit writer
+    processor: asyncio.Task[None] | None = None
+    dispatch: asyncio.Task[None] | None = None
+    timers: asyncio.Task[None] | None = None
+    watchdog: asyncio.Task[None] | None = None
+    fhir: list[asyncio.Task[None]] = field(default_factory=list)  # one per FHIR poller
+    direct_imap: list[asyncio.Task[None]] = field(default_factory=list)  # one per mailbox
+
+    def processing(self) -> list[asyncio.Task[None]]:
+        return [t for t in (self.writer, self.processor) if t is not None]
+
+
+async def _drain(tasks: Sequence[asyncio.Task[None]], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``tasks`` to finish on their own, then cancel the rest
+    (what was in flight is not committed, so nothing is lost) and reap them all."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def default_handler(
@@ -47,18 +102,21 @@ def default_handler(
     *,
     clock: Clock | None = None,
     metrics: Metrics | None = None,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
+    table: RouteTable | None = None,
 ) -> Handler:
     """The routes from routes.yaml, or "filtered: no routes" when there are none.
-    Raises ConfigError when the routes do not compile."""
+    ``table`` is ``config`` already compiled (the engine compiles once per start and per
+    reload); without it the routes are compiled here. Raises ConfigError when the routes
+    do not compile."""
     if "routes" not in config.sections:
         return no_routes
-    try:  # compiled routes arrive with the routes module
-        routes = importlib.import_module("engine.routing.routes")
-    except ModuleNotFoundError:
-        return no_routes
-    handler: Handler = routes.make_handler(config, db, tracker, clock=clock, metrics=metrics)
-    return handler
+    from engine.routing.routes import RouteHandler, compile_config
+
+    table = table or compile_config(config)
+    if metrics is not None:  # its bounded ``type`` label set: the types the routes name
+        metrics.name_message_types(table.message_types)
+    return RouteHandler(table, db, tracker, clock=clock, metrics=metrics)
 
 
 @dataclass
@@ -69,11 +127,10 @@ class Engine:
     registry: CollectorRegistry | None = None
     handler_factory: HandlerFactory = default_handler
     drain_seconds: float = 10.0
-    tracker: Any = (
-        None  # engine.tracking.tracker.Tracker; None: built at start when there are routes
-    )
-    dispatch_sleep: Any = None  # the dispatcher's sleep (tests: one that moves a VirtualClock)
+    tracker: Tracker | None = None  # None: built at start when there are routes
+    dispatch_sleep: Sleep | None = None  # tests: one that moves a VirtualClock
     background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
+    table: RouteTable | None = None  # ``config`` compiled (refloop run has); else at start
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -85,22 +142,18 @@ class Engine:
         self.auth: Auth | None = None  # users, sessions and API tokens (engine.web.auth)
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
-        self._poller_tasks: list[asyncio.Task[None]] = []
         self.ready = False
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = Tasks()
         self._stopped = asyncio.Event()
-        self.dispatcher: Any = None  # engine.delivery.dispatch.Dispatcher
-        self.hooks: Any = None  # engine.delivery.webhooks.Hooks
+        self.dispatcher: Dispatcher | None = None
+        self.hooks: Hooks | None = None
         self._http_client: httpx.AsyncClient | None = None  # shared by the outbox channels
-        self._dispatch_task: asyncio.Task[None] | None = None
-        self.timers: Any = None  # engine.timers.service.TimerService
-        self._timer_task: asyncio.Task[None] | None = None
-        self.direct_listeners: list[Any] = []  # (name, channels.direct.inbound.DirectListener)
-        self.direct_pollers: list[Any] = []  # (name, channels.direct.inbound.ImapPoller)
-        self.direct_flow: Any = None  # engine.delivery.direct_inbound.DirectFlow
+        self.timers: TimerService | None = None
+        self.direct_listeners: list[tuple[str, DirectListener]] = []
+        self.direct_pollers: list[tuple[str, ImapPoller]] = []
+        self.direct_flow: DirectFlow | None = None
         self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
-        self._direct_tasks: list[asyncio.Task[None]] = []
 
     @property
     def db_path(self) -> Path:
@@ -124,22 +177,21 @@ class Engine:
         self.metrics.watch_inbox_commits(lambda: inbox.commits)
         db = self.db
         self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
+        table = self._compiled(self.config)  # the one compile of this start
         if self.tracker is None and "routes" in self.config.sections:
-            self.tracker = self._make_tracker()
-        handler = self._make_handler(self.config)
+            self.tracker = self._make_tracker(table)
+        handler = self._make_handler(self.config, table)
         self.processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
-        self._tasks.append(asyncio.create_task(self.inbox.run_writer(), name="inbox-writer"))
-        self._tasks.append(asyncio.create_task(self.processor.run(), name="processor"))
+        self.tasks.writer = asyncio.create_task(self.inbox.run_writer(), name="inbox-writer")
+        self.tasks.processor = asyncio.create_task(self.processor.run(), name="processor")
         self._make_pollers()
-        self._build_outbox()
+        dispatcher = self._build_outbox(table)
         if self.tracker is not None:
-            self._make_timers()
-        if self.dispatcher is not None:  # every channel's gauges exist (0) before a scrape
-            self.dispatcher.refresh_metrics()
-        if self.dispatcher is not None and self.background:
-            self._dispatch_task = asyncio.create_task(self.dispatcher.run(), name="dispatch")
-        if self.dispatcher is not None:
-            self.processor.after_commit = self._wake_dispatcher
+            self._make_timers(table)
+        dispatcher.refresh_metrics()  # every channel's gauges exist (0) before a scrape
+        if self.background:
+            self.tasks.dispatch = asyncio.create_task(dispatcher.run(), name="dispatch")
+        self.processor.after_commit = self._wake_dispatcher
         if self.config.http.enabled:
             self.auth = Auth(self.db, self.clock)
             self.http = HttpServer(
@@ -156,15 +208,24 @@ class Engine:
                 log.info("http: webhooks %s", ", ".join(mounted) or "none (no http.public_url)")
             await self.http.start()
         for name, poller in self.pollers.items():
-            self._poller_tasks.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
-        await self._start_direct()
+            self.tasks.fhir.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
+        await self._start_direct(table)
         for source in self.config.sources:
             server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
             await server.start()
             self.servers.append(server)
         self.ready = True
         sd_notify("READY=1")
-        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+
+    def _compiled(self, config: Config) -> RouteTable:
+        """``config``'s routes.yaml compiled (ConfigError on problems); the table given to
+        the engine when it is ``config``'s."""
+        from engine.routing.routes import compile_config
+
+        if self.table is not None and config is self.config:
+            return self.table
+        return compile_config(config)
 
     def _mount_ui(self, http: HttpServer) -> None:
         """The JSON API (engine.web.api) and the dashboard (engine.web.dashboard)."""
@@ -215,7 +276,7 @@ class Engine:
         if queued and self.dispatcher is not None:
             self.dispatcher.wake()
 
-    def _write_back_channels(self) -> dict[str, Any]:
+    def _write_back_channels(self) -> dict[str, Channel]:
         """An outbox channel ``fhir:<source>`` per FHIR source with ``write_back.task``
         (engine.ingest.fhir.WriteBackChannel), on its poller's client and token cache."""
         from engine.ingest.fhir import WriteBackChannel
@@ -229,8 +290,7 @@ class Engine:
             if poller.source.write_back.task
         }
 
-    def _make_tracker(self) -> Any:
-        from engine.routing.routes import compile_config
+    def _make_tracker(self, table: RouteTable) -> Tracker:
         from engine.tracking.tracker import build_tracker
 
         assert self.db is not None
@@ -238,73 +298,105 @@ class Engine:
             self.config,
             self.db,
             self.clock,
-            policy=compile_config(self.config).escalation,
+            policy=table.escalation,
             registry=self.metrics.registry,
         )
 
-    def _make_timers(self) -> None:
+    def _make_timers(self, table: RouteTable) -> None:
         """The escalation timer service, when there is a tracker to act through."""
-        from engine.routing.routes import compile_config
         from engine.timers.service import TimerMetrics, TimerService
 
-        assert self.db is not None
+        assert self.db is not None and self.tracker is not None
         self.timers = TimerService(
             self.db,
             self.tracker,
-            compile_config(self.config).escalation,
+            table.escalation,
             self.clock,
             metrics=TimerMetrics(self.metrics.registry, self.db),
         )
         loaded = self.timers.load()
         log.info("timers: %d due within the next hour", loaded)
         if self.background:
-            self._timer_task = asyncio.create_task(self.timers.run(), name="timers")
+            self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
 
-    def _build_outbox(self) -> None:
+    def _build_outbox(self, table: RouteTable) -> Dispatcher:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
         engine.delivery.webhooks). Raises ConfigError when a channel's settings are unusable."""
-        from engine.delivery.direct_inbound import DEFAULT_MDN_TIMEOUT, PacketEvents
-        from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
-        from engine.delivery.factory import build_channels, webhook_secret
-        from engine.delivery.packet import PacketBuilder
-        from engine.delivery.task_queue import TaskQueue, builtin_channels
-        from engine.delivery.webhooks import Hooks
-        from engine.routing.routes import ChannelSpec, compile_config
+        from engine.delivery.dispatch import Rotation
+
+        channels, specs = self._outbox_channels(table)
+        renderer = self._renderer(table, specs)
+        rotation = Rotation.from_channels(table.escalation, table.channels)
+        self.dispatcher = self._dispatcher(table, channels, renderer, rotation)
+        self.hooks = self._hooks(table, renderer, rotation, self.dispatcher)
+        return self.dispatcher
+
+    def _outbox_channels(
+        self, table: RouteTable
+    ) -> tuple[dict[str, Channel], dict[str, ChannelSpec]]:
+        """Each routes.yaml channel built (engine.delivery.factory) plus a FHIR write-back
+        channel per source that has one; and the spec the renderer reads for each."""
+        from engine.delivery.factory import build_channels
+        from engine.routing.routes import ChannelSpec
         from engine.tracking.specialists import certificate_lookup
 
         assert self.db is not None
-        table = compile_config(self.config)
-        http, env = self.config.http, self.config.env
         self._http_client = httpx.AsyncClient()
         channels = build_channels(
             table.channels,
             http=self._http_client,
             clock=self.clock,
-            public_url=http.public_url,
-            env=env,
+            public_url=self.config.http.public_url,
+            env=self.config.env,
             certificate_for=certificate_lookup(self.db),
         )
         write_backs = self._write_back_channels()
         channels.update(write_backs)
         specs = {**table.channels, **{n: ChannelSpec(n, "fhir", {}, {}) for n in write_backs}}
-        directs = {n: s for n, s in table.channels.items() if s.type == "direct"}
+        return channels, specs
+
+    def _renderer(self, table: RouteTable, specs: dict[str, ChannelSpec]) -> Renderer:
+        """Templates per channel, with the specialist packet builder for Direct and fax."""
+        from engine.delivery.dispatch import Renderer
+        from engine.delivery.packet import PacketBuilder
+
+        assert self.db is not None
+        http = self.config.http
         packets = PacketBuilder(
             self.db,
             self.clock,
             confirm_key=http.confirm_key.encode(),
             public_url=http.public_url,
-            attach_original=[n for n, s in directs.items() if s.settings.get("attach_original")],
+            attach_original=[
+                n
+                for n, s in table.channels.items()
+                if s.type == "direct" and s.settings.get("attach_original")
+            ],
         )
-        renderer = Renderer(specs, table.practice, packets=packets)
-        rotation = Rotation.from_channels(table.escalation, table.channels)
-        extra: dict[str, Any] = {}
-        if self.dispatch_sleep is not None:
-            extra["sleep"] = self.dispatch_sleep
-        local = {
-            name: TaskQueue()
-            for name in builtin_channels({n: s.type for n, s in table.channels.items()}, channels)
+        return Renderer(specs, table.practice, packets=packets)
+
+    def _dispatcher(
+        self,
+        table: RouteTable,
+        channels: dict[str, Channel],
+        renderer: Renderer,
+        rotation: Rotation,
+    ) -> Dispatcher:
+        """The dispatcher over ``channels``, the built-in task queues, each channel's
+        retry policy, and the Direct MDN / fax delivery timeouts."""
+        from engine.delivery.direct_inbound import DEFAULT_MDN_TIMEOUT, PacketEvents
+        from engine.delivery.dispatch import Dispatcher, RetryPolicy
+        from engine.delivery.task_queue import TaskQueue, builtin_channels
+
+        assert self.db is not None
+        types = {n: s.type for n, s in table.channels.items()}
+        local = {name: TaskQueue() for name in builtin_channels(types, channels)}
+        mdn_timeouts = {
+            n: float(s.settings.get("mdn_timeout", DEFAULT_MDN_TIMEOUT))
+            for n, s in table.channels.items()
+            if s.type == "direct"
         }
-        self.dispatcher = Dispatcher(
+        return Dispatcher(
             self.db,
             channels,
             local=local,
@@ -314,20 +406,25 @@ class Engine:
             tracker=self.tracker,
             policies={n: RetryPolicy.from_settings(s.settings) for n, s in table.channels.items()},
             rotation=rotation,
-            packet_events=PacketEvents(
-                {
-                    n: float(s.settings.get("mdn_timeout", DEFAULT_MDN_TIMEOUT))
-                    for n, s in directs.items()
-                },
-                [n for n, s in table.channels.items() if s.type == "fax"],
-            ),
-            **extra,
+            packet_events=PacketEvents(mdn_timeouts, [n for n, t in types.items() if t == "fax"]),
+            sleep=self.dispatch_sleep or asyncio.sleep,
         )
+
+    def _hooks(
+        self, table: RouteTable, renderer: Renderer, rotation: Rotation, dispatcher: Dispatcher
+    ) -> Hooks:
+        """The provider webhooks (Twilio SMS status and replies, fax callbacks, patient
+        confirmations): the first sms channel and every fax channel."""
+        from engine.delivery.factory import webhook_secret
+        from engine.delivery.webhooks import Hooks
+
+        assert self.db is not None
+        http, env = self.config.http, self.config.env
         sms = [n for n, s in table.channels.items() if s.type == "sms"]
         faxes = [n for n, s in table.channels.items() if s.type == "fax"]
         if len(sms) > 1:
             log.warning("outbox: %d sms channels; /hooks/twilio/* serve %s", len(sms), sms[0])
-        self.hooks = Hooks(
+        return Hooks(
             self.db,
             clock=self.clock,
             public_url=http.public_url,
@@ -343,22 +440,20 @@ class Engine:
             ),
             confirm_key=http.confirm_key.encode(),
             coordinator_channel="coordinator" if "coordinator" in table.channels else "task",
-            on_new_rows=self.dispatcher.wake,
+            on_new_rows=dispatcher.wake,
             sms_advanced_opt_out=bool(
                 sms and table.channels[sms[0]].settings.get("advanced_opt_out")
             ),
         )
 
-    async def _start_direct(self) -> None:
+    async def _start_direct(self, table: RouteTable) -> None:
         """Inbound Direct of each ``direct`` channel (engine.delivery.direct_inbound): the SMTP
         listener of an ``inbound:`` block, which the HISP delivers MDNs, DSNs and replies
         to, and a task polling the mailbox of an ``imap:`` block. Every one is built
         before any starts, so a ConfigError leaves nothing running."""
         from engine.delivery.direct_inbound import DirectFlow
         from engine.delivery.factory import build_direct_imap_poller, build_direct_listener
-        from engine.routing.routes import compile_config
 
-        table = compile_config(self.config)
         names = [n for n, s in table.channels.items() if s.type == "direct"]
         if not names or self.tracker is None:
             return
@@ -373,8 +468,8 @@ class Engine:
             wake=self.dispatcher.wake if self.dispatcher is not None else None,
         )
         on_result, env = self.direct_flow.on_result, self.config.env
-        listeners: list[tuple[str, Any]] = []
-        pollers: list[tuple[str, Any]] = []
+        listeners: list[tuple[str, DirectListener]] = []
+        pollers: list[tuple[str, ImapPoller]] = []
         for name in names:
             spec = table.channels[name]
             listener = build_direct_listener(spec, on_result=on_result, clock=self.clock, env=env)
@@ -388,7 +483,7 @@ class Engine:
             self.direct_listeners.append((name, listener))
         for name, poller in pollers:
             self.direct_pollers.append((name, poller))
-            self._direct_tasks.append(
+            self.tasks.direct_imap.append(
                 asyncio.create_task(
                     poller.run(poller.settings.interval, self._direct_stop),
                     name=f"direct-imap-{name}",
@@ -398,11 +493,17 @@ class Engine:
                 "direct %s: polling imap %s every %gs", name, poller.peer, poller.settings.interval
             )
 
-    def _make_handler(self, config: Config) -> Handler:
+    def _make_handler(self, config: Config, table: RouteTable) -> Handler:
+        """The processor's handler for ``config``, compiled as ``table``."""
         assert self.db is not None
         if self.handler_factory is default_handler:
             return default_handler(
-                config, self.db, clock=self.clock, metrics=self.metrics, tracker=self.tracker
+                config,
+                self.db,
+                clock=self.clock,
+                metrics=self.metrics,
+                tracker=self.tracker,
+                table=table,
             )
         return self.handler_factory(config, self.db)
 
@@ -418,7 +519,7 @@ class Engine:
             return ["the engine is not running"]
         try:
             config = load_config(self.config.file, env=self.config.env)
-            handler = self._make_handler(config)
+            handler = self._make_handler(config, self._compiled(config))  # the one compile
         except ConfigError as exc:
             self.metrics.config_reloads.labels("invalid").inc()
             log.error(
@@ -447,57 +548,75 @@ class Engine:
             return
         self.ready = False
         sd_notify("STOPPING=1")
+        for step in STOP_ORDER:
+            await getattr(self, f"_stop_{step}")()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _stop_direct(self) -> None:
         self._direct_stop.set()  # IMAP pollers: no new message after the one in hand
         for _name, listener in self.direct_listeners:
             await listener.stop()  # the HISP keeps what it could not deliver and retries
-        if self._direct_tasks:
-            _, pending = await asyncio.wait(self._direct_tasks, timeout=self.drain_seconds)
-            for task in pending:  # a fetch in flight: that message stays unseen, no loss
-                task.cancel()
-            await asyncio.gather(*self._direct_tasks, return_exceptions=True)
+        # a fetch in flight is cancelled at the bound: that message stays unseen, no loss
+        await _drain(self.tasks.direct_imap, self.drain_seconds)
+
+    async def _stop_mllp(self) -> None:
         await asyncio.gather(*(s.stop(self.drain_seconds) for s in self.servers))
+
+    async def _stop_fhir(self) -> None:
         for poller in self.pollers.values():
             poller.stop()
-        if self._poller_tasks:
-            _, pending = await asyncio.wait(self._poller_tasks, timeout=self.drain_seconds)
-            for task in pending:  # a request in flight: its page is not committed, no loss
-                task.cancel()
-            await asyncio.gather(*self._poller_tasks, return_exceptions=True)
+        # a request in flight is cancelled at the bound: its page is not committed, no loss
+        await _drain(self.tasks.fhir, self.drain_seconds)
         if self._fhir_client is not None:
             await self._fhir_client.aclose()
+
+    async def _stop_processing(self) -> None:
+        """The writer commits what is queued, then the processor finishes its slice."""
         if self.inbox is not None:
             self.inbox.close()
         if self.processor is not None:
             self.processor.stop()
-        for task in self._tasks[:2]:  # writer drains, processor finishes its slice
+        for task in self.tasks.processing():
             try:
                 await asyncio.wait_for(task, timeout=self.drain_seconds)
             except (TimeoutError, asyncio.CancelledError):
                 pass
+
+    async def _stop_timers(self) -> None:
         if self.timers is not None:
             self.timers.stop()  # a firing timer finishes its transaction
-        if self._timer_task is not None:
-            await asyncio.gather(self._timer_task, return_exceptions=True)
+        if self.tasks.timers is not None:
+            await asyncio.gather(self.tasks.timers, return_exceptions=True)
+
+    async def _stop_dispatch(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.stop()  # in-flight sends finish and are recorded
-        if self._dispatch_task is not None:
-            try:
-                await asyncio.wait_for(self._dispatch_task, timeout=self.drain_seconds)
-            except (TimeoutError, asyncio.CancelledError):
-                pass  # cancelled mid-send: the row stays "sending" and is resent at start
-            except Exception:
-                log.exception("dispatch stopped with an error")
-        for task in self._tasks[2:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.tasks.dispatch is None:
+            return
+        try:
+            await asyncio.wait_for(self.tasks.dispatch, timeout=self.drain_seconds)
+        except (TimeoutError, asyncio.CancelledError):
+            pass  # cancelled mid-send: the row stays "sending" and is resent at start
+        except Exception:
+            log.exception("dispatch stopped with an error")
+
+    async def _stop_side_tasks(self) -> None:
+        if self.tasks.watchdog is not None:
+            self.tasks.watchdog.cancel()
+            await asyncio.gather(self.tasks.watchdog, return_exceptions=True)
+
+    async def _stop_http(self) -> None:
         if self.http is not None:
             await self.http.stop()
+
+    async def _stop_clients(self) -> None:
         if self._http_client is not None:
             await self._http_client.aclose()
+
+    async def _stop_database(self) -> None:
         if self.db is not None:
             self.db.close()
-        self._stopped.set()
-        log.info("stopped")
 
     async def _watchdog(self) -> None:
         """systemd watchdog pings at half the configured interval, while the loop turns."""

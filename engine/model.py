@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 # ---------------------------------------------------------------------------
 # Ingest
@@ -96,6 +96,21 @@ class StoredMessage:
     duplicates: int = 0
     flags: str = ""
     route: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What processing made of one message (engine.ingest.processor runs the handler that
+    returns it, engine.routing.routes is that handler). ``error`` is a reason, never PHI."""
+
+    status: str  # routed | filtered | error | rejected
+    error: str = ""
+    route: str = ""
+
+    @property
+    def app_ack(self) -> str:
+        """The application ACK code this outcome earns (HL7 table 0008)."""
+        return {"error": "AE", "rejected": "AR"}.get(self.status, "AA")
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +286,17 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
         PatientsMerged,
     )
 }
+
+
+# ---------------------------------------------------------------------------
+# Referral vocabulary shared by the tracker (engine.tracking.states) and the store's
+# closure-report table (engine.store.report), which sits below the tracker.
+
+OverallStatus = Literal["open", "patient-booked", "specialist-confirmed", "escalated", "closed"]
+OVERALL_STATUSES: Final[tuple[OverallStatus, ...]] = get_args(OverallStatus)
+# OBR-25 F/C and TXA-17 AU/LA reach us as "final"/"corrected". Any other status, such as
+# "preliminary" (OBR-25 P, TXA-17 DO/IP), is an interim note and does not close the loop.
+CLOSING_REPORT_STATUSES: Final = frozenset({"final", "corrected"})
 
 
 # ---------------------------------------------------------------------------

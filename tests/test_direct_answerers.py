@@ -57,7 +57,7 @@ from engine.app import Engine
 from engine.clock import VirtualClock
 from engine.hl7v2.client import MllpClient
 from engine.model import Identifiers, Provider, ReferralCreated
-from engine.store import db as db_module
+from engine.store import migrations as db_module
 from engine.store import outbox
 from engine.store import referrals as rstore
 from engine.store.db import open_database

@@ -484,7 +484,7 @@ def test_the_engine_polls_at_start_and_stops_its_poller_cleanly(tmp_path: Path, 
                 assert r.quarantined() == [("rejected", "quarantined: unsigned")]
                 ((_name, poller),) = r.engine.direct_pollers
                 assert poller.settings.interval == 3600
-                (task,) = r.engine._direct_tasks
+                (task,) = r.engine.tasks.direct_imap
             assert task.done() and not task.cancelled() and task.exception() is None
             assert fake.count("LOGIN") == fake.count("LOGOUT") == 1
 

@@ -19,6 +19,7 @@ from engine.app import Engine
 from engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
+main.all_commands(click.Context(main))  # the lazily loaded groups too (engine.cli.main)
 
 
 def _commands(group: click.Group, prefix: str = "refloop") -> list[str]:

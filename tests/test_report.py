@@ -401,7 +401,7 @@ def test_triggers_agree_with_a_rebuild_under_random_moves(tmp_path_factory: Any,
 def test_the_migration_fills_the_table_for_existing_referrals(tmp_path: Path) -> None:
     """A database from before the report (the same population, no triggers yet) gives the
     same report once the migration has run."""
-    from engine.store import db as db_module
+    from engine.store import migrations as db_module
 
     path = tmp_path / "old.db"
     before = db_module.MIGRATIONS[: db_module.MIGRATIONS.index(db_module._m_closure_report)]

@@ -1,5 +1,8 @@
-"""What every ``refloop`` command shares: the one way to find and open the database, and
-one-line usage errors.
+"""What every ``refloop`` command shares: the ``--routes``/``--state`` options, the error
+mapper, the one way to find and open the database, and one-line usage errors.
+
+Every command module imports this one and ``engine.cli.main`` imports the command
+modules: imports only run downward (tests/test_layers.py checks there is no cycle).
 
 The database is ``<state>/<store.file>``, and only routes.yaml names ``store.file``. A
 routes.yaml that does not load is therefore an error (one line, exit 1), never a guess:
@@ -8,31 +11,83 @@ falling back to a default name would open, or create, a different and empty data
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine import config as config_mod
-from engine.errors import ConfigError
-from engine.store.db import Database, open_database
+from engine.errors import ConfigError, EngineError, StoreError
+
+if TYPE_CHECKING:  # imported where used: `refloop --help` and `--version` load neither
+    from engine.config import Config
+    from engine.store.db import Database
+
+DEFAULT_ROUTES = "routes.yaml"
+DEFAULT_STATE = "state"
 
 
-def load_routes(routes_path: str) -> config_mod.Config:
+@contextmanager
+def errors() -> Iterator[None]:
+    """Map engine errors to click's clean exits."""
+    try:
+        yield
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+routes_option = click.option(
+    "--routes",
+    "routes_path",
+    envvar="REFLOOP_ROUTES",
+    default=DEFAULT_ROUTES,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="routes.yaml to use (env REFLOOP_ROUTES).",
+)
+state_option = click.option(
+    "--state",
+    "state_dir",
+    envvar="REFLOOP_STATE",
+    default=DEFAULT_STATE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="State directory holding the SQLite database (env REFLOOP_STATE).",
+)
+
+
+def login_name() -> str:
+    """The operator's login name, for audit rows (the uid when it has no name)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def load_routes(routes_path: str) -> Config:
     """routes.yaml, loaded and validated; a file that does not load raises
     ``click.ClickException`` with its first problem (``routes.yaml:LINE key: message``)
     on one line, and how many more there are (``refloop routes check`` lists them)."""
+    from engine.config import load as load_config
+
     try:
-        return config_mod.load(routes_path)
+        return load_config(routes_path)
     except ConfigError as exc:
         first, *rest = exc.problems or [f"{routes_path}: invalid"]
         more = f" (and {len(rest)} more: refloop routes check {routes_path})" if rest else ""
         raise click.ClickException(first.replace("\n", " ") + more) from None
 
 
-def database_path(state_dir: str, config: config_mod.Config) -> Path:
+def database_path(state_dir: str, config: Config) -> Path:
     """``<state>/<store.file>``: where the daemon run with this config keeps its database."""
     return Path(state_dir) / config.store.file
 
@@ -44,6 +99,8 @@ def open_store(state_dir: str, routes_path: str, *, readonly: bool = True) -> Da
     PATH" when it is missing); writable opens create and migrate it, as the daemon does.
     Raises ``click.ClickException`` (one line, exit 1) when routes.yaml does not load.
     """
+    from engine.store.db import open_database
+
     return open_database(database_path(state_dir, load_routes(routes_path)), readonly=readonly)
 
 
@@ -84,3 +141,65 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         with _one_line_usage(ctx):
             return super().invoke(ctx)
+
+
+def open_referral_store(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
+    """The store (:func:`open_store`), which must hold the referral tables."""
+    from engine.store.referrals import referral_tables_exist
+
+    db = open_store(state_dir, routes_path, readonly=readonly)
+    if not referral_tables_exist(db.conn):
+        db.close()
+        raise StoreError("this database has no referral tables yet (start refloop run once)")
+    return db
+
+
+@dataclass(frozen=True)
+class LazyGroup:
+    """A command group of ``refloop`` whose module is imported only when it is used:
+    ``load`` registers it (and its siblings from the same module) on the main group;
+    ``summary`` is its help's first paragraph, for ``refloop --help`` (tests/test_cli_start.py
+    checks it against the loaded group)."""
+
+    name: str
+    summary: str
+    load: Callable[[], None]
+
+
+class MainGroup(Group):
+    """The ``refloop`` group: the commands it holds, plus :class:`LazyGroup` entries
+    loaded on first use (``lazy``, set once the group exists)."""
+
+    lazy: Mapping[str, LazyGroup] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            self.lazy[cmd_name].load()
+        return self.commands.get(cmd_name)
+
+    def all_commands(self, ctx: click.Context) -> dict[str, click.Command]:
+        """Every command, lazy groups loaded (what the docs tests walk)."""
+        return {
+            name: cmd for name in self.list_commands(ctx) if (cmd := self.get_command(ctx, name))
+        }
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's listing, with a group not yet loaded shown by its ``summary`` (so
+        ``refloop --help`` imports none of them)."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        rows: list[tuple[str, str]] = []
+        for name in names:
+            cmd = self.commands.get(name)
+            if cmd is None:
+                stand_in = click.Command(name, help=self.lazy[name].summary)  # click's cut
+                rows.append((name, stand_in.get_short_help_str(limit)))
+            elif not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)

@@ -6,26 +6,35 @@ one-line message (exit 1; configuration errors exit 2). No tracebacks for users.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
-from engine import config as config_mod
-from engine.cli.common import Group, database_path, load_routes, open_store
+from engine.cli.common import (
+    LazyGroup,
+    MainGroup,
+    database_path,
+    errors,
+    load_routes,
+    login_name,
+    open_store,
+    routes_option,
+    state_option,
+)
 from engine.clock import isoformat, parse_iso
-from engine.errors import ConfigError, EngineError
+from engine.errors import EngineError
 
-DEFAULT_ROUTES = "routes.yaml"
-DEFAULT_STATE = "state"
+if TYPE_CHECKING:
+    from engine.config import Config
+    from engine.routing.routes import RouteTable
 
 log = logging.getLogger("refloop")
 
@@ -38,43 +47,13 @@ def setup_logging(level: str) -> None:
     )
 
 
-@contextmanager
-def errors() -> Iterator[None]:
-    """Map engine errors to click's clean exits."""
-    try:
-        yield
-    except ConfigError as exc:
-        for line in exc.problems:
-            click.echo(line, err=True)
-        raise SystemExit(2) from None
-    except EngineError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-routes_option = click.option(
-    "--routes",
-    "routes_path",
-    envvar="REFLOOP_ROUTES",
-    default=DEFAULT_ROUTES,
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="routes.yaml to use (env REFLOOP_ROUTES).",
-)
-state_option = click.option(
-    "--state",
-    "state_dir",
-    envvar="REFLOOP_STATE",
-    default=DEFAULT_STATE,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="State directory holding the SQLite database (env REFLOOP_STATE).",
-)
-
-
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="refloop")
 def main() -> None:
     """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking."""
+
+
+assert isinstance(main, MainGroup)
 
 
 # -- run --------------------------------------------------------------------------
@@ -98,9 +77,9 @@ def run(routes_path: str, state_dir: str, log_level: str) -> None:
     setup_logging(log_level)
     os.umask(0o077)  # the database and anything else we write holds PHI
     with errors():
-        cfg = config_mod.load(routes_path)
-        _check_routes(cfg)
-    engine = Engine(cfg, Path(state_dir))
+        cfg = load_config(routes_path)
+        table = _compile_routes(cfg)
+    engine = Engine(cfg, Path(state_dir), table=table)  # compiled once, here
 
     async def start() -> None:
         await engine.start()
@@ -139,16 +118,23 @@ def _install_reload(engine: Any) -> None:
     reload = getattr(engine, "reload", None)
     if reload is None:
         return
+    import asyncio
+
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
 
 
-def _check_routes(cfg: config_mod.Config) -> None:
-    """Compile the routes section when the routes module is present."""
-    try:
-        routes = importlib.import_module("engine.routing.routes")
-    except ModuleNotFoundError:
-        return
-    routes.compile_config(cfg)
+def load_config(path: str) -> Config:
+    """routes.yaml loaded; ConfigError lists every problem (engine.config, imported on use)."""
+    from engine.config import load
+
+    return load(path)
+
+
+def _compile_routes(cfg: Config) -> RouteTable:
+    """The routing sections compiled; ConfigError lists every problem."""
+    from engine.routing.routes import compile_config
+
+    return compile_config(cfg)
 
 
 # -- send -------------------------------------------------------------------------
@@ -195,6 +181,8 @@ def send(
 
     Example: refloop send --port 2575 ../shared/corpus/hl7/fhir-converter/REF-I12-01.hl7
     """
+    import asyncio
+
     from engine.hl7v2.client import MllpClient, normalise
     from engine.hl7v2.message import split_messages
 
@@ -385,8 +373,8 @@ def routes_check(path: str | None, routes_path: str) -> None:
     """
     target = path or routes_path
     with errors():
-        cfg = config_mod.load(target)
-        _check_routes(cfg)
+        cfg = load_config(target)
+        _compile_routes(cfg)
     click.echo(f"{target}: ok ({len(cfg.sources)} source(s))")
 
 
@@ -412,7 +400,7 @@ def routes_reload(routes_path: str, url: str | None, timeout: float) -> None:
     token = ""
     if url is None:
         with errors():
-            cfg = config_mod.load(routes_path)
+            cfg = load_config(routes_path)
         host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
@@ -439,15 +427,6 @@ def routes_reload(routes_path: str, url: str | None, timeout: float) -> None:
 
 
 # -- replay -----------------------------------------------------------------------
-
-
-def _login_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
 
 
 @main.command()
@@ -539,7 +518,7 @@ def replay(
                 flt,
                 dry_run=dry_run,
                 resend=resend,
-                user=_login_name(),
+                user=login_name(),
                 progress=progress,
             )
         for text in lines:
@@ -632,36 +611,41 @@ def _print_compare(
 
 
 # -- command groups defined beside the modules they drive ---------------------------
+# Loaded when a command of theirs runs (or its --help is asked), not at start: they import
+# the store, the tracker and, through them, the channel SDKs, which `refloop --version`
+# and `refloop --help` do not need (bench/cli.py measures the start).
 
 
-def _register_groups() -> None:
-    from engine.cli import timers as cli_timers
-    from engine.cli import tracker as cli_tracker
+def _load(module: ModuleType) -> None:
+    module.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
 
-    cli_timers.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    cli_tracker.register(
-        main, state_option=state_option, routes_option=routes_option, errors=errors
+
+LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
+    group.name: group
+    for group in (
+        LazyGroup("audit", "Check and export the hash-chained audit log.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
+                  lambda: _load(importlib.import_module("engine.cli.outbox"))),
+        LazyGroup("parked", "Events that matched no referral.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("referrals", "List, inspect, close and link referrals.",
+                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+        LazyGroup("report", "Quality reports from the referral store.",
+                  lambda: _load(importlib.import_module("engine.cli.report"))),
+        LazyGroup("specialists",
+                  "The specialist directory: Direct addresses, certificates, fax numbers.",
+                  lambda: _load(importlib.import_module("engine.cli.specialists"))),
+        LazyGroup("tasks", "Coordinator tasks of the built-in queue: list, done, assign, snooze.",
+                  lambda: _load(importlib.import_module("engine.cli.tasks"))),
+        LazyGroup("timers", "Pending escalation timers.",
+                  lambda: _load(importlib.import_module("engine.cli.timers"))),
+        LazyGroup("users", "Dashboard and API users: coordinator, analyst, admin.",
+                  lambda: _load(importlib.import_module("engine.cli.users"))),
     )
-    from engine.cli import outbox as cli_outbox
+}  # fmt: skip
+main.lazy = LAZY_GROUPS
 
-    cli_outbox.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import specialists as cli_specialists
-
-    cli_specialists.register(
-        main, state_option=state_option, routes_option=routes_option, errors=errors
-    )
-    from engine.cli import users as cli_users
-
-    cli_users.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import report as cli_report
-
-    cli_report.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    from engine.cli import tasks as cli_tasks
-
-    cli_tasks.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-
-
-_register_groups()
 
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="refloop")

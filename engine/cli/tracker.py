@@ -11,19 +11,16 @@ operator actions (close, link, auth) write in one short transaction each.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import click
 
-from engine.cli.common import open_store
+from engine.cli.common import login_name as _login_name
+from engine.cli.common import open_referral_store as _open
 from engine.clock import WallClock, isoformat, parse_iso
-from engine.errors import StoreError
 from engine.store import audit as audit_store
-from engine.store.db import Database
-from engine.store.referrals import referral_tables_exist
 from engine.tracking import states
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -38,31 +35,13 @@ def register(
 ) -> None:
     """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main``."""
     if state_option is None or routes_option is None or errors is None:
-        from engine.cli import main as cli
+        from engine.cli import common as cli
 
         state_option = state_option or cli.state_option
         routes_option = routes_option or cli.routes_option
         errors = errors or cli.errors
     for group in _build(state_option, routes_option, errors):
         main.add_command(group)
-
-
-def _login_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
-
-
-def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
-    """The store (engine.cli.common.open_store), which must hold the referral tables."""
-    db = open_store(state_dir, routes_path, readonly=readonly)
-    if not referral_tables_exist(db.conn):
-        db.close()
-        raise StoreError("this database has no referral tables yet (start refloop run once)")
-    return db
 
 
 def _build(

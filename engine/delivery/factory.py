@@ -17,7 +17,7 @@ Types and adapters:
 * ``fhir``: channels.fhir_out.FhirOut (base_url, bearer_token, sender_ref,
   identifier_system, resource: Communication | Task);
 * ``fax``: channels.fax.FaxChannel over PhaxioProvider (api_key, api_secret, api_url);
-* ``mllp``: :class:`MllpChannel` over engine.hl7v2.client (host, port, timeout, tls);
+* ``mllp``: channels.mllp.MllpChannel over engine.hl7v2.client (host, port, timeout, tls);
 * ``direct``: channels.direct.DirectChannel (address, hisp_host, hisp_port, hisp_ca,
   username, password, cert, key; the recipient's certificate from the specialist
   directory via ``certificate_for``); :func:`build_direct_listener` builds its
@@ -32,11 +32,10 @@ Callback URLs (``/hooks/twilio/status``, ``/hooks/fax/phaxio``) are built from
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import httpx
@@ -56,82 +55,19 @@ from channels.direct.inbound import (
 from channels.direct.send import DirectChannel, HispSettings
 from channels.fax.phaxio import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
 from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
+from channels.mllp import Exchange, MllpChannel
 from channels.sms.twilio import SmsConfig, TwilioSms
 from channels.webhook import WebhookChannel, WebhookConfig
 from engine.clock import Clock
 from engine.config import file_ref, substitute
-from engine.errors import ChannelError, ConfigError, EngineError
+from engine.errors import ConfigError
 from engine.hl7v2.client import MllpClient, normalise
-from engine.model import OutboundMessage, SendReceipt
 from engine.routing.routes import ChannelSpec
 
 log = logging.getLogger(__name__)
 
 TWILIO_STATUS_PATH: Final = "/hooks/twilio/status"
 PHAXIO_CALLBACK_PATH: Final = "/hooks/fax/phaxio"
-# HL7 v2.5.1 §2.9.2, Table 0008: AA/CA accept; AE/AR/CE/CR error or reject.
-_ACCEPT: Final = frozenset({"AA", "CA"})
-
-
-class MllpChannel:
-    """HL7 v2 over MLLP to an EHR worklist or interface (coordinator tasks, referrer
-    notices). ``item.body`` is the rendered HL7 message; templates should put the outbox
-    id in MSH-10 (``{{ outbox_id }}``) so the receiver's own duplicate check (same
-    MSH-10) makes a resend harmless. AA/CA is a receipt; AE/AR/CE/CR are not retryable
-    (the receiver refused this message); no answer (timeout, refused, closed) is."""
-
-    def __init__(
-        self,
-        name: str,
-        host: str,
-        port: int,
-        *,
-        timeout: float = 30.0,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        self.name = name
-        self.host = host
-        self.port = port
-        self.timeout = timeout
-        self.ssl_context = ssl_context
-
-    async def send(self, item: OutboundMessage) -> SendReceipt:
-        raw = _forwarded(item)
-        raw = item.body.encode("utf-8") if raw is None else raw.removeprefix(b"\xef\xbb\xbf")
-        if not raw.startswith(b"MSH"):
-            raise ChannelError(f"{self.name}: body is not an HL7 message", retryable=False)
-        try:
-            client = await MllpClient.connect(
-                self.host, self.port, timeout=self.timeout, ssl_context=self.ssl_context
-            )
-        except EngineError:
-            raise ChannelError(f"{self.name}: cannot connect", retryable=True) from None
-        try:
-            result = await client.send(normalise(raw))
-        finally:
-            await client.close()
-        if result.code in _ACCEPT:
-            return SendReceipt(
-                outbox_id=item.outbox_id,
-                idempotency_key=item.idempotency_key,
-                channel=item.channel,
-                provider_message_id=result.control_id,
-                provider_status=result.code,
-            )
-        if not result.code:
-            raise ChannelError(f"{self.name}: no ACK; outcome unknown", retryable=True)
-        raise ChannelError(f"{self.name}: receiver answered {result.code}", retryable=False)
-
-
-def _forwarded(item: OutboundMessage) -> bytes | None:
-    """The message a route's ``forward`` queued (payload ``hl7_b64``): the bytes as
-    received, so the receiver sees the sender's own encoding and MSH-10."""
-    if '"hl7_b64"' not in item.payload:
-        return None
-    try:
-        return base64.b64decode(json.loads(item.payload)["hl7_b64"], validate=True)
-    except (ValueError, KeyError, TypeError):
-        raise ChannelError("forward: the queued message is unreadable", retryable=False) from None
 
 
 class _Settings:
@@ -194,6 +130,132 @@ class _Settings:
             self.fail(key, message)
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What every channel builder may use besides its own settings."""
+
+    name: str
+    http: httpx.AsyncClient
+    now: Callable[[], float]
+    base: str  # http.public_url without its trailing slash ("" when unset)
+    timeout: float  # the channel's ``timeout`` (default 10 s)
+    certificate_for: Callable[[str], x509.Certificate | None] | None
+
+
+Builder = Callable[[_Settings, _Shared], Channel | None]
+"""Builds one channel from its settings; records problems on ``_Settings`` (the channel is
+then dropped); None: nothing to build (the channel is served another way)."""
+
+
+def _sms(s: _Settings, c: _Shared) -> Channel:
+    cfg = SmsConfig(
+        account_sid=s.text("account_sid"),
+        auth_token=s.text("auth_token"),
+        messaging_service_sid=s.text("messaging_service_sid"),
+        from_number=s.text("from_number"),
+        status_callback_url=s.text(
+            "status_callback_url", f"{c.base}{TWILIO_STATUS_PATH}" if c.base else ""
+        ),
+        api_base=s.text("api_base"),
+        max_chars=int(s.number("max_chars", 160)),
+        timeout=c.timeout,
+    )
+    s.check(cfg.problems())
+    return TwilioSms(cfg, http=c.http, clock=c.now)
+
+
+def _webhook(s: _Settings, c: _Shared) -> Channel | None:
+    """``webhook``, ``portal`` and ``task`` (a task without ``api_url``: the built-in
+    task queue serves it, so nothing is built)."""
+    url = s.text("url") or s.text("api_url")
+    if not url and s.spec.type == "task":
+        log.info(
+            "outbox %s: task channel without api_url; the built-in task queue serves it",
+            c.name,
+        )
+        return None
+    cfg = WebhookConfig(url=url, secret=s.text("secret") or s.text("api_key"), timeout=c.timeout)
+    s.check(cfg.problems())
+    return WebhookChannel(c.name, cfg, http=c.http, clock=c.now)
+
+
+def _fhir(s: _Settings, c: _Shared) -> Channel:
+    cfg = FhirOutConfig(
+        base_url=s.text("base_url"),
+        bearer_token=s.text("bearer_token"),
+        sender_ref=s.text("sender_ref"),
+        identifier_system=s.text("identifier_system", "urn:refloop:outbox"),
+        timeout=c.timeout,
+    )
+    s.check(cfg.problems())
+    resource = s.text("resource", "Communication")
+    if resource not in ("Communication", "Task"):
+        s.fail("resource", "must be Communication or Task")
+    return FhirOut(c.name, cfg, resource=cast(ResourceType, resource), http=c.http, clock=c.now)
+
+
+def _fax(s: _Settings, c: _Shared) -> Channel:
+    if s.text("provider", "phaxio") != "phaxio":
+        s.fail("provider", "only phaxio is supported")
+    if not c.base:
+        s.fail("type", "a fax channel needs http.public_url for its status callbacks")
+    provider = PhaxioProvider(
+        api_key=s.text("api_key"),
+        api_secret=s.text("api_secret"),
+        client=c.http,
+        base_url=s.text("api_url", PHAXIO_BASE_URL),
+        clock=c.now,
+    )
+    return FaxChannel(provider, callback_url=f"{c.base}{PHAXIO_CALLBACK_PATH}")
+
+
+def _direct(s: _Settings, c: _Shared) -> Channel | None:
+    return _direct_channel(s, c.certificate_for, c.now)
+
+
+def _mllp(s: _Settings, c: _Shared) -> Channel:
+    tls = str(s.spec.settings.get("tls", "")).lower() in ("true", "1", "yes")
+    return MllpChannel(
+        c.name,
+        mllp_exchange(
+            s.text("host"),
+            int(s.number("port", 0)),
+            timeout=s.number("timeout", 30.0),
+            ssl_context=ssl.create_default_context() if tls else None,
+        ),
+    )
+
+
+def mllp_exchange(
+    host: str, port: int, *, timeout: float, ssl_context: ssl.SSLContext | None
+) -> Exchange:
+    """channels.mllp's :data:`~channels.mllp.Exchange` over engine.hl7v2.client: a new
+    connection per message, CR line ends (HL7 v2.5.1 §2.5.1), the ACK's MSA-1."""
+
+    async def exchange(message: bytes) -> tuple[str, str]:
+        client = await MllpClient.connect(host, port, timeout=timeout, ssl_context=ssl_context)
+        try:
+            result = await client.send(normalise(message))
+        finally:
+            await client.close()
+        return result.code, result.control_id
+
+    return exchange
+
+
+# One builder per routes.yaml channel ``type`` (docs/routes.md, "Channels").
+BUILDERS: Final[Mapping[str, Builder]] = {
+    "sms": _sms,
+    "webhook": _webhook,
+    "portal": _webhook,
+    "task": _webhook,
+    "fhir": _fhir,
+    "fax": _fax,
+    "direct": _direct,
+    "mllp": _mllp,
+}
+
+
 def build_channels(
     specs: Mapping[str, ChannelSpec],
     *,
@@ -203,93 +265,27 @@ def build_channels(
     env: Mapping[str, str] | None = None,
     certificate_for: Callable[[str], x509.Certificate | None] | None = None,
 ) -> dict[str, Channel]:
-    """An adapter per usable channel. Raises ConfigError listing every problem; channels
-    with no adapter (a ``task`` without ``api_url``) are left out and logged: the built-in
-    task queue (engine.delivery.task_queue) serves them.
-    ``certificate_for`` finds a Direct recipient's certificate (the specialist
-    directory); without it every Direct send fails over to fax."""
+    """An adapter per usable channel, built by the :data:`BUILDERS` entry of its type.
+    Raises ConfigError listing every problem; channels with no adapter (a ``task``
+    without ``api_url``) are left out and logged: the built-in task queue
+    (engine.delivery.task_queue) serves them. ``certificate_for`` finds a Direct
+    recipient's certificate (the specialist directory); without it every Direct send
+    fails over to fax."""
     problems: list[str] = []
     out: dict[str, Channel] = {}
-    now: Callable[[], float] = clock.now
     base = public_url.rstrip("/")
     for name, spec in specs.items():
-        s = _Settings(spec, env, problems)
-        before = len(problems)
-        channel: Any = None
-        timeout = s.number("timeout", 10.0)
-        if spec.type == "sms":
-            cfg = SmsConfig(
-                account_sid=s.text("account_sid"),
-                auth_token=s.text("auth_token"),
-                messaging_service_sid=s.text("messaging_service_sid"),
-                from_number=s.text("from_number"),
-                status_callback_url=s.text(
-                    "status_callback_url", f"{base}{TWILIO_STATUS_PATH}" if base else ""
-                ),
-                api_base=s.text("api_base"),
-                max_chars=int(s.number("max_chars", 160)),
-                timeout=timeout,
-            )
-            s.check(cfg.problems())
-            channel = TwilioSms(cfg, http=http, clock=now)
-        elif spec.type in ("webhook", "portal", "task"):
-            url = s.text("url") or s.text("api_url")
-            if not url and spec.type == "task":
-                log.info(
-                    "outbox %s: task channel without api_url; the built-in task queue serves it",
-                    name,
-                )
-                continue
-            wcfg = WebhookConfig(
-                url=url, secret=s.text("secret") or s.text("api_key"), timeout=timeout
-            )
-            s.check(wcfg.problems())
-            channel = WebhookChannel(name, wcfg, http=http, clock=now)
-        elif spec.type == "fhir":
-            fcfg = FhirOutConfig(
-                base_url=s.text("base_url"),
-                bearer_token=s.text("bearer_token"),
-                sender_ref=s.text("sender_ref"),
-                identifier_system=s.text("identifier_system", "urn:refloop:outbox"),
-                timeout=timeout,
-            )
-            s.check(fcfg.problems())
-            resource = s.text("resource", "Communication")
-            if resource not in ("Communication", "Task"):
-                s.fail("resource", "must be Communication or Task")
-            channel = FhirOut(
-                name, fcfg, resource=cast(ResourceType, resource), http=http, clock=now
-            )
-        elif spec.type == "fax":
-            if s.text("provider", "phaxio") != "phaxio":
-                s.fail("provider", "only phaxio is supported")
-            if not base:
-                s.fail("type", "a fax channel needs http.public_url for its status callbacks")
-            provider = PhaxioProvider(
-                api_key=s.text("api_key"),
-                api_secret=s.text("api_secret"),
-                client=http,
-                base_url=s.text("api_url", PHAXIO_BASE_URL),
-                clock=now,
-            )
-            channel = FaxChannel(provider, callback_url=f"{base}{PHAXIO_CALLBACK_PATH}")
-        elif spec.type == "direct":
-            channel = _direct_channel(s, certificate_for, now)
-        elif spec.type == "mllp":
-            tls = str(spec.settings.get("tls", "")).lower() in ("true", "1", "yes")
-            channel = MllpChannel(
-                name,
-                s.text("host"),
-                int(s.number("port", 0)),
-                timeout=s.number("timeout", 30.0),
-                ssl_context=ssl.create_default_context() if tls else None,
-            )
-        else:
+        builder = BUILDERS.get(spec.type)
+        if builder is None:
             log.warning(
                 "outbox %s: %s channels are not wired to the dispatcher yet", name, spec.type
             )
             continue
-        if len(problems) == before:
+        s = _Settings(spec, env, problems)
+        before = len(problems)
+        shared = _Shared(name, http, clock.now, base, s.number("timeout", 10.0), certificate_for)
+        channel = builder(s, shared)
+        if channel is not None and len(problems) == before:
             out[name] = channel
     if problems:
         raise ConfigError(problems)

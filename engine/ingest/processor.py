@@ -11,14 +11,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from engine.clock import Clock
 from engine.metrics import Metrics
-from engine.model import StoredMessage
+from engine.model import Outcome, StoredMessage
 from engine.store import Database, Inbox
 from engine.store.db import Conn, savepoint
+
+__all__ = ["Outcome", "Processor"]  # Outcome is defined in engine.model, below routing
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +27,6 @@ CURSOR_KEY: Final = "processed_cursor"
 BATCH: Final = 16  # most messages one processing transaction takes
 SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
 MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What processing made of one message. ``error`` is a reason, never PHI."""
-
-    status: str  # routed | filtered | error | rejected
-    error: str = ""
-    route: str = ""
-
-    @property
-    def app_ack(self) -> str:
-        """The application ACK code this outcome earns (HL7 table 0008)."""
-        return {"error": "AE", "rejected": "AR"}.get(self.status, "AA")
 
 
 # A handler applies one message's effects using the database connection it is given

@@ -33,7 +33,6 @@ from engine.clock import Clock, WallClock
 from engine.config import Config, Doc, PathT, Reader, Section, file_ref
 from engine.errors import ConfigError, MessageRejected
 from engine.hl7v2.message import Message, TersePath
-from engine.ingest.processor import Outcome
 from engine.metrics import Metrics
 from engine.model import (
     EVENT_TYPES,
@@ -43,6 +42,7 @@ from engine.model import (
     Event,
     Forward,
     Identifiers,
+    Outcome,
     PatientContact,
     Provider,
     Send,

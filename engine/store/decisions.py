@@ -16,11 +16,11 @@ from typing import Any
 
 import sqlite_utils
 
-from engine.store.db import Database
+from engine.store.sql import Database
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Schema: appended to ``engine.store.db.MIGRATIONS``."""
+    """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     db.table("decisions").create(
         {
             "message_id": int,

@@ -23,8 +23,8 @@ from typing import Any, Final
 
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
-from engine.store.db import Database
 from engine.store.message_filter import MessageFilter, where
+from engine.store.sql import Database
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ _SCHEMA: Final = (
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Schema: appended to ``engine.store.db.MIGRATIONS`` (after the referral tables)."""
+    """Schema: appended to ``engine.store.migrations.MIGRATIONS`` (after the referral tables)."""
     for statement in _SCHEMA:
         db.execute(statement)
 

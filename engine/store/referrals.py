@@ -196,7 +196,7 @@ _SCHEMA: Final = (
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Schema: appended to ``engine.store.db.MIGRATIONS`` (runs inside its transaction)."""
+    """Schema: appended to ``engine.store.migrations.MIGRATIONS`` (runs inside its transaction)."""
     for statement in _SCHEMA:
         db.execute(statement)
 

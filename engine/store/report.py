@@ -40,15 +40,15 @@ from typing import Final, Literal
 import sqlite_utils
 
 from engine.errors import StoreError
-from engine.store.db import has_table
+from engine.model import CLOSING_REPORT_STATUSES, OVERALL_STATUSES
 from engine.store.referrals import Conn
-from engine.tracking.states import CLOSING_REPORT_STATUSES, OVERALL_STATUSES
+from engine.store.sql import has_table
 
 GroupBy = Literal["specialty", "specialist", "referrer", "month"]
 DAY: Final = 86_400.0
 
 # A report counts when it is final or corrected, exactly as the state machine counts it
-# (engine.tracking.states.CLOSING_REPORT_STATUSES: a preliminary report is an interim note).
+# (engine.model.CLOSING_REPORT_STATUSES: a preliminary report is an interim note).
 _COUNTED: Final = ", ".join(f"'{s}'" for s in sorted(CLOSING_REPORT_STATUSES))
 # Outbox templates of patient nudges (engine.timers.service writes first_nudge / second_nudge; a
 # rotation to the next channel keeps the template) and their channels (engine.tracking.escalation
@@ -177,7 +177,7 @@ _SCHEMA: Final = (
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Schema and the rows of existing referrals: appended to ``engine.store.db.MIGRATIONS``
+    """Schema and the rows of existing referrals: appended to ``engine.store.migrations.MIGRATIONS``
     (about a minute for a million referrals, once)."""
     for statement in _SCHEMA:
         db.execute(statement)

@@ -65,7 +65,7 @@ _COLUMNS: Final = (
 
 
 def migrate(db: sqlite_utils.Database) -> None:
-    """Schema: appended to ``engine.store.db.MIGRATIONS``."""
+    """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
         db.execute(statement)
 

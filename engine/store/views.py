@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from engine.store.db import Conn
+from engine.store.sql import Conn
 
 
 def referral_summaries(conn: Conn) -> list[tuple[int, str, str, str, str, str, float]]:

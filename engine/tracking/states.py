@@ -19,6 +19,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from engine.model import (
+    CLOSING_REPORT_STATUSES as CLOSING_REPORT_STATUSES,
+)
+from engine.model import (
+    OVERALL_STATUSES as OVERALL_STATUSES,
+)
+from engine.model import (
     AppointmentBooked,
     AppointmentCancelled,
     AppointmentRescheduled,
@@ -27,9 +33,11 @@ from engine.model import (
     ReportReceived,
     SpecialistDeclined,
 )
+from engine.model import (
+    OverallStatus as OverallStatus,
+)
 
 # Each Literal lists its values in rank order: the order of get_args() is the ranking.
-OverallStatus = Literal["open", "patient-booked", "specialist-confirmed", "escalated", "closed"]
 PatientStatus = Literal[
     "not-contacted", "nudged", "booking-requested", "booked", "rescheduled", "no-show", "seen"
 ]
@@ -76,7 +84,6 @@ Effect = Literal[
     "notify-referrer-declined",
 ]
 
-OVERALL_STATUSES: Final[tuple[OverallStatus, ...]] = get_args(OverallStatus)
 PATIENT_STATUSES: Final[tuple[PatientStatus, ...]] = get_args(PatientStatus)
 SPECIALIST_STATUSES: Final[tuple[SpecialistStatus, ...]] = get_args(SpecialistStatus)
 CONTACT_RANK: Final[tuple[Contact, ...]] = get_args(Contact)
@@ -87,9 +94,6 @@ APPOINTMENT_EVENTS: Final[tuple[AppointmentEvent, ...]] = get_args(AppointmentEv
 INTERNAL_KINDS: Final[tuple[InternalKind, ...]] = get_args(InternalKind)
 EFFECTS: Final[tuple[Effect, ...]] = get_args(Effect)
 
-# OBR-25 F/C and TXA-17 AU/LA reach us as "final"/"corrected". Any other status, such as
-# "preliminary" (OBR-25 P, TXA-17 DO/IP), is an interim note and does not close the loop.
-CLOSING_REPORT_STATUSES: Final = frozenset({"final", "corrected"})
 # Patient statuses that mean an appointment is arranged or has already happened.
 BOOKED: Final[frozenset[PatientStatus]] = frozenset({"booked", "rescheduled", "seen"})
 _CONTACT_STEPS: Final[dict[str, Contact]] = {

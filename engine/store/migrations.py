@@ -1,0 +1,155 @@
+"""The schema's history: ``MIGRATIONS``, one step per schema version, applied in order by
+``engine.store.db.open_database`` (``PRAGMA user_version`` counts the steps done).
+
+Each table module owns its schema (its ``migrate``); this list imports them, and they
+import only the leaf ``engine.store.sql``. Append new steps at the end, never reorder.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import sqlite_utils
+
+from engine.store import audit, decisions, outbox, referrals, report, specialists, tasks, users
+from engine.store.sql import Migration
+
+
+def _m1_inbox(db: sqlite_utils.Database) -> None:
+    db.table("messages").create(
+        {
+            "id": int,
+            "received_at": float,  # epoch seconds (UTC)
+            "source": str,
+            "peer": str,
+            "sending_app": str,
+            "sending_facility": str,
+            "receiving_app": str,
+            "receiving_facility": str,
+            "control_id": str,
+            "message_type": str,  # TYPE^TRIGGER
+            "version": str,
+            "charset": str,  # the codec the bytes decode with
+            "raw": bytes,  # exactly the bytes received
+            "sha256": bytes,
+            "status": str,  # received | routed | filtered | error | rejected
+            "ack_code": str,
+            "error": str,  # reason; never PHI
+            "duplicates": int,  # identical resends ACKed again, not stored again
+            "flags": str,  # e.g. control-id-reused
+            "route": str,
+            "processed_at": float,
+            "batch_ref": str,
+        },
+        pk="id",
+        not_null={"received_at", "source", "raw", "status"},
+        defaults={
+            "peer": "",
+            "sending_app": "",
+            "sending_facility": "",
+            "receiving_app": "",
+            "receiving_facility": "",
+            "control_id": "",
+            "message_type": "",
+            "version": "",
+            "charset": "",
+            "ack_code": "",
+            "error": "",
+            "duplicates": 0,
+            "flags": "",
+            "route": "",
+            "batch_ref": "",
+        },
+    )
+    # dedupe lookups on the ACK path, and the CLI's / API's metadata filters
+    db.table("messages").create_index(["control_id"], index_name="messages_control_id")
+    db.table("messages").create_index(["received_at"], index_name="messages_received_at")
+    db.table("messages").create_index(["message_type", "id"], index_name="messages_type")
+    # processing cursors and other small facts
+    db.table("meta").create({"key": str, "value": str}, pk="key")
+
+
+def _m2_decisions(db: sqlite_utils.Database) -> None:
+    decisions.migrate(db)
+
+
+def _m3_referrals(db: sqlite_utils.Database) -> None:
+    referrals.migrate(db)
+
+
+def _m4_audit(db: sqlite_utils.Database) -> None:
+    audit.migrate(db)
+
+
+def _m5_outbox_dispatch(db: sqlite_utils.Database) -> None:
+    outbox.migrate(db)
+
+
+def _m6_specialists(db: sqlite_utils.Database) -> None:
+    specialists.migrate(db)
+
+
+def _m_users(db: sqlite_utils.Database) -> None:
+    users.migrate(db)
+
+
+def _m_closure_report(db: sqlite_utils.Database) -> None:
+    report.migrate(db)
+
+
+def _m_patient_phone(db: sqlite_utils.Database) -> None:
+    # the nudge caps look up a patient's contacts across referrals by phone
+    # (store.timers.patient_contacts): without it each nudge scanned every patient nudge
+    db.execute("CREATE INDEX referrals_patient_phone ON referrals (patient_phone)")
+
+
+def _m_browse_indexes(db: sqlite_utils.Database) -> None:
+    # the worklist (dashboard, /api/referrals: store.worklist.search_referrals) lists open
+    # referrals, by specialty or not, or all referrals, oldest first: without these each
+    # request read every referral and sorted it. The open ones are a partial index (the
+    # query's ``status != 'closed'`` selects it), so they cost nothing once closed.
+    db.execute("CREATE INDEX referrals_open ON referrals (opened_at) WHERE status != 'closed'")
+    db.execute(
+        "CREATE INDEX referrals_open_specialty ON referrals (lower(specialty), opened_at) "
+        "WHERE status != 'closed'"
+    )
+    db.execute("CREATE INDEX referrals_opened ON referrals (opened_at)")
+    # the message browser's status filter (newest first): without it a status with few or
+    # no rows (received, rejected) read the whole inbox
+    db.execute("CREATE INDEX messages_status ON messages (status, id)")
+
+
+def _m_outbox_message_id(db: sqlite_utils.Database) -> None:
+    outbox.migrate_message_id(db)
+
+
+def _m_tasks_queue(db: sqlite_utils.Database) -> None:
+    tasks.migrate(db)
+
+
+def _m_referral_keys(db: sqlite_utils.Database) -> None:
+    # a placer number is unique only within its assigning authority (EI.2): two practices
+    # may both send order 10482 (docs/referral-states.md, "Keys"); and the FHIR requester
+    # of a referral, to address the write-back Communication (docs/fhir.md)
+    # (a database created since has them from _m3_referrals)
+    columns = db["referrals"].columns_dict
+    for column in ("placer_authority", "referring_reference"):
+        if column not in columns:
+            db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: Final[list[Migration]] = [
+    _m1_inbox,
+    _m2_decisions,
+    _m3_referrals,
+    _m4_audit,
+    _m5_outbox_dispatch,
+    _m6_specialists,
+    _m_users,
+    _m_closure_report,
+    _m_patient_phone,
+    _m_browse_indexes,
+    _m_outbox_message_id,
+    _m_tasks_queue,
+    _m_referral_keys,
+]
