@@ -266,7 +266,7 @@ class Engine:
         from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation
         from engine.delivery.factory import build_channels, webhook_secret
         from engine.delivery.packet import PacketBuilder
-        from engine.delivery.task_queue import TaskQueue, builtin_channels
+        from engine.delivery.task_queue import TaskQueue, builtin_channels, warn_unserved
         from engine.delivery.webhooks import Hooks
         from engine.routing.routes import ChannelSpec, compile_config
         from engine.tracking.specialists import certificate_lookup
@@ -303,6 +303,7 @@ class Engine:
             name: TaskQueue()
             for name in builtin_channels({n: s.type for n, s in table.channels.items()}, channels)
         }
+        warn_unserved(self.db.conn, table, {*channels, *local}, self.clock.now())
         self.dispatcher = Dispatcher(
             self.db,
             channels,

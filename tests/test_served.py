@@ -15,7 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from helpers import REPO, Daemon, query, refloop
+
+from engine.store import open_database
+from engine.store import referrals as referral_store
 
 DAY = 86400.0
 SERVED = ("task", "coordinator")  # what serves anything with no channels: the task queue
@@ -194,3 +198,21 @@ def test_the_shipped_routes_yaml_passes_routes_check() -> None:
     out = refloop("routes", "check", str(REPO / "routes.yaml"))
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout.decode().strip().endswith("ok (1 source(s))")
+
+
+def test_a_daemon_warns_at_start_of_rows_waiting_on_a_channel_nothing_serves(
+    daemon: Daemon,
+) -> None:
+    """A nudge an older version queued on ``portal`` (no portal channel): the daemon says
+    so at start, and /metrics shows it beside the served channels' gauges."""
+    db = open_database(daemon.db)
+    with db.transaction() as conn:
+        referral_store.enqueue_outbox(conn, None, "portal", "first_nudge", "{}", "old-1", 0.0)
+    db.close()
+    daemon.start()
+    log = daemon.log_path.read_text(encoding="utf-8")
+    assert "outbox: 1 row(s) wait on channel 'portal' that nothing serves" in log, log
+    text = httpx.get(f"http://127.0.0.1:{daemon.http}/metrics").text
+    assert 'refloop_outbox_depth{channel="portal"} 1.0' in text
+    for channel in SERVED:
+        assert f'refloop_outbox_depth{{channel="{channel}"}} 0.0' in text, channel
