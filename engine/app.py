@@ -432,11 +432,22 @@ class Engine:
         stale = _restart_sections(self.config, config)
         if stale:
             log.warning("reload: %s changes take effect on restart", ", ".join(stale))
+            self._warn_unserved(config)
         self.processor.handler = handler  # one assignment: the next message sees it
         self.routes_config = config
         self.metrics.config_reloads.labels("ok").inc()
         log.info("reload: %s loaded", self.config.file)
         return []
+
+    def _warn_unserved(self, config: Config) -> None:
+        """After a reload: the new routes may name a channel the running dispatcher does
+        not have (``channels:`` changes need a restart); say so, once per channel."""
+        from engine.delivery.task_queue import warn_unserved
+        from engine.routing.routes import compile_config
+
+        if self.dispatcher is not None and self.db is not None:
+            table = compile_config(config)
+            warn_unserved(self.db.conn, table, self.dispatcher.names(), self.clock.now())
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -216,3 +216,29 @@ def test_a_daemon_warns_at_start_of_rows_waiting_on_a_channel_nothing_serves(
     assert 'refloop_outbox_depth{channel="portal"} 1.0' in text
     for channel in SERVED:
         assert f'refloop_outbox_depth{{channel="{channel}"}} 0.0' in text, channel
+
+
+def test_a_reload_that_routes_to_a_channel_the_daemon_lacks_is_warned_about(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    """Channels take effect on restart, routes on reload: a reloaded route that sends on a
+    channel added to the file since the start has nothing serving it until the restart."""
+    shipped = (REPO / "routes.yaml").read_text(encoding="utf-8")
+    daemon.routes = tmp_path / "routes.yaml"
+    daemon.routes.write_text(shipped, encoding="utf-8")
+    daemon.start()
+    route = (
+        "routes:\n  - name: copy-out\n    when: {type: REF^I12}\n    continue: true\n"
+        "    then:\n      - send: {channel: inbox, template: t, to: PID.3.1}\n"
+    )
+    channel = (
+        "channels:\n  inbox:\n    type: webhook\n    url: https://inbox.example.org/x\n"
+        "    secret: ${env:INBOX_SECRET:-s}\n    templates: {t: copy}\n"
+    )
+    changed = shipped.replace("\nroutes:\n", f"\n{channel}{route}", 1)
+    daemon.routes.write_text(changed, encoding="utf-8")
+    url = f"http://127.0.0.1:{daemon.http}/admin/reload"
+    out = refloop("routes", "reload", "--url", url)
+    assert out.returncode == 0, out.stderr.decode()
+    log = daemon.log_path.read_text(encoding="utf-8")
+    assert "channel 'inbox' is named by route copy-out" in log, log
