@@ -111,7 +111,10 @@ def test_a_fresh_daemon_serves_every_escalation_step(daemon: Daemon, tmp_path: P
     msg.write_bytes(referral("P-SERVED-1"))
     sent = refloop("send", "--port", str(daemon.mllp), str(msg))
     assert sent.returncode == 0 and sent.stdout.decode().strip().endswith("AA"), sent.stdout
-    ((rid,),) = wait_for(daemon.db, "SELECT id FROM referrals WHERE placer_number = 'P-SERVED-1'")
+    ((rid, zone),) = wait_for(
+        daemon.db, "SELECT id, time_zone FROM referrals WHERE placer_number = 'P-SERVED-1'"
+    )
+    assert zone == patient_zone()  # the nudges are due inside the contact window
 
     # At once: the packet has a fax number but no fax channel, so it is the one task
     # "no way to reach the specialist", not a fax row that nothing would ever send.
