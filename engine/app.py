@@ -386,7 +386,7 @@ class Engine:
         retry policy, and the Direct MDN / fax delivery timeouts."""
         from engine.delivery.direct_inbound import DEFAULT_MDN_TIMEOUT, PacketEvents
         from engine.delivery.dispatch import Dispatcher, RetryPolicy
-        from engine.delivery.task_queue import TaskQueue, builtin_channels
+        from engine.delivery.task_queue import TaskQueue, builtin_channels, warn_unserved
 
         assert self.db is not None
         types = {n: s.type for n, s in table.channels.items()}
@@ -396,6 +396,7 @@ class Engine:
             for n, s in table.channels.items()
             if s.type == "direct"
         }
+        warn_unserved(self.db.conn, table, {*channels, *local}, self.clock.now())
         return Dispatcher(
             self.db,
             channels,
@@ -519,7 +520,8 @@ class Engine:
             return ["the engine is not running"]
         try:
             config = load_config(self.config.file, env=self.config.env)
-            handler = self._make_handler(config, self._compiled(config))  # the one compile
+            table = self._compiled(config)  # the one compile
+            handler = self._make_handler(config, table)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("invalid").inc()
             log.error(
@@ -533,11 +535,20 @@ class Engine:
         stale = _restart_sections(self.config, config)
         if stale:
             log.warning("reload: %s changes take effect on restart", ", ".join(stale))
+            self._warn_unserved(table)
         self.processor.handler = handler  # one assignment: the next message sees it
         self.routes_config = config
         self.metrics.config_reloads.labels("ok").inc()
         log.info("reload: %s loaded", self.config.file)
         return []
+
+    def _warn_unserved(self, table: RouteTable) -> None:
+        """After a reload: the new routes may name a channel the running dispatcher does
+        not have (``channels:`` changes need a restart); say so, once per channel."""
+        from engine.delivery.task_queue import warn_unserved
+
+        if self.dispatcher is not None and self.db is not None:
+            warn_unserved(self.db.conn, table, self.dispatcher.names(), self.clock.now())
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -203,15 +203,16 @@ def test_routes_check_reports_a_rotation_step_nothing_serves(tmp_path: Path) -> 
     path = tmp_path / "routes.yaml"
     lines = shipped.rstrip("\n").count("\n") + 1
     path.write_text(
-        shipped.rstrip("\n") + "\nescalation:\n  rotation:\n    - voice\n    - portal\n"
+        shipped.rstrip("\n") + "\nescalation:\n  rotation:\n    - sms\n    - portal\n"
         "channels:\n  portal: {type: webhook, url: 'https://portal.example.org/x'}\n",
         encoding="utf-8",
     )
     out = refloop("routes", "check", str(path))
     assert out.returncode == 2, out.stdout.decode()
     (line,) = out.stderr.decode().splitlines()
-    assert line.startswith(f"{path}:{lines + 3} escalation.rotation[0]: no channel serves 'voice'")
-    # the staff channels need none: the built-in task queue serves task / coordinator
+    assert line.startswith(f"{path}:{lines + 3} escalation.rotation[0]: no channel serves 'sms'")
+    # the staff channels need none: the built-in task queue serves task / coordinator (and
+    # the voice step, as a "call the patient" task: tests/test_served.py)
     assert refloop("routes", "check", str(REPO / "routes.yaml")).returncode == 0
 
 

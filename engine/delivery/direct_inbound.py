@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Final
 
 from channels.direct.inbound import attachment_kind
@@ -145,7 +145,15 @@ def _note(
 timeline_note: Final = _note
 
 
-def fallback(conn: Conn, packet: outbox.Item, reason: str, now: float, *, actor: str) -> str:
+def fallback(
+    conn: Conn,
+    packet: outbox.Item,
+    reason: str,
+    now: float,
+    *,
+    actor: str,
+    served: Collection[str] | None = None,
+) -> str:
     """Queue the packet again without Direct: by fax when the specialist has a fax
     number, else a coordinator task. Nothing when the specialist branch already moved
     past ``delivered`` or the referral is closed. Returns what was done
@@ -159,7 +167,7 @@ def fallback(conn: Conn, packet: outbox.Item, reason: str, now: float, *, actor:
     state = states.from_dict(referral.state)
     if state.status == "closed" or state.specialist_status in _DONE:
         return "moot"
-    route = specialists.packet_route(conn, referral.details, without_direct=True)
+    route = specialists.packet_route(conn, referral.details, without_direct=True, served=served)
     key = f"{packet.idempotency_key}:fallback"
     payload: dict[str, Any] = {
         "referral_id": rid,

@@ -21,18 +21,23 @@ timeline and in the audit log (codes only: the note stays in the task row).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
 from engine.clock import Clock, isoformat, parse_iso
 from engine.delivery.direct_inbound import timeline_note
 from engine.errors import StoreError
+from engine.routing.routes import RouteTable
 from engine.store import audit as audit_store
+from engine.store import outbox as outbox_store
 from engine.store import tasks as store
 from engine.store.db import Database
 from engine.store.outbox import Item
 from engine.store.referrals import Conn
 from engine.store.worklist import TASK_CHANNELS  # the outbox channels a coordinator works
+
+log = logging.getLogger(__name__)
 
 PROVIDER_ID: Final = "builtin-task-queue"
 MAX_ATTEMPTS_KEPT: Final = 50
@@ -45,6 +50,53 @@ def builtin_channels(types: Mapping[str, str], built: Collection[str]) -> list[s
     got an adapter to an external worklist (``built``: names with one, e.g. a ``url``)."""
     wanted = [*TASK_CHANNELS, *(n for n, t in types.items() if t == "task")]
     return [n for n in dict.fromkeys(wanted) if n not in built]
+
+
+def unserved_channels(table: RouteTable, served: Collection[str]) -> dict[str, list[str]]:
+    """Channel → what names it (``route ref-new (routes.yaml:41)``, ``escalation.notify``,
+    ``escalation.rotation``), for every channel a route ``send``/``forward``, the
+    ``notify`` channel or a rotation slot names that nothing in ``served`` (the adapters
+    and the built-in queue's channels) serves. ``refloop routes check`` refuses these;
+    this is the daemon's second look at start (docs/escalation.md)."""
+    named: list[tuple[str, str]] = [
+        (a.channel, f"route {route.name} ({route.where})")
+        for route in table.routes
+        for a in route.actions
+        if a.action in ("send", "forward") and a.channel
+    ]
+    policy = table.escalation
+    if policy.notify:
+        named.append((policy.notify, "escalation.notify"))
+    for slot in policy.rotation:
+        channel = policy.slot_channel(slot)
+        if channel is not None:  # an unconfigured slot is skipped (voice: a task)
+            named.append((channel, "escalation.rotation"))
+    out: dict[str, list[str]] = {}
+    for channel, who in named:
+        if channel not in served:
+            out.setdefault(channel, []).append(who)
+    return out
+
+
+def warn_unserved(conn: Conn, table: RouteTable, served: Collection[str], now: float) -> int:
+    """Log a warning for each channel the routes or the escalation name that nothing
+    serves, and for outbox rows already waiting on such a channel (queued by an older
+    version or configuration: ``refloop outbox cancel`` them, or configure the channel).
+    Codes and counts only. Returns the number of warnings."""
+    warnings = 0
+    for channel, who in unserved_channels(table, served).items():
+        log.warning("channel %r is named by %s but nothing serves it", channel, ", ".join(who))
+        warnings += 1
+    for s in outbox_store.stats(conn, now):
+        if s.depth and s.channel not in served:
+            log.warning(
+                "outbox: %d row(s) wait on channel %r that nothing serves (oldest %.0f s)",
+                s.depth,
+                s.channel,
+                s.oldest_age,
+            )
+            warnings += 1
+    return warnings
 
 
 def new_task(item: Item) -> store.NewTask:

@@ -73,7 +73,7 @@ from engine.store import Database, referrals
 from engine.store.db import Conn
 from engine.store.decisions import DecisionRow, Decisions
 from engine.tracking.escalation import CHANNELS as ROTATION_SLOTS
-from engine.tracking.escalation import Policy, policy_from_section
+from engine.tracking.escalation import QUEUE_CHANNELS, Policy, policy_from_section
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,9 @@ def compile_config(config: Config) -> RouteTable:
     channels = _channels(sections.get("channels"), problems, env, practice)
     escalation = policy_from_section(sections.get("escalation"), problems, env, channels)
     _unserved_rotation(sections.get("escalation"), channels, problems)
+    # the timers and the tracker queue only on channels something serves
+    served = frozenset(channels) | QUEUE_CHANNELS
+    escalation = dataclasses.replace(escalation, slots=rotation_slots(channels), served=served)
     source_names = _source_names(doc)
     compiler = Compiler(PATH_FUNCTIONS, TersePath.parse, tables, make_environment())
     fhir_compiler = Compiler(FHIR_PATH_FUNCTIONS, FhirPath.parse, tables, make_environment())
@@ -533,21 +536,26 @@ def rotation_slots(channels: Mapping[str, ChannelSpec]) -> dict[str, str]:
 def _unserved_rotation(
     section: Section | None, channels: Mapping[str, ChannelSpec], problems: list[str]
 ) -> None:
-    """An ``escalation.rotation`` entry that no channel serves is an error: the timers
-    would queue nudges there that nothing ever sends. (The staff channels ``task`` and
-    ``coordinator`` are always served: engine.delivery.task_queue, the built-in task queue.)"""
+    """An ``escalation.rotation`` entry (``sms``, ``portal``) that no channel serves, or
+    ``appointment_reminder: true`` with no SMS channel, is an error: the timers would
+    queue messages there that nothing ever sends. ``voice`` is always served (without a
+    voice channel the call is a coordinator task), and so are the staff channels ``task``
+    and ``coordinator`` (engine.delivery.task_queue, the built-in task queue)."""
     if section is None or not isinstance(section.data, dict):
         return
-    rotation = section.data.get("rotation")
-    if not isinstance(rotation, list):
-        return
     served = rotation_slots(channels)
-    for i, slot in enumerate(rotation):
-        if slot in ROTATION_SLOTS and slot not in served:
+    rotation = section.data.get("rotation")
+    for i, slot in enumerate(rotation if isinstance(rotation, list) else ()):
+        if slot in ROTATION_SLOTS and slot != "voice" and slot not in served:
             problems.append(
                 f"{section.doc.where((*section.path, 'rotation', i))}: no channel serves "
                 f"{slot!r}: define channels.{slot} (or a channel of type {slot}) or remove it"
             )
+    if section.data.get("appointment_reminder") is True and "sms" not in served:
+        problems.append(
+            f"{section.doc.where((*section.path, 'appointment_reminder'))}: no channel "
+            "serves 'sms' for the reminder: define channels.sms or set it to false"
+        )
 
 
 def _doc_of(config: Config) -> Doc | None:

@@ -7,6 +7,7 @@ reads. Nothing here commits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,13 +120,15 @@ def patient_contacts(conn: Conn, referral_id: int, phone: str, since: float) -> 
     return sorted(float(r[0]) for r in conn.execute(sql, args).fetchall())
 
 
-def nudges_sent(conn: Conn, referral_id: int) -> list[tuple[str, str]]:
-    """(channel, status) of this referral's patient nudges so far, oldest first."""
+def nudges_sent(conn: Conn, referral_id: int, templates: Sequence[str]) -> list[tuple[str, str]]:
+    """(channel, status) of this referral's patient contacts so far (outbox rows with one
+    of ``templates``, on whichever channel serves the rotation slot), oldest first."""
+    marks = ", ".join("?" for _ in templates)
     return [
         (str(r[0]), str(r[1]))
         for r in conn.execute(
-            "SELECT channel, status FROM outbox WHERE referral_id = ? "
-            "AND channel IN ('sms', 'portal', 'voice') ORDER BY id",
-            (referral_id,),
+            f"SELECT channel, status FROM outbox WHERE referral_id = ? "
+            f"AND template IN ({marks}) ORDER BY id",
+            (referral_id, *templates),
         ).fetchall()
     ]

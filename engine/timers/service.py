@@ -16,10 +16,10 @@ docs/escalation.md has the state-by-state table):
 
 | kind                 | if still                        | then                                   |
 |----------------------|---------------------------------|----------------------------------------|
-| first-nudge          | patient not booked, not closed  | nudge on the rotation's channel        |
-| second-nudge         | patient not booked, not closed  | nudge on the next channel              |
+| first-nudge          | patient not booked, not closed  | nudge on the rotation's channel (1)    |
+| second-nudge         | patient not booked, not closed  | nudge on the next channel (1)          |
 | coordinator-task     | patient not booked              | coordinator task with a priority score |
-| outreach             | patient not booked              | voice call + letter task               |
+| outreach             | patient not booked              | one call + letter task (2)             |
 | attempt-close        | patient not booked              | close no-response (or a task: human)   |
 | specialist-followup  | specialist not confirmed        | 1: the packet again; 2: call-office task|
 | appointment-reminder | booked, SMS consent             | reminder SMS the day before (opt-in)   |
@@ -29,6 +29,13 @@ docs/escalation.md has the state-by-state table):
 
 Every task's payload carries ``reason`` and ``attempts`` (what was already sent
 automatically) besides ``priority_score``.
+
+(1) Only on channels something serves (``Policy.slots``): SMS and portal when configured;
+``voice`` is the voice channel, else a ``call-patient`` coordinator task, so a practice
+with no channels at all still has its patient contacted, by a person.
+(2) The built-in task queue keeps one open task per referral (a newer one supersedes the
+open one), so the 30-day outreach is ONE task ``outreach`` (call and letter); with a voice
+channel the call goes there and the task is the letter ``outreach-letter``.
 
 Patient nudges respect the contact rules (local window, caps, business days): a nudge
 that may not go out now is moved to the next allowed moment instead.
@@ -264,7 +271,9 @@ class TimerService:
             packet = direct_flow.packet_for_timer(conn, referral.id, row.key)
             if specialist_done or packet is None:
                 return "moot", ""
-            done = direct_flow.fallback(conn, packet, "no-dispatched-mdn", now, actor="timer")
+            done = direct_flow.fallback(
+                conn, packet, "no-dispatched-mdn", now, actor="timer", served=self.policy.served
+            )
             return ("acted", f"fallback:{done}") if done in ("fax", "task") else ("moot", "")
         if kind in APPOINTMENT_KINDS:
             if state.specialist_status == "report-received" or not patient_booked:
@@ -286,8 +295,7 @@ class TimerService:
             )
             return "acted", self._task(conn, row, referral, "coordinator-followup", now)
         if kind == "outreach":
-            self._task(conn, row, referral, "outreach-letter", now)
-            return "acted", self._task(conn, row, referral, "outreach-call", now, channel="voice")
+            return "acted", self._outreach(conn, row, referral, now)
         if kind == "attempt-close":
             cadence = self._cadence(referral)
             if cadence.on_close == "human":
@@ -316,6 +324,26 @@ class TimerService:
             now=self.clock.now(),
         )  # fmt: skip
 
+    def _outreach(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
+    ) -> str:
+        """Day 30, not booked: the letter and the call. Without a voice channel both are
+        one task (two would supersede each other in the queue); with one, the call goes
+        there and the letter is the task."""
+        voice = self.policy.slot_channel("voice")
+        if voice is None:
+            return self._task(conn, row, referral, "outreach", now)
+        self._task(conn, row, referral, "outreach-letter", now, reason=_REASONS["outreach-letter"])
+        return self._task(
+            conn,
+            row,
+            referral,
+            "outreach-call",
+            now,
+            channel=voice,
+            reason=_REASONS["outreach-call"],
+        )
+
     def _specialist(
         self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
     ) -> tuple[str, str]:
@@ -329,7 +357,7 @@ class TimerService:
         auth = referral_store.get_prior_auth(conn, referral.id)
         if auth is not None and auth.packet_held:
             return "acted", "resend:held"  # the packet waits for the prior authorization
-        route = specialists.packet_route(conn, referral.details)
+        route = specialists.packet_route(conn, referral.details, served=self.policy.served)
         if route.channel == "task":
             return "acted", "resend:none"  # no address: the task comes at the next step
         payload = {"referral_id": referral.id, "effect": "send-packet", "to": route.address,
@@ -347,7 +375,7 @@ class TimerService:
         """After the visit and no report: ask the specialist office for it by the
         packet's channel (Direct, else a fax cover sheet); after the second request the
         human task follows, each ``report_repeat`` later. No way to send it: the task."""
-        route = specialists.packet_route(conn, referral.details)
+        route = specialists.packet_route(conn, referral.details, served=self.policy.served)
         repeat = self._cadence(referral).offsets["report-repeat"]
         if route.channel == "task":
             # nothing to send: the human task still waits as long as the two requests
@@ -386,8 +414,11 @@ class TimerService:
         inside the contact window and before the visit, else nothing."""
         details = referral.details
         phone = str(details.get("patient_phone") or "")
-        if not (details.get("sms_consent") and phone) or outbox_store.is_suppressed(
-            conn, e164(phone)
+        sms = self.policy.slot_channel("sms")
+        if (
+            sms is None
+            or not (details.get("sms_consent") and phone)
+            or outbox_store.is_suppressed(conn, e164(phone))
         ):
             return "moot", "no-sms"
         when = next_contact_time(
@@ -409,7 +440,7 @@ class TimerService:
             return "deferred", f"until:{isoformat(when)}"
         payload = {"referral_id": referral.id, "kind": row.kind, "attempt": row.attempt}
         referral_store.enqueue_outbox(
-            conn, referral.id, "sms", "appointment_reminder", _dumps(payload),
+            conn, referral.id, sms, "appointment_reminder", _dumps(payload),
             f"{referral.id}:appointment-reminder:{states.visit_start(state)}", now, now=now,
         )  # fmt: skip
         return "acted", "reminder:sms"
@@ -433,14 +464,18 @@ class TimerService:
                 conn, referral.id, row.kind, when, row.attempt, row.key, now=now
             )
             return "deferred", f"until:{isoformat(when)}"
-        sent = store.nudges_sent(conn, referral.id)
+        sent = store.nudges_sent(conn, referral.id, NUDGE_TEMPLATES)
         sms_allowed = (
             bool(details.get("sms_consent"))
             and bool(phone)
             and not outbox_store.is_suppressed(conn, e164(phone))
         )
         portal = details.get("portal") is not False and details.get("portal") != 0
-        channel = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
+        slot = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
+        channel = self.policy.slot_channel(slot)
+        if channel is None:  # voice with no voice channel: a person calls
+            why = _REASONS["call-patient"].format(days=_days_open(referral, now))
+            return "acted", self._task(conn, row, referral, CALL_PATIENT, now, reason=why)
         template = row.kind.replace("-", "_")  # first_nudge / second_nudge
         payload = {"referral_id": referral.id, "kind": row.kind, "attempt": row.attempt}
         referral_store.enqueue_outbox(
@@ -471,12 +506,13 @@ class TimerService:
         travels with it, so the coordinator starts where the machine stopped."""
         details = referral.details
         if channel in _TASK_CHANNELS and _task_queued_since(
-            conn, referral.id, now - TASK_MERGE_WINDOW
+            conn, referral.id, now - TASK_MERGE_WINDOW, skip_calls=template != CALL_PATIENT
         ):
             # one task per referral: a task queued moments ago already names every open
             # concern of this referral (its reason lists them), so no second one
             return f"merged:{template}"
-        failed = sum(1 for _c, status in store.nudges_sent(conn, referral.id) if status == "dead")
+        sent = store.nudges_sent(conn, referral.id, NUDGE_TEMPLATES)
+        failed = sum(1 for _c, status in sent if status == "dead")
         needed_by = _days_until(str(details.get("needed_by") or ""), now)
         score = coordinator_priority(
             days_open=(now - referral.opened_at) / DAY,
@@ -537,7 +573,16 @@ _AUTOMATED: Final = {
     "specialist-report-request": "report request",
 }
 REPORT_REQUEST_TEMPLATE: Final = "specialist-report-request"
+CALL_PATIENT: Final = "call-patient"  # the voice slot's task when no voice channel serves it
+# A patient contact of the rotation (its place counts): the nudges and the call task.
+NUDGE_TEMPLATES: Final = ("first_nudge", "second_nudge", CALL_PATIENT)
 _REASONS: Final = {
+    "call-patient": "not booked {days} days after the referral (or the missed visit), and "
+    "no text or portal message can reach the patient: call the patient to book",
+    "outreach-letter": "not booked 30 days after the referral (or the missed visit): "
+    "send the patient a letter (the call goes by the voice channel)",
+    "outreach-call": "not booked 30 days after the referral (or the missed visit): "
+    "call the patient",
     "coordinator-task": "not booked 14 days after the referral (or the missed visit), "
     "after the automatic nudges",
     "outreach": "not booked 30 days after the referral (or the missed visit): "
@@ -555,9 +600,18 @@ TASK_MERGE_WINDOW: Final = 3600.0  # tasks due this close together become one
 _TASK_CHANNELS: Final = ("task", "coordinator")
 
 
-def _task_queued_since(conn: Conn, referral_id: int, since: float) -> bool:
+def _task_queued_since(
+    conn: Conn, referral_id: int, since: float, *, skip_calls: bool = False
+) -> bool:
+    """Whether a task for the referral was queued since ``since``. A ``call-patient`` task
+    (a nudge step) stands only for itself: with ``skip_calls`` (a later step, such
+    as the 14-day task after a restart fired every overdue timer at once) it does not
+    count, so the later step is queued and supersedes it."""
     return any(
-        o.channel in _TASK_CHANNELS and o.due >= since and o.status != "cancelled"
+        o.channel in _TASK_CHANNELS
+        and o.due >= since
+        and o.status != "cancelled"
+        and not (skip_calls and o.template == CALL_PATIENT)
         for o in referral_store.outbox_for(conn, referral_id)
     )
 
@@ -584,6 +638,10 @@ def attempts_made(conn: Conn, referral_id: int) -> list[dict[str, str]]:
             continue
         out.append({"at": isoformat(o.due), "what": f"{what} by {o.channel} ({o.status})"})
     return out
+
+
+def _days_open(referral: ReferralRow, now: float) -> int:
+    return max(0, round((now - referral.opened_at) / DAY))
 
 
 def _days_until(iso_date: str, now: float) -> float | None:

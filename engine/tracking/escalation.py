@@ -60,6 +60,9 @@ PATIENT_KINDS: Final = frozenset(
 APPOINTMENT_KINDS: Final = frozenset({"appointment-reminder", "report-request", "report-task"})
 SPECIALIST_KINDS: Final = frozenset({"specialist-followup"})
 CHANNELS: Final = ("sms", "portal", "voice")
+# The staff channels the built-in task queue serves whenever routes.yaml gives them no
+# external worklist (engine.delivery.task_queue): something always serves these.
+QUEUE_CHANNELS: Final = frozenset({"task", "coordinator"})
 
 DAY: Final = 86_400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(m|h|d|w)\s*$")
@@ -139,6 +142,13 @@ class Policy:
     appointment_reminder: bool = False  # an SMS the day before the visit (opt-in)
     notify: str = ""  # the channel for notices to the referring provider ("" = timeline)
     packet_task: bool = True  # a task when the packet cannot be sent at all
+    # Rotation slot -> the configured channel serving it (engine.routing.routes.
+    # rotation_slots); None: every slot is a channel of its own name. A ``voice`` slot
+    # no channel serves is a "call the patient" coordinator task (the built-in queue).
+    slots: Mapping[str, str] | None = None
+    # The channel names something serves (configured channels and QUEUE_CHANNELS);
+    # None: every name. The packet and report requests skip a direct/fax nothing serves.
+    served: frozenset[str] | None = None
 
     def cadence(self, specialty_category: str = "", priority: str = "") -> Cadence:
         """The cadence for a referral: the specialty's override (or the default), with
@@ -205,13 +215,27 @@ class Policy:
         return APPOINTMENT_KINDS
 
     def channel_for(self, attempt: int, *, sms_allowed: bool, portal: bool = True) -> str:
-        """The channel for the ``attempt``-th patient nudge (0-based) in the rotation,
-        skipping SMS without consent (the rotation then starts at the portal) and the
-        portal for a patient without one."""
+        """The rotation slot for the ``attempt``-th patient nudge (0-based), skipping SMS
+        without consent (the rotation then starts at the portal), the portal for a
+        patient without one, and an SMS or portal slot no channel serves. ``voice`` is
+        always usable: a voice channel, else a "call the patient" task (:meth:`slot_channel`)."""
         usable = [
-            c for c in self.rotation if (c != "sms" or sms_allowed) and (c != "portal" or portal)
+            c
+            for c in self.rotation
+            if (c != "sms" or sms_allowed)
+            and (c != "portal" or portal)
+            and (c == "voice" or self.slot_channel(c) is not None)
         ] or ["voice"]
         return usable[attempt % len(usable)]
+
+    def slot_channel(self, slot: str) -> str | None:
+        """The channel that serves rotation ``slot``; None when no channel does (for
+        ``voice``: the patient call becomes a coordinator task)."""
+        return slot if self.slots is None else self.slots.get(slot)
+
+    def serves(self, channel: str) -> bool:
+        """Whether something serves ``channel`` (a configured channel or the task queue)."""
+        return self.served is None or channel in self.served
 
 
 def zone(name: str, default: str) -> ZoneInfo:

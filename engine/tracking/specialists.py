@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -348,9 +348,19 @@ def direct_address(conn: Conn, details: Mapping[str, Any]) -> str:
 
 
 def packet_route(
-    conn: Conn, details: Mapping[str, Any], *, without_direct: bool = False
+    conn: Conn,
+    details: Mapping[str, Any],
+    *,
+    without_direct: bool = False,
+    served: Collection[str] | None = None,
 ) -> PacketRoute:
-    """The routing rule for the specialist packet (module docstring)."""
+    """The routing rule for the specialist packet (module docstring). ``served``: the
+    channel names something serves (None: all); a ``direct`` or ``fax`` channel routes.yaml
+    does not configure is treated as absent (why ``no-channel`` when that leaves none)."""
+
+    def serves(channel: str) -> bool:
+        return served is None or channel in served
+
     entry, address = _directory_entry(conn, details)
     cert = ""
     if address:
@@ -358,13 +368,16 @@ def packet_route(
             store.certificate_for(conn, address)
         )
     fax = (entry.fax if entry else "") or normalise_fax(str(details.get("specialist_fax") or ""))
-    prefers_fax = entry is not None and entry.preferred_channel == "fax" and bool(fax)
-    if not without_direct and address and cert and not prefers_fax:
+    by_fax = bool(fax) and serves("fax")
+    prefers_fax = entry is not None and entry.preferred_channel == "fax" and by_fax
+    if not without_direct and address and cert and not prefers_fax and serves("direct"):
         return PacketRoute("direct", address, "direct")
-    if fax:
+    if by_fax:
         return PacketRoute("fax", fax, "fax")
     if without_direct:
         return PacketRoute("task", "", "direct-failed-no-fax")
+    if fax or (address and cert):
+        return PacketRoute("task", "", "no-channel")
     return PacketRoute("task", "", "no-certificate" if address else "no-address")
 
 

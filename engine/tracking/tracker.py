@@ -96,6 +96,8 @@ _NO_WAY_REASONS: Final = {
     "no-address": "the specialist office has no Direct address or fax number on file",
     "no-certificate": "no Direct certificate and no fax number for the specialist office",
     "direct-failed-no-fax": "the Direct packet failed and the office has no fax number",
+    "no-channel": "the specialist office has a Direct address or fax number, but no direct "
+    "or fax channel is configured to send the packet",
 }
 # Event fields shown in the timeline (codes and ids; no free text).
 _TIMELINE_FIELDS: Final = (
@@ -144,6 +146,11 @@ class EscalationPolicy(Protocol):
     @property
     def packet_task(self) -> bool:
         """A coordinator task when the packet cannot be sent at all (else a timeline note)."""
+        ...
+
+    @property
+    def served(self) -> frozenset[str] | None:
+        """The channel names something serves (None: all): the packet goes only there."""
         ...
 
 
@@ -770,7 +777,7 @@ class Tracker:
             # Direct only with an address and a certificate, else fax, else a coordinator
             # task (engine.tracking.specialists.packet_route); the referral teaches the directory
             specialists.learn_from_referral(conn, details, now)
-            route = specialists.packet_route(conn, details)
+            route = specialists.packet_route(conn, details, served=self.policy.served)
             channel: str = route.channel
             if route.address:
                 payload["to"] = route.address
