@@ -54,7 +54,7 @@ def default_handler(
     if "routes" not in config.sections:
         return no_routes
     try:  # compiled routes arrive with the routes module
-        routes = importlib.import_module("engine.routing.routes")
+        routes = importlib.import_module("engine.routing.handler")
     except ModuleNotFoundError:
         return no_routes
     handler: Handler = routes.make_handler(config, db, tracker, clock=clock, metrics=metrics)
@@ -229,7 +229,7 @@ class Engine:
         }
 
     def _make_tracker(self) -> Any:
-        from engine.routing.routes import compile_config
+        from engine.routing.compile import compile_config
         from engine.tracking.tracker import build_tracker
 
         assert self.db is not None
@@ -243,7 +243,7 @@ class Engine:
 
     def _make_timers(self) -> None:
         """The escalation timer service, when there is a tracker to act through."""
-        from engine.routing.routes import compile_config
+        from engine.routing.compile import compile_config
         from engine.timers.service import TimerMetrics, TimerService
 
         assert self.db is not None
@@ -268,7 +268,8 @@ class Engine:
         from engine.delivery.packet import PacketBuilder
         from engine.delivery.task_queue import TaskQueue, builtin_channels
         from engine.delivery.webhooks import Hooks
-        from engine.routing.routes import ChannelSpec, compile_config
+        from engine.routing.compile import compile_config
+        from engine.routing.table import ChannelSpec
         from engine.tracking.specialists import certificate_lookup
 
         assert self.db is not None
@@ -355,7 +356,7 @@ class Engine:
         before any starts, so a ConfigError leaves nothing running."""
         from engine.delivery.direct_inbound import DirectFlow
         from engine.delivery.factory import build_direct_imap_poller, build_direct_listener
-        from engine.routing.routes import compile_config
+        from engine.routing.compile import compile_config
 
         table = compile_config(self.config)
         names = [n for n, s in table.channels.items() if s.type == "direct"]

@@ -274,7 +274,7 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
 
 
 # ---------------------------------------------------------------------------
-# Routing decisions: what routes.yaml made of one message (engine.routing.routes.decide).
+# Routing decisions: what routes.yaml made of one message (engine.routing.decide).
 # Pure values; the handler applies them (tracker, outbox) inside the processing
 # transaction, and the decisions table records them for replay.
 

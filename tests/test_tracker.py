@@ -1309,13 +1309,14 @@ def test_hl7_through_routes(
     from engine import config
     from engine.hl7v2.message import Message
     from engine.model import Track
-    from engine.routing import routes
+    from engine.routing.compile import compile_config
+    from engine.routing.decide import decide
 
     root = Path(__file__).resolve().parent.parent
-    table = routes.compile_config(config.load(root / "routes.yaml"))
+    table = compile_config(config.load(root / "routes.yaml"))
     tracker = Tracker(db, VirtualClock(T0))
     for n, (type_, body) in enumerate(messages, 1):
-        decision = routes.decide(
+        decision = decide(
             table, Message(_hl7(type_, *body, n=n)), "ehr", message_id=n, received_at=T0
         )
         tracks = [a for a in decision.actions if isinstance(a, Track)]

@@ -145,7 +145,7 @@ def _install_reload(engine: Any) -> None:
 def _check_routes(cfg: config_mod.Config) -> None:
     """Compile the routes section when the routes module is present."""
     try:
-        routes = importlib.import_module("engine.routing.routes")
+        routes = importlib.import_module("engine.routing.compile")
     except ModuleNotFoundError:
         return
     routes.compile_config(cfg)

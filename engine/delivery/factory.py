@@ -63,7 +63,7 @@ from engine.config import file_ref, substitute
 from engine.errors import ChannelError, ConfigError, EngineError
 from engine.hl7v2.client import MllpClient, normalise
 from engine.model import OutboundMessage, SendReceipt
-from engine.routing.routes import ChannelSpec
+from engine.routing.table import ChannelSpec
 
 log = logging.getLogger(__name__)
 
