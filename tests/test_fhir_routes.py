@@ -21,7 +21,8 @@ from engine.routing.decide import decide, decide_fhir, decide_stored
 from engine.routing.fhirpath import FhirPath, FhirResource, reference_key
 from engine.routing.table import RouteTable
 from engine.store import open_database
-from engine.tracking.tracker import Tracker, list_referrals, show_referral
+from engine.tracking.tracker import Tracker
+from engine.tracking.views import list_referrals, show_referral
 
 REPO = Path(__file__).resolve().parent.parent
 

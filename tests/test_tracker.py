@@ -24,15 +24,10 @@ from engine.store import audit as audit_store
 from engine.store import referrals as store
 from engine.store.db import Database, open_database
 from engine.tracking import states
+from engine.tracking.correlate import EVENT_CLASSES, event_from_dict, event_to_dict
 from engine.tracking.escalation import Policy
-from engine.tracking.tracker import (
-    EVENT_CLASSES,
-    Tracker,
-    TrackerMetrics,
-    event_from_dict,
-    event_to_dict,
-    show_referral,
-)
+from engine.tracking.tracker import Tracker, TrackerMetrics
+from engine.tracking.views import show_referral
 
 T0 = 1_767_225_600.0  # 2026-01-01
 DAY = 86400.0

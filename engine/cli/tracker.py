@@ -70,7 +70,8 @@ def _build(
     routes_option: Decorator,
     errors: Callable[[], AbstractContextManager[None]],
 ) -> list[click.Group]:
-    from engine.tracking.tracker import Tracker, list_parked, list_referrals, show_referral
+    from engine.tracking.tracker import Tracker
+    from engine.tracking.views import list_parked, list_referrals, show_referral
 
     def actor_option(f: Callable[..., Any]) -> Callable[..., Any]:
         return click.option(
