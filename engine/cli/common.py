@@ -1,5 +1,8 @@
-"""What every ``refloop`` command shares: the one way to find and open the database, and
-one-line usage errors.
+"""What every ``refloop`` command shares: the ``--routes``/``--state`` options, the error
+mapper, the one way to find and open the database, and one-line usage errors.
+
+Every command module imports this one and ``engine.cli.main`` imports the command
+modules: imports only run downward (tests/test_layers.py checks there is no cycle).
 
 The database is ``<state>/<store.file>``, and only routes.yaml names ``store.file``. A
 routes.yaml that does not load is therefore an error (one line, exit 1), never a guess:
@@ -8,6 +11,7 @@ falling back to a default name would open, or create, a different and empty data
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,8 +20,55 @@ from typing import Any
 import click
 
 from engine import config as config_mod
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EngineError, StoreError
 from engine.store.db import Database, open_database
+from engine.store.referrals import referral_tables_exist
+
+DEFAULT_ROUTES = "routes.yaml"
+DEFAULT_STATE = "state"
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Map engine errors to click's clean exits."""
+    try:
+        yield
+    except ConfigError as exc:
+        for line in exc.problems:
+            click.echo(line, err=True)
+        raise SystemExit(2) from None
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+routes_option = click.option(
+    "--routes",
+    "routes_path",
+    envvar="REFLOOP_ROUTES",
+    default=DEFAULT_ROUTES,
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="routes.yaml to use (env REFLOOP_ROUTES).",
+)
+state_option = click.option(
+    "--state",
+    "state_dir",
+    envvar="REFLOOP_STATE",
+    default=DEFAULT_STATE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="State directory holding the SQLite database (env REFLOOP_STATE).",
+)
+
+
+def login_name() -> str:
+    """The operator's login name, for audit rows (the uid when it has no name)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 def load_routes(routes_path: str) -> config_mod.Config:
@@ -84,3 +135,12 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         with _one_line_usage(ctx):
             return super().invoke(ctx)
+
+
+def open_referral_store(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
+    """The store (:func:`open_store`), which must hold the referral tables."""
+    db = open_store(state_dir, routes_path, readonly=readonly)
+    if not referral_tables_exist(db.conn):
+        db.close()
+        raise StoreError("this database has no referral tables yet (start refloop run once)")
+    return db

@@ -602,9 +602,7 @@ def _register_groups() -> None:
     from engine.cli import tracker as cli_tracker
 
     cli_timers.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-    cli_tracker.register(
-        main, state_option=state_option, routes_option=routes_option, errors=errors
-    )
+    cli_tracker.register(main)
     from engine.cli import outbox as cli_outbox
 
     cli_outbox.register(main, state_option=state_option, routes_option=routes_option, errors=errors)

@@ -11,13 +11,13 @@ dispatcher picks up on its next poll.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import click
 
+from engine.cli.common import login_name as _login_name
 from engine.cli.common import open_store
 from engine.clock import WallClock, isoformat
 from engine.errors import StoreError
@@ -36,21 +36,12 @@ def register(
 ) -> None:
     """Add the ``outbox`` group to ``main``."""
     if state_option is None or routes_option is None or errors is None:
-        from engine.cli import main as cli
+        from engine.cli import common as cli
 
         state_option = state_option or cli.state_option
         routes_option = routes_option or cli.routes_option
         errors = errors or cli.errors
     main.add_command(_build(state_option, routes_option, errors))
-
-
-def _login_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
 
 
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:

@@ -81,7 +81,7 @@ def register(
 
         Example: refloop report closure --from 2025-01-01 --to 2025-12-31 --by specialty
         """
-        from engine.cli.tracker import _open
+        from engine.cli.common import open_referral_store as _open
 
         if start > end:
             raise click.BadParameter("the period ends before it starts", param_hint="--to")

@@ -28,8 +28,8 @@ def register(
     errors: Callable[[], AbstractContextManager[None]],
 ) -> None:
     """Add the ``specialists`` group to ``main``."""
+    from engine.cli.common import login_name as _login_name
     from engine.cli.common import open_store
-    from engine.cli.tracker import _login_name
     from engine.tracking import specialists as lib
 
     @click.group("specialists")

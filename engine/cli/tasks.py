@@ -43,7 +43,7 @@ def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
 
 
 def _who(by: str | None) -> str:
-    from engine.cli.tracker import _login_name
+    from engine.cli.common import login_name as _login_name
 
     return f"operator:{by or _login_name()}"
 

@@ -41,7 +41,7 @@ def register(
 
         Example: refloop timers list --due-before 2026-12-01 --json
         """
-        from engine.cli.tracker import _open
+        from engine.cli.common import open_referral_store as _open
 
         before = None
         if due_before:
