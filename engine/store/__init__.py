@@ -1,8 +1,11 @@
-"""The store: the only package that talks to the database.
+"""The store: the only package that talks to the database (SQLite, one connection owned
+by the event loop thread). ``db`` opens it and applies migrations; one module per table
+family (``inbox``, ``decisions``, ``referrals``, ``timers``, ``outbox``, ``audit``,
+``specialists``, ``packets``, ``users``, ``tasks``, ``report``) and the read-only queries
+(``worklist``, ``views``, ``message_filter``).
 
-``db`` opens SQLite and applies migrations; ``inbox`` holds received messages and
-group-commits them. Later modules (referrals, timers, outbox, audit) live beside them
-and share one connection owned by the event loop thread.
+May import: the shared top-level modules and engine.hl7v2 only; nothing that decides or
+serves (routing, tracking, ingest, delivery, web, app, cli).
 """
 
 from engine.store.db import Database, open_database
