@@ -25,7 +25,7 @@ from engine.store.decisions import DecisionRow, Decisions
 
 
 class Tracker(Protocol):
-    """The referral tracker as the handler sees it (engine.tracking.tracker, another issue).
+    """The referral tracker as the handler sees it (engine.tracking.tracker).
     ``apply`` runs inside the processing transaction and must not commit; applying the
     same event twice must change nothing."""
 

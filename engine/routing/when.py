@@ -21,6 +21,9 @@ from engine.routing.table import Predicate
 _TYPE_PATTERN: Final = re.compile(r"[A-Z0-9*?\[\]!-]{1,8}(\^[A-Z0-9*?\[\]!-]{1,8})?")
 _LOOKS_LIKE_PATH: Final = re.compile(r"[A-Z][A-Z0-9]{2}\b")
 PREDICATE_OPS: Final = ("equals", "in", "matches", "exists", "not")
+FHIR_TYPE: Final = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+ValueTest = Callable[[list[str]], bool]  # on the values found at one path
 
 
 def named_types(when: Any) -> tuple[str, ...]:
@@ -35,6 +38,8 @@ def named_types(when: Any) -> tuple[str, ...]:
 
 
 def compile_when(r: Reader, key: PathT) -> tuple[re.Pattern[str] | None, Predicate | None]:
+    """``when`` of an HL7 route (``key`` inside the route: nested ``any`` entries recurse):
+    its message type patterns (None: any type) and its field predicate (None: always)."""
     doc = r.doc
     path = (*r.path, *key)
     data: Any = r.data
@@ -140,9 +145,6 @@ def compile_fhir_when(r: Reader, key: PathT) -> tuple[frozenset[str] | None, Pre
     return resources, lambda m: all(c(m) for c in all_checks)
 
 
-FHIR_TYPE: Final = re.compile(r"[A-Z][A-Za-z]{1,63}")
-
-
 def _fhir_check(path: FhirPath, test: ValueTest) -> Predicate:
     return lambda res: test(path.texts(res.data))
 
@@ -180,9 +182,6 @@ def _type_patterns(
     if not regexes:
         return None
     return re.compile("|".join(f"(?:{x})" for x in regexes))
-
-
-ValueTest = Callable[[list[str]], bool]
 
 
 def _codes(value: Any) -> str | None:
