@@ -1,4 +1,4 @@
-"""Route decision benchmark: µs per ``engine.routing.routes.decide`` call, shipped routes.yaml.
+"""Route decision benchmark: µs per ``engine.routing.decide.decide`` call, shipped routes.yaml.
 
 What is measured
     The shipped routes.yaml is compiled once. Every message of ../shared/corpus/hl7 that
@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from engine import config  # noqa: E402
 from engine.errors import MessageRejected  # noqa: E402
 from engine.hl7v2.message import Message, read_msh, split_messages  # noqa: E402
-from engine.routing.routes import compile_config, decide  # noqa: E402
+from engine.routing.compile import compile_config  # noqa: E402
+from engine.routing.decide import decide  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus" / "hl7"
 BUDGET_US = 50.0

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # built at start, imported there: a daemon without them never
     from engine.delivery.direct_inbound import DirectFlow
     from engine.delivery.dispatch import Dispatcher, Renderer, Rotation
     from engine.delivery.webhooks import Hooks
-    from engine.routing.routes import ChannelSpec, RouteTable
+    from engine.routing.table import ChannelSpec, RouteTable
     from engine.timers.service import TimerService
     from engine.tracking.tracker import Tracker
 
@@ -111,7 +111,8 @@ def default_handler(
     do not compile."""
     if "routes" not in config.sections:
         return no_routes
-    from engine.routing.routes import RouteHandler, compile_config
+    from engine.routing.compile import compile_config
+    from engine.routing.handler import RouteHandler
 
     table = table or compile_config(config)
     if metrics is not None:  # its bounded ``type`` label set: the types the routes name
@@ -221,7 +222,7 @@ class Engine:
     def _compiled(self, config: Config) -> RouteTable:
         """``config``'s routes.yaml compiled (ConfigError on problems); the table given to
         the engine when it is ``config``'s."""
-        from engine.routing.routes import compile_config
+        from engine.routing.compile import compile_config
 
         if self.table is not None and config is self.config:
             return self.table
@@ -337,7 +338,7 @@ class Engine:
         """Each routes.yaml channel built (engine.delivery.factory) plus a FHIR write-back
         channel per source that has one; and the spec the renderer reads for each."""
         from engine.delivery.factory import build_channels
-        from engine.routing.routes import ChannelSpec
+        from engine.routing.table import ChannelSpec
         from engine.tracking.specialists import certificate_lookup
 
         assert self.db is not None

@@ -14,7 +14,7 @@ drift). Stored fingerprints stay valid across two format changes:
   while empty, so an event that does not use them digests as it always did;
 * decisions recorded before this module existed digested the event with
   ``json.dumps``'s default separators (``", "``, ``": "``): :func:`legacy_event_fingerprint`
-  recognises them (``engine.routing.routes.already_applied``), so an existing database does not
+  recognises them (``engine.routing.summary.already_applied``), so an existing database does not
   see every decision as changed.
 """
 

@@ -7,7 +7,7 @@ secret sits in the file. This is the only module that reads the environment.
 
 This module parses the sections the engine core needs (``store``, ``http``, ``sources``)
 and keeps the others as located raw trees (:class:`Section`) for the modules that compile
-them (``engine.routing.routes`` for ``routes`` and ``tables``).
+them (``engine.routing.compile`` for ``routes`` and ``tables``).
 """
 
 from __future__ import annotations

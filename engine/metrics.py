@@ -54,7 +54,7 @@ class TypeLabels:
         for name in sorted(set(names)):
             if _TYPE.fullmatch(name):
                 literal.add(name)
-            else:  # routes read a bare ``ADT`` as ``ADT`` or ``ADT^*`` (engine.routing.routes)
+            else:  # routes read a bare ``ADT`` as ``ADT`` or ``ADT^*`` (engine.routing.when)
                 forms = (name,) if "^" in name else (name, f"{name}^*")
                 regex = "|".join(fnmatch.translate(f) for f in forms)
                 patterns.append((name, re.compile(regex)))
@@ -188,7 +188,7 @@ class Metrics:
             ["status"],
             registry=registry,
         )
-        # Routing (engine.routing.routes): labels are route names from routes.yaml, never content.
+        # Routing (engine.routing.handler): labels are route names from routes.yaml, never content.
         self.route_matched = Counter(
             "refloop_route_matched_total",
             "Messages a route matched and routed (or dropped on purpose).",
@@ -259,7 +259,7 @@ class Metrics:
         )
 
     def name_message_types(self, names: Iterable[str]) -> None:
-        """The message type patterns the routes name (engine.routing.routes.make_handler, at
+        """The message type patterns the routes name (engine.routing.handler.make_handler, at
         start and on each reload): the ``type`` label's values."""
         self.type_labels = TypeLabels(names)
 

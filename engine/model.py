@@ -101,7 +101,7 @@ class StoredMessage:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What processing made of one message (engine.ingest.processor runs the handler that
-    returns it, engine.routing.routes is that handler). ``error`` is a reason, never PHI."""
+    returns it, engine.routing.handler is that handler). ``error`` is a reason, never PHI."""
 
     status: str  # routed | filtered | error | rejected
     error: str = ""
@@ -300,7 +300,7 @@ CLOSING_REPORT_STATUSES: Final = frozenset({"final", "corrected"})
 
 
 # ---------------------------------------------------------------------------
-# Routing decisions: what routes.yaml made of one message (engine.routing.routes.decide).
+# Routing decisions: what routes.yaml made of one message (engine.routing.decide).
 # Pure values; the handler applies them (tracker, outbox) inside the processing
 # transaction, and the decisions table records them for replay.
 

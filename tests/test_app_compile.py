@@ -12,7 +12,8 @@ from test_reload import routes_text
 
 from engine import config
 from engine.app import Engine
-from engine.routing import routes as routes_module
+from engine.routing import compile as routes_module
+from engine.routing.table import RouteTable
 
 
 def test_one_compile_per_start_and_per_reload(
@@ -21,7 +22,7 @@ def test_one_compile_per_start_and_per_reload(
     compiled: list[str] = []
     real = routes_module.compile_config
 
-    def counting(cfg: config.Config) -> routes_module.RouteTable:
+    def counting(cfg: config.Config) -> RouteTable:
         compiled.append(cfg.file)
         return real(cfg)  # the real compiler: only the calls are counted
 

@@ -4,7 +4,7 @@ routes.yaml accepts, so a type the compiler takes is never silently left unbuilt
 from __future__ import annotations
 
 from engine.delivery.factory import BUILDERS
-from engine.routing.routes import CHANNEL_TYPES
+from engine.routing.channels import CHANNEL_TYPES
 
 
 def test_every_channel_type_routes_yaml_accepts_has_a_builder() -> None:

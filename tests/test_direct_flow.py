@@ -39,7 +39,7 @@ from engine.model import (
     ReplyWithAttachments,
     SendReceipt,
 )
-from engine.routing.routes import ChannelSpec, PracticeSpec
+from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import outbox
 from engine.store import referrals as rstore
 from engine.store.db import Database, open_database

@@ -46,7 +46,8 @@ from engine.delivery.direct_inbound import MDN_TIMEOUT_KIND
 from engine.delivery.factory import build_direct_imap_poller
 from engine.errors import ConfigError
 from engine.model import DirectInbound, Identifiers, MdnResult, Provider, ReferralCreated
-from engine.routing.routes import ChannelSpec, compile_config
+from engine.routing.compile import compile_config
+from engine.routing.table import ChannelSpec
 from engine.store import outbox
 from engine.store import referrals as rstore
 from engine.tracking.specialists import import_csv

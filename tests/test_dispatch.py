@@ -37,7 +37,7 @@ from engine.delivery.factory import build_channels  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from engine.metrics import Metrics  # noqa: E402
 from engine.model import Identifiers, PatientContact, Provider, ReferralCreated  # noqa: E402
-from engine.routing.routes import ChannelSpec, PracticeSpec  # noqa: E402
+from engine.routing.table import ChannelSpec, PracticeSpec  # noqa: E402
 from engine.store import outbox  # noqa: E402
 from engine.store import referrals as referral_store  # noqa: E402
 from engine.store.db import Database, open_database  # noqa: E402

@@ -30,7 +30,7 @@ from channels.fax.phaxio import (
 from channels.fax.webhook import phaxio_webhook
 from engine.errors import ChannelError
 from engine.model import Attachment, DeliveryUpdate, OutboundMessage
-from engine.routing.routes import CHANNEL_TYPES
+from engine.routing.channels import CHANNEL_TYPES
 
 PDF = b"%PDF-1.4\nfax me\n%%EOF\n"
 TOKEN = "callback-token"

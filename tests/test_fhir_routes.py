@@ -16,10 +16,13 @@ from engine.config import load, loads
 from engine.errors import ConfigError
 from engine.hl7v2.message import Message
 from engine.model import Event, StoredMessage
+from engine.routing.compile import compile_config
+from engine.routing.decide import decide, decide_fhir, decide_stored
 from engine.routing.fhirpath import FhirPath, FhirResource, reference_key
-from engine.routing.routes import RouteTable, compile_config, decide, decide_fhir, decide_stored
+from engine.routing.table import RouteTable
 from engine.store import open_database
-from engine.tracking.tracker import Tracker, list_referrals, show_referral
+from engine.tracking.tracker import Tracker
+from engine.tracking.views import list_referrals, show_referral
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,8 @@ from helpers import Daemon, peer, query, refloop, run, shipped_routes
 
 from engine.config import load
 from engine.model import Event, StoredMessage, to_plain
-from engine.routing.routes import compile_config, decide_stored
+from engine.routing.compile import compile_config
+from engine.routing.decide import decide_stored
 from engine.store import Inbox, open_database
 
 REF = (

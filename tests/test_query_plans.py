@@ -46,7 +46,7 @@ from engine.store import users as users_store
 from engine.store.decisions import Decisions
 from engine.store.inbox import Inbox
 from engine.timers import service as timers
-from engine.tracking import report, tracker
+from engine.tracking import report, tracker, views
 from engine.web.auth import Principal
 from engine.web.service import Service
 
@@ -294,7 +294,7 @@ def _operator_paths(db: Any, now: float) -> None:
         {"open_days_over": 30.0},
         {"prior_auth": "required"},
     ):
-        tracker.list_referrals(db, now=now, **kw)
+        views.list_referrals(db, now=now, **kw)
     timers_store.listing(conn)
     timers_store.listing(conn, due_before=now, limit=10)
     inbox = Inbox.__new__(Inbox)  # reads only: no writer task

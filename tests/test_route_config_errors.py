@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from engine import config
 from engine.cli.main import main
 from engine.errors import ConfigError
-from engine.routing.routes import compile_config
+from engine.routing.compile import compile_config
 
 HEAD = """\
 version: 1

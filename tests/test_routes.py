@@ -13,7 +13,9 @@ from engine import config
 from engine.errors import MessageRejected
 from engine.hl7v2.message import Message, split_messages
 from engine.model import Drop, Send, StoredMessage, Track
-from engine.routing.routes import RouteTable, compile_config, decide, decide_stored
+from engine.routing.compile import compile_config
+from engine.routing.decide import decide, decide_stored
+from engine.routing.table import RouteTable
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT.parent / "shared" / "corpus" / "hl7"

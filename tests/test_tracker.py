@@ -24,15 +24,10 @@ from engine.store import audit as audit_store
 from engine.store import referrals as store
 from engine.store.db import Database, open_database
 from engine.tracking import states
+from engine.tracking.correlate import EVENT_CLASSES, event_from_dict, event_to_dict
 from engine.tracking.escalation import Policy
-from engine.tracking.tracker import (
-    EVENT_CLASSES,
-    Tracker,
-    TrackerMetrics,
-    event_from_dict,
-    event_to_dict,
-    show_referral,
-)
+from engine.tracking.tracker import Tracker, TrackerMetrics
+from engine.tracking.views import show_referral
 
 T0 = 1_767_225_600.0  # 2026-01-01
 DAY = 86400.0
@@ -1309,13 +1304,14 @@ def test_hl7_through_routes(
     from engine import config
     from engine.hl7v2.message import Message
     from engine.model import Track
-    from engine.routing import routes
+    from engine.routing.compile import compile_config
+    from engine.routing.decide import decide
 
     root = Path(__file__).resolve().parent.parent
-    table = routes.compile_config(config.load(root / "routes.yaml"))
+    table = compile_config(config.load(root / "routes.yaml"))
     tracker = Tracker(db, VirtualClock(T0))
     for n, (type_, body) in enumerate(messages, 1):
-        decision = routes.decide(
+        decision = decide(
             table, Message(_hl7(type_, *body, n=n)), "ehr", message_id=n, received_at=T0
         )
         tracks = [a for a in decision.actions if isinstance(a, Track)]

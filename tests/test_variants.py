@@ -27,7 +27,10 @@ from engine.hl7v2.client import MllpClient
 from engine.hl7v2.message import UTF8_BOM, Message, TersePath, read_msh, split_messages
 from engine.hl7v2.mllp import frame
 from engine.model import StoredMessage
-from engine.routing.routes import RouteTable, compile_config, decide_stored, summarise
+from engine.routing.compile import compile_config
+from engine.routing.decide import decide_stored
+from engine.routing.summary import summarise
+from engine.routing.table import RouteTable
 
 if not CORPUS.is_dir():  # every corpus message must be checked: a missing corpus fails
     raise RuntimeError(f"shared HL7 corpus not found at {CORPUS} (clone beside ../shared)")

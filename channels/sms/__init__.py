@@ -1,1 +1,5 @@
-"""SMS by Twilio: the adapter, webhook helpers and the PHI-free templates."""
+"""SMS by Twilio: the adapter and webhook helpers (``twilio``), the PHI-free templates
+(``templates``).
+
+May import: engine.model, engine.errors and the other channels modules only.
+"""

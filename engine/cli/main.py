@@ -34,7 +34,7 @@ from engine.errors import EngineError
 
 if TYPE_CHECKING:
     from engine.config import Config
-    from engine.routing.routes import RouteTable
+    from engine.routing.table import RouteTable
 
 log = logging.getLogger("refloop")
 
@@ -132,7 +132,7 @@ def load_config(path: str) -> Config:
 
 def _compile_routes(cfg: Config) -> RouteTable:
     """The routing sections compiled; ConfigError lists every problem."""
-    from engine.routing.routes import compile_config
+    from engine.routing.compile import compile_config
 
     return compile_config(cfg)
 

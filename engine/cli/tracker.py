@@ -1,356 +1,360 @@
-"""The ``referrals``, ``parked`` and ``audit`` command groups.
+"""The referral commands: ``refloop referrals`` (list, show, close, link, auth),
+``refloop parked`` (list) and ``refloop audit`` (verify, export).
 
-``engine.cli`` calls :func:`register` with its ``main`` group. The shared options and the
-error mapper are taken from ``engine.cli`` when :func:`register` runs (not at import), so
-``engine.cli`` can import this module without a cycle; tests may pass their own.
+Each group is defined here at module level with the shared options of engine.cli.common;
+engine.cli.main imports this module and adds them (:func:`register`), so imports only
+run downward.
 
 Commands that only read open the database read-only (safe while the daemon runs); the
-operator actions (close, link, auth) write in one short transaction each.
+operator actions (close, link, auth) write in one short transaction each, through the
+tracker's operator actions (engine.tracking.actions).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import click
 
-from engine.cli.common import login_name as _login_name
-from engine.cli.common import open_referral_store as _open
+from engine.cli.common import (
+    errors,
+    login_name,
+    open_referral_store,
+    routes_option,
+    state_option,
+)
 from engine.clock import WallClock, isoformat, parse_iso
 from engine.store import audit as audit_store
 from engine.tracking import states
+from engine.tracking.views import list_parked, list_referrals, show_referral
 
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-
-def register(
-    main: click.Group,
-    *,
-    state_option: Decorator | None = None,
-    routes_option: Decorator | None = None,
-    errors: Callable[[], AbstractContextManager[None]] | None = None,
-) -> None:
-    """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main``."""
-    if state_option is None or routes_option is None or errors is None:
-        from engine.cli import common as cli
-
-        state_option = state_option or cli.state_option
-        routes_option = routes_option or cli.routes_option
-        errors = errors or cli.errors
-    for group in _build(state_option, routes_option, errors):
+def register(main: click.Group, **_shared: Any) -> None:
+    """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main`` (the shared
+    options the lazy loader passes are the ones engine.cli.common defines: not needed)."""
+    for group in (referrals, parked, audit):
         main.add_command(group)
 
 
-def _build(
-    state_option: Decorator,
-    routes_option: Decorator,
-    errors: Callable[[], AbstractContextManager[None]],
-) -> list[click.Group]:
-    from engine.tracking.tracker import Tracker, list_parked, list_referrals, show_referral
+def actor_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--actor",
+        default=None,
+        help="Who is acting, for the audit log (default: your login name).",
+    )(f)
 
-    def actor_option(f: Callable[..., Any]) -> Callable[..., Any]:
-        return click.option(
-            "--actor",
-            default=None,
-            help="Who is acting, for the audit log (default: your login name).",
-        )(f)
 
-    # -- referrals ---------------------------------------------------------------
+# -- referrals ----------------------------------------------------------------------
 
-    @click.group("referrals")
-    def referrals() -> None:
-        """List, inspect, close and link referrals."""
 
-    @referrals.command("list")
-    @state_option
-    @routes_option
-    @click.option("--status", type=click.Choice(states.OVERALL_STATUSES))
-    @click.option(
-        "--open-days-over", type=click.FloatRange(min=0), help="Not closed, opened over N days ago."
+@click.group("referrals")
+def referrals() -> None:
+    """List, inspect, close and link referrals."""
+
+
+@referrals.command("list")
+@state_option
+@routes_option
+@click.option("--status", type=click.Choice(states.OVERALL_STATUSES))
+@click.option(
+    "--open-days-over", type=click.FloatRange(min=0), help="Not closed, opened over N days ago."
+)
+@click.option("--specialty", help="Specialty (case-insensitive).")
+@click.option(
+    "--prior-auth",
+    type=click.Choice(["required", "pending", "approved", "denied"]),
+    help="Only referrals whose prior-auth work item has this status.",
+)
+@click.option("--limit", default=50, show_default=True, help="Rows to show; 0 = all.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def referrals_list(
+    state_dir: str,
+    routes_path: str,
+    status: str | None,
+    open_days_over: float | None,
+    specialty: str | None,
+    prior_auth: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List referrals, newest first.
+
+    Example: refloop referrals list --status open --open-days-over 30 --specialty cardiology
+    """
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=True)
+        try:
+            items = list_referrals(
+                db,
+                status=status,
+                specialty=specialty,
+                open_days_over=open_days_over,
+                prior_auth=prior_auth,
+                limit=limit,
+                now=WallClock().now(),
+            )
+        finally:
+            db.close()
+    if as_json:
+        click.echo(json.dumps(items, indent=1))
+        return
+    click.echo(
+        f"{'ID':>7}  {'PLACER':<16} {'STATUS':<21} {'PATIENT':<18} {'SPECIALIST':<16} "
+        f"{'SPECIALTY':<16} {'OPENED (UTC)':<11} CLOSED"
     )
-    @click.option("--specialty", help="Specialty (case-insensitive).")
-    @click.option(
-        "--prior-auth",
-        type=click.Choice(["required", "pending", "approved", "denied"]),
-        help="Only referrals whose prior-auth work item has this status.",
+    for i in items:
+        click.echo(
+            f"{i['id']:>7}  {i['placer_number'][:16]:<16} {i['status']:<21} "
+            f"{i['patient_status']:<18} {i['specialist_status']:<16} "
+            f"{i['specialty'][:16]:<16} {i['opened_at'][:10]:<11} {i['close_reason'] or '-'}"
+        )
+
+
+@referrals.command("show")
+@click.argument("referral_id", type=int)
+@state_option
+@routes_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def referrals_show(referral_id: int, state_dir: str, routes_path: str, as_json: bool) -> None:
+    """Show one referral: keys, statuses, prior auth, timers, outbox and its timeline.
+
+    Example: refloop referrals show 42 --json
+    """
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=True)
+        try:
+            item = show_referral(db, referral_id)
+        finally:
+            db.close()
+    if item is None:
+        raise click.ClickException(f"no referral with id {referral_id}")
+    if as_json:
+        click.echo(json.dumps(item, indent=1))
+        return
+    for key in (
+        "id",
+        "sending_facility",
+        "placer_number",
+        "filler_numbers",
+        "status",
+        "patient_status",
+        "specialist_status",
+        "close_reason",
+        "specialty",
+        "priority",
+        "opened_at",
+        "closed_at",
+    ):
+        value = item[key]
+        if isinstance(value, list):
+            value = ", ".join(value)
+        click.echo(f"{key.replace('_', ' '):>18}: {value if value not in (None, '') else '-'}")
+    auth = item["prior_auth"]
+    if auth is not None:
+        held = " (packet held)" if auth["packet_held"] else ""
+        click.echo(f"{'prior auth':>18}: {auth['status']}{held}")
+    for t in item["timers"]:
+        click.echo(f"{'timer':>18}: {t['kind']} #{t['attempt']} due {t['due']}")
+    for o in item["outbox"]:
+        click.echo(f"{'outbox':>18}: {o['template']} via {o['channel']} ({o['status']})")
+    click.echo("")
+    click.echo("timeline:")
+    for e in item["timeline"]:
+        source = f"message {e['message_id']}" if e["message_id"] else e["actor"]
+        effects = f"  [{', '.join(e['effects'])}]" if e["effects"] else ""
+        mark = "" if e["changed"] else "  (no change)"
+        click.echo(
+            f"  {e['recorded_at'][:19]}  {e['kind']:<24} {source:<16} -> {e['status']}"
+            f"{mark}{effects}"
+        )
+
+
+@referrals.command("close")
+@click.argument("referral_id", type=int)
+@click.option("--reason", required=True, type=click.Choice(states.CLOSE_PRECEDENCE))
+@click.option("--note", default="", help="Kept with the referral; never in the audit log.")
+@actor_option
+@state_option
+@routes_option
+def referrals_close(
+    referral_id: int,
+    reason: states.CloseReason,
+    note: str,
+    actor: str | None,
+    state_dir: str,
+    routes_path: str,
+) -> None:
+    """Close a referral by hand; its timers and queued outbound work stop.
+
+    Example: refloop referrals close 42 --reason other --note "patient moved away"
+    """
+    from engine.tracking.tracker import Tracker  # prometheus: only for a command that writes
+
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=False)
+        try:
+            result = Tracker(db, WallClock()).close(
+                referral_id, reason, note, actor=f"operator:{actor or login_name()}"
+            )
+        finally:
+            db.close()
+    click.echo(f"referral {referral_id}: {result.status} ({result.outcome})")
+
+
+@referrals.command("link")
+@click.argument("parked_id", type=int)
+@click.argument("referral_id", type=int)
+@actor_option
+@state_option
+@routes_option
+def referrals_link(
+    parked_id: int, referral_id: int, actor: str | None, state_dir: str, routes_path: str
+) -> None:
+    """Apply a parked event to a referral (see refloop parked list).
+
+    Example: refloop referrals link 7 42
+    """
+    from engine.tracking.tracker import Tracker  # prometheus: only for a command that writes
+
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=False)
+        try:
+            result = Tracker(db, WallClock()).link(
+                parked_id, referral_id, actor=f"operator:{actor or login_name()}"
+            )
+        finally:
+            db.close()
+    click.echo(f"parked {parked_id} -> referral {referral_id}: {result.status}")
+
+
+@referrals.command("auth")
+@click.argument("referral_id", type=int)
+@click.option("--outcome", required=True, type=click.Choice(["pending", "approved", "denied"]))
+@click.option("--number", "auth_number", default="", help="The payer's authorization number.")
+@actor_option
+@state_option
+@routes_option
+def referrals_auth(
+    referral_id: int,
+    outcome: str,
+    auth_number: str,
+    actor: str | None,
+    state_dir: str,
+    routes_path: str,
+) -> None:
+    """Record a prior-authorization outcome; an approval releases a held packet.
+
+    Example: refloop referrals auth 42 --outcome approved --number PA-123
+    """
+    from engine.tracking.tracker import Tracker  # prometheus: only for a command that writes
+
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=False)
+        try:
+            result = Tracker(db, WallClock()).decide_auth(
+                referral_id,
+                outcome,
+                actor=f"operator:{actor or login_name()}",
+                auth_number=auth_number,
+            )
+        finally:
+            db.close()
+    done = f" [{', '.join(result.effects)}]" if result.effects else ""
+    click.echo(f"referral {referral_id}: prior auth {outcome} ({result.outcome}){done}")
+
+
+# -- parked -------------------------------------------------------------------------
+
+
+@click.group("parked")
+def parked() -> None:
+    """Events that matched no referral."""
+
+
+@parked.command("list")
+@state_option
+@routes_option
+@click.option("--all", "include_linked", is_flag=True, help="Include linked events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def parked_list(state_dir: str, routes_path: str, include_linked: bool, as_json: bool) -> None:
+    """List parked events (ids and keys only), oldest first.
+
+    Example: refloop parked list --json
+    """
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=True)
+        try:
+            items = list_parked(db, include_linked=include_linked)
+        finally:
+            db.close()
+    if as_json:
+        click.echo(json.dumps(items, indent=1))
+        return
+    click.echo(
+        f"{'ID':>6}  {'MESSAGE':>7}  {'KIND':<24} {'WHY':<16} {'PLACER':<16} {'FILLER':<16} STATUS"
     )
-    @click.option("--limit", default=50, show_default=True, help="Rows to show; 0 = all.")
-    @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
-    def referrals_list(
-        state_dir: str,
-        routes_path: str,
-        status: str | None,
-        open_days_over: float | None,
-        specialty: str | None,
-        prior_auth: str | None,
-        limit: int,
-        as_json: bool,
-    ) -> None:
-        """List referrals, newest first.
-
-        Example: refloop referrals list --status open --open-days-over 30 --specialty cardiology
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                items = list_referrals(
-                    db,
-                    status=status,
-                    specialty=specialty,
-                    open_days_over=open_days_over,
-                    prior_auth=prior_auth,
-                    limit=limit,
-                    now=WallClock().now(),
-                )
-            finally:
-                db.close()
-        if as_json:
-            click.echo(json.dumps(items, indent=1))
-            return
+    for p in items:
+        status = p["status"] if p["referral_id"] is None else f"linked to {p['referral_id']}"
         click.echo(
-            f"{'ID':>7}  {'PLACER':<16} {'STATUS':<21} {'PATIENT':<18} {'SPECIALIST':<16} "
-            f"{'SPECIALTY':<16} {'OPENED (UTC)':<11} CLOSED"
+            f"{p['id']:>6}  {p['message_id'] or '-':>7}  {p['kind']:<24} {p['why']:<16} "
+            f"{p['placer_number'][:16] or '-':<16} "
+            f"{','.join(p['filler_numbers'])[:16] or '-':<16} {status}"
         )
-        for i in items:
-            click.echo(
-                f"{i['id']:>7}  {i['placer_number'][:16]:<16} {i['status']:<21} "
-                f"{i['patient_status']:<18} {i['specialist_status']:<16} "
-                f"{i['specialty'][:16]:<16} {i['opened_at'][:10]:<11} {i['close_reason'] or '-'}"
-            )
 
-    @referrals.command("show")
-    @click.argument("referral_id", type=int)
-    @state_option
-    @routes_option
-    @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-    def referrals_show(referral_id: int, state_dir: str, routes_path: str, as_json: bool) -> None:
-        """Show one referral: keys, statuses, prior auth, timers, outbox and its timeline.
 
-        Example: refloop referrals show 42 --json
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                item = show_referral(db, referral_id)
-            finally:
-                db.close()
-        if item is None:
-            raise click.ClickException(f"no referral with id {referral_id}")
-        if as_json:
-            click.echo(json.dumps(item, indent=1))
-            return
-        for key in (
-            "id",
-            "sending_facility",
-            "placer_number",
-            "filler_numbers",
-            "status",
-            "patient_status",
-            "specialist_status",
-            "close_reason",
-            "specialty",
-            "priority",
-            "opened_at",
-            "closed_at",
-        ):
-            value = item[key]
-            if isinstance(value, list):
-                value = ", ".join(value)
-            click.echo(f"{key.replace('_', ' '):>18}: {value if value not in (None, '') else '-'}")
-        auth = item["prior_auth"]
-        if auth is not None:
-            held = " (packet held)" if auth["packet_held"] else ""
-            click.echo(f"{'prior auth':>18}: {auth['status']}{held}")
-        for t in item["timers"]:
-            click.echo(f"{'timer':>18}: {t['kind']} #{t['attempt']} due {t['due']}")
-        for o in item["outbox"]:
-            click.echo(f"{'outbox':>18}: {o['template']} via {o['channel']} ({o['status']})")
-        click.echo("")
-        click.echo("timeline:")
-        for e in item["timeline"]:
-            source = f"message {e['message_id']}" if e["message_id"] else e["actor"]
-            effects = f"  [{', '.join(e['effects'])}]" if e["effects"] else ""
-            mark = "" if e["changed"] else "  (no change)"
-            click.echo(
-                f"  {e['recorded_at'][:19]}  {e['kind']:<24} {source:<16} -> {e['status']}"
-                f"{mark}{effects}"
-            )
+# -- audit --------------------------------------------------------------------------
 
-    @referrals.command("close")
-    @click.argument("referral_id", type=int)
-    @click.option("--reason", required=True, type=click.Choice(states.CLOSE_PRECEDENCE))
-    @click.option("--note", default="", help="Kept with the referral; never in the audit log.")
-    @actor_option
-    @state_option
-    @routes_option
-    def referrals_close(
-        referral_id: int,
-        reason: states.CloseReason,
-        note: str,
-        actor: str | None,
-        state_dir: str,
-        routes_path: str,
-    ) -> None:
-        """Close a referral by hand; its timers and queued outbound work stop.
 
-        Example: refloop referrals close 42 --reason other --note "patient moved away"
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=False)
-            try:
-                result = Tracker(db, WallClock()).close(
-                    referral_id, reason, note, actor=f"operator:{actor or _login_name()}"
-                )
-            finally:
-                db.close()
-        click.echo(f"referral {referral_id}: {result.status} ({result.outcome})")
+@click.group("audit")
+def audit() -> None:
+    """Check and export the hash-chained audit log."""
 
-    @referrals.command("link")
-    @click.argument("parked_id", type=int)
-    @click.argument("referral_id", type=int)
-    @actor_option
-    @state_option
-    @routes_option
-    def referrals_link(
-        parked_id: int, referral_id: int, actor: str | None, state_dir: str, routes_path: str
-    ) -> None:
-        """Apply a parked event to a referral (see refloop parked list).
 
-        Example: refloop referrals link 7 42
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=False)
-            try:
-                result = Tracker(db, WallClock()).link(
-                    parked_id, referral_id, actor=f"operator:{actor or _login_name()}"
-                )
-            finally:
-                db.close()
-        click.echo(f"parked {parked_id} -> referral {referral_id}: {result.status}")
+@audit.command("verify")
+@state_option
+@routes_option
+def audit_verify(state_dir: str, routes_path: str) -> None:
+    """Walk the audit log's hash chain; exit 1 naming the first bad row.
 
-    @referrals.command("auth")
-    @click.argument("referral_id", type=int)
-    @click.option("--outcome", required=True, type=click.Choice(["pending", "approved", "denied"]))
-    @click.option("--number", "auth_number", default="", help="The payer's authorization number.")
-    @actor_option
-    @state_option
-    @routes_option
-    def referrals_auth(
-        referral_id: int,
-        outcome: str,
-        auth_number: str,
-        actor: str | None,
-        state_dir: str,
-        routes_path: str,
-    ) -> None:
-        """Record a prior-authorization outcome; an approval releases a held packet.
+    Example: refloop audit verify --state /var/lib/refloop
+    """
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=True)
+        try:
+            result = audit_store.verify(db.conn)
+        finally:
+            db.close()
+    if not result.ok:
+        raise click.ClickException(f"audit row {result.bad_row}: {result.problem}")
+    click.echo(f"audit log ok: {result.rows} rows")
 
-        Example: refloop referrals auth 42 --outcome approved --number PA-123
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=False)
-            try:
-                result = Tracker(db, WallClock()).decide_auth(
-                    referral_id,
-                    outcome,
-                    actor=f"operator:{actor or _login_name()}",
-                    auth_number=auth_number,
-                )
-            finally:
-                db.close()
-        done = f" [{', '.join(result.effects)}]" if result.effects else ""
-        click.echo(f"referral {referral_id}: prior auth {outcome} ({result.outcome}){done}")
 
-    # -- parked ------------------------------------------------------------------
+@audit.command("export")
+@state_option
+@routes_option
+@click.option("--since", help="Rows at or after (ISO date or time, UTC).")
+@click.option("--jsonl", is_flag=True, help="One JSON object per line (default: a JSON array).")
+def audit_export(state_dir: str, routes_path: str, since: str | None, jsonl: bool) -> None:
+    """Write audit rows (with their hashes) as JSON.
 
-    @click.group("parked")
-    def parked() -> None:
-        """Events that matched no referral."""
-
-    @parked.command("list")
-    @state_option
-    @routes_option
-    @click.option("--all", "include_linked", is_flag=True, help="Include linked events.")
-    @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
-    def parked_list(state_dir: str, routes_path: str, include_linked: bool, as_json: bool) -> None:
-        """List parked events (ids and keys only), oldest first.
-
-        Example: refloop parked list --json
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                items = list_parked(db, include_linked=include_linked)
-            finally:
-                db.close()
-        if as_json:
-            click.echo(json.dumps(items, indent=1))
-            return
-        click.echo(
-            f"{'ID':>6}  {'MESSAGE':>7}  {'KIND':<24} {'WHY':<16} {'PLACER':<16} "
-            f"{'FILLER':<16} STATUS"
-        )
-        for p in items:
-            status = p["status"] if p["referral_id"] is None else f"linked to {p['referral_id']}"
-            click.echo(
-                f"{p['id']:>6}  {p['message_id'] or '-':>7}  {p['kind']:<24} {p['why']:<16} "
-                f"{p['placer_number'][:16] or '-':<16} "
-                f"{','.join(p['filler_numbers'])[:16] or '-':<16} {status}"
-            )
-
-    # -- audit -------------------------------------------------------------------
-
-    @click.group("audit")
-    def audit() -> None:
-        """Check and export the hash-chained audit log."""
-
-    @audit.command("verify")
-    @state_option
-    @routes_option
-    def audit_verify(state_dir: str, routes_path: str) -> None:
-        """Walk the audit log's hash chain; exit 1 naming the first bad row.
-
-        Example: refloop audit verify --state /var/lib/refloop
-        """
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                result = audit_store.verify(db.conn)
-            finally:
-                db.close()
-        if not result.ok:
-            raise click.ClickException(f"audit row {result.bad_row}: {result.problem}")
-        click.echo(f"audit log ok: {result.rows} rows")
-
-    @audit.command("export")
-    @state_option
-    @routes_option
-    @click.option("--since", help="Rows at or after (ISO date or time, UTC).")
-    @click.option("--jsonl", is_flag=True, help="One JSON object per line (default: a JSON array).")
-    def audit_export(state_dir: str, routes_path: str, since: str | None, jsonl: bool) -> None:
-        """Write audit rows (with their hashes) as JSON.
-
-        Example: refloop audit export --since 2026-01-01 --jsonl > audit.jsonl
-        """
-        since_iso = None
-        if since is not None:
-            try:
-                since_iso = isoformat(parse_iso(since))
-            except ValueError:
-                raise click.BadParameter(f"not an ISO date or time: {since!r}") from None
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                rows = (r.as_dict() for r in audit_store.rows(db.conn, since=since_iso))
-                if jsonl:
-                    for r in rows:  # streamed: the log can be large
-                        click.echo(json.dumps(r, sort_keys=True, ensure_ascii=False))
-                else:
-                    click.echo(json.dumps(list(rows), indent=1, ensure_ascii=False))
-            finally:
-                db.close()
-
-    return [referrals, parked, audit]
+    Example: refloop audit export --since 2026-01-01 --jsonl > audit.jsonl
+    """
+    since_iso = None
+    if since is not None:
+        try:
+            since_iso = isoformat(parse_iso(since))
+        except ValueError:
+            raise click.BadParameter(f"not an ISO date or time: {since!r}") from None
+    with errors():
+        db = open_referral_store(state_dir, routes_path, readonly=True)
+        try:
+            rows = (r.as_dict() for r in audit_store.rows(db.conn, since=since_iso))
+            if jsonl:
+                for r in rows:  # streamed: the log can be large
+                    click.echo(json.dumps(r, sort_keys=True, ensure_ascii=False))
+            else:
+                click.echo(json.dumps(list(rows), indent=1, ensure_ascii=False))
+        finally:
+            db.close()

@@ -46,8 +46,9 @@ from engine.clock import Clock, isoformat
 from engine.errors import ChannelError, StoreError
 from engine.metrics import Metrics
 from engine.model import Attachment, OutboundMessage
+from engine.routing.channels import rotation_slots
 from engine.routing.expressions import make_environment
-from engine.routing.routes import ChannelSpec, PracticeSpec, rotation_slots
+from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store

@@ -1,6 +1,6 @@
 """routes.yaml ``channels:`` → the channel adapters the dispatcher calls.
 
-``engine.routing.routes`` keeps each channel's settings raw (``${env:}``/``${file:}`` not yet
+``engine.routing.channels`` keeps each channel's settings raw (``${env:}``/``${file:}`` not yet
 substituted: secrets stay out of the compiled table); they are resolved here, once, at
 start. Each adapter's own ``problems()`` validates what it needs; every problem is a
 :class:`~engine.errors.ConfigError` line naming ``channels.<name>.<key>``, so ``refloop
@@ -62,7 +62,7 @@ from engine.clock import Clock
 from engine.config import file_ref, substitute
 from engine.errors import ConfigError
 from engine.hl7v2.client import MllpClient, normalise
-from engine.routing.routes import ChannelSpec
+from engine.routing.table import ChannelSpec
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any, Final
 from engine.clock import Clock, isoformat, parse_iso
 from engine.delivery.direct_inbound import timeline_note
 from engine.errors import StoreError
-from engine.routing.routes import RouteTable
+from engine.routing.table import RouteTable
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
 from engine.store import tasks as store

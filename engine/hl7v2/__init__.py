@@ -1,4 +1,6 @@
-"""HL7 v2 on the wire: MLLP framing (bytes only), the lazy message reader, ACKs, the MLLP client.
+"""HL7 v2 on the wire: MLLP framing (bytes only), the lazy message reader, ACKs, the MLLP
+client.
 
-Imports only engine.model, engine.errors and engine.config; the only user of python-hl7.
+May import: the shared top-level modules (engine.model, errors, config, clock) only.
+The only package that may read messages with python-hl7 (today none does).
 """

@@ -5,7 +5,7 @@ resource's JSON (compact, keys in the server's order), ``sending_app`` = the sou
 ``message_type`` = the resource type and ``control_id`` =
 ``<type>/<id>/_history/<versionId or lastUpdated>``. A version is immutable, so the inbox
 stores each control id once; the processor then routes it through the FHIR routes of
-routes.yaml (engine.routing.routes.decide_fhir) into the same normalised events as HL7 v2.
+routes.yaml (engine.routing.decide.decide_fhir) into the same normalised events as HL7 v2.
 
 **Polling** (:class:`FhirPoller`): per configured resource type,
 ``GET [base]/<type>?<params>&_lastUpdated=gt<cursor - overlap>&_count=<n>&_sort=_lastUpdated``,

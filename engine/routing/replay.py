@@ -33,14 +33,11 @@ from engine.clock import Clock, WallClock, isoformat
 from engine.config import Config
 from engine.errors import StoreError
 from engine.model import Decision, StoredMessage
-from engine.routing.routes import (
-    RouteTable,
-    Tracker,
-    canonical_actions,
-    compile_config,
-    decide_stored,
-    summarise,
-)
+from engine.routing.compile import compile_config
+from engine.routing.decide import decide_stored
+from engine.routing.handler import RouteHandler, Tracker
+from engine.routing.summary import canonical_actions, summarise
+from engine.routing.table import RouteTable
 from engine.store import Inbox, audit, open_database
 from engine.store.db import has_table
 from engine.store.decisions import DecisionRow, Decisions
@@ -187,8 +184,6 @@ def replay(
     the transaction that records the decision. ``user`` is recorded with each
     re-applied decision. ``progress`` is called after each message with the item and
     the number of messages selected."""
-    from engine.routing.routes import RouteHandler
-
     table = table or compile_config(config)
     clock = clock or WallClock()
     if not Path(db_path).exists():  # never make up an empty database to replay into

@@ -142,7 +142,7 @@ class Policy:
     appointment_reminder: bool = False  # an SMS the day before the visit (opt-in)
     notify: str = ""  # the channel for notices to the referring provider ("" = timeline)
     packet_task: bool = True  # a task when the packet cannot be sent at all
-    # Rotation slot -> the configured channel serving it (engine.routing.routes.
+    # Rotation slot -> the configured channel serving it (engine.routing.channels.
     # rotation_slots); None: every slot is a channel of its own name. A ``voice`` slot
     # no channel serves is a "call the patient" coordinator task (the built-in queue).
     slots: Mapping[str, str] | None = None

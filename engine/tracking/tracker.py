@@ -1,25 +1,15 @@
-"""The referral tracker: correlate a normalised event with its referral, run the state
-machine (:mod:`engine.tracking.states`) and write everything the event causes in the caller's
+"""The referral tracker: apply a normalised event to its referral, run the state machine
+(:mod:`engine.tracking.states`) and write everything the event causes in the caller's
 transaction: the referral row, its timeline entry, the audit row, timer changes and
 outbox rows (transactional outbox).
 
-Correlation, in order (docs/referral-states.md, "Correlation and storage"):
-
-1. the practice + placer number (ORC-2/OBR-2, RF1-6, SCH-26, TXA-14): the key with the
-   sending facility or the placer number's assigning authority (EI.2); then the one
-   referral that recorded that authority; then the placer number alone when exactly one
-   referral has it and no stated authority contradicts it (a specialist's report names
-   our placer number under its own MSH-4);
-2. filler number (ORC-3, RF1-11, SCH-2), learnt from earlier events;
-3. patient identifier + specialty, for a referral opened within the window (default 90
-   days) of the event's own time, only when the event names no placer number (a stated
-   placer number that matches nothing means its referral has not arrived yet).
-
+Which referral an event belongs to is the correlation rule (engine.tracking.correlate);
+an event that matches nothing (or more than one referral) is parked there, never dropped.
 A contact update that names no referral goes to the patient's open referrals; with none
-it is counted and dropped (it cannot belong to a referral). Any other event that matches
-nothing (or more than one referral) is parked, never dropped. When
-a referral is created or learns a filler number, parked events that now match it are
-applied in the same transaction (``auto-link``); an operator links the rest.
+it is counted and dropped (it cannot belong to a referral). When a referral is created or
+learns a filler number, parked events that now match it are applied in the same
+transaction (``auto-link``); an operator links the rest (engine.tracking.actions, the
+operator actions mixed into :class:`Tracker`). Read views are in engine.tracking.views.
 
 Replays: an event already in a referral's timeline from the same message (same kind and
 fingerprint) changes nothing at all: no row, no audit entry, no effect.
@@ -31,11 +21,10 @@ referral's own rows.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -46,19 +35,14 @@ from engine.config import Config
 from engine.errors import StoreError
 from engine.metrics import StoreCollector
 from engine.model import (
-    EVENT_TYPES,
     WRITE_BACK_TEMPLATE,
     ContactUpdated,
     Event,
-    Identifiers,
-    PatientContact,
     PatientsMerged,
     PriorAuthDecided,
-    Provider,
     ReferralCreated,
     ReferralUpdated,
     ReportReceived,
-    to_plain,
     write_back_channel,
 )
 from engine.store import audit as audit_store
@@ -66,22 +50,19 @@ from engine.store import referrals as store
 from engine.store.db import Database
 from engine.store.referrals import Conn
 from engine.tracking import specialists, states
-from engine.tracking.escalation import Policy, TimerGroup, TimerSpec
+from engine.tracking.actions import AUTH_OUTCOMES, OperatorActions
+from engine.tracking.correlate import (
+    DEFAULT_WINDOW_DAYS,
+    EVENT_CLASSES,
+    correlate,
+    event_from_dict,
+    park,
+)
+from engine.tracking.escalation import DAY, Policy, TimerGroup, TimerSpec
+from engine.tracking.result import ApplyResult, Outcome, Source
 
 log = logging.getLogger(__name__)
 
-DAY: Final = 86400.0
-DEFAULT_WINDOW_DAYS: Final = 90.0
-
-Outcome = Literal["applied", "unchanged", "duplicate", "parked", "merged", "dropped"]
-Source = Literal["message", "operator", "internal", "link"]
-AUTH_OUTCOMES: Final = ("pending", "approved", "denied")
-
-# Every event class the tracker accepts by kind (stored parked events are rebuilt by it).
-EVENT_CLASSES: Final[dict[str, type[Event]]] = {
-    **EVENT_TYPES,
-    "prior-auth-decided": PriorAuthDecided,
-}
 # Bounded metric label values: the event kinds we know, anything else is "other".
 KNOWN_KINDS: Final = frozenset(EVENT_CLASSES) | frozenset(states.INTERNAL_KINDS)
 # Outbox templates per effect; the recipient side picks the channel.
@@ -152,75 +133,6 @@ class EscalationPolicy(Protocol):
     def served(self) -> frozenset[str] | None:
         """The channel names something serves (None: all): the packet goes only there."""
         ...
-
-
-# ---------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyResult:
-    """What one :meth:`Tracker.apply` did.
-
-    ``outcome``: ``applied`` (the referral's state or prior-auth item moved),
-    ``unchanged`` (recorded in the timeline, nothing moved), ``duplicate`` (this event
-    from this message was already recorded: nothing written), ``parked`` (no referral
-    matched), ``merged`` (a patient merge; ``referral_ids`` are the referrals moved),
-    ``dropped`` (a contact update for a patient with no open referral: counted, not kept).
-    ``how`` names the correlation step that matched (key, placer-authority, placer,
-    filler, patient-window, patient, created, link, operator, merge). ``linked`` are
-    parked events that were applied to the referral as a consequence.
-    """
-
-    outcome: Outcome
-    referral_ids: tuple[int, ...] = ()
-    parked_id: int | None = None
-    status: str = ""
-    effects: tuple[str, ...] = ()
-    how: str = ""
-    linked: tuple[int, ...] = ()
-
-    @property
-    def referral_id(self) -> int | None:
-        return self.referral_ids[0] if self.referral_ids else None
-
-
-# ---------------------------------------------------------------------------
-# Events as JSON (parked events are stored whole so that linking re-applies them)
-
-_NESTED: Final[dict[str, type]] = {"Provider": Provider, "PatientContact": PatientContact}
-
-
-def event_to_dict(event: Event | states.InternalEvent) -> dict[str, Any]:
-    data = to_plain(event)
-    data["kind"] = event.kind
-    return data
-
-
-def event_from_dict(data: Mapping[str, Any]) -> Event:
-    """Rebuild a model event from :func:`event_to_dict` output."""
-    kind = str(data.get("kind", ""))
-    cls = EVENT_CLASSES.get(kind)
-    if cls is None:
-        raise StoreError(f"stored event has an unknown kind {kind!r}")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name not in data:
-            continue
-        value = data[f.name]
-        if f.name == "ids":
-            value = Identifiers(
-                sending_facility=str(value.get("sending_facility", "")),
-                placer_number=str(value.get("placer_number", "")),
-                filler_numbers=tuple(value.get("filler_numbers", ())),
-                patient_ids=tuple(value.get("patient_ids", ())),
-                specialty=str(value.get("specialty", "")),
-                placer_authority=str(value.get("placer_authority", "")),
-            )
-        elif isinstance(value, dict) and str(f.type) in _NESTED:
-            value = _NESTED[str(f.type)](**value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
 
 
 def fingerprint(event: Event | states.InternalEvent) -> str:
@@ -306,11 +218,11 @@ class TrackerMetrics:
 # The tracker
 
 
-class Tracker:
+class Tracker(OperatorActions):
     """Applies events to referrals. One per database.
 
     ``apply`` and ``apply_internal`` run inside the caller's transaction; the operator
-    actions (``close``, ``link``, ``decide_auth``) open their own.
+    actions (``close``, ``link``, ``decide_auth``: engine.tracking.actions) open their own.
     """
 
     def __init__(
@@ -348,35 +260,40 @@ class Tracker:
         if isinstance(event, PatientsMerged):
             return self._merge(conn, event, now)
         if isinstance(event, ReferralCreated):
-            ids = event.ids
-            if not ids.placer_number:
+            if not event.ids.placer_number:
                 return self._park(conn, event, "no-placer-number", now)
-            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
-            how = "key"
-            if rid is None:
-                initial = states.INITIAL
-                rid = store.insert_referral(
-                    conn,
-                    sending_facility=ids.sending_facility,
-                    placer_number=ids.placer_number,
-                    state=states.to_dict(initial),
-                    statuses=_statuses(initial),
-                    opened_at=event.occurred_at,
-                    now=now,
-                    placer_authority=ids.placer_authority,
-                )
-                how = "created"
-            elif ids.placer_authority:
-                store.learn_placer_authority(conn, rid, ids.placer_authority)
+            rid, how = self._open(conn, event, now)
             return self._apply_to(conn, rid, event, "message", "message", now, how)
         if isinstance(event, ContactUpdated) and not (
             event.ids.placer_number or event.ids.filler_numbers
         ):
             return self._contact(conn, event, now)
-        rid, how, why = self._correlate(conn, event)
-        if rid is None:
-            return self._park(conn, event, why, now)
-        return self._apply_to(conn, rid, event, "message", "message", now, how)
+        match = correlate(conn, event, self.window)
+        if match.referral_id is None:
+            return self._park(conn, event, match.why, now)
+        return self._apply_to(conn, match.referral_id, event, "message", "message", now, match.how)
+
+    def _open(self, conn: Conn, event: ReferralCreated, now: float) -> tuple[int, str]:
+        """The referral a new-referral event opens, or the one it repeats (same practice
+        and placer number: ``key``; it may teach the placer number's authority)."""
+        ids = event.ids
+        rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
+        if rid is not None:
+            if ids.placer_authority:
+                store.learn_placer_authority(conn, rid, ids.placer_authority)
+            return rid, "key"
+        initial = states.INITIAL
+        rid = store.insert_referral(
+            conn,
+            sending_facility=ids.sending_facility,
+            placer_number=ids.placer_number,
+            state=states.to_dict(initial),
+            statuses=_statuses(initial),
+            opened_at=event.occurred_at,
+            now=now,
+            placer_authority=ids.placer_authority,
+        )
+        return rid, "created"
 
     def apply_internal(
         self,
@@ -401,114 +318,6 @@ class Tracker:
             message_id=message_id,
         )
 
-    # -- operator actions (own transaction) --------------------------------------
-
-    def close(
-        self, referral_id: int, reason: states.CloseReason, note: str = "", actor: str = "operator"
-    ) -> ApplyResult:
-        """Close a referral by hand with a reason from ``states.CLOSE_REASONS``. The note
-        is kept with the referral, never in the audit log."""
-        with self.db.transaction() as conn:
-            now = self.clock.now()
-            event = states.InternalEvent(
-                "closed-by-operator", occurred_at=now, reason=reason, note=note
-            )
-            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
-
-    def link(self, parked_id: int, referral_id: int, actor: str = "operator") -> ApplyResult:
-        """Apply a parked event to the referral an operator chose, and mark it linked."""
-        with self.db.transaction() as conn:
-            now = self.clock.now()
-            parked = store.get_parked(conn, parked_id)
-            if parked is None:
-                raise StoreError(f"no parked event with id {parked_id}")
-            if parked.status != "parked":
-                raise StoreError(
-                    f"parked event {parked_id} is already linked to referral {parked.referral_id}"
-                )
-            event = event_from_dict(parked.event)
-            result = self._apply_to(
-                conn, referral_id, event, "link", actor, now, "link", parked_id=parked_id
-            )
-            store.mark_linked(conn, parked_id, referral_id, actor, now)
-            return result
-
-    def decide_auth(
-        self, referral_id: int, outcome: str, actor: str = "operator", auth_number: str = ""
-    ) -> ApplyResult:
-        """Record a prior-authorization outcome (``pending``, ``approved``, ``denied``)
-        given by an operator."""
-        if outcome not in AUTH_OUTCOMES:
-            raise StoreError(f"unknown prior-auth outcome {outcome!r}")
-        with self.db.transaction() as conn:
-            now = self.clock.now()
-            event = PriorAuthDecided(
-                ids=Identifiers(), occurred_at=now, outcome=outcome, auth_number=auth_number
-            )
-            return self._apply_to(conn, referral_id, event, "operator", actor, now, "operator")
-
-    # -- correlation ---------------------------------------------------------------
-
-    def _correlate(self, conn: Conn, event: Event) -> tuple[int | None, str, str]:
-        """(referral id or None, how it matched, why it did not)."""
-        ids = event.ids
-        if isinstance(event, ReferralCreated):
-            if not ids.placer_number:
-                return None, "", "no-placer-number"
-            rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
-            return rid, "key", "" if rid else "no-match"
-        ambiguous = False
-        if ids.placer_number:
-            rid, how, ambiguous = self._by_placer(conn, ids)
-            if rid is not None:
-                return rid, how, ""
-        if ids.filler_numbers:
-            by_filler = store.find_by_fillers(conn, ids.filler_numbers)
-            if len(by_filler) == 1:
-                return by_filler[0], "filler", ""
-            ambiguous = ambiguous or len(by_filler) > 1
-        if not ids.placer_number and ids.patient_ids and ids.specialty:
-            pids = {*ids.patient_ids, *(store.surviving_id(conn, p) for p in ids.patient_ids)}
-            found = store.find_by_patient(
-                conn,
-                pids,
-                ids.specialty,
-                event.occurred_at - self.window,
-                event.occurred_at + self.window,
-            )
-            open_ = [rid for rid, status in found if status != "closed"]
-            if len(open_) == 1:
-                return open_[0], "patient-window", ""
-            if not open_ and len(found) == 1:
-                return found[0][0], "patient-window", ""
-            ambiguous = ambiguous or len(found) > 1
-        return None, "", "ambiguous" if ambiguous else "no-match"
-
-    def _by_placer(self, conn: Conn, ids: Identifiers) -> tuple[int | None, str, bool]:
-        """(referral, how, ambiguous) by placer number. A placer number is unique only
-        within the practice that assigned it, named by the sending facility (the key) or
-        the placer number's assigning authority EI.2 (docs/referral-states.md, "Which
-        practice a message names"):
-        the key; then the one referral whose recorded authority is the stated one; then
-        the only referral with the number, unless its recorded authority contradicts the
-        stated one (that practice's referral has not arrived yet)."""
-        stated = ids.placer_authority
-        for scope in (ids.sending_facility, *([stated] if stated else [])):
-            rid = store.find_by_key(conn, scope, ids.placer_number)
-            if rid is not None:
-                return rid, "key", False
-        candidates = store.placer_candidates(conn, ids.placer_number)
-        if stated:
-            owned = [c for c in candidates if stated in (c[1], c[2])]
-            if len(owned) == 1:
-                return owned[0][0], "placer-authority", False
-            if owned:
-                return None, "", True
-            candidates = [c for c in candidates if not c[2]]
-        if len(candidates) == 1:
-            return candidates[0][0], "placer", False
-        return None, "", len(candidates) > 1
-
     # -- applying ------------------------------------------------------------------
 
     def _apply_to(
@@ -525,119 +334,26 @@ class Tracker:
         parked_id: int | None = None,
         relink: bool = True,
     ) -> ApplyResult:
+        """Apply ``event`` to referral ``rid``: the state machine's transition, the keys
+        and details it teaches, the row update, the effects, then the timeline entry and
+        the audit row; finally the parked events the referral now claims (``relink``)."""
         row = store.get_referral(conn, rid)
         if row is None:
             raise StoreError(f"no referral with id {rid}")
         if isinstance(event, Event) and source != "operator":
             message_id = event.message_id or None
-        kind = event.kind
+        step = _Step(conn, row, event, source, actor, now, how, message_id, parked_id)
         digest = fingerprint(event)
-        if store.event_recorded(conn, rid, message_id, kind, digest):
+        if store.event_recorded(conn, rid, message_id, event.kind, digest):
             return ApplyResult("duplicate", (rid,), status=row.status, how=how)
-
         old = states.from_dict(row.state)
-        if isinstance(event, PriorAuthDecided):
-            transition = states.Transition(old, False, ())
-        else:
-            transition = states.apply(old, event)
-        new = transition.state
-        statuses = _statuses(new)
-
-        # Details and keys
-        details, versions = _merge_details(row, event, message_id or 0)
-        new_fillers: list[str] = []
-        if isinstance(event, Event):
-            new_fillers = store.add_fillers(conn, rid, event.ids.filler_numbers)
-            store.add_patient_ids(
-                conn, rid, (store.surviving_id(conn, p) for p in event.ids.patient_ids)
-            )
-        if isinstance(event, ReferralCreated) and event.prior_auth_required:
-            store.ensure_prior_auth(conn, rid, hold_packet=event.prior_auth_hold_packet, now=now)
-        merged_details = {**row.details, **details}
-        opened_at = None
-        if isinstance(event, ReferralCreated) and event.occurred_at < row.opened_at:
-            opened_at = event.occurred_at
-        closed_at = now if new.status == "closed" and row.closed_at is None else None
-        touched = transition.changed or bool(details) or bool(new_fillers) or opened_at is not None
-        store.update_referral(
-            conn,
-            rid,
-            state=states.to_dict(new) if transition.changed else None,
-            statuses=statuses if transition.changed else None,
-            details=details,
-            versions=versions if details else None,
-            opened_at=opened_at,
-            updated_at=now if touched else None,
-            closed_at=closed_at,
-        )
-
-        # Effects, in the order the state machine gave them
-        done = self._effects(conn, rid, transition.effects, merged_details, new, now)
-        auth_changed = False
-        if isinstance(event, PriorAuthDecided):
-            auth_changed, more = self._prior_auth(
-                conn, rid, event, actor, message_id, new, merged_details, now
-            )
-            done.extend(more)
-
-        if (
-            row.sending_facility in self.write_back
-            and new.close_reason == "report-received"
-            and old.close_reason != "report-received"
-        ):
-            report = event.report_id if isinstance(event, ReportReceived) else ""
-            self._write_back(conn, row, report, now)
-            done.append("fhir-write-back")
-
+        transition = _transition(old, event)
+        new_fillers = self._record_keys(step)
+        details = self._update_row(step, transition, bool(new_fillers))
+        done, auth_changed = self._carry_out(step, old, transition, details)
         changed = transition.changed or auth_changed
-        detail: dict[str, Any] = {
-            k: getattr(event, k)
-            for k in _TIMELINE_FIELDS
-            if getattr(event, k, "") not in ("", None)
-        }
-        if isinstance(event, states.InternalEvent) and event.reason:
-            detail["reason"] = event.reason
-        if parked_id is not None:
-            detail["parked_id"] = parked_id
-        store.insert_event(
-            conn,
-            referral_id=rid,
-            kind=kind,
-            message_id=message_id,
-            fingerprint=digest,
-            source=source,
-            actor=actor,
-            occurred_at=event.occurred_at,
-            recorded_at=now,
-            changed=changed,
-            statuses=statuses[:3],
-            effects=done,
-            detail=detail,
-        )
-        audit_store.append(
-            conn,
-            at=isoformat(now),
-            actor=actor,
-            action=kind,
-            referral_id=rid,
-            message_id=message_id,
-            detail={
-                "source": source,
-                "how": how,
-                "changed": changed,
-                "from": row.status,
-                "to": statuses[0],
-                "patient_status": statuses[1],
-                "specialist_status": statuses[2],
-                "close_reason": statuses[3],
-                "effects": done,
-                **({"parked_id": parked_id} if parked_id is not None else {}),
-            },
-        )
-        if changed and self.metrics is not None:
-            self.metrics.transition(kind)
-        if changed:
-            log.debug("referral %d: %s -> %s (%s)", rid, kind, statuses[0], ",".join(done))
+        statuses = _statuses(transition.state)
+        self._record(step, digest, changed, statuses, done)
         linked: tuple[int, ...] = ()
         if relink and (how == "created" or new_fillers):
             linked = self._relink(conn, rid, now)
@@ -649,6 +365,138 @@ class Tracker:
             how=how,
             linked=linked,
         )
+
+    def _record_keys(self, step: _Step) -> list[str]:
+        """The keys a message event teaches its referral: filler numbers, patient ids
+        (their surviving ids after a merge), a prior-auth item when the referral needs
+        one. Returns the filler numbers that are new (they may claim parked events)."""
+        event, rid = step.event, step.row.id
+        if not isinstance(event, Event):
+            return []
+        new_fillers = store.add_fillers(step.conn, rid, event.ids.filler_numbers)
+        store.add_patient_ids(
+            step.conn, rid, (store.surviving_id(step.conn, p) for p in event.ids.patient_ids)
+        )
+        if isinstance(event, ReferralCreated) and event.prior_auth_required:
+            store.ensure_prior_auth(
+                step.conn, rid, hold_packet=event.prior_auth_hold_packet, now=step.now
+            )
+        return new_fillers
+
+    def _update_row(
+        self, step: _Step, transition: states.Transition, new_keys: bool
+    ) -> dict[str, Any]:
+        """Write the referral row: the new state and statuses (when the state moved), the
+        details the event states (latest event time wins per column), an earlier opening
+        time, the closing time. Returns the referral's details after the event."""
+        row, event, now = step.row, step.event, step.now
+        new = transition.state
+        details, versions = _merge_details(row, event, step.message_id or 0)
+        opened_at = None
+        if isinstance(event, ReferralCreated) and event.occurred_at < row.opened_at:
+            opened_at = event.occurred_at
+        closed_at = now if new.status == "closed" and row.closed_at is None else None
+        touched = transition.changed or bool(details) or new_keys or opened_at is not None
+        store.update_referral(
+            step.conn,
+            row.id,
+            state=states.to_dict(new) if transition.changed else None,
+            statuses=_statuses(new) if transition.changed else None,
+            details=details,
+            versions=versions if details else None,
+            opened_at=opened_at,
+            updated_at=now if touched else None,
+            closed_at=closed_at,
+        )
+        return {**row.details, **details}
+
+    def _carry_out(
+        self,
+        step: _Step,
+        old: states.ReferralState,
+        transition: states.Transition,
+        details: Mapping[str, Any],
+    ) -> tuple[list[str], bool]:
+        """The effects, in the order the state machine gave them; then the prior-auth
+        fork of a prior-auth outcome; then the FHIR write-back of a loop closed by a
+        report. Returns (what was done, whether the prior-auth item moved)."""
+        conn, row, event, now = step.conn, step.row, step.event, step.now
+        new = transition.state
+        done = self._effects(conn, row.id, transition.effects, details, new, now)
+        auth_changed = False
+        if isinstance(event, PriorAuthDecided):
+            auth_changed, more = self._prior_auth(
+                conn, row.id, event, step.actor, step.message_id, new, details, now
+            )
+            done.extend(more)
+        if (
+            row.sending_facility in self.write_back
+            and new.close_reason == "report-received"
+            and old.close_reason != "report-received"
+        ):
+            report = event.report_id if isinstance(event, ReportReceived) else ""
+            self._write_back(conn, row, report, now)
+            done.append("fhir-write-back")
+        return done, auth_changed
+
+    def _record(
+        self,
+        step: _Step,
+        digest: str,
+        changed: bool,
+        statuses: tuple[str, str, str, str],
+        done: list[str],
+    ) -> None:
+        """The event's timeline entry (codes and ids only) and its audit row (no PHI),
+        then the transition metric."""
+        event, rid, kind = step.event, step.row.id, step.event.kind
+        detail: dict[str, Any] = {
+            k: getattr(event, k)
+            for k in _TIMELINE_FIELDS
+            if getattr(event, k, "") not in ("", None)
+        }
+        if isinstance(event, states.InternalEvent) and event.reason:
+            detail["reason"] = event.reason
+        parked = {"parked_id": step.parked_id} if step.parked_id is not None else {}
+        store.insert_event(
+            step.conn,
+            referral_id=rid,
+            kind=kind,
+            message_id=step.message_id,
+            fingerprint=digest,
+            source=step.source,
+            actor=step.actor,
+            occurred_at=event.occurred_at,
+            recorded_at=step.now,
+            changed=changed,
+            statuses=statuses[:3],
+            effects=done,
+            detail={**detail, **parked},
+        )
+        audit_store.append(
+            step.conn,
+            at=isoformat(step.now),
+            actor=step.actor,
+            action=kind,
+            referral_id=rid,
+            message_id=step.message_id,
+            detail={
+                "source": step.source,
+                "how": step.how,
+                "changed": changed,
+                "from": step.row.status,
+                "to": statuses[0],
+                "patient_status": statuses[1],
+                "specialist_status": statuses[2],
+                "close_reason": statuses[3],
+                "effects": done,
+                **parked,
+            },
+        )
+        if changed and self.metrics is not None:
+            self.metrics.transition(kind)
+        if changed:
+            log.debug("referral %d: %s -> %s (%s)", rid, kind, statuses[0], ",".join(done))
 
     def _effects(
         self,
@@ -928,8 +776,8 @@ class Tracker:
                 event = event_from_dict(parked.event)
                 if isinstance(event, ReferralCreated | PatientsMerged):
                     continue
-                target, how, _ = self._correlate(conn, event)
-                if target != rid:
+                match = correlate(conn, event, self.window)
+                if match.referral_id != rid:
                     continue
                 self._apply_to(
                     conn,
@@ -938,7 +786,7 @@ class Tracker:
                     "link",
                     "auto-link",
                     now,
-                    how,
+                    match.how,
                     parked_id=parked.id,
                     relink=False,
                 )
@@ -949,32 +797,8 @@ class Tracker:
                 return tuple(linked)
 
     def _park(self, conn: Conn, event: Event, why: str, now: float) -> ApplyResult:
-        message_id = event.message_id or None
-        pid, new = store.park(
-            conn,
-            message_id=message_id,
-            kind=event.kind,
-            fingerprint=fingerprint(event),
-            event=event_to_dict(event),
-            why=why,
-            sending_facility=event.ids.sending_facility,
-            placer_number=event.ids.placer_number,
-            filler_numbers=event.ids.filler_numbers,
-            now=now,
-        )
-        if not new:
-            return ApplyResult("duplicate", parked_id=pid, how="parked")
-        audit_store.append(
-            conn,
-            at=isoformat(now),
-            actor="message",
-            action="parked",
-            referral_id=None,
-            message_id=message_id,
-            detail={"kind": event.kind, "parked_id": pid, "why": why},
-        )
-        log.info("message %s: %s parked as %d (%s)", message_id or "-", event.kind, pid, why)
-        return ApplyResult("parked", parked_id=pid, how="parked")
+        pid, new = park(conn, event, why, now)
+        return ApplyResult("parked" if new else "duplicate", parked_id=pid, how="parked")
 
     def _contact(self, conn: Conn, event: ContactUpdated, now: float) -> ApplyResult:
         """A contact update that names no referral (ADT^A04/A08/A31): applied to each open
@@ -1014,6 +838,31 @@ class Tracker:
 
 # ---------------------------------------------------------------------------
 # Helpers
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One event being applied to one referral: what every part of ``_apply_to`` reads."""
+
+    conn: Conn
+    row: store.ReferralRow  # the referral as it was before the event
+    event: Event | states.InternalEvent
+    source: Source
+    actor: str
+    now: float
+    how: str
+    message_id: int | None
+    parked_id: int | None
+
+
+def _transition(
+    old: states.ReferralState, event: Event | states.InternalEvent
+) -> states.Transition:
+    """The state machine's answer; a prior-auth outcome does not move the referral's
+    state (it moves its prior-auth item: ``Tracker._prior_auth``)."""
+    if isinstance(event, PriorAuthDecided):
+        return states.Transition(old, False, ())
+    return states.apply(old, event)
 
 
 def _statuses(state: states.ReferralState) -> tuple[str, str, str, str]:
@@ -1079,126 +928,6 @@ def _merge_details(
         versions[column] = version
         changes[column] = value
     return changes, versions
-
-
-# ---------------------------------------------------------------------------
-# Read views for the CLI and the API (JSON-able dicts)
-
-
-def _referral_summary(r: store.ReferralRow) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "sending_facility": r.sending_facility,
-        "placer_number": r.placer_number,
-        "filler_numbers": list(r.filler_numbers),
-        "status": r.status,
-        "patient_status": r.patient_status,
-        "specialist_status": r.specialist_status,
-        "specialty": r.details.get("specialty") or "",
-        "priority": r.details.get("priority") or "",
-        "opened_at": isoformat(r.opened_at),
-        "updated_at": isoformat(r.updated_at),
-        "closed_at": isoformat(r.closed_at) if r.closed_at is not None else None,
-        "close_reason": r.close_reason,
-    }
-
-
-def list_referrals(
-    db: Database,
-    *,
-    status: str | None = None,
-    specialty: str | None = None,
-    open_days_over: float | None = None,
-    prior_auth: str | None = None,
-    limit: int = 50,
-    now: float,
-) -> list[dict[str, Any]]:
-    """Referral summaries, newest first (``limit`` 0 = all)."""
-    opened_before = now - open_days_over * DAY if open_days_over is not None else None
-    rows = store.list_referrals(
-        db.conn,
-        status=status,
-        specialty=specialty,
-        opened_before=opened_before,
-        prior_auth=prior_auth,
-        limit=limit,
-    )
-    return [_referral_summary(r) for r in rows]
-
-
-def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
-    """One referral: summary, details, prior-auth item, timers, outbox and timeline."""
-    conn = db.conn
-    r = store.get_referral(conn, referral_id)
-    if r is None:
-        return None
-    state = states.from_dict(r.state)
-    auth = store.get_prior_auth(conn, referral_id)
-    out = _referral_summary(r)
-    out["patient_ids"] = list(r.patient_ids)
-    out["details"] = dict(r.details)
-    out["decline_reason"] = state.decline_reason
-    out["close_note"] = state.close_note
-    out["appointments"] = [dataclasses.asdict(a) for a in state.appointments]
-    out["report_ids"] = list(state.report_ids)
-    out["prior_auth"] = (
-        None
-        if auth is None
-        else {
-            "status": auth.status,
-            "hold_packet": auth.hold_packet,
-            "packet_held": auth.packet_held,
-            "auth_number": auth.auth_number,
-            "decided_by": auth.decided_by,
-        }
-    )
-    out["timers"] = [
-        {"kind": t.kind, "attempt": t.attempt, "due": isoformat(t.due)}
-        for t in store.timers_for(conn, referral_id)
-    ]
-    out["outbox"] = [
-        {"id": o.id, "channel": o.channel, "template": o.template, "status": o.status}
-        for o in store.outbox_for(conn, referral_id)
-    ]
-    out["timeline"] = [
-        {
-            "id": e.id,
-            "kind": e.kind,
-            "occurred_at": isoformat(e.occurred_at),
-            "recorded_at": isoformat(e.recorded_at),
-            "source": e.source,
-            "actor": e.actor,
-            "message_id": e.message_id,
-            "changed": e.changed,
-            "status": e.status,
-            "patient_status": e.patient_status,
-            "specialist_status": e.specialist_status,
-            "effects": list(e.effects),
-            "detail": dict(e.detail),
-        }
-        for e in store.timeline(conn, referral_id)
-    ]
-    return out
-
-
-def list_parked(db: Database, *, include_linked: bool = False) -> list[dict[str, Any]]:
-    """Parked events: ids and keys only (no message content)."""
-    return [
-        {
-            "id": p.id,
-            "message_id": p.message_id,
-            "kind": p.kind,
-            "why": p.why,
-            "sending_facility": p.sending_facility,
-            "placer_number": p.placer_number,
-            "filler_numbers": list(p.filler_numbers),
-            "parked_at": isoformat(p.parked_at),
-            "status": p.status,
-            "referral_id": p.referral_id,
-            "linked_by": p.linked_by,
-        }
-        for p in store.list_parked(db.conn, include_linked=include_linked)
-    ]
 
 
 def build_tracker(

@@ -112,7 +112,7 @@ class Service:
 
     def referral(self, principal: Principal, referral_id: int, *, via: str) -> dict[str, Any]:
         """One referral with its timeline; audited as a PHI view."""
-        from engine.tracking.tracker import show_referral
+        from engine.tracking.views import show_referral
 
         item = show_referral(self.db, referral_id)
         if item is None:
@@ -237,7 +237,7 @@ class Service:
         return self._result(result)
 
     def parked(self, *, include_linked: bool = False) -> list[dict[str, Any]]:
-        from engine.tracking.tracker import list_parked
+        from engine.tracking.views import list_parked
 
         return list_parked(self.db, include_linked=include_linked)
 

@@ -1,0 +1,131 @@
+"""Read views of referrals for the CLI and the JSON API: JSON-able dicts of summaries,
+one referral in full (details, prior auth, timers, outbox, timeline) and parked events
+(ids and keys only, no message content). Read only; nothing here writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from engine.clock import isoformat
+from engine.store import referrals as store
+from engine.store.db import Database
+from engine.tracking import states
+from engine.tracking.escalation import DAY
+
+
+def _referral_summary(r: store.ReferralRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "sending_facility": r.sending_facility,
+        "placer_number": r.placer_number,
+        "filler_numbers": list(r.filler_numbers),
+        "status": r.status,
+        "patient_status": r.patient_status,
+        "specialist_status": r.specialist_status,
+        "specialty": r.details.get("specialty") or "",
+        "priority": r.details.get("priority") or "",
+        "opened_at": isoformat(r.opened_at),
+        "updated_at": isoformat(r.updated_at),
+        "closed_at": isoformat(r.closed_at) if r.closed_at is not None else None,
+        "close_reason": r.close_reason,
+    }
+
+
+def list_referrals(
+    db: Database,
+    *,
+    status: str | None = None,
+    specialty: str | None = None,
+    open_days_over: float | None = None,
+    prior_auth: str | None = None,
+    limit: int = 50,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Referral summaries, newest first (``limit`` 0 = all)."""
+    opened_before = now - open_days_over * DAY if open_days_over is not None else None
+    rows = store.list_referrals(
+        db.conn,
+        status=status,
+        specialty=specialty,
+        opened_before=opened_before,
+        prior_auth=prior_auth,
+        limit=limit,
+    )
+    return [_referral_summary(r) for r in rows]
+
+
+def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
+    """One referral: summary, details, prior-auth item, timers, outbox and timeline."""
+    conn = db.conn
+    r = store.get_referral(conn, referral_id)
+    if r is None:
+        return None
+    state = states.from_dict(r.state)
+    auth = store.get_prior_auth(conn, referral_id)
+    out = _referral_summary(r)
+    out["patient_ids"] = list(r.patient_ids)
+    out["details"] = dict(r.details)
+    out["decline_reason"] = state.decline_reason
+    out["close_note"] = state.close_note
+    out["appointments"] = [dataclasses.asdict(a) for a in state.appointments]
+    out["report_ids"] = list(state.report_ids)
+    out["prior_auth"] = (
+        None
+        if auth is None
+        else {
+            "status": auth.status,
+            "hold_packet": auth.hold_packet,
+            "packet_held": auth.packet_held,
+            "auth_number": auth.auth_number,
+            "decided_by": auth.decided_by,
+        }
+    )
+    out["timers"] = [
+        {"kind": t.kind, "attempt": t.attempt, "due": isoformat(t.due)}
+        for t in store.timers_for(conn, referral_id)
+    ]
+    out["outbox"] = [
+        {"id": o.id, "channel": o.channel, "template": o.template, "status": o.status}
+        for o in store.outbox_for(conn, referral_id)
+    ]
+    out["timeline"] = [
+        {
+            "id": e.id,
+            "kind": e.kind,
+            "occurred_at": isoformat(e.occurred_at),
+            "recorded_at": isoformat(e.recorded_at),
+            "source": e.source,
+            "actor": e.actor,
+            "message_id": e.message_id,
+            "changed": e.changed,
+            "status": e.status,
+            "patient_status": e.patient_status,
+            "specialist_status": e.specialist_status,
+            "effects": list(e.effects),
+            "detail": dict(e.detail),
+        }
+        for e in store.timeline(conn, referral_id)
+    ]
+    return out
+
+
+def list_parked(db: Database, *, include_linked: bool = False) -> list[dict[str, Any]]:
+    """Parked events: ids and keys only (no message content)."""
+    return [
+        {
+            "id": p.id,
+            "message_id": p.message_id,
+            "kind": p.kind,
+            "why": p.why,
+            "sending_facility": p.sending_facility,
+            "placer_number": p.placer_number,
+            "filler_numbers": list(p.filler_numbers),
+            "parked_at": isoformat(p.parked_at),
+            "status": p.status,
+            "referral_id": p.referral_id,
+            "linked_by": p.linked_by,
+        }
+        for p in store.list_parked(db.conn, include_linked=include_linked)
+    ]
