@@ -297,6 +297,36 @@ def query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...
         return conn.execute(sql, args).fetchall()
 
 
+def wait_rows(db: Path, sql: str, args: tuple[Any, ...] = (), timeout: float = 20.0) -> list[Any]:
+    """Poll the database file until ``sql`` returns rows (waits on the row, not a time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = query(db, sql, args)
+        except sqlite3.OperationalError:  # the table is not there yet
+            rows = []
+        if rows:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"no rows for {sql!r} within {timeout}s")
+
+
+def move_time_back(db: Path, seconds: float) -> None:
+    """Everything stored moves ``seconds`` into the past, as if the daemon (stopped) had
+    been down that long: the referrals' opening, their timers, outbox rows and tasks; the
+    timers due meanwhile fire when it restarts."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        back = (seconds,)
+        conn.execute("UPDATE timers SET due = due - ?1, created_at = created_at - ?1", back)
+        conn.execute("UPDATE referrals SET opened_at = opened_at - ?1", back)
+        conn.execute(
+            "UPDATE outbox SET due = due - ?1, created_at = created_at - ?1, "
+            "updated_at = updated_at - ?1, sent_at = sent_at - ?1",
+            back,
+        )
+        conn.execute("UPDATE tasks SET created_at = created_at - ?1, due_at = due_at - ?1", back)
+
+
 # ---------------------------------------------------------------------------
 # The daemon as a subprocess
 

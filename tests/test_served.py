@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
-import time
-from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import REPO, Daemon, query, refloop
+from helpers import REPO, Daemon, move_time_back, query, refloop, wait_rows
 
 from engine.store import open_database
 from engine.store import referrals as referral_store
@@ -49,35 +46,12 @@ def referral(placer: str) -> bytes:
     return "\r".join(segments).encode() + b"\r"
 
 
-def wait_for(db: Path, sql: str, args: tuple[Any, ...] = (), timeout: float = 20.0) -> list[Any]:
-    """Poll the database file until ``sql`` returns rows (waits on the row, not a time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            rows = query(db, sql, args)
-        except sqlite3.OperationalError:  # the table is not there yet
-            rows = []
-        if rows:
-            return rows
-        time.sleep(0.05)
-    raise AssertionError(f"no rows for {sql!r} within {timeout}s")
-
-
 def days_pass(daemon: Daemon, days: float) -> None:
     """The daemon is down for ``days``: every stored time moves back that much, so the
     timers due meanwhile fire when it restarts (as after real downtime)."""
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.log_tail()
-    with closing(sqlite3.connect(daemon.db)) as conn, conn:
-        back = (days * DAY,)
-        conn.execute("UPDATE timers SET due = due - ?1, created_at = created_at - ?1", back)
-        conn.execute("UPDATE referrals SET opened_at = opened_at - ?1", back)
-        conn.execute(
-            "UPDATE outbox SET due = due - ?1, created_at = created_at - ?1, "
-            "updated_at = updated_at - ?1, sent_at = sent_at - ?1",
-            back,
-        )
-        conn.execute("UPDATE tasks SET created_at = created_at - ?1, due_at = due_at - ?1", back)
+    move_time_back(daemon.db, days * DAY)
     daemon.start()
 
 
@@ -91,12 +65,14 @@ def open_tasks(daemon: Daemon) -> list[dict[str, Any]]:
 def step(daemon: Daemon, rid: int, kind: str) -> dict[str, Any]:
     """Wait until the timer ``kind`` has made the referral's open task, then check the
     outbox: every row is on a served channel and none stays pending there."""
-    wait_for(
+    wait_rows(
         daemon.db,
         "SELECT id FROM tasks WHERE referral_id = ? AND kind = ? AND status = 'open'",
         (rid, kind),
     )
-    wait_for(daemon.db, "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE status = 'pending')")
+    wait_rows(
+        daemon.db, "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE status = 'pending')"
+    )
     rows = query(daemon.db, "SELECT channel, status FROM outbox")
     assert {c for c, _s in rows} <= set(SERVED), rows
     assert {s for _c, s in rows} == {"sent"}, rows
@@ -111,7 +87,7 @@ def test_a_fresh_daemon_serves_every_escalation_step(daemon: Daemon, tmp_path: P
     msg.write_bytes(referral("P-SERVED-1"))
     sent = refloop("send", "--port", str(daemon.mllp), str(msg))
     assert sent.returncode == 0 and sent.stdout.decode().strip().endswith("AA"), sent.stdout
-    ((rid, zone),) = wait_for(
+    ((rid, zone),) = wait_rows(
         daemon.db, "SELECT id, time_zone FROM referrals WHERE placer_number = 'P-SERVED-1'"
     )
     assert zone == patient_zone()  # the nudges are due inside the contact window

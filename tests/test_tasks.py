@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import REPO, Daemon, query, refloop
+from helpers import REPO, Daemon, move_time_back, query, refloop, wait_rows
 from ui_rig import PASSWORD, csrf_of, ref_i12
 
 from engine.clock import WallClock
@@ -42,20 +39,6 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
         timeout=60,
         check=False,
     )
-
-
-def wait_rows(db: Path, sql: str, args: tuple[Any, ...] = (), timeout: float = 20.0) -> list[Any]:
-    """Poll the database file until ``sql`` returns rows (waits on the row, not a time)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            rows = query(db, sql, args)
-        except sqlite3.OperationalError:  # the table is not there yet
-            rows = []
-        if rows:
-            return rows
-        time.sleep(0.05)
-    raise AssertionError(f"no rows for {sql!r} within {timeout}s")
 
 
 def tasks_json(state: Path, *extra: str) -> list[dict[str, Any]]:
@@ -93,19 +76,7 @@ def test_escalation_reaches_the_coordinator_as_a_task_and_done_closes_it(
     # cadence puts the coordinator task at 14 days), and it fires them when it restarts.
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.log_tail()
-    # Everything already in the file moves back 15 days: the referral, its timers, the
-    # packet task queued at creation (else it looks like a task queued moments ago).
-    with closing(sqlite3.connect(daemon.db)) as conn, conn:
-        conn.execute("UPDATE timers SET due = due - ?", (15 * DAY,))
-        conn.execute("UPDATE referrals SET opened_at = opened_at - ?", (15 * DAY,))
-        conn.execute(
-            "UPDATE outbox SET due = due - ?1, created_at = created_at - ?1, "
-            "updated_at = updated_at - ?1, sent_at = sent_at - ?1",
-            (15 * DAY,),
-        )
-        conn.execute(
-            "UPDATE tasks SET created_at = created_at - ?1, due_at = due_at - ?1", (15 * DAY,)
-        )
+    move_time_back(daemon.db, 15 * DAY)  # the daemon was down for 15 days
     daemon.start()
     wait_rows(
         daemon.db,
