@@ -20,6 +20,9 @@ from typing import Any, Final
 
 import sqlite_utils
 
+from engine.store.referral_filter import ReferralFilter
+from engine.store.referral_filter import where as referral_where
+
 Conn = sqlite3.Connection  # the connection type callers pass in (only the store names sqlite3)
 
 # Columns a referral row keeps besides its keys, state and times. Details (providers,
@@ -511,25 +514,17 @@ def list_referrals(
     limit: int = 50,
 ) -> list[ReferralRow]:
     """Referrals, newest first. ``opened_before`` selects referrals that are not closed
-    and were opened before that time. ``limit`` 0 means all."""
-    where: list[str] = []
-    args: list[Any] = []
-    if status:
-        where.append("status = ?")
-        args.append(status)
-    if specialty:
-        where.append("lower(specialty) = lower(?)")
-        args.append(specialty)
-    if opened_before is not None:
-        where.append("status != 'closed' AND opened_at < ?")
-        args.append(opened_before)
-    if prior_auth:
-        where.append("id IN (SELECT referral_id FROM prior_auth WHERE status = ?)")
-        args.append(prior_auth)
-    sql = f"SELECT {_REF_COLUMNS} FROM referrals"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id DESC"
+    and were opened before that time. ``limit`` 0 means all. (The filter is
+    engine.store.referral_filter's, as the worklist's.)"""
+    flt = ReferralFilter(
+        status=status,
+        open_only=opened_before is not None,
+        specialty=specialty,
+        opened_before=opened_before,
+        prior_auth=prior_auth,
+    )
+    clause, args = referral_where(flt)
+    sql = f"SELECT {_REF_COLUMNS} FROM referrals{clause} ORDER BY id DESC"
     if limit:
         sql += " LIMIT ?"
         args.append(limit)

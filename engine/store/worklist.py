@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.store import message_filter
+from engine.store.referral_filter import ReferralFilter
+from engine.store.referral_filter import where as referral_where
 from engine.store.referrals import Conn, ReferralRow, get_referral
 
 TASK_CHANNELS: Final = ("task", "coordinator")
@@ -30,29 +32,16 @@ def search_referrals(
     """Referrals matching every filter given, oldest first. ``specialist`` and
     ``referring`` match the provider's name, NPI or organisation (case-insensitive
     substring). ``opened_before`` keeps referrals opened before that time."""
-    where: list[str] = []
-    args: list[Any] = []
-    if status:
-        where.append("status = ?")
-        args.append(status)
-    if open_only:
-        where.append("status != 'closed'")
-    if specialty:
-        where.append("lower(specialty) = lower(?)")
-        args.append(specialty)
-    for party, value in (("specialist", specialist), ("referring", referring)):
-        if value:
-            where.append(
-                f"(instr(lower({party}_name), lower(?)) > 0 OR {party}_npi = ? "
-                f"OR instr(lower({party}_organisation), lower(?)) > 0)"
-            )
-            args.extend((value, value, value))
-    if opened_before is not None:
-        where.append("opened_at < ?")
-        args.append(opened_before)
-    sql = "SELECT id FROM referrals"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    flt = ReferralFilter(
+        status=status,
+        open_only=open_only,
+        specialty=specialty,
+        specialist=specialist,
+        referring=referring,
+        opened_before=opened_before,
+    )
+    clause, args = referral_where(flt)
+    sql = f"SELECT id FROM referrals{clause}"
     sql += " ORDER BY opened_at, id LIMIT ?"
     args.append(limit)
     ids = [int(r[0]) for r in conn.execute(sql, args).fetchall()]

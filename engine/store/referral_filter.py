@@ -1,0 +1,53 @@
+"""The one referral filter: ``refloop referrals list`` (engine.store.referrals) and the
+worklist behind ``GET /api/referrals`` and the dashboard (engine.store.worklist) select
+referrals with the same SQL, so the same filter gives the same referrals everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralFilter:
+    """Which referrals; every condition given must hold. Times are epoch seconds (UTC).
+
+    ``specialist`` and ``referring`` match the provider's name or organisation
+    (case-insensitive substring) or its NPI exactly."""
+
+    status: str | None = None
+    open_only: bool = False  # every status but closed
+    specialty: str | None = None  # case-insensitive, whole
+    specialist: str | None = None
+    referring: str | None = None
+    opened_before: float | None = None
+    prior_auth: str | None = None  # the prior-auth item's status
+
+
+def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
+    """`` WHERE …`` (or "") and its arguments for ``flt`` over the ``referrals`` table."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if flt.status:
+        clauses.append("status = ?")
+        args.append(flt.status)
+    if flt.open_only:
+        clauses.append("status != 'closed'")
+    if flt.specialty:
+        clauses.append("lower(specialty) = lower(?)")
+        args.append(flt.specialty)
+    for party, value in (("specialist", flt.specialist), ("referring", flt.referring)):
+        if value:
+            clauses.append(
+                f"(instr(lower({party}_name), lower(?)) > 0 OR {party}_npi = ? "
+                f"OR instr(lower({party}_organisation), lower(?)) > 0)"
+            )
+            args.extend((value, value, value))
+    if flt.opened_before is not None:
+        clauses.append("opened_at < ?")
+        args.append(flt.opened_before)
+    if flt.prior_auth:
+        clauses.append("id IN (SELECT referral_id FROM prior_auth WHERE status = ?)")
+        args.append(flt.prior_auth)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args

@@ -1,0 +1,69 @@
+"""``refloop referrals list`` and ``GET /api/referrals`` are one filter (the store's
+referral filter, engine.store.referral_filter): the same specialty or status gives the
+same referrals through the executable and the live daemon's API."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from helpers import Daemon, refloop, wait_rows
+from ui_rig import ref_i12
+
+# placer -> OBR-4 code sent; the shipped tables map REFCARD to one specialty
+SENT = {"F-1": "REFCARD", "F-2": "REFDERM", "F-3": "REFCARD", "F-4": "REFGI"}
+
+
+def cli_referrals(daemon: Daemon, *args: str) -> list[dict[str, object]]:
+    out = refloop("referrals", "list", "--json", "--limit", "0", *args,
+                  "--state", str(daemon.state_dir))  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    rows: list[dict[str, object]] = json.loads(out.stdout)
+    return rows
+
+
+def api_ids(daemon: Daemon, token: str, **params: str) -> set[int]:
+    query = urllib.parse.urlencode({**params, "limit": 500})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{daemon.http}/api/referrals?{query}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return {int(r["id"]) for r in json.load(response)["items"]}
+
+
+def test_cli_and_api_select_the_same_referrals(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.start()
+    files = []
+    for n, (placer, code) in enumerate(SENT.items(), 1):
+        path = tmp_path / f"r{n}.hl7"
+        path.write_bytes(ref_i12(placer, f"FLT{n}", specialty=code))
+        files.append(str(path))
+    sent = refloop("send", "--port", str(daemon.mllp), *files)
+    assert sent.returncode == 0, sent.stderr.decode()
+    wait_rows(daemon.db, "SELECT 1 WHERE (SELECT count(*) FROM referrals) = 4")
+    added = refloop(
+        "users", "add", "casey", "--role", "coordinator", "--password-stdin", "--token",
+        "--state", str(daemon.state_dir), stdin=b"a long enough password\n",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr.decode()
+    token = added.stdout.decode().rsplit(": ", 1)[-1].strip()
+
+    every = {str(r["placer_number"]): r for r in cli_referrals(daemon)}
+    assert set(every) == set(SENT)
+    cardiology = str(every["F-1"]["specialty"])
+    assert cardiology and every["F-3"]["specialty"] == cardiology
+    expected = {int(str(every[p]["id"])) for p in ("F-1", "F-3")}  # the two REFCARD ones
+
+    for spelled in (cardiology, cardiology.upper()):  # case-insensitive in both
+        by_cli = {int(str(r["id"])) for r in cli_referrals(daemon, "--specialty", spelled)}
+        assert by_cli == expected
+        assert api_ids(daemon, token, specialty=spelled) == expected
+    opened = {int(str(r["id"])) for r in cli_referrals(daemon, "--status", "open")}
+    assert (
+        opened
+        == api_ids(daemon, token, status="open")
+        == {int(str(r["id"])) for r in every.values()}
+    )
