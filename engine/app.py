@@ -39,7 +39,8 @@ if TYPE_CHECKING:  # built at start, imported there: a daemon without them never
     from channels.base import Channel
     from channels.direct.inbound import DirectListener, ImapPoller
     from engine.delivery.direct_inbound import DirectFlow
-    from engine.delivery.dispatch import Dispatcher, Renderer, Rotation
+    from engine.delivery.dispatch import Dispatcher, Renderer
+    from engine.delivery.rotation import Rotation
     from engine.delivery.webhooks import Hooks
     from engine.routing.table import ChannelSpec, RouteTable
     from engine.timers.service import TimerService
@@ -323,7 +324,7 @@ class Engine:
     def _build_outbox(self, table: RouteTable) -> Dispatcher:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
         engine.delivery.webhooks). Raises ConfigError when a channel's settings are unusable."""
-        from engine.delivery.dispatch import Rotation
+        from engine.delivery.rotation import Rotation
 
         channels, specs = self._outbox_channels(table)
         renderer = self._renderer(table, specs)

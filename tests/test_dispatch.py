@@ -32,8 +32,9 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from channels.sms.twilio import SmsConfig, TwilioSms  # noqa: E402
 from channels.webhook import IDEMPOTENCY_HEADER, WebhookChannel, WebhookConfig  # noqa: E402
 from engine.clock import Clock, VirtualClock, WallClock  # noqa: E402
-from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy, Rotation  # noqa: E402
+from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy  # noqa: E402
 from engine.delivery.factory import build_channels  # noqa: E402
+from engine.delivery.rotation import Rotation  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
 from engine.metrics import Metrics  # noqa: E402
 from engine.model import Identifiers, PatientContact, Provider, ReferralCreated  # noqa: E402

@@ -34,7 +34,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -43,10 +43,10 @@ from channels.direct.send import new_message_id
 from channels.sms.templates import SmsContext, SmsTemplates
 from channels.sms.twilio import RecipientOptedOut, e164
 from engine.clock import Clock, isoformat
+from engine.delivery.rotation import Rotation
 from engine.errors import ChannelError, StoreError
 from engine.metrics import Metrics
 from engine.model import Attachment, OutboundMessage
-from engine.routing.channels import rotation_slots
 from engine.routing.expressions import make_environment
 from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
@@ -56,7 +56,6 @@ from engine.store.db import Database, savepoint
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking import states
-from engine.tracking.escalation import Policy
 
 log = logging.getLogger(__name__)
 
@@ -322,70 +321,6 @@ class Renderer:
 
 # ---------------------------------------------------------------------------
 # The patient-channel rotation
-
-
-@dataclass(frozen=True, slots=True)
-class Rotation:
-    """Which configured channel serves each rotation slot (``sms``, ``portal``,
-    ``voice``; escalation ``rotation:``), and how a failed patient contact moves on.
-
-    ``slots`` maps a slot to a channel name; by default a channel named like the slot,
-    else the only channel of that type (``sms``), else none (the slot is skipped)."""
-
-    policy: Policy = field(default_factory=Policy)
-    slots: Mapping[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_channels(cls, policy: Policy, channels: Mapping[str, ChannelSpec]) -> Rotation:
-        return cls(policy, rotation_slots(channels))
-
-    def slot_of(self, channel: str) -> str | None:
-        for slot, name in self.slots.items():
-            if name == channel:
-                return slot
-        return None
-
-    def next_channel(self, channel: str, referral: ReferralRow | None) -> str | None:
-        """The channel after ``channel`` in the rotation, skipping SMS (it just failed
-        or may not be used) and the portal for a patient without one."""
-        current = self.slot_of(channel)
-        if current is None:
-            return None
-        order = list(self.policy.rotation)
-        has_portal = referral is None or referral.details.get("portal") not in (0, False)
-        start = order.index(current) + 1 if current in order else 0
-        for slot in order[start:] + order[:start]:
-            if slot == current or slot == "sms" or (slot == "portal" and not has_portal):
-                continue
-            if slot in self.slots:
-                return self.slots[slot]
-        return None
-
-    def advance(
-        self, conn: Conn, item: Item, referral: ReferralRow | None, reason: str, now: float
-    ) -> int | None:
-        """Queue ``item``'s message on the next channel of the rotation (same template,
-        key ``<key>:next``: doing it twice queues it once). Returns the new row's id, or
-        None when there is no next channel (the coordinator's timers take over)."""
-        nxt = self.next_channel(item.channel, referral)
-        if nxt is None:
-            return None
-        payload = item.payload_dict()
-        payload.pop("to", None)  # the address belonged to the failed channel
-        payload["rotated_from"] = item.channel
-        payload["rotated_because"] = reason
-        key = f"{item.idempotency_key}:next"
-        referral_store.enqueue_outbox(
-            conn,
-            item.referral_id,
-            nxt,
-            item.template,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
-            key,
-            now,
-            now=now,
-        )
-        return outbox.id_for_key(conn, key)
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from channels.fax.webhook import phaxio_webhook
 from channels.sms import twilio as sms
 from engine.clock import Clock
 from engine.delivery import direct_inbound as direct_flow
-from engine.delivery.dispatch import Renderer, Rotation, Tracker
+from engine.delivery.dispatch import Renderer, Tracker
+from engine.delivery.rotation import Rotation
 from engine.errors import ChannelError, StoreError
 from engine.metrics import Metrics
 from engine.model import DeliveryUpdate

@@ -97,7 +97,7 @@ SECRET_KEYS: Final = (
 def rotation_slots(channels: Mapping[str, ChannelSpec]) -> dict[str, str]:
     """Which channel serves each patient rotation slot (``sms``, ``portal``, ``voice``):
     the channel named like the slot, else the only channel of that type; a slot with
-    neither is served by nothing (engine.delivery.dispatch.Rotation skips it)."""
+    neither is served by nothing (engine.delivery.rotation.Rotation skips it)."""
     slots: dict[str, str] = {}
     for slot in ROTATION_SLOTS:
         typed = [n for n, s in channels.items() if s.type == slot]
