@@ -10,6 +10,8 @@ Types and adapters:
 
 * ``sms``: channels.sms.TwilioSms (account_sid, auth_token, messaging_service_sid or
   from_number, status_callback_url, max_chars, timeout);
+* ``voice``: channels.voice.TwilioVoice, automated patient calls (account_sid,
+  auth_token, from_number, status_callback_url, language, voice, max_chars, timeout);
 * ``webhook``: channels.webhook.WebhookChannel (url, secret, timeout);
 * ``portal``, ``task``: WebhookChannel with ``api_url`` and ``api_key`` as the secret; a
   ``task`` without ``api_url`` has no adapter (the built-in task queue, engine.delivery.task_queue,
@@ -57,6 +59,8 @@ from channels.direct.send import DirectChannel, HispSettings
 from channels.fax.phaxio import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
 from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
 from channels.sms.twilio import SmsConfig, TwilioSms
+from channels.voice.twilio import DEFAULT_MAX_CHARS as VOICE_MAX_CHARS
+from channels.voice.twilio import TwilioVoice, VoiceConfig
 from channels.webhook import WebhookChannel, WebhookConfig
 from engine.clock import Clock
 from engine.config import file_ref, substitute
@@ -232,6 +236,8 @@ def build_channels(
             )
             s.check(cfg.problems())
             channel = TwilioSms(cfg, http=http, clock=now)
+        elif spec.type == "voice":
+            channel = _voice_channel(s, http, now, timeout)
         elif spec.type in ("webhook", "portal", "task"):
             url = s.text("url") or s.text("api_url")
             if not url and spec.type == "task":
@@ -294,6 +300,27 @@ def build_channels(
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _voice_channel(
+    s: _Settings, http: httpx.AsyncClient, now: Callable[[], float], timeout: float
+) -> TwilioVoice:
+    """An automated-call channel (Twilio Programmable Voice)."""
+    if s.text("provider", "twilio") != "twilio":
+        s.fail("provider", "only twilio is supported")
+    cfg = VoiceConfig(
+        account_sid=s.text("account_sid"),
+        auth_token=s.text("auth_token"),
+        from_number=s.text("from_number"),
+        status_callback_url=s.text("status_callback_url"),
+        api_base=s.text("api_base"),
+        language=s.text("language", "en-US"),
+        voice=s.text("voice"),
+        max_chars=int(s.number("max_chars", VOICE_MAX_CHARS)),
+        timeout=timeout,
+    )
+    s.check(cfg.problems())
+    return TwilioVoice(cfg, http=http, clock=now)
 
 
 def _identity(s: _Settings) -> smime.Identity | None:
