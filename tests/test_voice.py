@@ -354,3 +354,30 @@ def test_factory_names_each_unusable_voice_setting() -> None:
     problems = asyncio.run(main())
     for key in ("account_sid", "auth_token", "from_number", "status_callback_url"):
         assert any(p.startswith(f"channels.voice.{key}: ") for p in problems), problems
+
+
+def test_a_call_that_cannot_be_placed_becomes_a_call_patient_task(
+    tmp_path: Path, prism: Prism
+) -> None:
+    """No consent to automated calls and no portal: nothing automated can reach the
+    patient, so the call goes to a person (a ``call-patient`` task on ``task``)."""
+    clock = VirtualClock(DAY)
+    db = open_database(tmp_path / "refloop.db")
+    rid = new_referral(db, clock, "A", phone="+15550100002", portal=False)
+    oid = enqueue(db, rid, "v", "second-nudge", DAY)
+
+    async def main() -> list[dict[str, Any]]:
+        async with recording() as (http, seen):
+            d = dispatcher(db, {"voice": voice(http, prism.base, clock)}, clock)
+            assert await d.run_once("voice") == 1
+        return seen
+
+    assert asyncio.run(main()) == []
+    skipped = outbox.get(db.conn, oid)
+    assert skipped is not None and skipped.status == "cancelled"
+    task_id = outbox.id_for_key(db.conn, "v:call")
+    task = outbox.get(db.conn, task_id or 0)
+    assert task is not None and task.channel == "task" and task.template == "call-patient"
+    payload = task.payload_dict()
+    assert payload["referral_id"] == rid and "consent" in payload["reason"]
+    db.close()

@@ -67,6 +67,10 @@ DEFAULT_RETRY_CAP: Final = 6 * 3600.0
 DEFAULT_CONCURRENCY: Final = 4
 SMS_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "sms"
 VOICE_TEMPLATE_DIR: Final = SMS_TEMPLATE_DIR.parent / "voice"
+# Where an automated call that cannot be placed goes: a person calls (the built-in task
+# queue serves ``task`` when routes.yaml gives it no worklist).
+TASK_CHANNEL: Final = "task"
+CALL_PATIENT_TASK: Final = "call-patient"
 # Channel types that reach the patient's phone with non-PHI, allow-listed text: consent,
 # suppression and (voice) the contact window are checked before each send.
 PATIENT_PHONE_TYPES: Final = frozenset({"sms", "voice"})
@@ -386,9 +390,13 @@ class Rotation:
     ) -> int | None:
         """Queue ``item``'s message on the next channel of the rotation (same template,
         key ``<key>:next``: doing it twice queues it once). Returns the new row's id, or
-        None when there is no next channel (the coordinator's timers take over)."""
+        None when there is no next channel (the coordinator's timers take over). An
+        automated call that could not be placed with nowhere else to go becomes a
+        ``call-patient`` task: the person the automated call replaced calls instead."""
         nxt = self.next_channel(item.channel, referral)
         if nxt is None:
+            if self.slot_of(item.channel) == "voice":
+                return self._call_task(conn, item, reason, now)
             return None
         payload = item.payload_dict()
         payload.pop("to", None)  # the address belonged to the failed channel
@@ -401,6 +409,31 @@ class Rotation:
             nxt,
             item.template,
             json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            key,
+            now,
+            now=now,
+        )
+        return outbox.id_for_key(conn, key)
+
+    def _call_task(self, conn: Conn, item: Item, reason: str, now: float) -> int | None:
+        """A coordinator task (the shared task contract) to call the patient by hand."""
+        payload = item.payload_dict()
+        task = {
+            "referral_id": item.referral_id,
+            "kind": str(payload.get("kind") or item.template),
+            "task": CALL_PATIENT_TASK,
+            "priority_score": payload.get("priority_score", 0),
+            "reason": f"the automated call was not placed ({reason}): call the patient",
+            "attempts": payload.get("attempts") or [],
+            "rotated_from": item.channel,
+        }
+        key = f"{item.idempotency_key}:call"
+        referral_store.enqueue_outbox(
+            conn,
+            item.referral_id,
+            TASK_CHANNEL,
+            CALL_PATIENT_TASK,
+            json.dumps(task, sort_keys=True, separators=(",", ":")),
             key,
             now,
             now=now,
