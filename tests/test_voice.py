@@ -284,7 +284,7 @@ def test_shipped_voice_templates_are_allow_listed_and_carry_the_opt_out() -> Non
     )
     ctx = SmsContext(practice_name="Riverside Family Medicine", practice_phone="555-0100")
     names = templates.names()
-    assert {"first_nudge", "second_nudge", "outreach_call"} <= set(names)
+    assert {"first_nudge", "second_nudge", "outreach_call", "appointment_reminder"} <= set(names)
     assert templates.check(ctx) == []
     for name in names:
         assert "stop these calls" in templates.render(name, ctx)
