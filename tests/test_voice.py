@@ -381,3 +381,25 @@ def test_a_call_that_cannot_be_placed_becomes_a_call_patient_task(
     payload = task.payload_dict()
     assert payload["referral_id"] == rid and "consent" in payload["reason"]
     db.close()
+
+
+def test_a_reminder_call_that_cannot_be_placed_is_no_call_to_book(
+    tmp_path: Path, prism: Prism
+) -> None:
+    """A reminder (the patient is booked) that reached the voice slot and may not be
+    placed asks nobody to call the patient to book."""
+    clock = VirtualClock(DAY)
+    db = open_database(tmp_path / "refloop.db")
+    rid = new_referral(db, clock, "A", phone="+15550100002", portal=False)
+    oid = enqueue(db, rid, "r", "appointment_reminder", DAY)
+
+    async def main() -> None:
+        async with recording() as (http, _seen):
+            d = dispatcher(db, {"voice": voice(http, prism.base, clock)}, clock)
+            assert await d.run_once("voice") == 1
+
+    asyncio.run(main())
+    skipped = outbox.get(db.conn, oid)
+    assert skipped is not None and skipped.status == "cancelled"
+    assert outbox.id_for_key(db.conn, "r:call") is None
+    db.close()

@@ -71,6 +71,11 @@ VOICE_TEMPLATE_DIR: Final = SMS_TEMPLATE_DIR.parent / "voice"
 # queue serves ``task`` when routes.yaml gives it no worklist).
 TASK_CHANNEL: Final = "task"
 CALL_PATIENT_TASK: Final = "call-patient"
+# The calls that ask the patient to book (a person makes them when the machine cannot);
+# a reminder of a booked visit is not one.
+CALL_TO_BOOK: Final = frozenset(
+    {"first_nudge", "first-nudge", "second_nudge", "second-nudge", "outreach-call"}
+)
 # Channel types that reach the patient's phone with non-PHI, allow-listed text: consent,
 # suppression and (voice) the contact window are checked before each send.
 PATIENT_PHONE_TYPES: Final = frozenset({"sms", "voice"})
@@ -395,7 +400,7 @@ class Rotation:
         ``call-patient`` task: the person the automated call replaced calls instead."""
         nxt = self.next_channel(item.channel, referral)
         if nxt is None:
-            if self.slot_of(item.channel) == "voice":
+            if self.slot_of(item.channel) == "voice" and item.template in CALL_TO_BOOK:
                 return self._call_task(conn, item, reason, now)
             return None
         payload = item.payload_dict()
