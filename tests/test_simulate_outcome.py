@@ -74,6 +74,7 @@ def test_compare_runs_one_population_with_and_without_automation(tmp_path: Path)
     work = {
         "coordinator-followup": "patient_call",
         "outreach-call": "patient_call",
+        "call-patient": "patient_call",
         "outreach-letter": "letter",
         "call-specialist-office": "office_call",
         "chase-report": "office_call",
@@ -161,3 +162,28 @@ def test_the_baseline_pushes_every_cadence_step_but_the_14_day_task() -> None:
         else:
             assert parse_duration(value) >= 365 * 86_400, key
     assert "specialties" not in section
+
+
+def test_refloop_calls_by_the_automated_voice_channel_and_the_baseline_by_hand(
+    tmp_path: Path,
+) -> None:
+    """The refloop run configures the automated voice channel at the provider boundary
+    (type voice, so its calls are nobody's work); the baseline keeps no automation."""
+    small = {**SMALL, "days": 2, "follow_up": 1}
+    for flag, kind in (("--summary", "voice"), ("--baseline", "webhook")):
+        keep = tmp_path / flag
+        args = ["--summary"] if flag == "--summary" else ["--summary", "--baseline"]
+        done = refloop("simulate", str(write(tmp_path, small)), *args, "--keep", str(keep))
+        assert done.returncode == 0, done.stderr.decode()
+        routes = yaml.safe_load((keep / "routes.yaml").read_text(encoding="utf-8"))
+        assert routes["channels"]["voice"]["type"] == kind
+
+
+def test_an_automated_call_books_as_a_live_call_when_answered() -> None:
+    """Defaults: answered 0.40 × books 0.50 (a reached live call, [25]) + voicemail 0.30 ×
+    a first nudge's 0.03 / (1 - 0.75) = 0.2 + 0.036 = 0.236 for a patient who would not
+    book on their own."""
+    model, rng = Model(), random.Random(9)
+    n = 40_000
+    booked = sum(model.automated_call_books(rng, 1, False) for _ in range(n)) / n
+    assert abs(booked - 0.236) < 0.01

@@ -22,12 +22,16 @@ SMS"; referral-standards.md §7):
    ``max_chars`` characters, and carry the opt-out wording
    (:func:`channels.sms.sms_body_problems`).
 
+The automated voice channel (channels.voice) speaks templates under the same allow-list
+and the same two checks; only the body rules differ (``body_rules``).
+
 Error messages name the template and the variable, never a value.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -46,6 +50,8 @@ SPECIALTY_VARIABLE: Final = "specialty_category"
 # Filters that only reshape the allow-listed strings.
 ALLOWED_FILTERS: Final = frozenset({"upper", "lower", "title", "capitalize", "trim"})
 TEMPLATE_SUFFIX: Final = ".txt"
+# (body, template name, max_chars) -> what is wrong with the rendered body.
+BodyRules = Callable[[str, str, int], list[str]]
 
 # Node types that could reach data outside the allow-list, or other templates.
 _FORBIDDEN_NODES: Final[dict[type[nodes.Node], str]] = {
@@ -156,19 +162,37 @@ def check_sms_template(source: str, allow_specialty: bool = False) -> list[str]:
     return problems
 
 
+def sms_rules(body: str, name: str, max_chars: int) -> list[str]:
+    """The SMS body rules (GSM-7, length, opt-out wording; START for the opt-out
+    confirmation)."""
+    return sms_body_problems(
+        body, max_chars=max_chars, opt_out_confirmation=name == OPT_OUT_CONFIRMATION
+    )
+
+
 class SmsTemplates:
     """The SMS template set of a practice: a directory of ``*.txt`` files.
 
     ``allow_specialty`` is ``practice.sms_may_name_specialty``; ``max_chars`` the body
-    limit in GSM-7 characters (``channels.sms.max_chars``, default 160).
+    limit in GSM-7 characters (``channels.sms.max_chars``, default 160). ``body_rules``
+    checks each rendered body (default: the SMS rules; the voice channel passes its own);
+    ``label`` names the template set in errors.
     """
 
     def __init__(
-        self, directory: Path, *, allow_specialty: bool = False, max_chars: int = GSM7_SINGLE
+        self,
+        directory: Path,
+        *,
+        allow_specialty: bool = False,
+        max_chars: int = GSM7_SINGLE,
+        body_rules: BodyRules = sms_rules,
+        label: str = "sms",
     ) -> None:
         self.directory = directory
         self.allow_specialty = allow_specialty
         self.max_chars = max_chars
+        self.body_rules = body_rules
+        self.label = label
 
     def names(self) -> list[str]:
         """Template names (file stems), sorted."""
@@ -181,7 +205,7 @@ class SmsTemplates:
         try:
             return path.read_text(encoding="utf-8")
         except OSError:
-            raise SmsTemplateError(f"sms template {name!r} not found") from None
+            raise SmsTemplateError(f"{self.label} template {name!r} not found") from None
 
     def check(self, sample: SmsContext | None = None) -> list[str]:
         """Problems of every template, each prefixed with its file name. With a
@@ -220,21 +244,20 @@ class SmsTemplates:
     def render_source(self, source: str, ctx: SmsContext, *, name: str = "<string>") -> str:
         """Render ``source`` (as :meth:`render`); ``name`` is used in errors and picks the
         opt-out-confirmation rule for :data:`OPT_OUT_CONFIRMATION`."""
+        what = f"{self.label} template {name!r}"
         problems, template = _compiled(source, self.allow_specialty)
         if problems:
-            raise SmsTemplateError(f"sms template {name!r}: {problems[0]}")
+            raise SmsTemplateError(f"{what}: {problems[0]}")
         assert template is not None
         try:
             body = template.render(self.context(ctx))
         except UndefinedError as exc:
             # the message names the missing variable (a template name, not a value)
-            raise SmsTemplateError(f"sms template {name!r}: {exc.message}") from None
+            raise SmsTemplateError(f"{what}: {exc.message}") from None
         except SecurityError:
-            raise SmsTemplateError(f"sms template {name!r}: unsafe operation") from None
+            raise SmsTemplateError(f"{what}: unsafe operation") from None
         body = " ".join(body.split())
-        body_problems = sms_body_problems(
-            body, max_chars=self.max_chars, opt_out_confirmation=name == OPT_OUT_CONFIRMATION
-        )
+        body_problems = self.body_rules(body, name, self.max_chars)
         if body_problems:
-            raise SmsTemplateError(f"sms template {name!r}: {body_problems[0]}")
+            raise SmsTemplateError(f"{what}: {body_problems[0]}")
         return body

@@ -69,6 +69,9 @@ _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 _ALPHANUMERIC_SENDER = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+# Shared with the voice channel (channels.voice.twilio), which uses the same account.
+ACCOUNT_SID_PATTERN: Final = _ACCOUNT_SID
+E164_PATTERN: Final = _E164
 
 
 class RecipientOptedOut(ChannelError):
@@ -162,8 +165,10 @@ class HttpxTwilioTransport(AsyncHttpClient):
         api_base: str = "",
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        channel: str = CHANNEL,
     ) -> None:
         super().__init__(logger=log, is_async=True, timeout=timeout)
+        self.channel = channel  # names the channel in error reasons (sms, voice)
         self._http = http
         self._base = urlsplit(api_base) if api_base else None
         self._clock = clock
@@ -199,10 +204,10 @@ class HttpxTwilioTransport(AsyncHttpClient):
                 follow_redirects=allow_redirects,
             )
         except httpx.HTTPError as exc:
-            raise error_for_transport(CHANNEL, exc) from exc
+            raise error_for_transport(self.channel, exc) from exc
         if response.status_code == 429 or response.status_code >= 500:
             raise error_for_status(
-                CHANNEL,
+                self.channel,
                 response.status_code,
                 retry_after=response.headers.get("Retry-After"),
                 now=self._clock(),
@@ -231,14 +236,7 @@ class TwilioSms:
         self.transport = HttpxTwilioTransport(
             self._http, api_base=cfg.api_base, timeout=cfg.timeout, clock=clock
         )
-        # A non-empty ``environment`` keeps the SDK from reading TWILIO_EDGE/REGION from
-        # os.environ: only engine.config reads the environment.
-        self._client = Client(
-            cfg.account_sid,
-            cfg.auth_token,
-            http_client=self.transport,
-            environment={"TWILIO_EDGE": "", "TWILIO_REGION": ""},
-        )
+        self._client = twilio_client(cfg.account_sid, cfg.auth_token, self.transport)
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -301,6 +299,17 @@ def _rest_error(status: int, code: object) -> ChannelError:
     if code == TWILIO_UNSUBSCRIBED or str(code) == str(TWILIO_UNSUBSCRIBED):
         return RecipientOptedOut()
     return error_for_status(CHANNEL, int(status), code=str(code) if code else "")
+
+
+def twilio_client(cfg_sid: str, token: str, transport: HttpxTwilioTransport) -> Client:
+    """The SDK client over ``transport``. A non-empty ``environment`` keeps the SDK from
+    reading TWILIO_EDGE/REGION from os.environ: only engine.config reads the environment."""
+    return Client(
+        cfg_sid,
+        token,
+        http_client=transport,
+        environment={"TWILIO_EDGE": "", "TWILIO_REGION": ""},
+    )
 
 
 def _twilio_code(text: str) -> str:

@@ -42,6 +42,8 @@ from channels.base import Channel
 from channels.direct.send import new_message_id
 from channels.sms.templates import SmsContext, SmsTemplates
 from channels.sms.twilio import RecipientOptedOut, e164
+from channels.voice.twilio import DEFAULT_MAX_CHARS as VOICE_MAX_CHARS
+from channels.voice.twilio import voice_body_problems
 from engine.clock import Clock, isoformat
 from engine.delivery.rotation import Rotation
 from engine.errors import ChannelError, StoreError
@@ -56,6 +58,7 @@ from engine.store.db import Database, savepoint
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking import states
+from engine.tracking.escalation import next_contact_time
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,10 @@ DEFAULT_RETRY_BASE: Final = 30.0  # seconds
 DEFAULT_RETRY_CAP: Final = 6 * 3600.0
 DEFAULT_CONCURRENCY: Final = 4
 SMS_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "sms"
+VOICE_TEMPLATE_DIR: Final = SMS_TEMPLATE_DIR.parent / "voice"
+# Channel types that reach the patient's phone with non-PHI, allow-listed text: consent,
+# suppression and (voice) the contact window are checked before each send.
+PATIENT_PHONE_TYPES: Final = frozenset({"sms", "voice"})
 # What a sent row means for its referral (engine.tracking.states internal event kinds). A row's
 # payload may name its own with ``"event": "<kind>"``.
 CONSEQUENCES: Final[dict[str, states.InternalKind]] = {
@@ -175,6 +182,9 @@ class Renderer:
       from ``practice:`` only (plus the specialty category where
       ``practice.sms_may_name_specialty``). The recipient is the payload's ``to`` or the
       referral's patient phone. Never any other referral field.
+    * ``voice`` channels (automated calls, channels.voice): the same, from
+      ``templates/voice/`` with the spoken-prompt rules
+      (:func:`channels.voice.twilio.voice_body_problems`) instead of the SMS ones.
     * every other channel (PHI-bearing, secure): the channel's template, if it has one
       of that name, rendered with the sandboxed refloop Jinja environment and the context
       ``referral`` (the referral's detail columns and id), ``practice``, ``payload`` (the
@@ -194,20 +204,32 @@ class Renderer:
         practice: PracticeSpec,
         *,
         sms_dir: Path = SMS_TEMPLATE_DIR,
+        voice_dir: Path = VOICE_TEMPLATE_DIR,
         packets: Packets | None = None,
     ) -> None:
         self.channels = channels
         self.practice = practice
         self.sms_dir = sms_dir
+        self.voice_dir = voice_dir
         self.packets = packets
         self._env = make_environment()
 
     def sms_templates(self, channel: str) -> SmsTemplates:
+        """The allow-listed template set of an SMS channel, or of a voice channel (same
+        allow-list, its own directory and body rules)."""
         spec = self.channels.get(channel)
+        allow = self.practice.sms_may_name_specialty
+        if spec is not None and spec.type == "voice":
+            max_chars = int(spec.settings.get("max_chars", VOICE_MAX_CHARS))
+            return SmsTemplates(
+                self.voice_dir,
+                allow_specialty=allow,
+                max_chars=max_chars,
+                body_rules=voice_body_problems,
+                label="voice",
+            )
         max_chars = int(spec.settings.get("max_chars", 160)) if spec else 160
-        return SmsTemplates(
-            self.sms_dir, allow_specialty=self.practice.sms_may_name_specialty, max_chars=max_chars
-        )
+        return SmsTemplates(self.sms_dir, allow_specialty=allow, max_chars=max_chars)
 
     def sms_context(self, referral: ReferralRow | None) -> SmsContext:
         category = ""
@@ -221,15 +243,15 @@ class Renderer:
         )
 
     def render_sms_text(self, channel: str, template: str, referral: ReferralRow | None) -> str:
-        """One SMS body (also used for the HELP reply). Raises SmsTemplateError."""
+        """One SMS body (also used for the HELP reply) or spoken prompt (voice channels).
+        Raises SmsTemplateError."""
         spec = self.channels.get(channel)
         templates = self.sms_templates(channel)
         ctx = self.sms_context(referral)
         if spec is not None and template in spec.templates:
             return templates.render_source(spec.templates[template], ctx, name=template)
-        name = (
-            template if (self.sms_dir / f"{template}.txt").exists() else template.replace("-", "_")
-        )
+        directory = templates.directory
+        name = template if (directory / f"{template}.txt").exists() else template.replace("-", "_")
         return templates.render(name, ctx)
 
     def recipient(self, item: Item, spec: ChannelSpec, referral: ReferralRow | None) -> str:
@@ -237,7 +259,7 @@ class Renderer:
         if payload.get("to"):
             return str(payload["to"])
         details = referral.details if referral is not None else {}
-        if spec.type == "sms":
+        if spec.type in PATIENT_PHONE_TYPES:
             return e164(str(details.get("patient_phone") or ""))
         column = _ADDRESS.get(spec.type)
         if column:
@@ -270,9 +292,9 @@ class Renderer:
             "referral_id": "" if item.referral_id is None else str(item.referral_id),
             "message_id": item.message_id,
         }
-        if spec.type == "sms":
+        if spec.type in PATIENT_PHONE_TYPES:
             if not recipient:
-                raise ChannelError(f"{item.channel}: no phone number to text", retryable=False)
+                raise ChannelError(f"{item.channel}: no patient phone number", retryable=False)
             body = self.render_sms_text(item.channel, item.template, referral)
             return OutboundMessage(**common, body=body)
         details: dict[str, Any] = dict(referral.details) if referral is not None else {}
@@ -472,6 +494,10 @@ class Dispatcher:
             if skip:
                 self._skipped(item, referral, skip)
                 return
+            quiet_until = self._quiet_until(item, referral)
+            if quiet_until is not None:
+                self._deferred(item, quiet_until)
+                return
             message = self.renderer.render(item, referral)
             receipt = await channel.send(message)
         except ChannelError as exc:
@@ -521,19 +547,51 @@ class Dispatcher:
             self.metrics.outbox_sends.labels(name, result).inc()
 
     def _skip_reason(self, item: Item, referral: ReferralRow | None) -> str:
-        """Why an SMS row must not be sent at all: no recorded consent, or the number is
-        on the suppression list. Other channels are never skipped here."""
+        """Why an SMS or automated-call row must not be sent at all: no recorded consent
+        (``sms_consent``: the consent to automated texts and calls, TCPA;
+        referral-standards.md §7), or the number is on the suppression list (a STOP to a
+        text revokes the calls too: revocation "by any reasonable means", FCC 24-18).
+        Other channels are never skipped here."""
         spec = self.renderer.channels.get(item.channel)
-        if spec is None or spec.type != "sms":
+        if spec is None or spec.type not in PATIENT_PHONE_TYPES:
             return ""
+        no_consent = (
+            "no recorded SMS consent"
+            if spec.type == "sms"
+            else "no recorded consent to automated calls"
+        )
         if referral is not None and not referral.details.get("sms_consent"):
-            return "no recorded SMS consent"
+            return no_consent
         if referral is None and not item.payload_dict().get("to"):
-            return "no recorded SMS consent"
+            return no_consent
         number = self.renderer.recipient(item, spec, referral)
         if number and outbox.is_suppressed(self.db.conn, number):
             return "number is on the suppression list"
         return ""
+
+    def _quiet_until(self, item: Item, referral: ReferralRow | None) -> float | None:
+        """For an automated call: the next moment inside the patient's contact window
+        (escalation ``contact:``, the patient's time zone) when now is outside it; None
+        when the call may go now. The timers already place nudges inside the window, but
+        not every call row comes from a nudge (the day-30 outreach call), and a retry can
+        fall at night. Texts are not held here: replies (HELP, STOP confirmation) answer
+        the patient at once, and the timers window the nudges and reminders."""
+        spec = self.renderer.channels.get(item.channel)
+        if spec is None or spec.type != "voice":
+            return None
+        now = self.clock.now()
+        tz = str(referral.details.get("time_zone") or "") if referral is not None else ""
+        when = next_contact_time(now, self.rotation.policy.contact, time_zone=tz)
+        return when if when > now + 1.0 else None
+
+    def _deferred(self, item: Item, until: float) -> None:
+        """Back to pending until ``until`` without spending an attempt."""
+        now = self.clock.now()
+        with self.db.transaction(durable=False) as conn:
+            outbox.defer(conn, item.id, due=until, reason="outside the contact window", now=now)
+        self._count(item.channel, "deferred")
+        log.info("outbox %d: %s held until %s (contact window)", item.id, item.channel,
+                 isoformat(until))  # fmt: skip
 
     def _sent(
         self, item: Item, message: OutboundMessage, provider_id: str, provider_status: str

@@ -10,6 +10,8 @@ Types and adapters:
 
 * ``sms``: channels.sms.TwilioSms (account_sid, auth_token, messaging_service_sid or
   from_number, status_callback_url, max_chars, timeout);
+* ``voice``: channels.voice.TwilioVoice, automated patient calls (account_sid,
+  auth_token, from_number, status_callback_url, language, voice, max_chars, timeout);
 * ``webhook``: channels.webhook.WebhookChannel (url, secret, timeout);
 * ``portal``, ``task``: WebhookChannel with ``api_url`` and ``api_key`` as the secret; a
   ``task`` without ``api_url`` has no adapter (the built-in task queue, engine.delivery.task_queue,
@@ -57,6 +59,8 @@ from channels.fax.phaxio import PHAXIO_BASE_URL, FaxChannel, PhaxioProvider
 from channels.fhir_out import FhirOut, FhirOutConfig, ResourceType
 from channels.mllp import Exchange, MllpChannel
 from channels.sms.twilio import SmsConfig, TwilioSms
+from channels.voice.twilio import DEFAULT_MAX_CHARS as VOICE_MAX_CHARS
+from channels.voice.twilio import TwilioVoice, VoiceConfig
 from channels.webhook import WebhookChannel, WebhookConfig
 from engine.clock import Clock
 from engine.config import file_ref, substitute
@@ -164,6 +168,25 @@ def _sms(s: _Settings, c: _Shared) -> Channel:
     return TwilioSms(cfg, http=c.http, clock=c.now)
 
 
+def _voice(s: _Settings, c: _Shared) -> Channel:
+    """An automated-call channel (Twilio Programmable Voice, docs/voice.md)."""
+    if s.text("provider", "twilio") != "twilio":
+        s.fail("provider", "only twilio is supported")
+    cfg = VoiceConfig(
+        account_sid=s.text("account_sid"),
+        auth_token=s.text("auth_token"),
+        from_number=s.text("from_number"),
+        status_callback_url=s.text("status_callback_url"),
+        api_base=s.text("api_base"),
+        language=s.text("language", "en-US"),
+        voice=s.text("voice"),
+        max_chars=int(s.number("max_chars", VOICE_MAX_CHARS)),
+        timeout=c.timeout,
+    )
+    s.check(cfg.problems())
+    return TwilioVoice(cfg, http=c.http, clock=c.now)
+
+
 def _webhook(s: _Settings, c: _Shared) -> Channel | None:
     """``webhook``, ``portal`` and ``task`` (a task without ``api_url``: the built-in
     task queue serves it, so nothing is built)."""
@@ -246,6 +269,7 @@ def mllp_exchange(
 # One builder per routes.yaml channel ``type`` (docs/routes.md, "Channels").
 BUILDERS: Final[Mapping[str, Builder]] = {
     "sms": _sms,
+    "voice": _voice,
     "webhook": _webhook,
     "portal": _webhook,
     "task": _webhook,

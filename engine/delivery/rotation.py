@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from engine.canonical import canonical_json
 from engine.routing.channels import rotation_slots
@@ -19,6 +20,16 @@ from engine.store import referrals as referral_store
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking.escalation import Policy
+
+# Where an automated call that cannot be placed goes: a person calls (the built-in task
+# queue serves ``task`` when routes.yaml gives it no worklist).
+TASK_CHANNEL: Final = "task"
+CALL_PATIENT_TASK: Final = "call-patient"
+# The calls that ask the patient to book (a person makes them when the machine cannot);
+# a reminder of a booked visit is not one.
+CALL_TO_BOOK: Final = frozenset(
+    {"first_nudge", "first-nudge", "second_nudge", "second-nudge", "outreach-call"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +74,13 @@ class Rotation:
     ) -> int | None:
         """Queue ``item``'s message on the next channel of the rotation (same template,
         key ``<key>:next``: doing it twice queues it once). Returns the new row's id, or
-        None when there is no next channel (the coordinator's timers take over)."""
+        None when there is no next channel (the coordinator's timers take over). An
+        automated call that could not be placed with nowhere else to go becomes a
+        ``call-patient`` task: the person the automated call replaced calls instead."""
         nxt = self.next_channel(item.channel, referral)
         if nxt is None:
+            if self.slot_of(item.channel) == "voice" and item.template in CALL_TO_BOOK:
+                return self._call_task(conn, item, reason, now)
             return None
         payload = item.payload_dict()
         payload.pop("to", None)  # the address belonged to the failed channel
@@ -78,6 +93,31 @@ class Rotation:
             nxt,
             item.template,
             canonical_json(payload),
+            key,
+            now,
+            now=now,
+        )
+        return outbox.id_for_key(conn, key)
+
+    def _call_task(self, conn: Conn, item: Item, reason: str, now: float) -> int | None:
+        """A coordinator task (the shared task contract) to call the patient by hand."""
+        payload = item.payload_dict()
+        task = {
+            "referral_id": item.referral_id,
+            "kind": str(payload.get("kind") or item.template),
+            "task": CALL_PATIENT_TASK,
+            "priority_score": payload.get("priority_score", 0),
+            "reason": f"the automated call was not placed ({reason}): call the patient",
+            "attempts": payload.get("attempts") or [],
+            "rotated_from": item.channel,
+        }
+        key = f"{item.idempotency_key}:call"
+        referral_store.enqueue_outbox(
+            conn,
+            item.referral_id,
+            TASK_CHANNEL,
+            CALL_PATIENT_TASK,
+            canonical_json(task),
             key,
             now,
             now=now,

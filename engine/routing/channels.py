@@ -63,6 +63,19 @@ CHANNEL_TYPES: Final[dict[str, tuple[str, ...]]] = {
         "timeout",
         "advanced_opt_out",
     ),
+    # automated patient calls (channels.voice.twilio); templates under the SMS allow-list
+    "voice": (
+        "provider",
+        "account_sid",
+        "auth_token",
+        "from_number",
+        "status_callback_url",
+        "api_base",
+        "language",
+        "voice",
+        "max_chars",
+        "timeout",
+    ),
     "portal": ("api_url", "api_key", "timeout"),
     "task": ("api_url", "api_key", "queue", "timeout"),
     "webhook": ("url", "secret", "timeout"),
@@ -322,9 +335,10 @@ def _channel_templates(
         except Exception as exc:  # jinja2.TemplateSyntaxError
             r.problems.append(f"{where}: template syntax error: {getattr(exc, 'message', exc)}")
             continue
-        if kind == "sms":
-            # SMS is not a secure channel (DESIGN.md: PHI never leaves through SMS): the
-            # template may use only the allow-list of channels.sms.templates.
+        if kind in ("sms", "voice"):
+            # SMS and automated calls are not secure channels (DESIGN.md: PHI never
+            # leaves through SMS): the template may use only the allow-list of
+            # channels.sms.templates.
             sms_problems = check_sms_template(text, allow_specialty)
             if sms_problems:
                 r.problems.extend(f"{where}: {p} (no PHI over SMS)" for p in sms_problems)

@@ -49,6 +49,10 @@ class PatientModel:
     nudge_speeds: float = 0.25  # a patient who would book later books now (assumption)
     phone_reach: float = 0.40  # a staff call reaches the patient
     staff_call_books: float = 0.50  # a reached patient lets staff book (assumption)
+    # An automated call (channels.voice): answered by the patient (assumption: as often
+    # as a live call, [27] 36 %), else left on voicemail (assumption), else nothing.
+    voice_answered: float = 0.40
+    voice_voicemail: float = 0.30
     attend: float = 0.80  # attends, lead time over 7 days
     short_lead_odds: float = 2.0  # odds of attending × this when lead time ≤ 7 days
     reminder_effect: float = 1.10  # attendance × this after an appointment reminder
@@ -120,6 +124,19 @@ class Model:
             return rng.random() < self.patient.nudge_speeds * decay
         never = max(1e-9, 1 - self.patient.schedules)
         return rng.random() < min(1.0, self.patient.nudge_adds / never) * decay
+
+    def automated_call_books(self, rng: random.Random, k: int, will_book: bool) -> bool:
+        """Does an automated call (the k-th contact, 1-based) make a not-yet-booked
+        patient book now? Answered: as a live staff call that reaches them (Nielson 2018
+        [25]: live calls added nothing to automated ones); on voicemail: as a delivered
+        nudge; otherwise not."""
+        pm = self.patient
+        r = rng.random()
+        if r < pm.voice_answered:
+            return rng.random() < pm.staff_call_books
+        if r < pm.voice_answered + pm.voice_voicemail:
+            return self.nudge_books(rng, k, will_book)
+        return False
 
 
 def parse_model(raw: Mapping[str, Any]) -> Model:

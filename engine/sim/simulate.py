@@ -75,6 +75,7 @@ SIM_TOKEN: Final = "simulated-twilio-auth-token"
 SIM_SECRET: Final = "simulated-webhook-secret-0123456789"
 CONFIRM_KEY: Final = "simulated-confirmation-key-0123456789abcdef"
 PATIENT_CHANNELS: Final = ("sms", "portal", "voice")
+AUTOMATED_VOICE: Final = "voice"  # the automated-call channel of the refloop run
 _WORLD: Final = frozenset({"book", "visit", "report-sent", "staff"})  # generated referrals
 
 
@@ -218,6 +219,7 @@ DEFAULT_STAFF: Final[dict[str, Any]] = {
         "outreach-call": "patient_call",
         "outreach-letter": "letter",
         "call-to-book": "patient_call",
+        "call-patient": "patient_call",
         "call-specialist-office": "office_call",
         "chase-report": "office_call",
         "call-for-report": "office_call",
@@ -636,6 +638,10 @@ class Simulation:
         self.scenario = scenario
         self.state_dir = state_dir
         self.baseline = baseline  # refloop's automation off: only the 14-day task
+        # With refloop the voice slot is an automated call (channels.voice), nobody's
+        # work; in the baseline it stays a person's call list.
+        people = [c for c in scenario.staff["channels"] if baseline or c != AUTOMATED_VOICE]
+        self.staff: Mapping[str, Any] = {**scenario.staff, "channels": people}
         self.lives: dict[int, _Life] = {}
         self.clock = VirtualClock(scenario.start)
         self.sends: list[Send] = []
@@ -686,7 +692,7 @@ class Simulation:
                 "status_callback_url": "https://sim.invalid/hooks/twilio/status",
             },
             "portal": dict(webhook),
-            "voice": dict(webhook),
+            "voice": dict(webhook) if self.baseline else self._voice(),
             "task": dict(webhook),
             "coordinator": dict(webhook),
             # referring-provider notifications (issue 15): counted apart from staff work
@@ -713,6 +719,17 @@ class Simulation:
             "SIM_CONFIRM_KEY": CONFIRM_KEY,
         }
         return config_mod.load(path, env=env)
+
+    @staticmethod
+    def _voice() -> dict[str, Any]:
+        """The automated voice channel (Twilio Programmable Voice), as a practice would
+        configure it; the simulator answers at the provider boundary."""
+        return {
+            "type": "voice",
+            "account_sid": "AC00000000000000000000000000000000",
+            "auth_token": f"${{env:SIM_TWILIO_TOKEN:-{SIM_TOKEN}}}",
+            "from_number": "+15550100001",
+        }
 
     async def run(self) -> dict[str, Any]:
         from prometheus_client import CollectorRegistry
@@ -960,7 +977,7 @@ class Simulation:
             elif life.rng.random() >= model.specialist.fax_reach:
                 return  # the fax never reached the office
             self._office_receives(index, send)
-        elif send.channel in self.scenario.staff["channels"]:
+        elif send.channel in self.staff["channels"]:
             # a person works the task within one to two working days
             self._at(send.at + life.rng.uniform(0.5, 2) * DAY, "staff", index)
         elif send.channel in PATIENT_CHANNELS:
@@ -971,7 +988,12 @@ class Simulation:
             elif not plan.declined:
                 life.nudges += 1
                 will_book = plan.patient.books_by_phone is not None
-                if model.nudge_books(life.rng, life.nudges, will_book):
+                books = (
+                    model.automated_call_books
+                    if send.channel == AUTOMATED_VOICE
+                    else model.nudge_books
+                )
+                if books(life.rng, life.nudges, will_book):
                     self._at(send.at + life.rng.uniform(0.2, 3) * DAY, "book", index)
 
     def _office(self, plan: ReferralPlan) -> Office:
@@ -1144,7 +1166,7 @@ class Simulation:
         )
         statuses = Counter(r[2] for r in refs)
         reasons = Counter(r[5] for r in refs if r[5])
-        work = staff_and_automation(views.outbox_log(conn), sc.staff, sc.start, sc.days)
+        work = staff_and_automation(views.outbox_log(conn), self.staff, sc.start, sc.days)
         return {
             "scenario": sc.name,
             "mode": "baseline" if self.baseline else "refloop",
@@ -1184,6 +1206,7 @@ def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
     out["cadence"] = cadence
     out.pop("specialties", None)
     out.pop("appointment_reminder", None)  # an automated reminder is automation too
+    out.pop("notify", None)  # so are notices to the referring provider
     return out
 
 

@@ -264,6 +264,17 @@ def mark_retry(conn: Conn, outbox_id: int, *, due: float, error: str, now: float
     return cur.rowcount == 1
 
 
+def defer(conn: Conn, outbox_id: int, *, due: float, reason: str, now: float) -> bool:
+    """A claimed row that may not go out yet (the patient's quiet hours) back to
+    ``pending`` until ``due``, giving back the attempt its claim counted."""
+    cur = conn.execute(
+        "UPDATE outbox SET status = 'pending', due = ?, attempts = MAX(0, attempts - 1), "
+        "last_error = ?, updated_at = ? WHERE id = ? AND status = 'sending'",
+        (due, reason, now, outbox_id),
+    )
+    return cur.rowcount == 1
+
+
 def mark_dead(conn: Conn, outbox_id: int, *, error: str, now: float) -> bool:
     cur = conn.execute(
         "UPDATE outbox SET status = 'dead', dead_at = ?, last_error = ?, updated_at = ? "

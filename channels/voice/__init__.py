@@ -1,0 +1,1 @@
+"""Automated voice calls (Twilio Programmable Voice): non-PHI spoken prompts."""
