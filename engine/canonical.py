@@ -3,8 +3,9 @@
 Two digests of the same value must be equal, so every hash of a JSON value goes through
 :func:`canonical_json`: keys sorted, no whitespace (``separators=(",", ":")``), ASCII
 escapes, anything that is not JSON written with ``str``. Pure; no I/O. (The audit log's
-hash chain keeps its own form, ``engine.store.audit.canonical`` with UTF-8 text:
-changing it would break every chain already stored.)
+hash chain and stored rows keep UTF-8 text, :func:`canonical_text`: changing it would
+break every chain already stored. A channel's wire body, such as the signed webhook's,
+is the channel's own: channels/ do not import the engine beyond its model.)
 
 :func:`event_fingerprint` is the digest of a normalised event that the decisions table,
 the referral timeline and the parked queue record (replays compare it, so it must not
@@ -34,6 +35,13 @@ FINGERPRINT_CHARS: Final = 32  # hex characters of sha256 kept
 def canonical_json(value: Any) -> str:
     """``value`` as canonical JSON text: sorted keys, compact separators."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def canonical_text(value: Any) -> str:
+    """:func:`canonical_json` with non-ASCII characters kept as UTF-8 text, not ``\\u``
+    escapes: the form stored rows and the audit chain have always used (changing it
+    would change every stored hash)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def digest(value: Any) -> str:

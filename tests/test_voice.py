@@ -25,7 +25,6 @@ import httpx
 import pytest
 import test_sms
 from aiohttp import web
-from engine.routing.table import ChannelSpec, PracticeSpec
 from helpers import refloop
 from test_sms import Prism
 
@@ -47,6 +46,7 @@ from engine.delivery.dispatch import (
 from engine.delivery.factory import build_channels
 from engine.errors import ConfigError
 from engine.model import Identifiers, PatientContact, Provider, ReferralCreated
+from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import outbox
 from engine.store import referrals as referral_store
 from engine.store.db import Database, open_database

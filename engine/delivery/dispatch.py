@@ -30,7 +30,6 @@ channel's reason (which never carries a recipient or body).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,6 +43,7 @@ from channels.sms.templates import SmsContext, SmsTemplates
 from channels.sms.twilio import RecipientOptedOut, e164
 from channels.voice.twilio import DEFAULT_MAX_CHARS as VOICE_MAX_CHARS
 from channels.voice.twilio import voice_body_problems
+from engine.canonical import canonical_json
 from engine.clock import Clock, isoformat
 from engine.delivery.rotation import Rotation
 from engine.errors import ChannelError, StoreError
@@ -333,7 +333,7 @@ class Renderer:
             body=body,
             subject=str(payload.get("subject") or item.template),
             attachments=attachments,
-            payload=json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            payload=canonical_json(payload),
             patient_ref=str(payload.get("patient_ref") or ""),
             based_on=str(payload.get("based_on") or ""),
             priority=priority if priority in ("routine", "urgent", "asap", "stat") else "routine",

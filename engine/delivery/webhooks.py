@@ -27,7 +27,6 @@ or a message body.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -38,6 +37,7 @@ from channels import confirm
 from channels.fax import phaxio as fax
 from channels.fax.webhook import phaxio_webhook
 from channels.sms import twilio as sms
+from engine.canonical import canonical_json
 from engine.clock import Clock
 from engine.delivery import direct_inbound as direct_flow
 from engine.delivery.dispatch import Renderer, Tracker
@@ -256,7 +256,7 @@ class Hooks:
             rid,
             self.coordinator_channel,
             CALL_TO_BOOK,
-            json.dumps(payload, sort_keys=True, separators=(",", ":")),
+            canonical_json(payload),
             f"{rid}:{CALL_TO_BOOK}:{sid}",
             now,
             now=now,

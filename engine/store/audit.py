@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
+from engine.canonical import canonical_text
 from engine.store.referrals import Conn
 
 GENESIS: Final = "0" * 64
@@ -80,7 +81,8 @@ class AuditRow:
 
 
 def canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The chain's JSON form (engine.canonical.canonical_text)."""
+    return canonical_text(value)
 
 
 def row_hash(

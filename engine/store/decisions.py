@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlite_utils
 
+from engine.canonical import canonical_json
 from engine.store.sql import Database
 
 
@@ -110,7 +111,7 @@ class Decisions:
     ) -> None:
         """Write (or replace) a message's decision; call inside its processing transaction.
         A replay (``replayed_by`` given) keeps the first ``decided_at`` and stamps the replay."""
-        body = json.dumps(actions, sort_keys=True, separators=(",", ":"))
+        body = canonical_json(actions)
         if replayed_by:
             conn.execute(
                 "INSERT INTO decisions (message_id, status, route, reason, actions, decided_at, "

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
+from engine.canonical import canonical_text
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 
@@ -991,4 +992,4 @@ def outbox_for(conn: Conn, referral_id: int) -> list[OutboxRow]:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return canonical_text(value)

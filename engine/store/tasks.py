@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 
 import sqlite_utils
 
+from engine.canonical import canonical_json
 from engine.store.referrals import Conn
 
 TaskStatus = Literal["open", "done", "superseded"]
@@ -163,7 +164,7 @@ def open_task(conn: Conn, task: NewTask, now: float) -> tuple[int, bool]:
             task.template,
             task.reason,
             task.priority,
-            json.dumps(list(task.attempts), sort_keys=True, separators=(",", ":")),
+            canonical_json(list(task.attempts)),
             task.due_at,
             now,
         ),
