@@ -1,8 +1,6 @@
 """The ``outbox`` command group: list, retry and cancel outbox rows.
 
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward. ``list`` opens the database read-only (safe while the daemon runs); ``retry``
+``list`` opens the database read-only (safe while the daemon runs); ``retry``
 and ``cancel`` write one short, audited transaction, which the running daemon's
 dispatcher picks up on its next poll.
 """
@@ -23,8 +21,7 @@ from engine.store.outbox import OUTBOX_STATUSES
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``outbox`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``outbox`` group (defined below) to ``main``."""
     main.add_command(outbox)
 
 

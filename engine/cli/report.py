@@ -1,10 +1,6 @@
 """``refloop report closure``: the closure report (MIPS 374 / CMS50) from the command line,
 as a table, JSON (the ``/api/report`` document) or CSV. Read-only: safe while the daemon
 runs.
-
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward.
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ def _date(_ctx: click.Context, param: click.Parameter, value: str) -> dt.date:
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``report`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``report`` group (defined below) to ``main``."""
     main.add_command(report)
 
 

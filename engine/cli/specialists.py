@@ -3,10 +3,6 @@
 The import checks the whole file before writing anything; problems are printed one per
 line as ``FILE:LINE: column: message`` and the command exits 2 (engine.cli.common
 ``errors``).
-
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ from engine.tracking import specialists as lib
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``specialists`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``specialists`` group (defined below) to ``main``."""
     main.add_command(specialists)
 
 

@@ -2,10 +2,6 @@
 
 ``list`` opens the database read-only (safe while the daemon runs); ``done``, ``assign``
 and ``snooze`` each write one short, audited transaction.
-
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward.
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ STATUSES = ("open", "done", "superseded", "all")
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``tasks`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``tasks`` group (defined below) to ``main``."""
     main.add_command(tasks)
 
 

@@ -1,9 +1,4 @@
-"""``refloop timers``: what is pending, and when it falls due.
-
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward.
-"""
+"""``refloop timers``: what is pending, and when it falls due."""
 
 from __future__ import annotations
 
@@ -18,8 +13,7 @@ from engine.store import timers as store
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``timers`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``timers`` group (defined below) to ``main``."""
     main.add_command(timers)
 
 

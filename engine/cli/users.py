@@ -1,8 +1,6 @@
 """The ``users`` command group: dashboard and API users (engine.web.auth).
 
-The group is defined here at module level with the shared options of engine.cli.common;
-engine.cli.main imports this module and adds it (:func:`register`), so imports only run
-downward. Each command opens the database (migrating it if needed; safe while the daemon
+Each command opens the database (migrating it if needed; safe while the daemon
 runs), does one thing in one short transaction and closes it.
 """
 
@@ -20,8 +18,7 @@ from engine.web.auth import ROLES, Auth
 
 
 def register(main: click.Group, **_shared: Any) -> None:
-    """Add the ``users`` group to ``main`` (the shared options the lazy loader passes
-    are the ones engine.cli.common defines: not needed)."""
+    """Add the ``users`` group (defined below) to ``main``."""
     main.add_command(users)
 
 
