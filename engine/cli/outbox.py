@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from engine.cli.common import errors, login_name, open_store, routes_option, state_option
+from engine.cli.common import login_name, open_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, isoformat
 from engine.delivery.dispatch import cancel_item, list_outbox, retry_dead, retry_item
 from engine.errors import StoreError
@@ -63,12 +63,8 @@ def outbox_list(
 
     Example: refloop outbox list --status dead --channel sms
     """
-    with errors():
-        db = _open(state_dir, routes_path, readonly=True)
-        try:
-            rows = list_outbox(db, status=status or "", channel=channel or "", limit=limit)
-        finally:
-            db.close()
+    with opened_store(_open, state_dir, routes_path, readonly=True) as db:
+        rows = list_outbox(db, status=status or "", channel=channel or "", limit=limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -111,18 +107,14 @@ def outbox_retry(
     if (outbox_id is None) == (not all_dead):
         raise click.UsageError("give one outbox ID or --dead")
     who = actor or login_name()
-    with errors():
-        db = _open(state_dir, routes_path, readonly=False)
-        try:
-            if all_dead:
-                ids = retry_dead(db, WallClock(), who, channel or "")
-                click.echo(f"{len(ids)} dead row(s) queued again" + (f": {ids}" if ids else ""))
-            else:
-                assert outbox_id is not None
-                item = retry_item(db, outbox_id, WallClock(), who)
-                click.echo(f"outbox {item['id']}: queued again ({item['channel']})")
-        finally:
-            db.close()
+    with opened_store(_open, state_dir, routes_path, readonly=False) as db:
+        if all_dead:
+            ids = retry_dead(db, WallClock(), who, channel or "")
+            click.echo(f"{len(ids)} dead row(s) queued again" + (f": {ids}" if ids else ""))
+        else:
+            assert outbox_id is not None
+            item = retry_item(db, outbox_id, WallClock(), who)
+            click.echo(f"outbox {item['id']}: queued again ({item['channel']})")
 
 
 @outbox.command("cancel")
@@ -136,10 +128,6 @@ def outbox_cancel(outbox_id: int, actor: str | None, state_dir: str, routes_path
 
     Example: refloop outbox cancel 42
     """
-    with errors():
-        db = _open(state_dir, routes_path, readonly=False)
-        try:
-            item = cancel_item(db, outbox_id, WallClock(), actor or login_name())
-        finally:
-            db.close()
+    with opened_store(_open, state_dir, routes_path, readonly=False) as db:
+        item = cancel_item(db, outbox_id, WallClock(), actor or login_name())
     click.echo(f"outbox {item['id']}: cancelled")

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import click
 
-from engine.cli.common import errors, open_referral_store, routes_option, state_option
+from engine.cli.common import open_referral_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, isoformat
 from engine.tracking.report import GROUPS, ClosureReport, closure_report, report_to_dict
 
@@ -80,12 +80,8 @@ def closure(
         raise click.BadParameter("the period ends before it starts", param_hint="--to")
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are alternatives; give one")
-    with errors():
-        db = open_referral_store(state_dir, routes_path, readonly=True)
-        try:
-            r = closure_report(db.conn, start, end, by=by, now=WallClock().now())
-        finally:
-            db.close()
+    with opened_store(open_referral_store, state_dir, routes_path, readonly=True) as db:
+        r = closure_report(db.conn, start, end, by=by, now=WallClock().now())
     if as_json:
         click.echo(json.dumps(report_to_dict(r), indent=1))
     elif as_csv:

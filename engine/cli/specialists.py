@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from engine.cli.common import errors, login_name, open_store, routes_option, state_option
+from engine.cli.common import login_name, open_store, opened_store, routes_option, state_option
 from engine.clock import WallClock
 from engine.errors import StoreError
 from engine.tracking import specialists as lib
@@ -43,12 +43,8 @@ def specialists_import(state_dir: str, routes_path: str, csv_file: str) -> None:
 
     Example: refloop specialists import /etc/refloop/specialists.csv
     """
-    with errors():
-        db = open_store(state_dir, routes_path, readonly=False)
-        try:
-            summary = lib.import_csv(db, Path(csv_file), WallClock(), actor=login_name())
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        summary = lib.import_csv(db, Path(csv_file), WallClock(), actor=login_name())
     click.echo(
         f"{summary.rows} row(s): {summary.added} added, {summary.updated} updated, "
         f"{summary.unchanged} unchanged"
@@ -64,12 +60,8 @@ def specialists_list(state_dir: str, routes_path: str, as_json: bool) -> None:
 
     Example: refloop specialists list --json
     """
-    with errors():
-        db = open_store(state_dir, routes_path)
-        try:
-            rows = lib.list_specialists(db)
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=True) as db:
+        rows = lib.list_specialists(db)
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
@@ -97,12 +89,8 @@ def specialists_show(state_dir: str, routes_path: str, key: str, as_json: bool) 
 
     Example: refloop specialists show 1234567893 --json
     """
-    with errors():
-        db = open_store(state_dir, routes_path)
-        try:
-            found = lib.show_specialist(db, key)
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=True) as db:
+        found = lib.show_specialist(db, key)
         if found is None:
             raise StoreError(f"no specialist {key!r} in the directory")
     if as_json:

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from engine.cli.common import errors, login_name, open_store, routes_option, state_option
+from engine.cli.common import login_name, open_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, parse_iso
 from engine.delivery import task_queue as service
 from engine.errors import StoreError
@@ -67,12 +67,8 @@ def tasks_list(status: str, limit: int, as_json: bool, state_dir: str, routes_pa
 
     Example: refloop tasks list --status all --json
     """
-    with errors():
-        db = _open(state_dir, routes_path, readonly=True)
-        try:
-            rows = service.list_tasks(db, WallClock(), status=status, limit=limit)
-        finally:
-            db.close()
+    with opened_store(_open, state_dir, routes_path, readonly=True) as db:
+        rows = service.list_tasks(db, WallClock(), status=status, limit=limit)
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
         return
@@ -85,14 +81,11 @@ def tasks_list(status: str, limit: int, as_json: bool, state_dir: str, routes_pa
 def _act(state_dir: str, routes_path: str, do: Callable[[Database], dict[str, Any]]) -> None:
     """Run one task action (``do``, a ``KeyError`` for an unknown task) in a writable
     store and print the task's new status."""
-    with errors():
-        db = _open(state_dir, routes_path, readonly=False)
+    with opened_store(_open, state_dir, routes_path, readonly=False) as db:
         try:
             t = do(db)
         except KeyError as exc:
             raise click.ClickException(f"no task {exc.args[0]}") from None
-        finally:
-            db.close()
     click.echo(f"task {t['id']}: {t['status']}" + (f", {t['assignee']}" if t["assignee"] else ""))
 
 

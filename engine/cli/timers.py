@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from engine.cli.common import errors, open_referral_store, routes_option, state_option
+from engine.cli.common import open_referral_store, opened_store, routes_option, state_option
 from engine.clock import isoformat, parse_iso
 from engine.store import timers as store
 
@@ -41,12 +41,8 @@ def timers_list(
             before = parse_iso(due_before)
         except ValueError:
             raise click.BadParameter(f"not an ISO date or time: {due_before!r}") from None
-    with errors():
-        db = open_referral_store(state_dir, routes_path, readonly=True)
-        try:
-            rows = store.listing(db.conn, due_before=before, limit=limit)
-        finally:
-            db.close()
+    with opened_store(open_referral_store, state_dir, routes_path, readonly=True) as db:
+        rows = store.listing(db.conn, due_before=before, limit=limit)
     items: list[dict[str, Any]] = [
         {
             "id": t.id,

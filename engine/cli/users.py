@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from engine.cli.common import errors, open_store, routes_option, state_option
+from engine.cli.common import open_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, isoformat
 from engine.web.auth import ROLES, Auth
 
@@ -55,17 +55,13 @@ def users_add(
 
     Example: refloop users add alice --role admin
     """
-    with errors():
-        # the store first: a routes.yaml that does not load is reported before anyone
-        # types a password twice
-        db = open_store(state_dir, routes_path, readonly=False)
-        try:
-            password = _password(password_stdin)
-            auth = Auth(db, WallClock())
-            user = auth.add_user(name, role, password)
-            token = auth.new_token(user.name, "cli") if with_token else ""
-        finally:
-            db.close()
+    # the store first: a routes.yaml that does not load is reported before anyone types a
+    # password twice
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        password = _password(password_stdin)
+        auth = Auth(db, WallClock())
+        user = auth.add_user(name, role, password)
+        token = auth.new_token(user.name, "cli") if with_token else ""
     click.echo(f"user {user.name} added ({user.role})")
     if token:
         click.echo(f"API token (shown once): {token}")
@@ -80,12 +76,8 @@ def users_list(state_dir: str, routes_path: str, as_json: bool) -> None:
 
     Example: refloop users list --json
     """
-    with errors():
-        db = open_store(state_dir, routes_path, readonly=False)
-        try:
-            rows = Auth(db, WallClock()).users()
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        rows = Auth(db, WallClock()).users()
     if as_json:
         click.echo(json.dumps([u.as_dict() for u in rows], indent=1))
         return
@@ -104,12 +96,8 @@ def users_disable(name: str, state_dir: str, routes_path: str) -> None:
 
     Example: refloop users disable bob
     """
-    with errors():
-        db = open_store(state_dir, routes_path, readonly=False)
-        try:
-            Auth(db, WallClock()).set_disabled(name, True)
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        Auth(db, WallClock()).set_disabled(name, True)
     click.echo(f"user {name} disabled")
 
 
@@ -123,10 +111,6 @@ def users_token(name: str, label: str, state_dir: str, routes_path: str) -> None
 
     Example: refloop users token alice --label reporting-job
     """
-    with errors():
-        db = open_store(state_dir, routes_path, readonly=False)
-        try:
-            token = Auth(db, WallClock()).new_token(name, label)
-        finally:
-            db.close()
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        token = Auth(db, WallClock()).new_token(name, label)
     click.echo(token)
