@@ -203,3 +203,18 @@ class MainGroup(Group):
                 rows.append((name, cmd.get_short_help_str(limit)))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+@contextmanager
+def opened_store(
+    opener: Callable[..., Database], state_dir: str, routes_path: str, *, readonly: bool
+) -> Iterator[Database]:
+    """``opener(state_dir, routes_path, readonly=readonly)`` (:func:`open_store` or a
+    checking wrapper of it) inside :func:`errors`, closed when the block ends: engine
+    errors raised while opening or inside the block become clean exits."""
+    with errors():
+        db = opener(state_dir, routes_path, readonly=readonly)
+        try:
+            yield db
+        finally:
+            db.close()

@@ -1,6 +1,7 @@
 """``refloop report closure``: the closure report (MIPS 374 / CMS50) from the command line,
 as a table, JSON (the ``/api/report`` document) or CSV. Read-only: safe while the daemon
-runs."""
+runs.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ import datetime as dt
 import io
 import json
 import re
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any, Final
 
 import click
 
+from engine.cli.common import open_referral_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, isoformat
 from engine.tracking.report import GROUPS, ClosureReport, closure_report, report_to_dict
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 CSV_COLUMNS: Final = (
@@ -42,66 +40,55 @@ def _date(_ctx: click.Context, param: click.Parameter, value: str) -> dt.date:
     raise click.BadParameter(f"not a date (YYYY-MM-DD): {value!r}", param=param)
 
 
-def register(
-    main: click.Group,
-    *,
-    state_option: Decorator,
-    routes_option: Decorator,
-    errors: Callable[[], AbstractContextManager[None]],
-) -> None:
-    """Add the ``report`` group to ``main``."""
-
-    @click.group("report")
-    def report() -> None:
-        """Quality reports from the referral store."""
-
-    @report.command("closure")
-    @click.option("--from", "start", required=True, callback=_date, metavar="YYYY-MM-DD",
-                  help="First day of the period (inclusive, UTC).")  # fmt: skip
-    @click.option("--to", "end", required=True, callback=_date, metavar="YYYY-MM-DD",
-                  help="Last day of the period (inclusive, UTC).")  # fmt: skip
-    @click.option("--by", type=click.Choice(GROUPS), help="Also break the denominator down.")
-    @click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
-    @click.option("--csv", "as_csv", is_flag=True, help="The report's rows as CSV.")
-    @state_option
-    @routes_option
-    def closure(
-        start: dt.date,
-        end: dt.date,
-        by: str | None,
-        as_json: bool,
-        as_csv: bool,
-        state_dir: str,
-        routes_path: str,
-    ) -> None:
-        """The closure report (MIPS 374 / CMS50): each patient's first referral in the
-        period, how many got a specialist report in time, days to close, open referrals
-        by age, closure by nudge channel. A calendar year counts referrals opened January
-        1 - October 31 only. See docs/reporting.md.
-
-        Example: refloop report closure --from 2025-01-01 --to 2025-12-31 --by specialty
-        """
-        from engine.cli.common import open_referral_store as _open
-
-        if start > end:
-            raise click.BadParameter("the period ends before it starts", param_hint="--to")
-        if as_json and as_csv:
-            raise click.UsageError("--json and --csv are alternatives; give one")
-        with errors():
-            db = _open(state_dir, routes_path, readonly=True)
-            try:
-                r = closure_report(db.conn, start, end, by=by, now=WallClock().now())
-            finally:
-                db.close()
-        if as_json:
-            click.echo(json.dumps(report_to_dict(r), indent=1))
-        elif as_csv:
-            write_csv(r)
-        else:
-            for line in render_table(r):
-                click.echo(line)
-
+def register(main: click.Group, **_shared: Any) -> None:
+    """Add the ``report`` group (defined below) to ``main``."""
     main.add_command(report)
+
+
+@click.group("report")
+def report() -> None:
+    """Quality reports from the referral store."""
+
+
+@report.command("closure")
+@click.option("--from", "start", required=True, callback=_date, metavar="YYYY-MM-DD",
+              help="First day of the period (inclusive, UTC).")  # fmt: skip
+@click.option("--to", "end", required=True, callback=_date, metavar="YYYY-MM-DD",
+              help="Last day of the period (inclusive, UTC).")  # fmt: skip
+@click.option("--by", type=click.Choice(GROUPS), help="Also break the denominator down.")
+@click.option("--json", "as_json", is_flag=True, help="The report as one JSON object.")
+@click.option("--csv", "as_csv", is_flag=True, help="The report's rows as CSV.")
+@state_option
+@routes_option
+def closure(
+    start: dt.date,
+    end: dt.date,
+    by: str | None,
+    as_json: bool,
+    as_csv: bool,
+    state_dir: str,
+    routes_path: str,
+) -> None:
+    """The closure report (MIPS 374 / CMS50): each patient's first referral in the
+    period, how many got a specialist report in time, days to close, open referrals
+    by age, closure by nudge channel. A calendar year counts referrals opened January
+    1 - October 31 only. See docs/reporting.md.
+
+    Example: refloop report closure --from 2025-01-01 --to 2025-12-31 --by specialty
+    """
+    if start > end:
+        raise click.BadParameter("the period ends before it starts", param_hint="--to")
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are alternatives; give one")
+    with opened_store(open_referral_store, state_dir, routes_path, readonly=True) as db:
+        r = closure_report(db.conn, start, end, by=by, now=WallClock().now())
+    if as_json:
+        click.echo(json.dumps(report_to_dict(r), indent=1))
+    elif as_csv:
+        write_csv(r)
+    else:
+        for line in render_table(r):
+            click.echo(line)
 
 
 def _pct(rate: float | None) -> str:

@@ -1,36 +1,25 @@
 """The ``users`` command group: dashboard and API users (engine.web.auth).
 
-``engine.cli`` calls :func:`register` with its ``main`` group, the shared options and the
-error mapper. Each command opens the database (migrating it if needed; safe while the
-daemon runs), does one thing in one short transaction and closes it.
+Each command opens the database (migrating it if needed; safe while the daemon
+runs), does one thing in one short transaction and closes it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import click
 
-from engine.cli.common import open_store
+from engine.cli.common import open_store, opened_store, routes_option, state_option
 from engine.clock import WallClock, isoformat
 from engine.web.auth import ROLES, Auth
 
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
-
-def register(
-    main: click.Group,
-    *,
-    state_option: Decorator,
-    routes_option: Decorator,
-    errors: Callable[[], AbstractContextManager[None]],
-) -> None:
-    """Add the ``users`` group to ``main``."""
-    main.add_command(_build(state_option, routes_option, errors))
+def register(main: click.Group, **_shared: Any) -> None:
+    """Add the ``users`` group (defined below) to ``main``."""
+    main.add_command(users)
 
 
 def _password(from_stdin: bool) -> str:
@@ -40,109 +29,88 @@ def _password(from_stdin: bool) -> str:
     return value
 
 
-def _build(
-    state_option: Decorator,
-    routes_option: Decorator,
-    errors: Callable[[], AbstractContextManager[None]],
-) -> click.Group:
-    @click.group("users")
-    def users() -> None:
-        """Dashboard and API users: coordinator, analyst, admin."""
+@click.group("users")
+def users() -> None:
+    """Dashboard and API users: coordinator, analyst, admin."""
 
-    @users.command("add")
-    @click.argument("name")
-    @click.option("--role", required=True, type=click.Choice(ROLES), help="What they may do.")
-    @click.option(
-        "--password-stdin", is_flag=True, help="Read the password from stdin (no prompt)."
-    )
-    @click.option("--token", "with_token", is_flag=True, help="Also print a new API token.")
-    @state_option
-    @routes_option
-    def users_add(
-        name: str,
-        role: str,
-        password_stdin: bool,
-        with_token: bool,
-        state_dir: str,
-        routes_path: str,
-    ) -> None:
-        """Add a user (asks for the password twice, at least 10 characters).
 
-        The first admin is made this way; then log in at http://127.0.0.1:8575/ui/.
+@users.command("add")
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(ROLES), help="What they may do.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (no prompt).")
+@click.option("--token", "with_token", is_flag=True, help="Also print a new API token.")
+@state_option
+@routes_option
+def users_add(
+    name: str,
+    role: str,
+    password_stdin: bool,
+    with_token: bool,
+    state_dir: str,
+    routes_path: str,
+) -> None:
+    """Add a user (asks for the password twice, at least 10 characters).
 
-        Example: refloop users add alice --role admin
-        """
-        with errors():
-            # the store first: a routes.yaml that does not load is reported before anyone
-            # types a password twice
-            db = open_store(state_dir, routes_path, readonly=False)
-            try:
-                password = _password(password_stdin)
-                auth = Auth(db, WallClock())
-                user = auth.add_user(name, role, password)
-                token = auth.new_token(user.name, "cli") if with_token else ""
-            finally:
-                db.close()
-        click.echo(f"user {user.name} added ({user.role})")
-        if token:
-            click.echo(f"API token (shown once): {token}")
+    The first admin is made this way; then log in at http://127.0.0.1:8575/ui/.
 
-    @users.command("list")
-    @state_option
-    @routes_option
-    @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
-    def users_list(state_dir: str, routes_path: str, as_json: bool) -> None:
-        """List users with their role and whether they are disabled.
+    Example: refloop users add alice --role admin
+    """
+    # the store first: a routes.yaml that does not load is reported before anyone types a
+    # password twice
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        password = _password(password_stdin)
+        auth = Auth(db, WallClock())
+        user = auth.add_user(name, role, password)
+        token = auth.new_token(user.name, "cli") if with_token else ""
+    click.echo(f"user {user.name} added ({user.role})")
+    if token:
+        click.echo(f"API token (shown once): {token}")
 
-        Example: refloop users list --json
-        """
-        with errors():
-            db = open_store(state_dir, routes_path, readonly=False)
-            try:
-                rows = Auth(db, WallClock()).users()
-            finally:
-                db.close()
-        if as_json:
-            click.echo(json.dumps([u.as_dict() for u in rows], indent=1))
-            return
-        click.echo(f"{'NAME':<24} {'ROLE':<12} {'STATE':<9} CREATED (UTC)")
-        for u in rows:
-            state = "disabled" if u.disabled else "active"
-            click.echo(f"{u.name:<24} {u.role:<12} {state:<9} {isoformat(u.created_at)[:19]}")
 
-    @users.command("disable")
-    @click.argument("name")
-    @state_option
-    @routes_option
-    def users_disable(name: str, state_dir: str, routes_path: str) -> None:
-        """Disable a user: their sessions end and their API tokens stop working.
+@users.command("list")
+@state_option
+@routes_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def users_list(state_dir: str, routes_path: str, as_json: bool) -> None:
+    """List users with their role and whether they are disabled.
 
-        Example: refloop users disable bob
-        """
-        with errors():
-            db = open_store(state_dir, routes_path, readonly=False)
-            try:
-                Auth(db, WallClock()).set_disabled(name, True)
-            finally:
-                db.close()
-        click.echo(f"user {name} disabled")
+    Example: refloop users list --json
+    """
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        rows = Auth(db, WallClock()).users()
+    if as_json:
+        click.echo(json.dumps([u.as_dict() for u in rows], indent=1))
+        return
+    click.echo(f"{'NAME':<24} {'ROLE':<12} {'STATE':<9} CREATED (UTC)")
+    for u in rows:
+        state = "disabled" if u.disabled else "active"
+        click.echo(f"{u.name:<24} {u.role:<12} {state:<9} {isoformat(u.created_at)[:19]}")
 
-    @users.command("token")
-    @click.argument("name")
-    @click.option("--label", default="", help="What the token is for (kept with it).")
-    @state_option
-    @routes_option
-    def users_token(name: str, label: str, state_dir: str, routes_path: str) -> None:
-        """Create an API bearer token for a user; it is printed once, only its hash is kept.
 
-        Example: refloop users token alice --label reporting-job
-        """
-        with errors():
-            db = open_store(state_dir, routes_path, readonly=False)
-            try:
-                token = Auth(db, WallClock()).new_token(name, label)
-            finally:
-                db.close()
-        click.echo(token)
+@users.command("disable")
+@click.argument("name")
+@state_option
+@routes_option
+def users_disable(name: str, state_dir: str, routes_path: str) -> None:
+    """Disable a user: their sessions end and their API tokens stop working.
 
-    return users
+    Example: refloop users disable bob
+    """
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        Auth(db, WallClock()).set_disabled(name, True)
+    click.echo(f"user {name} disabled")
+
+
+@users.command("token")
+@click.argument("name")
+@click.option("--label", default="", help="What the token is for (kept with it).")
+@state_option
+@routes_option
+def users_token(name: str, label: str, state_dir: str, routes_path: str) -> None:
+    """Create an API bearer token for a user; it is printed once, only its hash is kept.
+
+    Example: refloop users token alice --label reporting-job
+    """
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        token = Auth(db, WallClock()).new_token(name, label)
+    click.echo(token)
