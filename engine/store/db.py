@@ -194,6 +194,12 @@ def _m_referral_keys(db: sqlite_utils.Database) -> None:
             db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
+def _m_bigmsg_message_raw(db: sqlite_utils.Database) -> None:
+    from engine.store.inbox import migrate_raw
+
+    migrate_raw(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -208,6 +214,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_outbox_message_id,
     _m_tasks_queue,
     _m_referral_keys,
+    _m_bigmsg_message_raw,
 ]
 
 
