@@ -8,6 +8,7 @@ message's bytes off the event loop. Tests drive the live listener over real sock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -142,3 +143,35 @@ def test_migration_moves_existing_bytes_to_message_raw(tmp_path: Path) -> None:
     db.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_small_frames_of_other_connections_commit_before_a_queued_large_one(
+    tmp_path: Path,
+) -> None:
+    """Queued in one writer round: A (connection 1), a 1 MiB frame B and then C
+    (connection 2), D (connection 3). A and D are committed first, together; B alone;
+    then C, after B (a connection's frames keep their order). The inbox ids show the
+    commit order. Fails before: ids followed arrival order, B committed with the rest."""
+
+    def inbound(control_id: str, peer: str, raw: bytes) -> Inbound:
+        return dataclasses.replace(_inbound(control_id, raw), peer=peer)
+
+    async def go() -> dict[str, int]:
+        db = open_database(tmp_path / "r.db")
+        inbox = Inbox(db)
+        queued = {
+            "A": inbound("A", "127.0.0.1:1", hl7("A")),
+            "B": inbound("B", "127.0.0.1:2", big_message("B", segments=1100)),
+            "C": inbound("C", "127.0.0.1:2", hl7("C")),
+            "D": inbound("D", "127.0.0.1:3", hl7("D")),
+        }
+        futures = {cid: inbox.add(m, "AA") for cid, m in queued.items()}
+        inbox.close()
+        await inbox.run_writer()
+        ids = {cid: (await fut).id for cid, fut in futures.items()}
+        assert inbox.commits == 3
+        db.close()
+        return ids
+
+    ids = run(go())
+    assert sorted(ids, key=ids.__getitem__) == ["A", "D", "B", "C"]

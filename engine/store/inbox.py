@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH: Final = 512
 WRITER_BUSY_MS: Final = 10_000
-MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # a frame over this is committed alone
+MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # most bytes one group commit writes
+ALONE_BYTES: Final = 256 * 1024  # a frame over this is committed alone
 
 RAW_BATCH: Final = 1000  # rows whose bytes the migration moves per statement
 
@@ -139,18 +140,36 @@ class Inbox:
                 writer.close()
 
     def _take(self) -> list[tuple[Inbound, str, asyncio.Future[AddResult]]]:
-        """The next batch: whatever is queued, up to MAX_BATCH messages and
-        MAX_BATCH_BYTES (a frame over it is committed alone, so a batch never costs more
-        than one large frame's write)."""
+        """The next batch, up to MAX_BATCH messages and MAX_BATCH_BYTES.
+
+        A frame over ALONE_BYTES is committed alone, and only once it heads the queue:
+        until then the small frames of *other* connections queued behind it go first, so
+        a probe's message never waits for a 15 MB write it arrived after the start of
+        (it still waits for one already under way). Each connection's frames keep their
+        order (the frames a connection sent after its large one wait with it)."""
+        queue = self._queue
+        if len(queue[0][0].raw) > ALONE_BYTES:
+            return [queue.pop(0)]
+        taken: list[int] = []
+        held: set[tuple[str, str]] = set()  # connections with a large frame waiting
         size = 0
-        n = 0
-        for inbound, _, _ in self._queue[:MAX_BATCH]:
-            if n and size + len(inbound.raw) > MAX_BATCH_BYTES:
+        for i, (inbound, _, _) in enumerate(queue):
+            if len(taken) >= MAX_BATCH:
+                break
+            conn = (inbound.source, inbound.peer)
+            if conn in held or len(inbound.raw) > ALONE_BYTES:
+                held.add(conn)
+                continue
+            if taken and size + len(inbound.raw) > MAX_BATCH_BYTES:
                 break
             size += len(inbound.raw)
-            n += 1
-        batch = self._queue[:n]
-        del self._queue[:n]
+            taken.append(i)
+        batch = [queue[i] for i in taken]
+        if len(taken) == taken[-1] + 1:  # the usual case: a run from the head
+            del queue[: len(taken)]
+        else:
+            keep = set(range(len(queue))).difference(taken)
+            self._queue = [queue[i] for i in sorted(keep)]
         return batch
 
     def close(self) -> None:
