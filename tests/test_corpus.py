@@ -72,7 +72,12 @@ def test_corpus_file_is_answered_and_stored_exactly(tmp_path: Path, path: Path) 
         return stored_expected
 
     sent = run(go())
-    stored = [raw for (raw,) in query(tmp_path / "refloop.db", "SELECT raw FROM messages")]
+    stored = [
+        raw
+        for (raw,) in query(
+            tmp_path / "refloop.db", "SELECT raw FROM messages JOIN message_raw ON message_id = id"
+        )
+    ]
     stored_set = set(stored)
     for n, message in enumerate(sent, 1):
         assert message in stored_set, f"{path.name}#{n}: stored bytes differ from those sent"

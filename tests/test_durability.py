@@ -96,7 +96,9 @@ def test_kill_9_loses_no_acked_message(daemon: Daemon, seed: int) -> None:
     counts = dict(rows)
     missing = sorted(cid for cid in acked if counts.get(cid) != 1)
     assert not missing, f"{len(missing)} ACKed messages lost or doubled, e.g. {missing[:5]}"
-    for cid, raw in query(daemon.db, "SELECT control_id, raw FROM messages"):
+    for cid, raw in query(
+        daemon.db, "SELECT control_id, raw FROM messages JOIN message_raw ON message_id = id"
+    ):
         assert raw == messages[cid], f"{cid}: stored bytes differ from what was sent"
 
     # restart on the same state and resend everything not ACKed
@@ -111,7 +113,9 @@ def test_kill_9_loses_no_acked_message(daemon: Daemon, seed: int) -> None:
     rows = query(daemon.db, "SELECT control_id, count(*) FROM messages GROUP BY control_id")
     assert dict(rows) == dict.fromkeys(messages, 1)
     for cid, raw, status, ack in query(
-        daemon.db, "SELECT control_id, raw, status, ack_code FROM messages"
+        daemon.db,
+        "SELECT control_id, raw, status, ack_code "
+        "FROM messages JOIN message_raw ON message_id = id",
     ):
         assert raw == messages[cid], cid
         assert ack == "AA"

@@ -84,7 +84,10 @@ def test_bare_msh_frame_is_rejected_and_its_neighbours_are_acked(tmp_path: Path)
         ("AA", "AFTER"),
     ]
     assert replies[1].field("ERR", 2) == "MSH^1^1"
-    stored = query(tmp_path / "refloop.db", "SELECT raw, status, ack_code, error FROM messages")
+    stored = query(
+        tmp_path / "refloop.db",
+        "SELECT raw, status, ack_code, error FROM messages JOIN message_raw ON message_id = id",
+    )
     assert [(raw, code) for raw, _, code, _ in stored] == [
         (hl7("GOOD-1"), "AA"),
         (BARE_MSH, "AR"),
@@ -132,7 +135,9 @@ def test_batch_over_max_batch_messages_is_rejected_stored_and_answered(tmp_path:
     assert "max_batch_messages" in nak.field("MSA", 3)
     assert after.code == "AA"
     ((raw, status, code, error, ref), _next) = query(
-        tmp_path / "refloop.db", "SELECT raw, status, ack_code, error, batch_ref FROM messages"
+        tmp_path / "refloop.db",
+        "SELECT raw, status, ack_code, error, batch_ref "
+        "FROM messages JOIN message_raw ON message_id = id",
     )
     assert (raw, status, code, ref) == (batch(messages), "rejected", "AR", "BATCH-9")
     assert "6 messages" in error

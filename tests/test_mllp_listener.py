@@ -35,7 +35,10 @@ M2 = hl7("CTRL-2", msg_type="ORM^O01")
 
 
 def rows(state: Path, columns: str = "control_id, raw") -> list[tuple[Any, ...]]:
-    return query(state / "refloop.db", f"SELECT {columns} FROM messages ORDER BY id")
+    return query(
+        state / "refloop.db",
+        f"SELECT {columns} FROM messages JOIN message_raw ON message_id = id ORDER BY id",
+    )
 
 
 # ---------------------------------------------------------------------------

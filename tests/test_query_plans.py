@@ -52,7 +52,7 @@ from engine.web.service import Service
 
 ROOT = Path(__file__).resolve().parent.parent
 GROWING = (
-    "messages", "decisions", "referrals", "referral_events", "referral_patients",
+    "messages", "message_raw", "decisions", "referrals", "referral_events", "referral_patients",
     "referral_fillers", "parked", "parked_fillers", "outbox", "timers", "audit",
     "report_referrals", "sms_replies", "specialists", "tasks",
 )  # fmt: skip

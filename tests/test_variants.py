@@ -569,7 +569,9 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Delive
 
     replies = run(go())
     rows = query(
-        state / "refloop.db", "SELECT raw, status, route, charset FROM messages ORDER BY id"
+        state / "refloop.db",
+        "SELECT raw, status, route, charset "
+        "FROM messages JOIN message_raw ON message_id = id ORDER BY id",
     )
     assert len(rows) == len(sends), "one inbox row per message sent"
     out: dict[str, list[Delivery]] = {}

@@ -8,6 +8,7 @@ and repeats nothing: on restart processing resumes after the cursor.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ CURSOR_KEY: Final = "processed_cursor"
 BATCH: Final = 16  # most messages one processing transaction takes
 SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
 MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
+LARGE: Final = 1024 * 1024  # bytes: a message this big is read off the loop, processed alone
 
 
 # A handler applies one message's effects using the database connection it is given
@@ -54,6 +56,7 @@ class Processor:
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
+        self._loaded: StoredMessage | None = None  # a large message read off the loop
         # called after each processing commit (the engine wakes the outbox dispatcher
         # when the batch enqueued rows)
         self.after_commit: Callable[[], None] | None = None
@@ -88,10 +91,13 @@ class Processor:
         while True:
             self._wake.clear()
             started = time.perf_counter()
-            done = self.process_available(budget=SLICE)
+            async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
+                done = self.process_available(budget=SLICE)
             if self._stopping:
                 return  # the rest waits after the cursor for the next start: nothing is lost
-            if not done:
+            if done < 0:
+                await self._preload()
+            elif not done:
                 await self._wake.wait()
             elif self.inbox.commits != commits:
                 # messages arrived since the last slice: let the listeners run
@@ -100,35 +106,59 @@ class Processor:
             else:
                 await asyncio.sleep(0)
 
+    async def _preload(self) -> None:
+        """Read the next message (a large one) in a worker thread, for the next slice."""
+        pending = self.inbox.pending(self.cursor, 1)
+        if pending:
+            self._loaded = await self.inbox.load(pending[0][0])
+
     def process_available(self, limit: int = BATCH, *, budget: float | None = None) -> int:
         """Process up to ``limit`` messages after the cursor in one transaction (each
         message in its own savepoint, so one failure rolls back only that message's
-        effects), stopping early once ``budget`` seconds have gone; returns how many."""
-        rows = self.inbox.after(self.cursor, limit)
-        if not rows:
+        effects), stopping early once ``budget`` seconds have gone; returns how many.
+
+        Bytes are read one message at a time. A message over :data:`LARGE` bytes is
+        processed alone in its transaction; with a ``budget`` (the daemon's slices) it
+        must first be read off the loop: then nothing is processed and -1 is returned
+        (the caller awaits :meth:`_preload` and calls again)."""
+        pending = self.inbox.pending(self.cursor, limit)
+        if not pending:
             return 0
+        loaded, self._loaded = self._loaded, None
+        if pending[0][1] > LARGE:
+            pending = pending[:1]
+            if loaded is None and budget is not None:
+                return -1
+        else:
+            pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
         outcomes: list[Outcome] = []
+        ids: list[int] = []
         now = self.clock.now()
         deadline = None if budget is None else time.perf_counter() + budget
         # not fsync'd on its own (see Database.transaction): the next inbox commit or any
         # durable commit makes it durable; a crash before that only repeats processing
         with self.db.transaction(durable=False) as conn:
-            for row in rows:
+            for message_id, _ in pending:
+                row = loaded if loaded is not None and loaded.id == message_id else None
+                row = row or self.inbox.get(message_id)
+                if row is None:  # not possible (rows are never deleted); skip, never stop
+                    continue
                 outcomes.append(self._process_one(row, conn, now))
+                ids.append(message_id)
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
-            rows = rows[: len(outcomes)]
-            self.db.set_meta(CURSOR_KEY, str(rows[-1].id))
-        self.cursor = rows[-1].id
+            last = ids[-1] if ids else pending[-1][0]
+            self.db.set_meta(CURSOR_KEY, str(last))
+        self.cursor = last
         if self.after_commit is not None:
             self.after_commit()
-        for row, outcome in zip(rows, outcomes, strict=True):
+        for message_id, outcome in zip(ids, outcomes, strict=True):
             self.metrics.processed.labels(outcome.status).inc()
-            for fut in self._waiters.pop(row.id, ()):
+            for fut in self._waiters.pop(message_id, ()):
                 if not fut.done():
                     fut.set_result(outcome)
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
-        return len(rows)
+        return max(1, len(ids))
 
     def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
         if row.status != "received":

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -29,11 +30,23 @@ from engine.store.sql import Database
 log = logging.getLogger(__name__)
 
 MAX_BATCH: Final = 512
+WRITER_BUSY_MS: Final = 10_000
+MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # most bytes one group commit writes
+ALONE_BYTES: Final = 256 * 1024  # a frame over this is committed alone
 
+RAW_BATCH: Final = 1000  # rows whose bytes the migration moves per statement
+
+# The bytes live in their own table (message_raw), written in the same transaction as
+# their messages row: SQLite rewrites a whole record on UPDATE, so a status or decision
+# update of a row holding 15 MB of bytes rewrote (and fsync'd) those 15 MB each time.
 _COLUMNS: Final = (
     "id, received_at, source, peer, sending_app, sending_facility, control_id, message_type, "
-    "version, raw, charset, status, ack_code, error, duplicates, flags, route"
+    "version, coalesce((SELECT raw FROM message_raw WHERE message_id = messages.id), x''), "
+    "charset, status, ack_code, error, duplicates, flags, route"
 )
+# a message's size in bytes, as a column expression of a query on ``messages``
+RAW_SIZE: Final = "(SELECT length(raw) FROM message_raw WHERE message_id = messages.id)"
+_FROM: Final = " FROM messages"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +71,9 @@ class Inbox:
         self._queue: list[tuple[Inbound, str, asyncio.Future[AddResult]]] = []
         self._wake = asyncio.Event()
         self._closed = False
+        # one SQLite writer at a time: the writer thread's commit and the processor's
+        # transactions on the main connection take turns here instead of in busy_timeout
+        self.lock = asyncio.Lock()
         self.commits = 0  # batches committed (for metrics and tests)
         self.rows = self._count()
 
@@ -82,30 +98,79 @@ class Inbox:
 
     async def run_writer(self) -> None:
         """The writer task: commit whatever is queued, repeat. Returns after :meth:`close`
-        once the queue is empty."""
-        while True:
-            if not self._queue:
-                if self._closed:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._queue[:MAX_BATCH]
-            del self._queue[: len(batch)]
-            try:
-                results = self._commit(batch)
-            except sqlite3.Error as exc:
-                log.error("inbox commit of %d messages failed: %s", len(batch), exc)
-                for _, _, fut in batch:
+        once the queue is empty.
+
+        The commit (INSERTs, COMMIT, fsync) runs on a dedicated thread with its own
+        connection: sqlite3 releases the GIL while SQLite works, so a 15 MB frame's write
+        no longer holds the event loop (other connections' frames are read, their ACKs
+        written, meanwhile). Futures resolve on the loop after COMMIT returned: the ACK
+        still waits for durability. :attr:`lock` is held for the commit, so the
+        processor's transactions wait for it without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        writer = _writer_database(self.db)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="inbox-writer")
+        try:
+            while True:
+                if not self._queue:
+                    if self._closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = self._take()
+                try:
+                    async with self.lock:
+                        results = await loop.run_in_executor(executor, self._commit, writer, batch)
+                except sqlite3.Error as exc:
+                    log.error("inbox commit of %d messages failed: %s", len(batch), exc)
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(StoreError("inbox write failed"))
+                    await asyncio.sleep(0.05)
+                    continue
+                self.commits += 1
+                for (_, _, fut), result in zip(batch, results, strict=True):
                     if not fut.done():
-                        fut.set_exception(StoreError("inbox write failed"))
-                await asyncio.sleep(0.05)
+                        fut.set_result(result)
+                # let the sockets that became readable during the commit queue their frames
+                await asyncio.sleep(0)
+        finally:
+            executor.shutdown(wait=True)
+            if writer is not self.db:
+                writer.close()
+
+    def _take(self) -> list[tuple[Inbound, str, asyncio.Future[AddResult]]]:
+        """The next batch, up to MAX_BATCH messages and MAX_BATCH_BYTES.
+
+        A frame over ALONE_BYTES is committed alone, and only once it heads the queue:
+        until then the small frames of *other* connections queued behind it go first, so
+        a probe's message never waits for a 15 MB write it arrived after the start of
+        (it still waits for one already under way). Each connection's frames keep their
+        order (the frames a connection sent after its large one wait with it)."""
+        queue = self._queue
+        if len(queue[0][0].raw) > ALONE_BYTES:
+            return [queue.pop(0)]
+        taken: list[int] = []
+        held: set[tuple[str, str]] = set()  # connections with a large frame waiting
+        size = 0
+        for i, (inbound, _, _) in enumerate(queue):
+            if len(taken) >= MAX_BATCH:
+                break
+            conn = (inbound.source, inbound.peer)
+            if conn in held or len(inbound.raw) > ALONE_BYTES:
+                held.add(conn)
                 continue
-            for (_, _, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
-            # let the sockets that became readable during the commit queue their frames
-            await asyncio.sleep(0)
+            if taken and size + len(inbound.raw) > MAX_BATCH_BYTES:
+                break
+            size += len(inbound.raw)
+            taken.append(i)
+        batch = [queue[i] for i in taken]
+        if len(taken) == taken[-1] + 1:  # the usual case: a run from the head
+            del queue[: len(taken)]
+        else:
+            keep = set(range(len(queue))).difference(taken)
+            self._queue = [queue[i] for i in sorted(keep)]
+        return batch
 
     def close(self) -> None:
         """Stop accepting; the writer drains what is queued, then returns."""
@@ -113,14 +178,15 @@ class Inbox:
         self._wake.set()
 
     def _commit(
-        self, batch: list[tuple[Inbound, str, asyncio.Future[AddResult]]]
+        self, db: Database, batch: list[tuple[Inbound, str, asyncio.Future[AddResult]]]
     ) -> list[AddResult]:
+        """One group commit on ``db`` (the writer thread's connection). Touches no
+        asyncio object: the loop resolves the futures."""
         results: list[AddResult] = []
         pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]] = {}
-        with self.db.transaction() as conn:  # durable: the ACK waits for this fsync
+        with db.transaction() as conn:  # durable: the ACK waits for this fsync
             for inbound, ack_code, _ in batch:
                 results.append(self._insert(conn, inbound, ack_code, pending))
-        self.commits += 1
         return results
 
     def _insert(
@@ -165,8 +231,8 @@ class Inbox:
         cur = conn.execute(
             "INSERT INTO messages (received_at, source, peer, sending_app, sending_facility, "
             "receiving_app, receiving_facility, control_id, message_type, version, charset, "
-            "raw, sha256, status, ack_code, error, flags, batch_ref) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "sha256, status, ack_code, error, flags, batch_ref) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 m.received_at,
                 m.source,
@@ -179,7 +245,6 @@ class Inbox:
                 msh.message_type if msh else m.message_type,
                 msh.version if msh else "",
                 m.text_encoding,
-                m.raw,
                 digest,
                 status,
                 ack_code,
@@ -189,6 +254,7 @@ class Inbox:
             ),
         )
         row_id = int(cur.lastrowid or 0)
+        conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
         self.rows = max(self.rows, row_id)
         if key is not None:
             pending[key].append((row_id, digest, status, ack_code))
@@ -206,15 +272,30 @@ class Inbox:
     # -- reading ---------------------------------------------------------------
 
     def get(self, message_id: int) -> StoredMessage | None:
-        r = self.db.conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-        ).fetchone()
+        r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
+
+    def pending(self, cursor: int, limit: int) -> list[tuple[int, int]]:
+        """(id, size of its bytes) of the next ``limit`` rows after ``cursor``, without
+        their bytes (the processor loads them one message at a time: 16 rows of up to
+        16 MiB each were 256 MiB at once)."""
+        rows = self.db.conn.execute(
+            f"SELECT id, {RAW_SIZE} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+            (cursor, limit),
+        ).fetchall()
+        return [(int(r[0]), int(r[1] or 0)) for r in rows]
+
+    async def load(self, message_id: int) -> StoredMessage | None:
+        """:meth:`get` on a short-lived connection in a worker thread: reading a large
+        message's bytes does not hold the event loop."""
+        if self.db.path in ("", ":memory:"):
+            return self.get(message_id)
+        return await asyncio.to_thread(_load, self.db.path, message_id)
 
     def after(self, cursor: int, limit: int = 256) -> list[StoredMessage]:
         """Stored messages with id > cursor, in arrival order (the processing feed)."""
         rows = self.db.conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
+            f"SELECT {_COLUMNS}{_FROM} WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
         ).fetchall()
         return [_row(r) for r in rows]
 
@@ -241,7 +322,7 @@ class Inbox:
             ids=tuple(ids or ()),
         )
         clause, args = where(flt)
-        sql = f"SELECT {_COLUMNS} FROM messages{clause}"
+        sql = f"SELECT {_COLUMNS}{_FROM}{clause}"
         sql += " ORDER BY id " + ("DESC" if newest_first else "ASC")
         if limit:
             sql += " LIMIT ?"
@@ -257,3 +338,57 @@ class Inbox:
             "UPDATE messages SET status = ?, error = ?, route = ?, processed_at = ? WHERE id = ?",
             (status, error, route, now, message_id),
         )
+
+
+def _load(path: str, message_id: int) -> StoredMessage | None:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        r = conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
+    finally:
+        conn.close()
+    return _row(r) if r else None
+
+
+def raw_bytes(conn: sqlite3.Connection, message_id: int) -> bytes | None:
+    """The exact bytes of inbox row ``message_id`` (every reader of raw bytes comes
+    here), or None when there is no such row."""
+    r = conn.execute("SELECT raw FROM message_raw WHERE message_id = ?", (message_id,)).fetchone()
+    return bytes(r[0]) if r else None
+
+
+def migrate_raw(db: Any) -> None:
+    """Move every row's bytes out of ``messages`` into ``message_raw``, RAW_BATCH rows
+    per statement (an existing inbox may hold gigabytes), then drop the column."""
+    conn = db.conn
+    conn.execute("CREATE TABLE message_raw (message_id INTEGER PRIMARY KEY, raw BLOB NOT NULL)")
+    last = 0
+    while True:
+        ids = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM messages WHERE id > ? ORDER BY id LIMIT ?", (last, RAW_BATCH)
+            )
+        ]
+        if not ids:
+            break
+        conn.execute(
+            "INSERT INTO message_raw (message_id, raw) "
+            "SELECT id, raw FROM messages WHERE id BETWEEN ? AND ?",
+            (ids[0], ids[-1]),
+        )
+        last = ids[-1]
+    conn.execute("ALTER TABLE messages DROP COLUMN raw")
+
+
+def _writer_database(db: Database) -> Database:
+    """The writer thread's own connection to ``db``'s file (same durability setting);
+    an in-memory database has only its one connection."""
+    if db.path in ("", ":memory:"):
+        return db
+    conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
+    # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
+    # brief, and a failed commit is answered AR (the sender resends): nothing is lost
+    conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return Database(conn, db.path, db.synchronous)

@@ -11,7 +11,17 @@ from typing import Final
 
 import sqlite_utils
 
-from engine.store import audit, decisions, outbox, referrals, report, specialists, tasks, users
+from engine.store import (
+    audit,
+    decisions,
+    inbox,
+    outbox,
+    referrals,
+    report,
+    specialists,
+    tasks,
+    users,
+)
 from engine.store.sql import Migration
 
 
@@ -138,6 +148,11 @@ def _m_referral_keys(db: sqlite_utils.Database) -> None:
             db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
+def _m_message_raw(db: sqlite_utils.Database) -> None:
+    # raw bytes in their own table: a status update no longer rewrites them (issue 14.5)
+    inbox.migrate_raw(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -152,4 +167,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_outbox_message_id,
     _m_tasks_queue,
     _m_referral_keys,
+    _m_message_raw,
 ]

@@ -7,6 +7,7 @@ resource's JSON). Nothing here commits. Only this package runs SQL.
 
 from __future__ import annotations
 
+from engine.store.inbox import raw_bytes
 from engine.store.referrals import Conn
 
 
@@ -14,8 +15,8 @@ def source_message(conn: Conn, referral_id: int) -> bytes | None:
     """The raw bytes of the message whose ``referral-created`` opened the referral (the
     first one recorded), or None (an operator-made referral, or the row is gone)."""
     r = conn.execute(
-        "SELECT m.raw FROM referral_events e JOIN messages m ON m.id = e.message_id "
+        "SELECT e.message_id FROM referral_events e JOIN messages m ON m.id = e.message_id "
         "WHERE e.referral_id = ? AND e.kind = 'referral-created' ORDER BY e.id LIMIT 1",
         (referral_id,),
     ).fetchone()
-    return bytes(r[0]) if r else None
+    return raw_bytes(conn, int(r[0])) if r else None

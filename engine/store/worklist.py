@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.store import message_filter
+from engine.store.inbox import RAW_SIZE, raw_bytes
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 from engine.store.referrals import Conn, ReferralRow, get_referral
@@ -103,7 +104,7 @@ class MessageMeta:
 
 _META: Final = (
     "id, received_at, source, sending_app, sending_facility, control_id, message_type, "
-    "version, status, ack_code, error, duplicates, flags, route, length(raw)"
+    "version, status, ack_code, error, duplicates, flags, route, " + RAW_SIZE
 )
 
 
@@ -164,8 +165,9 @@ def get_message(conn: Conn, message_id: int) -> MessageMeta | None:
 
 def raw_message(conn: Conn, message_id: int) -> tuple[bytes, str] | None:
     """(the exact bytes received, the codec they decode with)."""
-    r = conn.execute("SELECT raw, charset FROM messages WHERE id = ?", (message_id,)).fetchone()
-    return (bytes(r[0]), str(r[1] or "utf-8")) if r else None
+    r = conn.execute("SELECT charset FROM messages WHERE id = ?", (message_id,)).fetchone()
+    raw = raw_bytes(conn, message_id) if r else None
+    return (raw, str(r[0] or "utf-8")) if r and raw is not None else None
 
 
 def referral_message_ids(conn: Conn, referral_id: int) -> list[int]:
