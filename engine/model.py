@@ -290,7 +290,7 @@ EVENT_TYPES: Final[dict[str, type[Event]]] = {
 
 # ---------------------------------------------------------------------------
 # Referral vocabulary shared by the tracker (engine.tracking.states) and the store's
-# closure-report table (engine.store.report), which sits below the tracker.
+# closure-report table (engine.store.closure_report), which sits below the tracker.
 
 OverallStatus = Literal["open", "patient-booked", "specialist-confirmed", "escalated", "closed"]
 OVERALL_STATUSES: Final[tuple[OverallStatus, ...]] = get_args(OverallStatus)

@@ -65,8 +65,8 @@ from engine.model import (
     ReferralCreated,
     ReportReceived,
 )
+from engine.store import closure_report as report_store
 from engine.store import referrals as referral_store
-from engine.store import report as report_store
 from engine.store.db import Database, open_database
 from engine.tracking.report import (
     GROUPS,

@@ -13,11 +13,11 @@ import sqlite_utils
 
 from engine.store import (
     audit,
+    closure_report,
     decisions,
     inbox,
     outbox,
     referrals,
-    report,
     specialists,
     tasks,
     users,
@@ -104,7 +104,7 @@ def _m_users(db: sqlite_utils.Database) -> None:
 
 
 def _m_closure_report(db: sqlite_utils.Database) -> None:
-    report.migrate(db)
+    closure_report.migrate(db)
 
 
 def _m_patient_phone(db: sqlite_utils.Database) -> None:

@@ -11,13 +11,13 @@ refloop's data allows (docs/reporting.md says exactly what is counted).
 - **Days to close**: from opening to that report; the median and the 90th percentile by the
   nearest-rank method (:func:`percentile`).
 - **Open aging**: every referral opened in the period that is not closed at ``now``, by
-  whole days open (``engine.store.report.AGING_BUCKETS``).
+  whole days open (``engine.store.closure_report.AGING_BUCKETS``).
 - **Nudge channels**: the denominator split by the channel of each referral's first sent
   patient nudge (``sms``, ``portal``, ``voice``) or ``none``.
 - **Groups** (``by``): the denominator split by the first referral's specialty,
   specialist, referrer or month opened; the groups add up to the total.
 
-Pure arithmetic over what :mod:`engine.store.report` returns; no SQL here.
+Pure arithmetic over what :mod:`engine.store.closure_report` returns; no SQL here.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final, TypeVar, get_args
 
-from engine.store import report as store
+from engine.store import closure_report as store
+from engine.store.closure_report import GroupBy
 from engine.store.referrals import Conn
-from engine.store.report import GroupBy
 
 GROUPS: Final[tuple[GroupBy, ...]] = get_args(GroupBy)
 # The nudge channel rows, listed even when empty ("none": never nudged).
