@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -216,12 +216,60 @@ class HttpxTwilioTransport(AsyncHttpClient):
         return TwilioResponse(response.status_code, response.text, response.headers)
 
 
-class TwilioSms:
-    """The SMS :class:`~channels.base.Channel`.
+class TwilioAccount(Protocol):
+    """What a Twilio REST channel's settings must carry (SmsConfig, VoiceConfig)."""
+
+    @property
+    def account_sid(self) -> str: ...
+    @property
+    def auth_token(self) -> str: ...
+    @property
+    def api_base(self) -> str: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def status_callback_url(self) -> str: ...
+
+
+class TwilioRestChannel:
+    """What every Twilio REST channel shares (SMS here, automated calls in
+    channels.voice.twilio): the SDK client over :class:`HttpxTwilioTransport`, closing,
+    and the status callback URL that carries the outbox id.
 
     ``http`` is the shared ``httpx.AsyncClient`` (the daemon's; a test's with hooks);
     the caller owns and closes it. When omitted one is made and :meth:`aclose` closes it.
     """
+
+    name: str = CHANNEL  # names the channel in error reasons
+
+    def __init__(
+        self,
+        cfg: TwilioAccount,
+        *,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._own_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient()
+        self.transport = HttpxTwilioTransport(
+            self._http, api_base=cfg.api_base, timeout=cfg.timeout, clock=clock, channel=self.name
+        )
+        self._client = twilio_client(cfg.account_sid, cfg.auth_token, self.transport)
+        self._callback_base = cfg.status_callback_url
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self._http.aclose()
+
+    def status_callback(self, item: OutboundMessage) -> Any:
+        """The status callback URL for ``item`` (its outbox id in the query), or unset."""
+        if not self._callback_base:
+            return values.unset
+        return status_callback_url(self._callback_base, item.outbox_id)
+
+
+class TwilioSms(TwilioRestChannel):
+    """The SMS :class:`~channels.base.Channel` (see :class:`TwilioRestChannel`)."""
 
     def __init__(
         self,
@@ -230,31 +278,17 @@ class TwilioSms:
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(cfg, http=http, clock=clock)
         self.cfg = cfg
-        self._own_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
-        self.transport = HttpxTwilioTransport(
-            self._http, api_base=cfg.api_base, timeout=cfg.timeout, clock=clock
-        )
-        self._client = twilio_client(cfg.account_sid, cfg.auth_token, self.transport)
-
-    async def aclose(self) -> None:
-        if self._own_http:
-            await self._http.aclose()
 
     def request_params(self, item: OutboundMessage) -> dict[str, Any]:
         """The keyword arguments for ``messages.create`` (exposed for tests and docs)."""
-        callback = (
-            status_callback_url(self.cfg.status_callback_url, item.outbox_id)
-            if self.cfg.status_callback_url
-            else values.unset
-        )
         return {
             "to": item.recipient,
             "body": item.body,
             "from_": self.cfg.from_number or values.unset,
             "messaging_service_sid": self.cfg.messaging_service_sid or values.unset,
-            "status_callback": callback,
+            "status_callback": self.status_callback(item),
         }
 
     async def send(self, item: OutboundMessage) -> SendReceipt:

@@ -37,7 +37,6 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
-from twilio.base import values  # type: ignore[import-untyped]
 from twilio.base.exceptions import (  # type: ignore[import-untyped]
     TwilioRestException,
     TwilioServiceException,
@@ -45,13 +44,7 @@ from twilio.base.exceptions import (  # type: ignore[import-untyped]
 from twilio.twiml.voice_response import VoiceResponse  # type: ignore[import-untyped]
 
 from channels.base import error_for_status
-from channels.sms.twilio import (
-    ACCOUNT_SID_PATTERN,
-    E164_PATTERN,
-    HttpxTwilioTransport,
-    status_callback_url,
-    twilio_client,
-)
+from channels.sms.twilio import ACCOUNT_SID_PATTERN, E164_PATTERN, TwilioRestChannel
 from engine.errors import ChannelError
 from engine.model import OutboundMessage, SendReceipt
 
@@ -135,10 +128,11 @@ def twiml_say(text: str, *, language: str = "en-US", voice: str = "") -> str:
     return str(response)
 
 
-class TwilioVoice:
-    """The automated-call :class:`~channels.base.Channel`. ``http`` is the shared
-    ``httpx.AsyncClient`` (the caller closes it); when omitted one is made and
-    :meth:`aclose` closes it."""
+class TwilioVoice(TwilioRestChannel):
+    """The automated-call :class:`~channels.base.Channel` (the SDK client, closing and
+    the status callback as :class:`channels.sms.twilio.TwilioRestChannel`)."""
+
+    name = CHANNEL
 
     def __init__(
         self,
@@ -147,30 +141,16 @@ class TwilioVoice:
         http: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(cfg, http=http, clock=clock)
         self.cfg = cfg
-        self._own_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
-        self.transport = HttpxTwilioTransport(
-            self._http, api_base=cfg.api_base, timeout=cfg.timeout, clock=clock, channel=CHANNEL
-        )
-        self._client = twilio_client(cfg.account_sid, cfg.auth_token, self.transport)
-
-    async def aclose(self) -> None:
-        if self._own_http:
-            await self._http.aclose()
 
     def request_params(self, item: OutboundMessage) -> dict[str, Any]:
         """The keyword arguments for ``calls.create`` (exposed for tests and docs)."""
-        callback = (
-            status_callback_url(self.cfg.status_callback_url, item.outbox_id)
-            if self.cfg.status_callback_url
-            else values.unset
-        )
         return {
             "to": item.recipient,
             "from_": self.cfg.from_number,
             "twiml": twiml_say(item.body, language=self.cfg.language, voice=self.cfg.voice),
-            "status_callback": callback,
+            "status_callback": self.status_callback(item),
         }
 
     async def send(self, item: OutboundMessage) -> SendReceipt:
