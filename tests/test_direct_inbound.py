@@ -258,7 +258,10 @@ def test_tampered_ciphertext_is_quarantined(pki: Pki) -> None:
     raw[i] = ord("A") if raw[i] != ord("A") else ord("B")
     result = one(pki, bytes(raw))
     assert isinstance(result, Quarantined)
-    assert result.reason in ("not-for-us", "malformed", "bad-signature")
+    # Which check catches it depends on the run's random keys: usually the CBC padding
+    # (malformed) or the signature; now and then the garbled block still unpads and the
+    # plaintext is no signed message at all (unsigned). Quarantined is what matters.
+    assert result.reason in ("not-for-us", "malformed", "bad-signature", "unsigned")
 
 
 def test_encrypted_to_someone_else_is_quarantined(pki: Pki) -> None:
