@@ -80,12 +80,7 @@ def compile_when(r: Reader, key: PathT) -> tuple[re.Pattern[str] | None, Predica
                 f"{doc.where(kpath)}: unknown key (expected type, any, or a terse path "
                 "like PID.3.1 or PRD(RT).7)"
             )
-    if not checks:
-        return types, None
-    if len(checks) == 1:
-        return types, checks[0]
-    all_checks = tuple(checks)
-    return types, lambda m: all(c(m) for c in all_checks)
+    return types, _all_of(checks)
 
 
 def compile_fhir_when(r: Reader, key: PathT) -> tuple[frozenset[str] | None, Predicate | None]:
@@ -137,12 +132,17 @@ def compile_fhir_when(r: Reader, key: PathT) -> tuple[frozenset[str] | None, Pre
                 f"{doc.where(kpath)}: unknown key (expected resource, any, or a FHIR path "
                 "like Appointment.status)"
             )
+    return resources, _all_of(checks)
+
+
+def _all_of(checks: list[Predicate]) -> Predicate | None:
+    """Every check must hold (None: there are none)."""
     if not checks:
-        return resources, None
+        return None
     if len(checks) == 1:
-        return resources, checks[0]
+        return checks[0]
     all_checks = tuple(checks)
-    return resources, lambda m: all(c(m) for c in all_checks)
+    return lambda m: all(c(m) for c in all_checks)
 
 
 def _fhir_check(path: FhirPath, test: ValueTest) -> Predicate:
