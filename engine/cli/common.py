@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -157,13 +158,14 @@ def open_referral_store(state_dir: str, routes_path: str, *, readonly: bool) -> 
 @dataclass(frozen=True)
 class LazyGroup:
     """A command group of ``refloop`` whose module is imported only when it is used:
-    ``load`` registers it (and its siblings from the same module) on the main group;
-    ``summary`` is its help's first paragraph, for ``refloop --help`` (tests/test_cli_start.py
-    checks it against the loaded group)."""
+    ``load`` imports the module (a literal name, so the layering test sees the import) and
+    its ``register(main)`` adds it (and its siblings from the same module) to the main
+    group; ``summary`` is its help's first paragraph, for ``refloop --help``
+    (tests/test_cli_start.py checks it against the loaded group)."""
 
     name: str
     summary: str
-    load: Callable[[], None]
+    load: Callable[[], ModuleType]
 
 
 class MainGroup(Group):
@@ -177,7 +179,7 @@ class MainGroup(Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in self.lazy:
-            self.lazy[cmd_name].load()
+            self.lazy[cmd_name].load().register(self)
         return self.commands.get(cmd_name)
 
     def all_commands(self, ctx: click.Context) -> dict[str, click.Command]:

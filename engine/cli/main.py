@@ -13,7 +13,6 @@ import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final
 
 import click
@@ -616,32 +615,28 @@ def _print_compare(
 # and `refloop --help` do not need (bench/cli.py measures the start).
 
 
-def _load(module: ModuleType) -> None:
-    module.register(main, state_option=state_option, routes_option=routes_option, errors=errors)
-
-
 LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
     group.name: group
     for group in (
         LazyGroup("audit", "Check and export the hash-chained audit log.",
-                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+                  lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
-                  lambda: _load(importlib.import_module("engine.cli.outbox"))),
+                  lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",
-                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+                  lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("referrals", "List, inspect, close and link referrals.",
-                  lambda: _load(importlib.import_module("engine.cli.tracker"))),
+                  lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("report", "Quality reports from the referral store.",
-                  lambda: _load(importlib.import_module("engine.cli.report"))),
+                  lambda: importlib.import_module("engine.cli.report")),
         LazyGroup("specialists",
                   "The specialist directory: Direct addresses, certificates, fax numbers.",
-                  lambda: _load(importlib.import_module("engine.cli.specialists"))),
+                  lambda: importlib.import_module("engine.cli.specialists")),
         LazyGroup("tasks", "Coordinator tasks of the built-in queue: list, done, assign, snooze.",
-                  lambda: _load(importlib.import_module("engine.cli.tasks"))),
+                  lambda: importlib.import_module("engine.cli.tasks")),
         LazyGroup("timers", "Pending escalation timers.",
-                  lambda: _load(importlib.import_module("engine.cli.timers"))),
+                  lambda: importlib.import_module("engine.cli.timers")),
         LazyGroup("users", "Dashboard and API users: coordinator, analyst, admin.",
-                  lambda: _load(importlib.import_module("engine.cli.users"))),
+                  lambda: importlib.import_module("engine.cli.users")),
     )
 }  # fmt: skip
 main.lazy = LAZY_GROUPS

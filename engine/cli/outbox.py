@@ -8,7 +8,6 @@ dispatcher picks up on its next poll.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import click
 
@@ -20,7 +19,7 @@ from engine.store.db import Database, has_column
 from engine.store.outbox import OUTBOX_STATUSES
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``outbox`` group (defined below) to ``main``."""
     main.add_command(outbox)
 

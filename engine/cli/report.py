@@ -10,7 +10,7 @@ import datetime as dt
 import io
 import json
 import re
-from typing import Any, Final
+from typing import Final
 
 import click
 
@@ -40,7 +40,7 @@ def _date(_ctx: click.Context, param: click.Parameter, value: str) -> dt.date:
     raise click.BadParameter(f"not a date (YYYY-MM-DD): {value!r}", param=param)
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``report`` group (defined below) to ``main``."""
     main.add_command(report)
 

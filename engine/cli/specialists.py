@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -19,7 +18,7 @@ from engine.errors import StoreError
 from engine.tracking import specialists as lib
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``specialists`` group (defined below) to ``main``."""
     main.add_command(specialists)
 

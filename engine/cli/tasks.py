@@ -21,7 +21,7 @@ from engine.store.db import Database, has_table
 STATUSES = ("open", "done", "superseded", "all")
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``tasks`` group (defined below) to ``main``."""
     main.add_command(tasks)
 

@@ -12,7 +12,7 @@ from engine.clock import isoformat, parse_iso
 from engine.store import timers as store
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``timers`` group (defined below) to ``main``."""
     main.add_command(timers)
 

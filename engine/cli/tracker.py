@@ -31,7 +31,7 @@ from engine.tracking import states
 from engine.tracking.views import list_parked, list_referrals, show_referral
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main`` (the shared
     options the lazy loader passes are the ones engine.cli.common defines: not needed)."""
     for group in (referrals, parked, audit):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
@@ -17,7 +16,7 @@ from engine.clock import WallClock, isoformat
 from engine.web.auth import ROLES, Auth
 
 
-def register(main: click.Group, **_shared: Any) -> None:
+def register(main: click.Group) -> None:
     """Add the ``users`` group (defined below) to ``main``."""
     main.add_command(users)
 
