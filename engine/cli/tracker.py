@@ -32,8 +32,7 @@ from engine.tracking.views import list_parked, list_referrals, show_referral
 
 
 def register(main: click.Group) -> None:
-    """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main`` (the shared
-    options the lazy loader passes are the ones engine.cli.common defines: not needed)."""
+    """Add the ``referrals``, ``parked`` and ``audit`` groups to ``main``."""
     for group in (referrals, parked, audit):
         main.add_command(group)
 
