@@ -275,15 +275,35 @@ class Inbox:
         r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
 
-    def pending(self, cursor: int, limit: int) -> list[tuple[int, int]]:
-        """(id, size of its bytes) of the next ``limit`` rows after ``cursor``, without
-        their bytes (the processor loads them one message at a time: 16 rows of up to
-        16 MiB each were 256 MiB at once)."""
-        rows = self.db.conn.execute(
-            f"SELECT id, {RAW_SIZE} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-            (cursor, limit),
+    def claim(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int]]:
+        """(id, size of its bytes) of the first ``limit`` rows still ``received``, in id
+        order, without their bytes (the processor loads them one message at a time: 16 rows
+        of up to 16 MiB each were 256 MiB at once). Call inside the processing transaction.
+
+        A claim by status, not by "id after the last one processed": on a shared database
+        an id is handed out at insert and becomes visible at commit, so a row with a lower
+        id can appear after a higher one; a high-water mark would skip it for ever. (On
+        PostgreSQL this read is ``... FOR UPDATE SKIP LOCKED``; SQLite's BEGIN IMMEDIATE
+        already excludes every other writer.) Served by ``messages_status (status, id)``."""
+        rows = conn.execute(
+            f"SELECT id, {RAW_SIZE} FROM messages WHERE status = 'received' ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
         return [(int(r[0]), int(r[1] or 0)) for r in rows]
+
+    def first_unprocessed(self) -> int | None:
+        """The lowest id still ``received`` (None: every stored message is processed)."""
+        row = self.db.conn.execute(
+            "SELECT min(id) FROM messages WHERE status = 'received'"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def outcome(self, conn: sqlite3.Connection, message_id: int) -> tuple[str, str, str] | None:
+        """(status, error, route) of row ``message_id`` without its bytes; None: no row."""
+        r = conn.execute(
+            "SELECT status, error, route FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        return None if r is None else (str(r[0]), str(r[1]), str(r[2]))
 
     async def load(self, message_id: int) -> StoredMessage | None:
         """:meth:`get` on a short-lived connection in a worker thread: reading a large
@@ -291,13 +311,6 @@ class Inbox:
         if self.db.path in ("", ":memory:"):
             return self.get(message_id)
         return await asyncio.to_thread(_load, self.db.path, message_id)
-
-    def after(self, cursor: int, limit: int = 256) -> list[StoredMessage]:
-        """Stored messages with id > cursor, in arrival order (the processing feed)."""
-        rows = self.db.conn.execute(
-            f"SELECT {_COLUMNS}{_FROM} WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
-        ).fetchall()
-        return [_row(r) for r in rows]
 
     def list(
         self,

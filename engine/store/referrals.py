@@ -888,7 +888,8 @@ def schedule_timer(
     conn.execute(
         "INSERT INTO timers (referral_id, kind, due, attempt, key, created_at) "
         "VALUES (?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET due = excluded.due, "
-        "attempt = excluded.attempt",
+        # a moved row is new to the timer wheel (engine.store.timers.unloaded)
+        "attempt = excluded.attempt, loaded = 0",
         (referral_id, kind, due, attempt, key, now),
     )
 
