@@ -159,6 +159,12 @@ def _m_timers_loaded(db: sqlite_utils.Database) -> None:
     timers.migrate_loaded(db)
 
 
+def _m_outbox_leases(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 0: outbox claims are leases (claimed_by, lease_until), one row per
+    # referral and channel in flight
+    outbox.migrate_leases(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -175,4 +181,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_referral_keys,
     _m_message_raw,
     _m_timers_loaded,
+    _m_outbox_leases,
 ]
