@@ -10,18 +10,25 @@ still see every row: they claim by status, not by "id greater than the last one 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.clock import VirtualClock
+from engine.errors import StoreError
+from engine.hl7v2.message import read_msh
 from engine.ingest.processor import Processor
 from engine.metrics import Metrics
-from engine.model import Identifiers, Outcome, ReferralCreated, StoredMessage
-from engine.store import Inbox, open_database
+from engine.model import Identifiers, Inbound, Outcome, ReferralCreated, StoredMessage
+from engine.store import AddResult, Inbox, open_database, outbox
+from engine.store import referrals as referral_store
 from engine.store.db import Conn
+from engine.store.migrations import MIGRATIONS
 from engine.timers.service import Fired, TimerService
+from engine.tracking import states
 from engine.tracking.escalation import Policy
 from engine.tracking.tracker import Tracker
 
@@ -125,4 +132,229 @@ def test_timer_wheel_picks_up_a_row_that_commits_after_a_higher_id(tmp_path: Pat
     service.tick()
     assert sorted(f.timer_id for f in fired if f.timer_id >= 999) == [999, 1000]
     assert service.tick() == []
+    db.close()
+
+
+def _inbound(raw: bytes, **kw: object) -> Inbound:
+    msh, codec = read_msh(raw) if raw.startswith(b"MSH") else (None, "utf-8")
+    return Inbound(
+        source="mllp", peer="127.0.0.1", raw=raw, received_at=T0, msh=msh, text_encoding=codec,
+        **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+ADT = b"MSH|^~\\&|EPIC|CLINIC|REFLOOP|HUB|20260101000000||ADT^A08|CTRL-1|P|2.5.1\rPID|1||1^^^MRN"
+
+
+def test_two_writers_receiving_the_same_resend_store_it_once(tmp_path: Path) -> None:
+    """Two writers on two connections (two nodes' inbox writers) both store the same
+    message: one row, both answered with it, the resend counted; the same control id with
+    other bytes is stored and flagged; the unique index refuses a copy written directly."""
+    path = tmp_path / "refloop.db"
+    node_a, node_b = open_database(path), open_database(path)
+
+    async def main() -> tuple[AddResult, AddResult, AddResult]:
+        inbox_a, inbox_b = Inbox(node_a), Inbox(node_b)
+        with node_a.transaction() as conn:
+            (first,) = inbox_a.add_in(conn, [_inbound(ADT)], "AA")
+        with node_b.transaction() as conn:
+            (again,) = inbox_b.add_in(conn, [_inbound(ADT)], "AA")
+        with node_b.transaction() as conn:
+            (other,) = inbox_b.add_in(conn, [_inbound(ADT + b"\rNTE|1||x")], "AA")
+        return first, again, other
+
+    first, again, other = asyncio.run(main())
+    assert not first.duplicate and again.duplicate and again.id == first.id
+    assert (again.status, again.ack_code) == ("received", "AA")
+    assert not other.duplicate and other.id != first.id
+    rows = node_a.conn.execute("SELECT id, duplicates, flags FROM messages ORDER BY id").fetchall()
+    assert rows == [(first.id, 1, ""), (other.id, 0, "control-id-reused")]
+    with pytest.raises(sqlite3.IntegrityError), node_a.transaction() as conn:
+        conn.execute(
+            "INSERT INTO messages (received_at, source, sending_app, sending_facility, "
+            "control_id, sha256, dedupe_hash, status) SELECT received_at, source, sending_app, "
+            "sending_facility, control_id, sha256, dedupe_hash, 'received' FROM messages "
+            "WHERE id = ?",
+            (first.id,),
+        )
+    node_a.close()
+    node_b.close()
+
+
+def test_a_fhir_version_is_the_same_message_whatever_its_bytes(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "refloop.db")
+
+    async def main() -> list[AddResult]:
+        inbox = Inbox(db)
+        key = {"sender": "fhir-ehr", "control_id": "ServiceRequest/1/_history/2"}
+        with db.transaction() as conn:
+            return inbox.add_in(
+                conn,
+                [
+                    _inbound(b'{"resourceType":"ServiceRequest","id":"1"}', **key),
+                    _inbound(b'{"id":"1","resourceType":"ServiceRequest"}', **key),
+                    _inbound(b'{"resourceType":"Task"}', sender="fhir-ehr"),  # no key
+                    _inbound(b'{"resourceType":"Task"}', sender="fhir-ehr"),
+                ],
+                "AA",
+            )
+
+    one, same, keyless, keyless_again = asyncio.run(main())
+    assert same.duplicate and same.id == one.id
+    assert not keyless.duplicate and not keyless_again.duplicate
+    assert keyless.id != keyless_again.id
+    db.close()
+
+
+def test_the_tracker_locks_the_referral_before_its_read_modify_write(tmp_path: Path) -> None:
+    """``lock_referral`` comes first in every tracker write; outside a transaction (where
+    the read and the write could interleave with another writer's) it refuses, and the
+    referral is left as it was."""
+    db = open_database(tmp_path / "refloop.db")
+    clock = VirtualClock(T0)
+    tracker = Tracker(db, clock)
+    with db.transaction() as conn:
+        created = tracker.apply(
+            ReferralCreated(
+                ids=Identifiers(sending_facility="CLINIC", placer_number="R1"),
+                occurred_at=T0,
+                specialty="Cardiology",
+            ),
+            conn,
+        )
+    rid = created.referral_id
+    assert rid is not None
+    before = referral_store.get_referral(db.conn, rid)
+    with pytest.raises(StoreError, match="outside a transaction"):
+        tracker.apply_internal(rid, states.InternalEvent("escalated", occurred_at=T0), db.conn)
+    assert referral_store.get_referral(db.conn, rid) == before
+    with db.transaction() as conn:
+        referral_store.lock_referral(conn, rid)  # inside one: nothing to wait for
+        result = tracker.apply_internal(
+            rid, states.InternalEvent("escalated", occurred_at=T0), conn
+        )
+    assert result.outcome == "applied"
+    db.close()
+
+
+PREVIOUS_SCHEMA = 14  # the migrations before issue 17's
+
+
+def test_a_database_of_the_previous_schema_upgrades(tmp_path: Path) -> None:
+    """A database written by the previous schema (processing cursor, outbox rows left
+    sending, two of one referral and channel among them, timers, inbox rows of every kind)
+    opens, migrates, and then behaves by the new rules."""
+    path = tmp_path / "refloop.db"
+    old = open_database(path, migrations=MIGRATIONS[:PREVIOUS_SCHEMA])
+    hl7_a = ADT
+    hl7_b = ADT + b"\rNTE|1||other bytes, same control id"
+    with old.transaction() as conn:
+        rows = [
+            # id, sending_app, control_id, message_type, version, raw, status
+            (1, "EPIC", "CTRL-1", "ADT^A08", "2.5.1", hl7_a, "routed"),
+            (2, "EPIC", "CTRL-1", "ADT^A08", "2.5.1", hl7_b, "routed"),
+            (3, "fhir-ehr", "ServiceRequest/1/_history/1", "ServiceRequest", "", b"{}", "routed"),
+            (4, "", "", "", "", b"\x0bgarbage", "rejected"),
+            (5, "", "", "", "", b"\x0bgarbage", "rejected"),
+            (6, "EPIC", "CTRL-6", "ADT^A08", "2.5.1", hl7_a.replace(b"CTRL-1", b"CTRL-6"),
+             "received"),
+        ]  # fmt: skip
+        for mid, app, cid, mtype, version, raw, status in rows:
+            conn.execute(
+                "INSERT INTO messages (id, received_at, source, sending_app, sending_facility, "
+                "control_id, message_type, version, sha256, status) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (mid, T0, "mllp", app, "CLINIC" if version else "", cid, mtype, version,
+                 hashlib.sha256(raw).digest(), status),
+            )  # fmt: skip
+            conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (mid, raw))
+        conn.execute("INSERT INTO meta (key, value) VALUES ('processed_cursor', '5')")
+        rid = referral_store.insert_referral(
+            conn,
+            sending_facility="CLINIC",
+            placer_number="R1",
+            state={},
+            statuses=("open", "pending", "pending", ""),
+            opened_at=T0,
+            now=T0,
+        )
+        for key in ("k1", "k2", "k3"):
+            referral_store.enqueue_outbox(conn, rid, "fax", "x", "{}", key, T0, now=T0)
+        conn.execute("UPDATE outbox SET status = 'sending', attempts = 1 WHERE id IN (1, 2)")
+        conn.execute(
+            "INSERT INTO timers (referral_id, kind, due, attempt, key, created_at) "
+            "VALUES (?, 'first-nudge', ?, 1, 'old-timer', ?)",
+            (rid, T0 + 60, T0),
+        )
+    old.close()
+
+    db = open_database(path)
+    conn = db.conn
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    dedupe = dict(conn.execute("SELECT id, dedupe_hash FROM messages").fetchall())
+    assert dedupe == {
+        1: hashlib.sha256(hl7_a).digest(),
+        2: hashlib.sha256(hl7_b).digest(),
+        3: b"",  # a FHIR version: deduplicated on its key alone
+        4: None,  # no key
+        5: None,
+        6: hashlib.sha256(hl7_a.replace(b"CTRL-1", b"CTRL-6")).digest(),
+    }
+    # the later of the two in-flight rows of one referral and channel went back first
+    sending = conn.execute("SELECT id, status, lease_until FROM outbox ORDER BY id").fetchall()
+    assert sending == [(1, "sending", 0.0), (2, "pending", None), (3, "pending", None)]
+    with db.transaction() as tx:  # a lease of the previous version is over at once
+        assert [r[0] for r in outbox.reap_expired(tx, T0)] == [1]
+    assert conn.execute("SELECT loaded FROM timers").fetchall() == [(1,)]
+
+    async def main() -> None:
+        inbox = Inbox(db)
+        with db.transaction() as tx:  # an old resend is still recognised
+            (again,) = inbox.add_in(tx, [_inbound(hl7_a)], "AA")
+        assert again.duplicate and again.id == 1
+        seen: list[int] = []
+
+        def handler(message: StoredMessage, conn: Conn) -> Outcome:
+            seen.append(message.id)
+            return Outcome("filtered")
+
+        processor = Processor(db, inbox, handler, VirtualClock(T0), Metrics(CollectorRegistry()))
+        assert processor.cursor == 5
+        processor.process_available()
+        assert seen == [6]
+
+    asyncio.run(main())
+    db.close()
+
+
+def test_a_timer_moved_earlier_fires_at_its_new_time(tmp_path: Path) -> None:
+    """A timer already on the wheel whose due time another writer moves earlier (an
+    appointment moved, a schedule_timer on the same key) fires at the new time."""
+    path = tmp_path / "refloop.db"
+    db = open_database(path)
+    clock = VirtualClock(T0)
+    policy = Policy()
+    tracker = Tracker(db, clock, policy=policy)
+    fired: list[Fired] = []
+    service = TimerService(db, tracker, policy, clock, horizon=7 * 86400, on_fired=fired.append)
+    with db.transaction() as conn:
+        created = tracker.apply(
+            ReferralCreated(
+                ids=Identifiers(sending_facility="CLINIC", placer_number="R1", patient_ids=("P1",)),
+                occurred_at=T0,
+                specialty="Cardiology",
+            ),
+            conn,
+        )
+    assert created.referral_id is not None
+    service.load()
+    (timer_id, due) = db.conn.execute("SELECT id, due FROM timers ORDER BY due LIMIT 1").fetchone()
+    assert timer_id in service.wheel and due > T0 + 3600
+    with db.transaction() as conn:
+        referral_store.schedule_timer(
+            conn, created.referral_id, "first-nudge", T0 + 60, 1, "moved", now=T0
+        )  # a new key: a plain insert, for contrast
+        conn.execute("UPDATE timers SET due = ? WHERE id = ?", (T0 + 60, timer_id))
+    clock.set(T0 + 61)
+    service.tick()
+    assert timer_id in [f.timer_id for f in fired]
     db.close()

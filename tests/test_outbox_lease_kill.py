@@ -94,7 +94,10 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
             async with asyncio.timeout(30):
                 await killed.wait()
             await asyncio.to_thread(daemon.wait)
-            held = "SELECT idempotency_key, lease_until, claimed_by FROM outbox WHERE status = 'sending'"
+            held = (
+                "SELECT idempotency_key, lease_until, claimed_by FROM outbox "
+                "WHERE status = 'sending'"
+            )
             before = query(daemon.db, held)
             leases = {str(k): float(u) for k, u, _ in before}
             release.set()  # let the held requests end (their client is dead)

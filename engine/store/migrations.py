@@ -165,6 +165,11 @@ def _m_outbox_leases(db: sqlite_utils.Database) -> None:
     outbox.migrate_leases(db)
 
 
+def _m_inbox_dedupe(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 0: inbox dedupe by a unique index and INSERT ... ON CONFLICT
+    inbox.migrate_dedupe(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -182,4 +187,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_message_raw,
     _m_timers_loaded,
     _m_outbox_leases,
+    _m_inbox_dedupe,
 ]

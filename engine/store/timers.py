@@ -36,9 +36,10 @@ def due_until(conn: Conn, until: float, *, after: float | None = None) -> list[t
 
 
 def unloaded(conn: Conn) -> list[tuple[int, float]]:
-    """(id, due) of timers the wheel has not read yet (``loaded = 0``: written or moved
-    since the wheel's last look), in id order. A status, not "ids after the last one
-    seen": on a shared database a lower id can commit after a higher one."""
+    """(id, due) of timers the wheel has not read yet (``loaded = 0``: written, or their
+    due time moved (trigger ``timers_moved``), since the wheel's last look), in id order.
+    A status, not "ids after the last one seen": on a shared database a lower id can
+    commit after a higher one."""
     rows = conn.execute("SELECT id, due FROM timers WHERE loaded = 0 ORDER BY id").fetchall()
     return [(int(r[0]), float(r[1])) for r in rows]
 
@@ -66,6 +67,12 @@ def migrate_loaded(db: Any) -> None:
     db.execute("ALTER TABLE timers ADD COLUMN loaded INTEGER NOT NULL DEFAULT 0")
     db.execute("UPDATE timers SET loaded = 1")
     db.execute("CREATE INDEX timers_unloaded ON timers (id) WHERE loaded = 0")
+    # a row whose due time moved (schedule_timer on an existing key, move) is new to the
+    # wheel again: an earlier due time then fires on time, not at the old one
+    db.execute(
+        "CREATE TRIGGER timers_moved AFTER UPDATE OF due ON timers WHEN NEW.due != OLD.due "
+        "BEGIN UPDATE timers SET loaded = 0 WHERE id = NEW.id; END"
+    )
 
 
 def get(conn: Conn, timer_id: int) -> TimerRow | None:

@@ -227,6 +227,7 @@ class TimerService:
                 self.wheel.schedule(timer_id, row.due)  # moved later since it was loaded
                 return None
             store.delete(conn, timer_id)
+            referral_store.lock_referral(conn, row.referral_id)  # _act decides on its state
             referral = referral_store.get_referral(conn, row.referral_id)
             result, action = ("moot", "") if referral is None else self._act(conn, row, referral)
             audit_store.append(
