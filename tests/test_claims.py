@@ -358,3 +358,31 @@ def test_a_timer_moved_earlier_fires_at_its_new_time(tmp_path: Path) -> None:
     service.tick()
     assert timer_id in [f.timer_id for f in fired]
     db.close()
+
+
+def test_rows_rejected_at_the_door_count_as_processed(tmp_path: Path) -> None:
+    """A rejected row is stored with its outcome and never claimed; the processed counter
+    and the lag gauge still treat it as processed, as when processing read every row."""
+    db = open_database(tmp_path / "refloop.db")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    async def main() -> None:
+        inbox = Inbox(db)
+        processor = Processor(
+            db, inbox, lambda m, c: Outcome("filtered"), VirtualClock(T0), metrics
+        )
+        with db.transaction() as conn:
+            inbox.add_in(conn, [_inbound(ADT)], "AA")
+            inbox.add_in(conn, [_inbound(b"garbage", reject=("AR", "", "", "no MSH"))], "AR")
+        processor.process_available()
+        assert processor.process_available() == 0
+        assert (await processor.watch(2)).status == "rejected"
+
+    asyncio.run(main())
+    assert registry.get_sample_value("refloop_processing_lag_messages") == 0
+    for status in ("filtered", "rejected"):
+        assert (
+            registry.get_sample_value("refloop_messages_processed_total", {"status": status}) == 1
+        )
+    db.close()

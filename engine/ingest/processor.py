@@ -59,6 +59,7 @@ class Processor:
         # the lag metric's reference and a test's progress mark, never a feed position
         first = inbox.first_unprocessed()
         self.cursor = inbox.rows if first is None else first - 1
+        self._rejected = inbox.rejected  # rejected rows counted as processed so far
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
@@ -138,7 +139,9 @@ class Processor:
         with self.db.transaction(durable=False) as conn:
             pending = self.inbox.claim(conn, limit)
             if not pending:
+                self._caught_up()
                 return 0
+            claimed = len(pending)
             if pending[0][1] > LARGE:
                 pending = pending[:1]
                 if budget is not None and (loaded is None or loaded.id != pending[0][0]):
@@ -156,6 +159,8 @@ class Processor:
                     break
         if ids:
             self.cursor = max(self.cursor, ids[-1])
+        if len(ids) == claimed < limit:  # the claim took every row left: none is behind
+            self._caught_up()
         if self.after_commit is not None:
             self.after_commit()
         for message_id, outcome in zip(ids, outcomes, strict=True):
@@ -165,6 +170,17 @@ class Processor:
                     fut.set_result(outcome)
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
         return max(1, len(ids))
+
+    def _caught_up(self) -> None:
+        """Nothing is left ``received``: every stored row counts as processed, the rows
+        rejected at the door included (they are stored with their outcome and never
+        claimed; ``refloop_messages_processed_total{status="rejected"}`` counts them here,
+        as it did when processing read every row)."""
+        self.cursor = max(self.cursor, self.inbox.rows)
+        rejected, self._rejected = self.inbox.rejected - self._rejected, self.inbox.rejected
+        if rejected:
+            self.metrics.processed.labels("rejected").inc(rejected)
+        self.metrics.processing_lag.set(0)
 
     def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
         if row.status != "received":

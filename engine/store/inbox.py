@@ -79,6 +79,7 @@ class Inbox:
         # transactions on the main connection take turns here instead of in busy_timeout
         self.lock = asyncio.Lock()
         self.commits = 0  # batches committed (for metrics and tests)
+        self.rejected = 0  # rows stored ``rejected`` by this process (they are never claimed)
         self.rows = self._count()
 
     def _count(self) -> int:
@@ -243,6 +244,8 @@ class Inbox:
             return AddResult(row_id, True, str(r[1]), str(r[2]))
         conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
         self.rows = max(self.rows, row_id)
+        if m.reject is not None:
+            self.rejected += 1
         return AddResult(row_id, False, status, ack_code)
 
     def add_in(
