@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.clock import VirtualClock
-from engine.errors import StoreError
+from engine.config import loads
+from engine.errors import ConfigError, StoreError
 from engine.hl7v2.message import read_msh
 from engine.ingest.processor import Processor
 from engine.metrics import Metrics
@@ -386,3 +387,15 @@ def test_rows_rejected_at_the_door_count_as_processed(tmp_path: Path) -> None:
             registry.get_sample_value("refloop_messages_processed_total", {"status": status}) == 1
         )
     db.close()
+
+
+def test_store_node_id_and_lease_seconds_in_routes_yaml() -> None:
+    cfg = loads("version: 1\nstore:\n  node_id: refloop-a\n  lease_seconds: 12\n")
+    assert (cfg.store.node_id, cfg.store.lease_seconds) == ("refloop-a", 12.0)
+    assert (loads("version: 1\n").store.lease_seconds, loads("version: 1\n").store.node_id) == (
+        30.0,
+        "",
+    )
+    with pytest.raises(ConfigError) as info:
+        loads("version: 1\nstore:\n  lease_seconds: 0\n")
+    assert "routes.yaml:3" in str(info.value) and "at least 1" in str(info.value)
