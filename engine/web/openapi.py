@@ -79,7 +79,7 @@ TIMELINE_ENTRY: Final = _obj(
 MESSAGE: Final = _obj(
     {
         "id": INT,
-        "received_at": NUM,
+        "received_at": {"type": "string", "format": "date-time"},
         "source": STR,
         "sending_app": STR,
         "sending_facility": STR,
@@ -256,6 +256,44 @@ TASK_ASSIGN_BODY: Final = _body({"user": {"type": "string", "maxLength": 100}}, 
 DECLINE_BODY: Final = _body({"reason": {"type": "string", "maxLength": 2000}}, ())
 LINK_BODY: Final = _body(
     {"referral_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}, ("referral_id",)
+)
+
+# The analyst's workbench (engine.ingest.status): sources, try a message.
+SOURCE_ITEM: Final = _obj(
+    {
+        "name": STR,
+        "kind": {"type": "string", "enum": ["mllp", "fhir", "direct", "other"]},
+        "address": STR,
+        "connections_open": _nullable({"type": "integer", "minimum": 0}),
+        "last_message_at": _nullable({"type": "string", "format": "date-time"}),
+        "today": _obj({s: COUNT for s in ("received", "routed", "filtered", "error", "rejected")}),
+        "today_total": COUNT,
+        "last_error_at": _nullable({"type": "string", "format": "date-time"}),
+        "last_error": STR,
+    }
+)
+TRY_ITEM: Final = _obj(
+    {
+        "index": {"type": "integer", "minimum": 1},
+        "kind": {"type": "string", "enum": ["hl7v2", "fhir"]},
+        "type": STR,
+        "control_id": STR,
+        "source": STR,
+        "status": {"type": "string", "enum": ["routed", "filtered", "error"]},
+        "routes": {"type": "array", "items": STR},
+        "reason": STR,
+        "extracted": {"type": "object", "additionalProperties": {"type": "object"}},
+        "events": {"type": "array", "items": {"type": "object"}},
+        "actions": {"type": "array", "items": {"type": "object"}},
+    }
+)
+TRY_RESULT: Final = _obj({"items": {"type": "array", "items": TRY_ITEM}, "not_tried": COUNT})
+TRY_BODY: Final = _body(
+    {
+        "message": {"type": "string", "maxLength": 900_000},
+        "source": {"type": "string", "maxLength": 64},
+    },
+    ("message",),
 )
 
 
