@@ -164,6 +164,9 @@ def test_try_api_decides_and_stores_nothing(tmp_path: Path) -> None:
             r = await http.post("/api/routes/test", json={"message": text, "source": "nope"},
                                 headers=rig.bearer("ana"))  # fmt: skip
             assert r.status_code == 400 and r.json()["error"] == "unknown source"
+            huge = {"message": "MSH|" + "x" * (1024 * 1024)}  # over the HTTP body limit
+            r = await http.post("/api/routes/test", json=huge, headers=rig.bearer("ana"))
+            assert r.status_code == 413 and r.json() == {"error": "the body is over 1 MiB"}
         await asyncio.sleep(0.2)  # the processor would have picked up anything stored
         assert _rows(rig) == before
         assert rig.db.conn.execute("SELECT count(*) FROM referrals").fetchone()[0] == 0

@@ -477,6 +477,8 @@ class Api:
                         payload = await request.json()
                     except (ValueError, UnicodeDecodeError):
                         raise ApiError(400, "the body must be JSON") from None
+                    except web.HTTPRequestEntityTooLarge:
+                        raise ApiError(413, "the body is over 1 MiB") from None
                     body = check_body(route.body, payload)
                 result = await route.handler(self, Call(request, principal, args, body))
             except ApiError as exc:

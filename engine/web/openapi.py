@@ -372,6 +372,7 @@ _STATUS_TEXT: Final = {
     403: "The caller's role may not do this",
     404: "Not found",
     409: "Conflict with the current state",
+    413: "The request body is over the HTTP body limit (1 MiB)",
     503: "Unavailable in this configuration",
 }
 
@@ -383,7 +384,8 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
         responses: dict[str, Any] = {
             "200": {"description": "OK", "content": {r.content_type: {"schema": r.response}}}
         }
-        for status in (400, 401, 403, *r.statuses):
+        too_large = (413,) if r.body is not None else ()
+        for status in (400, 401, 403, *too_large, *r.statuses):
             responses[str(status)] = {
                 "description": _STATUS_TEXT[status],
                 "content": {"application/json": {"schema": ERROR}},
