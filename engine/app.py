@@ -267,7 +267,7 @@ class Engine:
         def table() -> RouteTable | None:
             return getattr(self.processor.handler if self.processor else None, "table", None)
 
-        return Workbench(lambda: self.routes_config, table, self.metrics)
+        return Workbench(lambda: self.routes_config, table, self.metrics, self.ports)
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""

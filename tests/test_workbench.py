@@ -317,3 +317,28 @@ def _free_closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_configured_sources_lists_mllp_fhir_and_direct() -> None:
+    from engine.config import loads
+    from engine.ingest.status import Source, configured_sources
+
+    doc = {
+        "version": 1,
+        "http": {"enabled": False},
+        "sources": {
+            "ehr": {"type": "mllp", "host": "127.0.0.1", "port": 0},
+            "chart": {"type": "fhir", "base_url": "https://fhir.example.org/r4",
+                      "resources": ["ServiceRequest"]},
+        },
+        "channels": {
+            "direct": {"type": "direct", "address": "referrals@direct.clinic.example"},
+            "fax": {"type": "fax"},
+        },
+    }  # fmt: skip
+    cfg = loads(yaml.safe_dump(doc), file="t.yaml", env={})
+    assert configured_sources(cfg, {"ehr": 2600}) == [
+        Source("ehr", "mllp", "127.0.0.1:2600"),
+        Source("chart", "fhir", "https://fhir.example.org/r4"),
+        Source("direct", "direct", "referrals@direct.clinic.example"),
+    ]

@@ -54,12 +54,16 @@ class Source:
     address: str
 
 
-def configured_sources(config: Config) -> list[Source]:
+def configured_sources(config: Config, ports: Mapping[str, int] | None = None) -> list[Source]:
     """The sources routes.yaml configures, in file order: MLLP, FHIR, then ``direct``
     when a channel of type direct exists (its inbound mail is stored as source
-    ``direct``)."""
+    ``direct``). ``ports``: the ports the daemon's listeners are bound to (port 0 in
+    routes.yaml asks the system for one)."""
+    bound = ports or {}
     out = [
-        Source(s.name, "mllp", f"{s.host}:{s.port}" + (" (TLS)" if s.tls else ""))
+        Source(
+            s.name, "mllp", f"{s.host}:{bound.get(s.name, s.port)}" + (" (TLS)" if s.tls else "")
+        )
         for s in config.sources
     ]
     out += [Source(s.name, "fhir", s.base_url) for s in config.fhir_sources]
@@ -119,7 +123,11 @@ def exposition_samples(text: str) -> list[Sample]:
 
 
 def source_status(
-    conn: Conn, config: Config, now: float, live: Mapping[str, Mapping[str, Any]] | None
+    conn: Conn,
+    config: Config,
+    now: float,
+    live: Mapping[str, Mapping[str, Any]] | None,
+    ports: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per configured source (and any other source with messages today):
     ``name``, ``kind``, ``address``, ``connections_open`` (MLLP, when ``live`` is known;
@@ -128,7 +136,7 @@ def source_status(
     ``live`` None: the daemon's figures are unknown (not running, or not reachable)."""
     day = now - now % DAY
     counts = store.counts_since(conn, day)
-    sources = configured_sources(config)
+    sources = configured_sources(config, ports)
     known = {s.name for s in sources}
     sources += [Source(n, "other", "") for n in sorted(counts) if n not in known]
     names = [s.name for s in sources]
@@ -175,10 +183,11 @@ class Workbench:
     config: Callable[[], Config]
     table: Callable[[], RouteTable | None]
     metrics: Metrics
+    ports: Callable[[], Mapping[str, int]] = dict  # the listeners' bound ports
 
     def sources(self, conn: Conn, now: float) -> list[dict[str, Any]]:
         live = live_from_samples(metrics_samples(self.metrics))
-        return source_status(conn, self.config(), now, live)
+        return source_status(conn, self.config(), now, live, self.ports())
 
     def source_names(self) -> list[str]:
         return [s.name for s in configured_sources(self.config())]
