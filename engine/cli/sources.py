@@ -84,7 +84,8 @@ def sources_status(
         finally:
             db.close()
     if live is None:
-        click.echo(f"note: no daemon answered at {url}; live figures left out", err=True)
+        why = f"no daemon answered at {url}" if cfg.http.enabled else "routes.yaml disables http"
+        click.echo(f"note: {why}; live figures left out", err=True)
     if as_json:
         click.echo(json.dumps(items, indent=1))
         return
