@@ -342,3 +342,39 @@ def test_configured_sources_lists_mllp_fhir_and_direct() -> None:
         Source("chart", "fhir", "https://fhir.example.org/r4"),
         Source("direct", "direct", "referrals@direct.clinic.example"),
     ]
+
+
+def test_last_received_and_failures_look_back_a_bounded_number_of_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.store import source_status as store
+    from engine.store.db import open_database
+
+    day = 1_796_428_800.0  # 2026-12-05T00:00:00Z
+    db = open_database(tmp_path / "refloop.db")
+    rows = [  # (received_at, source, status, error)
+        (day - 2 * 86400, "lab", "rejected", "MSH-9 missing"),
+        (day - 86400, "lab", "routed", ""),
+        (day + 60, "ehr", "routed", ""),
+        (day + 120, "ehr", "error", "route ref-new: no identifiers"),
+    ]
+    with db.transaction() as conn:
+        for i, (at, source, status, error) in enumerate(rows):
+            conn.execute(
+                "INSERT INTO messages (received_at, source, peer, sending_app, "
+                "sending_facility, receiving_app, receiving_facility, control_id, message_type, "
+                "version, charset, sha256, status, ack_code, error, duplicates, flags, route) "
+                "VALUES (?, ?, '', '', '', '', '', ?, 'ADT^A01', '2.5.1', '', ?, ?, 'AA', ?, 0, "
+                "'', '')",
+                (at, source, f"c{i}", f"{i:064x}", status, error),
+            )
+    names = ["ehr", "lab", "never"]
+    assert store.counts_since(db.conn, day) == {"ehr": {"routed": 1, "error": 1}}
+    assert store.last_received(db.conn, names, day) == {"ehr": day + 120, "lab": day - 86400}
+    failures = store.last_failures(db.conn, names)
+    assert failures["ehr"] == store.Failure(4, day + 120, "error", "route ref-new: no identifiers")
+    assert failures["lab"] == store.Failure(1, day - 2 * 86400, "rejected", "MSH-9 missing")
+    monkeypatch.setattr(store, "LOOKBACK_ROWS", 2)  # lab's rows are older than the newest 2
+    assert store.last_received(db.conn, names, day) == {"ehr": day + 120}
+    assert set(store.last_failures(db.conn, names)) == {"ehr"}
+    db.close()

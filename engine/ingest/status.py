@@ -140,7 +140,7 @@ def source_status(
     known = {s.name for s in sources}
     sources += [Source(n, "other", "") for n in sorted(counts) if n not in known]
     names = [s.name for s in sources]
-    last = store.last_received(conn, names)
+    last = store.last_received(conn, names, day)
     failures = store.last_failures(conn, names)
     out: list[dict[str, Any]] = []
     for s in sources:
