@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install bench clean
+.PHONY: run test lint install bench clean screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ tests/node/node_modules/.bin/prism: tests/node/package.json tests/node/package-l
 
 test: lint tests/node/node_modules/.bin/prism /usr/bin/chromium
 	REFLOOP_REQUIRE_BROWSER=1 $(BIN)/pytest
+
+# every dashboard page at 1280 and 390 px wide, to docs/screenshots/ (tests/screenshots.py)
+screenshots: $(STAMP) /usr/bin/chromium
+	$(BIN)/python tests/screenshots.py docs/screenshots
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # built at start, imported there: a daemon without them never
     from engine.delivery.dispatch import Dispatcher, Renderer
     from engine.delivery.rotation import Rotation
     from engine.delivery.webhooks import Hooks
+    from engine.ingest.status import Workbench
     from engine.routing.table import ChannelSpec, RouteTable
     from engine.timers.service import TimerService
     from engine.tracking.tracker import Tracker
@@ -191,6 +192,7 @@ class Engine:
         if self.tracker is not None:
             self._make_timers(table)
         dispatcher.refresh_metrics()  # every channel's gauges exist (0) before a scrape
+        self._watch_health(dispatcher)
         if self.background:
             self.tasks.dispatch = asyncio.create_task(dispatcher.run(), name="dispatch")
         self.processor.after_commit = self._wake_dispatcher
@@ -220,6 +222,14 @@ class Engine:
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
 
+    def _watch_health(self, dispatcher: Dispatcher) -> None:
+        """Disk space of the state directory and certificate expiry (docs/alerts.yml)."""
+        from engine.ingest.certificates import certificate_expiries
+
+        self.metrics.watch_disk(str(self.state_dir))
+        for name, when in certificate_expiries(self.config.sources, dispatcher.channels).items():
+            self.metrics.certificate_expiry.labels(name).set(when)
+
     def _compiled(self, config: Config) -> RouteTable:
         """``config``'s routes.yaml compiled (ConfigError on problems); the table given to
         the engine when it is ``config``'s."""
@@ -238,6 +248,7 @@ class Engine:
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None
         service = Service(self.db, self.clock, tracker=self.tracker, wake=wake)
+        service.workbench = self._workbench()
         Api(service).register(http.app)
         Dashboard(
             service, self.auth, secure=self.config.http.public_url.startswith("https://")
@@ -247,6 +258,16 @@ class Engine:
                 "http: no dashboard users yet; create the first admin with "
                 "`refloop users add NAME --role admin`, then open /ui/"
             )
+
+    def _workbench(self) -> Workbench:
+        """The analyst's tools over this engine: its running routes (they follow
+        reloads) for *Try a message*, its config and live figures for *Sources*."""
+        from engine.ingest.status import Workbench
+
+        def table() -> RouteTable | None:
+            return getattr(self.processor.handler if self.processor else None, "table", None)
+
+        return Workbench(lambda: self.routes_config, table, self.metrics, self.ports)
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""

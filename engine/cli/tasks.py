@@ -50,7 +50,10 @@ def _line(t: dict[str, Any]) -> str:
 
 @click.group("tasks")
 def tasks() -> None:
-    """Coordinator tasks of the built-in queue: list, done, assign, snooze."""
+    """Coordinator tasks of the built-in queue: list, done, assign, snooze.
+
+    Example: refloop tasks list
+    """
 
 
 @tasks.command("list")

@@ -50,7 +50,10 @@ def actor_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group("referrals")
 def referrals() -> None:
-    """List, inspect, close and link referrals."""
+    """List, inspect, close and link referrals.
+
+    Example: refloop referrals list --status open
+    """
 
 
 @referrals.command("list")
@@ -269,7 +272,10 @@ def referrals_auth(
 
 @click.group("parked")
 def parked() -> None:
-    """Events that matched no referral."""
+    """Events that matched no referral.
+
+    Example: refloop parked list
+    """
 
 
 @parked.command("list")
@@ -308,7 +314,10 @@ def parked_list(state_dir: str, routes_path: str, include_linked: bool, as_json:
 
 @click.group("audit")
 def audit() -> None:
-    """Check and export the hash-chained audit log."""
+    """Check and export the hash-chained audit log.
+
+    Example: refloop audit verify
+    """
 
 
 @audit.command("verify")

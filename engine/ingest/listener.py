@@ -246,6 +246,9 @@ class _Connection(asyncio.Protocol):
         if refuse:
             log.warning("%s: connection refused (%s)", self.peer, refuse)
             server.metrics.connections_refused.labels(self.source.name, refuse).inc()
+            server.metrics.source_error_at.labels(self.source.name, f"refused-{refuse}").set(
+                server.clock.now()
+            )
             self.closed = True
             transport.abort()
             return
@@ -305,7 +308,10 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def _error(self, kind: str) -> None:
-        self.server.metrics.frame_errors.labels(self.source.name, kind).inc()
+        metrics = self.server.metrics
+        metrics.frame_errors.labels(self.source.name, kind).inc()
+        if kind != "idle":  # an idle close is housekeeping, not a problem
+            metrics.source_error_at.labels(self.source.name, kind).set(self.server.clock.now())
 
     def _pause(self, reason: str) -> None:
         if not self.pauses and self.transport is not None and not self.closed:

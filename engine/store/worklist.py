@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engine.clock import isoformat
 from engine.store import message_filter
 from engine.store.inbox import RAW_SIZE, raw_bytes
 from engine.store.referral_filter import ReferralFilter
@@ -85,7 +86,7 @@ class MessageMeta:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "received_at": self.received_at,
+            "received_at": isoformat(self.received_at),
             "source": self.source,
             "sending_app": self.sending_app,
             "sending_facility": self.sending_facility,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final, TypeVar, get_args
 
+from engine.clock import isoformat
 from engine.store import closure_report as store
 from engine.store.closure_report import GroupBy
 from engine.store.referrals import Conn
@@ -190,7 +191,7 @@ def report_to_dict(report: ClosureReport) -> dict[str, Any]:
         "referrals_opened_from": report.start.isoformat(),
         "referrals_opened_to": report.opened_to.isoformat(),
         "reports_received_by": report.end.isoformat(),
-        "as_of": dt.datetime.fromtimestamp(report.as_of, dt.UTC).isoformat(),
+        "as_of": isoformat(report.as_of),
         **total,
         "groups": [_row_dict(g) for g in report.groups],
         "nudge_channels": [

@@ -39,9 +39,12 @@ from engine.web.openapi import (
     REFERRAL_ITEM,
     REPORT,
     REQUIRED_QUERY,
+    SOURCE_ITEM,
     TASK_ASSIGN_BODY,
     TASK_DONE_BODY,
     TASK_ITEM,
+    TRY_BODY,
+    TRY_RESULT,
     build_openapi,
     check_body,
     list_of,
@@ -289,6 +292,15 @@ async def _report(api: Api, call: Call) -> Any:
     return api.service.report(a["start"], a["end"], a["by"])
 
 
+async def _sources(api: Api, call: Call) -> Any:
+    return {"items": api.service.sources()}
+
+
+async def _try(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.try_messages(b["message"].encode("utf-8"), b.get("source", ""))
+
+
 _TEXT: Final = {"type": "string"}
 
 ROUTES: Final[tuple[Route, ...]] = (
@@ -423,6 +435,16 @@ ROUTES: Final[tuple[Route, ...]] = (
                   description="Also break the denominator down by this."),
         ),
     ),
+    Route(
+        "GET", "/api/sources", "listSources",
+        "Per source: open connections, last message, today's messages by status, last error",
+        "messages", _sources, list_of(SOURCE_ITEM), statuses=(503,),
+    ),
+    Route(
+        "POST", "/api/routes/test", "tryMessages",
+        "What the running routes would do with these messages (nothing stored or sent)",
+        "messages", _try, TRY_RESULT, body=TRY_BODY, statuses=(503,),
+    ),
 )  # fmt: skip
 
 
@@ -455,6 +477,8 @@ class Api:
                         payload = await request.json()
                     except (ValueError, UnicodeDecodeError):
                         raise ApiError(400, "the body must be JSON") from None
+                    except web.HTTPRequestEntityTooLarge:
+                        raise ApiError(413, "the body is over 1 MiB") from None
                     body = check_body(route.body, payload)
                 result = await route.handler(self, Call(request, principal, args, body))
             except ApiError as exc:

@@ -47,6 +47,7 @@ from engine.web.auth import (
     verify_password,
 )
 from engine.web.service import ApiError, Service
+from engine.web.workbench import WorkbenchPages
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def bar_chart(
     }
 
 
-class Dashboard:
+class Dashboard(WorkbenchPages):
     def __init__(self, service: Service, auth: Auth, *, secure: bool = False):
         self.service = service
         self.auth = auth
@@ -149,6 +150,7 @@ class Dashboard:
             ("GET", "/users", "users", self._users),
             ("POST", "/users", "users", self._add_user),
             ("POST", "/users/{name}/disable", "users", self._disable_user),
+            *self.workbench_pages(),  # Sources, Try a message (engine.web.workbench)
         ]
 
     def _guard(self, permission: Permission | None, page: Page) -> Callable[..., Any]:

@@ -79,7 +79,7 @@ TIMELINE_ENTRY: Final = _obj(
 MESSAGE: Final = _obj(
     {
         "id": INT,
-        "received_at": NUM,
+        "received_at": {"type": "string", "format": "date-time"},
         "source": STR,
         "sending_app": STR,
         "sending_facility": STR,
@@ -258,6 +258,44 @@ LINK_BODY: Final = _body(
     {"referral_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}, ("referral_id",)
 )
 
+# The analyst's workbench (engine.ingest.status): sources, try a message.
+SOURCE_ITEM: Final = _obj(
+    {
+        "name": STR,
+        "kind": {"type": "string", "enum": ["mllp", "fhir", "direct", "other"]},
+        "address": STR,
+        "connections_open": _nullable({"type": "integer", "minimum": 0}),
+        "last_message_at": _nullable({"type": "string", "format": "date-time"}),
+        "today": _obj({s: COUNT for s in ("received", "routed", "filtered", "error", "rejected")}),
+        "today_total": COUNT,
+        "last_error_at": _nullable({"type": "string", "format": "date-time"}),
+        "last_error": STR,
+    }
+)
+TRY_ITEM: Final = _obj(
+    {
+        "index": {"type": "integer", "minimum": 1},
+        "kind": {"type": "string", "enum": ["hl7v2", "fhir"]},
+        "type": STR,
+        "control_id": STR,
+        "source": STR,
+        "status": {"type": "string", "enum": ["routed", "filtered", "error"]},
+        "routes": {"type": "array", "items": STR},
+        "reason": STR,
+        "extracted": {"type": "object", "additionalProperties": {"type": "object"}},
+        "events": {"type": "array", "items": {"type": "object"}},
+        "actions": {"type": "array", "items": {"type": "object"}},
+    }
+)
+TRY_RESULT: Final = _obj({"items": {"type": "array", "items": TRY_ITEM}, "not_tried": COUNT})
+TRY_BODY: Final = _body(
+    {
+        "message": {"type": "string", "maxLength": 900_000},
+        "source": {"type": "string", "maxLength": 64},
+    },
+    ("message",),
+)
+
 
 def check_body(schema: Mapping[str, Any], body: Any) -> dict[str, Any]:
     """Validate a request body against the small JSON Schema subset used above."""
@@ -334,6 +372,7 @@ _STATUS_TEXT: Final = {
     403: "The caller's role may not do this",
     404: "Not found",
     409: "Conflict with the current state",
+    413: "The request body is over the HTTP body limit (1 MiB)",
     503: "Unavailable in this configuration",
 }
 
@@ -345,7 +384,8 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
         responses: dict[str, Any] = {
             "200": {"description": "OK", "content": {r.content_type: {"schema": r.response}}}
         }
-        for status in (400, 401, 403, *r.statuses):
+        too_large = (413,) if r.body is not None else ()
+        for status in (400, 401, 403, *too_large, *r.statuses):
             responses[str(status)] = {
                 "description": _STATUS_TEXT[status],
                 "content": {"application/json": {"schema": ERROR}},

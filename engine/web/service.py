@@ -19,7 +19,8 @@ from itertools import islice
 from typing import Any, Final, Protocol
 
 from engine.clock import Clock, isoformat, parse_iso
-from engine.errors import StoreError
+from engine.errors import MessageRejected, StoreError
+from engine.ingest.status import Workbench
 from engine.model import AppointmentBooked, Identifiers, SpecialistDeclined
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
@@ -68,6 +69,7 @@ class Service:
     clock: Clock
     tracker: Any = None
     wake: Wake | None = None
+    workbench: Workbench | None = None  # the Sources and Try pages (engine.ingest.status)
 
     # -- referrals --
 
@@ -336,6 +338,28 @@ class Service:
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         return _finite(report_to_dict(r))
+
+    # -- the analyst's workbench: sources, try a message --
+
+    def _workbench(self) -> Workbench:
+        if self.workbench is None:
+            raise ApiError(503, "not available in this process")
+        return self.workbench
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Per source: connections, last message, today's messages by status, last error."""
+        return self._workbench().sources(self.db.conn, self.clock.now())
+
+    def try_messages(self, data: bytes, source: str = "") -> dict[str, Any]:
+        """What the running routes would do with ``data``'s messages; nothing is stored,
+        sent or logged. 400 when it holds no message or names an unknown source."""
+        bench = self._workbench()
+        if source and source not in bench.source_names():
+            raise ApiError(400, "unknown source")
+        try:
+            return bench.try_messages(data, source)
+        except MessageRejected as exc:
+            raise ApiError(400, exc.reason) from None
 
 
 def _finite(value: Any) -> Any:
