@@ -237,7 +237,9 @@ class Engine:
 
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None
-        service = Service(self.db, self.clock, tracker=self.tracker, wake=wake)
+        service = Service(
+            self.db, self.clock, tracker=self.tracker, wake=wake, routes=self._route_handler
+        )
         Api(service).register(http.app)
         Dashboard(
             service, self.auth, secure=self.config.http.public_url.startswith("https://")
@@ -247,6 +249,10 @@ class Engine:
                 "http: no dashboard users yet; create the first admin with "
                 "`refloop users add NAME --role admin`, then open /ui/"
             )
+
+    def _route_handler(self) -> Handler | None:
+        """The processor's current handler (a reload swaps it): what *Reprocess* runs."""
+        return self.processor.handler if self.processor is not None else None
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""
