@@ -175,11 +175,10 @@ def for_message(conn: Conn, message_id: int) -> list[Item]:
     engine.routing.handler), oldest first; a range on the unique key index."""
     prefix = f"route:{message_id}:"
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM outbox WHERE idempotency_key >= ? AND idempotency_key < ? "
-        "ORDER BY id",
+        f"SELECT {_COLUMNS} FROM outbox WHERE idempotency_key >= ? AND idempotency_key < ?",
         (prefix, prefix[:-1] + ";"),  # ';' follows ':': every key with the prefix
     ).fetchall()
-    return [_item(r) for r in rows]
+    return sorted((_item(r) for r in rows), key=lambda i: i.id)  # a message's few rows
 
 
 def get(conn: Conn, outbox_id: int) -> Item | None:
