@@ -353,3 +353,24 @@ def test_message_view_tree_reprocess_and_retry(tmp_path: Path) -> None:
         assert "Doe^Jane" in raw.text
 
     go(tmp_path, body, edit=_forward_to_nowhere(free_port()))
+
+
+def test_an_older_database_gets_the_workbench_indexes(tmp_path: Path) -> None:
+    """A database from before the _m_workbench step: its tasks are listed by due date and
+    the message view's look-ups use the new indexes once it is opened again."""
+    from engine.store import open_database
+    from engine.store.migrations import MIGRATIONS, _m_workbench
+
+    path = tmp_path / "old.db"
+    old = open_database(path, migrations=MIGRATIONS[: MIGRATIONS.index(_m_workbench)])
+    with old.transaction() as conn:
+        for oid, created in ((1, 200.0), (2, 100.0)):
+            task_store.open_task(conn, task_store.NewTask(oid, None, "k", "t"), created)
+    old.close()
+    db = open_database(path)
+    names = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"tasks_status_due", "tasks_referral", "referral_events_message", "parked_message"} <= (
+        names
+    )
+    assert [t.outbox_id for t in task_store.due_listing(db.conn, 1000.0)] == [2, 1]
+    db.close()
