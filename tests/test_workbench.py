@@ -374,3 +374,21 @@ def test_an_older_database_gets_the_workbench_indexes(tmp_path: Path) -> None:
     )
     assert [t.outbox_id for t in task_store.due_listing(db.conn, 1000.0)] == [2, 1]
     db.close()
+
+
+def test_the_rebuilt_ack() -> None:
+    """HL7 v2.5.1 §2.9 / §2.15.8: the receiver's and sender's MSH-3..6 swapped, MSA-1 the
+    recorded code, MSA-2 the message's MSH-10, MSA-3 the recorded error text; no ERR (its
+    code is not kept), nothing for a FHIR resource."""
+    from engine.web.service import _ack_text
+
+    raw = b"MSH|^~\\&|LAB|NORTH|REFLOOP|SOUTH|20260101||ORU^R01|C-77|P|2.4\rPID|1\r"
+    meta = {"ack_code": "AE", "error": "no route matched ORU^R01", "received_at": 0.0}
+    msh, msa = _ack_text(raw, meta).split("\n")
+    f = msh.split("|")
+    assert f[2:6] == ["REFLOOP", "SOUTH", "LAB", "NORTH"] and f[6] == "19700101000000+0000"
+    assert (f[8], f[10], f[11]) == ("ACK^R01^ACK", "P", "2.4")
+    assert msa == "MSA|AE|C-77|no route matched ORU R01"  # the delimiter kept out
+    assert _ack_text(raw, {**meta, "ack_code": ""}) == ""
+    fhir = b'{"resourceType": "ServiceRequest", "id": "sr-1"}'
+    assert _ack_text(fhir, {**meta, "ack_code": "AA"}) == ""

@@ -506,19 +506,20 @@ def _ack_text(raw: bytes, meta: Mapping[str, Any]) -> str:
     """The ACK the message was answered with, rebuilt (engine.hl7v2.ack.build_ack) from
     its MSH, the recorded code and error text, at its receive time. Not kept from the one
     sent: its MSH-7 time and MSH-10 control id (this one's differ) and the ERR segment's
-    error code (left out). "" when no code was recorded (a FHIR resource, say)."""
+    error code (left out). "" for a FHIR resource (JSON or XML) or without a code."""
     from engine.errors import MessageRejected
     from engine.hl7v2.ack import build_ack
     from engine.hl7v2.message import read_msh, reply_header
+    from engine.model import MshInfo
 
     code = str(meta.get("ack_code") or "")
-    if not raw or not code:
+    if not raw or not code or raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"<"):
         return ""
+    msh: MshInfo | None
     try:
         msh, codec = read_msh(raw)
-    except MessageRejected:  # answered from whatever header could be read
-        loose, codec = reply_header(raw), "latin-1"
-        msh = loose  # type: ignore[assignment]
+    except MessageRejected:  # it was answered from whatever header could be read
+        msh, codec = reply_header(raw), "latin-1"
     error = ("207", "", str(meta.get("error") or "")) if code not in ("AA", "CA") else None
     ack = build_ack(msh, code, now=float(meta["received_at"]), error=error, codec=codec)
     lines = ack.decode(codec, errors="replace").split("\r")
