@@ -149,3 +149,30 @@ def test_other_delimiters_and_the_dict_form() -> None:
 def test_not_hl7_is_a_clear_error(text: str) -> None:
     with pytest.raises(TreeError, match="not an HL7 v2 message"):
         build_tree(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "MSH|0000||||\rPID|1\r",  # the corpus' fuzz-so.hl7: python-hl7 asserted on it
+        "MSH|^~\\|\rPID|1\r",  # MSH-2 reuses MSH-1
+        "MSH|^~ &|EHR\r",  # a space as a delimiter
+    ],
+)
+def test_unusable_delimiters_are_a_clear_error(text: str) -> None:
+    with pytest.raises(TreeError, match="five distinct delimiters"):
+        build_tree(text)
+
+
+def test_long_values_are_cut_and_long_messages_counted() -> None:
+    from engine.hl7v2.tree import MAX_VALUE, segment_count
+
+    pdf = "A" * 5000
+    tree = build_tree(
+        f"MSH|^~\\&|EHR|C|R|C|2026||MDM^T02|C1|P|2.5.1\rOBX|1|ED|PDF||^AP^PDF^Base64^{pdf}\r"
+    )
+    obx5 = _field(tree, "OBX-5")
+    assert len(obx5.value) == MAX_VALUE and obx5.value.endswith("…")
+    data = obx5.children[-1]
+    assert (data.path, data.name, len(data.value)) == ("OBX-5.5", "Data", MAX_VALUE)
+    assert segment_count("MSH|^~\\&|\rPID|1\n\nOBX|1\r\n") == 3

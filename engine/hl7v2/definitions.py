@@ -4,7 +4,8 @@ message view's parsed tree (engine.hl7v2.tree).
 Transcribed from the HL7 v2.5.1 standard's segment definitions (chapters 2, 3, 4, 7, 9,
 10, 11 and 6: MSH, MSA, ERR, EVN, NTE, PID, PV1, ORC, OBR, OBX, RF1, PRD, AUT, SCH, AIS,
 AIP, TXA, IN1) and its data type definitions (chapter 2A: the components of each field's
-type, one level down for subcomponents), by way of the machine-readable v2.5.1 dictionary
+type, one level down for subcomponents, and the value types OBX-2 names for OBX-5 from
+table 0125), by way of the machine-readable v2.5.1 dictionary
 of the ``hl7-dictionary`` npm package (1.0.1, MIT). Names are the standard's, unchanged.
 
 A segment not listed here (a Z-segment, say) is still shown, with its fields by number.
@@ -527,6 +528,19 @@ SEGMENTS: Final[dict[str, Segment]] = {
     ),
 }
 DATATYPES: Final[dict[str, DataType]] = {
+    "AD": DataType(
+        "Address",
+        (
+            ("Street Address", "ST"),
+            ("Other Designation", "ST"),
+            ("City", "ST"),
+            ("State or Province", "ST"),
+            ("Zip or Postal Code", "ST"),
+            ("Country", "ID"),
+            ("Address Type", "ID"),
+            ("Other Geographic Designation", "ST"),
+        ),
+    ),
     "AUI": DataType(
         "Authorization Information",
         (
@@ -543,6 +557,17 @@ DATATYPES: Final[dict[str, DataType]] = {
             ("Name of Coding System", "ID"),
             ("Alternate Identifier", "ST"),
             ("Alternate Text", "ST"),
+            ("Name of Alternate Coding System", "ID"),
+        ),
+    ),
+    "CF": DataType(
+        "Coded Element with Formatted Values",
+        (
+            ("Identifier", "ST"),
+            ("Formatted Text", "FT"),
+            ("Name of Coding System", "ID"),
+            ("Alternate Identifier", "ST"),
+            ("Alternate Formatted Text", "FT"),
             ("Name of Alternate Coding System", "ID"),
         ),
     ),
@@ -647,6 +672,16 @@ DATATYPES: Final[dict[str, DataType]] = {
     ),
     "DT": DataType("Date", ()),
     "DTM": DataType("Date/Time", ()),
+    "ED": DataType(
+        "Encapsulated Data",
+        (
+            ("Source Application", "HD"),
+            ("Type of Data", "ID"),
+            ("Data Subtype", "ID"),
+            ("Encoding", "ID"),
+            ("Data", "TX"),
+        ),
+    ),
     "EI": DataType(
         "Entity Identifier",
         (
@@ -842,6 +877,15 @@ DATATYPES: Final[dict[str, DataType]] = {
             ("Explicit Time Interval", "ST"),
         ),
     ),
+    "RP": DataType(
+        "Reference Pointer",
+        (
+            ("Pointer", "ST"),
+            ("Application ID", "HD"),
+            ("Type of Data", "ID"),
+            ("Subtype", "ID"),
+        ),
+    ),
     "SAD": DataType(
         "Street Address",
         (
@@ -851,6 +895,15 @@ DATATYPES: Final[dict[str, DataType]] = {
         ),
     ),
     "SI": DataType("Sequence ID", ()),
+    "SN": DataType(
+        "Structured Numeric",
+        (
+            ("Comparator", "ST"),
+            ("Num1", "NM"),
+            ("Separator/Suffix", "ST"),
+            ("Num2", "NM"),
+        ),
+    ),
     "SPS": DataType(
         "Specimen Source",
         (
@@ -864,6 +917,7 @@ DATATYPES: Final[dict[str, DataType]] = {
         ),
     ),
     "ST": DataType("String Data", ()),
+    "TM": DataType("Time", ()),
     "TQ": DataType(
         "Timing Quantity",
         (

@@ -8,8 +8,10 @@ and routing paths never call it; tests/test_layers.py allows it in this module o
 
 Values are shown as they were sent (escape sequences included): the raw text beside the
 tree is the record, and an analyst comparing the two needs the same characters. Empty
-fields, components and subcomponents are left out. OBX-5 takes its data type from OBX-2
-(HL7 v2.5.1 §7.4.2.5), as the standard says.
+fields, components and subcomponents are left out; a value longer than
+:data:`MAX_VALUE` characters is cut (ending in "…"), and only the first
+:data:`MAX_SEGMENTS` segments are read (:func:`segment_count` tells the whole count).
+OBX-5 takes its data type from OBX-2 (HL7 v2.5.1 §7.4.2.5), as the standard says.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from engine.hl7v2.definitions import DATATYPES, SEGMENTS
 
 _SEGMENT_END: Final = re.compile(r"\r\n|\r|\n")
 MAX_SEGMENTS: Final = 2000  # a tree that large is unreadable; the raw text has the rest
+MAX_VALUE: Final = 500  # characters of a value shown in the tree (an embedded PDF is MBs)
 
 
 class TreeError(ValueError):
@@ -67,15 +70,27 @@ class SegmentNode:
         }
 
 
+def segment_count(text: str) -> int:
+    """How many segments ``text`` has (to tell a truncated tree)."""
+    return sum(1 for s in _SEGMENT_END.split(text) if s.strip())
+
+
+def _cut(value: str) -> str:
+    return value if len(value) <= MAX_VALUE else value[: MAX_VALUE - 1] + "…"
+
+
 def build_tree(text: str) -> list[SegmentNode]:
     """The tree of one HL7 v2 message (segment ends CR, LF or CRLF). Raises
     :class:`TreeError` when python-hl7 cannot read it (no MSH first, say)."""
     lines = [s for s in _SEGMENT_END.split(text.lstrip("\ufeff \t\r\n")) if s.strip()]
     if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
         raise TreeError("not an HL7 v2 message (it does not start with MSH)")
+    delimiters = lines[0][3:8]  # MSH-1 and the four MSH-2 characters
+    if len(set(delimiters)) != 5 or any(c.isalnum() or c.isspace() for c in delimiters):
+        raise TreeError("MSH-1 and MSH-2 do not declare five distinct delimiters")
     try:
         message = hl7.parse("\r".join(lines[:MAX_SEGMENTS]))
-    except (hl7.ParseException, ValueError, IndexError) as exc:
+    except Exception as exc:  # a third-party parser on any input: never an error page
         raise TreeError(f"python-hl7 cannot read it: {type(exc).__name__}") from None
     seen: dict[str, int] = {}
     out: list[SegmentNode] = []
@@ -104,7 +119,7 @@ def _segment(sid: str, occurrence: int, segment: Any) -> SegmentNode:
         if sid == "MSH" and seq <= 2:  # the delimiters themselves: never split
             fields.append(Node(path, name, dtype, value))
             continue
-        fields.append(Node(path, name, dtype, value, _repetitions(path, dtype, raw)))
+        fields.append(Node(path, name, dtype, _cut(value), _repetitions(path, dtype, raw)))
     return SegmentNode(sid, occurrence, spec.name if spec else "", tuple(fields))
 
 
@@ -119,7 +134,7 @@ def _repetitions(path: str, dtype: str, raw: Any) -> tuple[Node, ...]:
         value = str(rep)
         if value:
             rpath = f"{path}[{i}]"
-            out.append(Node(rpath, "", dtype, value, _components(rpath, dtype, rep)))
+            out.append(Node(rpath, "", dtype, _cut(value), _components(rpath, dtype, rep)))
     return tuple(out)
 
 
@@ -137,7 +152,7 @@ def _components(path: str, dtype: str, rep: Any) -> tuple[Node, ...]:
         if spec is not None and i <= len(spec.components):
             name, ctype = spec.components[i - 1]
         cpath = f"{path}.{i}"
-        out.append(Node(cpath, name, ctype, value, _subcomponents(cpath, ctype, part)))
+        out.append(Node(cpath, name, ctype, _cut(value), _subcomponents(cpath, ctype, part)))
     return tuple(out)
 
 
@@ -153,7 +168,7 @@ def _subcomponents(path: str, dtype: str, component: Any) -> tuple[Node, ...]:
             name, stype = ("", "")
             if spec is not None and i <= len(spec.components):
                 name, stype = spec.components[i - 1]
-            out.append(Node(f"{path}.{i}", name, stype, value))
+            out.append(Node(f"{path}.{i}", name, stype, _cut(value)))
     return tuple(out)
 
 

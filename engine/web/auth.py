@@ -14,7 +14,8 @@ CSRF tokens, the login rate limit, API bearer tokens and roles.
 - API: ``Authorization: Bearer <token>``, a per-user token (``refloop users token``).
 
 Roles (:data:`PERMISSIONS`): ``coordinator`` works the referral worklist and its actions;
-``analyst`` reads messages, the outbox, the audit log and the report; ``admin`` does
+``analyst`` reads messages, the outbox, the audit log and the report, and reprocesses
+a message (a replay through the current routes, a retry of its outbox rows); ``admin`` does
 everything, including managing users.
 """
 

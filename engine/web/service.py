@@ -412,13 +412,15 @@ class Service:
     def message_tree(self, principal: Principal, message_id: int, *, via: str) -> dict[str, Any]:
         """The message text and its parsed tree (engine.hl7v2.tree); audited as a view of
         the raw message (one ``viewed-message`` row)."""
-        from engine.hl7v2.tree import TreeError, build_tree
+        from engine.hl7v2.tree import MAX_SEGMENTS, TreeError, build_tree, segment_count
 
         text = self.raw(principal, message_id, via=via)
         try:
             segments, error = [s.as_dict() for s in build_tree(text)], ""
         except TreeError as exc:
             segments, error = [], str(exc)
+        if len(segments) == MAX_SEGMENTS and segment_count(text) > MAX_SEGMENTS:
+            error = f"the tree shows the first {MAX_SEGMENTS} segments; the text has them all"
         return {"id": message_id, "text": text, "segments": segments, "error": error}
 
     def reprocess(
