@@ -445,6 +445,8 @@ class HttpConfig:
 class StoreConfig:
     file: str = "refloop.db"  # relative to the state directory
     synchronous: Synchronous = "full"
+    node_id: str = ""  # this node in outbox claims ('' : hostname:pid)
+    lease_seconds: float = 30.0  # how long an outbox claim holds without renewal
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +526,8 @@ def _store(r: Reader) -> StoreConfig:
     cfg = StoreConfig(
         file=r.text("file", "refloop.db"),
         synchronous=cast(Synchronous, r.choice("synchronous", ("full", "normal"), "full")),
+        node_id=r.text("node_id", ""),
+        lease_seconds=r.number("lease_seconds", 30.0, lo=1.0),
     )
     r.done()
     return cfg

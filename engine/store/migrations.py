@@ -20,6 +20,7 @@ from engine.store import (
     referrals,
     specialists,
     tasks,
+    timers,
     users,
 )
 from engine.store.sql import Migration
@@ -160,6 +161,22 @@ def _m_message_raw(db: sqlite_utils.Database) -> None:
     inbox.migrate_raw(db)
 
 
+def _m_timers_loaded(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 0: the timer wheel claims new rows by a flag, not "id > last seen"
+    timers.migrate_loaded(db)
+
+
+def _m_outbox_leases(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 0: outbox claims are leases (claimed_by, lease_until), one row per
+    # referral and channel in flight
+    outbox.migrate_leases(db)
+
+
+def _m_inbox_dedupe(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 0: inbox dedupe by a unique index and INSERT ... ON CONFLICT
+    inbox.migrate_dedupe(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -175,5 +192,8 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_tasks_queue,
     _m_referral_keys,
     _m_message_raw,
+    _m_timers_loaded,
+    _m_outbox_leases,
+    _m_inbox_dedupe,
     _m_workbench,
 ]
