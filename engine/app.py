@@ -247,7 +247,9 @@ class Engine:
 
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None
-        service = Service(self.db, self.clock, tracker=self.tracker, wake=wake)
+        service = Service(
+            self.db, self.clock, tracker=self.tracker, wake=wake, routes=self._route_handler
+        )
         service.workbench = self._workbench()
         Api(service).register(http.app)
         Dashboard(
@@ -268,6 +270,10 @@ class Engine:
             return getattr(self.processor.handler if self.processor else None, "table", None)
 
         return Workbench(lambda: self.routes_config, table, self.metrics, self.ports)
+
+    def _route_handler(self) -> Handler | None:
+        """The processor's current handler (a reload swaps it): what *Reprocess* runs."""
+        return self.processor.handler if self.processor is not None else None
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""

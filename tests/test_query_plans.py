@@ -68,6 +68,12 @@ ALLOWED = {
         "open worklist via referrals_open (open referrals only): stops at the LIMIT",
     "SELECT … FROM tasks WHERE status = ? ORDER BY priority DESC, id LIMIT ?":
         "open tasks, most urgent first via tasks_status_priority: stops at the LIMIT",
+    "SELECT … FROM tasks WHERE status = ? AND coalesce(snoozed_until, ?) <= ? "
+    "ORDER BY coalesce(snoozed_until, due_at, created_at), id LIMIT ?":
+        "the Tasks work list via tasks_status_due: open tasks in due order, stops at the LIMIT",
+    "SELECT … FROM tasks WHERE status = ? AND coalesce(snoozed_until, ?) > ? "
+    "ORDER BY coalesce(snoozed_until, due_at, created_at), id LIMIT ?":
+        "snoozed tasks via tasks_status_due: walks open tasks only (bounded by open work)",
     "SELECT … FROM tasks WHERE status = ? ORDER BY id DESC LIMIT ?":
         "done / superseded tasks via tasks_status: newest first, stops at the LIMIT",
     "SELECT … FROM tasks ORDER BY id DESC LIMIT ?":
@@ -269,7 +275,7 @@ def _operator_paths(db: Any, now: float) -> None:
     for status in ("", "pending", "dead"):
         svc.outbox(status=status)
     svc.tasks()
-    for status in ("open", "done", "all"):
+    for status in ("open", "done", "all", "due", "snoozed"):
         svc.tasks(status=status)
     for kw in (
         {},
@@ -289,6 +295,8 @@ def _operator_paths(db: Any, now: float) -> None:
     ):
         svc.messages(**kw)
     svc.message(mid)
+    svc.message_detail(mid)  # the message view: decision, events, parked, outbox rows
+    svc.message_tree(me, mid, via="api")
     svc.raw(me, mid, via="api")
     svc.audit(limit=10)
     svc.audit(after_id=5, limit=10)

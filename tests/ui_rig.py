@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,10 +93,18 @@ class UiRig:
 
 @contextlib.asynccontextmanager
 async def ui_engine(
-    tmp_path: Path, *, clock: Clock | None = None, public_url: str = ""
+    tmp_path: Path,
+    *,
+    clock: Clock | None = None,
+    public_url: str = "",
+    edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[UiRig]:
+    """``edit`` may change the routes.yaml data (add a channel or a route) first."""
+    data = ui_config(public_url=public_url)
+    if edit is not None:
+        edit(data)
     config = loads(
-        yaml.safe_dump(ui_config(public_url=public_url), sort_keys=False),
+        yaml.safe_dump(data, sort_keys=False),
         file=str(ROOT / "routes.yaml"),
         env={},
     )

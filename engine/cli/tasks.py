@@ -18,7 +18,7 @@ from engine.delivery import task_queue as service
 from engine.errors import StoreError
 from engine.store.db import Database, has_table
 
-STATUSES = ("open", "done", "superseded", "all")
+STATUSES = service.LISTS
 
 
 def register(main: click.Group) -> None:
@@ -59,7 +59,8 @@ def tasks() -> None:
 @tasks.command("list")
 @click.option(
     "--status", type=click.Choice(STATUSES), default="open", show_default=True,
-    help="Which tasks: open (most urgent first), done, superseded or all (newest first).",
+    help="Which tasks: due (open, not snoozed, soonest due first), snoozed, open (most "
+    "urgent first), done, superseded or all (newest first).",
 )  # fmt: skip
 @click.option("--limit", default=100, show_default=True, help="Rows to show; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")

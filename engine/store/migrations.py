@@ -149,6 +149,13 @@ def _m_referral_keys(db: sqlite_utils.Database) -> None:
             db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
+def _m_workbench(db: sqlite_utils.Database) -> None:
+    # the coordinator's work page (open tasks by due date, a referral's tasks) and the
+    # analyst's message view (what one message did: its events, parked events) (issue 19)
+    tasks.migrate_due(db)
+    referrals.migrate_message_indexes(db)
+
+
 def _m_message_raw(db: sqlite_utils.Database) -> None:
     # raw bytes in their own table: a status update no longer rewrites them (issue 14.5)
     inbox.migrate_raw(db)
@@ -188,4 +195,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_timers_loaded,
     _m_outbox_leases,
     _m_inbox_dedupe,
+    _m_workbench,
 ]

@@ -28,16 +28,22 @@ from engine.web.openapi import (
     ACTION_RESULT,
     AUDIT_ROW,
     BOOK_BODY,
+    BULK_CLOSE_BODY,
+    BULK_CLOSE_RESULT,
     CLOSE_BODY,
     DECLINE_BODY,
     LINK_BODY,
     ME,
     MESSAGE,
+    MESSAGE_OUTCOME,
+    MESSAGE_TREE,
     OUTBOX_ITEM,
     PARKED_ITEM,
     REFERRAL_DETAIL,
     REFERRAL_ITEM,
+    REPLAY_ITEM,
     REPORT,
+    REPROCESS_BODY,
     REQUIRED_QUERY,
     SOURCE_ITEM,
     TASK_ASSIGN_BODY,
@@ -45,6 +51,7 @@ from engine.web.openapi import (
     TASK_ITEM,
     TRY_BODY,
     TRY_RESULT,
+    TASK_SNOOZE_BODY,
     build_openapi,
     check_body,
     list_of,
@@ -54,6 +61,7 @@ from engine.web.service import MAX_ID, REPORT_GROUPS, ApiError, Service
 
 log = logging.getLogger(__name__)
 
+TASK_LISTS: Final = ("due", "snoozed", "open", "done", "superseded", "all")  # task_queue.LISTS
 ParamKind = Literal["string", "integer", "boolean", "date", "date-time"]
 
 
@@ -202,6 +210,13 @@ async def _close(api: Api, call: Call) -> Any:
     )
 
 
+async def _close_many(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.close_many(
+        call.principal, list(b["referral_ids"]), b["reason"], b.get("note", "")
+    )
+
+
 async def _book(api: Api, call: Call) -> Any:
     b = call.body
     return api.service.book(
@@ -227,6 +242,12 @@ async def _task_done(api: Api, call: Call) -> Any:
 async def _task_assign(api: Api, call: Call) -> Any:
     return api.service.task_action(
         call.principal, call.args["task_id"], "assign", call.body["user"]
+    )
+
+
+async def _task_snooze(api: Api, call: Call) -> Any:
+    return api.service.task_action(
+        call.principal, call.args["task_id"], "snooze", call.body["until"]
     )
 
 
@@ -277,6 +298,24 @@ async def _message(api: Api, call: Call) -> Any:
 
 async def _raw(api: Api, call: Call) -> Any:
     return api.service.raw(call.principal, call.args["message_id"], via="api")
+
+
+async def _outcome(api: Api, call: Call) -> Any:
+    return api.service.message_detail(call.args["message_id"])
+
+
+async def _tree(api: Api, call: Call) -> Any:
+    return api.service.message_tree(call.principal, call.args["message_id"], via="api")
+
+
+async def _reprocess(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.reprocess(
+        call.principal,
+        call.args["message_id"],
+        resend=bool(b.get("resend", False)),
+        dry_run=bool(b.get("dry_run", False)),
+    )
 
 
 async def _audit(api: Api, call: Call) -> Any:
@@ -334,6 +373,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         params=(_id("referral_id"),), body=CLOSE_BODY, statuses=(404, 409, 503),
     ),
     Route(
+        "POST", "/api/referrals/close", "closeReferrals",
+        "Close several referrals with one reason (one Tracker.close and audit row each)",
+        "act", _close_many, BULK_CLOSE_RESULT, body=BULK_CLOSE_BODY, statuses=(503,),
+    ),
+    Route(
         "POST", "/api/referrals/{referral_id}/book", "bookReferral",
         "Mark booked: the patient called in with an appointment", "act", _book, ACTION_RESULT,
         params=(_id("referral_id"),), body=BOOK_BODY, statuses=(404, 409, 503),
@@ -348,8 +392,9 @@ ROUTES: Final[tuple[Route, ...]] = (
         "Coordinator tasks of the built-in queue; open ones most urgent first",
         "referrals", _tasks, list_of(TASK_ITEM),
         params=(
-            Param("status", enum=("open", "done", "superseded", "all"),
-                  description="Default open; all: every task, newest first."),
+            Param("status", enum=TASK_LISTS,
+                  description="Default open (most urgent first); due: open and not "
+                  "snoozed, soonest due first; snoozed; done, superseded, all: newest first."),
             LIMIT,
         ),
     ),
@@ -362,6 +407,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         "POST", "/api/tasks/{task_id}/assign", "assignTask",
         "Give an open task to a user (an empty user unassigns)", "act", _task_assign,
         TASK_ITEM, params=(_id("task_id"),), body=TASK_ASSIGN_BODY, statuses=(404, 409),
+    ),
+    Route(
+        "POST", "/api/tasks/{task_id}/snooze", "snoozeTask",
+        "Snooze an open task until a time (\"\" wakes it; audited)", "act", _task_snooze,
+        TASK_ITEM, params=(_id("task_id"),), body=TASK_SNOOZE_BODY, statuses=(404, 409),
     ),
     Route(
         "GET", "/api/parked", "listParked", "Parked events waiting for a link",
@@ -414,6 +464,23 @@ ROUTES: Final[tuple[Route, ...]] = (
         "GET", "/api/messages/{message_id}/raw", "getRawMessage",
         "The message exactly as received, as text (audited)", "messages", _raw, _TEXT,
         params=(_id("message_id"),), content_type="text/plain", statuses=(404,),
+    ),
+    Route(
+        "GET", "/api/messages/{message_id}/outcome", "getMessageOutcome",
+        "What became of one message: the ACK (rebuilt), the route decision, the events, "
+        "parked events and outbox rows it produced (no message content)", "messages",
+        _outcome, MESSAGE_OUTCOME, params=(_id("message_id"),), statuses=(404,),
+    ),
+    Route(
+        "GET", "/api/messages/{message_id}/tree", "getMessageTree",
+        "The message text and its parsed tree, named from HL7 v2.5.1 (audited)", "messages",
+        _tree, MESSAGE_TREE, params=(_id("message_id"),), statuses=(404,),
+    ),
+    Route(
+        "POST", "/api/messages/{message_id}/reprocess", "reprocessMessage",
+        "Replay one message through the current routes (refloop replay --id)", "reprocess",
+        _reprocess, REPLAY_ITEM, params=(_id("message_id"),), body=REPROCESS_BODY,
+        statuses=(404, 409, 503),
     ),
     Route(
         "GET", "/api/audit", "exportAudit", "Audit rows with their hashes, in id order",

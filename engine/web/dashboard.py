@@ -34,6 +34,7 @@ from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
 from engine.tracking import states
 from engine.web.auth import (
+    PERMISSIONS,
     ROLES,
     SESSION_COOKIE,
     SESSION_SECONDS,
@@ -66,7 +67,8 @@ HEADERS: Final = {
 }
 FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
-TASK_FILTERS: Final = ("open", "done", "superseded", "all")
+TASK_FILTERS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
+SNOOZE_DAYS: Final = (("1", "1 day"), ("3", "3 days"), ("7", "1 week"), ("14", "2 weeks"))
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -133,6 +135,7 @@ class Dashboard(WorkbenchPages):
             ("GET", "/", None, self._home),
             ("POST", "/logout", None, self._logout),
             ("GET", "/worklist", "referrals", self._worklist),
+            ("POST", "/worklist/close", "act", self._close_many),
             ("GET", "/referrals/{referral_id}", "referrals", self._referral),
             ("POST", "/referrals/{referral_id}/close", "act", self._close),
             ("POST", "/referrals/{referral_id}/book", "act", self._book),
@@ -142,10 +145,18 @@ class Dashboard(WorkbenchPages):
             ("GET", "/tasks", "referrals", self._tasks),
             ("POST", "/tasks/{task_id}/assign", "act", self._task_assign),
             ("POST", "/tasks/{task_id}/done", "act", self._task_done),
+            ("POST", "/tasks/{task_id}/snooze", "act", self._task_snooze),
             ("GET", "/outbox", "outbox", self._outbox),
             ("POST", "/outbox/{outbox_id}/retry", "act", self._retry),
             ("GET", "/messages", "messages", self._messages),
             ("GET", "/messages/{message_id}", "messages", self._message),
+            ("POST", "/messages/{message_id}/reprocess", "reprocess", self._reprocess),
+            (
+                "POST",
+                "/messages/{message_id}/outbox/{outbox_id}/retry",
+                "reprocess",
+                self._message_retry,
+            ),
             ("GET", "/chart", "report", self._chart),
             ("GET", "/users", "users", self._users),
             ("POST", "/users", "users", self._add_user),
@@ -299,9 +310,11 @@ class Dashboard(WorkbenchPages):
             overdue=True if show == "overdue" else None,
             limit=500,
         )
+        closed = _int(q.get("closed"), 0, 10_000)
         return self._render(
             request, me, "worklist.html", items=items, filters=filters,
-            statuses=states.OVERALL_STATUSES,
+            statuses=states.OVERALL_STATUSES, close_reasons=states.CLOSE_PRECEDENCE,
+            closed=closed, refused=q.get("refused", "")[:200],
         )  # fmt: skip
 
     async def _referral(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -310,6 +323,7 @@ class Dashboard(WorkbenchPages):
         return self._render(
             request, me, "referral.html", r=item, timeline=_timeline(item),
             close_reasons=states.CLOSE_PRECEDENCE, notice=request.query.get("done", ""),
+            workers=self._workers(), snooze_days=SNOOZE_DAYS,
         )  # fmt: skip
 
     def _form(self, request: web.Request) -> Mapping[str, Any]:
@@ -331,6 +345,20 @@ class Dashboard(WorkbenchPages):
         self.service.decline(me, rid, str(self._form(request).get("reason", ""))[:2000])
         return _redirect(f"{PREFIX}/referrals/{rid}?done=declined")
 
+    async def _close_many(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """The worklist's *Close selected*: the ticked referrals, one reason and note."""
+        form = await request.post()  # read (and CSRF-checked) by the guard; cached
+        ids = [_int(str(v), 1, 2**53) for v in form.getall("referral_id", [])]
+        result = self.service.close_many(
+            me, [i for i in ids if i is not None], str(form.get("reason", "")),
+            str(form.get("note", ""))[:2000],
+        )  # fmt: skip
+        refused = [str(i["referral_id"]) for i in result["items"] if i["error"]]
+        target = f"{PREFIX}/worklist?closed={result['closed']}"
+        if refused:
+            target += f"&refused={','.join(refused[:20])}"
+        return _redirect(target)
+
     async def _parked(self, request: web.Request, me: Principal) -> web.StreamResponse:
         items = self.service.parked(include_linked=request.query.get("all") == "1")
         return self._render(request, me, "parked.html", items=items)
@@ -346,25 +374,59 @@ class Dashboard(WorkbenchPages):
     # -- coordinator tasks --
 
     async def _tasks(self, request: web.Request, me: Principal) -> web.StreamResponse:
-        status = request.query.get("status", "open")
+        status = request.query.get("status", "due")
         if status not in TASK_FILTERS:
             raise ApiError(400, "unknown status")
         items = self.service.tasks(status=status, limit=200)
         return self._render(
             request, me, "tasks.html", items=items, current=status, statuses=TASK_FILTERS,
-            notice=request.query.get("done", ""),
+            notice=request.query.get("done", ""), workers=self._workers(),
+            snooze_days=SNOOZE_DAYS,
         )  # fmt: skip
 
+    def _workers(self) -> list[str]:
+        """Who a task can be given to: enabled users whose role may act on it."""
+        return [
+            u.name for u in self.auth.users() if not u.disabled and u.role in PERMISSIONS["act"]
+        ]
+
+    def _back(self, request: web.Request, done: str) -> web.Response:
+        """Back to the page the form was on: a referral (its ``referral``) or the task
+        list (its ``status``), with a notice."""
+        form = self._form(request)
+        referral = _int(str(form.get("referral", "")), 1, 2**53)
+        if referral is not None:
+            return _redirect(f"{PREFIX}/referrals/{referral}?done=task-{done}")
+        status = str(form.get("status", "due"))
+        status = status if status in TASK_FILTERS else "due"
+        return _redirect(f"{PREFIX}/tasks?status={status}&done={done}")
+
     async def _task_assign(self, request: web.Request, me: Principal) -> web.StreamResponse:
-        """Assign to me."""
-        self.service.task_action(me, _path_id(request, "task_id"), "assign", me.name)
-        return _redirect(f"{PREFIX}/tasks?done=assigned")
+        """Assign to me, or to the user the form names ("" takes the task back)."""
+        user = str(self._form(request).get("user", me.name))[:64]
+        if user and user not in self._workers():
+            raise ApiError(400, "no such user may work tasks")
+        self.service.task_action(me, _path_id(request, "task_id"), "assign", user)
+        return self._back(request, "assigned" if user else "unassigned")
 
     async def _task_done(self, request: web.Request, me: Principal) -> web.StreamResponse:
         tid = _path_id(request, "task_id")
         note = str(self._form(request).get("note", ""))[:2000]
         self.service.task_action(me, tid, "done", note)
-        return _redirect(f"{PREFIX}/tasks?done=done")
+        return self._back(request, "done")
+
+    async def _task_snooze(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Snooze for a number of days (``days``), or until a date (``until``, which wins);
+        ``days=0`` wakes the task."""
+        form = self._form(request)
+        until = str(form.get("until", "")).strip()[:40]
+        if not until:
+            days = _int(str(form.get("days", "")), 0, 365)
+            if days is None:
+                raise ApiError(400, "snooze for how many days?")
+            until = "" if days == 0 else isoformat(self.service.clock.now() + days * 86400.0)
+        self.service.task_action(me, _path_id(request, "task_id"), "snooze", until)
+        return self._back(request, "snoozed" if until else "woken")
 
     # -- outbox --
 
@@ -411,12 +473,29 @@ class Dashboard(WorkbenchPages):
         )
 
     async def _message(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Metadata, the ACK, the decision and what it produced; with ``raw=1`` the text
+        and its parsed tree side by side (audited as a raw view)."""
         mid = _path_id(request, "message_id")
-        meta = self.service.message(mid)
-        raw = None
+        meta = self.service.message_detail(mid)
+        tree = None
         if request.query.get("raw") == "1":
-            raw = self.service.raw(me, mid, via="dashboard").replace("\r", "\n")
-        return self._render(request, me, "message.html", m=meta, raw=raw)
+            tree = self.service.message_tree(me, mid, via="dashboard")
+            tree["text"] = tree["text"].replace("\r\n", "\n").replace("\r", "\n")
+        return self._render(
+            request, me, "message.html", m=meta, tree=tree, notice=request.query.get("done", "")
+        )
+
+    async def _reprocess(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        mid = _path_id(request, "message_id")
+        resend = self._form(request).get("resend") == "1"
+        item = self.service.reprocess(me, mid, resend=resend)
+        done = "reprocessed" if item["applied"] else "unchanged"
+        return _redirect(f"{PREFIX}/messages/{mid}?done={done}")
+
+    async def _message_retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        mid = _path_id(request, "message_id")
+        self.service.message_retry(me, mid, _path_id(request, "outbox_id"))
+        return _redirect(f"{PREFIX}/messages/{mid}?done=retried")
 
     # -- chart --
 
@@ -550,6 +629,20 @@ def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "changed": e["changed"],
             }
         )
+    for t in item.get("tasks", ()):
+        rows.append(
+            {
+                "at": t["created_at"],
+                "direction": "task",
+                "what": f"task {t['template']}",
+                "who": t["assignee"] or "-",
+                "status": t["status"],
+                "effects": "",
+                "detail": f"task {t['id']}, due {_when(t['due'])}",
+                "changed": True,
+            }
+        )
+    rows.sort(key=lambda r: str(r["at"]))  # ISO-8601 UTC: text order is time order
     for o in item["outbox"]:
         rows.append(
             {

@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 
 from engine.tracking import states
 from engine.tracking.report import AGING_LABELS, NUDGE_CHANNELS
-from engine.web.service import MAX_ID, REPORT_GROUPS, ApiError
+from engine.web.service import MAX_BULK, MAX_ID, REPORT_GROUPS, ApiError
 
 # -- JSON Schema pieces ------------------------------------------------------------
 
@@ -21,6 +21,7 @@ STR: Final = {"type": "string"}
 INT: Final = {"type": "integer"}
 NUM: Final = {"type": "number"}
 BOOL: Final = {"type": "boolean"}
+COUNT_: Final = {"type": "integer", "minimum": 0}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +112,7 @@ REFERRAL_DETAIL: Final = {
         "outbox": {"type": "array", "items": {"type": "object"}},
         "timeline": {"type": "array", "items": TIMELINE_ENTRY},
         "messages": {"type": "array", "items": MESSAGE},
+        "tasks": {"type": "array", "items": {"type": "object"}},
     },
     "required": [
         *REFERRAL_ITEM["required"],
@@ -119,6 +121,7 @@ REFERRAL_DETAIL: Final = {
         "timeline",
         "outbox",
         "messages",
+        "tasks",
     ],
 }
 ACTION_RESULT: Final = _obj(
@@ -160,6 +163,7 @@ TASK_ITEM: Final = _obj(
         "status": {"type": "string", "enum": ["open", "done", "superseded"]},
         "assignee": STR,
         "due_at": _nullable(STR),
+        "due": STR,
         "snoozed_until": _nullable(STR),
         "snoozed": BOOL,
         "note": STR,
@@ -167,6 +171,98 @@ TASK_ITEM: Final = _obj(
         "done_at": _nullable(STR),
         "done_by": STR,
         "superseded_by": _nullable(INT),
+    }
+)
+BULK_CLOSE_RESULT: Final = _obj(
+    {
+        "closed": COUNT_,
+        "refused": COUNT_,
+        "items": {
+            "type": "array",
+            "items": _obj({**ACTION_RESULT["properties"], "error": STR}),
+        },
+    }
+)
+_SIDE: Final = _obj(
+    {"status": STR, "route": STR, "reason": STR, "events": {"type": "array", "items": STR}}
+)
+REPLAY_ITEM: Final = _obj(
+    {
+        "id": INT,
+        "type": STR,
+        "old": _SIDE,
+        "new": _nullable(_SIDE),
+        "changed": BOOL,
+        "applied": BOOL,
+        "skipped": STR,
+    }
+)
+MESSAGE_OUTCOME: Final = {
+    **MESSAGE,
+    "properties": {
+        **MESSAGE["properties"],
+        "ack": STR,
+        "decision": _nullable(
+            _obj(
+                {
+                    "status": STR,
+                    "route": STR,
+                    "reason": STR,
+                    "actions": {
+                        "type": "array",
+                        "items": _obj({"route": STR, "action": STR, "what": STR}),
+                    },
+                    "decided_at": STR,
+                    "replayed_at": _nullable(STR),
+                    "replayed_by": STR,
+                }
+            )
+        ),
+        "events": {
+            "type": "array",
+            "items": _obj(
+                {"id": INT, "referral_id": INT, "kind": STR, "status": STR, "changed": BOOL}
+            ),
+        },
+        "parked": {
+            "type": "array",
+            "items": _obj(
+                {"id": INT, "kind": STR, "why": STR, "status": STR, "referral_id": _nullable(INT)}
+            ),
+        },
+        "outbox": {"type": "array", "items": OUTBOX_ITEM},
+    },
+    "required": [*MESSAGE["required"], "ack", "decision", "events", "parked", "outbox"],
+}
+TREE_NODE: Final = {
+    "type": "object",
+    "description": "An element: path like PID-3[2].4, its HL7 v2.5.1 name, data type, "
+    "value as sent, and its children (the same shape, nested).",
+    "properties": {
+        "path": STR,
+        "name": STR,
+        "type": STR,
+        "value": STR,
+        "children": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["path", "name", "type", "value", "children"],
+}
+MESSAGE_TREE: Final = _obj(
+    {
+        "id": INT,
+        "text": STR,
+        "error": STR,
+        "segments": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "id": STR,
+                    "occurrence": INT,
+                    "name": STR,
+                    "fields": {"type": "array", "items": TREE_NODE},
+                }
+            ),
+        },
     }
 )
 PARKED_ITEM: Final = _obj(
@@ -253,6 +349,26 @@ BOOK_BODY: Final = _body(
 )
 TASK_DONE_BODY: Final = _body({"note": {"type": "string", "maxLength": 2000}}, ("note",))
 TASK_ASSIGN_BODY: Final = _body({"user": {"type": "string", "maxLength": 100}}, ("user",))
+TASK_SNOOZE_BODY: Final = _body(
+    {"until": {"type": "string", "maxLength": 40, "description": "ISO date or date-time "
+               "in the future; \"\" wakes the task"}},
+    ("until",),
+)  # fmt: skip
+BULK_CLOSE_BODY: Final = _body(
+    {
+        "referral_ids": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+            "minItems": 1,
+            "maxItems": MAX_BULK,
+            "uniqueItems": True,
+        },
+        "reason": {"type": "string", "enum": list(states.CLOSE_PRECEDENCE)},
+        "note": {"type": "string", "maxLength": 2000},
+    },
+    ("referral_ids", "reason"),
+)
+REPROCESS_BODY: Final = _body({"resend": BOOL, "dry_run": BOOL}, ())
 DECLINE_BODY: Final = _body({"reason": {"type": "string", "maxLength": 2000}}, ())
 LINK_BODY: Final = _body(
     {"referral_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}, ("referral_id",)
@@ -317,11 +433,27 @@ def check_body(schema: Mapping[str, Any], body: Any) -> dict[str, Any]:
             if len(value) > spec.get("maxLength", 10_000):
                 raise ApiError(400, f"{name}: too long")
         elif spec["type"] == "integer":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ApiError(400, f"{name}: must be a whole number")
-            if not spec.get("minimum", -MAX_ID) <= value <= spec.get("maximum", MAX_ID):
-                raise ApiError(400, f"{name}: out of range")
+            _check_integer(name, spec, value)
+        elif spec["type"] == "boolean":
+            if not isinstance(value, bool):
+                raise ApiError(400, f"{name}: must be true or false")
+        elif spec["type"] == "array":
+            if not isinstance(value, list):
+                raise ApiError(400, f"{name}: must be an array")
+            if not spec.get("minItems", 0) <= len(value) <= spec.get("maxItems", 10_000):
+                raise ApiError(400, f"{name}: {len(value)} items is out of range")
+            for item in value:
+                _check_integer(name, spec["items"], item)
+            if spec.get("uniqueItems") and len(set(value)) != len(value):
+                raise ApiError(400, f"{name}: items repeat")
     return body
+
+
+def _check_integer(name: str, spec: Mapping[str, Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name}: must be a whole number")
+    if not spec.get("minimum", -MAX_ID) <= value <= spec.get("maximum", MAX_ID):
+        raise ApiError(400, f"{name}: out of range")
 
 
 class ParamSpec(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Final, Protocol
@@ -40,6 +40,7 @@ MAX_ID: Final = 2**53 - 1
 TARGET_DAYS: Final[dict[str, float]] = {"stat": 2.0, "urgent": 7.0, "routine": 30.0}
 PRIORITY_RANK: Final[dict[str, int]] = {"stat": 0, "urgent": 1, "routine": 2}
 REPORT_GROUPS: Final = ("specialty", "specialist", "referrer", "month")
+MAX_BULK: Final = 200  # referrals one bulk close may name
 
 
 class ApiError(Exception):
@@ -70,6 +71,9 @@ class Service:
     tracker: Any = None
     wake: Wake | None = None
     workbench: Workbench | None = None  # the Sources and Try pages (engine.ingest.status)
+    # the daemon's current route handler (engine.routing.handler.RouteHandler, swapped by
+    # a reload), for *Reprocess*; None or returning None: no routes (503)
+    routes: Callable[[], Any] | None = None
 
     # -- referrals --
 
@@ -127,6 +131,7 @@ class Service:
             for mid in worklist.referral_message_ids(self.db.conn, referral_id)
             if (m := worklist.get_message(self.db.conn, mid)) is not None
         ]
+        item["tasks"] = self.referral_tasks(referral_id)
         self._audit_view(principal, "viewed-referral", referral_id=referral_id, via=via)
         return item
 
@@ -185,6 +190,34 @@ class Service:
         except StoreError as exc:
             raise ApiError(409, str(exc)) from None
         return self._result(result)
+
+    def close_many(
+        self, principal: Principal, referral_ids: list[int], reason: str, note: str = ""
+    ) -> dict[str, Any]:
+        """Close each referral with one reason and note, one :meth:`close` (one tracker
+        transaction, one audit row) per referral, so one that cannot be closed (gone,
+        already closed: not closed again) does not stop the others: its item carries the
+        error instead."""
+        if reason not in states.CLOSE_REASONS:
+            raise ApiError(400, f"reason must be one of {', '.join(states.CLOSE_PRECEDENCE)}")
+        if not referral_ids or len(referral_ids) > MAX_BULK:
+            raise ApiError(400, f"give 1 to {MAX_BULK} referral ids")
+        if len(set(referral_ids)) != len(referral_ids):
+            raise ApiError(400, "referral ids repeat")
+        self._tracker()
+        items: list[dict[str, Any]] = []
+        for rid in referral_ids:
+            try:
+                if self._require_referral(rid).status == "closed":
+                    raise ApiError(409, f"referral {rid} is already closed")
+                items.append({**self.close(principal, rid, reason, note), "error": ""})
+            except ApiError as exc:
+                items.append(
+                    {"referral_id": rid, "outcome": "refused", "status": "",
+                     "effects": [], "error": exc.reason}
+                )  # fmt: skip
+        closed = sum(1 for i in items if not i["error"])
+        return {"closed": closed, "refused": len(items) - closed, "items": items}
 
     def book(
         self, principal: Principal, referral_id: int, start: str = "", appointment_id: str = ""
@@ -269,18 +302,39 @@ class Service:
     def task_action(
         self, principal: Principal, task_id: int, action: str, value: str
     ) -> dict[str, Any]:
-        """``done`` (value: the note) or ``assign`` (value: the user; "" unassigns),
-        with ``actor = user:<name>``: audited, and a done task on the referral's timeline."""
+        """``done`` (value: the note), ``assign`` (value: the user; "" unassigns) or
+        ``snooze`` (value: until when, ISO-8601; "" wakes the task), with ``actor =
+        user:<name>``: audited, and a done task on the referral's timeline."""
         from engine.delivery import task_queue as tasks
 
         try:
             if action == "done":
                 return tasks.complete(self.db, self.clock, task_id, note=value, by=principal.actor)
+            if action == "snooze":
+                until = self._until(value)
+                return tasks.snooze(self.db, self.clock, task_id, until, by=principal.actor)
             return tasks.assign(self.db, self.clock, task_id, value, by=principal.actor)
         except KeyError:
             raise ApiError(404, f"no task {task_id}") from None
         except StoreError as exc:
             raise ApiError(409, str(exc)) from None
+
+    def _until(self, value: str) -> float | None:
+        """A snooze's end: None for "" (wake now); it must lie in the future."""
+        if not value:
+            return None
+        try:
+            until = parse_iso(value)
+        except (ValueError, OverflowError, OSError):
+            raise ApiError(400, "until must be an ISO date or date-time") from None
+        if until <= self.clock.now():
+            raise ApiError(400, "until must be in the future")
+        return until
+
+    def referral_tasks(self, referral_id: int) -> list[dict[str, Any]]:
+        from engine.delivery import task_queue as tasks
+
+        return tasks.referral_tasks(self.db, self.clock, referral_id)
 
     def retry(self, principal: Principal, outbox_id: int) -> dict[str, Any]:
         from engine.delivery.dispatch import retry_item
@@ -321,6 +375,95 @@ class Service:
             text = raw.decode("latin-1")
         self._audit_view(principal, "viewed-message", message_id=message_id, via=via)
         return text
+
+    # -- the analyst's tools: what one message did, its tree, reprocess --
+
+    def message_detail(self, message_id: int) -> dict[str, Any]:
+        """One message's metadata with what became of it, codes only (no message content):
+        the ACK it was answered with (rebuilt), the route decision, the referral events
+        and parked events it produced and the outbox rows its routes queued."""
+        from engine.store.decisions import Decisions
+
+        meta = self.message(message_id)
+        conn = self.db.conn
+        decisions = Decisions(self.db)
+        decision = decisions.get(message_id) if decisions.available() else None
+        found = worklist.raw_message(conn, message_id)
+        meta["ack"] = _ack_text(found[0] if found else b"", meta)
+        meta["decision"] = None if decision is None else {
+            "status": decision.status,
+            "route": decision.route,
+            "reason": decision.reason,
+            "actions": [_action_summary(a) for a in decision.actions],
+            "decided_at": isoformat(decision.decided_at),
+            "replayed_at": isoformat(decision.replayed_at) if decision.replayed_at else None,
+            "replayed_by": decision.replayed_by,
+        }  # fmt: skip
+        meta["events"] = [
+            {"id": eid, "referral_id": rid, "kind": kind, "status": status, "changed": changed}
+            for eid, rid, kind, status, changed in referral_store.message_events(conn, message_id)
+        ]
+        meta["parked"] = [
+            {"id": p.id, "kind": p.kind, "why": p.why, "status": p.status,
+             "referral_id": p.referral_id}
+            for p in referral_store.message_parked(conn, message_id)
+        ]  # fmt: skip
+        meta["outbox"] = [_outbox_dict(i) for i in outbox_store.for_message(conn, message_id)]
+        return meta
+
+    def message_tree(self, principal: Principal, message_id: int, *, via: str) -> dict[str, Any]:
+        """The message text and its parsed tree (engine.hl7v2.tree); audited as a view of
+        the raw message (one ``viewed-message`` row)."""
+        from engine.hl7v2.tree import MAX_SEGMENTS, TreeError, build_tree, segment_count
+
+        text = self.raw(principal, message_id, via=via)
+        try:
+            segments, error = [s.as_dict() for s in build_tree(text)], ""
+        except TreeError as exc:
+            segments, error = [], str(exc)
+        if len(segments) == MAX_SEGMENTS and segment_count(text) > MAX_SEGMENTS:
+            error = f"the tree shows the first {MAX_SEGMENTS} segments; the text has them all"
+        return {"id": message_id, "text": text, "segments": segments, "error": error}
+
+    def reprocess(
+        self, principal: Principal, message_id: int, *, resend: bool = False, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Replay one message through the daemon's current routes
+        (engine.routing.replay.replay_one: the path of ``refloop replay --id``), with
+        ``actor = user:<name>`` in the audit log. A decision that did not change applies
+        nothing unless ``resend`` (queue the message's send / forward rows again)."""
+        from engine.routing.replay import replay_one
+
+        handler = self.routes() if self.routes is not None else None
+        if handler is None or not hasattr(handler, "table"):
+            raise ApiError(503, "no routes: routes.yaml has none")
+        self.message(message_id)  # 404 first
+        try:
+            item = replay_one(
+                handler, message_id, user=principal.name, actor=principal.actor,
+                resend=resend, dry_run=dry_run,
+            )  # fmt: skip
+        except StoreError as exc:
+            raise ApiError(409, str(exc)) from None
+        if item is None:
+            raise ApiError(404, f"no message {message_id}")
+        if item.skipped:
+            raise ApiError(409, f"message {message_id} is not replayed: {item.skipped}")
+        queued = handler.take_enqueued() if hasattr(handler, "take_enqueued") else 0
+        if self.tracker is not None:
+            queued += self.tracker.take_enqueued()
+        if queued and self.wake is not None:
+            self.wake()
+        return item.as_dict()
+
+    def message_retry(
+        self, principal: Principal, message_id: int, outbox_id: int
+    ) -> dict[str, Any]:
+        """*Retry* one of the outbox rows a message's routes queued (the path of ``refloop
+        outbox retry``); 404 when the row is not that message's."""
+        if outbox_id not in {i.id for i in outbox_store.for_message(self.db.conn, message_id)}:
+            raise ApiError(404, f"outbox row {outbox_id} is not message {message_id}'s")
+        return self.retry(principal, outbox_id)
 
     # -- audit, report --
 
@@ -373,6 +516,40 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dt.date | dt.datetime):
         return value.isoformat()
     return value
+
+
+def _action_summary(action: Mapping[str, Any]) -> dict[str, str]:
+    """A decision's action as the message view shows it: route, action, channel or
+    event kind (the recorded key fields may hold identifiers: left out)."""
+    return {
+        "route": str(action.get("route", "")),
+        "action": str(action.get("action", "")),
+        "what": str(action.get("kind") or action.get("channel") or action.get("template") or ""),
+    }
+
+
+def _ack_text(raw: bytes, meta: Mapping[str, Any]) -> str:
+    """The ACK the message was answered with, rebuilt (engine.hl7v2.ack.build_ack) from
+    its MSH, the recorded code and error text, at its receive time. Not kept from the one
+    sent: its MSH-7 time and MSH-10 control id (this one's differ) and the ERR segment's
+    error code (left out). "" for a FHIR resource (JSON or XML) or without a code."""
+    from engine.errors import MessageRejected
+    from engine.hl7v2.ack import build_ack
+    from engine.hl7v2.message import read_msh, reply_header
+    from engine.model import MshInfo
+
+    code = str(meta.get("ack_code") or "")
+    if not raw or not code or raw.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"<"):
+        return ""
+    msh: MshInfo | None
+    try:
+        msh, codec = read_msh(raw)
+    except MessageRejected:  # it was answered from whatever header could be read
+        msh, codec = reply_header(raw), "latin-1"
+    error = ("207", "", str(meta.get("error") or "")) if code not in ("AA", "CA") else None
+    ack = build_ack(msh, code, now=float(meta["received_at"]), error=error, codec=codec)
+    lines = ack.decode(codec, errors="replace").split("\r")
+    return "\n".join(line for line in lines if line and not line.startswith("ERR"))
 
 
 def _outbox_dict(item: outbox_store.Item) -> dict[str, Any]:
