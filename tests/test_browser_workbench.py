@@ -14,7 +14,7 @@ from typing import Any
 from helpers import free_port, run
 from playwright import async_api
 from test_browser import CHROMIUM, FLAGS, ROOT
-from test_workbench import _forward_to_nowhere, open_tasks
+from test_workbench_queue import _forward_to_nowhere, open_tasks
 from ui_rig import PASSWORD, ref_i12, ui_engine
 
 from engine.store import audit as audit_store

@@ -383,7 +383,11 @@ def test_the_rebuilt_ack() -> None:
     from engine.web.service import _ack_text
 
     raw = b"MSH|^~\\&|LAB|NORTH|REFLOOP|SOUTH|20260101||ORU^R01|C-77|P|2.4\rPID|1\r"
-    meta = {"ack_code": "AE", "error": "no route matched ORU^R01", "received_at": 0.0}
+    meta = {
+        "ack_code": "AE",
+        "error": "no route matched ORU^R01",
+        "received_at": "1970-01-01T00:00:00Z",
+    }
     msh, msa = _ack_text(raw, meta).split("\n")
     f = msh.split("|")
     assert f[2:6] == ["REFLOOP", "SOUTH", "LAB", "NORTH"] and f[6] == "19700101000000+0000"

@@ -547,7 +547,7 @@ def _ack_text(raw: bytes, meta: Mapping[str, Any]) -> str:
     except MessageRejected:  # it was answered from whatever header could be read
         msh, codec = reply_header(raw), "latin-1"
     error = ("207", "", str(meta.get("error") or "")) if code not in ("AA", "CA") else None
-    ack = build_ack(msh, code, now=float(meta["received_at"]), error=error, codec=codec)
+    ack = build_ack(msh, code, now=parse_iso(str(meta["received_at"])), error=error, codec=codec)
     lines = ack.decode(codec, errors="replace").split("\r")
     return "\n".join(line for line in lines if line and not line.startswith("ERR"))
 
