@@ -145,6 +145,7 @@ class Engine:
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
         self.ready = False
+        self._draining = False  # stop() has begun
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self.tasks = Tasks()
         self._stopped = asyncio.Event()
@@ -161,6 +162,17 @@ class Engine:
     def db_path(self) -> Path:
         return self.state_dir / self.config.store.file
 
+    def is_ready(self) -> bool:
+        """``/readyz``: the listeners accept and the last inbox commit succeeded."""
+        return self.ready and not (self.inbox is not None and self.inbox.fault)
+
+    def not_ready(self) -> str:
+        """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
+        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        if self.inbox is not None and self.inbox.fault:
+            return f"store-error: {self.inbox.fault}"
+        return "draining" if self._draining else "starting"
+
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
         out = {s.source.name: s.port for s in self.servers}
@@ -176,6 +188,7 @@ class Engine:
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
+        inbox.on_fault = lambda kind: self.metrics.store_errors.labels("inbox", kind).inc()
         self.metrics.watch_inbox_commits(lambda: inbox.commits)
         db = self.db
         self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
@@ -199,9 +212,10 @@ class Engine:
             self.http = HttpServer(
                 self.config.http,
                 self.metrics,
-                lambda: self.ready,
+                self.is_ready,
                 reload=self.reload,
                 authenticate=self.auth.from_token,
+                not_ready=self.not_ready,
             )
             self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)
@@ -560,6 +574,7 @@ class Engine:
         if self._stopped.is_set():
             return
         self.ready = False
+        self._draining = True
         sd_notify("STOPPING=1")
         for step in STOP_ORDER:
             await getattr(self, f"_stop_{step}")()
