@@ -31,6 +31,7 @@ from engine.ingest.processor import Handler, Processor, no_routes
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, open_database
+from engine.store.backup import StateLock
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -137,6 +138,7 @@ class Engine:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
         self.db: Database | None = None
+        self.state_lock: StateLock | None = None
         self.inbox: Inbox | None = None
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
@@ -184,6 +186,8 @@ class Engine:
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_lock = StateLock(self.db_path)  # held shared: no restore under our feet
+        self.state_lock.shared()
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
@@ -645,6 +649,8 @@ class Engine:
     async def _stop_database(self) -> None:
         if self.db is not None:
             self.db.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
     async def _watchdog(self) -> None:
         """systemd watchdog pings at half the configured interval, while the loop turns."""
