@@ -211,3 +211,51 @@ async def _full_disk(daemon: Daemon, filler: Path) -> None:
         query, daemon.db, "SELECT control_id FROM messages WHERE control_id LIKE 'FULL-%'"
     )
     assert sorted(r[0] for r in stored) == sorted(acked)
+
+
+# -- processing: a failed commit is retried, the task lives on -----------------------------
+
+
+def test_processing_survives_a_commit_that_fails_and_catches_up(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from engine.hl7v2.message import read_msh
+    from engine.ingest.processor import Processor, no_routes
+    from engine.metrics import Metrics
+    from engine.model import Inbound
+    from engine.store import Inbox, open_database
+
+    async def body() -> None:
+        db = open_database(tmp_path / "refloop.db")
+        inbox = Inbox(db)
+        metrics = Metrics(CollectorRegistry())
+        raw = hl7("PROC-1")
+        msh, codec = read_msh(raw)
+        with db.transaction() as conn:
+            inbox.add_in(conn, [Inbound("ehr", "test", raw, time.time(), msh, codec)], "AA")
+        db.conn.execute("PRAGMA busy_timeout = 100")  # the processor's wait for the lock
+        processor = Processor(db, inbox, no_routes, WallClock(), metrics)
+        blocker = sqlite3.connect(tmp_path / "refloop.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        task = asyncio.create_task(processor.run())
+        try:
+            labels = {"stage": "processing", "kind": "locked"}
+            deadline = time.monotonic() + 10
+            while not metrics.registry.get_sample_value("refloop_store_errors_total", labels):
+                assert time.monotonic() < deadline, "processing never reported the fault"
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+            assert processor.cursor == 0
+            blocker.execute("ROLLBACK")  # the lock goes away: processing resumes by itself
+            while processor.cursor < 1:
+                assert time.monotonic() < deadline, "processing did not resume"
+                assert not task.done(), task
+                await asyncio.sleep(0.05)
+            assert inbox.get(1).status == "filtered"  # type: ignore[union-attr]
+        finally:
+            blocker.close()
+            processor.stop()
+            await asyncio.wait_for(task, 5)
+            db.close()
+
+    run(body())

@@ -8,6 +8,7 @@ and repeats nothing: on restart processing resumes after the cursor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -102,7 +103,10 @@ class Processor:
                 self.metrics.store_errors.labels("processing", kind).inc()
                 if self._stopping:
                     return
-                await asyncio.sleep(FAULT_PAUSE)  # the rows wait after the cursor
+                # the rows wait after the cursor; stop() or a new commit cuts the pause short
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), FAULT_PAUSE)
                 continue
             if self._stopping:
                 return  # the rest waits after the cursor for the next start: nothing is lost
