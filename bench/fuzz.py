@@ -233,6 +233,8 @@ class Conn:
         while not self.frames:
             try:
                 data = await asyncio.wait_for(self.reader.read(1 << 16), timeout)
+            except TimeoutError:  # an OSError too since 3.11: it is no close, say so
+                raise
             except OSError:
                 data = b""
             if not data:
