@@ -31,6 +31,7 @@ from engine.ingest.processor import Handler, Processor, no_routes
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, open_database
+from engine.store.backup import StateLock
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -138,6 +139,7 @@ class Engine:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
         self.db: Database | None = None
+        self.state_lock: StateLock | None = None
         self.inbox: Inbox | None = None
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
@@ -146,6 +148,7 @@ class Engine:
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
         self.ready = False
+        self._draining = False  # stop() has begun
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self.tasks = Tasks()
         self._stopped = asyncio.Event()
@@ -162,6 +165,17 @@ class Engine:
     def db_path(self) -> Path:
         return self.state_dir / self.config.store.file
 
+    def is_ready(self) -> bool:
+        """``/readyz``: the listeners accept and the last inbox commit succeeded."""
+        return self.ready and not (self.inbox is not None and self.inbox.fault)
+
+    def not_ready(self) -> str:
+        """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
+        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        if self.inbox is not None and self.inbox.fault:
+            return f"store-error: {self.inbox.fault}"
+        return "draining" if self._draining else "starting"
+
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
         out = {s.source.name: s.port for s in self.servers}
@@ -173,10 +187,13 @@ class Engine:
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_lock = StateLock(self.db_path)  # held shared: no restore under our feet
+        self.state_lock.shared()
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
+        inbox.on_fault = lambda kind: self.metrics.store_errors.labels("inbox", kind).inc()
         self.metrics.watch_inbox_commits(lambda: inbox.commits)
         db = self.db
         self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
@@ -201,9 +218,10 @@ class Engine:
             self.http = HttpServer(
                 self.config.http,
                 self.metrics,
-                lambda: self.ready,
+                self.is_ready,
                 reload=self.reload,
                 authenticate=self.auth.from_token,
+                not_ready=self.not_ready,
             )
             self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)
@@ -589,6 +607,7 @@ class Engine:
         if self._stopped.is_set():
             return
         self.ready = False
+        self._draining = True
         sd_notify("STOPPING=1")
         for step in STOP_ORDER:
             await getattr(self, f"_stop_{step}")()
@@ -659,6 +678,8 @@ class Engine:
     async def _stop_database(self) -> None:
         if self.db is not None:
             self.db.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
     async def _watchdog(self) -> None:
         """systemd watchdog pings at half the configured interval, while the loop turns."""

@@ -175,6 +175,13 @@ class Metrics:
             ["source", "kind"],
             registry=registry,
         )
+        self.store_errors = Counter(
+            "refloop_store_errors_total",
+            "Failed database commits, by stage (inbox, processing) and kind "
+            "(full, io, locked, other).",
+            ["stage", "kind"],
+            registry=registry,
+        )
         self.inbox_rows = Gauge(
             "refloop_inbox_rows", "Rows in the inbox (highest message id).", registry=registry
         )

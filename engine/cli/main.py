@@ -701,6 +701,12 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
     for group in (
         LazyGroup("audit", "Check and export the hash-chained audit log.",
                   lambda: importlib.import_module("engine.cli.tracker")),
+        LazyGroup("backup",
+                  "Copy the database to DEST, safely while the daemon runs, and verify the copy.",
+                  lambda: importlib.import_module("engine.cli.backup")),
+        LazyGroup("restore",
+                  "Replace the database with the backup SRC (the daemon must be stopped).",
+                  lambda: importlib.import_module("engine.cli.backup")),
         LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
                   lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",

@@ -546,9 +546,10 @@ class _Connection(asyncio.Protocol):
         def committed(unit: _Unit, fut: asyncio.Future[AddResult]) -> None:
             nonlocal remaining
             if fut.cancelled() or fut.exception() is not None:
-                # not stored: reject so the sender tries again (HL7 v2.5.1 §2.9.2: AR for
-                # reasons unrelated to the content, e.g. an internal error)
-                unit.ack = "AR"
+                # not stored (disk full, I/O error, locked; docs/operations.md): never AA.
+                # AE (CE in enhanced mode) with ERR 207: nothing is wrong with the message,
+                # the sender keeps it and sends again; AR would tell it not to
+                unit.ack = "AE"
                 unit.error = ("207", "", "message could not be stored; send again")
             else:
                 unit.result = fut.result()
@@ -593,7 +594,7 @@ class _Connection(asyncio.Protocol):
         msh = unit.inbound.msh
         enhanced = self.source.ack_mode == "enhanced" and msh is not None and msh.enhanced
         if enhanced and msh is not None:
-            code = "CA" if unit.ack == "AA" else "CR"
+            code = {"AA": "CA", "AE": "CE"}.get(unit.ack, "CR")
             payload = (
                 self._ack_bytes(unit, code)
                 if wants_ack(msh.accept_ack_type or "AL", code)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Callable, Iterator
+from typing import Final
 
 import sqlite_utils
 
@@ -21,6 +22,20 @@ Conn = (
     sqlite3.Connection
 )  # the connection type other packages name (only the store imports sqlite3)
 DatabaseError = sqlite3.Error  # what a failed statement raises
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html) a storage fault shows as
+_FAULT_KINDS: Final = {13: "full", 10: "io", 5: "locked", 6: "locked"}  # FULL, IOERR, BUSY, LOCKED
+
+
+def fault_kind(exc: BaseException) -> str:
+    """What kind of storage fault a failed statement or COMMIT was: ``full`` (disk or
+    quota full, SQLITE_FULL), ``io`` (an I/O error, SQLITE_IOERR), ``locked`` (another
+    writer held the database past the busy timeout), or ``other``. The label of
+    ``refloop_store_errors_total``; never carries the statement or its data."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _FAULT_KINDS.get(code & 0xFF, "other")
+    return "other"
 
 
 @contextlib.contextmanager
