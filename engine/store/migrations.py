@@ -17,6 +17,7 @@ from engine.store import (
     decisions,
     inbox,
     outbox,
+    referral_search,
     referrals,
     specialists,
     tasks,
@@ -153,6 +154,15 @@ def _m_message_raw(db: sqlite_utils.Database) -> None:
     inbox.migrate_raw(db)
 
 
+def _m_referral_search(db: sqlite_utils.Database) -> None:
+    # the patient's MRN, name and birth date on the referral row, with search keys and
+    # indexes for the search box (issue 19); existing referrals from their opening message
+    from engine.hl7v2.message import Message
+    from engine.hl7v2.patient import from_hl7
+
+    referral_search.migrate(db, backfill=lambda raw: from_hl7(Message(raw)))
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -168,4 +178,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_tasks_queue,
     _m_referral_keys,
     _m_message_raw,
+    _m_referral_search,
 ]

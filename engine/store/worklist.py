@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.store import message_filter
+from engine.store import message_filter, referral_search
 from engine.store.inbox import RAW_SIZE, raw_bytes
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
@@ -52,6 +52,23 @@ def search_referrals(
         if row is not None:
             out.append(row)
     return out
+
+
+def referral_page(
+    conn: Conn,
+    flt: ReferralFilter,
+    sort: referral_search.Sort,
+    *,
+    limit: int,
+    after: int | None = None,
+    before: int | None = None,
+) -> tuple[referral_search.Page, list[ReferralRow]]:
+    """One page of the referrals ``flt`` selects, in ``sort`` order, keyset-paged
+    (engine.store.referral_search.page), with their rows."""
+    clause, args = referral_where(flt)
+    found = referral_search.page(conn, clause, args, sort, limit=limit, after=after, before=before)
+    rows = [row for rid in found.ids if (row := get_referral(conn, rid)) is not None]
+    return found, rows
 
 
 def specialties(conn: Conn) -> list[str]:

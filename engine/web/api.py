@@ -22,6 +22,7 @@ from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import Permission, Principal
 from engine.web.openapi import (
@@ -36,7 +37,7 @@ from engine.web.openapi import (
     OUTBOX_ITEM,
     PARKED_ITEM,
     REFERRAL_DETAIL,
-    REFERRAL_ITEM,
+    REFERRAL_PAGE,
     REPORT,
     REQUIRED_QUERY,
     TASK_ASSIGN_BODY,
@@ -174,18 +175,22 @@ async def _me(api: Api, call: Call) -> Any:
 
 async def _referrals(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.worklist(
-            status=a["status"],
-            open_only=bool(a["open"]),
-            specialty=a["specialty"],
-            specialist=a["specialist"],
-            referring=a["referring"],
-            days_open_min=a["days_open_min"],
-            overdue=a["overdue"],
-            limit=a["limit"],
-        )
-    }
+    return api.service.worklist_page(
+        call.principal,
+        via="api",
+        q=a["q"] or "",
+        status=a["status"],
+        open_only=bool(a["open"]),
+        specialty=a["specialty"],
+        specialist=a["specialist"],
+        referring=a["referring"],
+        days_open_min=a["days_open_min"],
+        overdue=a["overdue"],
+        sort=a["sort"],
+        after=a["after"],
+        before=a["before"],
+        limit=a["limit"],
+    )
 
 
 async def _referral(api: Api, call: Call) -> Any:
@@ -297,9 +302,15 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/api/me", "me", "Who the caller is", None, _me, ME),
     Route(
         "GET", "/api/referrals", "listReferrals",
-        "Referrals, prioritised: overdue first, then stat, urgent, routine, oldest first",
-        "referrals", _referrals, list_of(REFERRAL_ITEM),
+        "Find referrals: a page of them (keyset), prioritised by default (overdue first, then "
+        "stat, urgent, routine, oldest first), with the total; showing patients is audited",
+        "referrals", _referrals, REFERRAL_PAGE,
         params=(
+            Param("q", max_length=200, description=(
+                "Search: placer or filler number, MRN, the start of the patient's family or "
+                "given name (case and accents ignored), birth date (YYYY-MM-DD or "
+                "MM/DD/YYYY), the start of the specialty or specialist, or the specialist's "
+                "NPI. Every word must match.")),
             Param("status", enum=states.OVERALL_STATUSES),
             Param("open", "boolean", description="Only referrals that are not closed."),
             Param("specialty", description="Exact specialty (case-insensitive)."),
@@ -308,6 +319,12 @@ ROUTES: Final[tuple[Route, ...]] = (
             Param("days_open_min", "integer", minimum=0, maximum=36500,
                   description="Opened at least this many days ago."),
             Param("overdue", "boolean", description="Only overdue (true) or not (false)."),
+            Param("sort", enum=(*SORTS, *(f"-{s}" for s in SORTS)), default="priority",
+                  description="Sort key; a leading - sorts descending."),
+            Param("after", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page after this referral id (next_after of a page)."),
+            Param("before", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page before this referral id (prev_before of a page)."),
             LIMIT,
         ),
     ),

@@ -25,13 +25,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import (
     ROLES,
@@ -66,6 +67,15 @@ HEADERS: Final = {
 FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
 TASK_FILTERS: Final = ("open", "done", "superseded", "all")
+WORKLIST_SHOW: Final = ("open", "overdue", "all")
+WORKLIST_PAGE: Final = 50
+# The worklist's sortable columns: (heading, sort key or "" for none)
+WORKLIST_COLUMNS: Final = (
+    ("#", "id"), ("Placer", "placer"), ("Patient", "patient"), ("Born", "birth_date"),
+    ("MRN", ""), ("Priority", "priority"), ("Specialty", "specialty"), ("Specialist", ""),
+    ("Referring", ""), ("Status", "status"), ("Patient side", ""), ("Specialist side", ""),
+    ("Days", "days"), ("Needed by", "needed_by"),
+)  # fmt: skip
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -132,6 +142,7 @@ class Dashboard:
             ("GET", "/", None, self._home),
             ("POST", "/logout", None, self._logout),
             ("GET", "/worklist", "referrals", self._worklist),
+            ("GET", "/referrals", "referrals", self._worklist),
             ("GET", "/referrals/{referral_id}", "referrals", self._referral),
             ("POST", "/referrals/{referral_id}/close", "act", self._close),
             ("POST", "/referrals/{referral_id}/book", "act", self._book),
@@ -278,16 +289,26 @@ class Dashboard:
         if status not in (None, *states.OVERALL_STATUSES):
             raise ApiError(400, "unknown status")
         show = q.get("show", "open")
+        if show not in WORKLIST_SHOW:
+            raise ApiError(400, "show must be open, overdue or all")
         days = _int(q.get("days_open_min"), 0, 36500)
+        sort = q.get("sort", "priority")
+        if sort.lstrip("-") not in SORTS:
+            raise ApiError(400, "unknown sort")
         filters = {
+            "q": q.get("q", "")[:200],
             "status": status or "",
             "show": show,
             "specialty": q.get("specialty", "")[:100],
             "specialist": q.get("specialist", "")[:100],
             "referring": q.get("referring", "")[:100],
             "days_open_min": "" if days is None else str(days),
+            "sort": sort,
         }
-        items = self.service.worklist(
+        page = self.service.worklist_page(
+            me,
+            via="dashboard",
+            q=filters["q"],
             status=status,
             open_only=show != "all" and status is None,
             specialty=filters["specialty"] or None,
@@ -295,11 +316,15 @@ class Dashboard:
             referring=filters["referring"] or None,
             days_open_min=days,
             overdue=True if show == "overdue" else None,
-            limit=500,
+            sort=sort,
+            after=_int(q.get("after"), 1, 2**53),
+            before=_int(q.get("before"), 1, 2**53),
+            limit=WORKLIST_PAGE,
         )
         return self._render(
-            request, me, "worklist.html", items=items, filters=filters,
-            statuses=states.OVERALL_STATUSES,
+            request, me, "worklist.html", page=page, items=page["items"], filters=filters,
+            statuses=states.OVERALL_STATUSES, heading=_worklist_heading(filters),
+            link=_query_link(request.path, filters), columns=WORKLIST_COLUMNS,
         )  # fmt: skip
 
     async def _referral(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -423,16 +448,18 @@ class Dashboard:
         closure = bar_chart([(m, rate, f"{round(rate)}%") for m, rate, _n in months], top=100.0)
         ages = bar_chart([(label, float(n), str(n)) for label, n in aging])
         return self._render(
-            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging
-        )
+            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging,
+            open_total=sum(n for _label, n in aging),
+        )  # fmt: skip
 
     def chart_data(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, int]]]:
-        """(closure rate % and denominator by month for the last 12 months, open
-        referrals by age bucket) from the closure report (engine.tracking.report)."""
+        """(closure rate % and denominator by month for the last 12 months, from the
+        closure report (engine.tracking.report); every open referral by age bucket,
+        whatever its opening date, as the worklist counts them)."""
         today = dt.datetime.fromtimestamp(self.service.clock.now(), dt.UTC).date()
         start = (today.replace(day=1) - dt.timedelta(days=335)).replace(day=1)
         data = self.service.report(start, today, "month")
-        return _months(data), _aging(data)
+        return _months(data), self.service.open_aging()
 
     # -- users --
 
@@ -523,6 +550,39 @@ def _when(value: Any) -> str:
     return str(value)[:16].replace("T", " ")
 
 
+def _worklist_heading(filters: Mapping[str, str]) -> str:
+    """The worklist's heading, from its filters ("Overdue referrals in cardiology")."""
+    if filters["status"]:
+        text = f"Referrals with status {filters['status']}"
+    else:
+        text = {"open": "Open referrals", "overdue": "Overdue referrals"}.get(
+            filters["show"], "All referrals"
+        )
+    if filters["specialty"]:
+        text += f" in {filters['specialty']}"
+    if filters["specialist"]:
+        text += f" to {filters['specialist']}"
+    if filters["referring"]:
+        text += f" from {filters['referring']}"
+    if filters["days_open_min"]:
+        text += f" open {filters['days_open_min']}+ days"
+    if filters["q"]:
+        text += " matching the search"
+    return text
+
+
+def _query_link(path: str, filters: Mapping[str, str]) -> Callable[..., str]:
+    """``link(**changes)``: this page's URL with its filters and ``changes`` (None drops
+    a parameter); empty values are left out."""
+
+    def link(**changes: Any) -> str:
+        params = {**filters, **changes}
+        kept = {k: str(v) for k, v in params.items() if v not in (None, "")}
+        return f"{path}?{urlencode(kept)}" if kept else path
+
+    return link
+
+
 def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Events (messages in, nudges, MDNs, escalations, operator actions) and outbound
     rows in one list, by time."""
@@ -571,8 +631,3 @@ def _months(data: Mapping[str, Any]) -> list[tuple[str, float, int]]:
     return [
         (str(g["key"]), (g["rate"] or 0.0) * 100.0, int(g["denominator"])) for g in data["groups"]
     ]
-
-
-def _aging(data: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """Open referrals by age bucket, in bucket order: the report's ``open_aging``."""
-    return [(str(label), int(n)) for label, n in data["open_aging"].items()]

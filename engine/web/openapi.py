@@ -54,11 +54,25 @@ REFERRAL_ITEM: Final = _obj(
         "opened_at": STR,
         "closed_at": _nullable(STR),
         "close_reason": STR,
-        "days_open": NUM,
+        "days_open": INT,
         "overdue": BOOL,
         "needed_by": STR,
         "specialist": STR,
         "referring": STR,
+        "patient_name": STR,
+        "patient_birth_date": STR,
+        "patient_mrn": STR,
+    }
+)
+REFERRAL_PAGE: Final = _obj(
+    {
+        "items": {"type": "array", "items": REFERRAL_ITEM},
+        "total": INT,
+        "first": INT,
+        "last": INT,
+        "sort": STR,
+        "prev_before": _nullable(INT),
+        "next_after": _nullable(INT),
     }
 )
 TIMELINE_ENTRY: Final = _obj(
