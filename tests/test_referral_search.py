@@ -212,6 +212,13 @@ def test_an_unknown_cursor_is_the_first_page(db: Database) -> None:
     assert page.start == 1 and page.total == len(PLANTED)
 
 
+def test_after_the_last_referral_is_an_empty_last_page(db: Database) -> None:
+    order = referral_search.sort_of("placer", NOW, TARGETS)
+    last = max(r.id for r in store.list_referrals(db.conn, limit=0))
+    page, rows = referral_page(db.conn, ReferralFilter(), order, limit=2, after=last)
+    assert (page.ids, rows, page.total, page.has_next) == ([], [], len(PLANTED), False)
+
+
 def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) -> None:
     """The patient columns of referrals tracked before the migration come from the PID
     of the message that opened each (its referral-created event)."""

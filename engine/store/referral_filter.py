@@ -43,7 +43,7 @@ def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
     if flt.open_only:
         clauses.append("status != 'closed'")  # the partial indexes' own condition
     if flt.specialty:
-        clauses.append("lower(specialty) = lower(?)")
+        clauses.append("specialty = ? COLLATE NOCASE")  # referrals_specialty_nocase
         args.append(flt.specialty)
     for party, value in (("specialist", flt.specialist), ("referring", flt.referring)):
         if value:

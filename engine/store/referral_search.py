@@ -336,7 +336,7 @@ class Page:
 
     @property
     def has_next(self) -> bool:
-        return self.end < self.total
+        return bool(self.ids) and self.end < self.total
 
 
 def _and(where: str, condition: str) -> str:

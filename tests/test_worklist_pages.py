@@ -1,0 +1,61 @@
+"""The worklist and the Closure page agree (issue 19): with the clock two years after the
+referrals were opened (RF1-7 / MSH-7 2026-01-01), the closure rate has no month to show,
+yet the open-by-age chart counts every open referral the worklist lists; days are whole
+numbers, and a closed referral says how many days it was open. Real engine, real HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+
+import httpx
+from helpers import run
+from ui_rig import UiRig, login, ref_i12, ui_engine
+
+from engine.clock import VirtualClock
+
+NOW = dt.datetime(2028, 1, 11, 12, tzinfo=dt.UTC).timestamp()
+OPENED = dt.datetime(2026, 1, 1, 9, tzinfo=dt.UTC).timestamp()  # MSH-7 of ref_i12
+
+
+def test_closure_page_counts_what_the_worklist_shows(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            ui_engine(tmp_path, clock=VirtualClock(NOW)) as rig,
+            httpx.AsyncClient(timeout=10, follow_redirects=True) as http,
+        ):
+            await body(rig, http)
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        await rig.send(*(ref_i12(f"AGE-{n}", f"age-{n}") for n in range(5)))
+        for n in range(5):
+            await rig.wait_referral(f"AGE-{n}")
+        assert (await login(http, rig.base, "casey")).status_code == 200
+        work = await http.get(f"{rig.base}/ui/worklist")
+        assert "Showing 1–5 of 5 referrals" in work.text
+        days = (NOW - OPENED) // 86400  # 740 whole days
+        cells = re.findall(r'<td class="num">([^<]*)</td>', work.text)
+        assert cells == [str(int(days))] * 5  # whole days, not "740.1"
+        chart = await http.get(f"{rig.base}/ui/chart")
+        assert chart.status_code == 200
+        assert 'data-testid="open-total">5 open<' in chart.text
+        assert 'data-testid="no-months"' in chart.text and "5 open referrals" in chart.text
+        assert "Denominator" in chart.text or "denominator" in chart.text
+        assert "91+: 5" in chart.text  # the bar's tooltip: every one is over 90 days
+
+        # a closed referral: "closed after N days"
+        rid = await rig.wait_referral("AGE-0")
+        api = await http.post(
+            f"{rig.base}/api/referrals/{rid}/close",
+            json={"reason": "other"},
+            headers=rig.bearer("casey"),
+        )
+        assert api.status_code == 200, api.text
+        closed = await http.get(f"{rig.base}/ui/worklist?show=all&q=AGE-0")
+        assert f"closed after {int(days)} days" in closed.text
+        assert 'data-testid="heading">All referrals matching the search<' in closed.text
+        chart = await http.get(f"{rig.base}/ui/chart")
+        assert 'data-testid="open-total">4 open<' in chart.text
+
+    run(main(), timeout=60)
