@@ -149,6 +149,15 @@ ALLOWED = {
 # statement's key and why its reads are deliberate. bench/search.py times them at 1M.
 ALLOWED_PATTERNS = (
     (
+        re.compile(r"^SELECT count\(\*\) FROM (messages|outbox)\b"),
+        "the message browser's or the outbox page's total (and a page's position): counts "
+        "the rows its filter selects, on an index",
+    ),
+    (
+        re.compile(r"^SELECT … FROM outbox WHERE status = \? AND id [<>] \? ORDER BY id "),
+        "outbox page before or after a row: sorts that status's rows (as the first page)",
+    ),
+    (
         re.compile(r"^SELECT count\(\*\) FROM referrals\b"),
         "worklist total and a page's position: counts the rows its filter selects (sort)",
     ),
@@ -292,6 +301,20 @@ def _operator_paths(db: Any, now: float) -> None:
     ):
         svc.messages(**kw)
     svc.message(mid)
+    # the dashboard's message browser and outbox pages (totals, older and newer pages)
+    for kw in (
+        {},
+        {"before": mid},
+        {"after": mid - 5},
+        {"status": "error"},
+        {"message_type": "ORM^O01", "before": mid},
+        {"since": now - 86400, "after": mid - 5},
+    ):
+        svc.message_page(**kw)
+    for status in ("", "dead", "pending"):
+        svc.outbox_page(status=status)
+        svc.outbox_page(status=status, before=mid)
+        svc.outbox_page(status=status, after=1)
     svc.raw(me, mid, via="api")
     svc.audit(limit=10)
     svc.audit(after_id=5, limit=10)

@@ -59,3 +59,38 @@ def test_closure_page_counts_what_the_worklist_shows(tmp_path: Path) -> None:
         assert 'data-testid="open-total">4 open<' in chart.text
 
     run(main(), timeout=60)
+
+
+def test_message_browser_and_outbox_page_without_a_cap(tmp_path: Path) -> None:
+    """105 messages: the browser shows 100 with "of 105", the older page the last 5,
+    and the newer link comes back; the outbox counts every row of the status shown."""
+
+    async def main() -> None:
+        async with (
+            ui_engine(tmp_path) as rig,
+            httpx.AsyncClient(timeout=10, follow_redirects=True) as http,
+        ):
+            await rig.send(*(ref_i12(f"MB-{n:03d}", f"mb-{n}") for n in range(105)))
+            await rig.wait_referral("MB-104")
+            assert (await login(http, rig.base, "ana")).status_code == 200
+            first = await http.get(f"{rig.base}/ui/messages")
+            assert "Showing 1–100 of 105 messages" in first.text
+            older = re.search(r'href="([^"]*before=\d+[^"]*)" rel="next"', first.text)
+            assert older, first.text[:2000]
+            second = await http.get(rig.base + older.group(1).replace("&amp;", "&"))
+            assert "Showing 101–105 of 105 messages" in second.text
+            assert 'rel="next"' not in second.text
+            assert second.text.count('<a href="/ui/messages/') == 5
+            newer = re.search(r'href="([^"]*after=\d+[^"]*)" rel="prev"', second.text)
+            assert newer
+            back = await http.get(rig.base + newer.group(1).replace("&amp;", "&"))
+            assert "Showing 1–100 of 105 messages" in back.text
+            # the outbox: any status (an explicit empty status stays in the links)
+            rows = int(rig.db.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            out = await http.get(f"{rig.base}/ui/outbox?status=")
+            if rows:
+                assert f"of {rows} rows" in out.text
+            else:
+                assert "No rows match" in out.text
+
+    run(main(), timeout=90)

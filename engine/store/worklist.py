@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.store import message_filter, referral_search
+from engine.store import outbox as outbox_store
 from engine.store.inbox import RAW_SIZE, raw_bytes
+from engine.store.paging import IdPage, newest_first
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 from engine.store.referrals import Conn, ReferralRow, get_referral
@@ -173,6 +175,37 @@ def search_messages(
     sql = f"SELECT {_META} FROM messages{clause} ORDER BY id DESC LIMIT ?"
     args.append(limit)
     return [_meta(r) for r in conn.execute(sql, args).fetchall()]
+
+
+def message_page(
+    conn: Conn,
+    flt: message_filter.MessageFilter,
+    *,
+    limit: int,
+    before: int | None = None,
+    after: int | None = None,
+) -> IdPage[MessageMeta]:
+    """A page of the message browser, newest first, with the total the filter selects."""
+    clause, args = message_filter.where(flt)
+    return newest_first(
+        conn, "messages", _META, clause, args, _meta, limit=limit, before=before, after=after
+    )
+
+
+def outbox_page(
+    conn: Conn,
+    *,
+    status: str = "",
+    limit: int,
+    before: int | None = None,
+    after: int | None = None,
+) -> IdPage[outbox_store.Item]:
+    """A page of the outbox, newest first, with the total of that status."""
+    clause, args = (" WHERE status = ?", [status]) if status else ("", [])
+    return newest_first(
+        conn, "outbox", outbox_store.COLUMNS, clause, args, outbox_store.item_of,
+        limit=limit, before=before, after=after,
+    )  # fmt: skip
 
 
 def get_message(conn: Conn, message_id: int) -> MessageMeta | None:

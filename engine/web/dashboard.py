@@ -69,6 +69,7 @@ MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected"
 TASK_FILTERS: Final = ("open", "done", "superseded", "all")
 WORKLIST_SHOW: Final = ("open", "overdue", "all")
 WORKLIST_PAGE: Final = 50
+LIST_PAGE: Final = 100  # the message browser's and the outbox's page
 # The worklist's sortable columns: (heading, sort key or "" for none)
 WORKLIST_COLUMNS: Final = (
     ("#", "id"), ("Placer", "placer"), ("Patient", "patient"), ("Born", "birth_date"),
@@ -395,10 +396,16 @@ class Dashboard:
         status = request.query.get("status", "dead")
         if status not in ("", *outbox_store.OUTBOX_STATUSES):
             raise ApiError(400, "unknown status")
-        items = self.service.outbox(status=status, limit=200)
+        page = self.service.outbox_page(
+            status=status,
+            before=_int(request.query.get("before"), 1, 2**53),
+            after=_int(request.query.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
+        )
         return self._render(
-            request, me, "outbox.html", items=items, current=status,
+            request, me, "outbox.html", items=page["items"], page=page, current=status,
             statuses=outbox_store.OUTBOX_STATUSES,
+            link=_query_link(request.path, {"status": status}, keep_empty=("status",)),
         )  # fmt: skip
 
     async def _retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -421,17 +428,20 @@ class Dashboard:
             "since": q.get("since", "")[:10] if since is not None else "",
             "until": q.get("until", "")[:10] if until is not None else "",
         }
-        items = self.service.messages(
+        page = self.service.message_page(
             message_type=filters["type"] or None,
             control_id=filters["control_id"] or None,
             status=status,
             since=since,
             until=None if until is None else until + 86400,
-            limit=200,
+            before=_int(q.get("before"), 1, 2**53),
+            after=_int(q.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
         )
         return self._render(
-            request, me, "messages.html", items=items, filters=filters, statuses=MESSAGE_STATUSES
-        )
+            request, me, "messages.html", items=page["items"], page=page, filters=filters,
+            statuses=MESSAGE_STATUSES, link=_query_link(request.path, filters),
+        )  # fmt: skip
 
     async def _message(self, request: web.Request, me: Principal) -> web.StreamResponse:
         mid = _path_id(request, "message_id")
@@ -571,13 +581,17 @@ def _worklist_heading(filters: Mapping[str, str]) -> str:
     return text
 
 
-def _query_link(path: str, filters: Mapping[str, str]) -> Callable[..., str]:
+def _query_link(
+    path: str, filters: Mapping[str, str], keep_empty: tuple[str, ...] = ()
+) -> Callable[..., str]:
     """``link(**changes)``: this page's URL with its filters and ``changes`` (None drops
-    a parameter); empty values are left out."""
+    a parameter); empty values are left out, but for ``keep_empty``."""
 
     def link(**changes: Any) -> str:
         params = {**filters, **changes}
-        kept = {k: str(v) for k, v in params.items() if v not in (None, "")}
+        kept = {
+            k: str(v) for k, v in params.items() if v is not None and (v != "" or k in keep_empty)
+        }
         return f"{path}?{urlencode(kept)}" if kept else path
 
     return link

@@ -334,6 +334,34 @@ class Service:
     def messages(self, **filters: Any) -> list[dict[str, Any]]:
         return [m.as_dict() for m in worklist.search_messages(self.db.conn, **filters)]
 
+    def message_page(
+        self,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 100,
+        **filters: Any,
+    ) -> dict[str, Any]:
+        """A page of inbox metadata, newest first: ``items``, ``total`` matching,
+        ``first`` / ``last`` (1-based), ``newer`` (the ``after`` of the page before) and
+        ``older`` (the ``before`` of the next), each None at an end."""
+        from engine.store.message_filter import MessageFilter
+
+        page = worklist.message_page(
+            self.db.conn, MessageFilter(**filters), limit=limit, before=before, after=after
+        )
+        return _page_dict(page, [m.as_dict() for m in page.rows])
+
+    def outbox_page(
+        self, *, status: str = "", before: int | None = None, after: int | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A page of outbox rows of ``status`` ("" any), newest first (as message_page)."""
+        page = worklist.outbox_page(
+            self.db.conn, status=status, limit=limit, before=before, after=after
+        )
+        return _page_dict(page, [_outbox_dict(i) for i in page.rows])
+
     def message(self, message_id: int) -> dict[str, Any]:
         m = worklist.get_message(self.db.conn, message_id)
         if m is None:
@@ -386,6 +414,17 @@ def _finite(value: Any) -> Any:
     if isinstance(value, dt.date | dt.datetime):
         return value.isoformat()
     return value
+
+
+def _page_dict(page: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "items": items,
+        "total": page.total,
+        "first": page.start,
+        "last": page.end,
+        "newer": page.newer,
+        "older": page.older,
+    }
 
 
 def _outbox_dict(item: outbox_store.Item) -> dict[str, Any]:
