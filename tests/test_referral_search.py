@@ -14,6 +14,8 @@ import pytest
 
 from engine.hl7v2.message import Message
 from engine.hl7v2.patient import Demographics, from_fhir, from_hl7
+from engine.model import StoredMessage
+from engine.routing.patient import demographics
 from engine.store import open_database, referral_search
 from engine.store import referrals as store
 from engine.store.db import Database
@@ -253,3 +255,29 @@ def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) ->
     assert placers(d, "ng lan") == ["OLD-1"]
     json.dumps(people[rid].name)  # a plain string
     d.close()
+
+
+def _stored(raw: bytes, message_type: str) -> StoredMessage:
+    return StoredMessage(
+        id=1, received_at=NOW, source="x", peer="", sending_app="", sending_facility="",
+        control_id="", message_type=message_type, version="", raw=raw, charset="utf-8",
+        status="received", ack_code="", error="",
+    )  # fmt: skip
+
+
+def test_the_handler_reads_hl7_fhir_and_nothing() -> None:
+    """What the processing handler writes on the referral (engine.routing.patient)."""
+    hl7 = (
+        b"MSH|^~\\&|EHR|CLINIC|REFLOOP|CLINIC|20260101090000||REF^I12|c1|P|2.5.1\r"
+        b"PID|1||M-5^^^CLINIC^MR||Ng^Lan||19991231|F\r"
+    )
+    assert demographics(_stored(hl7, "REF^I12")) == Demographics("M-5", "Ng", "Lan", "1999-12-31")
+    bundle = {
+        "resourceType": "Bundle",
+        "entry": [{"resource": {"resourceType": "Patient", "birthDate": "1960-02-29",
+                                "name": [{"family": "Åberg", "given": ["Sven"]}]}}],
+    }  # fmt: skip
+    found = demographics(_stored(json.dumps(bundle).encode(), "Bundle"))
+    assert found == Demographics("", "Åberg", "Sven", "1960-02-29")
+    assert not demographics(_stored(b"not a message", "REF^I12"))
+    assert not demographics(_stored(b"{not json", "Patient"))
