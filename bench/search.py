@@ -169,7 +169,6 @@ def main() -> None:
         db = open_database(path, synchronous="off")
         t = time.perf_counter()
         keys = populate(db, args.n, args.seed)
-        db.conn.execute("ANALYZE")
         db.close()
         keys_path.write_text(json.dumps(keys))
         print(f"built {args.n:,} referrals in {time.perf_counter() - t:.0f} s: {path}")

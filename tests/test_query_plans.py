@@ -149,6 +149,11 @@ ALLOWED = {
 # statement's key and why its reads are deliberate. bench/search.py times them at 1M.
 ALLOWED_PATTERNS = (
     (
+        re.compile(r"^SELECT id FROM referrals WHERE .*(?<!\+)status = \? ORDER BY \(CASE "),
+        "the closed referrals of a worklist that shows all, in priority order via "
+        "referrals_status_priority: a walk in index order, filtered, that stops at the LIMIT",
+    ),
+    (
         re.compile(r"^SELECT count\(\*\) FROM (messages|outbox)\b"),
         "the message browser's or the outbox page's total (and a page's position): counts "
         "the rows its filter selects, on an index",

@@ -281,3 +281,20 @@ def test_the_handler_reads_hl7_fhir_and_nothing() -> None:
     assert found == Demographics("", "Åberg", "Sven", "1960-02-29")
     assert not demographics(_stored(b"not a message", "REF^I12"))
     assert not demographics(_stored(b"{not json", "Patient"))
+
+
+def test_priority_pages_cross_from_open_to_closed(db: Database) -> None:
+    """With closed referrals in the list, the open ones come first (overdue, then by
+    priority, oldest first), then the closed ones by priority, oldest first: the same
+    order forward and back, whatever the page size."""
+    with db.transaction() as conn:
+        for placer in ("P-101", "P-104", "P-106"):  # urgent 3 d, routine 1 d, routine 20 d
+            (rid,) = store.find_by_placer(conn, placer)
+            store.update_referral(
+                conn, rid, statuses=("closed", "done", "done", "other"), closed_at=NOW
+            )
+    # open: P-102 (stat, overdue), P-105 (urgent, overdue), P-100 (routine, overdue);
+    # closed: P-101 (urgent), then routine oldest first: P-106 (20 d), P-103 (10 d), P-104 (1 d)
+    expected = ["P-102", "P-105", "P-100", "P-101", "P-106", "P-103", "P-104"]
+    for size in (1, 2, 3, 4, 10):
+        assert [p for page in walk(db, "priority", size) for p in page] == expected

@@ -53,7 +53,7 @@ def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
             )
             args.extend((value, value, value))
     if flt.opened_before is not None:
-        clauses.append("opened_at < ?")
+        clauses.append("+opened_at < ?")  # a filter, not the index to walk (sorts walk one)
         args.append(flt.opened_before)
     if flt.prior_auth:
         clauses.append("id IN (SELECT referral_id FROM prior_auth WHERE status = ?)")

@@ -68,7 +68,11 @@ def referral_page(
     """One page of the referrals ``flt`` selects, in ``sort`` order, keyset-paged
     (engine.store.referral_search.page), with their rows."""
     clause, args = referral_where(flt)
-    found = referral_search.page(conn, clause, args, sort, limit=limit, after=after, before=before)
+    closed = not flt.open_only and flt.status in (None, "closed") and flt.overdue is not True
+    found = referral_search.page(
+        conn, clause, args, sort, limit=limit, after=after, before=before, closed=closed,
+        walk=not (flt.q.strip() or flt.prior_auth),
+    )  # fmt: skip
     rows = [row for rid in found.ids if (row := get_referral(conn, rid)) is not None]
     return found, rows
 
