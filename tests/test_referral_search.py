@@ -298,3 +298,16 @@ def test_priority_pages_cross_from_open_to_closed(db: Database) -> None:
     expected = ["P-102", "P-105", "P-100", "P-101", "P-106", "P-103", "P-104"]
     for size in (1, 2, 3, 4, 10):
         assert [p for page in walk(db, "priority", size) for p in page] == expected
+
+
+def test_set_patient_keeps_what_a_message_leaves_out(db: Database) -> None:
+    (rid,) = store.find_by_placer(db.conn, "P-103")
+    with db.transaction() as conn:
+        before = conn.total_changes
+        referral_search.set_patient(conn, rid, Demographics("M103", "Doe", "John", "1990-12-31"))
+        assert conn.total_changes == before  # the same patient again: no write
+        referral_search.set_patient(conn, rid, Demographics(family="Doe-Smith"))
+    assert referral_search.patients(db.conn, [rid])[rid] == referral_search.Patient(
+        "M103", "Doe-Smith", "John", "1990-12-31"
+    )
+    assert placers(db, "doe smith") == ["P-103"]  # the key: "doe smith"

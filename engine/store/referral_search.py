@@ -127,7 +127,12 @@ def set_patient(conn: Conn, referral_id: int, patient: Any) -> None:
         sets.append("patient_given_key = ?")
         args.append(normalise(patient.given)[:200])
     if sets:
-        conn.execute(f"UPDATE referrals SET {', '.join(sets)} WHERE id = ?", (*args, referral_id))
+        # only when something differs: most messages of a referral repeat its patient
+        differs = " OR ".join(f"{c.split(' = ')[0]} IS NOT ?" for c in sets)
+        conn.execute(
+            f"UPDATE referrals SET {', '.join(sets)} WHERE id = ? AND ({differs})",
+            (*args, referral_id, *args),
+        )
 
 
 @dataclass(frozen=True, slots=True)
