@@ -94,3 +94,35 @@ def test_message_browser_and_outbox_page_without_a_cap(tmp_path: Path) -> None:
                 assert "No rows match" in out.text
 
     run(main(), timeout=90)
+
+
+def test_api_lists_say_when_rows_are_left(tmp_path: Path) -> None:
+    """/api/messages and /api/audit stop at ``limit`` and say so: ``more`` and the cursor
+    of the next page; following it reaches every row once."""
+
+    async def main() -> None:
+        async with ui_engine(tmp_path) as rig, httpx.AsyncClient(timeout=10) as http:
+            await rig.send(*(ref_i12(f"API-{n}", f"api-{n}") for n in range(3)))
+            await rig.wait_referral("API-2")
+            seen: list[int] = []
+            query: dict[str, object] = {"limit": 2}
+            while True:
+                r = await http.get(
+                    f"{rig.base}/api/messages", params=query, headers=rig.bearer("ana")
+                )
+                body = r.json()
+                seen += [m["id"] for m in body["items"]]
+                if not body["more"]:
+                    assert body["next"] is None
+                    break
+                assert body["next"] == {"before_id": body["items"][-1]["id"]}
+                query = {"limit": 2, **body["next"]}
+            assert len(seen) == 3 and seen == sorted(seen, reverse=True)
+            audit = (
+                await http.get(f"{rig.base}/api/audit?limit=1", headers=rig.bearer("ada"))
+            ).json()
+            assert audit["more"] is True and audit["next"] == {"after_id": audit["items"][0]["id"]}
+            dead = await http.get(f"{rig.base}/api/dead-letters", headers=rig.bearer("ana"))
+            assert dead.json()["more"] is False
+
+    run(main(), timeout=60)

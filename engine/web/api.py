@@ -44,6 +44,7 @@ from engine.web.openapi import (
     TASK_DONE_BODY,
     TASK_ITEM,
     build_openapi,
+    capped_list_of,
     check_body,
     list_of,
 )
@@ -240,17 +241,26 @@ async def _link(api: Api, call: Call) -> Any:
     return api.service.link(call.principal, call.args["parked_id"], call.body["referral_id"])
 
 
+def _capped(items: list[Any], limit: int, cursor: str = "") -> dict[str, Any]:
+    """A list fetched with ``limit + 1``: ``items`` (at most ``limit``), ``more`` (rows
+    are left) and, with ``cursor``, ``next`` (that parameter's value for the next page)."""
+    out: dict[str, Any] = {"items": items[:limit], "more": len(items) > limit}
+    if cursor:
+        out["next"] = {cursor: items[limit - 1]["id"]} if out["more"] else None
+    return out
+
+
 async def _outbox(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.outbox(
-            status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"]
-        )
-    }
+    items = api.service.outbox(
+        status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"] + 1
+    )
+    return _capped(items, a["limit"])
 
 
 async def _dead(api: Api, call: Call) -> Any:
-    return {"items": api.service.outbox(status="dead", limit=call.args["limit"])}
+    limit = call.args["limit"]
+    return _capped(api.service.outbox(status="dead", limit=limit + 1), limit)
 
 
 async def _retry(api: Api, call: Call) -> Any:
@@ -259,8 +269,8 @@ async def _retry(api: Api, call: Call) -> Any:
 
 async def _messages(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.messages(
+    return _capped(
+        api.service.messages(
             message_type=a["type"],
             control_id=a["control_id"],
             status=a["status"],
@@ -268,9 +278,11 @@ async def _messages(api: Api, call: Call) -> Any:
             since=a["since"],
             until=a["until"],
             before_id=a["before_id"],
-            limit=a["limit"],
-        )
-    }
+            limit=a["limit"] + 1,
+        ),
+        a["limit"],
+        "before_id",
+    )
 
 
 async def _message(api: Api, call: Call) -> Any:
@@ -284,7 +296,8 @@ async def _raw(api: Api, call: Call) -> Any:
 async def _audit(api: Api, call: Call) -> Any:
     a = call.args
     since = isoformat(a["since"]) if a["since"] is not None else None
-    return {"items": api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"])}
+    rows = api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"] + 1)
+    return _capped(rows, a["limit"], "after_id")
 
 
 async def _report(api: Api, call: Call) -> Any:
@@ -380,7 +393,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/outbox", "listOutbox", "Outbox rows, newest first (no payloads)",
-        "outbox", _outbox, list_of(OUTBOX_ITEM),
+        "outbox", _outbox, capped_list_of(OUTBOX_ITEM),
         params=(
             Param("status", enum=outbox_store.OUTBOX_STATUSES),
             Param("channel", max_length=64),
@@ -389,7 +402,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/dead-letters", "listDeadLetters", "Dead outbox rows, newest first",
-        "outbox", _dead, list_of(OUTBOX_ITEM), params=(LIMIT,),
+        "outbox", _dead, capped_list_of(OUTBOX_ITEM), params=(LIMIT,),
     ),
     Route(
         "POST", "/api/outbox/{outbox_id}/retry", "retryOutbox",
@@ -399,7 +412,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages", "listMessages",
         "Inbox metadata search on indexed columns, newest first", "messages", _messages,
-        list_of(MESSAGE),
+        capped_list_of(MESSAGE, "before_id"),
         params=(
             Param("type", max_length=64, description="TYPE^TRIGGER; * stands for any text."),
             Param("control_id", max_length=200),
@@ -422,7 +435,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/audit", "exportAudit", "Audit rows with their hashes, in id order",
-        "audit", _audit, list_of(AUDIT_ROW),
+        "audit", _audit, capped_list_of(AUDIT_ROW, "after_id"),
         params=(
             Param("since", "date-time"),
             Param("after_id", "integer", minimum=0, maximum=MAX_ID, default=0),

@@ -40,6 +40,15 @@ def list_of(item: dict[str, Any]) -> dict[str, Any]:
     return _obj({"items": {"type": "array", "items": item}})
 
 
+def capped_list_of(item: dict[str, Any], cursor: str = "") -> dict[str, Any]:
+    """A list that stops at ``limit``: ``more`` says rows are left; with a cursor
+    parameter, ``next`` is its value for the next page (null at the end)."""
+    props: dict[str, Any] = {"items": {"type": "array", "items": item}, "more": BOOL}
+    if cursor:
+        props["next"] = _nullable(_obj({cursor: INT}))
+    return _obj(props)
+
+
 ERROR: Final = _obj({"error": STR})
 REFERRAL_ITEM: Final = _obj(
     {
