@@ -94,3 +94,9 @@ def test_cli_and_api_select_the_same_referrals(daemon: Daemon, tmp_path: Path) -
         "1970-01-02",
         "MA1",
     )
+    shown_text = refloop(
+        "referrals", "show", str(ids["F-1"]), "--state", str(daemon.state_dir)
+    )  # fmt: skip
+    assert shown_text.returncode == 0, shown_text.stderr.decode()
+    text = shown_text.stdout.decode()
+    assert "patient name: Müller, Åsa" in text and "patient mrn: MA1" in text
