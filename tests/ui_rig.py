@@ -27,14 +27,21 @@ PASSWORD = "correct horse battery"
 USERS = {"casey": "coordinator", "ana": "analyst", "ada": "admin"}
 
 
-def ref_i12(placer: str, control: str, *, priority: str = "R", specialty: str = "REFCARD") -> bytes:
+def ref_i12(
+    placer: str,
+    control: str,
+    *,
+    priority: str = "R",
+    specialty: str = "REFCARD",
+    pid: str = "MRN1^^^CLINIC^MR||Doe^Jane||19700101|F",
+) -> bytes:
     segments = [
         f"MSH|^~\\&|EHR|CLINIC|REFLOOP|CLINIC|20260101090000||REF^I12^REF_I12|{control}|P|2.5.1",
         f"RF1|A^Accepted^HL70283|{priority}^Routine^HL70280|Med||O|{placer}^CLINIC|20260101"
         "|||^Chest pain",
         "PRD|RP^Referring^HL70286|Home^Harriet^^^^MD|||||1234567802^NPI",
         "PRD|RT^Referred to^HL70286|Smith^Ann^^^^MD|||||1234567893^NPI",
-        "PID|1||MRN1^^^CLINIC^MR||Doe^Jane||19700101|F",
+        f"PID|1||{pid}",
         f"OBR|1|{placer}^CLINIC||{specialty}^Cardiology referral^L",
     ]
     return "\r".join(segments).encode() + b"\r"

@@ -17,6 +17,7 @@ from engine.store import (
     decisions,
     inbox,
     outbox,
+    referral_search,
     referrals,
     specialists,
     tasks,
@@ -177,6 +178,15 @@ def _m_inbox_dedupe(db: sqlite_utils.Database) -> None:
     inbox.migrate_dedupe(db)
 
 
+def _m_referral_search(db: sqlite_utils.Database) -> None:
+    # the patient's MRN, name and birth date on the referral row, with search keys and
+    # indexes for the search box (issue 19); existing referrals from their opening message
+    from engine.hl7v2.message import Message
+    from engine.hl7v2.patient import from_hl7
+
+    referral_search.migrate(db, backfill=lambda raw: from_hl7(Message(raw)))
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -196,4 +206,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_outbox_leases,
     _m_inbox_dedupe,
     _m_workbench,
+    _m_referral_search,
 ]

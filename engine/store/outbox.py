@@ -638,3 +638,8 @@ def record_reply(
         (message_sid, from_number, keyword, body, referral_id, now),
     )
     return cur.rowcount == 1
+
+
+# the outbox page of the dashboard (engine.store.worklist.outbox_page) reads rows as these do
+COLUMNS: Final = _COLUMNS
+item_of = _item

@@ -156,6 +156,12 @@ def closure_report(
     )
 
 
+def open_aging_now(conn: Conn, now: float) -> tuple[tuple[str, int], ...]:
+    """Every referral not closed at ``now``, whatever its opening date, by whole days
+    open (the worklist's open referrals, bucketed: the dashboard's chart)."""
+    return tuple(store.open_aging(conn, -math.inf, math.nextafter(now, math.inf), now).items())
+
+
 def _row(key: str, denominator: int, seconds: list[int]) -> ClosureRow:
     """A row from the closed referrals' seconds to their report, in ascending order."""
     median, p90 = percentile(seconds, 50), percentile(seconds, 90)

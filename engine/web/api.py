@@ -22,6 +22,7 @@ from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import Permission, Principal
 from engine.web.openapi import (
@@ -40,7 +41,7 @@ from engine.web.openapi import (
     OUTBOX_ITEM,
     PARKED_ITEM,
     REFERRAL_DETAIL,
-    REFERRAL_ITEM,
+    REFERRAL_PAGE,
     REPLAY_ITEM,
     REPORT,
     REPROCESS_BODY,
@@ -53,6 +54,7 @@ from engine.web.openapi import (
     TRY_BODY,
     TRY_RESULT,
     build_openapi,
+    capped_list_of,
     check_body,
     list_of,
 )
@@ -185,18 +187,22 @@ async def _me(api: Api, call: Call) -> Any:
 
 async def _referrals(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.worklist(
-            status=a["status"],
-            open_only=bool(a["open"]),
-            specialty=a["specialty"],
-            specialist=a["specialist"],
-            referring=a["referring"],
-            days_open_min=a["days_open_min"],
-            overdue=a["overdue"],
-            limit=a["limit"],
-        )
-    }
+    return api.service.worklist_page(
+        call.principal,
+        via="api",
+        q=a["q"] or "",
+        status=a["status"],
+        open_only=bool(a["open"]),
+        specialty=a["specialty"],
+        specialist=a["specialist"],
+        referring=a["referring"],
+        days_open_min=a["days_open_min"],
+        overdue=a["overdue"],
+        sort=a["sort"],
+        after=a["after"],
+        before=a["before"],
+        limit=a["limit"],
+    )
 
 
 async def _referral(api: Api, call: Call) -> Any:
@@ -259,17 +265,26 @@ async def _link(api: Api, call: Call) -> Any:
     return api.service.link(call.principal, call.args["parked_id"], call.body["referral_id"])
 
 
+def _capped(items: list[Any], limit: int, cursor: str = "") -> dict[str, Any]:
+    """A list fetched with ``limit + 1``: ``items`` (at most ``limit``), ``more`` (rows
+    are left) and, with ``cursor``, ``next`` (that parameter's value for the next page)."""
+    out: dict[str, Any] = {"items": items[:limit], "more": len(items) > limit}
+    if cursor:
+        out["next"] = {cursor: items[limit - 1]["id"]} if out["more"] else None
+    return out
+
+
 async def _outbox(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.outbox(
-            status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"]
-        )
-    }
+    items = api.service.outbox(
+        status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"] + 1
+    )
+    return _capped(items, a["limit"])
 
 
 async def _dead(api: Api, call: Call) -> Any:
-    return {"items": api.service.outbox(status="dead", limit=call.args["limit"])}
+    limit = call.args["limit"]
+    return _capped(api.service.outbox(status="dead", limit=limit + 1), limit)
 
 
 async def _retry(api: Api, call: Call) -> Any:
@@ -278,8 +293,8 @@ async def _retry(api: Api, call: Call) -> Any:
 
 async def _messages(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.messages(
+    return _capped(
+        api.service.messages(
             message_type=a["type"],
             control_id=a["control_id"],
             status=a["status"],
@@ -287,9 +302,11 @@ async def _messages(api: Api, call: Call) -> Any:
             since=a["since"],
             until=a["until"],
             before_id=a["before_id"],
-            limit=a["limit"],
-        )
-    }
+            limit=a["limit"] + 1,
+        ),
+        a["limit"],
+        "before_id",
+    )
 
 
 async def _message(api: Api, call: Call) -> Any:
@@ -321,7 +338,8 @@ async def _reprocess(api: Api, call: Call) -> Any:
 async def _audit(api: Api, call: Call) -> Any:
     a = call.args
     since = isoformat(a["since"]) if a["since"] is not None else None
-    return {"items": api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"])}
+    rows = api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"] + 1)
+    return _capped(rows, a["limit"], "after_id")
 
 
 async def _report(api: Api, call: Call) -> Any:
@@ -348,9 +366,15 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/api/me", "me", "Who the caller is", None, _me, ME),
     Route(
         "GET", "/api/referrals", "listReferrals",
-        "Referrals, prioritised: overdue first, then stat, urgent, routine, oldest first",
-        "referrals", _referrals, list_of(REFERRAL_ITEM),
+        "Find referrals: a page of them (keyset), prioritised by default (overdue first, then "
+        "stat, urgent, routine, oldest first), with the total; showing patients is audited",
+        "referrals", _referrals, REFERRAL_PAGE,
         params=(
+            Param("q", max_length=200, description=(
+                "Search: placer or filler number, MRN, the start of the patient's family or "
+                "given name (case and accents ignored), birth date (YYYY-MM-DD or "
+                "MM/DD/YYYY), the start of the specialty or specialist, or the specialist's "
+                "NPI. Every word must match.")),
             Param("status", enum=states.OVERALL_STATUSES),
             Param("open", "boolean", description="Only referrals that are not closed."),
             Param("specialty", description="Exact specialty (case-insensitive)."),
@@ -359,6 +383,12 @@ ROUTES: Final[tuple[Route, ...]] = (
             Param("days_open_min", "integer", minimum=0, maximum=36500,
                   description="Opened at least this many days ago."),
             Param("overdue", "boolean", description="Only overdue (true) or not (false)."),
+            Param("sort", enum=(*SORTS, *(f"-{s}" for s in SORTS)), default="priority",
+                  description="Sort key; a leading - sorts descending."),
+            Param("after", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page after this referral id (next_after of a page)."),
+            Param("before", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page before this referral id (prev_before of a page)."),
             LIMIT,
         ),
     ),
@@ -425,7 +455,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/outbox", "listOutbox", "Outbox rows, newest first (no payloads)",
-        "outbox", _outbox, list_of(OUTBOX_ITEM),
+        "outbox", _outbox, capped_list_of(OUTBOX_ITEM),
         params=(
             Param("status", enum=outbox_store.OUTBOX_STATUSES),
             Param("channel", max_length=64),
@@ -434,7 +464,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/dead-letters", "listDeadLetters", "Dead outbox rows, newest first",
-        "outbox", _dead, list_of(OUTBOX_ITEM), params=(LIMIT,),
+        "outbox", _dead, capped_list_of(OUTBOX_ITEM), params=(LIMIT,),
     ),
     Route(
         "POST", "/api/outbox/{outbox_id}/retry", "retryOutbox",
@@ -444,7 +474,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages", "listMessages",
         "Inbox metadata search on indexed columns, newest first", "messages", _messages,
-        list_of(MESSAGE),
+        capped_list_of(MESSAGE, "before_id"),
         params=(
             Param("type", max_length=64, description="TYPE^TRIGGER; * stands for any text."),
             Param("control_id", max_length=200),
@@ -484,7 +514,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/audit", "exportAudit", "Audit rows with their hashes, in id order",
-        "audit", _audit, list_of(AUDIT_ROW),
+        "audit", _audit, capped_list_of(AUDIT_ROW, "after_id"),
         params=(
             Param("since", "date-time"),
             Param("after_id", "integer", minimum=0, maximum=MAX_ID, default=0),

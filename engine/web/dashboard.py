@@ -25,13 +25,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import (
     PERMISSIONS,
@@ -69,6 +70,16 @@ FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
 TASK_FILTERS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
 SNOOZE_DAYS: Final = (("1", "1 day"), ("3", "3 days"), ("7", "1 week"), ("14", "2 weeks"))
+WORKLIST_SHOW: Final = ("open", "overdue", "all")
+WORKLIST_PAGE: Final = 50
+LIST_PAGE: Final = 100  # the message browser's and the outbox's page
+# The worklist's sortable columns: (heading, sort key or "" for none)
+WORKLIST_COLUMNS: Final = (
+    ("#", "id"), ("Placer", "placer"), ("Patient", "patient"), ("Born", "birth_date"),
+    ("MRN", ""), ("Priority", "priority"), ("Specialty", "specialty"), ("Specialist", ""),
+    ("Referring", ""), ("Status", "status"), ("Patient side", ""), ("Specialist side", ""),
+    ("Days", "days"), ("Needed by", "needed_by"),
+)  # fmt: skip
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -136,6 +147,7 @@ class Dashboard(WorkbenchPages):
             ("POST", "/logout", None, self._logout),
             ("GET", "/worklist", "referrals", self._worklist),
             ("POST", "/worklist/close", "act", self._close_many),
+            ("GET", "/referrals", "referrals", self._worklist),
             ("GET", "/referrals/{referral_id}", "referrals", self._referral),
             ("POST", "/referrals/{referral_id}/close", "act", self._close),
             ("POST", "/referrals/{referral_id}/book", "act", self._book),
@@ -291,16 +303,26 @@ class Dashboard(WorkbenchPages):
         if status not in (None, *states.OVERALL_STATUSES):
             raise ApiError(400, "unknown status")
         show = q.get("show", "open")
+        if show not in WORKLIST_SHOW:
+            raise ApiError(400, "show must be open, overdue or all")
         days = _int(q.get("days_open_min"), 0, 36500)
+        sort = q.get("sort", "priority")
+        if sort.lstrip("-") not in SORTS:
+            raise ApiError(400, "unknown sort")
         filters = {
+            "q": q.get("q", "")[:200],
             "status": status or "",
             "show": show,
             "specialty": q.get("specialty", "")[:100],
             "specialist": q.get("specialist", "")[:100],
             "referring": q.get("referring", "")[:100],
             "days_open_min": "" if days is None else str(days),
+            "sort": sort,
         }
-        items = self.service.worklist(
+        page = self.service.worklist_page(
+            me,
+            via="dashboard",
+            q=filters["q"],
             status=status,
             open_only=show != "all" and status is None,
             specialty=filters["specialty"] or None,
@@ -308,13 +330,18 @@ class Dashboard(WorkbenchPages):
             referring=filters["referring"] or None,
             days_open_min=days,
             overdue=True if show == "overdue" else None,
-            limit=500,
+            sort=sort,
+            after=_int(q.get("after"), 1, 2**53),
+            before=_int(q.get("before"), 1, 2**53),
+            limit=WORKLIST_PAGE,
         )
         closed = _int(q.get("closed"), 0, 10_000)
         return self._render(
-            request, me, "worklist.html", items=items, filters=filters,
+            request, me, "worklist.html", page=page, items=page["items"], filters=filters,
             statuses=states.OVERALL_STATUSES, close_reasons=states.CLOSE_PRECEDENCE,
             closed=closed, refused=q.get("refused", "")[:200],
+            heading=_worklist_heading(filters),
+            link=_query_link(request.path, filters), columns=WORKLIST_COLUMNS,
         )  # fmt: skip
 
     async def _referral(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -434,10 +461,16 @@ class Dashboard(WorkbenchPages):
         status = request.query.get("status", "dead")
         if status not in ("", *outbox_store.OUTBOX_STATUSES):
             raise ApiError(400, "unknown status")
-        items = self.service.outbox(status=status, limit=200)
+        page = self.service.outbox_page(
+            status=status,
+            before=_int(request.query.get("before"), 1, 2**53),
+            after=_int(request.query.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
+        )
         return self._render(
-            request, me, "outbox.html", items=items, current=status,
+            request, me, "outbox.html", items=page["items"], page=page, current=status,
             statuses=outbox_store.OUTBOX_STATUSES,
+            link=_query_link(request.path, {"status": status}, keep_empty=("status",)),
         )  # fmt: skip
 
     async def _retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -460,17 +493,20 @@ class Dashboard(WorkbenchPages):
             "since": q.get("since", "")[:10] if since is not None else "",
             "until": q.get("until", "")[:10] if until is not None else "",
         }
-        items = self.service.messages(
+        page = self.service.message_page(
             message_type=filters["type"] or None,
             control_id=filters["control_id"] or None,
             status=status,
             since=since,
             until=None if until is None else until + 86400,
-            limit=200,
+            before=_int(q.get("before"), 1, 2**53),
+            after=_int(q.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
         )
         return self._render(
-            request, me, "messages.html", items=items, filters=filters, statuses=MESSAGE_STATUSES
-        )
+            request, me, "messages.html", items=page["items"], page=page, filters=filters,
+            statuses=MESSAGE_STATUSES, link=_query_link(request.path, filters),
+        )  # fmt: skip
 
     async def _message(self, request: web.Request, me: Principal) -> web.StreamResponse:
         """Metadata, the ACK, the decision and what it produced; with ``raw=1`` the text
@@ -504,16 +540,18 @@ class Dashboard(WorkbenchPages):
         closure = bar_chart([(m, rate, f"{round(rate)}%") for m, rate, _n in months], top=100.0)
         ages = bar_chart([(label, float(n), str(n)) for label, n in aging])
         return self._render(
-            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging
-        )
+            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging,
+            open_total=sum(n for _label, n in aging),
+        )  # fmt: skip
 
     def chart_data(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, int]]]:
-        """(closure rate % and denominator by month for the last 12 months, open
-        referrals by age bucket) from the closure report (engine.tracking.report)."""
+        """(closure rate % and denominator by month for the last 12 months, from the
+        closure report (engine.tracking.report); every open referral by age bucket,
+        whatever its opening date, as the worklist counts them)."""
         today = dt.datetime.fromtimestamp(self.service.clock.now(), dt.UTC).date()
         start = (today.replace(day=1) - dt.timedelta(days=335)).replace(day=1)
         data = self.service.report(start, today, "month")
-        return _months(data), _aging(data)
+        return _months(data), self.service.open_aging()
 
     # -- users --
 
@@ -604,6 +642,43 @@ def _when(value: Any) -> str:
     return str(value)[:16].replace("T", " ")
 
 
+def _worklist_heading(filters: Mapping[str, str]) -> str:
+    """The worklist's heading, from its filters ("Overdue referrals in cardiology")."""
+    if filters["status"]:
+        text = f"Referrals with status {filters['status']}"
+    else:
+        text = {"open": "Open referrals", "overdue": "Overdue referrals"}.get(
+            filters["show"], "All referrals"
+        )
+    if filters["specialty"]:
+        text += f" in {filters['specialty']}"
+    if filters["specialist"]:
+        text += f" to {filters['specialist']}"
+    if filters["referring"]:
+        text += f" from {filters['referring']}"
+    if filters["days_open_min"]:
+        text += f" open {filters['days_open_min']}+ days"
+    if filters["q"]:
+        text += " matching the search"
+    return text
+
+
+def _query_link(
+    path: str, filters: Mapping[str, str], keep_empty: tuple[str, ...] = ()
+) -> Callable[..., str]:
+    """``link(**changes)``: this page's URL with its filters and ``changes`` (None drops
+    a parameter); empty values are left out, but for ``keep_empty``."""
+
+    def link(**changes: Any) -> str:
+        params = {**filters, **changes}
+        kept = {
+            k: str(v) for k, v in params.items() if v is not None and (v != "" or k in keep_empty)
+        }
+        return f"{path}?{urlencode(kept)}" if kept else path
+
+    return link
+
+
 def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Events (messages in, nudges, MDNs, escalations, operator actions) and outbound
     rows in one list, by time."""
@@ -666,8 +741,3 @@ def _months(data: Mapping[str, Any]) -> list[tuple[str, float, int]]:
     return [
         (str(g["key"]), (g["rate"] or 0.0) * 100.0, int(g["denominator"])) for g in data["groups"]
     ]
-
-
-def _aging(data: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """Open referrals by age bucket, in bucket order: the report's ``open_aging``."""
-    return [(str(label), int(n)) for label, n in data["open_aging"].items()]

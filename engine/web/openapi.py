@@ -41,6 +41,15 @@ def list_of(item: dict[str, Any]) -> dict[str, Any]:
     return _obj({"items": {"type": "array", "items": item}})
 
 
+def capped_list_of(item: dict[str, Any], cursor: str = "") -> dict[str, Any]:
+    """A list that stops at ``limit``: ``more`` says rows are left; with a cursor
+    parameter, ``next`` is its value for the next page (null at the end)."""
+    props: dict[str, Any] = {"items": {"type": "array", "items": item}, "more": BOOL}
+    if cursor:
+        props["next"] = _nullable(_obj({cursor: INT}))
+    return _obj(props)
+
+
 ERROR: Final = _obj({"error": STR})
 REFERRAL_ITEM: Final = _obj(
     {
@@ -55,11 +64,25 @@ REFERRAL_ITEM: Final = _obj(
         "opened_at": STR,
         "closed_at": _nullable(STR),
         "close_reason": STR,
-        "days_open": NUM,
+        "days_open": INT,
         "overdue": BOOL,
         "needed_by": STR,
         "specialist": STR,
         "referring": STR,
+        "patient_name": STR,
+        "patient_birth_date": STR,
+        "patient_mrn": STR,
+    }
+)
+REFERRAL_PAGE: Final = _obj(
+    {
+        "items": {"type": "array", "items": REFERRAL_ITEM},
+        "total": INT,
+        "first": INT,
+        "last": INT,
+        "sort": STR,
+        "prev_before": _nullable(INT),
+        "next_after": _nullable(INT),
     }
 )
 TIMELINE_ENTRY: Final = _obj(

@@ -24,11 +24,12 @@ from engine.ingest.status import Workbench
 from engine.model import AppointmentBooked, Identifiers, SpecialistDeclined
 from engine.store import audit as audit_store
 from engine.store import outbox as outbox_store
+from engine.store import referral_search, worklist
 from engine.store import referrals as referral_store
-from engine.store import worklist
 from engine.store.db import Database
+from engine.store.referral_filter import ReferralFilter
 from engine.tracking import states
-from engine.tracking.report import closure_report, report_to_dict
+from engine.tracking.report import closure_report, open_aging_now, report_to_dict
 from engine.web.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,12 @@ class Service:
 
     # -- referrals --
 
-    def worklist(
+    def worklist_page(
         self,
+        principal: Principal | None,
         *,
+        via: str,
+        q: str = "",
         status: str | None = None,
         open_only: bool = False,
         specialty: str | None = None,
@@ -87,34 +91,63 @@ class Service:
         referring: str | None = None,
         days_open_min: float | None = None,
         overdue: bool | None = None,
-        limit: int = 100,
-    ) -> list[dict[str, Any]]:
-        """Referral summaries, prioritised: overdue first, then by priority (stat,
-        urgent, routine), then oldest first."""
+        sort: str = "priority",
+        after: int | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> dict[str, Any]:
+        """One page of the worklist (keyset paging, engine.store.referral_search): the
+        items with the patient's name, birth date and MRN, ``total`` matching, where the
+        page starts and ends (1-based) and the cursors of the pages before and after.
+        Showing patients is audited (``listed-referrals``, the ids shown; never the
+        search text)."""
         now = self.clock.now()
-        rows = worklist.search_referrals(
-            self.db.conn,
+        try:
+            order = referral_search.sort_of(sort, now, TARGET_DAYS)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        flt = ReferralFilter(
             status=status,
             open_only=open_only,
             specialty=specialty,
             specialist=specialist,
             referring=referring,
             opened_before=now - days_open_min * DAY if days_open_min is not None else None,
-            limit=5000,
+            q=q,
+            overdue=overdue,
+            now=now,
+            targets=tuple(TARGET_DAYS.items()),
         )
-        items = [referral_item(r, now) for r in rows]
-        if overdue is not None:
-            items = [i for i in items if i["overdue"] == overdue]
-        items.sort(
-            key=lambda i: (
-                not i["overdue"],
-                i["status"] == "closed",
-                PRIORITY_RANK.get(i["priority"], 3),
-                i["opened_at"],
-                i["id"],
-            )
+        found, rows = worklist.referral_page(
+            self.db.conn, flt, order, limit=limit, after=after, before=before
         )
-        return items[:limit]
+        people = referral_search.patients(self.db.conn, found.ids)
+        items = [referral_item(r, now, people.get(r.id)) for r in rows]
+        if principal is not None and items:
+            with self.db.transaction() as conn:
+                audit_store.append(
+                    conn,
+                    at=isoformat(now),
+                    actor=principal.actor,
+                    action="listed-referrals",
+                    referral_id=None,
+                    message_id=None,
+                    detail={
+                        "via": via,
+                        "role": principal.role,
+                        "search": bool(q.strip()),
+                        "referral_ids": [i["id"] for i in items],
+                    },
+                )
+        return {
+            "items": items,
+            "total": found.total,
+            "first": found.start,
+            "last": found.end,
+            "sort": f"{'-' if order.descending else ''}{order.name}",
+            "prev_before": found.ids[0] if found.has_prev else None,
+            "next_after": found.ids[-1] if found.has_next else None,
+        }
 
     def referral(self, principal: Principal, referral_id: int, *, via: str) -> dict[str, Any]:
         """One referral with its timeline; audited as a PHI view."""
@@ -357,6 +390,34 @@ class Service:
     def messages(self, **filters: Any) -> list[dict[str, Any]]:
         return [m.as_dict() for m in worklist.search_messages(self.db.conn, **filters)]
 
+    def message_page(
+        self,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 100,
+        **filters: Any,
+    ) -> dict[str, Any]:
+        """A page of inbox metadata, newest first: ``items``, ``total`` matching,
+        ``first`` / ``last`` (1-based), ``newer`` (the ``after`` of the page before) and
+        ``older`` (the ``before`` of the next), each None at an end."""
+        from engine.store.message_filter import MessageFilter
+
+        page = worklist.message_page(
+            self.db.conn, MessageFilter(**filters), limit=limit, before=before, after=after
+        )
+        return _page_dict(page, [m.as_dict() for m in page.rows])
+
+    def outbox_page(
+        self, *, status: str = "", before: int | None = None, after: int | None = None,
+        limit: int = 100,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A page of outbox rows of ``status`` ("" any), newest first (as message_page)."""
+        page = worklist.outbox_page(
+            self.db.conn, status=status, limit=limit, before=before, after=after
+        )
+        return _page_dict(page, [_outbox_dict(i) for i in page.rows])
+
     def message(self, message_id: int) -> dict[str, Any]:
         m = worklist.get_message(self.db.conn, message_id)
         if m is None:
@@ -473,6 +534,10 @@ class Service:
         rows = audit_store.rows(self.db.conn, since=since, after_id=after_id)
         return [r.as_dict() for r in islice(rows, limit)]
 
+    def open_aging(self) -> list[tuple[str, int]]:
+        """Every open referral by whole days open, whatever its opening date."""
+        return list(open_aging_now(self.db.conn, self.clock.now()))
+
     def report(self, start: dt.date, end: dt.date, by: str | None) -> dict[str, Any]:
         """The closure report (engine.tracking.report) as :data:`REPORT`'s dict; 400 when the
         period ends before it starts."""
@@ -552,6 +617,17 @@ def _ack_text(raw: bytes, meta: Mapping[str, Any]) -> str:
     return "\n".join(line for line in lines if line and not line.startswith("ERR"))
 
 
+def _page_dict(page: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "items": items,
+        "total": page.total,
+        "first": page.start,
+        "last": page.end,
+        "newer": page.newer,
+        "older": page.older,
+    }
+
+
 def _outbox_dict(item: outbox_store.Item) -> dict[str, Any]:
     d = item.as_dict()
     for key in ("due", "created_at", "updated_at", "sent_at", "dead_at"):
@@ -559,8 +635,22 @@ def _outbox_dict(item: outbox_store.Item) -> dict[str, Any]:
     return d
 
 
+def _patient(p: referral_search.Patient | None) -> dict[str, Any]:
+    return {
+        "patient_name": p.name if p else "",
+        "patient_birth_date": p.birth_date if p else "",
+        "patient_mrn": p.mrn if p else "",
+    }
+
+
+def whole_days(seconds: float) -> int:
+    """Whole days in ``seconds`` (rounded down; never negative)."""
+    return max(0, math.floor(seconds / DAY))
+
+
 def _extras(row: referral_store.ReferralRow, now: float) -> dict[str, Any]:
-    days_open = max(0.0, ((row.closed_at or now) - row.opened_at) / DAY)
+    end = row.closed_at if row.closed_at is not None else now
+    days_open = max(0.0, (end - row.opened_at) / DAY)
     priority = str(row.details.get("priority") or "routine")
     needed_by = str(row.details.get("needed_by") or "")
     overdue = False
@@ -570,7 +660,8 @@ def _extras(row: referral_store.ReferralRow, now: float) -> dict[str, Any]:
         if needed_by and needed_by[:10] < today:
             overdue = True
     return {
-        "days_open": round(days_open, 1),
+        # whole days: open so far, or (closed) from opening to closing
+        "days_open": whole_days(end - row.opened_at),
         "overdue": overdue,
         "needed_by": needed_by,
         "specialist": str(
@@ -580,9 +671,11 @@ def _extras(row: referral_store.ReferralRow, now: float) -> dict[str, Any]:
     }
 
 
-def referral_item(row: referral_store.ReferralRow, now: float) -> dict[str, Any]:
-    """A worklist row: the referral summary plus age, overdue and provider names (no
-    patient identifiers)."""
+def referral_item(
+    row: referral_store.ReferralRow, now: float, patient: referral_search.Patient | None = None
+) -> dict[str, Any]:
+    """A worklist row: the referral summary plus age, overdue, provider names and the
+    patient's name, birth date and MRN (for signed-in users only)."""
     return {
         "id": row.id,
         "sending_facility": row.sending_facility,
@@ -596,6 +689,7 @@ def referral_item(row: referral_store.ReferralRow, now: float) -> dict[str, Any]
         "closed_at": isoformat(row.closed_at) if row.closed_at is not None else None,
         "close_reason": row.close_reason,
         **_extras(row, now),
+        **_patient(patient),
     }
 
 
