@@ -59,7 +59,7 @@ def test_coordinator_finds_and_pages_referrals(tmp_path: Path) -> None:
                     await page.click("form.search button[type=submit]")
                     await page.wait_for_load_state()
                     return [
-                        (await worklist.nth(i).locator("td").nth(1).inner_text()).strip()
+                        (await worklist.nth(i).locator("[data-testid=placer]").inner_text()).strip()
                         for i in range(await worklist.count())
                     ]
 
@@ -80,7 +80,7 @@ def test_coordinator_finds_and_pages_referrals(tmp_path: Path) -> None:
                 await page.wait_for_url(re.compile(r"sort=placer"))
                 await page.click("th a[data-sort=placer]")
                 await page.wait_for_url(re.compile(r"sort=-placer"))
-                first = await worklist.first.locator("td").nth(1).inner_text()
+                first = await worklist.first.locator("[data-testid=placer]").inner_text()
                 assert first.strip() == f"FIND-{COUNT - 1:03d}"
 
                 # page forward, then back
@@ -88,13 +88,13 @@ def test_coordinator_finds_and_pages_referrals(tmp_path: Path) -> None:
                 await page.wait_for_url(re.compile(r"after=\d+"))
                 assert await showing.inner_text() == f"Showing 51–{COUNT} of {COUNT} referrals"
                 assert await worklist.count() == COUNT - 50
-                last = await worklist.last.locator("td").nth(1).inner_text()
+                last = await worklist.last.locator("[data-testid=placer]").inner_text()
                 assert last.strip() == "FIND-000"
                 assert await page.locator("[data-testid=next]").count() == 0
                 await page.locator("[data-testid=prev]").first.click()
                 await page.wait_for_url(re.compile(r"before=\d+"))
                 assert await showing.inner_text() == f"Showing 1–50 of {COUNT} referrals"
-                first = await worklist.first.locator("td").nth(1).inner_text()
+                first = await worklist.first.locator("[data-testid=placer]").inner_text()
                 assert first.strip() == f"FIND-{COUNT - 1:03d}"
                 await page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
 
