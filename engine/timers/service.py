@@ -396,7 +396,8 @@ class TimerService:
         }
         referral_store.enqueue_outbox(
             conn, referral.id, route.channel, REPORT_REQUEST_TEMPLATE, _dumps(payload),
-            f"{referral.id}:report-request:{row.attempt}", now, now=now,
+            referral_store.unused_key(conn, f"{referral.id}:report-request:{row.attempt}"),
+            now, now=now,
         )  # fmt: skip
         nxt = ("report-request", 2) if row.attempt < 2 else ("report-task", 1)
         self._next(conn, row, nxt[0], nxt[1], now + repeat)
@@ -484,7 +485,7 @@ class TimerService:
             channel,
             template,
             canonical_json(payload),
-            f"{referral.id}:{row.kind}:{row.attempt}",
+            referral_store.unused_key(conn, f"{referral.id}:{row.kind}:{row.attempt}"),
             now,
             now=now,
         )
@@ -534,7 +535,7 @@ class TimerService:
             channel,
             template,
             canonical_json(payload),
-            f"{referral.id}:{template}:{row.attempt}",
+            referral_store.unused_key(conn, f"{referral.id}:{template}:{row.attempt}"),
             now,
             now=now,
         )
