@@ -991,6 +991,22 @@ def cancel_outbox(conn: Conn, referral_id: int, *, now: float = 0.0) -> int:
     return int(cur.rowcount)
 
 
+def cancel_pending(
+    conn: Conn, referral_id: int, templates: Iterable[str], *, now: float = 0.0
+) -> int:
+    """Cancel the referral's rows of ``templates`` that have not been sent (still
+    ``pending``: due later, held for the contact window, or waiting to retry)."""
+    names = sorted(set(templates))
+    if not names:
+        return 0
+    cur = conn.execute(
+        f"UPDATE outbox SET status = 'cancelled', updated_at = ? WHERE referral_id = ? "
+        f"AND status = 'pending' AND template IN ({','.join('?' * len(names))})",
+        (now, referral_id, *names),
+    )
+    return int(cur.rowcount)
+
+
 def outbox_for(conn: Conn, referral_id: int) -> list[OutboxRow]:
     rows = conn.execute(
         "SELECT id, referral_id, channel, template, payload, idempotency_key, due, status "

@@ -58,6 +58,21 @@ PATIENT_KINDS: Final = frozenset(
 # The booked branch: a new appointment date reschedules these, losing the booking
 # cancels them.
 APPOINTMENT_KINDS: Final = frozenset({"appointment-reminder", "report-request", "report-task"})
+# What those timers queue (outbox templates): a booking cancels the rows not yet sent
+# (a call held for the contact window, a retry), so a booked patient hears nothing more.
+NOT_BOOKED_TEMPLATES: Final = frozenset(
+    {
+        "first_nudge",
+        "second_nudge",
+        "followup-call",
+        "outreach-call",
+        "outreach-letter",
+        "outreach",
+        "coordinator-followup",
+        "call-patient",
+        "call-to-book",
+    }
+)
 SPECIALIST_KINDS: Final = frozenset({"specialist-followup"})
 CHANNELS: Final = ("sms", "portal", "voice")
 # The staff channels the built-in task queue serves whenever routes.yaml gives them no

@@ -58,7 +58,13 @@ from engine.tracking.correlate import (
     event_from_dict,
     park,
 )
-from engine.tracking.escalation import DAY, Policy, TimerGroup, TimerSpec
+from engine.tracking.escalation import (
+    DAY,
+    NOT_BOOKED_TEMPLATES,
+    Policy,
+    TimerGroup,
+    TimerSpec,
+)
 from engine.tracking.priority import task_priority
 from engine.tracking.result import ApplyResult, Outcome, Source
 
@@ -525,6 +531,7 @@ class Tracker(OperatorActions):
                 store.cancel_timers(conn, rid, self.policy.appointment_kinds())
             elif effect == "cancel-patient-timers":
                 store.cancel_timers(conn, rid, self.policy.patient_kinds())
+                store.cancel_pending(conn, rid, NOT_BOOKED_TEMPLATES, now=now)
             elif effect == "cancel-all-timers":
                 store.cancel_timers(conn, rid)
             elif effect == "stop-outbound":
