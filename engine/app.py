@@ -472,6 +472,10 @@ class Engine:
         http, env = self.config.http, self.config.env
         sms = [n for n, s in table.channels.items() if s.type == "sms"]
         faxes = [n for n, s in table.channels.items() if s.type == "fax"]
+        voices = [n for n, s in table.channels.items() if s.type == "voice"]
+        voice_name = table.escalation.slot_channel("voice") or (voices[0] if voices else "")
+        if voice_name not in voices:
+            voice_name = voices[0] if voices else ""
         if len(sms) > 1:
             log.warning("outbox: %d sms channels; /hooks/twilio/* serve %s", len(sms), sms[0])
         return Hooks(
@@ -493,6 +497,10 @@ class Engine:
             on_new_rows=dispatcher.wake,
             sms_advanced_opt_out=bool(
                 sms and table.channels[sms[0]].settings.get("advanced_opt_out")
+            ),
+            voice_channel=voice_name,
+            voice_auth_token=(
+                webhook_secret(table.channels[voice_name], "auth_token", env) if voice_name else ""
             ),
         )
 

@@ -75,6 +75,8 @@ def test_progress_defaults_and_overrides() -> None:
     assert default["report-repeat"] == 7 * DAY
     assert default["specialist-task"] == 7 * DAY
     assert Policy().appointment_reminder is False and Policy().notify == ""
+    # the staff-time defaults (docs/escalation.md, "Channels and consent")
+    assert (Policy().nudge_call_task, Policy().followup_call, Policy().letter) == (False, True, "")
     text = (
         "version: 1\nchannels: {ehr: {type: webhook, url: 'http://x'}}\n"
         "escalation:\n  cadence: {report_request: 2d, report_repeat: 5d}\n"
@@ -140,6 +142,22 @@ def test_overrides_per_specialty_and_priority() -> None:
             "escalation: {appointment_reminder: perhaps}",
             "routes.yaml:2 escalation.appointment_reminder:",
         ),
+        (
+            "channels: {mail: {type: webhook, url: 'http://x'}}\nescalation:\n  letter: post",
+            "routes.yaml:4 escalation.letter: no channel named 'post' in channels:",
+        ),
+        (
+            "channels: {task: {type: webhook, url: 'http://x'}}\nescalation:\n  letter: task",
+            "routes.yaml:4 escalation.letter: 'task' is a staff channel",
+        ),
+        (
+            "escalation:\n  nudge_call_task: sometimes",
+            "routes.yaml:3 escalation.nudge_call_task: must be true or false",
+        ),
+        (
+            "escalation:\n  followup_call: 1",
+            "routes.yaml:3 escalation.followup_call: must be true or false",
+        ),
     ],
     ids=[
         "duration",
@@ -153,6 +171,10 @@ def test_overrides_per_specialty_and_priority() -> None:
         "notify",
         "report-request",
         "reminder",
+        "letter",
+        "letter-staff",
+        "nudge-call-task",
+        "followup-call",
     ],
 )
 def test_bad_escalation_config_names_line_and_path(yaml_text: str, expected: str) -> None:

@@ -98,16 +98,26 @@ def test_a_fresh_daemon_serves_every_escalation_step(daemon: Daemon, tmp_path: P
     assert first["template"] == "no-way-to-reach-specialist"
     assert "no direct or fax channel" in first["reason"]
 
-    # Day 1, then day 7: no SMS consent, no portal channel: the rotation's voice step
-    # is a person calling the patient, a task in `refloop tasks list`.
+    # Day 1, then day 7: no SMS consent, no portal channel, no voice channel: nothing
+    # automated can reach the patient, and no person is asked yet (escalation
+    # `nudge_call_task: false`, the default): a `nudge-not-sent` timeline entry each.
     days_pass(daemon, 1.5)
-    call = step(daemon, rid, "first-nudge")
-    assert call["template"] == "call-patient" and "call the patient" in call["reason"]
+    wait_rows(
+        daemon.db,
+        "SELECT id FROM referral_events WHERE referral_id = ? AND kind = 'nudge-not-sent'",
+        (rid,),
+    )
     days_pass(daemon, 6.0)
-    again = step(daemon, rid, "second-nudge")
-    assert again["template"] == "call-patient" and again["id"] != call["id"]
+    wait_rows(
+        daemon.db,
+        "SELECT count(*) FROM referral_events WHERE referral_id = ? "
+        "AND kind = 'nudge-not-sent' HAVING count(*) = 2",
+        (rid,),
+    )
+    assert [t["template"] for t in open_tasks(daemon)] == ["no-way-to-reach-specialist"]
 
-    # Day 14: the coordinator follow-up supersedes the call task.
+    # Day 14: the coordinator follow-up (no automated call without a voice channel)
+    # supersedes the packet task: the person's first call.
     days_pass(daemon, 7.0)
     follow = step(daemon, rid, "coordinator-task")
     assert follow["template"] == "coordinator-followup"
@@ -122,12 +132,10 @@ def test_a_fresh_daemon_serves_every_escalation_step(daemon: Daemon, tmp_path: P
     )
     assert [t for t, _s in history] == [
         "no-way-to-reach-specialist",
-        "call-patient",
-        "call-patient",
         "coordinator-followup",
         "outreach",
     ]
-    assert [s for _t, s in history] == ["superseded"] * 4 + ["open"]
+    assert [s for _t, s in history] == ["superseded"] * 2 + ["open"]
 
 
 # A routes.yaml whose every channel reference is unserved (no `channels:` at all).

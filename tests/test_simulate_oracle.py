@@ -11,7 +11,10 @@ The expected values are computed here from the documented rules, never copied fr
 - the specialist's report arrives ``report`` after the booking and closes the referral
   (``report-received``);
 - a referral still open 60 days after it opened is closed ``no-response``
-  (``attempt-close``).
+  (``attempt-close``);
+- a patient still not booked 14 days after the referral, with recorded consent and the
+  simulator's voice channel, gets the automated call ``followup-call`` and no coordinator
+  task (``followup_call: true``, the default; every patient here has consent).
 
 Referrals open at whole hours inside the patient's contact window (09:00-20:00 local), so
 no nudge is deferred; the simulator's one-hour step can only add < 1 hour, which the
@@ -33,6 +36,7 @@ DAY_H = 24
 FIRST_NUDGE = 1
 SECOND_NUDGE = 7
 ATTEMPT_CLOSE = 60
+FOLLOWUP = 14
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Outcome:
     booked_day: int | None
     closed_day: int
     close_reason: str
+    followup_calls: int = 0
+    coordinator_tasks: int = 0
 
 
 def expected(p: Plan) -> Outcome:
@@ -98,12 +104,17 @@ def expected(p: Plan) -> Outcome:
         after = nudge_h[p.books_after_nudge - 1] + p.book_delay_h
         booked_h = after if booked_h is None else min(booked_h, after)
     sent = [h for h in nudge_h if booked_h is None or h < booked_h]
+    calls = 1 if booked_h is None or booked_h > FOLLOWUP * DAY_H else 0
     if booked_h is not None and p.report_h is not None:
         closed_h = booked_h + p.report_h
         assert closed_h < ATTEMPT_CLOSE * DAY_H, "keep the oracle away from the close timer"
-        return Outcome(len(sent), booked_h // DAY_H, closed_h // DAY_H, "report-received")
+        return Outcome(len(sent), booked_h // DAY_H, closed_h // DAY_H, "report-received", calls)
     return Outcome(
-        len(sent), None if booked_h is None else booked_h // DAY_H, ATTEMPT_CLOSE, "no-response"
+        len(sent),
+        None if booked_h is None else booked_h // DAY_H,
+        ATTEMPT_CLOSE,
+        "no-response",
+        calls,
     )
 
 
@@ -122,11 +133,19 @@ def observed(r: dict[str, object]) -> Outcome:
     ]
     booked = [e["at"] for e in timeline if e["event"] == "appointment-booked"]
     closed = [e["at"] for e in timeline if e["status"] == "closed"]
+    calls = [
+        _day(e["at"], opened)
+        for e in timeline
+        if e["event"] == "out:followup-call" and e["by"] == "voice" and e["status"] == "sent"
+    ]
+    assert all(day == FOLLOWUP for day in calls), calls
     return Outcome(
         len(nudges),
         _day(booked[0], opened) if booked else None,
         _day(closed[0], opened),
         str(r["close_reason"]),
+        len(calls),
+        sum(1 for e in timeline if e["event"] == "out:coordinator-followup"),
     )
 
 

@@ -158,10 +158,9 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
                 ("specialist-followup", "resend:none"),
-                ("coordinator-task", "task:coordinator-followup"),
-                # due with the coordinator task: one task per referral, whose reason
-                # names both concerns
-                ("specialist-followup", "merged:call-specialist-office"),
+                # consent and a voice channel: an automated call before any person
+                ("coordinator-task", "call:voice"),
+                ("specialist-followup", "task:call-specialist-office"),
             ],
         ),
         (
@@ -170,8 +169,8 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
                 ("specialist-followup", "resend:none"),
-                ("coordinator-task", "task:coordinator-followup"),
-                ("specialist-followup", "merged:call-specialist-office"),
+                ("coordinator-task", "call:voice"),
+                ("specialist-followup", "task:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
             ],
         ),
@@ -181,8 +180,8 @@ def test_first_nudge_within_24_hours_inside_quiet_hours(db: Database) -> None:
                 ("first-nudge", "nudge:sms"),
                 ("second-nudge", "nudge:portal"),
                 ("specialist-followup", "resend:none"),
-                ("coordinator-task", "task:coordinator-followup"),
-                ("specialist-followup", "merged:call-specialist-office"),
+                ("coordinator-task", "call:voice"),
+                ("specialist-followup", "task:call-specialist-office"),
                 ("outreach", "task:outreach-call"),
                 ("attempt-close", "close:no-response"),
             ],
@@ -196,7 +195,8 @@ def test_every_row_of_the_cadence(db: Database, days: int, expected: list[tuple[
     fired = loop.advance_to(T0 + days * DAY + 1)
     assert sorted(acted(fired)) == sorted(expected)  # timers due together: creation order
     if days >= 14:
-        assert loop.status(rid)[0] in ("escalated", "closed")
+        assert ("voice", "followup-call") in loop.outbox(rid)
+        assert ("task", "coordinator-followup") not in loop.outbox(rid)
     if days >= 30:
         assert ("task", "outreach-letter") in loop.outbox(rid)
         assert ("voice", "outreach-call") in loop.outbox(rid)
@@ -307,8 +307,9 @@ def test_reschedule_moves_the_booked_branch_and_the_reminder_waits_for_the_windo
 
 def test_task_payload_carries_reason_and_attempts(db: Database) -> None:
     """The 14-day task says why (every open concern) and what the machine already tried:
-    the SMS on day 1 and the portal nudge on day 7 (docs/escalation.md, Tasks)."""
-    loop = Loop(db)
+    the SMS on day 1 and the portal nudge on day 7 (docs/escalation.md, Tasks). Here the
+    practice asks for the task at 14 days (``followup_call: false``)."""
+    loop = Loop(db, Policy(followup_call=False))
     rid = loop.create()
     loop.advance_to(T0 + 14 * DAY + 1)
     (row,) = [o for o in rstore.outbox_for(db.conn, rid) if o.template == "coordinator-followup"]
@@ -326,6 +327,48 @@ def test_task_payload_carries_reason_and_attempts(db: Database) -> None:
         "no-way-to-reach-specialist",
         "coordinator-followup",
     ]
+
+
+def test_day_14_is_an_automated_call_where_one_may_be_placed(db: Database) -> None:
+    """Default ``followup_call: true``: with consent and a voice channel the 14-day step
+    is an automated call, no task and no ``escalated``; the call is among the attempts
+    the 30-day letter task lists. Without consent, the coordinator task as before."""
+    loop = Loop(db)
+    rid = loop.create()
+    loop.advance_to(T0 + 14 * DAY + 1)
+    calls = [o for o in rstore.outbox_for(db.conn, rid) if o.template == "followup-call"]
+    assert [(o.channel, o.due) for o in calls] == [("voice", T0 + 14 * DAY)]
+    assert loop.status(rid)[0] != "escalated"
+    assert "coordinator-followup" not in [o.template for o in rstore.outbox_for(db.conn, rid)]
+    loop.advance_to(T0 + 30 * DAY + 1)
+    (letter,) = [o for o in rstore.outbox_for(db.conn, rid) if o.template == "outreach-letter"]
+    attempts = [a["what"] for a in json.loads(letter.payload)["attempts"]]
+    assert "automated call by voice (pending)" in attempts
+
+    other = Loop(db)
+    rid2 = other.create("R2", consent=False, phone="+15555550101")
+    other.advance_to(T0 + 14 * DAY + 1)
+    templates = [o.template for o in rstore.outbox_for(db.conn, rid2)]
+    assert "coordinator-followup" in templates and "followup-call" not in templates
+    assert other.status(rid2)[0] == "escalated"
+
+
+def test_the_outreach_letter_goes_by_the_letter_channel(db: Database) -> None:
+    """``letter: mail``: the day-30 letter is an outbox row on that channel (a mailing
+    service), not a coordinator task; the call still goes by the voice channel."""
+    text = (
+        "version: 1\nchannels: {mail: {type: webhook, url: 'https://mail.example'}}\n"
+        "escalation: {letter: mail}\n"
+    )
+    loop = Loop(db, compile_policy(loads(text)))
+    rid = loop.create()
+    fired = loop.advance_to(T0 + 30 * DAY + 1)
+    assert ("outreach", "task:outreach-call") in acted(fired)
+    out = loop.outbox(rid)
+    assert ("mail", "outreach-letter") in out and ("voice", "outreach-call") in out
+    assert ("task", "outreach-letter") not in out
+    (letter,) = [o for o in rstore.outbox_for(db.conn, rid) if o.channel == "mail"]
+    assert letter.idempotency_key == f"{rid}:outreach-letter:1" and letter.due == T0 + 30 * DAY
 
 
 def test_specialist_confirmation_makes_the_follow_up_moot(db: Database) -> None:

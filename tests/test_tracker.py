@@ -941,7 +941,8 @@ def test_timers_and_outbox_keys(db: Database) -> None:
         "task": "no-way-to-reach-specialist",
         "why": "no-certificate",
         "reason": "no Direct certificate and no fax number for the specialist office",
-        "priority_score": 0,
+        # docs/escalation.md "Tasks": routine 10, 0 days open, no failed contact
+        "priority_score": 10,
         "attempts": [],
         "referral_id": 1,
     }

@@ -95,7 +95,9 @@ def enqueue(db: Database, rid: int, key: str, template: str, due: float) -> int:
     return found
 
 
-def dispatcher(db: Database, channels: dict[str, Any], clock: Clock) -> Dispatcher:
+def dispatcher(
+    db: Database, channels: dict[str, Any], clock: Clock, policy: Policy | None = None
+) -> Dispatcher:
     table = {"voice": VOICE, "portal": PORTAL}
     return Dispatcher(
         db,
@@ -105,7 +107,7 @@ def dispatcher(db: Database, channels: dict[str, Any], clock: Clock) -> Dispatch
         tracker=Tracker(db, clock),
         default_policy=RetryPolicy(max_attempts=3, base=10.0, cap=100.0),
         rng=random.Random(3),
-        rotation=Rotation.from_channels(Policy(), table),
+        rotation=Rotation.from_channels(policy or Policy(), table),
     )
 
 
@@ -356,19 +358,33 @@ def test_factory_names_each_unusable_voice_setting() -> None:
         assert any(p.startswith(f"channels.voice.{key}: ") for p in problems), problems
 
 
+@pytest.mark.parametrize(
+    ("template", "nudge_call_task", "task_expected"),
+    [
+        ("second-nudge", False, False),  # default: the 14-day step is the person's call
+        ("second-nudge", True, True),  # escalation nudge_call_task: true
+        ("outreach-call", False, True),  # the 30-day call is a person's step either way
+        ("followup-call", False, True),  # so is the 14-day call
+    ],
+)
 def test_a_call_that_cannot_be_placed_becomes_a_call_patient_task(
-    tmp_path: Path, prism: Prism
+    tmp_path: Path, prism: Prism, template: str, nudge_call_task: bool, task_expected: bool
 ) -> None:
     """No consent to automated calls and no portal: nothing automated can reach the
-    patient, so the call goes to a person (a ``call-patient`` task on ``task``)."""
+    patient. A call that asks the patient to book then goes to a person (a
+    ``call-patient`` task on ``task``, with the documented priority score), except a
+    rotation nudge under the default ``nudge_call_task: false`` (docs/escalation.md)."""
     clock = VirtualClock(DAY)
     db = open_database(tmp_path / "refloop.db")
     rid = new_referral(db, clock, "A", phone="+15550100002", portal=False)
-    oid = enqueue(db, rid, "v", "second-nudge", DAY)
+    later = DAY + 8 * 86400  # 10:00 New York, the referral 8 days old: the score counts it
+    clock.set(later)
+    oid = enqueue(db, rid, "v", template, later)
+    policy = Policy(nudge_call_task=nudge_call_task)
 
     async def main() -> list[dict[str, Any]]:
         async with recording() as (http, seen):
-            d = dispatcher(db, {"voice": voice(http, prism.base, clock)}, clock)
+            d = dispatcher(db, {"voice": voice(http, prism.base, clock)}, clock, policy)
             assert await d.run_once("voice") == 1
         return seen
 
@@ -376,10 +392,16 @@ def test_a_call_that_cannot_be_placed_becomes_a_call_patient_task(
     skipped = outbox.get(db.conn, oid)
     assert skipped is not None and skipped.status == "cancelled"
     task_id = outbox.id_for_key(db.conn, "v:call")
+    if not task_expected:
+        assert task_id is None
+        db.close()
+        return
     task = outbox.get(db.conn, task_id or 0)
     assert task is not None and task.channel == "task" and task.template == "call-patient"
     payload = task.payload_dict()
     assert payload["referral_id"] == rid and "consent" in payload["reason"]
+    # coordinator_priority by hand: routine 10 + age 8 days // 2 = 4, no failed contact
+    assert payload["priority_score"] == 14
     db.close()
 
 

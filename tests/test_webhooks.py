@@ -35,6 +35,7 @@ from engine.store import referrals as referral_store
 T0 = 1_767_225_600.0
 PUBLIC = "https://refloop.example.org"
 TOKEN = "twilio-auth-token-for-tests-0123"
+VOICE_TOKEN = "twilio-voice-auth-token-for-tests-45"  # a second account's token
 FAX_TOKEN = "phaxio-callback-token-for-tests"
 CONFIRM_KEY = "confirm-key-for-tests-0123456789abcdef"
 ADMIN = "admin-token-for-tests"
@@ -90,6 +91,7 @@ class Rig:
         signed_url: str | None = None,
         signed_form: dict[str, str] | None = None,
         signature: str | None = "",
+        token: str = TOKEN,
     ) -> httpx.Response:
         """POST ``form`` to ``path`` signed as Twilio would for ``signed_url`` (default:
         the public URL of ``path``) and ``signed_form`` (default: ``form``)."""
@@ -97,7 +99,7 @@ class Rig:
         headers = {}
         if signature is not None:
             headers[SIGNATURE_HEADER] = signature or compute_twilio_signature(
-                url, signed_form or form, TOKEN
+                url, signed_form or form, token
             )
         return await self.http.post(f"{self.base}{path}", data=form, headers=headers)
 
@@ -167,6 +169,14 @@ async def rig(tmp_path: Path, **sms_settings: Any) -> AsyncIterator[Rig]:
                     **sms_settings,
                 },
                 "portal": {"type": "webhook", "url": portal_url, "secret": "${env:HOOK_SECRET}"},
+                "voice": {
+                    "type": "voice",
+                    "account_sid": ACCOUNT,
+                    "auth_token": "${env:VOICE_TOKEN}",
+                    "from_number": "+15550009998",
+                    "status_callback_url": f"{PUBLIC}/hooks/twilio/voice-status",
+                    "api_base": "http://127.0.0.1:9",
+                },
                 "coordinator": {
                     "type": "webhook",
                     "url": coord_url,
@@ -185,6 +195,7 @@ async def rig(tmp_path: Path, **sms_settings: Any) -> AsyncIterator[Rig]:
         }
         env = {
             "TWILIO_TOKEN": TOKEN,
+            "VOICE_TOKEN": VOICE_TOKEN,
             "HOOK_SECRET": "hook-secret-for-tests-0123",
             "FAX_KEY": "fax-key",
             "FAX_TOKEN": FAX_TOKEN,
@@ -412,6 +423,73 @@ def test_status_found_by_message_sid_without_outbox_param(tmp_path: Path) -> Non
         form = {"MessageSid": "SM100", "MessageStatus": "delivered"}
         assert (await r.twilio("/hooks/twilio/status", form)).status_code == 204
         assert r.row(oid).provider_status == "delivered"
+
+    run(body, tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Call statuses (docs/voice.md): signed like Twilio's SDK signs, with the voice token
+
+
+def signed_by_sdk(url: str, form: dict[str, str], token: str) -> str:
+    """The X-Twilio-Signature the twilio SDK's RequestValidator accepts for ``url``."""
+    validator = RequestValidator(token)
+    signature = str(validator.compute_signature(url, form))
+    assert validator.validate(url, form, signature)
+    return signature
+
+
+def test_call_statuses_move_forward_and_a_failed_call_rotates(tmp_path: Path) -> None:
+    async def body(r: Rig) -> None:
+        rid = r.referral("R1", phone=PATIENT, sms_consent=True, portal=True)
+        oid = r.sent_row(rid, "voice", "c1", "CA100", "queued", to=PATIENT)
+        callback = f"{PUBLIC}/hooks/twilio/voice-status?outbox={oid}"
+        path = callback.removeprefix(PUBLIC)
+        for status, expected in [
+            ("ringing", "ringing"),
+            ("initiated", "ringing"),  # late and older: ignored
+            ("no-answer", "no-answer"),  # recorded only: the next step's timer tries again
+            ("completed", "no-answer"),  # finals never replace each other
+        ]:
+            form = {"CallSid": "CA100", "CallStatus": status, "AccountSid": ACCOUNT}
+            sig = signed_by_sdk(callback, form, VOICE_TOKEN)
+            response = await r.twilio(path, form, signed_url=callback, signature=sig)
+            assert response.status_code == 204, status
+            assert r.row(oid).provider_status == expected, status
+        assert not outbox.list_items(r.db.conn, channel="portal")
+
+        # the SMS token does not sign call callbacks
+        form = {"CallSid": "CA100", "CallStatus": "failed"}
+        bad = await r.twilio(path, form, signed_url=callback, token=TOKEN)
+        assert bad.status_code == 403
+
+        # a call that failed (the number cannot be called) moves the rotation on
+        other = r.sent_row(rid, "voice", "c2", "CA200", "initiated", to=PATIENT)
+        callback = f"{PUBLIC}/hooks/twilio/voice-status?outbox={other}"
+        form = {"CallSid": "CA200", "CallStatus": "failed", "ErrorCode": "32009"}
+        sig = signed_by_sdk(callback, form, VOICE_TOKEN)
+        response = await r.twilio(
+            callback.removeprefix(PUBLIC), form, signed_url=callback, signature=sig
+        )
+        assert response.status_code == 204
+        assert r.row(other).provider_status == "failed"
+        keys, arrived = r.portal
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert keys == ["c2:next"]
+
+    run(body, tmp_path)
+
+
+def test_call_status_found_by_call_sid_without_outbox_param(tmp_path: Path) -> None:
+    async def body(r: Rig) -> None:
+        rid = r.referral("R1", phone=PATIENT, sms_consent=True)
+        oid = r.sent_row(rid, "voice", "c1", "CA300", "queued", to=PATIENT)
+        url = f"{PUBLIC}/hooks/twilio/voice-status"
+        form = {"CallSid": "CA300", "CallStatus": "completed"}
+        sig = signed_by_sdk(url, form, VOICE_TOKEN)
+        response = await r.twilio("/hooks/twilio/voice-status", form, signature=sig)
+        assert response.status_code == 204
+        assert r.row(oid).provider_status == "completed"
 
     run(body, tmp_path)
 

@@ -44,9 +44,14 @@ from twilio.base.exceptions import (  # type: ignore[import-untyped]
 from twilio.twiml.voice_response import VoiceResponse  # type: ignore[import-untyped]
 
 from channels.base import error_for_status
-from channels.sms.twilio import ACCOUNT_SID_PATTERN, E164_PATTERN, TwilioRestChannel
+from channels.sms.twilio import (
+    ACCOUNT_SID_PATTERN,
+    E164_PATTERN,
+    TwilioRestChannel,
+    outbox_id_from_url,
+)
 from engine.errors import ChannelError
-from engine.model import OutboundMessage, SendReceipt
+from engine.model import DeliveryUpdate, OutboundMessage, SendReceipt
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +183,44 @@ class TwilioVoice(TwilioRestChannel):
             provider_message_id=sid,
             provider_status=status,
         )
+
+
+# ---------------------------------------------------------------------------
+# Call-status callbacks (POST to the StatusCallback URL, ``/hooks/twilio/voice-status``)
+
+# Twilio's CallStatus lifecycle; the final states share the top rank, so a late or
+# repeated callback never moves a row backwards and finals never replace each other.
+_CALL_RANK: Final[dict[str, int]] = {
+    "queued": 0,
+    "initiated": 1,
+    "ringing": 2,
+    "in-progress": 3,
+    "completed": 4,
+    "busy": 4,
+    "no-answer": 4,
+    "canceled": 4,
+    "failed": 4,
+}
+# The call could not be placed at all (an unreachable or invalid number): the rotation
+# moves on, as for an undelivered text. ``busy`` and ``no-answer`` are recorded only: the
+# next step's timer tries again (live calls added nothing to a series of automated
+# ones, [25]; a person is asked only where the machine has nothing left to try).
+CALL_FAILED: Final = frozenset({"failed"})
+
+
+def newer_call_status(old: str, new: str) -> bool:
+    """True when ``new`` should replace the recorded ``old`` call status."""
+    new_rank = _CALL_RANK.get(new.strip().lower(), -1)
+    return new_rank >= 0 and new_rank > _CALL_RANK.get(old.strip().lower(), -1)
+
+
+def parse_call_status(params: dict[str, str], *, url: str) -> DeliveryUpdate:
+    """A call-status update from a (verified) callback; ``url`` is the public URL Twilio
+    called, whose ``outbox`` query parameter names the row."""
+    return DeliveryUpdate(
+        channel=CHANNEL,
+        outbox_id=outbox_id_from_url(url),
+        provider_message_id=params.get("CallSid", ""),
+        status=params.get("CallStatus", "").strip().lower(),
+        error_code=params.get("ErrorCode", "") or params.get("SipResponseCode", ""),
+    )

@@ -20,6 +20,7 @@ from engine.store import referrals as referral_store
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking.escalation import Policy
+from engine.tracking.priority import task_priority
 
 # Where an automated call that cannot be placed goes: a person calls (the built-in task
 # queue serves ``task`` when routes.yaml gives it no worklist).
@@ -28,8 +29,11 @@ CALL_PATIENT_TASK: Final = "call-patient"
 # The calls that ask the patient to book (a person makes them when the machine cannot);
 # a reminder of a booked visit is not one.
 CALL_TO_BOOK: Final = frozenset(
-    {"first_nudge", "first-nudge", "second_nudge", "second-nudge", "outreach-call"}
+    {"first_nudge", "first-nudge", "second_nudge", "second-nudge", "outreach-call", "followup-call"}
 )
+# The rotation's own nudges: a call among them that cannot be placed becomes a task only
+# with escalation ``nudge_call_task: true`` (else the 14-day step is the person's call).
+NUDGES: Final = frozenset({"first_nudge", "first-nudge", "second_nudge", "second-nudge"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +83,12 @@ class Rotation:
         ``call-patient`` task: the person the automated call replaced calls instead."""
         nxt = self.next_channel(item.channel, referral)
         if nxt is None:
-            if self.slot_of(item.channel) == "voice" and item.template in CALL_TO_BOOK:
-                return self._call_task(conn, item, reason, now)
+            if (
+                self.slot_of(item.channel) == "voice"
+                and item.template in CALL_TO_BOOK
+                and (self.policy.nudge_call_task or item.template not in NUDGES)
+            ):
+                return self._call_task(conn, item, reason, now, referral)
             return None
         payload = item.payload_dict()
         payload.pop("to", None)  # the address belonged to the failed channel
@@ -99,14 +107,20 @@ class Rotation:
         )
         return outbox.id_for_key(conn, key)
 
-    def _call_task(self, conn: Conn, item: Item, reason: str, now: float) -> int | None:
-        """A coordinator task (the shared task contract) to call the patient by hand."""
+    def _call_task(
+        self, conn: Conn, item: Item, reason: str, now: float, referral: ReferralRow | None
+    ) -> int | None:
+        """A coordinator task (the shared task contract) to call the patient by hand,
+        with the documented priority score (docs/escalation.md, "Tasks")."""
         payload = item.payload_dict()
+        score = payload.get("priority_score")
+        if not isinstance(score, int | float) and referral is not None:
+            score = task_priority(conn, referral, now)
         task = {
             "referral_id": item.referral_id,
             "kind": str(payload.get("kind") or item.template),
             "task": CALL_PATIENT_TASK,
-            "priority_score": payload.get("priority_score", 0),
+            "priority_score": score if isinstance(score, int | float) else 0,
             "reason": f"the automated call was not placed ({reason}): call the patient",
             "attempts": payload.get("attempts") or [],
             "rotated_from": item.channel,

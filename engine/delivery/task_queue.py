@@ -54,10 +54,11 @@ def builtin_channels(types: Mapping[str, str], built: Collection[str]) -> list[s
 
 def unserved_channels(table: RouteTable, served: Collection[str]) -> dict[str, list[str]]:
     """Channel → what names it (``route ref-new (routes.yaml:41)``, ``escalation.notify``,
-    ``escalation.rotation``), for every channel a route ``send``/``forward``, the
-    ``notify`` channel or a rotation slot names that nothing in ``served`` (the adapters
-    and the built-in queue's channels) serves. ``refloop routes check`` refuses these;
-    this is the daemon's second look at start (docs/escalation.md)."""
+    ``escalation.letter``, ``escalation.rotation``), for every channel a route
+    ``send``/``forward``, the ``notify`` or ``letter`` channel or a rotation slot names
+    that nothing in ``served`` (the adapters and the built-in queue's channels) serves.
+    ``refloop routes check`` refuses these; this is the daemon's second look at start
+    (docs/escalation.md)."""
     named: list[tuple[str, str]] = [
         (a.channel, f"route {route.name} ({route.where})")
         for route in table.routes
@@ -67,6 +68,8 @@ def unserved_channels(table: RouteTable, served: Collection[str]) -> dict[str, l
     policy = table.escalation
     if policy.notify:
         named.append((policy.notify, "escalation.notify"))
+    if policy.letter:
+        named.append((policy.letter, "escalation.letter"))
     for slot in policy.rotation:
         channel = policy.slot_channel(slot)
         if channel is not None:  # an unconfigured slot is skipped (voice: a task)

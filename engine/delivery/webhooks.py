@@ -3,6 +3,8 @@ server (docs/delivery.md, "Webhooks").
 
 * ``POST /hooks/twilio/sms``: patient replies; X-Twilio-Signature over the public URL;
 * ``POST /hooks/twilio/status``: SMS delivery status; X-Twilio-Signature likewise;
+* ``POST /hooks/twilio/voice-status``: automated-call status (the voice channel's
+  ``status_callback_url``); signed with the voice channel's auth token;
 * ``POST /hooks/fax/phaxio``: fax delivery status; X-Phaxio-Signature
   (channels.fax.webhook);
 * ``GET``/``POST /confirm/<token>``: the specialist confirms receipt; the token's HMAC
@@ -37,6 +39,7 @@ from channels import confirm
 from channels.fax import phaxio as fax
 from channels.fax.webhook import phaxio_webhook
 from channels.sms import twilio as sms
+from channels.voice import twilio as voice
 from engine.canonical import canonical_json
 from engine.clock import Clock
 from engine.delivery import direct_inbound as direct_flow
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 TWIML: Final = "application/xml"
 SMS_PATH: Final = "/hooks/twilio/sms"
 STATUS_PATH: Final = "/hooks/twilio/status"
+VOICE_STATUS_PATH: Final = "/hooks/twilio/voice-status"
 FAX_PATH: Final = "/hooks/fax/phaxio"
 CONFIRM_PATH: Final = "/confirm/{token}"
 CALL_TO_BOOK: Final = "call-to-book"
@@ -89,6 +93,8 @@ class Hooks:
         coordinator_channel: str = "task",
         on_new_rows: Callable[[], None] | None = None,
         sms_advanced_opt_out: bool = False,
+        voice_channel: str = "",
+        voice_auth_token: str = "",
     ) -> None:
         self.db = db
         self.clock = clock
@@ -105,6 +111,8 @@ class Hooks:
         self.coordinator_channel = coordinator_channel
         self.on_new_rows = on_new_rows
         self.sms_advanced_opt_out = sms_advanced_opt_out
+        self.voice_channel = voice_channel
+        self.voice_auth_token = voice_auth_token
 
     def register(self, app: web.Application) -> list[str]:
         """Add the routes this configuration can serve; returns their paths."""
@@ -113,6 +121,9 @@ class Hooks:
             app.router.add_post(SMS_PATH, self.twilio_sms)
             app.router.add_post(STATUS_PATH, self.twilio_status)
             mounted += [SMS_PATH, STATUS_PATH]
+        if self.public_url and self.voice_channel and self.voice_auth_token:
+            app.router.add_post(VOICE_STATUS_PATH, self.twilio_voice_status)
+            mounted.append(VOICE_STATUS_PATH)
         if self.public_url and self.fax_token:
             handler = phaxio_webhook(
                 token=self.fax_token,
@@ -152,7 +163,7 @@ class Hooks:
             self.on_new_rows()
 
     async def _verified_form(
-        self, request: web.Request, hook: str
+        self, request: web.Request, hook: str, token: str = ""
     ) -> tuple[dict[str, str], str] | None:
         """The form and the public URL of a Twilio request whose signature verifies."""
         try:
@@ -166,7 +177,7 @@ class Hooks:
             url,
             pairs,
             request.headers.get(sms.SIGNATURE_HEADER),
-            self.sms_auth_token,
+            token or self.sms_auth_token,
             algorithm=algorithm,
         )
         if not ok:
@@ -317,6 +328,65 @@ class Hooks:
                 log.info(
                     "outbox %d: sms %s; rotation moves to outbox %d", item.id, update.status, nxt
                 )
+            return nxt is not None
+
+    # -- Twilio: call status -------------------------------------------------------------
+
+    async def twilio_voice_status(self, request: web.Request) -> web.Response:
+        """An automated call's status: recorded forward-only on its outbox row; a call
+        that ``failed`` (the number cannot be called) moves the rotation on, as an
+        undelivered text does; ``busy`` and ``no-answer`` are recorded only."""
+        verified = await self._verified_form(
+            request, "twilio voice status callback", self.voice_auth_token
+        )
+        if verified is None:
+            self._count("twilio-voice-status", "forbidden")
+            return web.Response(status=403, text="bad signature")
+        form, url = verified
+        update = voice.parse_call_status(form, url=url)
+        try:
+            moved = self._apply_call_status(update)
+        except StoreError:
+            log.exception("voice %s: status not stored", update.provider_message_id)
+            self._count("twilio-voice-status", "error")
+            return web.Response(status=503, text="try again")
+        self._count("twilio-voice-status", "ok")
+        if moved:
+            self._wake()
+        return web.Response(status=204)
+
+    def _apply_call_status(self, update: DeliveryUpdate) -> bool:
+        now = self.clock.now()
+        with self.db.transaction() as conn:
+            item = outbox.get(conn, update.outbox_id) if update.outbox_id else None
+            if item is None or item.channel != self.voice_channel:
+                item = outbox.find_by_provider_id(
+                    conn, self.voice_channel, update.provider_message_id
+                )
+            if item is None:
+                log.warning("voice %s: status for no known outbox row", update.provider_message_id)
+                return False
+            if not voice.newer_call_status(item.provider_status, update.status):
+                log.info(
+                    "outbox %d: call status %s ignored (have %s)",
+                    item.id,
+                    update.status,
+                    item.provider_status or "none",
+                )
+                return False
+            outbox.set_provider_status(conn, item.id, update.status, now)
+            log.info("outbox %d: call %s", item.id, update.status)
+            if update.status not in voice.CALL_FAILED:
+                return False
+            referral = (
+                referral_store.get_referral(conn, item.referral_id)
+                if item.referral_id is not None
+                else None
+            )
+            nxt = self.rotation.advance(conn, item, referral, f"call {update.status}", now)
+            if nxt is not None:
+                log.info("outbox %d: call %s; rotation moves to outbox %d", item.id,
+                         update.status, nxt)  # fmt: skip
             return nxt is not None
 
     # -- Phaxio --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ SIM_SECRET: Final = "simulated-webhook-secret-0123456789"
 CONFIRM_KEY: Final = "simulated-confirmation-key-0123456789abcdef"
 PATIENT_CHANNELS: Final = ("sms", "portal", "voice")
 AUTOMATED_VOICE: Final = "voice"  # the automated-call channel of the refloop run
+MAILED_LETTER: Final = "letter"  # the print-and-mail channel (escalation ``letter:``)
 _WORLD: Final = frozenset({"book", "visit", "report-sent", "staff"})  # generated referrals
 
 
@@ -697,6 +698,8 @@ class Simulation:
             "coordinator": dict(webhook),
             # referring-provider notifications (issue 15): counted apart from staff work
             "notify": dict(webhook),
+            # a print-and-mail service for the day-30 letter (escalation ``letter:``)
+            "letter": dict(webhook),
             # the specialist office's Direct HISP and fax line, played by the simulator
             "direct": dict(webhook),
             "fax": dict(webhook),
@@ -980,7 +983,8 @@ class Simulation:
         elif send.channel in self.staff["channels"]:
             # a person works the task within one to two working days
             self._at(send.at + life.rng.uniform(0.5, 2) * DAY, "staff", index)
-        elif send.channel in PATIENT_CHANNELS:
+        elif send.channel in PATIENT_CHANNELS or send.channel == MAILED_LETTER:
+            # a mailed letter reads like a text or a portal message: a delivered nudge
             if send.channel == "sms" and plan.sms_fails:
                 self._at(send.at + 60, "sms-failed", index, sid=send.provider_id)
             elif life.booked:
@@ -1207,6 +1211,8 @@ def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
     out.pop("specialties", None)
     out.pop("appointment_reminder", None)  # an automated reminder is automation too
     out.pop("notify", None)  # so are notices to the referring provider
+    out.pop("letter", None)  # and letters a mailing service sends
+    out["followup_call"] = False  # the practice's 14-day follow-up is a person's call
     return out
 
 

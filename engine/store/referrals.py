@@ -995,6 +995,27 @@ def enqueue_outbox(
     return bool(cur.rowcount)
 
 
+def unused_key(conn: Conn, key: str) -> str:
+    """``key`` when no outbox row has it, else ``key#n`` for the smallest unused ``n`` >= 2:
+    the n-th time one escalation step is queued for a referral (a patient branch restarted
+    by a no-show, a booked branch by a new booking). The caller's transaction claims the
+    timer that asks for it, so the same firing never asks twice."""
+    taken = {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT idempotency_key FROM outbox WHERE idempotency_key = ? "
+            "OR (idempotency_key >= ? AND idempotency_key < ?)",
+            (key, f"{key}#", f"{key}$"),
+        ).fetchall()
+    }
+    if key not in taken:
+        return key
+    n = 2
+    while f"{key}#{n}" in taken:
+        n += 1
+    return f"{key}#{n}"
+
+
 def count_outbox(conn: Conn, referral_id: int, key_prefix: str) -> int:
     """How many outbox rows of this referral have keys starting with ``key_prefix``."""
     r = conn.execute(
@@ -1010,6 +1031,22 @@ def cancel_outbox(conn: Conn, referral_id: int, *, now: float = 0.0) -> int:
         "UPDATE outbox SET status = 'cancelled', updated_at = ? "
         "WHERE referral_id = ? AND status = 'pending'",
         (now, referral_id),
+    )
+    return int(cur.rowcount)
+
+
+def cancel_pending(
+    conn: Conn, referral_id: int, templates: Iterable[str], *, now: float = 0.0
+) -> int:
+    """Cancel the referral's rows of ``templates`` that have not been sent (still
+    ``pending``: due later, held for the contact window, or waiting to retry)."""
+    names = sorted(set(templates))
+    if not names:
+        return 0
+    cur = conn.execute(
+        f"UPDATE outbox SET status = 'cancelled', updated_at = ? WHERE referral_id = ? "
+        f"AND status = 'pending' AND template IN ({','.join('?' * len(names))})",
+        (now, referral_id, *names),
     )
     return int(cur.rowcount)
 

@@ -71,9 +71,9 @@ from engine.tracking.escalation import (
     NUDGE_KINDS,
     Cadence,
     Policy,
-    coordinator_priority,
     next_contact_time,
 )
+from engine.tracking.priority import NUDGE_TEMPLATES, task_priority
 from engine.tracking.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -298,6 +298,9 @@ class TimerService:
         if patient_booked:
             return "moot", ""
         if kind == "coordinator-task":
+            call = self.policy.followup_call and self._followup_call(conn, row, referral, now)
+            if call:
+                return "acted", call
             self.tracker.apply_internal(
                 referral.id, states.InternalEvent("escalated", occurred_at=now), conn, actor="timer"
             )
@@ -335,13 +338,33 @@ class TimerService:
     def _outreach(
         self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
     ) -> str:
-        """Day 30, not booked: the letter and the call. Without a voice channel both are
-        one task (two would supersede each other in the queue); with one, the call goes
-        there and the letter is the task."""
+        """Day 30, not booked: the letter and the call. The letter goes by the ``letter``
+        channel when one is configured (a mailing service), else it is a task. Without a
+        voice channel the call is a task too, and a letter task and a call task are one
+        task ``outreach`` (two would supersede each other in the queue)."""
         voice = self.policy.slot_channel("voice")
-        if voice is None:
+        if self.policy.letter:
+            payload = {
+                "referral_id": referral.id,
+                "kind": row.kind,
+                "attempt": row.attempt,
+                "subject": "Letter to the patient: please book the referral visit",
+            }
+            referral_store.enqueue_outbox(
+                conn, referral.id, self.policy.letter, OUTREACH_LETTER, canonical_json(payload),
+                referral_store.unused_key(conn, f"{referral.id}:{OUTREACH_LETTER}:{row.attempt}"),
+                now, now=now,
+            )  # fmt: skip
+            if voice is None:
+                return self._task(
+                    conn, row, referral, "outreach-call", now, reason=_REASONS["outreach-call"]
+                )
+        elif voice is None:
             return self._task(conn, row, referral, "outreach", now)
-        self._task(conn, row, referral, "outreach-letter", now, reason=_REASONS["outreach-letter"])
+        else:
+            self._task(
+                conn, row, referral, OUTREACH_LETTER, now, reason=_REASONS["outreach-letter"]
+            )
         return self._task(
             conn,
             row,
@@ -351,6 +374,30 @@ class TimerService:
             channel=voice,
             reason=_REASONS["outreach-call"],
         )
+
+    def _followup_call(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
+    ) -> str:
+        """Day 14, not booked (``followup_call``): an automated call before any person is
+        asked, where one may be placed — a voice channel, recorded consent, a number not
+        suppressed (live calls added nothing to a series of automated ones: Nielson 2018,
+        reference/referral-outcomes.md [25]). "" when none may: the coordinator task."""
+        voice = self.policy.slot_channel("voice")
+        details = referral.details
+        phone = str(details.get("patient_phone") or "")
+        if (
+            voice is None
+            or not (details.get("sms_consent") and phone)
+            or outbox_store.is_suppressed(conn, e164(phone))
+        ):
+            return ""
+        payload = {"referral_id": referral.id, "kind": row.kind, "attempt": row.attempt}
+        referral_store.enqueue_outbox(
+            conn, referral.id, voice, FOLLOWUP_CALL, canonical_json(payload),
+            referral_store.unused_key(conn, f"{referral.id}:{FOLLOWUP_CALL}:{row.attempt}"),
+            now, now=now,
+        )  # fmt: skip
+        return f"call:{voice}"
 
     def _specialist(
         self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
@@ -404,7 +451,8 @@ class TimerService:
         }
         referral_store.enqueue_outbox(
             conn, referral.id, route.channel, REPORT_REQUEST_TEMPLATE, _dumps(payload),
-            f"{referral.id}:report-request:{row.attempt}", now, now=now,
+            referral_store.unused_key(conn, f"{referral.id}:report-request:{row.attempt}"),
+            now, now=now,
         )  # fmt: skip
         nxt = ("report-request", 2) if row.attempt < 2 else ("report-task", 1)
         self._next(conn, row, nxt[0], nxt[1], now + repeat)
@@ -481,7 +529,12 @@ class TimerService:
         portal = details.get("portal") is not False and details.get("portal") != 0
         slot = self.policy.channel_for(len(sent), sms_allowed=sms_allowed, portal=portal)
         channel = self.policy.slot_channel(slot)
-        if channel is None:  # voice with no voice channel: a person calls
+        if channel is None:  # voice with no voice channel: a person calls, or (the
+            # default) the person's call is the 14-day step: nothing automated can reach
+            # the patient now, and most patients book on their own within days
+            if not self.policy.nudge_call_task:
+                self.tracker.note(conn, referral.id, "nudge-not-sent", {"slot": slot}, now)
+                return "acted", "nudge:none"
             why = _REASONS["call-patient"].format(days=_days_open(referral, now))
             return "acted", self._task(conn, row, referral, CALL_PATIENT, now, reason=why)
         template = row.kind.replace("-", "_")  # first_nudge / second_nudge
@@ -492,7 +545,7 @@ class TimerService:
             channel,
             template,
             canonical_json(payload),
-            f"{referral.id}:{row.kind}:{row.attempt}",
+            referral_store.unused_key(conn, f"{referral.id}:{row.kind}:{row.attempt}"),
             now,
             now=now,
         )
@@ -512,22 +565,13 @@ class TimerService:
         """A coordinator task (the shared contract: ``referral_id``, ``kind``, ``task``,
         ``priority_score``, ``reason``, ``attempts``): what the machine already tried
         travels with it, so the coordinator starts where the machine stopped."""
-        details = referral.details
         if channel in _TASK_CHANNELS and _task_queued_since(
             conn, referral.id, now - TASK_MERGE_WINDOW, skip_calls=template != CALL_PATIENT
         ):
             # one task per referral: a task queued moments ago already names every open
             # concern of this referral (its reason lists them), so no second one
             return f"merged:{template}"
-        sent = store.nudges_sent(conn, referral.id, NUDGE_TEMPLATES)
-        failed = sum(1 for _c, status in sent if status == "dead")
-        needed_by = _days_until(str(details.get("needed_by") or ""), now)
-        score = coordinator_priority(
-            days_open=(now - referral.opened_at) / DAY,
-            priority=str(details.get("priority") or ""),
-            failed_contacts=failed,
-            needed_by_days=needed_by,
-        )
+        score = task_priority(conn, referral, now)
         payload = {
             "referral_id": referral.id,
             "kind": row.kind,
@@ -542,7 +586,7 @@ class TimerService:
             channel,
             template,
             canonical_json(payload),
-            f"{referral.id}:{template}:{row.attempt}",
+            referral_store.unused_key(conn, f"{referral.id}:{template}:{row.attempt}"),
             now,
             now=now,
         )
@@ -579,11 +623,14 @@ _AUTOMATED: Final = {
     "appointment_reminder": "appointment reminder",
     direct_flow.PACKET_TEMPLATE: "referral packet",
     "specialist-report-request": "report request",
+    "outreach-call": "automated call",
+    "followup-call": "automated call",
+    "outreach-letter": "letter",
 }
 REPORT_REQUEST_TEMPLATE: Final = "specialist-report-request"
+OUTREACH_LETTER: Final = "outreach-letter"  # day 30: by the letter channel, else a task
+FOLLOWUP_CALL: Final = "followup-call"  # day 14: the automated call before the task
 CALL_PATIENT: Final = "call-patient"  # the voice slot's task when no voice channel serves it
-# A patient contact of the rotation (its place counts): the nudges and the call task.
-NUDGE_TEMPLATES: Final = ("first_nudge", "second_nudge", CALL_PATIENT)
 _REASONS: Final = {
     "call-patient": "not booked {days} days after the referral (or the missed visit), and "
     "no text or portal message can reach the patient: call the patient to book",
@@ -642,7 +689,7 @@ def attempts_made(conn: Conn, referral_id: int) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for o in referral_store.outbox_for(conn, referral_id):
         what = _AUTOMATED.get(o.template)
-        if what is None or o.status == "cancelled":
+        if what is None or o.status == "cancelled" or o.channel in _TASK_CHANNELS:
             continue
         out.append({"at": isoformat(o.due), "what": f"{what} by {o.channel} ({o.status})"})
     return out
@@ -650,12 +697,3 @@ def attempts_made(conn: Conn, referral_id: int) -> list[dict[str, str]]:
 
 def _days_open(referral: ReferralRow, now: float) -> int:
     return max(0, round((now - referral.opened_at) / DAY))
-
-
-def _days_until(iso_date: str, now: float) -> float | None:
-    if not iso_date:
-        return None
-    try:
-        return (parse_iso(iso_date[:10]) - now) / DAY
-    except ValueError:
-        return None

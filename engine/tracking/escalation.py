@@ -58,6 +58,21 @@ PATIENT_KINDS: Final = frozenset(
 # The booked branch: a new appointment date reschedules these, losing the booking
 # cancels them.
 APPOINTMENT_KINDS: Final = frozenset({"appointment-reminder", "report-request", "report-task"})
+# What those timers queue (outbox templates): a booking cancels the rows not yet sent
+# (a call held for the contact window, a retry), so a booked patient hears nothing more.
+NOT_BOOKED_TEMPLATES: Final = frozenset(
+    {
+        "first_nudge",
+        "second_nudge",
+        "followup-call",
+        "outreach-call",
+        "outreach-letter",
+        "outreach",
+        "coordinator-followup",
+        "call-patient",
+        "call-to-book",
+    }
+)
 SPECIALIST_KINDS: Final = frozenset({"specialist-followup"})
 CHANNELS: Final = ("sms", "portal", "voice")
 # The staff channels the built-in task queue serves whenever routes.yaml gives them no
@@ -141,7 +156,17 @@ class Policy:
     contact: ContactRules = field(default_factory=ContactRules)
     appointment_reminder: bool = False  # an SMS the day before the visit (opt-in)
     notify: str = ""  # the channel for notices to the referring provider ("" = timeline)
+    # The channel that mails the day-30 outreach letter (a print-and-mail service behind a
+    # webhook, say); "" = the letter is a coordinator task ``outreach-letter``.
+    letter: str = ""
     packet_task: bool = True  # a task when the packet cannot be sent at all
+    # A nudge no automated channel can deliver (the rotation's voice slot with no voice
+    # channel, or an automated call that may not be placed): a ``call-patient`` task at
+    # once (True), or nothing, the person's call being the 14-day step (False).
+    nudge_call_task: bool = False
+    # Day 14, not booked: an automated call where one may be placed (a voice channel,
+    # consent, a number not suppressed) instead of the coordinator task (True).
+    followup_call: bool = True
     # Rotation slot -> the configured channel serving it (engine.routing.channels.
     # rotation_slots); None: every slot is a channel of its own name. A ``voice`` slot
     # no channel serves is a "call the patient" coordinator task (the built-in queue).
@@ -345,7 +370,10 @@ def policy_from_section(
                 report_repeat: 7d}
       appointment_reminder: false  # an SMS the day before the visit
       notify: ""                   # channel for notices to the referring provider
+      letter: ""                   # channel that mails the 30-day letter ("": a task)
       packet_task: true            # a task when the packet cannot be sent at all
+      nudge_call_task: false       # a nudge nothing automated can deliver: no task
+      followup_call: true          # day 14: an automated call before any coordinator task
       on_close: close            # or: human
       rotation: [sms, portal, voice]
       specialties: {cardiology: {second_nudge: 5d}}
@@ -383,7 +411,14 @@ def policy_from_section(
     notify = r.text("notify", "")
     if notify and channels is not None and notify not in channels:
         r.fail("notify", f"no channel named {notify!r} in channels:")
+    letter = r.text("letter", "")
+    if letter and channels is not None and letter not in channels:
+        r.fail("letter", f"no channel named {letter!r} in channels:")
+    elif letter in QUEUE_CHANNELS:
+        r.fail("letter", f"{letter!r} is a staff channel; name the channel that mails letters")
     packet_task = r.flag("packet_task", True)
+    nudge_call_task = r.flag("nudge_call_task", False)
+    followup_call = r.flag("followup_call", True)
     r.done()
     return Policy(
         default=default,
@@ -393,7 +428,10 @@ def policy_from_section(
         contact=contact,
         appointment_reminder=reminder,
         notify=notify,
+        letter=letter,
         packet_task=packet_task,
+        nudge_call_task=nudge_call_task,
+        followup_call=followup_call,
     )
 
 

@@ -58,7 +58,14 @@ from engine.tracking.correlate import (
     event_from_dict,
     park,
 )
-from engine.tracking.escalation import DAY, Policy, TimerGroup, TimerSpec
+from engine.tracking.escalation import (
+    DAY,
+    NOT_BOOKED_TEMPLATES,
+    Policy,
+    TimerGroup,
+    TimerSpec,
+)
+from engine.tracking.priority import task_priority
 from engine.tracking.result import ApplyResult, Outcome, Source
 
 log = logging.getLogger(__name__)
@@ -525,6 +532,7 @@ class Tracker(OperatorActions):
                 store.cancel_timers(conn, rid, self.policy.appointment_kinds())
             elif effect == "cancel-patient-timers":
                 store.cancel_timers(conn, rid, self.policy.patient_kinds())
+                store.cancel_pending(conn, rid, NOT_BOOKED_TEMPLATES, now=now)
             elif effect == "cancel-all-timers":
                 store.cancel_timers(conn, rid)
             elif effect == "stop-outbound":
@@ -640,7 +648,7 @@ class Tracker(OperatorActions):
                     task=template,
                     why=route.why,
                     reason=_NO_WAY_REASONS.get(route.why, route.why),
-                    priority_score=0,
+                    priority_score=_priority(conn, rid, now),
                     attempts=[],
                 )
         else:
@@ -950,3 +958,9 @@ def build_tracker(
         metrics=TrackerMetrics(registry, db),
         write_back=[s.name for s in config.fhir_sources if s.write_back.task],
     )
+
+
+def _priority(conn: Conn, rid: int, now: float) -> int:
+    """The task's documented priority score (engine.tracking.priority)."""
+    row = store.get_referral(conn, rid)
+    return 0 if row is None else task_priority(conn, row, now)
