@@ -701,6 +701,9 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
     for group in (
         LazyGroup("audit", "Check and export the hash-chained audit log.",
                   lambda: importlib.import_module("engine.cli.tracker")),
+        LazyGroup("cluster",
+                  "Several nodes on one store: nodes, leases, processing lag, outbox in flight.",
+                  lambda: importlib.import_module("engine.cli.cluster")),
         LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
                   lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",

@@ -16,6 +16,8 @@ from engine.store import (
     closure_report,
     decisions,
     inbox,
+    leases,
+    nodes,
     outbox,
     referrals,
     specialists,
@@ -170,6 +172,12 @@ def _m_inbox_dedupe(db: sqlite_utils.Database) -> None:
     inbox.migrate_dedupe(db)
 
 
+def _m_cluster(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 2: the nodes sharing this store and the singleton leases
+    nodes.migrate(db)
+    leases.migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -188,4 +196,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_timers_loaded,
     _m_outbox_leases,
     _m_inbox_dedupe,
+    _m_cluster,
 ]
