@@ -541,6 +541,7 @@ class Engine:
             version=running,
             on_gain=self._start_singletons,
             on_lose=self._stop_leased,
+            metrics=self.metrics,
         )
         self.membership.join(addresses)
         self.membership.start()

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from engine.clock import Clock, isoformat
 from engine.errors import ConfigError
+from engine.metrics import Metrics
 from engine.store import leases, nodes
 from engine.store.leases import Lease
 from engine.store.sql import Conn, Database, DatabaseError, has_table
@@ -55,6 +56,7 @@ class Membership:
         version: str,
         on_gain: Callable[[int], None],
         on_lose: Callable[[], Coroutine[Any, Any, None]],
+        metrics: Metrics | None = None,
     ):
         self.db = db
         self.node_id = node_id
@@ -63,6 +65,9 @@ class Membership:
         self.version = version
         self.on_gain = on_gain
         self.on_lose = on_lose
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.cluster_lease_held.labels(SINGLETONS).set(0)
         self.lease: Lease | None = None
         self.host = socket.gethostname()
         self._task: asyncio.Task[None] | None = None
@@ -173,6 +178,8 @@ class Membership:
             return
         if got is not None:
             self.lease = got
+            if self.metrics is not None:
+                self.metrics.cluster_lease_held.labels(SINGLETONS).set(1)
             log.info(
                 "cluster: %s holds the %s lease (token %d)", self.node_id, SINGLETONS, got.token
             )
@@ -180,6 +187,9 @@ class Membership:
 
     def _lose(self) -> None:
         self.lease = None
+        if self.metrics is not None:
+            self.metrics.cluster_lease_held.labels(SINGLETONS).set(0)
+            self.metrics.cluster_lease_lost.labels(SINGLETONS).inc()
         self._losing = asyncio.create_task(self.on_lose(), name="cluster-lose")
 
     def halt(self) -> None:
@@ -199,6 +209,8 @@ class Membership:
                 if self.lease is not None:
                     leases.release(conn, self.lease, self.clock.now())
                     self.lease = None
+                    if self.metrics is not None:
+                        self.metrics.cluster_lease_held.labels(SINGLETONS).set(0)
                 nodes.mark_stopped(conn, self.node_id, self.clock.now())
         except DatabaseError as exc:
             log.error("cluster: could not record the stop: %s", exc)

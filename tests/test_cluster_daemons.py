@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,17 @@ def wait_for(cond: object, timeout: float) -> float:
     raise AssertionError("condition not met in time")
 
 
+def held(d: Daemon) -> float:
+    """The node's own view: refloop_cluster_lease_held{lease="singletons"} on /metrics."""
+    url = f"http://127.0.0.1:{d.http}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith('refloop_cluster_lease_held{lease="singletons"}'):
+            return float(line.split()[-1])
+    raise AssertionError("refloop_cluster_lease_held missing")
+
+
 def status(d: Daemon) -> dict[str, object]:
     out = refloop(
         "cluster", "status", "--json", "--routes", str(d.routes), "--state", str(d.state_dir)
@@ -84,6 +96,7 @@ def test_kill_9_holder_other_takes_over(pair: tuple[Daemon, Daemon]) -> None:
     assert holder(b) == (node(a), 1)  # b waits: the lease is a's
     time.sleep(LEASE / 3 * 2)
     assert holder(b) == (node(a), 1)
+    assert (held(a), held(b)) == (1.0, 0.0)
     names = {n["node_id"]: n for n in status(b)["nodes"]}  # type: ignore[attr-defined]
     assert names[node(a)]["state"] == names[node(b)]["state"] == "alive"
     dead = node(a)
@@ -93,6 +106,7 @@ def test_kill_9_holder_other_takes_over(pair: tuple[Daemon, Daemon]) -> None:
     # same host, process gone: b takes over at its next round, before the lease ends
     wait_for(lambda: holder(b) == (node(b), 2), LEASE + 2)
     assert "holds the singletons lease (token 2)" in b.log_path.read_text()
+    assert held(b) == 1.0
     wait_for(
         lambda: {n["node_id"]: n for n in status(b)["nodes"]}[dead]["state"] == "stale", LEASE * 3
     )  # type: ignore[attr-defined,index]
@@ -110,8 +124,10 @@ def test_hung_holder_loses_after_expiry_and_fences_itself(pair: tuple[Daemon, Da
     assert time.monotonic() - stopped_at >= LEASE - 1.0  # not before a's last renewal ran out
     a.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: "lost the singletons lease" in a.log_path.read_text(), LEASE * 3)
+    assert (held(a), held(b)) == (0.0, 1.0)
     time.sleep(LEASE)
     assert holder(b) == (node(b), 2)  # a did not take it back
+    assert (held(a), held(b)) == (0.0, 1.0)
     # a clean stop of the holder releases at once: a takes over without waiting
     assert b.proc is not None
     b.signal(signal.SIGTERM)
@@ -119,3 +135,4 @@ def test_hung_holder_loses_after_expiry_and_fences_itself(pair: tuple[Daemon, Da
     released = time.monotonic()
     wait_for(lambda: holder(a) == (node(a), 3), LEASE + 2)
     assert time.monotonic() - released < LEASE
+    assert held(a) == 1.0
