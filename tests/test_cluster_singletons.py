@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fhir_server import FhirServer
-from helpers import WAIT, run
+from helpers import WAIT, Reply, hl7, peer, query, run
 
 from engine.app import Engine
 from engine.config import loads
@@ -93,3 +93,47 @@ def test_holder_that_loses_the_lease_stops_polling(tmp_path: Path) -> None:
                 await a.stop()
 
     run(go())
+
+
+MLLP = """
+version: 1
+store: {{file: refloop.db, node_id: {node}, lease_seconds: 3}}
+http: {{enabled: false}}
+sources:
+  ehr: {{type: mllp, host: 127.0.0.1, port: 0, ack_when: on-processed}}
+"""
+
+
+def test_on_processed_ack_when_another_node_processed_the_row(tmp_path: Path) -> None:
+    """b stores a message and waits for its outcome; a processes it (b's processor was
+    stopped, as if busy or restarting); b's ACK still comes once b's processor runs."""
+
+    async def go() -> None:
+        a, b = (
+            Engine(loads(MLLP.format(node=n), env={}), tmp_path / "state", drain_seconds=2.0)
+            for n in ("a", "b")
+        )
+        await a.start()
+        await b.start()
+        try:
+            assert b.processor is not None and b.tasks.processor is not None
+            b.processor.stop()
+            await b.tasks.processor
+            async with peer(b.ports()["ehr"]) as p:
+                await p.send(hl7("ELSEWHERE"))
+                # a was not woken by any commit of its own: its idle poll finds the row
+                await until(lambda: bool(query(a.db_path, DONE)), timeout=5.0)
+                b.processor._stopping = False  # b's processor runs again
+                b.tasks.processor = asyncio.create_task(b.processor.run())
+                raw = await p.recv(timeout=5.0)
+                assert raw is not None
+                reply = Reply.parse(raw)
+                assert (reply.code, reply.control_id) == ("AA", "ELSEWHERE")
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(go())
+
+
+DONE = "SELECT id FROM messages WHERE control_id = 'ELSEWHERE' AND status != 'received'"
