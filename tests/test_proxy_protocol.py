@@ -156,8 +156,10 @@ def test_real_address_drives_allowlist_and_per_peer_limit(tmp_path: Path) -> Non
             tmp_path, allow_peers=["192.0.2.0/24"], max_connections_per_peer=1, **TRUSTED
         ) as engine:
             port = mllp_port(engine)
-            # the balancer itself (127.0.0.1) is not allowed, its client is
+            # the balancer itself (127.0.0.1) is not in allow_peers, its client is
             assert (await ask_after(port, V4, "OK")).code == "AA"  # type: ignore[union-attr]
+            # the balancer's own health check (LOCAL) is trusted, not gated by allow_peers
+            assert (await ask_after(port, LOCAL, "CHECK")).code == "AA"  # type: ignore[union-attr]
             # a client outside the allow-list, relayed by the trusted balancer: refused
             outside = SIG + bytes.fromhex("2111000c c6336407 0a000005 9c40 0a0f")
             assert await ask_after(port, outside, "NO") is None
@@ -173,7 +175,9 @@ def test_real_address_drives_allowlist_and_per_peer_limit(tmp_path: Path) -> Non
                 assert n == 1
 
     run(go())
-    assert stored_peers(tmp_path) == ["192.0.2.10:40000", "192.0.2.11:40001"]
+    peers = stored_peers(tmp_path)
+    assert peers[0] == "192.0.2.10:40000" and peers[1].startswith("127.0.0.1:")
+    assert peers[2:] == ["192.0.2.11:40001"]
 
 
 @pytest.mark.parametrize(

@@ -246,11 +246,13 @@ class _Connection(asyncio.Protocol):
             return
         self._admit_host(transport)
 
-    def _admit_host(self, transport: asyncio.Transport) -> None:
+    def _admit_host(self, transport: asyncio.Transport, *, balancer: bool = False) -> None:
+        """Admit (or refuse) the connection by ``self.host``; ``balancer``: a trusted
+        load balancer's own connection (PROXY LOCAL), which the allow-list does not gate."""
         host = self.host
         server = self.server
         refuse = ""
-        if not self.source.peer_allowed(host):
+        if not balancer and not self.source.peer_allowed(host):
             refuse = "allowlist"
         elif self.source.tls and self.source.tls.allowed_subjects:
             cn = _subject_cn(transport.get_extra_info("peercert"))
@@ -413,7 +415,7 @@ class _Connection(asyncio.Protocol):
             self.host = header.client[0]
             self.peer = f"{self.host}:{header.client[1]}"
             log.debug("%s: via load balancer %s", self.peer, via)
-        self._admit_host(self.transport)
+        self._admit_host(self.transport, balancer=header.client is None)
         return rest
 
     def _received(self, data: bytes) -> None:
