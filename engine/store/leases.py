@@ -35,13 +35,14 @@ class Lease:
 
 
 def migrate(db: sqlite_utils.Database) -> None:
+    # DOUBLE PRECISION: epoch seconds need 8 bytes (PostgreSQL's REAL has 4)
     db.execute(
         "CREATE TABLE leases ("
         " name TEXT PRIMARY KEY,"
         " holder TEXT NOT NULL,"
-        " until REAL NOT NULL,"
+        " until DOUBLE PRECISION NOT NULL,"
         " token INTEGER NOT NULL,"
-        " acquired REAL NOT NULL)"
+        " acquired DOUBLE PRECISION NOT NULL)"
     )
 
 
@@ -61,7 +62,7 @@ def acquire(
         " holder = excluded.holder, until = excluded.until"
         " WHERE leases.holder = excluded.holder OR leases.until < ? OR leases.holder = ?"
         " RETURNING holder, until, token",
-        (name, holder, now + seconds, now, now, now, now, dead or "\x00"),
+        (name, holder, now + seconds, now, now, now, now, dead),  # "": no holder is ""
     ).fetchone()
     return Lease(name, row[0], row[1], row[2]) if row else None
 

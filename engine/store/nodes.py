@@ -20,6 +20,7 @@ COLUMNS = "node_id, host, pid, version, addresses, started, heartbeat, stopped"
 
 
 def migrate(db: sqlite_utils.Database) -> None:
+    # DOUBLE PRECISION: epoch seconds need 8 bytes (PostgreSQL's REAL has 4)
     db.execute(
         "CREATE TABLE nodes ("
         " node_id TEXT PRIMARY KEY,"
@@ -27,9 +28,9 @@ def migrate(db: sqlite_utils.Database) -> None:
         " pid INTEGER NOT NULL DEFAULT 0,"
         " version TEXT NOT NULL DEFAULT '',"
         " addresses TEXT NOT NULL DEFAULT '',"  # listening endpoints, comma-separated
-        " started REAL NOT NULL,"
-        " heartbeat REAL NOT NULL,"
-        " stopped REAL)"
+        " started DOUBLE PRECISION NOT NULL,"
+        " heartbeat DOUBLE PRECISION NOT NULL,"
+        " stopped DOUBLE PRECISION)"
     )
 
 
