@@ -252,3 +252,10 @@ def test_untrusted_peer_header_is_not_honoured(tmp_path: Path) -> None:
 
     run(go())
     assert all(peer.startswith("127.0.0.1:") for peer in stored_peers(tmp_path))
+
+
+def test_proxy_protocol_with_tls_is_not_yet_supported(pki: Any) -> None:
+    from helpers import config, tls_source
+
+    with pytest.raises(ConfigError, match=r"test-routes.yaml:\d+ .*proxy_protocol.*not yet"):
+        config(tls=tls_source(pki), proxy_protocol={"trusted": ["10.0.0.0/8"]})
