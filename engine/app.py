@@ -22,7 +22,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
-from engine.cluster import Membership
+from engine.cluster import Membership, routes_fingerprint
 from engine.config import Config
 from engine.config import load as load_config
 from engine.errors import ConfigError
@@ -542,6 +542,7 @@ class Engine:
             on_gain=self._start_singletons,
             on_lose=self._stop_leased,
             metrics=self.metrics,
+            config=routes_fingerprint(self.config.sections),
         )
         self.membership.join(addresses)
         self.membership.start()
@@ -629,6 +630,8 @@ class Engine:
             self._warn_unserved(table)
         self.processor.handler = handler  # one assignment: the next message sees it
         self.routes_config = config
+        if self.membership is not None:
+            self.membership.set_config(routes_fingerprint(config.sections))
         self.metrics.config_reloads.labels("ok").inc()
         log.info("reload: %s loaded", self.config.file)
         return []

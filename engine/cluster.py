@@ -15,10 +15,12 @@ restarted daemon on the same host, which sees that the holder's process is gone.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
 from engine.clock import Clock, isoformat
@@ -57,6 +59,7 @@ class Membership:
         on_gain: Callable[[int], None],
         on_lose: Callable[[], Coroutine[Any, Any, None]],
         metrics: Metrics | None = None,
+        config: str = "",
     ):
         self.db = db
         self.node_id = node_id
@@ -66,6 +69,7 @@ class Membership:
         self.on_gain = on_gain
         self.on_lose = on_lose
         self.metrics = metrics
+        self.config = config  # routes_fingerprint of what this node runs
         if metrics is not None:
             metrics.cluster_lease_held.labels(SINGLETONS).set(0)
         self.lease: Lease | None = None
@@ -107,12 +111,18 @@ class Membership:
                 version=self.version,
                 addresses=addresses,
                 now=self.clock.now(),
+                config=self.config,
             )
         self._round()
 
-    def set_addresses(self, addresses: str) -> None:
-        with self.db.transaction(durable=False) as conn:
-            nodes.set_addresses(conn, self.node_id, addresses)
+    def set_config(self, fingerprint: str) -> None:
+        """Record the routes this node runs after a reload."""
+        self.config = fingerprint
+        try:
+            with self.db.transaction(durable=False) as conn:
+                nodes.set_config(conn, self.node_id, fingerprint)
+        except DatabaseError as exc:
+            log.error("cluster: could not record the reloaded config: %s", exc)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cluster")
@@ -148,6 +158,7 @@ class Membership:
                         version=self.version,
                         addresses="",
                         now=now,
+                        config=self.config,
                     )
                 if self.lease is not None:
                     renewed = leases.renew(conn, self.lease, now, self.lease_seconds)
@@ -216,6 +227,19 @@ class Membership:
             log.error("cluster: could not record the stop: %s", exc)
 
 
+# routes.yaml sections that legitimately differ between nodes (bind addresses, node id)
+NODE_LOCAL: Final = frozenset({"version", "store", "http", "sources"})
+
+
+def routes_fingerprint(sections: Mapping[str, Any]) -> str:
+    """A short hash of the routes.yaml sections every node must share (routes, tables,
+    channels, escalation, practice, ...), as written (``${env:...}`` references, not their
+    values), so ``refloop cluster status`` can show nodes running different routes."""
+    shared = {name: section.data for name, section in sections.items() if name not in NODE_LOCAL}
+    text = json.dumps(shared, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def cluster_status(conn: Conn, now: float, lease_seconds: float) -> dict[str, Any]:
     """What ``refloop cluster status`` shows: nodes (alive, stale or stopped by their
     heartbeat), leases (holder, expires in), the processing lag and the outbox rows in
@@ -239,6 +263,7 @@ def cluster_status(conn: Conn, now: float, lease_seconds: float) -> dict[str, An
                 "heartbeat": isoformat(n["heartbeat"]),
                 "started": isoformat(n["started"]),
                 "version": n["version"],
+                "config": n["config"],
                 "addresses": [a for a in n["addresses"].split(",") if a],
             }
         )
@@ -254,8 +279,10 @@ def cluster_status(conn: Conn, now: float, lease_seconds: float) -> dict[str, An
         for lease in lease_rows
     ]
     waiting, oldest = nodes.processing_lag(conn)
+    running = {n["config"] for n in out_nodes if n["state"] == "alive" and n["config"]}
     return {
         "nodes": out_nodes,
+        "config_drift": len(running) > 1,
         "leases": out_leases,
         "processing": {
             "lag_messages": waiting,

@@ -99,6 +99,8 @@ def test_kill_9_holder_other_takes_over(pair: tuple[Daemon, Daemon]) -> None:
     assert (held(a), held(b)) == (1.0, 0.0)
     names = {n["node_id"]: n for n in status(b)["nodes"]}  # type: ignore[attr-defined]
     assert names[node(a)]["state"] == names[node(b)]["state"] == "alive"
+    assert names[node(a)]["config"] == names[node(b)]["config"] != ""
+    assert status(b)["config_drift"] is False
     dead = node(a)
     assert a.proc is not None
     a.proc.send_signal(signal.SIGKILL)

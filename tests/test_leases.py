@@ -145,3 +145,39 @@ def test_a_second_node_with_the_same_node_id_is_refused(db: Database) -> None:
     asyncio.run(other.leave())
     lease = leases.get(db.conn, "singletons")
     assert lease is not None and lease.until < WallClock().now()  # released at leave
+
+
+BASE = """
+version: 1
+store: {{file: refloop.db, node_id: {node}}}
+http: {{enabled: false}}
+sources: {{ehr: {{type: mllp, host: 127.0.0.1, port: {port}}}}}
+tables:
+  clinics: {{A: {clinic}}}
+"""
+
+
+def test_config_fingerprint_and_drift(db: Database) -> None:
+    from engine.cluster import cluster_status, routes_fingerprint
+    from engine.config import loads
+
+    def fp(node: str, port: int, clinic: str) -> str:
+        text = BASE.format(node=node, port=port, clinic=clinic)
+        return routes_fingerprint(loads(text, env={}).sections)
+
+    # node-local sections (store, http, sources) may differ; shared ones may not
+    assert fp("a", 2575, "north") == fp("b", 2576, "north")
+    assert fp("a", 2575, "north") != fp("a", 2575, "south")
+    with db.transaction() as conn:
+        for node, clinic in (("a", "north"), ("b", "north")):
+            nodes.register(
+                conn, node, host="h", pid=1, version="", addresses="", now=100.0,
+                config=fp(node, 1, clinic),
+            )  # fmt: skip
+    assert cluster_status(db.conn, 101.0, LEASE)["config_drift"] is False
+    with db.transaction() as conn:
+        nodes.set_config(conn, "b", fp("b", 1, "south"))
+    status = cluster_status(db.conn, 101.0, LEASE)
+    assert status["config_drift"] is True
+    # a stale node's old config is not drift: only alive nodes count
+    assert cluster_status(db.conn, 100.0 + LEASE + 1, LEASE)["config_drift"] is False

@@ -52,14 +52,18 @@ def cluster_status_cmd(state_dir: str, routes_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(status, indent=1))
         return
-    click.echo(f"{'NODE':<28} {'STATE':<8} {'HEARTBEAT':>9}  {'VERSION':<8} ADDRESSES")
+    click.echo(
+        f"{'NODE':<28} {'STATE':<8} {'HEARTBEAT':>9}  {'VERSION':<8} {'CONFIG':<12} ADDRESSES"
+    )
     for n in status["nodes"]:
         click.echo(
             f"{n['node_id'][:28]:<28} {n['state']:<8} {_secs(n['heartbeat_age_seconds']):>9}  "
-            f"{n['version'][:8]:<8} {' '.join(n['addresses']) or '-'}"
+            f"{n['version'][:8]:<8} {n['config'] or '-':<12} {' '.join(n['addresses']) or '-'}"
         )
     if not status["nodes"]:
         click.echo("(no node has started on this store yet)")
+    if status["config_drift"]:
+        click.echo("warning: alive nodes run different routes.yaml (CONFIG differs)")
     click.echo("")
     click.echo(f"{'LEASE':<12} {'HOLDER':<28} {'EXPIRES IN':>10} {'TOKEN':>6}")
     for lease in status["leases"]:

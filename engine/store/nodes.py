@@ -16,7 +16,7 @@ import sqlite_utils
 
 from engine.store.sql import Conn
 
-COLUMNS = "node_id, host, pid, version, addresses, started, heartbeat, stopped"
+COLUMNS = "node_id, host, pid, version, addresses, config, started, heartbeat, stopped"
 
 
 def migrate(db: sqlite_utils.Database) -> None:
@@ -28,6 +28,7 @@ def migrate(db: sqlite_utils.Database) -> None:
         " pid INTEGER NOT NULL DEFAULT 0,"
         " version TEXT NOT NULL DEFAULT '',"
         " addresses TEXT NOT NULL DEFAULT '',"  # listening endpoints, comma-separated
+        " config TEXT NOT NULL DEFAULT '',"  # fingerprint of the shared routes.yaml sections
         " started DOUBLE PRECISION NOT NULL,"
         " heartbeat DOUBLE PRECISION NOT NULL,"
         " stopped DOUBLE PRECISION)"
@@ -43,16 +44,24 @@ def register(
     version: str,
     addresses: str,
     now: float,
+    config: str = "",
 ) -> None:
     """This node's row, as of its start (a reused node id starts over)."""
     conn.execute(
-        "INSERT INTO nodes (node_id, host, pid, version, addresses, started, heartbeat, stopped)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, NULL)"
+        "INSERT INTO nodes"
+        " (node_id, host, pid, version, addresses, config, started, heartbeat, stopped)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)"
         " ON CONFLICT (node_id) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
         " version = excluded.version, addresses = excluded.addresses,"
+        " config = excluded.config,"
         " started = excluded.started, heartbeat = excluded.heartbeat, stopped = NULL",
-        (node_id, host, pid, version, addresses, now, now),
+        (node_id, host, pid, version, addresses, config, now, now),
     )
+
+
+def set_config(conn: Conn, node_id: str, config: str) -> None:
+    """The fingerprint of the routes this node runs now (after a reload)."""
+    conn.execute("UPDATE nodes SET config = ? WHERE node_id = ?", (config, node_id))
 
 
 def set_addresses(conn: Conn, node_id: str, addresses: str) -> None:
