@@ -180,6 +180,9 @@ class Engine:
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
+        if self.background:
+            self.membership = self._membership()
+            self.membership.check_id()  # before anything listens
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
@@ -515,25 +518,18 @@ class Engine:
             self.direct_listeners.append((name, listener))
         self.direct_pollers.extend(pollers)  # started with the singletons (lease holder)
 
-    def _join_cluster(self) -> None:
-        """Write this node's row and take part in the singletons lease (docs/scale-out.md):
-        a lone node takes it here and starts the leased work at once."""
+    def _membership(self) -> Membership:
+        """This node in the cluster (docs/scale-out.md); joined once everything listens."""
         from importlib.metadata import PackageNotFoundError, version
 
         from engine.delivery.dispatch import default_node_id
 
+        assert self.db is not None
         try:
             running = version("refloop")
         except PackageNotFoundError:
             running = ""
-
-        assert self.db is not None
-        ports = self.ports()
-        addresses = ",".join(
-            [f"{s.source.host}:{s.port}" for s in self.servers]
-            + ([f"{self.config.http.host}:{ports['http']}"] if "http" in ports else [])
-        )
-        self.membership = Membership(
+        return Membership(
             self.db,
             self.config.store.node_id or default_node_id(),
             self.clock,
@@ -543,6 +539,16 @@ class Engine:
             on_lose=self._stop_leased,
             metrics=self.metrics,
             config=routes_fingerprint(self.config.sections),
+        )
+
+    def _join_cluster(self) -> None:
+        """Write this node's row and take part in the singletons lease: a lone node takes
+        it here and starts the leased work at once."""
+        assert self.membership is not None
+        ports = self.ports()
+        addresses = ",".join(
+            [f"{s.source.host}:{s.port}" for s in self.servers]
+            + ([f"{self.config.http.host}:{ports['http']}"] if "http" in ports else [])
         )
         self.membership.join(addresses)
         self.membership.start()

@@ -73,6 +73,7 @@ class Membership:
         if metrics is not None:
             metrics.cluster_lease_held.labels(SINGLETONS).set(0)
         self.lease: Lease | None = None
+        self.joined = False  # our row is written (leave() touches nothing before that)
         self.host = socket.gethostname()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -86,10 +87,10 @@ class Membership:
     def leader(self) -> bool:
         return self.lease is not None
 
-    def join(self, addresses: str = "") -> None:
-        """Write this node's row and try the lease once (a lone node gets it here).
-        Raises ConfigError when another running node already uses this node id (both
-        would believe they hold its leases and outbox claims)."""
+    def check_id(self) -> None:
+        """Raise ConfigError when another running node already uses this node id (both
+        would believe they hold its leases and outbox claims). Called before anything
+        starts listening."""
         other = nodes.get(self.db.conn, self.node_id)
         if (
             other is not None
@@ -102,6 +103,11 @@ class Membership:
                 f"store.node_id {self.node_id!r} is in use by a running node "
                 f"(host {other['host']}, pid {other['pid']}); give each node its own node_id"
             )
+
+    def join(self, addresses: str = "") -> None:
+        """Write this node's row and try the lease once (a lone node gets it here).
+        Raises ConfigError when the node id is in use (:meth:`check_id`)."""
+        self.check_id()
         with self.db.transaction() as conn:
             nodes.register(
                 conn,
@@ -113,6 +119,7 @@ class Membership:
                 now=self.clock.now(),
                 config=self.config,
             )
+        self.joined = True
         self._round()
 
     def set_config(self, fingerprint: str) -> None:
@@ -211,6 +218,8 @@ class Membership:
         """Stop the heartbeat, release the lease (the caller has stopped the leased work)
         and stamp this node stopped."""
         self._stopping.set()
+        if not self.joined:
+            return  # refused or never started: the row (maybe another node's) is not ours
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._losing is not None:

@@ -138,3 +138,24 @@ def test_hung_holder_loses_after_expiry_and_fences_itself(pair: tuple[Daemon, Da
     wait_for(lambda: holder(a) == (node(a), 3), LEASE + 2)
     assert time.monotonic() - released < LEASE
     assert held(a) == 1.0
+
+
+def test_second_daemon_with_the_same_node_id_is_refused(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        ROUTES.replace("  file: refloop.db\n", "  file: refloop.db\n  node_id: same\n")
+    )
+    state = tmp_path / "state"
+    a = Daemon(state_dir=state, log_path=tmp_path / "a.log", routes=routes)
+    try:
+        a.start()
+        out = refloop("run", "--routes", str(routes), "--state", str(state), timeout=60)
+        assert out.returncode == 1
+        err = out.stderr.decode().strip().splitlines()[-1]
+        assert err.startswith("Error: store.node_id 'same' is in use by a running node")
+        # the refused daemon touched nothing: a still holds the lease, its row is alive
+        assert holder(a) == ("same", 1)
+        assert query(a.db, "SELECT stopped FROM nodes WHERE node_id = 'same'") == [(None,)]
+        assert held(a) == 1.0
+    finally:
+        a.kill()
