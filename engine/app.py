@@ -22,6 +22,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
+from engine.cluster import Membership, routes_fingerprint
 from engine.config import Config
 from engine.config import load as load_config
 from engine.errors import ConfigError
@@ -54,10 +55,13 @@ HandlerFactory = Callable[[Config, Database], Handler]
 Sleep = Callable[[float], Awaitable[None]]
 
 # The shutdown, step by step (Engine.stop runs ``Engine._stop_<step>`` in this order):
-# stop taking work in (Direct, MLLP, FHIR), let what was accepted reach the database
+# stop the cluster heartbeat and the leased work (FHIR and IMAP pollers, timer wheel) and
+# release the lease so another node takes over at once, stop taking work in (Direct,
+# MLLP, FHIR), let what was accepted reach the database
 # (inbox writer, processor), stop firing timers, let in-flight sends finish and be
 # recorded (dispatch), then the side tasks, the HTTP server, the HTTP clients, the database.
 STOP_ORDER: Final[tuple[str, ...]] = (
+    "singletons",
     "direct",
     "mllp",
     "fhir",
@@ -160,6 +164,8 @@ class Engine:
         self.direct_pollers: list[tuple[str, ImapPoller]] = []
         self.direct_flow: DirectFlow | None = None
         self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
+        self._imap_stop = asyncio.Event()  # set when this node loses the singletons lease
+        self.membership: Membership | None = None  # None: not background (the simulator)
 
     @property
     def db_path(self) -> Path:
@@ -190,6 +196,9 @@ class Engine:
         self.state_lock = StateLock(self.db_path)  # held shared: no restore under our feet
         self.state_lock.shared()
         self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
+        if self.background:
+            self.membership = self._membership()
+            self.membership.check_id()  # before anything listens
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
@@ -229,13 +238,15 @@ class Engine:
                 mounted = self.hooks.register(self.http.app)
                 log.info("http: webhooks %s", ", ".join(mounted) or "none (no http.public_url)")
             await self.http.start()
-        for name, poller in self.pollers.items():
-            self.tasks.fhir.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
         await self._start_direct(table)
         for source in self.config.sources:
             server = MllpServer(source, self.inbox, self.processor, self.clock, self.metrics)
             await server.start()
             self.servers.append(server)
+        if self.background:
+            self._join_cluster()
+        else:
+            self._start_singletons(0)
         self.ready = True
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
@@ -363,8 +374,6 @@ class Engine:
         )
         loaded = self.timers.load()
         log.info("timers: %d due within the next hour", loaded)
-        if self.background:
-            self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
 
     def _build_outbox(self, table: RouteTable) -> Dispatcher:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
@@ -539,17 +548,81 @@ class Engine:
         for name, listener in listeners:
             await listener.start()
             self.direct_listeners.append((name, listener))
-        for name, poller in pollers:
-            self.direct_pollers.append((name, poller))
+        self.direct_pollers.extend(pollers)  # started with the singletons (lease holder)
+
+    def _membership(self) -> Membership:
+        """This node in the cluster (docs/scale-out.md); joined once everything listens."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from engine.delivery.dispatch import default_node_id
+
+        assert self.db is not None
+        try:
+            running = version("refloop")
+        except PackageNotFoundError:
+            running = ""
+        return Membership(
+            self.db,
+            self.config.store.node_id or default_node_id(),
+            self.clock,
+            lease_seconds=self.config.store.lease_seconds,
+            version=running,
+            on_gain=self._start_singletons,
+            on_lose=self._stop_leased,
+            metrics=self.metrics,
+            config=routes_fingerprint(self.config.sections),
+        )
+
+    def _join_cluster(self) -> None:
+        """Write this node's row and take part in the singletons lease: a lone node takes
+        it here and starts the leased work at once."""
+        assert self.membership is not None
+        ports = self.ports()
+        addresses = ",".join(
+            [f"{s.source.host}:{s.port}" for s in self.servers]
+            + ([f"{self.config.http.host}:{ports['http']}"] if "http" in ports else [])
+        )
+        self.membership.join(addresses)
+        self.membership.start()
+
+    def _start_singletons(self, token: int) -> None:
+        """The work that runs once per installation, on the lease holder only: the FHIR
+        pollers, the IMAP pollers and the escalation timer wheel."""
+        if self._stopped.is_set():
+            return
+        for name, poller in self.pollers.items():
+            poller.resume()
+            self.tasks.fhir.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
+        self._imap_stop = asyncio.Event()
+        for name, imap in self.direct_pollers:
             self.tasks.direct_imap.append(
                 asyncio.create_task(
-                    poller.run(poller.settings.interval, self._direct_stop),
+                    imap.run(imap.settings.interval, self._imap_stop),
                     name=f"direct-imap-{name}",
                 )
             )
             log.info(
-                "direct %s: polling imap %s every %gs", name, poller.peer, poller.settings.interval
+                "direct %s: polling imap %s every %gs", name, imap.peer, imap.settings.interval
             )
+        if self.timers is not None and self.background:
+            if self.membership is not None:
+                self.timers.resume()  # rebuilt: another node may have moved timers
+            self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
+
+    async def _stop_leased(self) -> None:
+        """This node lost (or gives up) the singletons lease: stop the leased work."""
+        for poller in self.pollers.values():
+            poller.stop()
+        self._imap_stop.set()
+        if self.timers is not None:
+            self.timers.stop()  # a firing timer finishes its transaction
+        await _drain(self.tasks.fhir, self.drain_seconds)
+        await _drain(self.tasks.direct_imap, self.drain_seconds)
+        if self.tasks.timers is not None:
+            await asyncio.gather(self.tasks.timers, return_exceptions=True)
+        self.tasks.fhir.clear()
+        self.tasks.direct_imap.clear()
+        self.tasks.timers = None
 
     def _make_handler(self, config: Config, table: RouteTable) -> Handler:
         """The processor's handler for ``config``, compiled as ``table``."""
@@ -595,6 +668,8 @@ class Engine:
             self._warn_unserved(table)
         self.processor.handler = handler  # one assignment: the next message sees it
         self.routes_config = config
+        if self.membership is not None:
+            self.membership.set_config(routes_fingerprint(config.sections))
         self.metrics.config_reloads.labels("ok").inc()
         log.info("reload: %s loaded", self.config.file)
         return []
@@ -622,8 +697,18 @@ class Engine:
         self._stopped.set()
         log.info("stopped")
 
+    async def _stop_singletons(self) -> None:
+        """Leave the cluster: stop the leased work, release the lease, mark this node
+        stopped (another node takes over without waiting for the lease to run out)."""
+        if self.membership is None:
+            return
+        self.membership.halt()
+        await self._stop_leased()
+        await self.membership.leave()
+
     async def _stop_direct(self) -> None:
         self._direct_stop.set()  # IMAP pollers: no new message after the one in hand
+        self._imap_stop.set()
         for _name, listener in self.direct_listeners:
             await listener.stop()  # the HISP keeps what it could not deliver and retries
         # a fetch in flight is cancelled at the bound: that message stays unseen, no loss

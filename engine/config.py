@@ -354,6 +354,7 @@ class MllpSource:
     allow_peers: tuple[str, ...] = ()  # CIDRs; empty = any
     tls: TlsConfig | None = None
     kind: str = "mllp"
+    proxy_trusted: tuple[str, ...] = ()  # load balancers that send PROXY v2 (scale-out.md)
 
     def peer_allowed(self, host: str) -> bool:
         if not self.allow_peers:
@@ -598,10 +599,25 @@ def _sources(
                 write_timeout=r.number("write_timeout", 60.0),
                 allow_peers=_cidrs(r, "allow_peers"),
                 tls=tls,
+                proxy_trusted=_proxy_protocol(r, tls is not None),
             )
         )
         r.done()
     return tuple(out), tuple(fhir)
+
+
+def _proxy_protocol(r: Reader, tls: bool) -> tuple[str, ...]:
+    """``proxy_protocol: {trusted: [CIDR, ...]}`` on an MLLP source."""
+    if not r.has("proxy_protocol"):
+        return ()
+    pr = r.child("proxy_protocol")
+    trusted = _cidrs(pr, "trusted")
+    if not trusted:
+        pr.fail("trusted", "list the load balancers' addresses (CIDRs) that send PROXY v2")
+    if tls:
+        r.fail("proxy_protocol", "not yet supported together with tls (terminate TLS first)")
+    pr.done()
+    return trusted
 
 
 _FHIR_TYPE: Final = re.compile(r"[A-Z][A-Za-z]{1,63}")

@@ -266,6 +266,20 @@ class Metrics:
             ["channel"],
             registry=registry,
         )
+        self.cluster_lease_held = Gauge(
+            "refloop_cluster_lease_held",
+            "1 while this node holds the lease (the once-per-installation work runs here), "
+            "else 0; summed over the nodes it should be exactly 1.",
+            ["lease"],
+            registry=registry,
+        )
+        self.cluster_lease_lost = Counter(
+            "refloop_cluster_lease_lost_total",
+            "Times this node found its lease gone (renewal refused or not done in time) "
+            "and stopped the leased work.",
+            ["lease"],
+            registry=registry,
+        )
         self.outbox_send_seconds = Histogram(
             "refloop_outbox_send_seconds",
             "Time a channel took to accept or refuse one send, by channel.",

@@ -67,7 +67,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
          "engine.timers.service"),
     ),
     ("web", ("engine.web", "engine.web.*")),
-    ("app", ("engine.app",)),
+    ("app", ("engine.app", "engine.cluster")),
     ("cli, sim", ("engine.cli", "engine.cli.*", "engine.sim", "engine.sim.*")),
 )  # fmt: skip
 

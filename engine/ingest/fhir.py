@@ -273,6 +273,10 @@ class FhirPoller:
         self._stopping = True
         self._wake.set()
 
+    def resume(self) -> None:
+        """Allow :meth:`run` again after :meth:`stop` (this node took the lease back)."""
+        self._stopping = False
+
     async def run(self) -> None:
         """Poll every ``poll_interval`` seconds (or only on request when it is 0) until
         :meth:`stop`. A failed cycle is logged and retried with backoff."""

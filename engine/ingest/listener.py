@@ -39,6 +39,7 @@ from engine.hl7v2.message import (
     strip_preamble,
 )
 from engine.hl7v2.mllp import Framer, frame
+from engine.ingest import proxy
 from engine.ingest.processor import Outcome, Processor
 from engine.metrics import Metrics
 from engine.model import Inbound, MshInfo
@@ -114,6 +115,7 @@ class MllpServer:
         self.clock = clock
         self.metrics = metrics
         self.connections: set[_Connection] = set()
+        self.handshaking: set[_Connection] = set()  # waiting for a PROXY header
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ssl = tls_context(source.tls) if source.tls else None
@@ -151,7 +153,7 @@ class MllpServer:
         deadline = loop.time() + drain
         while any(c.replies for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.handshaking]:
             conn.abort(graceful=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -168,7 +170,7 @@ class MllpServer:
         while True:
             await asyncio.sleep(1.0)
             now = self.clock.monotonic()
-            for conn in list(self.connections):
+            for conn in [*self.connections, *self.handshaking]:
                 conn.check_timers(now)
 
     def admit(self, conn: _Connection, host: str) -> str:
@@ -212,6 +214,9 @@ class _Connection(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.closing = False  # no more reading; closes once every owed reply is written
         self.closed = False
+        # a trusted load balancer's connection: bytes until the PROXY v2 header is read
+        self.proxy_buf: bytearray | None = None
+        self.proxy_since = 0.0
 
     @property
     def idle(self) -> bool:
@@ -231,11 +236,23 @@ class _Connection(asyncio.Protocol):
 
     def _admit(self, transport: asyncio.Transport) -> None:
         peername = transport.get_extra_info("peername")
-        self.host = host = str(peername[0]) if peername else "?"
-        self.peer = f"{host}:{peername[1]}" if peername else "?"
+        self.host = str(peername[0]) if peername else "?"
+        self.peer = f"{self.host}:{peername[1]}" if peername else "?"
+        if proxy.trusted(self.host, self.source.proxy_trusted):
+            # the balancer speaks first: admission waits for the real client's address
+            self.proxy_buf = bytearray()
+            self.proxy_since = self.server.clock.monotonic()
+            self.server.handshaking.add(self)
+            return
+        self._admit_host(transport)
+
+    def _admit_host(self, transport: asyncio.Transport, *, balancer: bool = False) -> None:
+        """Admit (or refuse) the connection by ``self.host``; ``balancer``: a trusted
+        load balancer's own connection (PROXY LOCAL), which the allow-list does not gate."""
+        host = self.host
         server = self.server
         refuse = ""
-        if not self.source.peer_allowed(host):
+        if not balancer and not self.source.peer_allowed(host):
             refuse = "allowlist"
         elif self.source.tls and self.source.tls.allowed_subjects:
             cn = _subject_cn(transport.get_extra_info("peercert"))
@@ -258,6 +275,11 @@ class _Connection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.proxy_buf and not self.closed:
+            # (an empty connect-and-close is a plain TCP health check, not an error)
+            log.warning("%s: closed before a complete PROXY header", self.peer)
+            self._error("proxy")
+        self.server.handshaking.discard(self)
         if self in self.server.connections:
             self.server.connections.discard(self)
             self.server.metrics.connections.labels(self.source.name).dec()
@@ -288,6 +310,12 @@ class _Connection(asyncio.Protocol):
 
     def check_timers(self, now: float) -> None:
         """The sweeper's per-connection check (HL7 peers that stall, not us)."""
+        if self.proxy_buf is not None:
+            if now - self.proxy_since > self.source.frame_timeout:
+                log.warning("%s: no complete PROXY header in time, closing", self.peer)
+                self._error("proxy")
+                self.abort()
+            return
         if self.write_paused_at and now - self.write_paused_at > self.source.write_timeout:
             log.warning(
                 "%s: ACKs left unread for %.0fs, closing", self.peer, now - self.write_paused_at
@@ -353,10 +381,42 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.closing:
             return
         try:
+            if self.proxy_buf is not None:
+                data = self._proxy_header(data)
+                if not data or self.closed:
+                    return
             self._received(data)
         except Exception:  # a bug must cost one connection, not the daemon
             log.exception("%s: internal error; closing", self.peer)
             self.close()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Collect the trusted balancer's PROXY v2 header; once complete, take the real
+        client's address and admit the connection. Returns the bytes after the header."""
+        buf = self.proxy_buf
+        assert buf is not None and self.transport is not None
+        buf += data
+        try:
+            header = proxy.parse(buf)
+        except proxy.ProxyHeaderError as exc:
+            log.warning("%s: %s; closing", self.peer, exc)
+            self.proxy_buf = None
+            self.server.handshaking.discard(self)
+            self._error("proxy")
+            self.abort()
+            return b""
+        if header is None:
+            return b""
+        rest = bytes(buf[header.consumed :])
+        self.proxy_buf = None
+        self.server.handshaking.discard(self)
+        if header.client is not None:
+            via = self.peer
+            self.host = header.client[0]
+            self.peer = f"{self.host}:{header.client[1]}"
+            log.debug("%s: via load balancer %s", self.peer, via)
+        self._admit_host(self.transport, balancer=header.client is None)
+        return rest
 
     def _received(self, data: bytes) -> None:
         clock = self.server.clock

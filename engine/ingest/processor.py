@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 BATCH: Final = 16  # most messages one processing transaction takes
 SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
 MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
+# Idle, the processor looks for rows again this often even when no commit of its own woke
+# it: rows another node stored (its processor stopped or died), and, more often while
+# someone waits for an outcome, rows another node processed (docs/scale-out.md).
+IDLE_POLL: Final = 1.0
+WAITER_POLL: Final = 0.2
 LARGE: Final = 1024 * 1024  # bytes: a message this big is read off the loop, processed alone
 FAULT_PAUSE: Final = 1.0  # seconds before processing tries again after a failed commit
 STORAGE_FAULTS: Final = frozenset({"full", "io", "locked"})
@@ -120,13 +125,29 @@ class Processor:
             if done < 0:
                 await self._preload()
             elif not done:
-                await self._wake.wait()
+                self._settle_waiters()
+                try:
+                    await asyncio.wait_for(
+                        self._wake.wait(), WAITER_POLL if self._waiters else IDLE_POLL
+                    )
+                except TimeoutError:
+                    pass
             elif self.inbox.commits != commits:
                 # messages arrived since the last slice: let the listeners run
                 commits = self.inbox.commits
                 await asyncio.sleep(max(MIN_PAUSE, time.perf_counter() - started))
             else:
                 await asyncio.sleep(0)
+
+    def _settle_waiters(self) -> None:
+        """Resolve the futures of messages processed meanwhile by another node (on a
+        shared database it may claim a row this node stored and is waiting for)."""
+        for message_id in list(self._waiters):
+            row = self.inbox.outcome(self.db.conn, message_id)
+            if row is not None and row[0] != "received":
+                for fut in self._waiters.pop(message_id, ()):
+                    if not fut.done():
+                        fut.set_result(Outcome(*row))
 
     async def _preload(self) -> None:
         """Read the next message (a large one) in a worker thread, for the next slice."""

@@ -16,6 +16,8 @@ from engine.store import (
     closure_report,
     decisions,
     inbox,
+    leases,
+    nodes,
     outbox,
     referral_search,
     referrals,
@@ -187,6 +189,12 @@ def _m_referral_search(db: sqlite_utils.Database) -> None:
     referral_search.migrate(db, backfill=lambda raw: from_hl7(Message(raw)))
 
 
+def _m_cluster(db: sqlite_utils.Database) -> None:
+    # issue 17 stage 2: the nodes sharing this store and the singleton leases
+    nodes.migrate(db)
+    leases.migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -207,4 +215,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_inbox_dedupe,
     _m_workbench,
     _m_referral_search,
+    _m_cluster,
 ]

@@ -611,6 +611,12 @@ class TimerService:
         self._stopping = True
         self._wake.set()
 
+    def resume(self) -> int:
+        """Allow :meth:`run` again after :meth:`stop` and rebuild the wheel from the table
+        (another node may have loaded and moved timers meanwhile)."""
+        self._stopping = False
+        return self.load()
+
 
 def _dumps(value: object) -> str:
     return canonical_json(value)
