@@ -317,6 +317,8 @@ def messages_list(
 def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) -> None:
     """Show one stored message: its metadata and its segments, one per line.
 
+    A message whose bytes retention pruned shows its metadata only (and --raw fails).
+
     Example: refloop messages show 42 --raw > message.hl7
     """
     with errors():
@@ -324,7 +326,14 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
         row = inbox.get(message_id)
     if row is None:
         raise click.ClickException(f"no message with id {message_id}")
+    pruned = (
+        f"pruned {isoformat(row.pruned_at)} under the retention policy"
+        if row.pruned_at is not None
+        else ""
+    )
     if raw:
+        if pruned:
+            raise click.ClickException(f"message {message_id}: its bytes were {pruned}")
         sys.stdout.buffer.write(row.raw)
         sys.stdout.buffer.flush()
         return
@@ -342,9 +351,12 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
         ("ack", row.ack_code or "-"),
         ("duplicates", row.duplicates),
         ("flags", row.flags or "-"),
-        ("bytes", len(row.raw)),
+        ("bytes", pruned or len(row.raw)),
+        ("sha256", row.sha256.hex() or "-"),
     ):
         click.echo(f"{key:>11}: {value}")
+    if pruned:
+        return  # the metadata is all there is (refloop messages show --help)
     click.echo("")
     text = row.raw.decode(row.charset or "latin-1", errors="replace")
     for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
@@ -624,6 +636,8 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
                   lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",
                   lambda: importlib.import_module("engine.cli.tracker")),
+        LazyGroup("prune", "Prune PHI past its retention period now (routes.yaml ``retention:``).",
+                  lambda: importlib.import_module("engine.cli.prune")),
         LazyGroup("referrals", "List, inspect, close and link referrals.",
                   lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("report", "Quality reports from the referral store.",

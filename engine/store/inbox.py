@@ -42,7 +42,7 @@ RAW_BATCH: Final = 1000  # rows whose bytes the migration moves per statement
 _COLUMNS: Final = (
     "id, received_at, source, peer, sending_app, sending_facility, control_id, message_type, "
     "version, coalesce((SELECT raw FROM message_raw WHERE message_id = messages.id), x''), "
-    "charset, status, ack_code, error, duplicates, flags, route"
+    "charset, status, ack_code, error, duplicates, flags, route, pruned_at, sha256"
 )
 # a message's size in bytes, as a column expression of a query on ``messages``
 RAW_SIZE: Final = "(SELECT length(raw) FROM message_raw WHERE message_id = messages.id)"

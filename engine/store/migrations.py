@@ -18,6 +18,7 @@ from engine.store import (
     inbox,
     outbox,
     referrals,
+    retention,
     specialists,
     tasks,
     users,
@@ -153,6 +154,12 @@ def _m_message_raw(db: sqlite_utils.Database) -> None:
     inbox.migrate_raw(db)
 
 
+def _m_retention(db: sqlite_utils.Database) -> None:
+    # pruned messages keep their row (issue 20): pruned_at/pruned_size, and the indexes
+    # the pruner scans (engine.store.retention)
+    retention.migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -168,4 +175,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_tasks_queue,
     _m_referral_keys,
     _m_message_raw,
+    _m_retention,
 ]

@@ -401,7 +401,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages/{message_id}/raw", "getRawMessage",
         "The message exactly as received, as text (audited)", "messages", _raw, _TEXT,
-        params=(_id("message_id"),), content_type="text/plain", statuses=(404,),
+        params=(_id("message_id"),), content_type="text/plain", statuses=(404, 410),
     ),
     Route(
         "GET", "/api/audit", "exportAudit", "Audit rows with their hashes, in id order",

@@ -412,7 +412,7 @@ class Dashboard:
         mid = _path_id(request, "message_id")
         meta = self.service.message(mid)
         raw = None
-        if request.query.get("raw") == "1":
+        if request.query.get("raw") == "1" and meta["pruned_at"] is None:
             raw = self.service.raw(me, mid, via="dashboard").replace("\r", "\n")
         return self._render(request, me, "message.html", m=meta, raw=raw)
 

@@ -93,6 +93,8 @@ MESSAGE: Final = _obj(
         "flags": STR,
         "route": STR,
         "size": INT,
+        "sha256": STR,
+        "pruned_at": _nullable(NUM),
     }
 )
 REFERRAL_DETAIL: Final = {
@@ -334,6 +336,7 @@ _STATUS_TEXT: Final = {
     403: "The caller's role may not do this",
     404: "Not found",
     409: "Conflict with the current state",
+    410: "Gone: retention pruned the message's bytes (its metadata is kept)",
     503: "Unavailable in this configuration",
 }
 

@@ -312,6 +312,12 @@ class Service:
         found = worklist.raw_message(self.db.conn, message_id)
         if found is None:
             raise ApiError(404, f"no message {message_id}")
+        if isinstance(found, float):
+            raise ApiError(
+                410,
+                f"the bytes of message {message_id} were pruned {isoformat(found)} "
+                "under the retention policy; its metadata is kept",
+            )
         raw, charset = found
         try:
             text = raw.decode(charset, errors="replace")
