@@ -112,7 +112,7 @@ def prune(state_dir: str, routes_path: str, dry_run: bool, vacuum: bool, as_json
     VACUUM (needs the daemon stopped and free disk about the file's size), after which
     pruning gives the space back to the filesystem.
 
-    Examples: refloop prune --dry-run; refloop prune; refloop prune --vacuum
+    Example: refloop prune --dry-run
     """
     if dry_run and vacuum:
         raise click.UsageError("--dry-run and --vacuum do not go together")
