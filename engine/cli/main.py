@@ -288,6 +288,7 @@ def messages_list(
             "duplicates": r.duplicates,
             "flags": r.flags,
             "route": r.route,
+            "pruned_at": None if r.pruned_at is None else isoformat(r.pruned_at),
         }
         for r in rows
     ]
@@ -302,6 +303,8 @@ def messages_list(
         note = i["error"] or i["route"] or i["flags"]
         if i["duplicates"]:
             note = f"{note} (+{i['duplicates']} duplicate)".strip()
+        if i["pruned_at"]:
+            note = f"{note} (bytes pruned)".strip()
         click.echo(
             f"{i['id']:>7}  {i['received_at'][:23]:<24} {i['source'][:10]:<10} "
             f"{i['type'][:9]:<9} {i['control_id'][:22]:<22} {i['status']:<9} "

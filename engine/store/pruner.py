@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 FIRST_RUN: Final = 60.0  # seconds after start: the first run waits for the start-up to settle
 MIN_PAUSE: Final = 0.001
+PAUSE: Final = 1.0  # after a step, step aside this many times as long as it took
 MIN_PAGES: Final = 16
-MAX_PAGES: Final = 8192
+MAX_PAGES: Final = 1024  # 4 MiB at 4 KiB pages: a step that would take long stays short
 
 
 class Pruner:
@@ -94,7 +95,7 @@ class Pruner:
                 step = retention.prune_step(self.db, policy, now, cursor)
             total.merge(step)
             self.on_step(step)
-            await asyncio.sleep(max(MIN_PAUSE, time.perf_counter() - started))
+            await self._pause(started)
         async with self.lock:
             retention.record(self.db, total, now, actor="system")
         if total.total_rows:
@@ -127,13 +128,23 @@ class Pruner:
         while left and not self._stop.is_set():
             started = time.perf_counter()
             async with self.lock:
+                held = time.perf_counter()
                 now_left = retention.vacuum_step(self.db, pages)
-            elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - held
             if now_left >= left:
                 return
             self.on_vacuum((left - now_left) * page)
             left = now_left
             # as many pages as fit in a step's time, judged by the last one
             scale = retention.STEP_SECONDS / max(elapsed, 1e-6)
-            pages = int(min(MAX_PAGES, max(MIN_PAGES, pages * min(scale, 2.0))))
-            await asyncio.sleep(max(MIN_PAUSE, elapsed))
+            pages = int(min(MAX_PAGES, max(MIN_PAGES, pages * min(scale, 1.5))))
+            await self._pause(started)
+        await asyncio.to_thread(retention.checkpoint, self.db.path)
+
+    async def _pause(self, started: float) -> None:
+        """After a step: checkpoint what it wrote in a worker thread (the fsync is then
+        not the inbox writer's to pay), and step aside at least as long as the step."""
+        step = time.perf_counter() - started
+        await asyncio.to_thread(retention.checkpoint, self.db.path)
+        rest = started + step * (1 + PAUSE) - time.perf_counter()
+        await asyncio.sleep(max(MIN_PAUSE, rest))

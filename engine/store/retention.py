@@ -27,6 +27,8 @@ steps one after the other. Plain functions over an open connection.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,7 +41,8 @@ from engine.store import audit
 from engine.store.sql import Database
 
 DAY: Final = 86400.0
-STEP_SECONDS: Final = 0.004  # one step's transaction ends after about this long
+STEP_SECONDS: Final = 0.002  # a step stops taking rows after this long (the processor's slice)
+AUTOCHECKPOINT: Final = 1000  # SQLite's default wal_autocheckpoint, restored after a step
 VACUUM_PAGES: Final = 256  # pages one incremental_vacuum step returns at first
 MESSAGE_KINDS: Final = ("closed-referral", "unreferred", "error", "quarantine")
 KINDS: Final = (*MESSAGE_KINDS, "outbox", "parked")
@@ -176,13 +179,14 @@ def _horizon(policy: RetentionConfig, now: float) -> float | None:
     return now - min(days) * DAY if days else None
 
 
+# (``+p.status``: look the message's parked rows up by message id, not every parked row)
 _CANDIDATES: Final = f"""
 SELECT m.id, m.received_at, m.status, m.message_type,
   (SELECT max(CASE WHEN r.status = 'closed' AND r.closed_at IS NOT NULL
                    THEN r.closed_at ELSE {_OPEN} END)
      FROM referral_events e JOIN referrals r ON r.id = e.referral_id
     WHERE e.message_id = m.id),
-  EXISTS (SELECT 1 FROM parked p WHERE p.message_id = m.id AND p.status = 'parked'),
+  EXISTS (SELECT 1 FROM parked p WHERE p.message_id = m.id AND +p.status = 'parked'),
   (SELECT length(raw) FROM message_raw WHERE message_id = m.id)
 FROM messages m INDEXED BY messages_unpruned
 WHERE m.pruned_at IS NULL AND m.received_at <= ? AND (m.received_at, m.id) > (?, ?)
@@ -267,9 +271,24 @@ def prune_step(
     if dry_run:
         _step(db.conn, policy, now, cursor, tally, None, write=False)
         return tally
-    with db.transaction(durable=False) as conn:
+    # deleted bytes are overwritten with zeros where that costs no extra I/O (in the
+    # pages written anyway); freed pages are overwritten or cut off by the vacuum
+    db.conn.execute("PRAGMA secure_delete = FAST")
+    with _no_autocheckpoint(db), db.transaction(durable=False) as conn:
         _step(conn, policy, now, cursor, tally, time.perf_counter() + budget, write=True)
     return tally
+
+
+@contextlib.contextmanager
+def _no_autocheckpoint(db: Database) -> Iterator[None]:
+    """No WAL checkpoint inside this commit: SQLite would run it in the COMMIT (tens of
+    ms with its fsyncs) while the step holds the write lock. The caller checkpoints off
+    the lock instead (:func:`checkpoint`)."""
+    db.conn.execute("PRAGMA wal_autocheckpoint = 0")
+    try:
+        yield
+    finally:
+        db.conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT}")
 
 
 def _step(
@@ -346,13 +365,14 @@ def prune_now(
     db: Database, policy: RetentionConfig, now: float, *, actor: str, pause: float = 1.0
 ) -> Tally:
     """A whole run in this thread (``refloop prune``, beside a running daemon or not):
-    the steps of :func:`prune_step`, each followed by a pause ``pause`` times as long as
-    it took (the daemon's writers get their turn), then the audit row."""
+    the steps of :func:`prune_step`, each followed by a checkpoint and a pause ``pause``
+    times as long as both took (the daemon's writers get their turn), then the audit row."""
     tally = Tally()
     cursor = Cursor()
     while len(cursor.done) < 3:
         started = time.perf_counter()
         tally.merge(prune_step(db, policy, now, cursor))
+        checkpoint(db.path)  # here, not in the daemon's next commit
         time.sleep((time.perf_counter() - started) * pause)
     record(db, tally, now, actor=actor)
     return tally
@@ -399,9 +419,26 @@ def vacuum_step(db: Database, pages: int) -> int:
     """Return up to ``pages`` free pages to the filesystem (``incremental_vacuum``) in one
     short transaction; the number of free pages left. On a file without
     ``auto_vacuum=INCREMENTAL`` this does nothing (see :func:`vacuum_full`)."""
-    with db.transaction(durable=False) as conn:
-        conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
-        return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    # Each step of the statement frees one page, and execute() steps a statement without
+    # result columns only once; executescript steps it to the end, in its own transaction
+    # (it commits an open one first, so it cannot run inside db.transaction()).
+    db.durability(durable=False)
+    with _no_autocheckpoint(db):
+        db.conn.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+    return int(db.conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def checkpoint(path: str) -> None:
+    """A passive WAL checkpoint on a connection of its own (a worker thread's): it copies
+    what the steps wrote into the file and fsyncs it off the inbox writer's path, which
+    would otherwise pay for it at its next commit (the ACK waiting)."""
+    if path in ("", ":memory:"):
+        return
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        conn.close()
 
 
 def vacuum_all(db: Database, *, pages: int = 4096, pause: float = 1.0) -> None:
@@ -414,11 +451,11 @@ def vacuum_all(db: Database, *, pages: int = 4096, pause: float = 1.0) -> None:
     while left:
         started = time.perf_counter()
         now_left = vacuum_step(db, pages)
+        checkpoint(db.path)
         if now_left == left:
             break
         left = now_left
         time.sleep((time.perf_counter() - started) * pause)
-    db.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def vacuum_full(db: Database) -> None:
