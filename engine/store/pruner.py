@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 FIRST_RUN: Final = 60.0  # seconds after start: the first run waits for the start-up to settle
 MIN_PAUSE: Final = 0.001
 PAUSE: Final = 1.0  # after a step, step aside this many times as long as it took
-MIN_PAGES: Final = 16
-MAX_PAGES: Final = 1024  # 4 MiB at 4 KiB pages: a step that would take long stays short
+MIN_PAGES: Final = 4
+MAX_PAGES: Final = 256  # 1 MiB at 4 KiB pages: a step that would take long stays short
+CHECKPOINT_EVERY: Final = 4  # steps between the pruner's own checkpoints (< 1000 WAL pages)
 
 
 class Pruner:
@@ -61,6 +62,7 @@ class Pruner:
         self.runs = 0
         self._stop = asyncio.Event()
         self._warned = False
+        self._steps = 0
 
     def stop(self) -> None:
         """End after the step in hand."""
@@ -142,9 +144,12 @@ class Pruner:
         await asyncio.to_thread(retention.checkpoint, self.db.path)
 
     async def _pause(self, started: float) -> None:
-        """After a step: checkpoint what it wrote in a worker thread (the fsync is then
-        not the inbox writer's to pay), and step aside at least as long as the step."""
+        """After a step: every few steps, checkpoint what they wrote in a worker thread
+        (before the WAL reaches SQLite's autocheckpoint, which the inbox writer would run
+        in its commit, the ACK waiting), and step aside at least as long as the step."""
         step = time.perf_counter() - started
-        await asyncio.to_thread(retention.checkpoint, self.db.path)
+        self._steps += 1
+        if self._steps % CHECKPOINT_EVERY == 0:
+            await asyncio.to_thread(retention.checkpoint, self.db.path)
         rest = started + step * (1 + PAUSE) - time.perf_counter()
         await asyncio.sleep(max(MIN_PAUSE, rest))
