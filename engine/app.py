@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
 from engine.cluster import Membership, routes_fingerprint
-from engine.config import Config
+from engine.config import Config, RetentionConfig
 from engine.config import load as load_config
 from engine.errors import ConfigError
 from engine.ingest.fhir import FhirPoller, SubscriptionHooks
@@ -33,6 +33,8 @@ from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, open_database
 from engine.store.backup import StateLock
+from engine.store.pruner import Pruner
+from engine.store.retention import Tally
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -85,6 +87,7 @@ class Tasks:
     dispatch: asyncio.Task[None] | None = None
     timers: asyncio.Task[None] | None = None
     watchdog: asyncio.Task[None] | None = None
+    pruner: asyncio.Task[None] | None = None  # retention (engine.store.pruner)
     fhir: list[asyncio.Task[None]] = field(default_factory=list)  # one per FHIR poller
     direct_imap: list[asyncio.Task[None]] = field(default_factory=list)  # one per mailbox
 
@@ -139,6 +142,7 @@ class Engine:
     dispatch_sleep: Sleep | None = None  # tests: one that moves a VirtualClock
     background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
     table: RouteTable | None = None  # ``config`` compiled (refloop run has); else at start
+    prune_first_run: float = 60.0  # seconds from start to the first retention run
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -166,6 +170,7 @@ class Engine:
         self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
         self._imap_stop = asyncio.Event()  # set when this node loses the singletons lease
         self.membership: Membership | None = None  # None: not background (the simulator)
+        self.pruner: Pruner | None = None
 
     @property
     def db_path(self) -> Path:
@@ -250,6 +255,40 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        if self.background:
+            self.pruner = self._make_pruner()
+            self.tasks.pruner = asyncio.create_task(self.pruner.run(), name="pruner")
+
+    def _make_pruner(self) -> Pruner:
+        """Retention in the daemon: the policy of the routes.yaml running (reloads apply
+        from the next run), counted in the metrics."""
+        assert self.db is not None and self.inbox is not None
+        metrics = self.metrics
+
+        def policy() -> RetentionConfig | None:
+            r = self.routes_config.retention
+            return r if r.enabled else None
+
+        def counted(tally: Tally) -> None:
+            for kind, rows in tally.rows.items():
+                if rows:
+                    metrics.pruned_rows.labels(kind).inc(rows)
+                    metrics.pruned_bytes.labels(kind).inc(tally.bytes[kind])
+
+        def ran(free: int) -> None:
+            metrics.database_free_bytes.set(free)
+            metrics.prune_last_run.set(self.clock.now())
+
+        return Pruner(
+            self.db,
+            self.inbox.lock,
+            policy,
+            self.clock,
+            on_step=counted,
+            on_vacuum=metrics.vacuumed_bytes.inc,
+            on_run=ran,
+            first_run=self.prune_first_run,
+        )
 
     def _watch_health(self, dispatcher: Dispatcher) -> None:
         """Disk space of the state directory and certificate expiry (docs/alerts.yml)."""
@@ -756,6 +795,10 @@ class Engine:
             log.exception("dispatch stopped with an error")
 
     async def _stop_side_tasks(self) -> None:
+        if self.pruner is not None:
+            self.pruner.stop()  # the step in hand commits; the next run starts over
+        if self.tasks.pruner is not None:
+            await asyncio.gather(self.tasks.pruner, return_exceptions=True)
         if self.tasks.watchdog is not None:
             self.tasks.watchdog.cancel()
             await asyncio.gather(self.tasks.watchdog, return_exceptions=True)

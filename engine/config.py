@@ -38,6 +38,7 @@ TOP_LEVEL: Final = (
     "channels",
     "escalation",
     "practice",
+    "retention",
 )
 
 _SUBST = re.compile(r"\$\{(?:(env|file):)?([^}:]+?)(?::-([^}]*))?\}")
@@ -451,6 +452,32 @@ class StoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``retention:``: how long PHI is kept (docs/operations.md, "Retention"). Each period
+    is in days; None keeps that kind forever (``forever`` in routes.yaml)."""
+
+    enabled: bool = True
+    closed_referral_days: int | None = 400  # message bytes, after the referral closed
+    unreferred_days: int | None = 30  # message bytes of no referral, after receipt
+    error_days: int | None = 400  # bytes of messages processing failed on, after receipt
+    quarantine_days: int | None = 90  # quarantined Direct mail, after receipt
+    outbox_days: int | None = 90  # payloads of sent or cancelled outbox rows
+    parked_days: int | None = 180  # parked events never linked: their data, after parking
+    every_minutes: int = 60  # between runs of the daemon's pruner
+    batch: int = 200  # most rows one pruning transaction touches
+
+
+RETENTION_PERIODS: Final = (
+    "closed_referral_days",
+    "unreferred_days",
+    "error_days",
+    "quarantine_days",
+    "outbox_days",
+    "parked_days",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Section:
     """A located raw section for a later compiler (routes, tables, channels, ...)."""
 
@@ -474,6 +501,7 @@ class Config:
     sections: Mapping[str, Section]
     env: Mapping[str, str] | None = None
     fhir_sources: tuple[FhirSource, ...] = ()
+    retention: RetentionConfig = RetentionConfig()
 
     def source(self, name: str) -> MllpSource:
         for s in self.sources:
@@ -503,6 +531,7 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
         top.fail("version", f"this refloop reads version 1 files, not {version}")
     store = _store(top.child("store")) if top.has("store") else StoreConfig()
     http = _http(top.child("http")) if top.has("http") else HttpConfig()
+    retention = _retention(top.child("retention")) if top.has("retention") else RetentionConfig()
     sources, fhir_sources = _sources(top, problems)
     sections: dict[str, Section] = {}
     for name in ("routes", "tables", "channels", "escalation", "practice"):
@@ -520,7 +549,30 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
         sections=sections,
         env=env,
         fhir_sources=fhir_sources,
+        retention=retention,
     )
+
+
+def _retention(r: Reader) -> RetentionConfig:
+    defaults = RetentionConfig()
+    periods: dict[str, int | None] = {}
+    for key in RETENTION_PERIODS:
+        value = r.raw(key)
+        if value == "forever":
+            periods[key] = None
+        elif isinstance(value, str) and not value.strip().isdigit():
+            r.fail(key, f"must be a number of days or forever, not {value!r}")
+            periods[key] = getattr(defaults, key)
+        else:
+            periods[key] = r.integer(key, getattr(defaults, key), lo=1, hi=36500)
+    cfg = RetentionConfig(
+        enabled=r.flag("enabled", True),
+        every_minutes=r.integer("every_minutes", defaults.every_minutes, lo=1, hi=10080),
+        batch=r.integer("batch", defaults.batch, lo=1, hi=10000),
+        **periods,
+    )
+    r.done()
+    return cfg
 
 
 def _store(r: Reader) -> StoreConfig:

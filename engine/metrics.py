@@ -314,6 +314,34 @@ class Metrics:
             ["hook", "result"],
             registry=registry,
         )
+        # Retention (engine.store.pruner): ``kind`` is one of engine.store.retention.KINDS.
+        self.pruned_rows = Counter(
+            "refloop_pruned_rows_total",
+            "Rows whose PHI retention pruned (message bytes, outbox payloads, parked events).",
+            ["kind"],
+            registry=registry,
+        )
+        self.pruned_bytes = Counter(
+            "refloop_pruned_bytes_total",
+            "Bytes of PHI retention pruned, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.vacuumed_bytes = Counter(
+            "refloop_vacuumed_bytes_total",
+            "Bytes of free pages returned to the filesystem (incremental vacuum).",
+            registry=registry,
+        )
+        self.database_free_bytes = Gauge(
+            "refloop_database_free_bytes",
+            "Free pages in the database file after the last pruning run, in bytes.",
+            registry=registry,
+        )
+        self.prune_last_run = Gauge(
+            "refloop_prune_last_run_timestamp_seconds",
+            "When the last pruning run finished (Unix time; 0: none yet).",
+            registry=registry,
+        )
 
     def name_message_types(self, names: Iterable[str]) -> None:
         """The message type patterns the routes name (engine.routing.handler.make_handler, at

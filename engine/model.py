@@ -96,6 +96,12 @@ class StoredMessage:
     duplicates: int = 0
     flags: str = ""
     route: str = ""
+    pruned_at: float | None = None  # when retention deleted the bytes (``raw`` is then b"")
+    sha256: bytes = b""  # of the bytes as received (kept when they are pruned)
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruned_at is not None
 
 
 @dataclass(frozen=True, slots=True)

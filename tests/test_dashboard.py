@@ -18,7 +18,9 @@ from helpers import run
 from ui_rig import PASSWORD, UiRig, csrf_of, login, ref_i12, ui_engine
 
 from engine.clock import VirtualClock
+from engine.config import RetentionConfig
 from engine.store import audit as audit_store
+from engine.store import retention
 from engine.web.dashboard import bar_chart
 
 Body = Callable[[UiRig, httpx.AsyncClient], Awaitable[None]]
@@ -242,6 +244,18 @@ def test_coordinator_actions_and_audited_views(tmp_path: Path) -> None:
         assert "Doe^Jane" in raw.text
         viewed = [r for r in audit_store.rows(rig.db.conn) if r.action == "viewed-message"]
         assert [(r.actor, r.message_id) for r in viewed] == [("user:ana", mid)]
+        # 401 days after the referral closed, retention pruned its message's bytes: the page
+        # says so, with the hash, and asking for the bytes shows no PHI (issue 20)
+        closed_at = rig.db.conn.execute("SELECT max(closed_at) FROM referrals").fetchone()[0]
+        later = float(closed_at) + 401 * 86400
+        retention.prune_now(rig.db, RetentionConfig(), later, actor="system", pause=0)
+        pruned = await http.get(f"{rig.base}/ui/messages/{mid}")
+        assert 'data-testid="pruned"' in pruned.text and "retention policy" in pruned.text
+        sha = rig.db.conn.execute("SELECT hex(sha256) FROM messages WHERE id = ?", (mid,))
+        assert sha.fetchone()[0].lower() in pruned.text
+        asked = await http.get(f"{rig.base}/ui/messages/{mid}?raw=1")
+        assert asked.status_code == 200 and "Doe^Jane" not in asked.text
+        assert 'data-testid="pruned"' in asked.text
         chart = await http.get(f"{rig.base}/ui/chart")
         assert chart.status_code == 200 and "<svg" in chart.text
 

@@ -33,10 +33,11 @@ import pytest
 
 import engine.app
 from engine.clock import VirtualClock
+from engine.config import RetentionConfig
 from engine.delivery import dispatch
 from engine.sim.simulate import load_scenario, simulate
 from engine.store import audit as audit_store
-from engine.store import open_database
+from engine.store import open_database, retention
 from engine.store import outbox as outbox_store
 from engine.store import packets as packets_store
 from engine.store import referrals as referral_store
@@ -452,6 +453,10 @@ def _operator_paths(db: Any, now: float) -> None:
         users_store.set_disabled(c, uid, True, now)
         c.execute("ROLLBACK")
         c.execute("BEGIN")  # the context manager commits: nothing
+    # retention (engine.store.retention): what a dry run and a real run read, 600 days on
+    later = now + 600 * 86400
+    retention.plan(db, RetentionConfig(), later)
+    retention.prune_now(db, RetentionConfig(), later, actor="system", pause=0)
 
 
 def _trigger_statements(conn: sqlite3.Connection) -> Iterator[tuple[str, str]]:

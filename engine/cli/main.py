@@ -296,6 +296,7 @@ def messages_list(
             "duplicates": r.duplicates,
             "flags": r.flags,
             "route": r.route,
+            "pruned_at": None if r.pruned_at is None else isoformat(r.pruned_at),
         }
         for r in rows
     ]
@@ -310,6 +311,8 @@ def messages_list(
         note = i["error"] or i["route"] or i["flags"]
         if i["duplicates"]:
             note = f"{note} (+{i['duplicates']} duplicate)".strip()
+        if i["pruned_at"]:
+            note = f"{note} (bytes pruned)".strip()
         click.echo(
             f"{i['id']:>7}  {i['received_at'][:23]:<24} {i['source'][:10]:<10} "
             f"{i['type'][:9]:<9} {i['control_id'][:22]:<22} {i['status']:<9} "
@@ -328,6 +331,8 @@ def messages_show(
 ) -> None:
     """Show one stored message: its metadata and its segments, one per line.
 
+    A message whose bytes retention pruned shows its metadata only (and --raw fails).
+
     Example: refloop messages show 42 --raw > message.hl7
     """
     if raw and as_json:
@@ -337,7 +342,14 @@ def messages_show(
         row = inbox.get(message_id)
     if row is None:
         raise click.ClickException(f"no message with id {message_id}")
+    pruned = (
+        f"pruned {isoformat(row.pruned_at)} under the retention policy"
+        if row.pruned_at is not None
+        else ""
+    )
     if raw:
+        if pruned:
+            raise click.ClickException(f"message {message_id}: its bytes were {pruned}")
         sys.stdout.buffer.write(row.raw)
         sys.stdout.buffer.flush()
         return
@@ -380,9 +392,12 @@ def messages_show(
         ("ack", row.ack_code or "-"),
         ("duplicates", row.duplicates),
         ("flags", row.flags or "-"),
-        ("bytes", len(row.raw)),
+        ("bytes", pruned or len(row.raw)),
+        ("sha256", row.sha256.hex() or "-"),
     ):
         click.echo(f"{key:>11}: {value}")
+    if pruned:
+        return  # the metadata is all there is (refloop messages show --help)
     click.echo("")
     for seg in segments:
         click.echo(seg)
@@ -714,6 +729,8 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
                   lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",
                   lambda: importlib.import_module("engine.cli.tracker")),
+        LazyGroup("prune", "Prune PHI past its retention period now (routes.yaml ``retention:``).",
+                  lambda: importlib.import_module("engine.cli.prune")),
         LazyGroup("referrals", "List, inspect, close and link referrals.",
                   lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("report", "Quality reports from the referral store.",

@@ -9,7 +9,8 @@ route, its decision row, and the tracker events its old decision had not already
 (events are compared by fingerprint, so replaying twice applies nothing the second time).
 ``send`` / ``forward`` side effects are not re-sent unless ``resend`` is true. Messages the
 daemon has not processed yet (``received``) and messages rejected at the door are skipped:
-the processor owns the first and the second were never accepted.
+the processor owns the first and the second were never accepted; so are messages whose
+bytes retention pruned (engine.store.retention): only their metadata is left.
 
 Each re-applied message is also written to the audit log (actor ``operator:<login>``,
 action ``replayed``, old and new status/route) in its transaction.
@@ -242,6 +243,10 @@ def _run(
         old = _old_side(row, previous)
         if row.status in SKIPPED_STATUSES:
             why = "not processed yet" if row.status == "received" else "rejected at the door"
+            yield ReplayItem(row.id, row.message_type, old, None, False, False, why)
+            continue
+        if row.pruned_at is not None:  # retention deleted the bytes: nothing to decide on
+            why = f"bytes pruned {isoformat(row.pruned_at)[:10]} (retention)"
             yield ReplayItem(row.id, row.message_type, old, None, False, False, why)
             continue
         decision = decide_stored(handler.table, row)

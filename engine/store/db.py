@@ -70,6 +70,10 @@ def open_database(
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:
+            # a new file returns the space pruning frees (engine.store.retention); an older
+            # one needs one VACUUM for it (refloop prune --vacuum)
+            if not conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = ON")

@@ -56,7 +56,7 @@ ANY_BYTES: Final = b""  # dedupe_hash of a message deduplicated on its key alone
 _COLUMNS: Final = (
     "id, received_at, source, peer, sending_app, sending_facility, control_id, message_type, "
     "version, coalesce((SELECT raw FROM message_raw WHERE message_id = messages.id), x''), "
-    "charset, status, ack_code, error, duplicates, flags, route"
+    "charset, status, ack_code, error, duplicates, flags, route, pruned_at, sha256"
 )
 # a message's size in bytes, as a column expression of a query on ``messages``
 RAW_SIZE: Final = "(SELECT length(raw) FROM message_raw WHERE message_id = messages.id)"

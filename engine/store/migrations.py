@@ -21,6 +21,7 @@ from engine.store import (
     outbox,
     referral_search,
     referrals,
+    retention,
     specialists,
     tasks,
     timers,
@@ -195,6 +196,12 @@ def _m_cluster(db: sqlite_utils.Database) -> None:
     leases.migrate(db)
 
 
+def _m_retention(db: sqlite_utils.Database) -> None:
+    # pruned messages keep their row (issue 20): pruned_at/pruned_size, and the indexes
+    # the pruner scans (engine.store.retention)
+    retention.migrate(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -216,4 +223,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_workbench,
     _m_referral_search,
     _m_cluster,
+    _m_retention,
 ]

@@ -145,7 +145,7 @@ _SCHEMA: Final = (
         sending_facility TEXT NOT NULL DEFAULT '',
         placer_number TEXT NOT NULL DEFAULT '',
         parked_at REAL NOT NULL,
-        status TEXT NOT NULL DEFAULT 'parked',  -- parked | linked
+        status TEXT NOT NULL DEFAULT 'parked',  -- parked | linked | expired (retention)
         referral_id INTEGER REFERENCES referrals (id),
         linked_at REAL,
         linked_by TEXT NOT NULL DEFAULT '',

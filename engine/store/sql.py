@@ -75,6 +75,11 @@ class Database:
         self.synchronous = synchronous
         self._level = synchronous
 
+    def durability(self, *, durable: bool) -> None:
+        """The level of the next commits outside :meth:`transaction` (a statement that
+        runs in its own transaction: engine.store.retention's incremental vacuum)."""
+        self._sync(durable)
+
     def _sync(self, durable: bool) -> None:
         level = self.synchronous if durable else "normal"
         if level != self._level:

@@ -104,7 +104,9 @@ class MessageMeta:
     duplicates: int
     flags: str
     route: str
-    size: int
+    size: int  # of the bytes as received (also once pruned)
+    sha256: str = ""  # hex SHA-256 of the bytes as received
+    pruned_at: float | None = None  # when retention deleted the bytes; None: kept
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -123,12 +125,15 @@ class MessageMeta:
             "flags": self.flags,
             "route": self.route,
             "size": self.size,
+            "sha256": self.sha256,
+            "pruned_at": self.pruned_at,
         }
 
 
 _META: Final = (
     "id, received_at, source, sending_app, sending_facility, control_id, message_type, "
-    "version, status, ack_code, error, duplicates, flags, route, " + RAW_SIZE
+    "version, status, ack_code, error, duplicates, flags, route, "
+    f"coalesce({RAW_SIZE}, pruned_size, 0), lower(hex(sha256)), pruned_at"
 )
 
 
@@ -149,6 +154,8 @@ def _meta(r: Any) -> MessageMeta:
         flags=str(r[12] or ""),
         route=str(r[13] or ""),
         size=int(r[14] or 0),
+        sha256=str(r[15] or ""),
+        pruned_at=None if r[16] is None else float(r[16]),
     )
 
 
@@ -218,11 +225,18 @@ def get_message(conn: Conn, message_id: int) -> MessageMeta | None:
     return _meta(r) if r else None
 
 
-def raw_message(conn: Conn, message_id: int) -> tuple[bytes, str] | None:
-    """(the exact bytes received, the codec they decode with)."""
-    r = conn.execute("SELECT charset FROM messages WHERE id = ?", (message_id,)).fetchone()
-    raw = raw_bytes(conn, message_id) if r else None
-    return (raw, str(r[0] or "utf-8")) if r and raw is not None else None
+def raw_message(conn: Conn, message_id: int) -> tuple[bytes, str] | float | None:
+    """(the exact bytes received, the codec they decode with); when retention pruned the
+    bytes, when it did (a float); None when there is no such message."""
+    r = conn.execute(
+        "SELECT charset, pruned_at FROM messages WHERE id = ?", (message_id,)
+    ).fetchone()
+    if r is None:
+        return None
+    if r[1] is not None:
+        return float(r[1])
+    raw = raw_bytes(conn, message_id)
+    return (raw, str(r[0] or "utf-8")) if raw is not None else None
 
 
 def referral_message_ids(conn: Conn, referral_id: int) -> list[int]:

@@ -74,6 +74,11 @@ class OperatorActions:
             parked = store.get_parked(conn, parked_id)
             if parked is None:
                 raise StoreError(f"no parked event with id {parked_id}")
+            if parked.status == "expired":
+                raise StoreError(
+                    f"parked event {parked_id} expired under the retention policy: "
+                    "its event data was pruned"
+                )
             if parked.status != "parked":
                 raise StoreError(
                     f"parked event {parked_id} is already linked to referral {parked.referral_id}"

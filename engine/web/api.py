@@ -493,7 +493,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages/{message_id}/raw", "getRawMessage",
         "The message exactly as received, as text (audited)", "messages", _raw, _TEXT,
-        params=(_id("message_id"),), content_type="text/plain", statuses=(404,),
+        params=(_id("message_id"),), content_type="text/plain", statuses=(404, 410),
     ),
     Route(
         "GET", "/api/messages/{message_id}/outcome", "getMessageOutcome",
@@ -504,7 +504,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages/{message_id}/tree", "getMessageTree",
         "The message text and its parsed tree, named from HL7 v2.5.1 (audited)", "messages",
-        _tree, MESSAGE_TREE, params=(_id("message_id"),), statuses=(404,),
+        _tree, MESSAGE_TREE, params=(_id("message_id"),), statuses=(404, 410),
     ),
     Route(
         "POST", "/api/messages/{message_id}/reprocess", "reprocessMessage",

@@ -514,7 +514,7 @@ class Dashboard(WorkbenchPages):
         mid = _path_id(request, "message_id")
         meta = self.service.message_detail(mid)
         tree = None
-        if request.query.get("raw") == "1":
+        if request.query.get("raw") == "1" and meta.get("pruned_at") is None:
             tree = self.service.message_tree(me, mid, via="dashboard")
             tree["text"] = tree["text"].replace("\r\n", "\n").replace("\r", "\n")
         return self._render(

@@ -117,6 +117,8 @@ MESSAGE: Final = _obj(
         "flags": STR,
         "route": STR,
         "size": INT,
+        "sha256": STR,
+        "pruned_at": _nullable(NUM),
     }
 )
 REFERRAL_DETAIL: Final = {
@@ -528,6 +530,7 @@ _STATUS_TEXT: Final = {
     404: "Not found",
     409: "Conflict with the current state",
     413: "The request body is over the HTTP body limit (1 MiB)",
+    410: "Gone: retention pruned the message's bytes (its metadata is kept)",
     503: "Unavailable in this configuration",
 }
 

@@ -429,6 +429,12 @@ class Service:
         found = worklist.raw_message(self.db.conn, message_id)
         if found is None:
             raise ApiError(404, f"no message {message_id}")
+        if isinstance(found, float):
+            raise ApiError(
+                410,
+                f"the bytes of message {message_id} were pruned {isoformat(found)} "
+                "under the retention policy; its metadata is kept",
+            )
         raw, charset = found
         try:
             text = raw.decode(charset, errors="replace")
@@ -450,7 +456,7 @@ class Service:
         decisions = Decisions(self.db)
         decision = decisions.get(message_id) if decisions.available() else None
         found = worklist.raw_message(conn, message_id)
-        meta["ack"] = _ack_text(found[0] if found else b"", meta)
+        meta["ack"] = _ack_text(found[0] if isinstance(found, tuple) else b"", meta)
         meta["decision"] = None if decision is None else {
             "status": decision.status,
             "route": decision.route,
