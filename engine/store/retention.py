@@ -55,8 +55,8 @@ _SCHEMA: Final = (
     "ALTER TABLE messages ADD COLUMN pruned_size INTEGER",  # their length, once pruned
     # the pruner's scan: unpruned rows, oldest first (a pruned row leaves the index)
     "CREATE INDEX messages_unpruned ON messages (received_at, id) WHERE pruned_at IS NULL",
-    "CREATE INDEX referral_events_message ON referral_events (message_id) "
-    "WHERE message_id IS NOT NULL",
+    # referral_events_message (the pruner's look-up of a message's referrals) comes with
+    # the earlier _m_workbench step (engine.store.referrals.migrate_message_indexes)
     "ALTER TABLE outbox ADD COLUMN pruned_at REAL",
     "CREATE INDEX outbox_unpruned ON outbox (updated_at, id) "
     "WHERE pruned_at IS NULL AND status IN ('sent', 'cancelled')",
