@@ -396,3 +396,28 @@ def test_the_rebuilt_ack() -> None:
     assert _ack_text(raw, {**meta, "ack_code": ""}) == ""
     fhir = b'{"resourceType": "ServiceRequest", "id": "sr-1"}'
     assert _ack_text(fhir, {**meta, "ack_code": "AA"}) == ""
+
+
+def test_task_lists_say_when_rows_are_left(tmp_path: Path, monkeypatch: Any) -> None:
+    """No silent cap: GET /api/tasks answers ``more`` past ``limit``, and the Tasks page
+    says when it shows only the first page (3 tasks, a page of 2)."""
+    from engine.web import dashboard
+
+    monkeypatch.setattr(dashboard, "TASK_PAGE", 2, raising=False)
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        for n in (1, 2, 3):
+            await rig.send(ref_i12(f"REF-CAP-{n}", f"cap-{n}"))
+            await rig.wait_referral(f"REF-CAP-{n}")
+        await open_tasks(rig, 3)
+        casey = rig.bearer("casey")
+        two = (await http.get(f"{rig.base}/api/tasks?limit=2", headers=casey)).json()
+        assert len(two["items"]) == 2 and two["more"] is True
+        three = (await http.get(f"{rig.base}/api/tasks?limit=3", headers=casey)).json()
+        assert len(three["items"]) == 3 and three["more"] is False
+        await login(http, rig.base, "casey")
+        page = (await http.get(f"{rig.base}/ui/tasks")).text
+        assert len(task_ids(page)) == 2 and 'data-testid="tasks-more"' in page
+        assert "--limit 0" in page
+
+    go(tmp_path, body)
