@@ -170,6 +170,15 @@ def test_api_snooze_and_task_lists(tmp_path: Path) -> None:
             r = await http.get(f"{rig.base}/api/tasks?status={status}", headers=casey)
             return [i["id"] for i in r.json()["items"]]
 
+        # assign as the dashboard does: to a user whose role may act, or to nobody
+        assign = f"{rig.base}/api/tasks/{t.id}/assign"
+        for who in ("ana", "nosuchuser"):  # an analyst cannot see tasks; a typo
+            bad_user = await http.post(assign, headers=casey, json={"user": who})
+            assert bad_user.status_code == 400, who
+        given = await http.post(assign, headers=casey, json={"user": "casey"})
+        assert given.status_code == 200 and given.json()["assignee"] == "casey"
+        back = await http.post(assign, headers=casey, json={"user": ""})
+        assert back.status_code == 200 and back.json()["assignee"] == ""
         assert await listed("due") == [] and await listed("snoozed") == [t.id]
         assert await listed("open") == [t.id]  # every open task, asleep or not
         woke = await http.post(url, headers=casey, json={"until": ""})
