@@ -28,6 +28,17 @@ USAGE_ERRORS = [
     pytest.param(["simulate", "/no/such/scenario.yaml"], "SCENARIO", id="simulate-no-file"),
     pytest.param(["routes", "test"], "FILE", id="routes-test-missing-file"),
     pytest.param(["routes", "test", "/no/such.hl7"], "FILE", id="routes-test-no-file"),
+    pytest.param(
+        [
+            "routes",
+            "test",
+            "--source",
+            "nope",
+            "../shared/corpus/hl7/fhir-converter/REF-I12-01.hl7",
+        ],
+        "--source",
+        id="routes-test-unknown-source",
+    ),
     pytest.param(["sources", "status", "--timeout", "soon"], "--timeout", id="sources-bad-value"),
     pytest.param(["messages", "show", "1", "--raw", "--json"], "--raw", id="show-raw-and-json"),
 ]

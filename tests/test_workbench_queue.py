@@ -170,6 +170,15 @@ def test_api_snooze_and_task_lists(tmp_path: Path) -> None:
             r = await http.get(f"{rig.base}/api/tasks?status={status}", headers=casey)
             return [i["id"] for i in r.json()["items"]]
 
+        # assign as the dashboard does: to a user whose role may act, or to nobody
+        assign = f"{rig.base}/api/tasks/{t.id}/assign"
+        for who in ("ana", "nosuchuser"):  # an analyst cannot see tasks; a typo
+            bad_user = await http.post(assign, headers=casey, json={"user": who})
+            assert bad_user.status_code == 400, who
+        given = await http.post(assign, headers=casey, json={"user": "casey"})
+        assert given.status_code == 200 and given.json()["assignee"] == "casey"
+        back = await http.post(assign, headers=casey, json={"user": ""})
+        assert back.status_code == 200 and back.json()["assignee"] == ""
         assert await listed("due") == [] and await listed("snoozed") == [t.id]
         assert await listed("open") == [t.id]  # every open task, asleep or not
         woke = await http.post(url, headers=casey, json={"until": ""})
@@ -396,3 +405,28 @@ def test_the_rebuilt_ack() -> None:
     assert _ack_text(raw, {**meta, "ack_code": ""}) == ""
     fhir = b'{"resourceType": "ServiceRequest", "id": "sr-1"}'
     assert _ack_text(fhir, {**meta, "ack_code": "AA"}) == ""
+
+
+def test_task_lists_say_when_rows_are_left(tmp_path: Path, monkeypatch: Any) -> None:
+    """No silent cap: GET /api/tasks answers ``more`` past ``limit``, and the Tasks page
+    says when it shows only the first page (3 tasks, a page of 2)."""
+    from engine.web import dashboard
+
+    monkeypatch.setattr(dashboard, "TASK_PAGE", 2, raising=False)
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        for n in (1, 2, 3):
+            await rig.send(ref_i12(f"REF-CAP-{n}", f"cap-{n}"))
+            await rig.wait_referral(f"REF-CAP-{n}")
+        await open_tasks(rig, 3)
+        casey = rig.bearer("casey")
+        two = (await http.get(f"{rig.base}/api/tasks?limit=2", headers=casey)).json()
+        assert len(two["items"]) == 2 and two["more"] is True
+        three = (await http.get(f"{rig.base}/api/tasks?limit=3", headers=casey)).json()
+        assert len(three["items"]) == 3 and three["more"] is False
+        await login(http, rig.base, "casey")
+        page = (await http.get(f"{rig.base}/ui/tasks")).text
+        assert len(task_ids(page)) == 2 and 'data-testid="tasks-more"' in page
+        assert "--limit 0" in page
+
+    go(tmp_path, body)

@@ -457,6 +457,15 @@ def routes_test(file: str, routes_path: str, source: str | None, as_json: bool) 
         table = _compile_routes(cfg)
         data = click.open_file(file, "rb").read()
         samples = read_samples(data)
+    if source is not None:  # as POST /api/routes/test: an unknown source is an error
+        from engine.ingest.status import configured_sources
+
+        known = [s.name for s in configured_sources(cfg)]
+        if source not in known:
+            raise click.BadParameter(
+                f"no source {source!r} in {routes_path} (sources: {', '.join(known) or '-'})",
+                param_hint="'--source'",
+            )
     mllp = source or (cfg.sources[0].name if cfg.sources else "test")
     fhir = source or (cfg.fhir_sources[0].name if cfg.fhir_sources else mllp)
     results = try_samples(table, samples, mllp, fhir)

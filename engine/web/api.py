@@ -238,7 +238,8 @@ async def _decline(api: Api, call: Call) -> Any:
 
 async def _tasks(api: Api, call: Call) -> Any:
     status = call.args["status"] or "open"
-    return {"items": api.service.tasks(status=status, limit=call.args["limit"])}
+    limit = call.args["limit"]
+    return _capped(api.service.tasks(status=status, limit=limit + 1), limit)
 
 
 async def _task_done(api: Api, call: Call) -> Any:
@@ -420,7 +421,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/tasks", "listTasks",
         "Coordinator tasks of the built-in queue; open ones most urgent first",
-        "referrals", _tasks, list_of(TASK_ITEM),
+        "referrals", _tasks, capped_list_of(TASK_ITEM),
         params=(
             Param("status", enum=TASK_LISTS,
                   description="Default open (most urgent first); due: open and not "

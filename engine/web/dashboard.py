@@ -68,6 +68,7 @@ HEADERS: Final = {
 }
 FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
+TASK_PAGE: Final = 200  # tasks on the Tasks page; the page says when more are left
 TASK_FILTERS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
 SNOOZE_DAYS: Final = (("1", "1 day"), ("3", "3 days"), ("7", "1 week"), ("14", "2 weeks"))
 WORKLIST_SHOW: Final = ("open", "overdue", "all")
@@ -404,9 +405,10 @@ class Dashboard(WorkbenchPages):
         status = request.query.get("status", "due")
         if status not in TASK_FILTERS:
             raise ApiError(400, "unknown status")
-        items = self.service.tasks(status=status, limit=200)
+        items = self.service.tasks(status=status, limit=TASK_PAGE + 1)
         return self._render(
-            request, me, "tasks.html", items=items, current=status, statuses=TASK_FILTERS,
+            request, me, "tasks.html", items=items[:TASK_PAGE], more=len(items) > TASK_PAGE,
+            page_size=TASK_PAGE, current=status, statuses=TASK_FILTERS,
             notice=request.query.get("done", ""), workers=self._workers(),
             snooze_days=SNOOZE_DAYS,
         )  # fmt: skip

@@ -346,11 +346,21 @@ class Service:
             if action == "snooze":
                 until = self._until(value)
                 return tasks.snooze(self.db, self.clock, task_id, until, by=principal.actor)
+            if value and value not in self._workers():  # as the dashboard's Assign
+                raise ApiError(400, "no such user may work tasks")
             return tasks.assign(self.db, self.clock, task_id, value, by=principal.actor)
         except KeyError:
             raise ApiError(404, f"no task {task_id}") from None
         except StoreError as exc:
             raise ApiError(409, str(exc)) from None
+
+    def _workers(self) -> set[str]:
+        """Who a task can be given to: enabled users whose role may act on it."""
+        from engine.store import users as user_store
+        from engine.web.auth import PERMISSIONS
+
+        users = user_store.list_users(self.db.conn)
+        return {u.name for u in users if not u.disabled and u.role in PERMISSIONS["act"]}
 
     def _until(self, value: str) -> float | None:
         """A snooze's end: None for "" (wake now); it must lie in the future."""
