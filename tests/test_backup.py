@@ -298,7 +298,7 @@ def test_backup_to_an_empty_destination_is_refused(good_backup: Path, tmp_path: 
             str(state),
             "--routes",
             str(REPO / "routes.yaml"),
-        ],  # fmt: skip
+        ],
         cwd=here,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
