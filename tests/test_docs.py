@@ -89,6 +89,23 @@ def test_backup_timer_and_service_verify(tmp_path: Path) -> None:
     assert "refloop backup /var/backups/refloop/" in service
 
 
+def test_production_examples_name_the_routes_file() -> None:
+    # --routes defaults to routes.yaml in the current folder: an example for the installed
+    # server (--state /var/lib/refloop) that leaves it out fails there with "routes.yaml:
+    # cannot read", the first thing an operator pastes at 3 am
+    sources = [*(ROOT / "docs").glob("*.md"), *(ROOT / "engine" / "cli").glob("*.py")]
+    missing = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sources
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\brefloop [a-z]", line)
+        and "--state /var/lib/refloop" in line
+        and "--routes" not in line
+        and not line.rstrip().endswith("\\")  # continued on the next line
+    ]
+    assert missing == []
+
+
 def test_backup_service_reads_the_daemons_environment() -> None:
     # refloop backup loads routes.yaml, whose secrets come from ${env:...} set by the
     # daemon's EnvironmentFile (docs/operations.md): without the same file the nightly

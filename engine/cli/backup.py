@@ -29,7 +29,8 @@ def backup(dest: str, state_dir: str, routes_path: str) -> None:
     messages), then PRAGMA integrity_check and the audit chain are checked on the copy.
     Exit 1 when a check fails.
 
-    Example: refloop backup /var/backups/refloop/ --state /var/lib/refloop
+    Example: refloop backup /var/backups/refloop/ --routes /etc/refloop/routes.yaml
+    --state /var/lib/refloop
     """
     from engine.store.backup import backup as run_backup
 
@@ -55,7 +56,8 @@ def restore(src: Path, state_dir: str, routes_path: str) -> None:
     refloop runs on this state directory (it holds refloop.db.lock). The database being
     replaced is kept beside it as refloop.db.pre-restore-<UTC time>.
 
-    Example: refloop restore /backup/refloop-20260101T020000Z.db --state /var/lib/refloop
+    Example: refloop restore /backup/refloop-20260101T020000Z.db
+    --routes /etc/refloop/routes.yaml --state /var/lib/refloop
     """
     from engine.store.backup import restore as run_restore
 
