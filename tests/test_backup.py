@@ -307,3 +307,24 @@ def test_backup_to_an_empty_destination_is_refused(good_backup: Path, tmp_path: 
     assert result.returncode != 0
     assert "Traceback" not in result.stderr.decode()
     assert list(here.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [("size=16k,mode=0700", "full"), ("ro,size=16k", "read-only")],
+    ids=["full", "read-only"],
+)
+def test_restore_into_a_volume_that_takes_nothing_is_one_line(
+    good_backup: Path, tmp_path: Path, options: str, reason: str
+) -> None:
+    # an empty state volume too small or mounted read-only: one line, exit 1, and no
+    # empty refloop.db left for a daemon to start on (or a later restore to "keep")
+    with mounted_tmpfs(tmp_path / "state", options) as state:
+        result = refloop("restore", str(good_backup), "--state", str(state))
+        err = result.stderr.decode()
+        left = sorted(p.name for p in state.iterdir())
+    assert result.returncode == 1, result.stdout.decode()
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert reason in err, err
+    assert "refloop.db" not in left, left

@@ -218,8 +218,11 @@ class StateLock:
             self._fd = None
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or unwritable state directory
+            raise StoreError(f"cannot open the state lock {self.path}: {_why(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -260,10 +263,12 @@ def restore(source: Path, db_path: Path, *, now: float) -> Restored:
                 raise StoreError(
                     f"cannot keep the current database as {kept}: {_why(exc)}"
                 ) from None
+        created = False
         try:
             if not db_path.exists():
                 db_path.parent.mkdir(parents=True, exist_ok=True)
-                os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
+                os.close(os.open(db_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                created = True
             with (
                 contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src,
                 contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as dst,
@@ -271,5 +276,9 @@ def restore(source: Path, db_path: Path, *, now: float) -> Restored:
                 src.backup(dst)  # one transaction of the target: all of it or none
                 dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except (OSError, sqlite3.Error) as exc:
+            if created:  # no empty database left for a daemon to start on
+                for leftover in (db_path, db_path.with_name(db_path.name + "-journal")):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink(missing_ok=True)
             raise StoreError(f"cannot restore into {db_path}: {_why(exc)}") from None
         return Restored(source_check, check(db_path), kept)
