@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -232,3 +234,97 @@ def test_a_daemon_does_not_start_while_a_restore_holds_the_lock(tmp_path: Path) 
     ):
         daemon.start(timeout=5.0)
     assert "a restore is replacing" in daemon.log_tail()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at ``where`` (``options``: ``size=16k``, ``ro``); skipped without root."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [("size=16k,mode=0700", "full"), ("ro,size=16k", "read-only")],
+    ids=["full", "read-only"],
+)
+def test_backup_to_a_volume_that_takes_no_copy_is_one_line(
+    good_backup: Path, tmp_path: Path, options: str, reason: str
+) -> None:
+    # the nightly unit's destination full or mounted read-only: one line, exit 1, and
+    # no half-written file (nor its journal) left behind to fill the volume further
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "refloop.db").write_bytes(good_backup.read_bytes())
+    with mounted_tmpfs(tmp_path / "dest", options) as dest:
+        result = refloop("backup", f"{dest}/", "--state", str(state))
+        err = result.stderr.decode()
+        left = sorted(p.name for p in dest.iterdir())
+    assert result.returncode == 1, result.stdout.decode()
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("Error: cannot write the copy "), err
+    assert reason in err, err
+    assert left == []
+
+
+def test_backup_to_an_empty_destination_is_refused(good_backup: Path, tmp_path: Path) -> None:
+    # DEST "" (an unset variable in quotes) must not drop a PHI copy in the current folder
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "refloop.db").write_bytes(good_backup.read_bytes())
+    here = tmp_path / "cwd"
+    here.mkdir()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "backup",
+            "",
+            "--state",
+            str(state),
+            "--routes",
+            str(REPO / "routes.yaml"),
+        ],
+        cwd=here,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr.decode()
+    assert list(here.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [("size=16k,mode=0700", "full"), ("ro,size=16k", "read-only")],
+    ids=["full", "read-only"],
+)
+def test_restore_into_a_volume_that_takes_nothing_is_one_line(
+    good_backup: Path, tmp_path: Path, options: str, reason: str
+) -> None:
+    # an empty state volume too small or mounted read-only: one line, exit 1, and no
+    # empty refloop.db left for a daemon to start on (or a later restore to "keep")
+    with mounted_tmpfs(tmp_path / "state", options) as state:
+        result = refloop("restore", str(good_backup), "--state", str(state))
+        err = result.stderr.decode()
+        left = sorted(p.name for p in state.iterdir())
+    assert result.returncode == 1, result.stdout.decode()
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert reason in err, err
+    assert "refloop.db" not in left, left

@@ -89,6 +89,36 @@ def test_backup_timer_and_service_verify(tmp_path: Path) -> None:
     assert "refloop backup /var/backups/refloop/" in service
 
 
+def test_production_examples_name_the_routes_file() -> None:
+    # --routes defaults to routes.yaml in the current folder: an example for the installed
+    # server (--state /var/lib/refloop) that leaves it out fails there with "routes.yaml:
+    # cannot read", the first thing an operator pastes at 3 am
+    sources = [*(ROOT / "docs").glob("*.md"), *(ROOT / "engine" / "cli").glob("*.py")]
+    missing = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in sources
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\brefloop [a-z]", line)
+        and "--state /var/lib/refloop" in line
+        and "--routes" not in line
+        and not line.rstrip().endswith("\\")  # continued on the next line
+    ]
+    assert missing == []
+
+
+def test_backup_service_reads_the_daemons_environment() -> None:
+    # refloop backup loads routes.yaml, whose secrets come from ${env:...} set by the
+    # daemon's EnvironmentFile (docs/operations.md): without the same file the nightly
+    # unit fails on "environment variable ... is not set" whenever routes.yaml uses one
+    def lines(name: str, key: str) -> list[str]:
+        text = (ROOT / "systemd" / name).read_text(encoding="utf-8")
+        return [ln for ln in text.splitlines() if ln.startswith(f"{key}=")]
+
+    daemon_env = lines("refloop.service", "EnvironmentFile")
+    assert daemon_env  # the control: the daemon unit names one
+    assert lines("refloop-backup.service", "EnvironmentFile") == daemon_env
+
+
 # A daemon with as much switched on as starts without the network: an MLLP and a FHIR
 # source (polling a stub that answers empty bundles), HTTP with webhooks, one channel of
 # each cheap type, routes (so the tracker and the timers run). Direct is left out: its

@@ -595,3 +595,39 @@ def test_stop_drains_every_frame_it_read(tmp_path: Path) -> None:
     acked = run(go())
     assert acked == [f"DRAIN-{i}" for i in range(len(acked))]
     assert [cid for cid, _ in rows(tmp_path)] == acked
+
+
+def test_a_bug_in_the_commit_callback_closes_the_connection(tmp_path: Path) -> None:
+    # a callback that raises after the commit must cost that connection, not leave it
+    # open forever: close() would wait for the reply the failed callback never readied,
+    # and the sweeper skips a connection that owes replies, so its slot was never freed
+    async def go() -> tuple[bool, int, str]:
+        async with running_engine(tmp_path) as engine:
+            processor = engine.processor
+            assert processor is not None
+            notify = processor.notify
+            calls = 0
+
+            def broken() -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise RuntimeError("planted bug")
+                notify()
+
+            processor.notify = broken  # type: ignore[method-assign]
+            port = mllp_port(engine)
+            async with peer(port) as bad:
+                await bad.send(hl7("BUG-1"))
+                closed = await bad.closed_by_server()
+            await asyncio.sleep(0.2)  # let connection_lost run
+            open_slots = len(engine.servers[0].connections)
+            async with peer(port) as p:  # and the listener still takes messages
+                code = (await p.ask(hl7("BUG-1"))).code
+            return closed, open_slots, code
+
+    closed, open_slots, code = run(go())
+    assert closed
+    assert open_slots == 0
+    assert code == "AA"  # the resend finds the row stored, as a duplicate
+    assert [cid for cid, _ in rows(tmp_path)] == ["BUG-1"]

@@ -18,10 +18,10 @@ def register(main: click.Group) -> None:
 
 
 @click.command("backup")
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path())
 @state_option
 @routes_option
-def backup(dest: Path, state_dir: str, routes_path: str) -> None:
+def backup(dest: str, state_dir: str, routes_path: str) -> None:
     """Copy the database to DEST, safely while the daemon runs, and verify the copy.
 
     DEST is a new file, or a directory (the copy is named refloop-<UTC time>.db). The
@@ -29,14 +29,19 @@ def backup(dest: Path, state_dir: str, routes_path: str) -> None:
     messages), then PRAGMA integrity_check and the audit chain are checked on the copy.
     Exit 1 when a check fails.
 
-    Example: refloop backup /var/backups/refloop/ --state /var/lib/refloop
+    Example: refloop backup /var/backups/refloop/ --routes /etc/refloop/routes.yaml
+    --state /var/lib/refloop
     """
     from engine.store.backup import backup as run_backup
 
+    if not dest.strip():  # "$UNSET" in quotes: never a PHI copy in the current folder
+        raise click.ClickException("DEST is empty: name a directory or a new file")
+    if dest.endswith("/") and not Path(dest).is_dir():
+        raise click.ClickException(f"no directory {dest}")
     with errors():
         source = database_path(state_dir, load_routes(routes_path))
         started = time.monotonic()
-        result = run_backup(source, dest, now=time.time())
+        result = run_backup(source, Path(dest), now=time.time())
     click.echo(f"backup ok in {time.monotonic() - started:.1f}s: {result.summary()}")
 
 
@@ -51,7 +56,8 @@ def restore(src: Path, state_dir: str, routes_path: str) -> None:
     refloop runs on this state directory (it holds refloop.db.lock). The database being
     replaced is kept beside it as refloop.db.pre-restore-<UTC time>.
 
-    Example: refloop restore /backup/refloop-20260101T020000Z.db --state /var/lib/refloop
+    Example: refloop restore /backup/refloop-20260101T020000Z.db
+    --routes /etc/refloop/routes.yaml --state /var/lib/refloop
     """
     from engine.store.backup import restore as run_restore
 

@@ -358,7 +358,7 @@ def audit() -> None:
 def audit_verify(state_dir: str, routes_path: str) -> None:
     """Walk the audit log's hash chain; exit 1 naming the first bad row.
 
-    Example: refloop audit verify --state /var/lib/refloop
+    Example: refloop audit verify --routes /etc/refloop/routes.yaml --state /var/lib/refloop
     """
     with errors():
         db = open_referral_store(state_dir, routes_path, readonly=True)

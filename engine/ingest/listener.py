@@ -364,14 +364,19 @@ class _Connection(asyncio.Protocol):
 
     def _safe(self, fn: Callable[[Any], None]) -> Callable[[Any], None]:
         """Wrap a callback so an exception closes this connection instead of reaching the
-        loop (where aiorun would stop the daemon)."""
+        loop (where aiorun would stop the daemon). It closes now, not once every owed
+        reply is written (close()): the reply the failed callback owed never becomes
+        ready, and the sweeper leaves a connection that owes replies alone, so close()
+        would hold the connection and its slot forever. Replies already written still
+        go out (a graceful close); the sender resends the rest, stored ones are
+        duplicates ACKed again."""
 
         def wrapper(arg: Any) -> None:
             try:
                 fn(arg)
             except Exception:
                 log.exception("%s: internal error; closing", self.peer)
-                self.close()
+                self.abort(graceful=True)
 
         return wrapper
 

@@ -18,6 +18,7 @@ writes it as one transaction of the target (a crash midway leaves the old conten
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
@@ -109,9 +110,12 @@ def backup(source: Path, dest: Path, *, now: float) -> Check:
     if not target.parent.is_dir():
         raise StoreError(f"no directory {target.parent}")
     partial = target.with_name(target.name + ".partial")
-    _copy(source, partial)
-    os.replace(partial, target)
-    _fsync_dir(target.parent)
+    try:
+        _copy(source, partial)
+        os.replace(partial, target)
+        _fsync_dir(target.parent)
+    except (OSError, sqlite3.Error) as exc:  # full, read-only, no permission, I/O error
+        raise StoreError(f"cannot write the copy {target}: {_why(exc)}") from None
     try:
         return check(target)
     except StoreError as exc:
@@ -136,8 +140,22 @@ def _copy(source: Path, partial: Path) -> None:
         with partial.open("rb+") as f:
             os.fsync(f.fileno())
     except BaseException:
-        partial.unlink(missing_ok=True)
+        for leftover in (partial, partial.with_name(partial.name + "-journal")):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
         raise
+
+
+def _why(exc: OSError | sqlite3.Error) -> str:
+    """One line for a failed write: the volume full, read-only, or the OS's own words."""
+    text = str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return "the volume is read-only"
+    if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.Error) and "full" in text
+    ):
+        return "the volume is full"
+    return text
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,8 +218,11 @@ class StateLock:
             self._fd = None
 
     def _open(self) -> int:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only or unwritable state directory
+            raise StoreError(f"cannot open the state lock {self.path}: {_why(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -236,14 +257,28 @@ def restore(source: Path, db_path: Path, *, now: float) -> Restored:
             kept = db_path.with_name(f"{db_path.name}.pre-restore-{stamp}")
             if kept.exists():
                 raise StoreError(f"{kept} exists; try again in a second")
-            _copy(db_path, kept)
-        else:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-        with (
-            contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src,
-            contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as dst,
-        ):
-            src.backup(dst)  # one transaction of the target: all of it or none
-            dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                _copy(db_path, kept)
+            except (OSError, sqlite3.Error) as exc:
+                raise StoreError(
+                    f"cannot keep the current database as {kept}: {_why(exc)}"
+                ) from None
+        created = False
+        try:
+            if not db_path.exists():
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+                os.close(os.open(db_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                created = True
+            with (
+                contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src,
+                contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as dst,
+            ):
+                src.backup(dst)  # one transaction of the target: all of it or none
+                dst.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (OSError, sqlite3.Error) as exc:
+            if created:  # no empty database left for a daemon to start on
+                for leftover in (db_path, db_path.with_name(db_path.name + "-journal")):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink(missing_ok=True)
+            raise StoreError(f"cannot restore into {db_path}: {_why(exc)}") from None
         return Restored(source_check, check(db_path), kept)
