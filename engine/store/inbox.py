@@ -28,7 +28,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Database
+from engine.store.sql import Database, connection_factory
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,9 @@ def _writer_database(db: Database) -> Database:
     an in-memory database has only its one connection."""
     if db.path in ("", ":memory:"):
         return db
-    conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        db.path, isolation_level=None, check_same_thread=False, factory=connection_factory()
+    )
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
     conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
