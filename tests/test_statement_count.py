@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -49,7 +50,9 @@ def _bench() -> ModuleType:
     return module
 
 
-def test_the_counter_counts_what_it_is_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_counter_counts_what_it_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Self-test: a known mix of statements is counted by kind, ``executemany`` once
     (its rows apart), trigger bodies not at all; the counts reach the stats file on close."""
     stats = tmp_path / "stats.jsonl"
@@ -73,12 +76,13 @@ def test_the_counter_counts_what_it_is_asked(tmp_path: Path, monkeypatch: pytest
     assert got == {"read": 3, "write": 4, "control": 2, "rows": 11}
     assert conn.execute("SELECT count(*) FROM log").fetchone()[0] == 5  # the trigger ran
     assert statement_kind("PRAGMA user_version") == "read"
+    assert statement_kind("PRAGMA synchronous = NORMAL") == "control"
     assert statement_kind("SAVEPOINT message") == "control"
     assert statement_kind("DELETE FROM t") == "write"
     totals = dict(conn.counts)
     db.close()
     (line,) = stats.read_text().splitlines()
-    assert {k: v for k, v in json.loads(line).items() if k != "pid"} == totals
+    assert json.loads(line) == {"pid": os.getpid(), "label": "main", **totals}
 
 
 def test_statements_per_new_referral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

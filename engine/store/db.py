@@ -23,9 +23,9 @@ from engine.store.sql import (
     Database,
     DatabaseError,
     Migration,
+    connection_factory,
     has_column,
     has_table,
-    connection_factory,
     savepoint,
 )
 

@@ -28,7 +28,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Database, connection_factory
+from engine.store.sql import CountingConnection, Database, connection_factory
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +415,8 @@ def _writer_database(db: Database) -> Database:
     )
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
+    if isinstance(conn, CountingConnection):  # REFLOOP_SQL_STATS: its counts apart
+        conn.label = "inbox-writer"
     conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
     conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys = ON")

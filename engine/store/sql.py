@@ -43,6 +43,8 @@ def statement_kind(sql: str) -> str:
         return "write" if any(f"{w} " in upper for w in _WRITES) else "read"
     if first in _WRITES:
         return "write"
+    if first == "PRAGMA" and "=" in sql:  # setting one
+        return "control"
     return "read" if first in _READS else "control"
 
 
@@ -57,6 +59,7 @@ class CountingConnection(sqlite3.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.counts: dict[str, int] = {"read": 0, "write": 0, "control": 0, "rows": 0}
+        self.label = "main"  # the inbox writer's connection says so
 
     def _count(self, sql: str, rows: int = 1) -> None:
         self.counts[statement_kind(sql)] += 1
@@ -79,7 +82,7 @@ class CountingConnection(sqlite3.Connection):
     def close(self) -> None:
         path = os.environ.get(STATS_ENV)
         if path:
-            line = {"pid": os.getpid(), **self.counts}
+            line = {"pid": os.getpid(), "label": self.label, **self.counts}
             with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
         super().close()
