@@ -1150,7 +1150,8 @@ def render_sustain(result: dict[str, Any]) -> str:
         f"Sustained: refloop at {result['rate']:g} msgs/s offered on {result['conns']} conns "
         f"for {result['seconds']:g} s: {_fmt(result['acked_per_s'], 0)} ACKed msgs/s, p50 "
         f"{_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms, errors "
-        f"{result['errors']}; processing lag at the end {result['lag_at_end']} messages, "
+        f"{result['errors']}; processing lag at the start {result['lag_before']} (after "
+        f"waiting {result['waited_before_s']:g} s for 0), at the end {result['lag_at_end']}, "
         f"caught up {result['catch_up_s']:g} s later (lag then {result['lag_after_catch_up']})"
     )
 
