@@ -1,4 +1,4 @@
-"""MLLP ingest benchmark: ACKed messages/s and ACK latency for three servers.
+"""MLLP ingest benchmark: ACKed messages/s and ACK latency for four servers.
 
 What is measured
     For each server and each connection count N (default 1, 16 and 64), a load client
@@ -9,32 +9,55 @@ What is measured
     CPU used by the client and by the server's process group (100 % = one core).
     Every message carries a unique MSH-10; every ACK must be MSA-1 AA (or CA) with MSA-2
     equal to that MSH-10. Anything else counts as an error, and so do failed connects,
-    dropped connections and ACKs that take longer than ``--ack-timeout``.
+    dropped connections and ACKs that take longer than ``--ack-timeout``. Each message
+    also carries its own placer number (ORC-2, OBR-2), so each is a new referral.
 
-The three servers
-    bare        the fastest bare ACK server Python manages here: uvloop, an
+The four servers
+    bare        (a) the fastest bare ACK server Python manages here: uvloop, an
                 ``asyncio.Protocol``, MLLP framing, MSH-only split, hand-built ACK, no
                 persistence. This is the ceiling for a Python MLLP listener.
-    python-hl7  the receiver from python-hl7's documentation (``hl7.mllp.start_hl7_server``,
-                ``readmessage()``, which calls ``hl7.parse``, then ``create_ack()``), run
-                with aiorun as the docs show, minus the per-message print. No persistence.
-    refloop     the real daemon (``refloop run`` with the repo's routes.yaml and a fresh
-                state directory). It commits every message durably to SQLite before ACKing.
+    python-hl7  (b) the receiver from python-hl7's documentation
+                (``hl7.mllp.start_hl7_server``, ``readmessage()``, which calls
+                ``hl7.parse``, then ``create_ack()``), run with aiorun as the docs show,
+                minus the per-message print. No persistence.
+    durable     (d) the durable ceiling: refloop's own MLLP listener (MSH-only read) and
+                inbox group-commit writer with ``synchronous=FULL``, no routes and no
+                processing (rows stay ``received``): the same code path as (c) minus
+                processing.
+    refloop     (c) the real daemon (``refloop run`` with the repo's routes.yaml and a
+                fresh state directory). It commits every message durably to SQLite before
+                ACKing, and routes and tracks each as a new referral.
+
+Ratios: c/d (what processing costs the ACK path), c/b and c/a, per connection count.
+
+SQL statements: the storing servers (d) and (c) run with ``REFLOOP_SQL_STATS`` set, so
+every store connection counts its statements (engine.store.sql.CountingConnection: one
+per execute, one per executemany) and writes its counts when closed. After each stops,
+the table gives reads, writes and control statements (BEGIN, COMMIT, SAVEPOINT, PRAGMA
+settings) per stored message for the inbox writer's connection and per processed message
+for the main connection (processing, plus the daemon's timers, dispatcher and HTTP reads).
+
+Sustained run (``--sustain SECONDS``): after refloop's cells, once processing has caught
+up, ``--rate`` msgs/s (paced, on ``--sustain-conns`` connections) for that long; it
+prints the ACK figures, ``refloop_processing_lag_messages`` when the load stops, and how
+long processing then takes to reach 0.
 
 Each server runs in its own subprocess and session, and so does the load client (this
 script re-run in an internal mode), so client and server never share an interpreter or a
 GIL. Server CPU % is summed over the server's whole process group. The box is noisy, and
 anything else running on it shows up as server CPU % well below 100 while the server is
-the bottleneck; compare ratios rather than absolute figures (see
-/work/shared/reference/performance-limits.md).
+the bottleneck; compare ratios within one run rather than absolute figures across runs
+(the report ends with the load average at the start and the end).
 
-Run (from the repo root; the default run takes about 1-2 minutes)::
+Run (from the repo root; the default run takes about 2-3 minutes)::
 
     .venv/bin/python bench/ingest.py
     .venv/bin/python bench/ingest.py --servers bare,hl7 --seconds 2
+    .venv/bin/python bench/ingest.py --conns 16,64 --sustain 10 --rate 300
+    .venv/bin/python bench/ingest.py --servers durable,refloop --refloop ../other/.venv/bin/refloop
     .venv/bin/python bench/ingest.py --conns 64 --seconds 10 --json /tmp/ingest.json
 
-The table goes to stdout and progress to stderr. The exit status is 1 when a requested
+The tables go to stdout and progress to stderr. The exit status is 1 when a requested
 server could not be started or a client run failed, and 130 when interrupted.
 """
 
@@ -83,19 +106,31 @@ READY_LINE: Final = b"READY "
 SERVER_START_TIMEOUT_S: Final = 15.0
 STOP_GRACE_S: Final = 10.0
 
-ServerName = Literal["bare", "hl7", "refloop"]
-SERVER_NAMES: Final[tuple[ServerName, ...]] = ("bare", "hl7", "refloop")
+ServerName = Literal["bare", "hl7", "durable", "refloop"]
+SERVER_NAMES: Final[tuple[ServerName, ...]] = ("bare", "hl7", "durable", "refloop")
 SERVER_ALIASES: Final[dict[str, ServerName]] = {
     "bare": "bare",
     "hl7": "hl7",
     "python-hl7": "hl7",
+    "durable": "durable",
     "refloop": "refloop",
 }
 SERVER_LABELS: Final[dict[ServerName, str]] = {
     "bare": "bare",
     "hl7": "python-hl7",
+    "durable": "durable",
     "refloop": "refloop",
 }
+# Servers whose process counts its SQL statements (REFLOOP_SQL_STATS) and stores messages.
+STORING: Final = frozenset({"durable", "refloop"})
+SQL_STATS_FILE: Final = "sql-stats.jsonl"
+# The durable ceiling's one source: refloop's MLLP listener as routes.yaml would give it.
+DURABLE_YAML: Final = """
+version: 1
+store: {file: refloop.db, synchronous: full}
+sources:
+  ehr: {type: mllp, host: 127.0.0.1, port: 0, ack_mode: original, ack_when: on-commit}
+"""
 
 # A synthetic referral order (no real person, facility or provider). {control_id} is
 # replaced per message; everything else is fixed so every server parses the same bytes.
@@ -387,6 +422,52 @@ def run_hl7_server() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Server (d): the durable ceiling: refloop's listener and inbox writer, processing off
+
+
+async def _serve_durable(state: Path) -> None:
+    """refloop's own MLLP listener (MSH-only read at the door) and inbox group-commit
+    writer (``synchronous=FULL``: each ACK waits for its fsync'd commit), with no routes
+    and no processing: every stored row stays ``received``. The same code path as (c)
+    minus processing, so (c)/(d) is what processing costs the ACK path."""
+    from prometheus_client import CollectorRegistry
+
+    from engine.clock import WallClock
+    from engine.config import loads
+    from engine.ingest.listener import MllpServer
+    from engine.ingest.processor import Processor, no_routes
+    from engine.metrics import Metrics
+    from engine.store import Inbox, open_database
+
+    config = loads(DURABLE_YAML)
+    db = open_database(state / config.store.file, synchronous=config.store.synchronous)
+    inbox = Inbox(db)
+    clock, metrics = WallClock(), Metrics(CollectorRegistry())
+    processor = Processor(db, inbox, no_routes, clock, metrics)  # never run
+    writer = asyncio.create_task(inbox.run_writer())
+    server = MllpServer(config.sources[0], inbox, processor, clock, metrics)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    parent_gone = loop.create_future()
+    _watch_parent(loop, lambda: parent_gone.set_result(None))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: parent_gone.done() or parent_gone.set_result(None))
+    _announce_ready(server.port)
+    await parent_gone
+    await server.stop(drain=2.0)
+    inbox.close()
+    await writer
+    db.close()
+
+
+def run_durable_server(state: str) -> None:
+    directory = Path(state)
+    directory.mkdir(parents=True, exist_ok=True)
+    with asyncio.Runner(loop_factory=_best_event_loop_factory()) as runner:
+        runner.run(_serve_durable(directory))
+
+
+# ---------------------------------------------------------------------------
 # Load client
 
 
@@ -396,6 +477,7 @@ class _LoadRun:
     def __init__(self, tag: str, ack_timeout_s: float) -> None:
         self.parts = message_template()
         self.tag = tag
+        self.period_ns = 0  # per connection, for a paced run (--sustain); 0: closed loop
         self.ack_timeout_ns = int(ack_timeout_s * 1e9)
         self.sending = True
         self.measuring = False
@@ -426,6 +508,7 @@ class LoadConnection(asyncio.Protocol):
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self.sent_at_ns = 0  # of the message in flight; 0 when none is
+        self.due_ns = 0  # paced: when the message in flight was due to be sent
         self.dead = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -471,9 +554,29 @@ class LoadConnection(asyncio.Protocol):
         elif run.measuring:
             run.latencies_ns.append(latency)
         if run.sending:
-            self.send_next()
+            self._next()
         else:
             run.check_idle()
+
+    def _next(self) -> None:
+        """The next message: at once (closed loop), or at this connection's next slot
+        (paced: a connection that fell behind sends at once and stays on its schedule)."""
+        period = self._run.period_ns
+        if not period:
+            self.send_next()
+            return
+        self.due_ns += period
+        wait = (self.due_ns - time.perf_counter_ns()) / 1e9
+        if wait <= 0:
+            self.send_next()
+        else:
+            asyncio.get_running_loop().call_later(wait, self._send_if_sending)
+
+    def _send_if_sending(self) -> None:
+        if self._run.sending and not self.dead:
+            self.send_next()
+        else:
+            self._run.check_idle()
 
     def abort(self, kind: str) -> None:
         """Count a failure and drop this connection (it is not reopened)."""
@@ -546,10 +649,14 @@ async def run_load(
     tag: str,
     server_pgid: int | None,
     ack_timeout_s: float,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
-    """Drive ``conns`` closed-loop connections; return the measurement as a JSON-able dict."""
+    """Drive ``conns`` closed-loop connections (with ``rate``, paced to that many messages
+    per second in all); return the measurement as a JSON-able dict."""
     loop = asyncio.get_running_loop()
     run = _LoadRun(tag, ack_timeout_s)
+    if rate > 0:
+        run.period_ns = int(conns * 1e9 / rate)
     attempts = await asyncio.gather(
         *(
             loop.create_connection(lambda i=i: LoadConnection(run, i), HOST, port)
@@ -564,8 +671,13 @@ async def run_load(
         else:
             connections.append(attempt[1])
     watchdog = asyncio.create_task(_watchdog(run, connections))
-    for conn in connections:
-        conn.send_next()
+    start_ns = time.perf_counter_ns()
+    for index, conn in enumerate(connections):
+        if run.period_ns:  # spread the connections' slots over one period
+            conn.due_ns = start_ns + index * run.period_ns // len(connections) - run.period_ns
+            conn._next()
+        else:
+            conn.send_next()
 
     await asyncio.sleep(warmup)
     run.measuring = True
@@ -621,6 +733,7 @@ def client_main(argv: Sequence[str]) -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--server-pgid", type=int)
     parser.add_argument("--ack-timeout", type=float, required=True)
+    parser.add_argument("--rate", type=float, default=0.0)
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=_best_event_loop_factory()) as runner:
         result = runner.run(
@@ -632,6 +745,7 @@ def client_main(argv: Sequence[str]) -> None:
                 args.tag,
                 args.server_pgid,
                 args.ack_timeout,
+                args.rate,
             )
         )
     json.dump(result, sys.stdout)
@@ -647,6 +761,8 @@ class RunningServer:
     proc: subprocess.Popen[bytes]
     mllp_port: int
     log_path: Path
+    http_port: int | None = None
+    state: Path | None = None  # where a storing server keeps its database
 
 
 def free_port() -> int:
@@ -692,12 +808,21 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 def _start_own_server(name: ServerName, workdir: Path) -> RunningServer:
     log_path = workdir / f"{name}.log"
+    command = [sys.executable, str(Path(__file__).resolve()), "_serve", name]
+    env = dict(os.environ)
+    state = None
+    if name in STORING:
+        state = workdir / f"{name}-state"
+        command.append(str(state))
+        env["REFLOOP_SQL_STATS"] = str(workdir / f"{name}-{SQL_STATS_FILE}")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "_serve", name],
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
+            env=env,
+            cwd=REPO,
             start_new_session=True,
         )
     try:
@@ -706,7 +831,7 @@ def _start_own_server(name: ServerName, workdir: Path) -> RunningServer:
         line = proc.stdout.readline() if readable else b""
         if not line.startswith(READY_LINE):
             raise BenchError(f"{name} server did not start\n{_log_tail(log_path)}")
-        return RunningServer(name, proc, int(line[len(READY_LINE) :]), log_path)
+        return RunningServer(name, proc, int(line[len(READY_LINE) :]), log_path, state=state)
     except BaseException:
         stop_server(proc)
         raise
@@ -723,10 +848,11 @@ def _http_ok(url: str) -> bool:
 
 
 ROUTES = REPO / "routes.yaml"  # --routes changes it (e.g. bench/ingest-only.yaml)
+EXECUTABLE = REPO / ".venv" / "bin" / "refloop"  # --refloop changes it
 
 
 def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
-    executable = REPO / ".venv" / "bin" / "refloop"
+    executable = EXECUTABLE
     routes = ROUTES
     if not executable.exists():
         raise BenchError(f"{executable} does not exist (pip install -e . first)")
@@ -737,7 +863,12 @@ def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
     mllp_port, http_port = free_port(), free_port()
     while http_port == mllp_port:
         http_port = free_port()
-    env = dict(os.environ, REFLOOP_MLLP_PORT=str(mllp_port), REFLOOP_HTTP_PORT=str(http_port))
+    env = dict(
+        os.environ,
+        REFLOOP_MLLP_PORT=str(mllp_port),
+        REFLOOP_HTTP_PORT=str(http_port),
+        REFLOOP_SQL_STATS=str(workdir / f"refloop-{SQL_STATS_FILE}"),
+    )
     log_path = workdir / "refloop.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -764,7 +895,7 @@ def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
                     f"{_log_tail(log_path)}"
                 )
             time.sleep(0.1)
-        return RunningServer("refloop", proc, mllp_port, log_path)
+        return RunningServer("refloop", proc, mllp_port, log_path, http_port, state)
     except BaseException:
         stop_server(proc)
         raise
@@ -776,22 +907,33 @@ def start_server(name: ServerName, workdir: Path, ready_timeout_s: float) -> Run
     return _start_own_server(name, workdir)
 
 
-def run_cell(server: RunningServer, conns: int, tag: str, opts: argparse.Namespace) -> CellResult:
-    """Run one load client process against ``server`` and return what it measured."""
+def run_cell(
+    server: RunningServer,
+    conns: int,
+    tag: str,
+    opts: argparse.Namespace,
+    *,
+    seconds: float | None = None,
+    rate: float = 0.0,
+) -> CellResult:
+    """Run one load client process against ``server`` and return what it measured
+    (``rate``: paced to that many messages per second in all, for ``seconds``)."""
     label = SERVER_LABELS[server.name]
+    seconds = opts.seconds if seconds is None else seconds
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
         "_client",
         f"--port={server.mllp_port}",
         f"--conns={conns}",
-        f"--seconds={opts.seconds}",
+        f"--seconds={seconds}",
         f"--warmup={opts.warmup}",
         f"--tag={tag}",
         f"--server-pgid={server.proc.pid}",
         f"--ack-timeout={opts.ack_timeout}",
+        f"--rate={rate}",
     ]
-    budget = opts.warmup + opts.seconds + opts.ack_timeout + 30
+    budget = opts.warmup + seconds + opts.ack_timeout + 30
     try:
         done = subprocess.run(
             command,
@@ -878,15 +1020,140 @@ def render_report(
         if refloop is None:
             continue
         parts = [
-            f"refloop/{base} {refloop / rates[(base, n)]:.3f}"
-            for base in ("bare", "python-hl7")
+            f"{letter} {refloop / rates[(base, n)]:.3f}"
+            for letter, base in (("c/d", "durable"), ("c/b", "python-hl7"), ("c/a", "bare"))
             if rates.get((base, n))
         ]
         if parts:
             ratio_lines.append(f"- {n} conn{'s' if n != 1 else ''}: " + ", ".join(parts))
     if ratio_lines:
-        lines += ["", "msgs/s ratios (c/a = refloop/bare, c/b = refloop/python-hl7):", *ratio_lines]
+        lines += [
+            "",
+            "msgs/s ratios (c = refloop, d = durable ceiling, b = python-hl7, a = bare):",
+            *ratio_lines,
+        ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class SqlStats:
+    """A storing server's SQL statements over its whole run (REFLOOP_SQL_STATS), by
+    connection: ``inbox-writer`` (the group commits) and ``main`` (processing, and the
+    timers, dispatcher and HTTP reads of the daemon)."""
+
+    server: str
+    stored: int  # inbox rows at the end
+    processed: int  # inbox rows no longer ``received``
+    by_label: dict[str, dict[str, int]]
+
+
+def read_sql_stats(server: RunningServer, workdir: Path) -> SqlStats | None:
+    """After the server stopped: its connections' counts and its inbox's row counts."""
+    import sqlite3
+
+    path = workdir / f"{server.name}-{SQL_STATS_FILE}"
+    database = server.state / "refloop.db" if server.state else None
+    if not path.exists() or database is None or not database.exists():
+        return None
+    by_label: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        into = by_label.setdefault(str(item["label"]), Counter())
+        for key in ("read", "write", "control", "rows"):
+            into[key] += int(item[key])
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        stored, processed = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE status != 'received') FROM messages"
+        ).fetchone()
+    finally:
+        conn.close()
+    label = SERVER_LABELS[server.name]
+    return SqlStats(label, int(stored), int(processed), {k: dict(v) for k, v in by_label.items()})
+
+
+def render_sql(stats: Sequence[SqlStats]) -> str:
+    """Statements per message: the writer's per stored message, the rest per processed."""
+    lines = [
+        "SQL statements (whole run, every connection of the server process):",
+        "",
+        "| server | stored | processed | connection | per | reads | writes | control | total |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for st in stats:
+        for label, counts in sorted(st.by_label.items()):
+            per_name, per = (
+                ("stored", st.stored) if label == "inbox-writer" else ("processed", st.processed)
+            )
+            if not per:
+                continue
+            r, w, c = (counts.get(k, 0) / per for k in ("read", "write", "control"))
+            lines.append(
+                f"| {st.server} | {st.stored:,} | {st.processed:,} | {label} | {per_name}"
+                f" | {r:.2f} | {w:.2f} | {c:.2f} | {r + w + c:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def processing_lag(server: RunningServer) -> int | None:
+    """``refloop_processing_lag_messages`` from the daemon's /metrics."""
+    if server.http_port is None:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{HOST}:{server.http_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("refloop_processing_lag_messages "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def wait_caught_up(server: RunningServer, limit_s: float) -> tuple[int | None, float]:
+    """Poll the lag until it is 0 or ``limit_s`` passed: (last lag, seconds waited)."""
+    started = time.monotonic()
+    lag = processing_lag(server)
+    while lag and time.monotonic() - started < limit_s:
+        time.sleep(0.25)
+        lag = processing_lag(server)
+    return lag, time.monotonic() - started
+
+
+def run_sustain(server: RunningServer, tag: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """``--sustain``: from a caught-up daemon, ``--rate`` messages/s on ``--sustain-conns``
+    connections for ``--sustain`` seconds; the processing lag when the load stops, and
+    how long processing then takes to catch up."""
+    before, waited = wait_caught_up(server, 120)
+    cell = run_cell(server, opts.sustain_conns, tag, opts, seconds=opts.sustain, rate=opts.rate)
+    lag_at_end = processing_lag(server)
+    lag_after, drain_s = wait_caught_up(server, 120)
+    return {
+        "conns": opts.sustain_conns,
+        "rate": opts.rate,
+        "seconds": opts.sustain,
+        "lag_before": before,
+        "waited_before_s": round(waited, 1),
+        "acked_per_s": cell.msgs_per_s,
+        "p50_ms": cell.p50_ms,
+        "p99_ms": cell.p99_ms,
+        "errors": cell.errors,
+        "lag_at_end": lag_at_end,
+        "catch_up_s": round(drain_s, 1),
+        "lag_after_catch_up": lag_after,
+    }
+
+
+def render_sustain(result: dict[str, Any]) -> str:
+    return (
+        f"Sustained: refloop at {result['rate']:g} msgs/s offered on {result['conns']} conns "
+        f"for {result['seconds']:g} s: {_fmt(result['acked_per_s'], 0)} ACKed msgs/s, p50 "
+        f"{_fmt(result['p50_ms'])} ms, p99 {_fmt(result['p99_ms'])} ms, errors "
+        f"{result['errors']}; processing lag at the start {result['lag_before']} (after "
+        f"waiting {result['waited_before_s']:g} s for 0), at the end {result['lag_at_end']}, "
+        f"caught up {result['catch_up_s']:g} s later (lag then {result['lag_after_catch_up']})"
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -931,7 +1198,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--servers",
         type=_parse_servers,
         default=list(SERVER_NAMES),
-        help="comma-separated subset of bare,hl7,refloop (default: all three)",
+        help="comma-separated subset of bare,hl7,durable,refloop (default: all four)",
     )
     parser.add_argument(
         "--conns",
@@ -964,6 +1231,27 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="routes.yaml for refloop (default: the shipped one, which routes and tracks "
         "every ORM; bench/ingest-only.yaml measures ingest alone)",
     )
+    parser.add_argument(
+        "--refloop",
+        type=Path,
+        default=EXECUTABLE,
+        help="the refloop executable for (c) (default: this checkout's .venv/bin/refloop; "
+        "another checkout's measures its code against the same client and baselines)",
+    )
+    parser.add_argument(
+        "--sustain",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after refloop's cells, offer --rate msgs/s for this long and report the "
+        "processing lag when the load stops (default: 0, no sustained run)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=500.0, help="msgs/s offered in the sustained run (500)"
+    )
+    parser.add_argument(
+        "--sustain-conns", type=int, default=16, help="connections of the sustained run (16)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write raw results here")
     opts = parser.parse_args(argv)
     if opts.seconds <= 0 or opts.warmup < 0 or opts.ack_timeout <= 0:
@@ -976,15 +1264,19 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    global ROUTES
+    global ROUTES, EXECUTABLE
     opts = _parse_args(argv)
     ROUTES = opts.routes.resolve()
+    EXECUTABLE = opts.refloop.absolute()
     # Ctrl-C and SIGTERM take the same cleanup path (SIGINT may arrive ignored, e.g. in a
     # background job, so its default handler is installed explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     run_id = secrets.token_hex(2)  # keeps MSH-10 unique even if a state dir were reused
     results: list[CellResult] = []
+    sql_stats: list[SqlStats] = []
+    sustain: dict[str, Any] | None = None
+    load_before = os.getloadavg()
     unavailable: dict[str, str] = {}
     client_failed = interrupted = False
     started = time.time()
@@ -1021,16 +1313,34 @@ def bench_main(argv: Sequence[str]) -> int:
                                 f"{label} exited with status {server.proc.returncode}\n"
                                 f"{_log_tail(server.log_path)}"
                             )
+                    if name == "refloop" and opts.sustain:
+                        _progress(f"{label}: sustained run, {opts.rate:g} msgs/s")
+                        sustain = run_sustain(server, f"{run_id}{next(cells)}", opts)
+                        _progress(render_sustain(sustain))
                 except BenchError as exc:
                     unavailable[label] = str(exc)
                     _progress(f"{label}: {exc}")
                 finally:
                     stop_server(server.proc)
+                    stats = read_sql_stats(server, workdir)
+                    if stats is not None:
+                        sql_stats.append(stats)
         except KeyboardInterrupt:
             interrupted = True
             _progress("interrupted; servers stopped; partial results follow")
 
+    load_after = os.getloadavg()
     print(render_report(results, unavailable, opts.conns))
+    if sql_stats:
+        print("\n" + render_sql(sql_stats))
+    if sustain is not None:
+        print("\n" + render_sustain(sustain))
+    print(
+        "\nload average (1/5/15 min) at the start: "
+        + " / ".join(f"{x:.2f}" for x in load_before)
+        + "; at the end: "
+        + " / ".join(f"{x:.2f}" for x in load_after)
+    )
     if opts.json:
         report = {
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -1048,6 +1358,9 @@ def bench_main(argv: Sequence[str]) -> int:
             "unavailable": unavailable,
             "interrupted": interrupted,
             "results": [asdict(cell) | {"errors": cell.errors} for cell in results],
+            "sql": [asdict(st) for st in sql_stats],
+            "sustain": sustain,
+            "load_average": {"start": load_before, "end": load_after},
         }
         opts.json.write_text(json.dumps(report, indent=2) + "\n")
     if interrupted:
@@ -1058,7 +1371,10 @@ def bench_main(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["_serve"]:
-        {"bare": run_bare_server, "hl7": run_hl7_server}[args[1]]()
+        if args[1] == "durable":
+            run_durable_server(args[2])
+        else:
+            {"bare": run_bare_server, "hl7": run_hl7_server}[args[1]]()
         return 0
     if args[:1] == ["_client"]:
         client_main(args[1:])

@@ -121,12 +121,15 @@ def append(
     detail: Mapping[str, Any],
 ) -> int:
     """Append one row to the chain; call inside the transaction that did the thing."""
-    last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-    prev = str(last[1]) if last else GENESIS
-    # AUTOINCREMENT never reuses an id, and a rolled-back insert rolls back the sequence
-    # too, so the next id is the sequence value + 1.
-    seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'audit'").fetchone()
-    new_id = int(seq[0]) + 1 if seq else 1
+    # the newest row's hash and the sequence, in one statement. AUTOINCREMENT never
+    # reuses an id, and a rolled-back insert rolls back the sequence too, so the next id
+    # is the sequence value + 1.
+    last, seq = conn.execute(
+        "SELECT (SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
+        "(SELECT seq FROM sqlite_sequence WHERE name = 'audit')"
+    ).fetchone()
+    prev = str(last) if last is not None else GENESIS
+    new_id = int(seq) + 1 if seq is not None else 1
     digest = row_hash(
         prev,
         id=new_id,

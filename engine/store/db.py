@@ -23,6 +23,7 @@ from engine.store.sql import (
     Database,
     DatabaseError,
     Migration,
+    connection_factory,
     fault_kind,
     has_column,
     has_table,
@@ -60,13 +61,17 @@ def open_database(
     if readonly:
         if not p.exists():
             raise StoreError(f"no database at {p}")
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(
+            f"file:{p}?mode=ro", uri=True, isolation_level=None, factory=connection_factory()
+        )
     else:
         p.parent.mkdir(parents=True, exist_ok=True)
         if not p.exists():
             fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
-        conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(
+            str(p), isolation_level=None, check_same_thread=False, factory=connection_factory()
+        )
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:

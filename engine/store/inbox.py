@@ -36,7 +36,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Database, fault_kind
+from engine.store.sql import CountingConnection, Database, connection_factory, fault_kind
 
 log = logging.getLogger(__name__)
 
@@ -476,9 +476,13 @@ def _writer_database(db: Database) -> Database:
     an in-memory database has only its one connection."""
     if db.path in ("", ":memory:"):
         return db
-    conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(
+        db.path, isolation_level=None, check_same_thread=False, factory=connection_factory()
+    )
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
+    if isinstance(conn, CountingConnection):  # REFLOOP_SQL_STATS: its counts apart
+        conn.label = "inbox-writer"
     conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
     conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys = ON")

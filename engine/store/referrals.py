@@ -937,6 +937,20 @@ def schedule_timer(
     )
 
 
+def schedule_timers(
+    conn: Conn, timers: Sequence[tuple[int, str, float, int, str]], *, now: float = 0.0
+) -> None:
+    """:func:`schedule_timer` for each (referral id, kind, due, attempt, key), in order,
+    as one statement."""
+    if timers:
+        conn.executemany(
+            "INSERT INTO timers (referral_id, kind, due, attempt, key, created_at) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET due = excluded.due, "
+            "attempt = excluded.attempt",
+            [(*timer, now) for timer in timers],
+        )
+
+
 def cancel_timers(conn: Conn, referral_id: int, kinds: Iterable[str] | None = None) -> int:
     """Delete the referral's timers (only ``kinds`` when given); returns how many."""
     if kinds is None:

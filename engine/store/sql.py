@@ -11,9 +11,11 @@ BEGIN … COMMIT with no await inside, so transactions never interleave.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 import sqlite_utils
 
@@ -36,6 +38,74 @@ def fault_kind(exc: BaseException) -> str:
     if isinstance(code, int):
         return _FAULT_KINDS.get(code & 0xFF, "other")
     return "other"
+
+
+# Set to a file name, every connection the store opens counts its statements and appends
+# its counts to that file as one JSON line when it is closed (bench/ingest.py reads them).
+STATS_ENV: Final = "REFLOOP_SQL_STATS"
+_WRITES: Final = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+_READS: Final = frozenset({"SELECT", "VALUES", "PRAGMA"})
+
+
+def statement_kind(sql: str) -> str:
+    """``read``, ``write`` or ``control`` (BEGIN, COMMIT, SAVEPOINT, DDL ...) by the
+    statement's first keyword; a ``WITH`` statement is a write when it writes."""
+    words = sql.lstrip().split(None, 1)
+    first = words[0].upper() if words else ""
+    if first == "WITH":
+        upper = sql.upper()
+        return "write" if any(f"{w} " in upper for w in _WRITES) else "read"
+    if first in _WRITES:
+        return "write"
+    if first == "PRAGMA" and "=" in sql:  # setting one
+        return "control"
+    return "read" if first in _READS else "control"
+
+
+class CountingConnection(sqlite3.Connection):
+    """A connection that counts the statements it is asked to run, by
+    :func:`statement_kind`: one per ``execute``, one per ``executemany`` (one statement
+    prepared once, whatever its number of parameter rows, which ``rows`` counts), one per
+    statement of an ``executescript``. Trigger bodies are not counted: they run inside
+    the statement that fired them. Used by the statement-count test and, with
+    ``REFLOOP_SQL_STATS``, by bench/ingest.py."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counts: dict[str, int] = {"read": 0, "write": 0, "control": 0, "rows": 0}
+        self.label = "main"  # the inbox writer's connection says so
+
+    def _count(self, sql: str, rows: int = 1) -> None:
+        self.counts[statement_kind(sql)] += 1
+        self.counts["rows"] += rows
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self._count(sql)
+        return super().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
+        rows = list(parameters)
+        self._count(sql, len(rows))
+        return super().executemany(sql, rows)
+
+    def executescript(self, sql_script: str, /) -> sqlite3.Cursor:
+        for statement in filter(str.strip, sql_script.split(";")):
+            self._count(statement)
+        return super().executescript(sql_script)
+
+    def close(self) -> None:
+        path = os.environ.get(STATS_ENV)
+        if path:
+            line = {"pid": os.getpid(), "label": self.label, **self.counts}
+            with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        super().close()
+
+
+def connection_factory() -> type[sqlite3.Connection]:
+    """The class the store's connections are made with: counting ones when
+    ``REFLOOP_SQL_STATS`` names a file."""
+    return CountingConnection if os.environ.get(STATS_ENV) else sqlite3.Connection
 
 
 @contextlib.contextmanager

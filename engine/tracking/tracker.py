@@ -352,7 +352,8 @@ class Tracker(OperatorActions):
             message_id = event.message_id or None
         step = _Step(conn, row, event, source, actor, now, how, message_id, parked_id)
         digest = fingerprint(event)
-        if store.event_recorded(conn, rid, message_id, event.kind, digest):
+        # a referral this event just created has no timeline yet: nothing to look up
+        if how != "created" and store.event_recorded(conn, rid, message_id, event.kind, digest):
             return ApplyResult("duplicate", (rid,), status=row.status, how=how)
         old = states.from_dict(row.state)
         transition = _transition(old, event)
@@ -364,7 +365,9 @@ class Tracker(OperatorActions):
         self._record(step, digest, changed, statuses, done)
         linked: tuple[int, ...] = ()
         if relink and (how == "created" or new_fillers):
-            linked = self._relink(conn, rid, now)
+            # the keys are in hand: the row as read plus the fillers just recorded
+            keys = (row.placer_number, (*row.filler_numbers, *new_fillers))
+            linked = self._relink(conn, rid, now, keys)
         return ApplyResult(
             "applied" if changed else "unchanged",
             (rid,),
@@ -516,24 +519,31 @@ class Tracker(OperatorActions):
         now: float,
     ) -> list[str]:
         """Carry out the state machine's effects; returns what was done (for the
-        timeline and the audit row)."""
+        timeline and the audit row). The timers the effects start are written together,
+        in their order, before anything that reads or deletes timers and at the end."""
         done: list[str] = []
+        timers = _TimerBatch(conn, rid, now)
         for effect in effects:
             if effect == "schedule-escalations":
-                self._schedule(conn, rid, "referral", now)
+                timers.add(self._timer_specs("referral", details))
             elif effect == "schedule-patient-timers":
-                self._schedule(conn, rid, "patient", now)
+                timers.add(self._timer_specs("patient", details))
             elif effect == "schedule-report-timers":
+                timers.flush()
                 if not self._report_requested(conn, rid):
-                    self._schedule(conn, rid, "report", now)
+                    timers.add(self._timer_specs("report", details))
             elif effect == "schedule-appointment-timers":
+                timers.flush()
                 self._schedule_visit(conn, rid, details, state, now)
             elif effect == "cancel-appointment-timers":
+                timers.flush()
                 store.cancel_timers(conn, rid, self.policy.appointment_kinds())
             elif effect == "cancel-patient-timers":
+                timers.flush()
                 store.cancel_timers(conn, rid, self.policy.patient_kinds())
                 store.cancel_pending(conn, rid, NOT_BOOKED_TEMPLATES, now=now)
             elif effect == "cancel-all-timers":
+                timers.flush()
                 store.cancel_timers(conn, rid)
             elif effect == "stop-outbound":
                 store.cancel_outbox(conn, rid, now=now)
@@ -554,6 +564,7 @@ class Tracker(OperatorActions):
             else:
                 raise ValueError(f"unknown effect {effect!r}")
             done.append(effect)
+        timers.flush()
         return done
 
     def _report_requested(self, conn: Conn, rid: int) -> bool:
@@ -592,25 +603,17 @@ class Tracker(OperatorActions):
         )
         self._schedule_specs(conn, rid, specs, now)
 
-    def _schedule(self, conn: Conn, rid: int, group: TimerGroup, now: float) -> None:
-        row = store.get_referral(conn, rid)
-        details = row.details if row is not None else {}
-        specs = self.policy.timers(
+    def _timer_specs(self, group: TimerGroup, details: Mapping[str, Any]) -> Iterable[TimerSpec]:
+        """The timers a ``schedule-*`` effect starts for a referral with these details
+        (the referral's details after the event: ``_update_row`` returned them)."""
+        return self.policy.timers(
             group, str(details.get("specialty_category") or ""), str(details.get("priority") or "")
         )
-        self._schedule_specs(conn, rid, specs, now)
 
     def _schedule_specs(self, conn: Conn, rid: int, specs: Iterable[TimerSpec], now: float) -> None:
-        for spec in specs:
-            store.schedule_timer(
-                conn,
-                rid,
-                spec.kind,
-                now + spec.delay,
-                spec.attempt,
-                f"{rid}:{spec.kind}:{spec.attempt}",
-                now=now,
-            )
+        batch = _TimerBatch(conn, rid, now)
+        batch.add(specs)
+        batch.flush()
 
     def _enqueue(
         self,
@@ -773,15 +776,17 @@ class Tracker(OperatorActions):
             done.append("notify-referrer-auth-denied")
         return True, done
 
-    def _relink(self, conn: Conn, rid: int, now: float) -> tuple[int, ...]:
+    def _relink(
+        self, conn: Conn, rid: int, now: float, keys: tuple[str, Iterable[str]]
+    ) -> tuple[int, ...]:
         """Apply parked events that now correlate with referral ``rid`` (it was just
-        created or learnt a filler number), oldest first, until none is left."""
+        created or learnt a filler number: ``keys`` are its placer number and filler
+        numbers), oldest first, until none is left."""
         linked: list[int] = []
+        placer_number, filler_numbers = keys
         while True:
-            row = store.get_referral(conn, rid)
-            assert row is not None
             progress = False
-            for parked in store.parked_candidates(conn, row.placer_number, row.filler_numbers):
+            for parked in store.parked_candidates(conn, placer_number, filler_numbers):
                 event = event_from_dict(parked.event)
                 if isinstance(event, ReferralCreated | PatientsMerged):
                     continue
@@ -804,6 +809,9 @@ class Tracker(OperatorActions):
                 progress = True
             if not progress:
                 return tuple(linked)
+            row = store.get_referral(conn, rid)  # the linked events may have taught keys
+            assert row is not None
+            placer_number, filler_numbers = row.placer_number, row.filler_numbers
 
     def _park(self, conn: Conn, event: Event, why: str, now: float) -> ApplyResult:
         pid, new = park(conn, event, why, now)
@@ -862,6 +870,24 @@ class _Step:
     how: str
     message_id: int | None
     parked_id: int | None
+
+
+class _TimerBatch:
+    """Timers to schedule for one referral, written in order as one statement."""
+
+    def __init__(self, conn: Conn, rid: int, now: float):
+        self.conn, self.rid, self.now = conn, rid, now
+        self.rows: list[tuple[int, str, float, int, str]] = []
+
+    def add(self, specs: Iterable[TimerSpec]) -> None:
+        rid, now = self.rid, self.now
+        self.rows.extend(
+            (rid, s.kind, now + s.delay, s.attempt, f"{rid}:{s.kind}:{s.attempt}") for s in specs
+        )
+
+    def flush(self) -> None:
+        rows, self.rows = self.rows, []
+        store.schedule_timers(self.conn, rows, now=self.now)
 
 
 def _transition(

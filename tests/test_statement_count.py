@@ -1,0 +1,129 @@
+"""SQL statements per processed message (issue 18): a structural count, not a timing.
+
+A new referral (the ORM^O01 of bench/ingest.py, the shipped routes.yaml) goes through the
+real processor on a real SQLite file, its connection a :class:`CountingConnection`
+(``REFLOOP_SQL_STATS``). Before the tracker batched its timers and stopped re-reading
+what it had in hand, a new referral cost 22 reads and 15 writes (39 statements with the
+transaction's share); now 11 reads and 10 writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from engine.app import default_handler
+from engine.clock import VirtualClock
+from engine.config import load
+from engine.hl7v2.message import read_msh
+from engine.ingest.processor import Processor
+from engine.metrics import Metrics
+from engine.model import Inbound
+from engine.routing.compile import compile_config
+from engine.store import Inbox, open_database
+from engine.store.sql import STATS_ENV, CountingConnection, statement_kind
+from engine.tracking.tracker import build_tracker
+from tests.helpers import REPO
+
+T0 = 1_767_225_600.0
+BATCH = 16
+# per new referral, the processing transaction's BEGIN/claim/COMMIT shared by the batch
+MAX_READS = 11
+MAX_WRITES = 10
+MAX_TOTAL = 23.5
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_counter_counts_what_it_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Self-test: a known mix of statements is counted by kind, ``executemany`` once
+    (its rows apart), trigger bodies not at all; the counts reach the stats file on close."""
+    stats = tmp_path / "stats.jsonl"
+    monkeypatch.setenv(STATS_ENV, str(stats))
+    db = open_database(tmp_path / "refloop.db")
+    conn = db.conn
+    assert isinstance(conn, CountingConnection)
+    conn.execute("CREATE TABLE t (a INTEGER)")
+    conn.execute("CREATE TABLE log (a INTEGER)")
+    conn.execute("CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO log VALUES (new.a); END")
+    before = dict(conn.counts)
+    with db.transaction() as c:  # BEGIN IMMEDIATE, COMMIT: control
+        c.execute("INSERT INTO t VALUES (1)")  # fires the trigger: still one statement
+        c.executemany("INSERT INTO t VALUES (?)", [(2,), (3,), (4,)])
+        c.execute("UPDATE t SET a = a + 1 WHERE a = 4")
+        c.execute("WITH x AS (SELECT 9 AS a) INSERT INTO t SELECT a FROM x")
+        c.execute("SELECT count(*) FROM t").fetchone()
+        c.execute("  select a FROM log").fetchall()
+        c.execute("WITH x AS (SELECT 1) SELECT * FROM x").fetchall()
+    got = {k: conn.counts[k] - before[k] for k in before}
+    assert got == {"read": 3, "write": 4, "control": 2, "rows": 11}
+    assert conn.execute("SELECT count(*) FROM log").fetchone()[0] == 5  # the trigger ran
+    assert statement_kind("PRAGMA user_version") == "read"
+    assert statement_kind("PRAGMA synchronous = NORMAL") == "control"
+    assert statement_kind("SAVEPOINT message") == "control"
+    assert statement_kind("DELETE FROM t") == "write"
+    totals = dict(conn.counts)
+    db.close()
+    (line,) = stats.read_text().splitlines()
+    assert json.loads(line) == {"pid": os.getpid(), "label": "main", **totals}
+
+
+def test_statements_per_new_referral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sixteen new referrals processed in one transaction by the real processor with the
+    shipped routes: at most MAX_READS reads and MAX_WRITES writes each."""
+    monkeypatch.setenv(STATS_ENV, str(tmp_path / "stats.jsonl"))
+    bench = _bench()
+    parts = bench.message_template()
+    config = load(REPO / "routes.yaml")
+    db = open_database(tmp_path / "refloop.db")
+    conn = db.conn
+    assert isinstance(conn, CountingConnection)
+
+    async def main() -> None:
+        registry = CollectorRegistry()
+        metrics, clock = Metrics(registry), VirtualClock(T0)
+        table = compile_config(config)
+        tracker = build_tracker(config, db, clock, policy=table.escalation, registry=registry)
+        handler = default_handler(
+            config, db, clock=clock, metrics=metrics, tracker=tracker, table=table
+        )
+        inbox = Inbox(db)
+        processor = Processor(db, inbox, handler, clock, metrics)
+        with db.transaction() as c:
+            for i in range(BATCH + 1):
+                raw = f"REF{i}".encode().join(parts)[1:-2]  # without the MLLP frame
+                msh, codec = read_msh(raw)
+                inbound = Inbound(
+                    source="ehr", peer="test", raw=raw, received_at=T0, msh=msh, text_encoding=codec
+                )
+                inbox.add_in(c, [inbound], "AA")
+        assert processor.process_available(limit=1) == 1  # first use: caches warm
+        before = dict(conn.counts)
+        assert processor.process_available(limit=BATCH) == BATCH
+        got = {k: (conn.counts[k] - before[k]) / BATCH for k in before}
+        routed = conn.execute("SELECT count(*) FROM messages WHERE route = 'orm-new'").fetchone()
+        assert routed[0] == BATCH + 1  # every message a new referral, tracked
+        assert conn.execute("SELECT count(*) FROM referrals").fetchone()[0] == BATCH + 1
+        assert got["write"] <= MAX_WRITES, got
+        assert got["read"] <= MAX_READS + 2 / BATCH, got  # + the claim's share
+        assert got["read"] + got["write"] + got["control"] <= MAX_TOTAL, got
+
+    asyncio.run(main())
+    db.close()
