@@ -36,9 +36,14 @@ from tests.helpers import REPO
 T0 = 1_767_225_600.0
 BATCH = 16
 # per new referral, the processing transaction's BEGIN/claim/COMMIT shared by the batch
-MAX_READS = 11
-MAX_WRITES = 10
-MAX_TOTAL = 23.5
+# stmts18 measured 11.1 reads / 10 writes / 23.2 in all on its branch; merged beside
+# issue 19's patient columns (one UPDATE of the referral's patient fields) and the reads
+# issues 15, 19 and 20 added (a replayed decision, parked look-up, patient merges, the
+# rotation's nudges sent), main measures 15.1 / 11 / 28.2: the bound is that, so any
+# further statement shows here
+MAX_READS = 15
+MAX_WRITES = 11
+MAX_TOTAL = 28.5
 
 
 def _bench() -> ModuleType:
