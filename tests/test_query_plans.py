@@ -104,8 +104,9 @@ ALLOWED = {
     "(SELECT ? FROM outbox p WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
     "AND p.channel = o.channel AND p.id < o.id AND p.status IN (?, ?))":
         "dispatcher idle via outbox_channel_due: the channel's pending rows (its queue)",
-    "UPDATE outbox SET status = ?, due = min(due, ?), updated_at = ?, last_error = ? "
-    "WHERE status = ?": "at start via outbox_due: the rows left in flight",
+    "UPDATE outbox SET status = ?, due = CASE WHEN due < ? THEN due ELSE ? END, "
+    "updated_at = ?, last_error = ? WHERE status = ?":
+        "at start via outbox_due: the rows left in flight",
     "SELECT id FROM outbox WHERE status = ? ORDER BY id":
         "retry every dead row via outbox_due: sorts the dead rows",
     "SELECT id FROM outbox WHERE status = ? AND channel = ? ORDER BY id":
@@ -120,7 +121,7 @@ ALLOWED = {
     # -- deliberate passes: metrics of everything, reports, exports, lists, the CLI
     "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
     "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?)":
+    "VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id":
         "SCAN parked: a foreign-key check SQLite runs only while a violation is pending",
     "SELECT status, count(*) FROM referrals GROUP BY status":
         "metrics scrape: one pass of referrals_status (~70 ms at 1M referrals)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Database
+from engine.store.sql import Conn, Database, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ class Inbox:
                 try:
                     async with self.lock:
                         results = await loop.run_in_executor(executor, self._commit, writer, batch)
-                except sqlite3.Error as exc:
+                except DatabaseError as exc:
                     log.error("inbox commit of %d messages failed: %s", len(batch), exc)
                     for _, _, fut in batch:
                         if not fut.done():
@@ -191,7 +190,7 @@ class Inbox:
 
     def _insert(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         m: Inbound,
         ack_code: str,
         pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]],
@@ -232,7 +231,7 @@ class Inbox:
             "INSERT INTO messages (received_at, source, peer, sending_app, sending_facility, "
             "receiving_app, receiving_facility, control_id, message_type, version, charset, "
             "sha256, status, ack_code, error, flags, batch_ref) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
             (
                 m.received_at,
                 m.source,
@@ -253,16 +252,14 @@ class Inbox:
                 m.batch_ref,
             ),
         )
-        row_id = int(cur.lastrowid or 0)
+        row_id = int(cur.fetchone()[0])
         conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
         self.rows = max(self.rows, row_id)
         if key is not None:
             pending[key].append((row_id, digest, status, ack_code))
         return AddResult(row_id, False, status, ack_code)
 
-    def add_in(
-        self, conn: sqlite3.Connection, inbounds: list[Inbound], ack_code: str
-    ) -> list[AddResult]:
+    def add_in(self, conn: Conn, inbounds: list[Inbound], ack_code: str) -> list[AddResult]:
         """Store ``inbounds`` inside the caller's open transaction, beside writes that must
         commit with them (a FHIR poller's cursor). Same dedupe as :meth:`add`; the caller
         commits, then notifies the processor."""
@@ -288,9 +285,10 @@ class Inbox:
     async def load(self, message_id: int) -> StoredMessage | None:
         """:meth:`get` on a short-lived connection in a worker thread: reading a large
         message's bytes does not hold the event loop."""
-        if self.db.path in ("", ":memory:"):
+        reader = self.db.another()
+        if reader is self.db:  # an in-memory database has only its one connection
             return self.get(message_id)
-        return await asyncio.to_thread(_load, self.db.path, message_id)
+        return await asyncio.to_thread(_load, reader, message_id)
 
     def after(self, cursor: int, limit: int = 256) -> list[StoredMessage]:
         """Stored messages with id > cursor, in arrival order (the processing feed)."""
@@ -340,16 +338,15 @@ class Inbox:
         )
 
 
-def _load(path: str, message_id: int) -> StoredMessage | None:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _load(reader: Database, message_id: int) -> StoredMessage | None:
     try:
-        r = conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
+        r = reader.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
     finally:
-        conn.close()
+        reader.close()
     return _row(r) if r else None
 
 
-def raw_bytes(conn: sqlite3.Connection, message_id: int) -> bytes | None:
+def raw_bytes(conn: Conn, message_id: int) -> bytes | None:
     """The exact bytes of inbox row ``message_id`` (every reader of raw bytes comes
     here), or None when there is no such row."""
     r = conn.execute("SELECT raw FROM message_raw WHERE message_id = ?", (message_id,)).fetchone()
@@ -381,14 +378,8 @@ def migrate_raw(db: Any) -> None:
 
 
 def _writer_database(db: Database) -> Database:
-    """The writer thread's own connection to ``db``'s file (same durability setting);
-    an in-memory database has only its one connection."""
-    if db.path in ("", ":memory:"):
-        return db
-    conn = sqlite3.connect(db.path, isolation_level=None, check_same_thread=False)
+    """The writer thread's own connection to ``db`` (same durability setting); an
+    in-memory database has only its one connection."""
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
-    conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
-    conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return Database(conn, db.path, db.synchronous)
+    return db.another(busy_ms=WRITER_BUSY_MS)

@@ -28,9 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import sqlite_utils
-
 from engine.store.referrals import Conn
+from engine.store.sql import Schema
 
 OutboxStatus = Literal["pending", "sending", "sent", "dead", "cancelled"]
 OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = (
@@ -69,13 +68,13 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS`` (after the referral tables)."""
     for statement in _SCHEMA:
         db.execute(statement)
 
 
-def migrate_message_id(db: sqlite_utils.Database) -> None:
+def migrate_message_id(db: Schema) -> None:
     """The RFC 5322 Message-ID a row goes out under (Direct packets), assigned at its
     first claim and kept across retries; '' for rows that have none (every row written
     before this column existed: their MDNs still map through ``provider_id``)."""
@@ -299,9 +298,10 @@ def recover_in_flight(conn: Conn, now: float) -> int:
     now). Their send may have reached the provider: the retry carries the same
     idempotency key (docs/delivery.md, "Restart")."""
     cur = conn.execute(
-        "UPDATE outbox SET status = 'pending', due = min(due, ?), updated_at = ?, "
+        "UPDATE outbox SET status = 'pending', due = CASE WHEN due < ? THEN due ELSE ? END, "
+        "updated_at = ?, "
         "last_error = 'interrupted: the daemon stopped while sending' WHERE status = 'sending'",
-        (now, now),
+        (now, now, now),
     )
     return int(cur.rowcount)
 
@@ -489,7 +489,8 @@ def last_referral_texted(conn: Conn, channel: str, number: str) -> int | None:
 def suppress(conn: Conn, number: str, reason: str, now: float) -> bool:
     """Put ``number`` on the list; False when it already was."""
     cur = conn.execute(
-        "INSERT OR IGNORE INTO suppressed_numbers (number, reason, since) VALUES (?, ?, ?)",
+        "INSERT INTO suppressed_numbers (number, reason, since) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
         (number, reason, now),
     )
     return cur.rowcount == 1
@@ -518,8 +519,8 @@ def record_reply(
     """Keep an inbound SMS; False when this MessageSid was already recorded (a webhook
     retry: do nothing again)."""
     cur = conn.execute(
-        "INSERT OR IGNORE INTO sms_replies (message_sid, from_number, keyword, body, "
-        "referral_id, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO sms_replies (message_sid, from_number, keyword, body, "
+        "referral_id, received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (message_sid, from_number, keyword, body, referral_id, now),
     )
     return cur.rowcount == 1
