@@ -41,7 +41,7 @@ TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"store_url", "store"} & set(getattr(item, "fixturenames", ())):
+        if {"store_url", "store", "module_store_url"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.store)
 
 
@@ -51,6 +51,19 @@ def store_url(tmp_path: Path) -> Iterator[str]:
     REFLOOP_TEST_STORE) a fresh PostgreSQL schema, named by ``search_path`` in the URL."""
     if not TEST_STORE:
         yield str(tmp_path / "refloop.db")
+        return
+    url, schema = make_pg_schema(TEST_STORE)
+    try:
+        yield url
+    finally:
+        drop_pg_schema(TEST_STORE, schema)
+
+
+@pytest.fixture(scope="module")
+def module_store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``store_url`` shared by a module's tests (a fixture built once, then read)."""
+    if not TEST_STORE:
+        yield str(tmp_path_factory.mktemp("store") / "refloop.db")
         return
     url, schema = make_pg_schema(TEST_STORE)
     try:
