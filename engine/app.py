@@ -133,6 +133,7 @@ class Engine:
     dispatch_sleep: Sleep | None = None  # tests: one that moves a VirtualClock
     background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
     table: RouteTable | None = None  # ``config`` compiled (refloop run has); else at start
+    store: str = ""  # ``refloop run --store``: overrides routes.yaml's store.url
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -158,8 +159,9 @@ class Engine:
         self._direct_stop = asyncio.Event()  # set on shutdown: the IMAP pollers finish
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / self.config.store.file
+    def db_path(self) -> str:
+        """The store: a file path, or a ``postgresql://`` URL (docs/scale-out.md)."""
+        return self.config.store.location(self.state_dir, self.store)
 
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
@@ -172,7 +174,11 @@ class Engine:
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
+        cfg = self.config.store
+        self.db = open_database(
+            self.db_path, synchronous=cfg.synchronous, pool=(cfg.pool_min, cfg.pool_max)
+        )
+        log.info("store: %s", self.db.location)
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox

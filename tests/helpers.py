@@ -373,6 +373,7 @@ class Daemon:
     routes: Path = REPO / "routes.yaml"
     mllp: int = 0
     http: int = 0
+    store: str = ""  # refloop run --store (a postgresql:// URL or a file); "" = none
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
 
@@ -392,7 +393,14 @@ class Daemon:
             env.update(REFLOOP_MLLP_PORT=str(self.mllp), REFLOOP_HTTP_PORT=str(self.http))
             self._log = self.log_path.open("ab")
             self.proc = subprocess.Popen(
-                [*RUN, "--routes", str(self.routes), "--state", str(self.state_dir)],
+                [
+                    *RUN,
+                    "--routes",
+                    str(self.routes),
+                    "--state",
+                    str(self.state_dir),
+                    *(["--store", self.store] if self.store else []),
+                ],
                 cwd=REPO,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -272,3 +272,40 @@ def test_translate_named_and_triggers() -> None:
         "UPDATE s SET b = 1; END"
     )
     assert "WHEN (old.a IS DISTINCT FROM new.a)" in when
+
+
+# ---------------------------------------------------------------------------
+# routes.yaml's store section
+
+
+def test_store_section_reads_url_pool_node_and_lease() -> None:
+    from engine.config import loads
+
+    cfg = loads(
+        "version: 1\nstore:\n  url: ${env:DB_URL}\n  pool: {min: 3, max: 9}\n"
+        "  node_id: node-a\n  lease_seconds: 20\n",
+        env={"DB_URL": "postgresql://refloop@db1/refloop"},
+    ).store
+    assert (cfg.url, cfg.pool_min, cfg.pool_max) == ("postgresql://refloop@db1/refloop", 3, 9)
+    assert (cfg.node_id, cfg.lease_seconds) == ("node-a", 20.0)
+    assert cfg.location("state", "postgresql://other/x") == "postgresql://other/x"
+    assert cfg.location("state") == "postgresql://refloop@db1/refloop"
+    assert loads("version: 1\n").store.location("state") == str(Path("state") / "refloop.db")
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("url: mysql://db/x", "r.yaml:3 store.url: must be postgresql://"),
+        ("pool: {min: 5, max: 2}", "store.pool.max: must be at least min (5), not 2"),
+        ("pool: {min: 1, size: 2}", "store.pool.size: unknown key"),
+        ("lease_seconds: 0", "store.lease_seconds: must be at least 1.0"),
+    ],
+)
+def test_store_section_errors(section: str, expected: str) -> None:
+    from engine.config import loads
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        loads(f"version: 1\nstore:\n  {section}\n", file="r.yaml")
+    assert any(expected in p for p in caught.value.problems), caught.value.problems

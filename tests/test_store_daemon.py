@@ -1,0 +1,95 @@
+"""``refloop run --store URL`` (issue 17): the daemon, the real executable, receives
+HL7 v2 over MLLP into the store under test (a PostgreSQL schema with REFLOOP_TEST_STORE,
+else a SQLite file named by ``--store``), and what it committed is read back there and
+with the CLI through routes.yaml's ``store.url``."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from helpers import Daemon, peer, refloop, run, shipped_routes
+from test_referral_keys import orm_nw, ref_i12, siu_s12
+
+from engine.store import audit
+from engine.store.db import open_database
+
+
+async def _send(port: int, messages: list[bytes]) -> list[str]:
+    async with peer(port) as p:
+        return [(await p.ask(m, timeout=20.0)).code for m in messages]
+
+
+def test_run_with_store_ingests_over_mllp(daemon: Daemon, store_url: str, tmp_path: Path) -> None:
+    daemon.routes = shipped_routes(tmp_path / "routes.yaml")
+    daemon.store = store_url
+    daemon.start()
+    first = ref_i12("K1", "10482")
+    codes = run(
+        _send(
+            daemon.mllp,
+            [
+                first,
+                first,  # an identical resend: ACKed again, stored once
+                orm_nw("K2", "SOUTHGATE", "20001", mrn="MRN9"),
+                siu_s12("K3", "HUB", "20001^SOUTH_EHR", "APT1", "MRN9"),
+            ],
+        )
+    )
+    assert codes == ["AA", "AA", "AA", "AA"], daemon.log_tail()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.log_tail()
+    assert not (daemon.state_dir / "refloop.db").exists() or store_url.endswith("refloop.db")
+
+    db = open_database(store_url, readonly=True)
+    try:
+        rows = db.conn.execute(
+            "SELECT control_id, status, duplicates FROM messages ORDER BY id"
+        ).fetchall()
+        assert [tuple(r) for r in rows] == [
+            ("K1", "routed", 1),
+            ("K2", "routed", 0),
+            ("K3", "routed", 0),
+        ]
+        referrals = db.conn.execute(
+            "SELECT sending_facility, placer_number, status FROM referrals ORDER BY id"
+        ).fetchall()
+        assert [tuple(r[:2]) for r in referrals] == [("NORTHSIDE", "10482"), ("SOUTHGATE", "20001")]
+        assert referrals[1][2] == "patient-booked"
+        verified = audit.verify(db.conn)
+        assert verified.ok and verified.rows > 0
+    finally:
+        db.close()
+
+
+def test_routes_yaml_store_url_serves_the_cli(
+    daemon: Daemon, store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``store.url: ${env:REFLOOP_STORE_URL}`` in routes.yaml: the daemon and the CLI
+    (``refloop referrals list``) both find the same store."""
+    monkeypatch.setenv("REFLOOP_STORE_URL", store_url)
+    routes = shipped_routes(
+        tmp_path / "routes.yaml",
+        store={"url": "${env:REFLOOP_STORE_URL}", "pool": {"min": 1, "max": 3}},
+    )
+    daemon.routes = routes
+    daemon.start()
+    assert run(_send(daemon.mllp, [ref_i12("Y1", "777")])) == ["AA"]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.log_tail()
+    listed = refloop(
+        "referrals", "list", "--json", "--routes", str(routes), "--state", str(tmp_path / "none")
+    )
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert [r["placer_number"] for r in json.loads(listed.stdout)] == ["777"]
+
+
+def test_store_with_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
+    result = refloop(
+        "run", "--state", str(tmp_path), "--store", "postgresql://refloop:hunter2@db/refloop"
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 1
+    assert err.count("\n") == 1 and "pgpass" in err and "hunter2" not in err
