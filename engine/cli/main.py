@@ -645,6 +645,8 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
         LazyGroup("specialists",
                   "The specialist directory: Direct addresses, certificates, fax numbers.",
                   lambda: importlib.import_module("engine.cli.specialists")),
+        LazyGroup("store", "The database: copy a SQLite installation into PostgreSQL.",
+                  lambda: importlib.import_module("engine.cli.store")),
         LazyGroup("tasks", "Coordinator tasks of the built-in queue: list, done, assign, snooze.",
                   lambda: importlib.import_module("engine.cli.tasks")),
         LazyGroup("timers", "Pending escalation timers.",

@@ -418,11 +418,14 @@ class PgSchema:
 
 def migrate(conn: PgConn, migrations: list[Any]) -> None:
     """Bring the schema to ``len(migrations)``, one transaction per step, each under the
-    migration advisory lock (a node that waited finds the steps done)."""
-    for statement in SUPPORT:
-        with _locked(conn):
-            conn.execute(statement)
+    migration advisory lock (a node that waited finds the steps done). A schema already
+    there is opened without any DDL, so the daemon's role needs no CREATE right
+    (:func:`grant_runtime_role`); a change of :data:`SUPPORT` comes with a new step."""
+    if _version(conn) == len(migrations) and _has_support(conn):
+        return
     with _locked(conn):
+        for statement in SUPPORT:
+            conn.execute(statement)
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         if conn.execute("SELECT version FROM schema_version").fetchone() is None:
             conn.execute("INSERT INTO schema_version (version) VALUES (0)")
@@ -439,6 +442,47 @@ def migrate(conn: PgConn, migrations: list[Any]) -> None:
                 return
             migrations[current](schema)
             conn.execute("UPDATE schema_version SET version = ?", (current + 1,))
+
+
+def _version(conn: PgConn) -> int:
+    """The schema's version, or -1 before the first migration."""
+    if not _has_schema(conn):
+        return -1
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return -1 if row is None else int(row[0])
+
+
+def _has_support(conn: PgConn) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE p.proname = 'refloop_glob' AND n.nspname = current_schema()"
+    ).fetchone()
+    return row is not None
+
+
+_ROLE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def grant_runtime_role(conn: PgConn, role: str) -> None:
+    """Give ``role`` (an existing role: the daemon's login) what refloop needs in the
+    current schema and no more: read and write every table, use the identity sequences,
+    but never UPDATE, DELETE or TRUNCATE the audit log (the grant-level twin of the
+    append-only triggers, which a table owner could drop). Run as the schema's owner."""
+    if not _ROLE.fullmatch(role):
+        raise StoreError(f"not a plain role name (lower-case letters, digits, _): {role!r}")
+    exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = ?", (role,)).fetchone()
+    if exists is None:
+        raise StoreError(f"no role {role!r} on this server: CREATE ROLE {role} LOGIN first")
+    schema = str(conn.execute("SELECT current_schema()").fetchone()[0])
+    statements = (
+        f'GRANT USAGE ON SCHEMA "{schema}" TO {role}',
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {role}',
+        f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO {role}',
+        f"REVOKE UPDATE, DELETE, TRUNCATE ON audit FROM {role}, PUBLIC",
+    )
+    with _locked(conn):
+        for statement in statements:
+            conn.execute(statement)
 
 
 @contextlib.contextmanager
