@@ -6,15 +6,19 @@ with the CLI through routes.yaml's ``store.url``."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
+import psycopg
 import pytest
 from helpers import Daemon, peer, refloop, run, shipped_routes
 from test_referral_keys import orm_nw, ref_i12, siu_s12
 
 from engine.store import audit
 from engine.store.db import open_database
+
+TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
 
 
 async def _send(port: int, messages: list[bytes]) -> list[str]:
@@ -93,3 +97,40 @@ def test_store_with_a_password_on_the_command_line_is_refused(tmp_path: Path) ->
     err = result.stderr.decode()
     assert result.returncode == 1
     assert err.count("\n") == 1 and "pgpass" in err and "hunter2" not in err
+
+
+@pytest.mark.skipif(not TEST_STORE, reason="PostgreSQL only (REFLOOP_TEST_STORE)")
+def test_daemon_survives_its_database_connections_being_dropped(
+    daemon: Daemon, store_url: str, tmp_path: Path
+) -> None:
+    """The server ends every connection of the daemon (as a restart or failover does):
+    a message in flight is answered AR or AA, never lost; its resend and the next ones are
+    stored once and processed on new connections."""
+    daemon.routes = shipped_routes(tmp_path / "routes.yaml")
+    daemon.store = store_url
+    daemon.start()
+    assert run(_send(daemon.mllp, [ref_i12("D1", "501")])) == ["AA"]
+    app = store_url.rsplit("application_name=", 1)[1]
+    with psycopg.connect(TEST_STORE, autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (app,),
+        ).fetchone()
+    assert ended is not None and ended[0] >= 2  # the loop's and the inbox writer's
+    second = ref_i12("D2", "502")
+    codes = run(_send(daemon.mllp, [second]))
+    if codes != ["AA"]:  # the write on a dropped connection: AR, the sender resends
+        assert codes == ["AR"], codes
+        codes = run(_send(daemon.mllp, [second]))
+    assert codes == ["AA"], daemon.log_tail()
+    assert run(_send(daemon.mllp, [ref_i12("D3", "503")])) == ["AA"], daemon.log_tail()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.log_tail()
+    db = open_database(store_url, readonly=True)
+    try:
+        rows = db.conn.execute("SELECT control_id, status FROM messages ORDER BY id").fetchall()
+        assert [tuple(r) for r in rows] == [("D1", "routed"), ("D2", "routed"), ("D3", "routed")]
+        assert audit.verify(db.conn).ok
+    finally:
+        db.close()

@@ -235,22 +235,48 @@ class _NoResult:
 
 class PgConn:
     """A psycopg connection that speaks like sqlite3's: ``execute(sql, params)`` with the
-    store's SQLite-spelled SQL, explicit BEGIN/COMMIT (autocommit otherwise)."""
+    store's SQLite-spelled SQL, explicit BEGIN/COMMIT (autocommit otherwise).
+
+    A connection the server dropped (restart, failover, a terminated backend) is replaced
+    from the pool at the next BEGIN or the next statement outside a transaction; inside
+    the transaction it broke, every statement fails until COMMIT or ROLLBACK ends it, so
+    nothing after the break runs outside the transaction it belonged to."""
 
     dialect: Final = POSTGRESQL
 
-    def __init__(self, raw: psycopg.Connection[Any]):
+    def __init__(self, raw: psycopg.Connection[Any], pool: ConnectionPool[Any] | None = None):
         self.raw = raw
+        self.pool = pool
+        self._open = False  # inside BEGIN … COMMIT/ROLLBACK
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        head = sql.lstrip()[:11].upper()
+        ends = head.startswith(("COMMIT", "ROLLBACK")) and not head.startswith("ROLLBACK TO")
+        if self.raw.broken or self.raw.closed:
+            if self._open:
+                self._open = not ends
+                raise psycopg.OperationalError(
+                    "the database connection was lost: the transaction did not commit"
+                )
+            self._replace()
         named = isinstance(parameters, Mapping)
         statements = translate(sql, named)
         cur = self.raw.cursor()
         for statement in statements:
             cur.execute(statement, parameters if named else tuple(parameters))
+        if head.startswith("BEGIN"):
+            self._open = True
+        elif ends:
+            self._open = False
         if cur.description is None:
             return _NoResult(cur.rowcount)
         return cur
+
+    def _replace(self) -> None:
+        if self.pool is None:
+            raise psycopg.OperationalError("the database connection was lost")
+        broken, self.raw = self.raw, self.pool.getconn(timeout=CONNECT_TIMEOUT)
+        self.pool.putconn(broken)  # the pool discards a closed or broken connection
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any:
         rows = list(parameters)
@@ -302,7 +328,7 @@ class PgDatabase(Database):
         self.url = url
         self._owner = owner
         if conn is None:
-            conn = PgConn(pool.getconn(timeout=CONNECT_TIMEOUT))
+            conn = PgConn(pool.getconn(timeout=CONNECT_TIMEOUT), pool)
         super().__init__(conn, "", synchronous)
 
     @property
@@ -325,14 +351,15 @@ class PgDatabase(Database):
             yield conn
             conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
-                conn.raw.rollback()
+            with contextlib.suppress(psycopg.Error):  # a lost connection cannot roll back
+                conn.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
         raw = self.conn.raw
         if raw.info.transaction_status != TransactionStatus.IDLE:
-            raw.rollback()
+            with contextlib.suppress(psycopg.Error):
+                raw.rollback()
         self.pool.putconn(raw)
         if self._owner:
             self.pool.close()
