@@ -309,3 +309,16 @@ def test_store_section_errors(section: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         loads(f"version: 1\nstore:\n  {section}\n", file="r.yaml")
     assert any(expected in p for p in caught.value.problems), caught.value.problems
+
+
+def test_dialect_helpers(store: Database) -> None:
+    from engine.store.sql import dialect, for_update, group_concat, month_of
+
+    pg = dialect(store.conn) == POSTGRESQL
+    assert for_update(store.conn, skip_locked=True) == (" FOR UPDATE SKIP LOCKED" if pg else "")
+    row = store.conn.execute(
+        f"SELECT {month_of(store.conn, '?')}, "
+        f"(SELECT {group_concat(store.conn, 'n')} FROM (SELECT 1 AS n UNION ALL SELECT 2) AS t)",
+        (1_767_225_599.0,),  # 2025-12-31T23:59:59Z
+    ).fetchone()
+    assert row[0] == "2025-12" and sorted(row[1].split(",")) == ["1", "2"]

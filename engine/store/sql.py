@@ -72,10 +72,13 @@ def dialect(conn: Any) -> str:
     return str(getattr(getattr(conn, "conn", conn), "dialect", SQLITE))
 
 
-def for_update(conn: Any) -> str:
-    """`` FOR UPDATE`` on PostgreSQL (lock the rows read until COMMIT), ``""`` on SQLite,
+def for_update(conn: Any, *, skip_locked: bool = False) -> str:
+    """`` FOR UPDATE`` on PostgreSQL (lock the rows read until COMMIT; with
+    ``skip_locked``, pass over rows another transaction holds: a claim), ``""`` on SQLite,
     whose ``BEGIN IMMEDIATE`` already holds the one write lock."""
-    return " FOR UPDATE" if dialect(conn) == POSTGRESQL else ""
+    if dialect(conn) != POSTGRESQL:
+        return ""
+    return " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
 
 
 def group_concat(conn: Any, expr: str) -> str:
