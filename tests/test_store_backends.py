@@ -322,3 +322,35 @@ def test_dialect_helpers(store: Database) -> None:
         (1_767_225_599.0,),  # 2025-12-31T23:59:59Z
     ).fetchone()
     assert row[0] == "2025-12" and sorted(row[1].split(",")) == ["1", "2"]
+
+
+def test_verify_finds_an_edited_row_through_the_cli(
+    store: Database, store_url: str, tmp_path: Path
+) -> None:
+    """The planted fault: someone with the owner's rights drops the append-only triggers
+    and edits row 2; ``refloop audit verify`` (reading ``store.url`` from routes.yaml)
+    names row 2 and exits 1, on either backend."""
+    from helpers import refloop
+
+    for n in range(1, 5):
+        with store.transaction() as conn:
+            audit.append(
+                conn,
+                at=f"2026-01-01T00:00:0{n}.000000Z",
+                actor="system",
+                action="test",
+                referral_id=None,
+                message_id=n,
+                detail={"n": n},
+            )
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"version: 1\nstore:\n  url: '{store_url}'\n", encoding="utf-8")
+    ok = refloop("audit", "verify", "--routes", str(routes), "--state", str(tmp_path / "x"))
+    assert ok.returncode == 0 and "4 rows" in ok.stdout.decode(), ok.stderr.decode()
+    on = " ON audit" if store.dialect == POSTGRESQL else ""
+    with store.transaction() as conn:
+        conn.execute(f"DROP TRIGGER audit_no_update{on}")
+        conn.execute("UPDATE audit SET actor = 'operator:mallory' WHERE id = 2")
+    bad = refloop("audit", "verify", "--routes", str(routes), "--state", str(tmp_path / "x"))
+    assert bad.returncode == 1
+    assert "audit row 2:" in bad.stdout.decode() + bad.stderr.decode()
