@@ -417,6 +417,8 @@ class Engine:
             rotation=rotation,
             packet_events=PacketEvents(mdn_timeouts, [n for n, t in types.items() if t == "fax"]),
             sleep=self.dispatch_sleep or asyncio.sleep,
+            node_id=self.config.store.node_id,
+            lease_seconds=self.config.store.lease_seconds,
         )
 
     def _hooks(

@@ -452,8 +452,8 @@ class StoreConfig:
     url: str = field(default="", repr=False)
     pool_min: int = 2  # PostgreSQL connection pool per process
     pool_max: int = 8
-    node_id: str = ""  # this process among several on one database ("" = the host name)
-    lease_seconds: float = 15.0  # how long a node's claim on work holds without renewal
+    node_id: str = ""  # this node in outbox claims ("" = hostname:pid)
+    lease_seconds: float = 30.0  # how long an outbox claim holds without renewal
 
     def location(self, state_dir: str | os.PathLike[str], override: str = "") -> str:
         """Where the store is: ``override`` (``refloop run --store``), else ``url``, else
@@ -553,7 +553,7 @@ def _store(r: Reader) -> StoreConfig:
         pool_min=pool_min,
         pool_max=pool_max,
         node_id=r.text("node_id", ""),
-        lease_seconds=r.number("lease_seconds", 15.0, lo=1.0),
+        lease_seconds=r.number("lease_seconds", 30.0, lo=1.0),
     )
     r.done()
     return cfg

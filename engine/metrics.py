@@ -244,6 +244,20 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self.outbox_lease_expired = Counter(
+            "refloop_outbox_lease_expired_total",
+            "Rows found sending past their lease and returned to pending (their node died "
+            "or stalled mid-send; they go again with the same idempotency key), by channel.",
+            ["channel"],
+            registry=registry,
+        )
+        self.outbox_lease_lost = Counter(
+            "refloop_outbox_lease_lost_total",
+            "Send results not recorded because this node's claim on the row had expired "
+            "and the row was claimed again, by channel.",
+            ["channel"],
+            registry=registry,
+        )
         self.outbox_send_seconds = Histogram(
             "refloop_outbox_send_seconds",
             "Time a channel took to accept or refuse one send, by channel.",

@@ -40,7 +40,7 @@ from engine.model import Identifiers, PatientContact, Provider, ReferralCreated 
 from engine.routing.table import ChannelSpec, PracticeSpec  # noqa: E402
 from engine.store import outbox  # noqa: E402
 from engine.store import referrals as referral_store  # noqa: E402
-from engine.store.db import Database, open_database  # noqa: E402
+from engine.store.db import Database, DatabaseError, open_database  # noqa: E402
 from engine.tracking.escalation import Policy  # noqa: E402
 from engine.tracking.tracker import Tracker  # noqa: E402
 
@@ -553,19 +553,24 @@ def test_sms_nudge_through_twilio_and_consent_rules(store_url: str) -> None:
 
 
 def test_restart_resends_in_flight_rows_and_never_recorded_ones(store_url: str) -> None:
+    """A row a dead node left sending is resent once its lease has expired, not before
+    (until then that node, or another one, may still be sending it)."""
     clock = VirtualClock(T0)
     db = make_db(store_url)
     in_flight = enqueue(db, None, "k-in-flight")
     done = enqueue(db, None, "k-done")
     with db.transaction() as conn:  # a daemon claimed both, recorded one, then died
-        outbox.claim_due(conn, "hook", T0, 10)
+        outbox.claim_due(conn, "hook", T0, 10, node="dead:1", lease=30.0)
         outbox.mark_sent(conn, done, recipient="", provider_id="rx", provider_status="200", now=T0)
     script = Script()
 
     async def main() -> None:
         async with serve(script) as url, httpx.AsyncClient() as http:
             d = dispatcher(db, {"hook": hook(url, http, clock)}, clock)
-            assert d.recover() == 1
+            assert d.reap() == 0  # its lease runs until T0 + 30
+            assert await d.run_once("hook") == 0
+            clock.set(T0 + 30.5)
+            assert d.reap() == 1
             assert await d.run_once("hook") == 1
             assert await d.run_once("hook") == 0
 
@@ -577,13 +582,148 @@ def test_restart_resends_in_flight_rows_and_never_recorded_ones(store_url: str) 
 
 
 # ---------------------------------------------------------------------------
+# Leases: several nodes on one outbox
+
+
+def test_a_starting_node_leaves_another_nodes_send_alone_until_its_lease_ends(
+    store_url: str,
+) -> None:
+    """Start-up used to return every sending row to pending: on a shared database that
+    resends what another node is sending right now. Only an expired lease is reaped."""
+    clock = VirtualClock(T0)
+    db = make_db(store_url)
+    oid = enqueue(db, None, "k-busy")
+    with db.transaction() as conn:
+        (item,) = outbox.claim_due(conn, "hook", T0, 10, node="node-a:1", lease=30.0)
+    assert (item.claimed_by, item.lease_until, item.attempts) == ("node-a:1", T0 + 30.0, 1)
+    metrics = Metrics(CollectorRegistry())
+
+    async def main() -> None:
+        async with serve(Script()) as url, httpx.AsyncClient() as http:
+            b = dispatcher(db, {"hook": hook(url, http, clock)}, clock, metrics=metrics,
+                           node_id="node-b:2")  # fmt: skip
+            assert b.reap() == 0
+            assert await b.run_once("hook") == 0
+            assert row(db, oid).status == "sending" and row(db, oid).claimed_by == "node-a:1"
+            clock.set(T0 + 29.9)
+            assert await b.run_once("hook") == 0
+            clock.set(T0 + 30.1)  # node a is gone: b takes the row over
+            assert await b.run_once("hook") == 1
+
+    asyncio.run(main())
+    final = row(db, oid)
+    assert (final.status, final.claimed_by, final.attempts) == ("sent", "node-b:2", 2)
+    assert sample(metrics, "refloop_outbox_lease_expired_total", channel="hook") == 1
+    db.close()
+
+
+def test_a_result_is_fenced_on_the_claim(store_url: str) -> None:
+    """Node a's send outlives its lease; node b reaps the row and sends it (attempt 2).
+    When a's answer finally comes, a records nothing (lease lost, counted): the row
+    stays as b recorded it."""
+    clock = VirtualClock(T0)
+    db = make_db(store_url)
+    oid = enqueue(db, None, "k-slow")
+    slow, fast = Script("hang"), Script()
+    metrics_a = Metrics(CollectorRegistry())
+
+    async def main() -> None:
+        async with (
+            serve(slow) as slow_url,
+            serve(fast) as fast_url,
+            httpx.AsyncClient() as http,
+        ):
+            a = dispatcher(db, {"hook": hook(slow_url, http, clock, timeout=30.0)}, clock,
+                           metrics=metrics_a, node_id="node-a:1", lease_seconds=30.0)  # fmt: skip
+            b = dispatcher(db, {"hook": hook(fast_url, http, clock)}, clock, node_id="node-b:2",
+                           lease_seconds=30.0)  # fmt: skip
+            sending = asyncio.ensure_future(a.run_once("hook"))
+            while not slow.keys:
+                await asyncio.sleep(0.01)
+            clock.set(T0 + 31.0)  # a stalled past its lease (no renewal in virtual time)
+            assert await b.run_once("hook") == 1
+            assert row(db, oid).status == "sent" and row(db, oid).claimed_by == "node-b:2"
+            slow.release.set()
+            assert await sending == 1
+
+    asyncio.run(main())
+    assert slow.keys == ["k-slow"] and fast.keys == ["k-slow"]  # same key both times
+    final = row(db, oid)
+    assert (final.status, final.claimed_by, final.attempts) == ("sent", "node-b:2", 2)
+    assert sample(metrics_a, "refloop_outbox_lease_lost_total", channel="hook") == 1
+    assert sample(metrics_a, "refloop_outbox_sends_total", channel="hook", result="sent") == 0
+    with db.transaction() as conn:  # the store function itself: the stale claim writes nothing
+        stale = outbox.Lease("node-a:1", 1)
+        assert not outbox.mark_dead(conn, oid, error="x", now=T0, lease=stale)
+    db.close()
+
+
+def test_a_lease_is_renewed_while_the_send_runs(store_url: str) -> None:
+    """A send slower than the lease keeps its row: the holder renews every third of it."""
+    clock = WallClock()
+    db = make_db(store_url)
+    oid = enqueue(db, None, "k-long", due=clock.now())
+    script = Script("hang")
+
+    async def main() -> None:
+        async with serve(script) as url, httpx.AsyncClient() as http:
+            a = dispatcher(db, {"hook": hook(url, http, clock, timeout=30.0)}, clock,
+                           node_id="node-a:1", lease_seconds=1.5)  # fmt: skip
+            sending = asyncio.ensure_future(a.run_once("hook"))
+            while not script.keys:
+                await asyncio.sleep(0.01)
+            first = row(db, oid).lease_until
+            await asyncio.sleep(2.0)  # longer than the lease
+            renewed = row(db, oid).lease_until
+            assert first is not None and renewed is not None and renewed > first
+            assert renewed > clock.now()  # still held: another node's reaper leaves it
+            with db.transaction() as conn:
+                assert outbox.reap_expired(conn, clock.now()) == []
+            script.release.set()
+            assert await sending == 1
+
+    asyncio.run(main())
+    assert row(db, oid).status == "sent" and row(db, oid).attempts == 1
+    db.close()
+
+
+def test_one_row_per_referral_and_channel_in_flight(store_url: str) -> None:
+    """An operator retry of a referral's earlier dead row waits while a later row of the
+    same referral and channel is sending (it used to be claimed beside it); the partial
+    unique index refuses a second in-flight row however it would be written."""
+    clock = VirtualClock(T0)
+    db = make_db(store_url)
+    rid = new_referral(db, clock, "R-ONE")
+    first = enqueue(db, rid, "k-first")
+    second = enqueue(db, rid, "k-second")
+    with db.transaction() as conn:
+        (claimed,) = outbox.claim_due(conn, "hook", T0, 10, node="a")
+        assert claimed.id == first
+        assert outbox.mark_dead(conn, first, error="x", now=T0, lease=claimed.lease)
+        (claimed,) = outbox.claim_due(conn, "hook", T0, 10, node="a")
+        assert claimed.id == second
+        outbox.retry(conn, first, T0)  # the operator retries the dead one meanwhile
+        assert outbox.claim_due(conn, "hook", T0, 10, node="a") == []
+        assert outbox.next_due(conn, "hook") is None
+    with pytest.raises(DatabaseError, match=r"(?i)unique"), db.transaction() as conn:
+        conn.execute("UPDATE outbox SET status = 'sending' WHERE id = ?", (first,))
+    with db.transaction() as conn:
+        outbox.mark_sent(conn, second, recipient="", provider_id="p", provider_status="",
+                         now=T0, lease=claimed.lease)  # fmt: skip
+        (again,) = outbox.claim_due(conn, "hook", T0, 10, node="a")
+    assert again.id == first
+    db.close()
+
+
+# ---------------------------------------------------------------------------
 # kill -9 between send and record
 
 
 def test_kill_9_between_send_and_record_resends_once_with_the_same_key(store_url: str) -> None:
     """The receiver kills the dispatcher (SIGKILL) when row 3 arrives, before answering:
-    row 3 was sent but its result never recorded. After a restart row 3 is sent again,
-    with the same idempotency key, and nothing else is sent twice."""
+    row 3 was sent but its result never recorded. After a restart row 3 is sent again
+    once its lease has expired, with the same idempotency key, and nothing else is sent
+    twice."""
     db_path = store_url
     db = open_database(db_path)
     ids = [enqueue(db, None, f"k{i}") for i in range(1, 6)]
@@ -622,7 +762,10 @@ def test_kill_9_between_send_and_record_resends_once_with_the_same_key(store_url
             assert await spawn(url) == 0
 
     asyncio.run(main())
-    assert received == ["k1", "k2", "k3", "k3", "k4", "k5"]
+    # row 3 goes again once its lease is over: before rows 4 and 5 or after them, by
+    # whether the restart took longer than the lease
+    assert received[:3] == ["k1", "k2", "k3"]
+    assert sorted(received[3:]) == ["k3", "k4", "k5"]
     db = open_database(db_path)
     assert [row(db, i).status for i in ids] == ["sent"] * 5
     assert row(db, ids[2]).attempts == 2
@@ -630,18 +773,26 @@ def test_kill_9_between_send_and_record_resends_once_with_the_same_key(store_url
 
 
 def _child(db_path: str, url: str) -> None:
-    """Dispatch the ``hook`` channel one row at a time until nothing is due."""
+    """Dispatch the ``hook`` channel one row at a time (leases of one second) until no
+    row is pending or sending."""
 
     async def main() -> None:
         db = open_database(db_path)
         clock = WallClock()
         async with httpx.AsyncClient() as http:
             d = dispatcher(
-                db, {"hook": hook(url, http, clock)}, clock, policy=RetryPolicy(concurrency=1)
+                db,
+                {"hook": hook(url, http, clock)},
+                clock,
+                policy=RetryPolicy(concurrency=1),
+                lease_seconds=1.0,
             )
-            d.recover()
-            while await d.run_once("hook"):
-                pass
+            while True:
+                if await d.run_once("hook"):
+                    continue
+                if not [i for i in outbox.list_items(db.conn) if i.status in outbox.ACTIVE]:
+                    break
+                await asyncio.sleep(0.1)  # a lease left by the killed run is not over yet
         db.close()
 
     asyncio.run(main())

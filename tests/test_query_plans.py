@@ -102,11 +102,27 @@ ALLOWED = {
         "`refloop timers list` via timers_due: pending timers only",
     "SELECT min(o.due) FROM outbox o WHERE o.channel = ? AND o.status = ? AND NOT EXISTS "
     "(SELECT ? FROM outbox p WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
-    "AND p.channel = o.channel AND p.id < o.id AND p.status IN (?, ?))":
+    "AND p.channel = o.channel AND (p.status = ? OR (p.status = ? AND p.id < o.id)))":
         "dispatcher idle via outbox_channel_due: the channel's pending rows (its queue)",
     "UPDATE outbox SET status = ?, due = CASE WHEN due < ? THEN due ELSE ? END, "
-    "updated_at = ?, last_error = ? WHERE status = ?":
-        "at start via outbox_due: the rows left in flight",
+    "updated_at = ?, lease_until = NULL, last_error = ? WHERE status = ? AND lease_until < ? "
+    "RETURNING id, channel, claimed_by":
+        "lease reaper via outbox_due: the rows in flight (concurrency per channel and node)",
+    "UPDATE outbox SET status = ?, due = CASE WHEN due < ? THEN due ELSE ? END, "
+    "updated_at = ?, lease_until = NULL, last_error = ? WHERE status = ? AND lease_until < ? "
+    "AND id NOT IN (SELECT value FROM json_each(?)) RETURNING id, channel, claimed_by":
+        "lease reaper via outbox_due: the rows in flight (concurrency per channel and node)",
+    "SELECT min(lease_until) FROM outbox WHERE status = ?":
+        "dispatcher idle via outbox_due: the rows in flight (concurrency per channel and node)",
+    "SELECT id, (SELECT length(raw) FROM message_raw WHERE message_id = messages.id) FROM "
+    "messages WHERE status = ? ORDER BY id LIMIT ?":
+        "processing claim via messages_status (status, id): unprocessed rows, up to the LIMIT",
+    "SELECT min(id) FROM messages WHERE status = ?":
+        "processor start via messages_status (status, id): one row, the first unprocessed",
+    "SELECT id, due FROM timers WHERE loaded = ? ORDER BY id":
+        "timer refill via timers_unloaded (partial): rows written since the last look",
+    "UPDATE timers SET loaded = ? WHERE loaded = ?":
+        "wheel rebuild via timers_unloaded (partial): rows written since the last look",
     "SELECT id FROM outbox WHERE status = ? ORDER BY id":
         "retry every dead row via outbox_due: sorts the dead rows",
     "SELECT id FROM outbox WHERE status = ? AND channel = ? ORDER BY id":
@@ -320,7 +336,11 @@ def _operator_paths(db: Any, now: float) -> None:
     with db.transaction() as c:
         outbox_store.retry_dead(c, now)
         outbox_store.retry_dead(c, now, "sms")
-        outbox_store.recover_in_flight(c, now)
+        outbox_store.reap_expired(c, now, keep=[1, 2])
+        outbox_store.next_expiry(c)
+        outbox_store.renew(c, outbox_store.list_items(c, status="sent", limit=1), now)
+        timers_store.unloaded(c)
+        timers_store.mark_loaded(c, [1, 2])
         outbox_store.next_due(c, "sms")
         oid = int(c.execute("SELECT max(id) FROM outbox").fetchone()[0])
         c.execute("UPDATE outbox SET status = 'dead' WHERE id = ?", (oid,))

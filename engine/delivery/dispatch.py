@@ -10,10 +10,17 @@ Each row goes through two transactions:
    ``packet-sent`` or ``patient-nudged``, in the same transaction), or back to
    ``pending`` with a backoff due time, or ``dead``.
 
-A daemon killed between the two leaves the row ``sending``; :meth:`Dispatcher.recover`
-(at start) makes it ``pending`` again and it is sent again with the **same idempotency
-key**: at-least-once, with the duplicate confined to that window and made harmless where
-the provider dedupes on the key. A row whose result was recorded is never sent again.
+The claim is a lease: the row records the node (``node_id``, default ``hostname:pid``) and
+``lease_until`` (now + ``lease_seconds``), renewed every third of the lease while the send
+runs; the record is fenced on the claim (node and attempt number), so a node whose lease
+ran out and whose row another node claimed records nothing (counted in
+``refloop_outbox_lease_lost_total``). A daemon killed between the two leaves the row
+``sending``; once its lease has expired, the reaper (every round, on every node) makes it
+``pending`` again (``refloop_outbox_lease_expired_total``) and it is sent again with the
+**same idempotency key**: at-least-once, with the duplicate confined to that window and
+made harmless where the provider dedupes on the key. A row whose result was recorded is
+never sent again, and a row another node is sending is never taken from it while its
+lease runs.
 
 Backoff: after the n-th failed attempt the row waits ``uniform(0, min(cap, base·2^(n-1)))``
 seconds ("full jitter", from an injected ``random.Random``), at least the provider's
@@ -31,7 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +63,7 @@ from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
-from engine.store.db import Database, savepoint
+from engine.store.db import Database, DatabaseError, savepoint
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking import states
@@ -66,6 +75,7 @@ DEFAULT_MAX_ATTEMPTS: Final = 8
 DEFAULT_RETRY_BASE: Final = 30.0  # seconds
 DEFAULT_RETRY_CAP: Final = 6 * 3600.0
 DEFAULT_CONCURRENCY: Final = 4
+DEFAULT_LEASE_SECONDS: Final = 30.0  # an outbox claim's lease (store.lease_seconds)
 SMS_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "sms"
 VOICE_TEMPLATE_DIR: Final = SMS_TEMPLATE_DIR.parent / "voice"
 # Channel types that reach the patient's phone with non-PHI, allow-listed text: consent,
@@ -376,8 +386,12 @@ class Dispatcher:
         poll_interval: float = 5.0,
         packet_events: PacketEvents | None = None,
         local: Mapping[str, LocalChannel] | None = None,
+        node_id: str = "",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         self.db = db
+        self.node_id = node_id or default_node_id()
+        self.lease_seconds = lease_seconds
         self.channels = dict(channels)
         self.local = {n: c for n, c in (local or {}).items() if n not in self.channels}
         self.renderer = renderer
@@ -393,6 +407,7 @@ class Dispatcher:
         self.packet_events = packet_events
         self._stopping = False
         self._wake: dict[str, asyncio.Event] = {}
+        self._in_flight: dict[int, Item] = {}  # rows this node is sending now, by id
 
     def names(self) -> list[str]:
         """Every channel with a worker: the provider channels, then the local ones."""
@@ -403,18 +418,31 @@ class Dispatcher:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Rows a dead daemon left ``sending`` become ``pending`` (durably). Call once at
-        start, before any worker runs."""
+    def reap(self) -> int:
+        """Rows left ``sending`` past their lease (their node died or stalled mid-send)
+        become ``pending`` (durably); returns how many. Never a row this node is sending.
+        Runs at start and in every claim round."""
         with self.db.transaction() as conn:
-            n = outbox.recover_in_flight(conn, self.clock.now())
-        if n:
-            log.warning("outbox: %d row(s) were in flight when refloop stopped; resending", n)
-        return n
+            reaped = outbox.reap_expired(conn, self.clock.now(), keep=list(self._in_flight))
+        self._reaped(reaped)
+        return len(reaped)
+
+    def _reaped(self, reaped: list[tuple[int, str, str]]) -> None:
+        for outbox_id, channel, holder in reaped:
+            if self.metrics is not None:
+                self.metrics.outbox_lease_expired.labels(channel).inc()
+            log.warning(
+                "outbox %d: %s lease of %s expired mid-send; sending again (same key)",
+                outbox_id,
+                channel,
+                holder or "an earlier refloop",
+            )
+        for channel in {channel for _, channel, _ in reaped}:
+            self.wake(channel)
 
     async def run(self) -> None:
-        """Recover, then run every channel's worker until :meth:`stop`."""
-        self.recover()
+        """Reap expired leases, then run every channel's worker until :meth:`stop`."""
+        self.reap()
         self.refresh_metrics()
         async with asyncio.TaskGroup() as tg:
             for name in self.names():
@@ -439,7 +467,7 @@ class Dispatcher:
                 count = await self.run_once(name)
             except Exception as exc:  # e.g. the database locked by a long CLI write
                 # A row whose result could not be recorded stays "sending" and is resent
-                # (same key) at the next start; the worker itself keeps going.
+                # (same key) once its lease expires; the worker itself keeps going.
                 log.error("outbox %s: round failed (%s: %s)", name, type(exc).__name__, exc)
                 count = 0
             self.refresh_metrics()
@@ -456,6 +484,9 @@ class Dispatcher:
         nxt = outbox.next_due(self.db.conn, name)
         if nxt is not None:
             wait = min(wait, max(0.0, nxt - now))
+        expiry = outbox.next_expiry(self.db.conn)  # a lease to reap (not ours: renewed)
+        if expiry is not None and expiry > now:
+            wait = min(wait, expiry - now + 0.001)
         sleeper = asyncio.ensure_future(self.sleep(max(wait, 0.001)))
         waker = asyncio.ensure_future(event.wait())
         try:
@@ -472,14 +503,62 @@ class Dispatcher:
         each result. Returns how many rows were claimed."""
         policy = self.policy(name)
         domain = self.renderer.message_domain(name)
+        now = self.clock.now()
         with self.db.transaction() as conn:  # durable: the claim precedes any send
-            items = outbox.claim_due(conn, name, self.clock.now(), policy.concurrency)
+            reaped = outbox.reap_expired(conn, now, keep=list(self._in_flight))
+            items = outbox.claim_due(
+                conn, name, now, policy.concurrency, node=self.node_id, lease=self.lease_seconds
+            )
             if items and domain is not None:  # random, stored before the first send
                 items = outbox.assign_message_ids(conn, items, lambda: new_message_id(domain))
+        self._reaped(reaped)
         if not items:
             return 0
-        await asyncio.gather(*(self._deliver(name, item) for item in items))
+        self._in_flight.update((item.id, item) for item in items)
+        renewer = asyncio.ensure_future(self._renew(name, [item.id for item in items]))
+        try:
+            await asyncio.gather(*(self._deliver_claimed(name, item) for item in items))
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            for item in items:
+                self._in_flight.pop(item.id, None)
         return len(items)
+
+    async def _deliver_claimed(self, name: str, item: Item) -> None:
+        try:
+            await self._deliver(name, item)
+        finally:
+            self._in_flight.pop(item.id, None)  # recorded (or not): no longer renewed
+
+    async def _renew(self, name: str, ids: list[int]) -> None:
+        """Extend the leases of this round's rows every third of the lease (real time)
+        while their sends run: a slow send (a fax, a large Direct message) keeps its row."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            items = [self._in_flight[i] for i in ids if i in self._in_flight]
+            if not items:
+                return
+            try:
+                with self.db.transaction(durable=False) as conn:
+                    lost = outbox.renew(conn, items, self.clock.now() + self.lease_seconds)
+            except DatabaseError as exc:  # the next renewal tries again
+                log.error("outbox %s: lease renewal failed: %s", name, exc)
+                continue
+            for outbox_id in lost:
+                log.warning("outbox %d: lease lost while sending (claimed again)", outbox_id)
+
+    def _lease_lost(self, item: Item, result: str) -> None:
+        """A result this node could not record: its claim expired and the row was
+        claimed again (or recorded) meanwhile; the current holder's result stands."""
+        if self.metrics is not None:
+            self.metrics.outbox_lease_lost.labels(item.channel).inc()
+        log.warning(
+            "outbox %d: %s (attempt %d) not recorded: the lease was lost",
+            item.id,
+            result,
+            item.attempts,
+        )
 
     async def _deliver(self, name: str, item: Item) -> None:
         if name in self.local:
@@ -524,10 +603,14 @@ class Dispatcher:
                 provider_id=f"local:{item.channel}",
                 provider_status="delivered",
                 now=now,
+                lease=item.lease,
             )
             if recorded:
                 channel.deliver(conn, item, now)
                 self._consequence(conn, item, now)
+        if not recorded:
+            self._lease_lost(item, "local delivery")
+            return
         self._count(item.channel, "sent")
         log.info("outbox %d: %s %s delivered locally", item.id, item.channel, item.template)
 
@@ -588,7 +671,17 @@ class Dispatcher:
         """Back to pending until ``until`` without spending an attempt."""
         now = self.clock.now()
         with self.db.transaction(durable=False) as conn:
-            outbox.defer(conn, item.id, due=until, reason="outside the contact window", now=now)
+            recorded = outbox.defer(
+                conn,
+                item.id,
+                due=until,
+                reason="outside the contact window",
+                now=now,
+                lease=item.lease,
+            )
+        if not recorded:
+            self._lease_lost(item, "deferral")
+            return
         self._count(item.channel, "deferred")
         log.info("outbox %d: %s held until %s (contact window)", item.id, item.channel,
                  isoformat(until))  # fmt: skip
@@ -605,11 +698,15 @@ class Dispatcher:
                 provider_id=provider_id,
                 provider_status=provider_status,
                 now=now,
+                lease=item.lease,
             )
             if recorded:
                 self._consequence(conn, item, now)
                 if self.packet_events is not None:
                     self.packet_events.sent(conn, item, now)
+        if not recorded:
+            self._lease_lost(item, "sent")
+            return
         self._count(item.channel, "sent")
         log.info(
             "outbox %d: %s %s sent (attempt %d)",
@@ -641,10 +738,11 @@ class Dispatcher:
     def _skipped(self, item: Item, referral: ReferralRow | None, reason: str) -> None:
         now = self.clock.now()
         with self.db.transaction(durable=False) as conn:
-            if outbox.mark_skipped(conn, item.id, reason=reason, now=now):
-                nxt = self.rotation.advance(conn, item, referral, reason, now)
-            else:
-                nxt = None
+            recorded = outbox.mark_skipped(conn, item.id, reason=reason, now=now, lease=item.lease)
+            nxt = self.rotation.advance(conn, item, referral, reason, now) if recorded else None
+        if not recorded:
+            self._lease_lost(item, "skip")
+            return
         self._count(item.channel, "skipped")
         log.info(
             "outbox %d: %s not sent (%s)%s",
@@ -676,7 +774,12 @@ class Dispatcher:
         if exc.retryable and item.attempts < policy.max_attempts:
             wait = policy.delay(item.attempts, self.rng, exc.retry_after)
             with self.db.transaction(durable=False) as conn:
-                outbox.mark_retry(conn, item.id, due=now + wait, error=reason, now=now)
+                recorded = outbox.mark_retry(
+                    conn, item.id, due=now + wait, error=reason, now=now, lease=item.lease
+                )
+            if not recorded:
+                self._lease_lost(item, "retry")
+                return
             self._count(item.channel, "retry")
             log.warning(
                 "outbox %d: attempt %d/%d failed, retry in %.0fs: %s",
@@ -689,8 +792,12 @@ class Dispatcher:
             return
         queued = False
         with self.db.transaction(durable=False) as conn:
-            if outbox.mark_dead(conn, item.id, error=reason, now=now) and self.packet_events:
+            recorded = outbox.mark_dead(conn, item.id, error=reason, now=now, lease=item.lease)
+            if recorded and self.packet_events:
                 queued = self.packet_events.dead(conn, item, reason, now)
+        if not recorded:
+            self._lease_lost(item, "dead letter")
+            return
         self._count(item.channel, "dead")
         if queued:
             self.wake()
@@ -718,6 +825,13 @@ class Dispatcher:
                 self.metrics.outbox_depth.labels(name).set(0)
                 self.metrics.outbox_oldest.labels(name).set(0)
                 self.metrics.outbox_dead.labels(name).set(0)
+
+
+def default_node_id() -> str:
+    """This process's name in ``outbox.claimed_by`` when ``store.node_id`` is not set:
+    ``hostname:pid`` (a restarted daemon is a new node: it waits for the old one's leases
+    to expire like any other node would)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # ---------------------------------------------------------------------------

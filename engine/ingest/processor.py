@@ -1,8 +1,12 @@
-"""Processing: read the inbox in arrival order, apply each message, mark it, advance.
+"""Processing: claim the inbox rows still ``received``, in id order, apply each message
+and mark it, in one transaction.
 
-The cursor (the id of the last processed message) is written in the same transaction as
-the message's status and effects, so a crash between ACK and processing loses nothing
-and repeats nothing: on restart processing resumes after the cursor.
+A row's new status is written in the same transaction as its effects, so a crash between
+ACK and processing loses nothing and repeats nothing: on restart processing claims what
+is still ``received``. Processing reads by status, not by an id cursor: on a shared
+database an id becomes visible at commit, out of id order, and "after the last id seen"
+would skip a row committed late (docs/architecture.md, "Claims and leases"). The
+``processed_cursor`` meta row of earlier versions is no longer read or written.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ __all__ = ["Outcome", "Processor"]  # Outcome is defined in engine.model, below 
 
 log = logging.getLogger(__name__)
 
-CURSOR_KEY: Final = "processed_cursor"
 BATCH: Final = 16  # most messages one processing transaction takes
 SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
 MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
@@ -42,7 +45,7 @@ def no_routes(message: StoredMessage, conn: Conn) -> Outcome:
 
 
 class Processor:
-    """Owns the processing cursor. One per database; runs as one task."""
+    """Processes the inbox. One per database; runs as one task."""
 
     def __init__(
         self, db: Database, inbox: Inbox, handler: Handler, clock: Clock, metrics: Metrics
@@ -52,7 +55,11 @@ class Processor:
         self.handler = handler
         self.clock = clock
         self.metrics = metrics
-        self.cursor = int(db.get_meta(CURSOR_KEY, "0") or 0)
+        # the highest id processed so far, every row below it processed (on one node):
+        # the lag metric's reference and a test's progress mark, never a feed position
+        first = inbox.first_unprocessed()
+        self.cursor = inbox.rows if first is None else first - 1
+        self._rejected = inbox.rejected  # rejected rows counted as processed so far
         self._wake = asyncio.Event()
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
@@ -68,9 +75,9 @@ class Processor:
     def watch(self, message_id: int) -> asyncio.Future[Outcome]:
         """A future resolved with the message's outcome once it is processed."""
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        if message_id <= self.cursor:
-            row = self.inbox.get(message_id)
-            fut.set_result(Outcome(row.status, row.error, row.route) if row else Outcome("error"))
+        row = self.inbox.outcome(self.db.conn, message_id)
+        if row is not None and row[0] != "received":  # processed already (in any order)
+            fut.set_result(Outcome(*row))
         else:
             self._waiters.setdefault(message_id, []).append(fut)
             self._wake.set()
@@ -94,7 +101,7 @@ class Processor:
             async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
                 done = self.process_available(budget=SLICE)
             if self._stopping:
-                return  # the rest waits after the cursor for the next start: nothing is lost
+                return  # the rest stays received for the next start: nothing is lost
             if done < 0:
                 await self._preload()
             elif not done:
@@ -108,29 +115,21 @@ class Processor:
 
     async def _preload(self) -> None:
         """Read the next message (a large one) in a worker thread, for the next slice."""
-        pending = self.inbox.pending(self.cursor, 1)
+        pending = self.inbox.claim(self.db.conn, 1)  # a read: the slice claims it again
         if pending:
             self._loaded = await self.inbox.load(pending[0][0])
 
     def process_available(self, limit: int = BATCH, *, budget: float | None = None) -> int:
-        """Process up to ``limit`` messages after the cursor in one transaction (each
-        message in its own savepoint, so one failure rolls back only that message's
-        effects), stopping early once ``budget`` seconds have gone; returns how many.
+        """Claim up to ``limit`` messages still ``received`` and process them in one
+        transaction (each message in its own savepoint, so one failure rolls back only
+        that message's effects), stopping early once ``budget`` seconds have gone; returns
+        how many.
 
         Bytes are read one message at a time. A message over :data:`LARGE` bytes is
         processed alone in its transaction; with a ``budget`` (the daemon's slices) it
         must first be read off the loop: then nothing is processed and -1 is returned
         (the caller awaits :meth:`_preload` and calls again)."""
-        pending = self.inbox.pending(self.cursor, limit)
-        if not pending:
-            return 0
         loaded, self._loaded = self._loaded, None
-        if pending[0][1] > LARGE:
-            pending = pending[:1]
-            if loaded is None and budget is not None:
-                return -1
-        else:
-            pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
         outcomes: list[Outcome] = []
         ids: list[int] = []
         now = self.clock.now()
@@ -138,6 +137,17 @@ class Processor:
         # not fsync'd on its own (see Database.transaction): the next inbox commit or any
         # durable commit makes it durable; a crash before that only repeats processing
         with self.db.transaction(durable=False) as conn:
+            pending = self.inbox.claim(conn, limit)
+            if not pending:
+                self._caught_up()
+                return 0
+            claimed = len(pending)
+            if pending[0][1] > LARGE:
+                pending = pending[:1]
+                if budget is not None and (loaded is None or loaded.id != pending[0][0]):
+                    return -1
+            else:
+                pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
             for message_id, _ in pending:
                 row = loaded if loaded is not None and loaded.id == message_id else None
                 row = row or self.inbox.get(message_id)
@@ -147,9 +157,10 @@ class Processor:
                 ids.append(message_id)
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
-            last = ids[-1] if ids else pending[-1][0]
-            self.db.set_meta(CURSOR_KEY, str(last))
-        self.cursor = last
+        if ids:
+            self.cursor = max(self.cursor, ids[-1])
+        if len(ids) == claimed < limit:  # the claim took every row left: none is behind
+            self._caught_up()
         if self.after_commit is not None:
             self.after_commit()
         for message_id, outcome in zip(ids, outcomes, strict=True):
@@ -159,6 +170,17 @@ class Processor:
                     fut.set_result(outcome)
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
         return max(1, len(ids))
+
+    def _caught_up(self) -> None:
+        """Nothing is left ``received``: every stored row counts as processed, the rows
+        rejected at the door included (they are stored with their outcome and never
+        claimed; ``refloop_messages_processed_total{status="rejected"}`` counts them here,
+        as it did when processing read every row)."""
+        self.cursor = max(self.cursor, self.inbox.rows)
+        rejected, self._rejected = self.inbox.rejected - self._rejected, self.inbox.rejected
+        if rejected:
+            self.metrics.processed.labels("rejected").inc(rejected)
+        self.metrics.processing_lag.set(0)
 
     def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
         if row.status != "received":

@@ -8,7 +8,10 @@ then ACK.
 Dedupe (HL7 v2.5.1 §2.9.2 resends): the same sender (MSH-3/4) + MSH-10 + identical
 bytes is not stored again; its original row's ``duplicates`` count goes up and the
 caller ACKs again. The same control id with different bytes is stored and flagged
-``control-id-reused``.
+``control-id-reused``. The unique index ``messages_dedupe`` (sender, control id,
+``dedupe_hash``) enforces it and one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``
+applies it, so two writers (two nodes receiving the same resend) end with one row and
+both ACK it; there is no read-then-insert window.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Conn, Database, DatabaseError
+from engine.store.sql import Conn, Database, DatabaseError, for_update
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # most bytes one group commit writes
 ALONE_BYTES: Final = 256 * 1024  # a frame over this is committed alone
 
 RAW_BATCH: Final = 1000  # rows whose bytes the migration moves per statement
+ANY_BYTES: Final = b""  # dedupe_hash of a message deduplicated on its key alone (no MSH)
 
 # The bytes live in their own table (message_raw), written in the same transaction as
 # their messages row: SQLite rewrites a whole record on UPDATE, so a status or decision
@@ -74,6 +78,7 @@ class Inbox:
         # transactions on the main connection take turns here instead of in busy_timeout
         self.lock = asyncio.Lock()
         self.commits = 0  # batches committed (for metrics and tests)
+        self.rejected = 0  # rows stored ``rejected`` by this process (they are never claimed)
         self.rows = self._count()
 
     def _count(self) -> int:
@@ -181,90 +186,72 @@ class Inbox:
     ) -> list[AddResult]:
         """One group commit on ``db`` (the writer thread's connection). Touches no
         asyncio object: the loop resolves the futures."""
-        results: list[AddResult] = []
-        pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]] = {}
         with db.transaction() as conn:  # durable: the ACK waits for this fsync
-            for inbound, ack_code, _ in batch:
-                results.append(self._insert(conn, inbound, ack_code, pending))
-        return results
+            return [self._insert(conn, inbound, ack_code) for inbound, ack_code, _ in batch]
 
-    def _insert(
-        self,
-        conn: Conn,
-        m: Inbound,
-        ack_code: str,
-        pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]],
-    ) -> AddResult:
+    def _insert(self, conn: Conn, m: Inbound, ack_code: str) -> AddResult:
         digest = hashlib.sha256(m.raw).digest()
         msh = m.msh
-        flags = ""
-        key: tuple[str, str, str] | None = None
+        # what a resend must repeat to be the same message: the bytes (HL7), or nothing
+        # more than the key (a FHIR resource version is immutable: the same type/id/version
+        # is the same message whatever its serialisation, FHIR R4 §2.42 versionId; a
+        # Direct message id likewise); None: no key, never deduplicated
+        dedupe: bytes | None = None
         if msh is not None:
-            key = (msh.sending_app, msh.sending_facility, msh.control_id)
+            dedupe = digest
         elif m.control_id:
-            key = (m.sender, "", m.control_id)
-        if key is not None:
-            earlier = pending.get(key)
-            if earlier is None:
-                earlier = [
-                    (int(r[0]), bytes(r[1]), str(r[2]), str(r[3]))
-                    for r in conn.execute(
-                        "SELECT id, sha256, status, ack_code FROM messages "
-                        "WHERE control_id = ? AND sending_app = ? AND sending_facility = ?",
-                        (key[2], key[0], key[1]),
-                    )
-                ]
-                pending[key] = earlier
-            for row_id, sha, status, code in earlier:
-                # a FHIR resource version (no MSH) is immutable: the same type/id/version
-                # is the same message whatever its serialisation (FHIR R4 §2.42 versionId)
-                if sha == digest or msh is None:
-                    conn.execute(
-                        "UPDATE messages SET duplicates = duplicates + 1 WHERE id = ?", (row_id,)
-                    )
-                    return AddResult(row_id, True, status, code)
-            if earlier:
-                flags = "control-id-reused"
+            dedupe = ANY_BYTES
         status = "rejected" if m.reject is not None else "received"
         error = m.reject[3] if m.reject is not None else ""
-        cur = conn.execute(
+        sending_app = msh.sending_app if msh else m.sender
+        sending_facility = msh.sending_facility if msh else ""
+        control_id = msh.control_id if msh else m.control_id
+        r = conn.execute(
             "INSERT INTO messages (received_at, source, peer, sending_app, sending_facility, "
             "receiving_app, receiving_facility, control_id, message_type, version, charset, "
-            "sha256, status, ack_code, error, flags, batch_ref) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+            "sha256, dedupe_hash, status, ack_code, error, batch_ref, flags) "
+            "VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17, "
+            # the same key with other bytes: stored, flagged
+            "CASE WHEN ?13 IS NOT NULL AND EXISTS (SELECT 1 FROM messages WHERE "
+            "sending_app = ?4 AND sending_facility = ?5 AND control_id = ?8 "
+            "AND dedupe_hash IS NOT NULL) THEN 'control-id-reused' ELSE '' END) "
+            "ON CONFLICT (sending_app, sending_facility, control_id, dedupe_hash) "
+            "DO UPDATE SET duplicates = messages.duplicates + 1 "
+            "RETURNING id, status, ack_code, duplicates",
             (
                 m.received_at,
                 m.source,
                 m.peer,
-                msh.sending_app if msh else m.sender,
-                msh.sending_facility if msh else "",
+                sending_app,
+                sending_facility,
                 msh.receiving_app if msh else "",
                 msh.receiving_facility if msh else "",
-                msh.control_id if msh else m.control_id,
+                control_id,
                 msh.message_type if msh else m.message_type,
                 msh.version if msh else "",
                 m.text_encoding,
                 digest,
+                dedupe,
                 status,
                 ack_code,
                 error,
-                flags,
                 m.batch_ref,
             ),
-        )
-        row_id = int(cur.fetchone()[0])
+        ).fetchone()
+        row_id = int(r[0])
+        if int(r[3]):  # the row was there: an identical resend, counted, not stored again
+            return AddResult(row_id, True, str(r[1]), str(r[2]))
         conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
         self.rows = max(self.rows, row_id)
-        if key is not None:
-            pending[key].append((row_id, digest, status, ack_code))
+        if m.reject is not None:
+            self.rejected += 1
         return AddResult(row_id, False, status, ack_code)
 
     def add_in(self, conn: Conn, inbounds: list[Inbound], ack_code: str) -> list[AddResult]:
         """Store ``inbounds`` inside the caller's open transaction, beside writes that must
         commit with them (a FHIR poller's cursor). Same dedupe as :meth:`add`; the caller
         commits, then notifies the processor."""
-        pending: dict[tuple[str, str, str], list[tuple[int, bytes, str, str]]] = {}
-        return [self._insert(conn, m, ack_code, pending) for m in inbounds]
+        return [self._insert(conn, m, ack_code) for m in inbounds]
 
     # -- reading ---------------------------------------------------------------
 
@@ -272,15 +259,36 @@ class Inbox:
         r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
 
-    def pending(self, cursor: int, limit: int) -> list[tuple[int, int]]:
-        """(id, size of its bytes) of the next ``limit`` rows after ``cursor``, without
-        their bytes (the processor loads them one message at a time: 16 rows of up to
-        16 MiB each were 256 MiB at once)."""
-        rows = self.db.conn.execute(
-            f"SELECT id, {RAW_SIZE} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-            (cursor, limit),
+    def claim(self, conn: Conn, limit: int) -> list[tuple[int, int]]:
+        """(id, size of its bytes) of the first ``limit`` rows still ``received``, in id
+        order, without their bytes (the processor loads them one message at a time: 16 rows
+        of up to 16 MiB each were 256 MiB at once). Call inside the processing transaction.
+
+        A claim by status, not by "id after the last one processed": on a shared database
+        an id is handed out at insert and becomes visible at commit, so a row with a lower
+        id can appear after a higher one; a high-water mark would skip it for ever. (On
+        PostgreSQL this read is ``... FOR UPDATE SKIP LOCKED``; SQLite's BEGIN IMMEDIATE
+        already excludes every other writer.) Served by ``messages_status (status, id)``."""
+        rows = conn.execute(
+            f"SELECT id, {RAW_SIZE} FROM messages WHERE status = 'received' ORDER BY id LIMIT ?"
+            + for_update(conn, skip_locked=True),
+            (limit,),
         ).fetchall()
         return [(int(r[0]), int(r[1] or 0)) for r in rows]
+
+    def first_unprocessed(self) -> int | None:
+        """The lowest id still ``received`` (None: every stored message is processed)."""
+        row = self.db.conn.execute(
+            "SELECT min(id) FROM messages WHERE status = 'received'"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def outcome(self, conn: Conn, message_id: int) -> tuple[str, str, str] | None:
+        """(status, error, route) of row ``message_id`` without its bytes; None: no row."""
+        r = conn.execute(
+            "SELECT status, error, route FROM messages WHERE id = ?", (message_id,)
+        ).fetchone()
+        return None if r is None else (str(r[0]), str(r[1]), str(r[2]))
 
     async def load(self, message_id: int) -> StoredMessage | None:
         """:meth:`get` on a short-lived connection in a worker thread: reading a large
@@ -289,13 +297,6 @@ class Inbox:
         if reader is self.db:  # an in-memory database has only its one connection
             return self.get(message_id)
         return await asyncio.to_thread(_load, reader, message_id)
-
-    def after(self, cursor: int, limit: int = 256) -> list[StoredMessage]:
-        """Stored messages with id > cursor, in arrival order (the processing feed)."""
-        rows = self.db.conn.execute(
-            f"SELECT {_COLUMNS}{_FROM} WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
-        ).fetchall()
-        return [_row(r) for r in rows]
 
     def list(
         self,
@@ -375,6 +376,31 @@ def migrate_raw(db: Any) -> None:
         )
         last = ids[-1]
     conn.execute("ALTER TABLE messages DROP COLUMN raw")
+
+
+def migrate_dedupe(db: Any) -> None:
+    """Dedupe by a unique index (issue 17): ``dedupe_hash`` is the bytes' SHA-256 for an
+    HL7 row, ``x''`` for a row deduplicated on its key alone (a FHIR resource version, a
+    Direct message), NULL for a row with no key. Existing rows: HL7 by their MSH bytes,
+    version or TYPE^TRIGGER; of rows that would collide, the oldest keeps the key."""
+    conn = db.conn
+    conn.execute("ALTER TABLE messages ADD COLUMN dedupe_hash BLOB")
+    conn.execute(
+        "UPDATE messages SET dedupe_hash = CASE "
+        "WHEN version != '' OR instr(message_type, '^') > 0 OR (SELECT substr(raw, 1, 3) "
+        "FROM message_raw WHERE message_id = messages.id) = x'4d5348' THEN sha256 "
+        "WHEN control_id != '' THEN x'' ELSE NULL END"
+    )
+    conn.execute(
+        "UPDATE messages SET dedupe_hash = NULL WHERE id IN (SELECT id FROM (SELECT id, "
+        "row_number() OVER (PARTITION BY sending_app, sending_facility, control_id, "
+        "dedupe_hash ORDER BY id) AS n FROM messages WHERE dedupe_hash IS NOT NULL) AS ranked "
+        "WHERE n > 1)"
+    )
+    conn.execute(
+        "CREATE UNIQUE INDEX messages_dedupe ON messages "
+        "(sending_app, sending_facility, control_id, dedupe_hash)"
+    )
 
 
 def _writer_database(db: Database) -> Database:

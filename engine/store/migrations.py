@@ -18,6 +18,7 @@ from engine.store import (
     referrals,
     specialists,
     tasks,
+    timers,
     users,
 )
 from engine.store.sql import Migration, Schema
@@ -151,6 +152,22 @@ def _m_message_raw(db: Schema) -> None:
     inbox.migrate_raw(db)
 
 
+def _m_timers_loaded(db: Schema) -> None:
+    # issue 17 stage 0: the timer wheel claims new rows by a flag, not "id > last seen"
+    timers.migrate_loaded(db)
+
+
+def _m_outbox_leases(db: Schema) -> None:
+    # issue 17 stage 0: outbox claims are leases (claimed_by, lease_until), one row per
+    # referral and channel in flight
+    outbox.migrate_leases(db)
+
+
+def _m_inbox_dedupe(db: Schema) -> None:
+    # issue 17 stage 0: inbox dedupe by a unique index and INSERT ... ON CONFLICT
+    inbox.migrate_dedupe(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -166,4 +183,7 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_tasks_queue,
     _m_referral_keys,
     _m_message_raw,
+    _m_timers_loaded,
+    _m_outbox_leases,
+    _m_inbox_dedupe,
 ]

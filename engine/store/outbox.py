@@ -8,11 +8,20 @@ Row lifecycle (``outbox.status``)::
     pending ──claim──► sending ──sent──► sent
        ▲                  │
        └──retry (due)─────┤──max attempts / not retryable──► dead ──operator retry──► pending
-                          └──(daemon died)── recover_in_flight at start ──► pending
+                          └──(lease expired) reap_expired ──► pending
     pending | dead ──cancel──► cancelled
 
+Claims are leases: a claim writes ``claimed_by`` (the node) and ``lease_until``, and
+``attempts`` (one more per claim) is the fencing token. A result is recorded only by the
+holder of that claim (``... AND claimed_by = ? AND attempts = ?``): a node whose lease
+expired and whose row was claimed again records nothing (the caller counts it as a lost
+lease). The holder renews the lease while its send runs; any node returns a ``sending``
+row whose lease expired to ``pending`` (``reap_expired``): its node died mid-send.
+
 Per-referral order: a row is claimable only when no earlier row (lower id) of the same
-referral on the same channel is ``pending`` or ``sending``. Streams on different
+referral on the same channel is ``pending`` and no row of it on that channel is
+``sending``; the partial unique index ``outbox_one_in_flight`` (referral, channel) WHERE
+``sending`` backs this: at most one row per referral and channel in flight. Streams on different
 channels (the specialist's packet by fax, the patient's nudges by SMS, a coordinator task
 on the task queue) never hold each other up. A ``dead`` or ``cancelled`` row does
 not hold back the rows after it (a dead row is bounded by max attempts, not forever).
@@ -29,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from engine.store.referrals import Conn
-from engine.store.sql import Schema
+from engine.store.sql import Schema, for_update
 
 OutboxStatus = Literal["pending", "sending", "sent", "dead", "cancelled"]
 OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = (
@@ -74,6 +83,29 @@ def migrate(db: Schema) -> None:
         db.execute(statement)
 
 
+def migrate_leases(db: Schema) -> None:
+    """Claims become leases (issue 17): ``claimed_by`` (the node id) and ``lease_until``
+    (epoch seconds). Rows ``sending`` now were left by a daemon of an earlier version:
+    their lease is over (``lease_until`` 0), so the reaper returns them at the first
+    round, as the start-up recovery did. Where two rows of one referral and channel are
+    ``sending`` (an operator retry of an earlier row could do that), the later ones go
+    back to ``pending`` first, so the one-in-flight index can be built."""
+    db.execute("ALTER TABLE outbox ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE outbox ADD COLUMN lease_until REAL")
+    db.execute(
+        "UPDATE outbox SET status = 'pending', "
+        "last_error = 'interrupted: the daemon stopped while sending' "
+        "WHERE status = 'sending' AND referral_id IS NOT NULL AND EXISTS (SELECT 1 FROM outbox p "
+        "WHERE p.status = 'sending' AND p.referral_id = outbox.referral_id "
+        "AND p.channel = outbox.channel AND p.id < outbox.id)"
+    )
+    db.execute("UPDATE outbox SET lease_until = 0 WHERE status = 'sending'")
+    db.execute(
+        "CREATE UNIQUE INDEX outbox_one_in_flight ON outbox (referral_id, channel) "
+        "WHERE status = 'sending'"
+    )
+
+
 def migrate_message_id(db: Schema) -> None:
     """The RFC 5322 Message-ID a row goes out under (Direct packets), assigned at its
     first claim and kept across retries; '' for rows that have none (every row written
@@ -105,6 +137,13 @@ class Item:
     sent_at: float | None
     dead_at: float | None
     message_id: str = ""  # RFC 5322 Message-ID assigned at first claim (Direct), else ''
+    claimed_by: str = ""  # the node whose claim this is ('' : never claimed)
+    lease_until: float | None = None  # the claim's lease ends (epoch seconds)
+
+    @property
+    def lease(self) -> Lease:
+        """The claim this row was read under: what a result is fenced on."""
+        return Lease(self.claimed_by, self.attempts)
 
     def payload_dict(self) -> dict[str, Any]:
         try:
@@ -133,10 +172,18 @@ class Item:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claim: the node that holds it and the attempt it counted (the fencing token)."""
+
+    node: str
+    attempt: int
+
+
 _COLUMNS: Final = (
     "id, referral_id, channel, template, payload, idempotency_key, due, status, attempts, "
     "created_at, updated_at, recipient, last_error, provider_id, provider_status, claimed_at, "
-    "sent_at, dead_at, message_id"
+    "sent_at, dead_at, message_id, claimed_by, lease_until"
 )
 
 
@@ -165,6 +212,8 @@ def _item(r: Sequence[Any]) -> Item:
         sent_at=_opt(r[16]),
         dead_at=_opt(r[17]),
         message_id=str(r[18]),
+        claimed_by=str(r[19]),
+        lease_until=_opt(r[20]),
     )
 
 
@@ -177,22 +226,26 @@ def get(conn: Conn, outbox_id: int) -> Item | None:
 # Claiming and recording (the dispatcher)
 
 
-def claim_due(conn: Conn, channel: str, now: float, limit: int) -> list[Item]:
+def claim_due(
+    conn: Conn, channel: str, now: float, limit: int, *, node: str = "", lease: float = 60.0
+) -> list[Item]:
     """Move up to ``limit`` due ``pending`` rows of ``channel`` to ``sending`` (attempts
-    + 1) and return them, oldest due first. A row whose referral has an earlier row on
-    this channel still pending or sending is skipped, so one referral's rows go out in id
-    order while different referrals go in parallel. Commit durably before sending."""
+    + 1, ``claimed_by`` ``node``, ``lease_until`` now + ``lease`` seconds) and return
+    them, oldest due first. A row whose referral has an earlier row on this channel still
+    pending, or any row on it sending, is skipped, so one referral's rows go out one at a
+    time in id order while different referrals go in parallel. Commit durably before
+    sending. (On PostgreSQL the candidate read is ``... FOR UPDATE SKIP LOCKED``.)"""
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM outbox o WHERE {_CLAIMABLE} AND o.due <= ? "
-        "ORDER BY o.due, o.id LIMIT ?",
+        f"ORDER BY o.due, o.id LIMIT ?{for_update(conn, skip_locked=True)}",
         (channel, now, limit),
     ).fetchall()
     out: list[Item] = []
     for r in rows:
         conn.execute(
             "UPDATE outbox SET status = 'sending', attempts = attempts + 1, claimed_at = ?, "
-            "updated_at = ? WHERE id = ? AND status = 'pending'",
-            (now, now, int(r[0])),
+            "claimed_by = ?, lease_until = ?, updated_at = ? WHERE id = ? AND status = 'pending'",
+            (now, node, now + lease, now, int(r[0])),
         )
         claimed = get(conn, int(r[0]))
         if claimed is not None:
@@ -203,8 +256,50 @@ def claim_due(conn: Conn, channel: str, now: float, limit: int) -> list[Item]:
 _CLAIMABLE: Final = (
     "o.channel = ? AND o.status = 'pending' AND NOT EXISTS (SELECT 1 FROM outbox p "
     "WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
-    "AND p.channel = o.channel AND p.id < o.id AND p.status IN ('pending', 'sending'))"
+    "AND p.channel = o.channel AND (p.status = 'sending' "
+    "OR (p.status = 'pending' AND p.id < o.id)))"
 )
+
+
+def renew(conn: Conn, items: Sequence[Item], until: float) -> list[int]:
+    """Extend the leases of ``items`` (claims this node holds, sends still running) to
+    ``until``; returns the ids whose claim is no longer ours (expired and re-claimed, or
+    recorded)."""
+    lost: list[int] = []
+    for item in items:
+        cur = conn.execute(
+            "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'sending' "
+            "AND claimed_by = ? AND attempts = ?",
+            (until, item.id, item.claimed_by, item.attempts),
+        )
+        if cur.rowcount != 1:
+            lost.append(item.id)
+    return lost
+
+
+def reap_expired(conn: Conn, now: float, keep: Sequence[int] = ()) -> list[tuple[int, str, str]]:
+    """Rows ``sending`` whose lease ended before ``now`` go back to ``pending`` (due now
+    at the latest): the node that claimed them died or lost the database mid-send. Their
+    send may have reached the provider: the retry carries the same idempotency key
+    (docs/delivery.md, "Restart"). ``keep``: ids this node is still sending (never taken
+    from under its own send, however late its renewal). Returns (id, former holder)."""
+    sql = (
+        "UPDATE outbox SET status = 'pending', due = CASE WHEN due < ?1 THEN due ELSE ?1 END, "
+        "updated_at = ?1, "
+        "lease_until = NULL, last_error = 'interrupted: lease expired while sending' "
+        "WHERE status = 'sending' AND lease_until < ?1"
+    )
+    if keep:
+        sql += " AND id NOT IN (SELECT value FROM json_each(?2))"
+    args: tuple[object, ...] = (now, json.dumps([int(i) for i in keep])) if keep else (now,)
+    rows = conn.execute(sql + " RETURNING id, channel, claimed_by", args).fetchall()
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def next_expiry(conn: Conn) -> float | None:
+    """When the earliest lease of a ``sending`` row ends (the reaper's next chance)."""
+    r = conn.execute("SELECT min(lease_until) FROM outbox WHERE status = 'sending'").fetchone()
+    return None if r is None or r[0] is None else float(r[0])
 
 
 def assign_message_ids(conn: Conn, items: Sequence[Item], new_id: Callable[[], str]) -> list[Item]:
@@ -239,71 +334,79 @@ def mark_sent(
     provider_id: str,
     provider_status: str,
     now: float,
+    lease: Lease | None = None,
 ) -> bool:
-    """Record a provider's acceptance. False when the row was not ``sending`` (nothing
-    written: the result was already recorded)."""
+    """Record a provider's acceptance. False when the row was not ``sending`` under
+    ``lease`` (nothing written: the lease was lost, or the result already recorded).
+    Without ``lease`` (tools, tests) any ``sending`` row is recorded."""
+    fence, fence_args = _fence(lease)
     cur = conn.execute(
         "UPDATE outbox SET status = 'sent', sent_at = ?, updated_at = ?, recipient = ?, "
         "provider_id = ?, last_error = '', "
         # a delivery callback can beat the record: keep the status it wrote
         "provider_status = CASE WHEN provider_status = '' THEN ? ELSE provider_status END "
-        "WHERE id = ? AND status = 'sending'",
-        (now, now, recipient, provider_id, provider_status, outbox_id),
+        "WHERE id = ? AND status = 'sending'" + fence,
+        (now, now, recipient, provider_id, provider_status, outbox_id, *fence_args),
     )
     return cur.rowcount == 1
 
 
-def mark_retry(conn: Conn, outbox_id: int, *, due: float, error: str, now: float) -> bool:
+def mark_retry(
+    conn: Conn, outbox_id: int, *, due: float, error: str, now: float, lease: Lease | None = None
+) -> bool:
     """Back to ``pending`` until ``due``; ``error`` is the reason (never PHI)."""
+    fence, fence_args = _fence(lease)
     cur = conn.execute(
         "UPDATE outbox SET status = 'pending', due = ?, last_error = ?, updated_at = ? "
-        "WHERE id = ? AND status = 'sending'",
-        (due, error, now, outbox_id),
+        "WHERE id = ? AND status = 'sending'" + fence,
+        (due, error, now, outbox_id, *fence_args),
     )
     return cur.rowcount == 1
 
 
-def defer(conn: Conn, outbox_id: int, *, due: float, reason: str, now: float) -> bool:
+def defer(
+    conn: Conn, outbox_id: int, *, due: float, reason: str, now: float, lease: Lease | None = None
+) -> bool:
     """A claimed row that may not go out yet (the patient's quiet hours) back to
     ``pending`` until ``due``, giving back the attempt its claim counted."""
+    fence, fence_args = _fence(lease)
     cur = conn.execute(
         "UPDATE outbox SET status = 'pending', due = ?, attempts = MAX(0, attempts - 1), "
-        "last_error = ?, updated_at = ? WHERE id = ? AND status = 'sending'",
-        (due, reason, now, outbox_id),
+        "last_error = ?, updated_at = ? WHERE id = ? AND status = 'sending'" + fence,
+        (due, reason, now, outbox_id, *fence_args),
     )
     return cur.rowcount == 1
 
 
-def mark_dead(conn: Conn, outbox_id: int, *, error: str, now: float) -> bool:
+def mark_dead(
+    conn: Conn, outbox_id: int, *, error: str, now: float, lease: Lease | None = None
+) -> bool:
+    fence, fence_args = _fence(lease)
     cur = conn.execute(
         "UPDATE outbox SET status = 'dead', dead_at = ?, last_error = ?, updated_at = ? "
-        "WHERE id = ? AND status = 'sending'",
-        (now, error, now, outbox_id),
+        "WHERE id = ? AND status = 'sending'" + fence,
+        (now, error, now, outbox_id, *fence_args),
     )
     return cur.rowcount == 1
 
 
-def mark_skipped(conn: Conn, outbox_id: int, *, reason: str, now: float) -> bool:
+def mark_skipped(
+    conn: Conn, outbox_id: int, *, reason: str, now: float, lease: Lease | None = None
+) -> bool:
     """Cancel a claimed row that must not be sent (no consent, suppressed number)."""
+    fence, fence_args = _fence(lease)
     cur = conn.execute(
         "UPDATE outbox SET status = 'cancelled', last_error = ?, updated_at = ? "
-        "WHERE id = ? AND status = 'sending'",
-        (reason, now, outbox_id),
+        "WHERE id = ? AND status = 'sending'" + fence,
+        (reason, now, outbox_id, *fence_args),
     )
     return cur.rowcount == 1
 
 
-def recover_in_flight(conn: Conn, now: float) -> int:
-    """At start: rows left ``sending`` by a daemon that died are ``pending`` again (due
-    now). Their send may have reached the provider: the retry carries the same
-    idempotency key (docs/delivery.md, "Restart")."""
-    cur = conn.execute(
-        "UPDATE outbox SET status = 'pending', due = CASE WHEN due < ? THEN due ELSE ? END, "
-        "updated_at = ?, "
-        "last_error = 'interrupted: the daemon stopped while sending' WHERE status = 'sending'",
-        (now, now, now),
-    )
-    return int(cur.rowcount)
+def _fence(lease: Lease | None) -> tuple[str, tuple[object, ...]]:
+    if lease is None:
+        return "", ()
+    return " AND claimed_by = ? AND attempts = ?", (lease.node, lease.attempt)
 
 
 # ---------------------------------------------------------------------------

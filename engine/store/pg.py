@@ -86,6 +86,7 @@ _TOKEN: Final = re.compile(
     r"|(?P<ident>\"(?:[^\"]|\"\")*\")"
     r"|(?P<cast>::)"
     r"|(?P<named>:(?P<name>[A-Za-z_]\w*))"
+    r"|(?P<numbered>\?(?P<num>\d+))"
     r"|(?P<qmark>\?)"
     r"|(?P<percent>%)"
     r"|(?P<plus>(?<=[\s(,=])\+(?=[A-Za-z_]))"
@@ -93,6 +94,8 @@ _TOKEN: Final = re.compile(
 _GLOB: Final = re.compile(r"([\w.]+)\s+GLOB\s+(%s)", re.IGNORECASE)
 _JSON_EXTRACT: Final = re.compile(r"json_extract\(\s*([\w.]+)\s*,\s*'\$\.(\w+)'\s*\)")
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
+# an id list passed as one JSON array argument (one statement shape for any length)
+_JSON_IDS: Final = re.compile(r"SELECT value FROM json_each\((%s|%\(\w+\)s)\)", re.IGNORECASE)
 # SQLite's IS / IS NOT compare any two values, NULL-safe
 _IS_VALUE: Final = re.compile(r"\bIS\s+(NOT\s+)?(?=%s|%\(\w+\)s)", re.IGNORECASE)
 _DDL_TYPES: Final = (
@@ -125,6 +128,8 @@ def _segments(sql: str, named: bool) -> str:
             return f"'\\x{m.group('hex')}'::bytea"
         if kind == "named":
             return f"%({m.group('name')})s" if named else m.group(0)
+        if kind == "numbered":  # ?N: the N-th argument (PgConn passes them as p1, p2, ...)
+            return f"%(p{m.group('num')})s"
         if kind == "qmark":
             return "%s"
         if kind == "percent":
@@ -148,6 +153,11 @@ def _ddl_types(code: str) -> str:
 
 def _expressions(code: str) -> str:
     code = _GLOB.sub(r"refloop_glob(\1, \2)", code)
+    code = _JSON_IDS.sub(
+        r"SELECT CAST(value AS BIGINT) "
+        r"FROM json_array_elements_text(CAST(\1 AS json)) AS ids(value)",
+        code,
+    )
     code = _IS_VALUE.sub(
         lambda m: "IS DISTINCT FROM " if m.group(1) else "IS NOT DISTINCT FROM ", code
     )
@@ -175,6 +185,12 @@ def _trigger(sql: str) -> list[str]:
         f"CREATE TRIGGER {name} {timing} {m.group('event')} ON {table} FOR EACH ROW"
         f"{when_sql} EXECUTE FUNCTION {name}_fn()",
     ]
+
+
+@functools.lru_cache(maxsize=4096)
+def numbered(sql: str) -> bool:
+    """Whether ``sql`` uses SQLite's numbered placeholders (``?1``, ``?2``, ...)."""
+    return any(m.lastgroup == "numbered" for m in _TOKEN.finditer(sql))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -250,6 +266,8 @@ class PgConn:
         self._open = False  # inside BEGIN … COMMIT/ROLLBACK
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
+        if not isinstance(parameters, Mapping) and numbered(sql):
+            parameters = {f"p{i}": v for i, v in enumerate(parameters, 1)}
         head = sql.lstrip()[:11].upper()
         ends = head.startswith(("COMMIT", "ROLLBACK")) and not head.startswith("ROLLBACK TO")
         if self.raw.broken or self.raw.closed:

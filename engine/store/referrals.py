@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from engine.canonical import canonical_text
+from engine.errors import StoreError
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
-from engine.store.sql import Conn, has_table
+from engine.store.sql import POSTGRESQL, Conn, dialect, has_table
 
 __all__ = ["Conn"]  # the connection type callers pass in (only the store names a driver)
 
@@ -277,6 +278,23 @@ def _referral(conn: Conn, r: Sequence[Any]) -> ReferralRow:
             )
         ),
     )
+
+
+def lock_referral(conn: Conn, referral_id: int) -> None:
+    """Take referral ``referral_id`` for a read-modify-write (read the row, compute in
+    Python, write it back) until the caller's transaction ends: two writers (processing,
+    a webhook, a timer, an operator; on a cluster, on different nodes) must not both read
+    the old state and the last one win. Call it first, inside the transaction.
+
+    SQLite: every write transaction is BEGIN IMMEDIATE (``Database.transaction``), which
+    excludes every other writer until COMMIT, so there is nothing more to take; this only
+    refuses to run outside a transaction (where the read and the write would not be
+    atomic). PostgreSQL (READ COMMITTED): ``SELECT id FROM referrals WHERE id = %s FOR
+    UPDATE``, held to COMMIT; a second writer waits there, then reads the new state."""
+    if not conn.in_transaction:
+        raise StoreError(f"referral {referral_id}: read-modify-write outside a transaction")
+    if dialect(conn) == POSTGRESQL:
+        conn.execute("SELECT id FROM referrals WHERE id = ? FOR UPDATE", (referral_id,))
 
 
 def get_referral(conn: Conn, referral_id: int) -> ReferralRow | None:

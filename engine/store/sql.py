@@ -48,6 +48,9 @@ class Conn(Protocol):
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
 
+    @property
+    def in_transaction(self) -> bool: ...
+
 
 # What a migration step gets: a sqlite_utils.Database, or engine.store.pg.PgSchema (the
 # part of sqlite_utils the steps use, writing PostgreSQL DDL)

@@ -14,6 +14,7 @@ from typing import Any
 from engine.store.referrals import Conn, TimerRow
 
 _COLUMNS = "id, referral_id, kind, due, attempt, key"
+_CHUNK = 500  # ids per statement
 
 
 def _timer(r: tuple[Any, ...]) -> TimerRow:
@@ -34,17 +35,44 @@ def due_until(conn: Conn, until: float, *, after: float | None = None) -> list[t
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
-def added_since(conn: Conn, last_id: int, until: float) -> list[tuple[int, float]]:
-    """Timers created after row ``last_id`` that are due by ``until``."""
-    rows = conn.execute(
-        "SELECT id, due FROM timers WHERE id > ? AND due <= ? ORDER BY id", (last_id, until)
-    ).fetchall()
+def unloaded(conn: Conn) -> list[tuple[int, float]]:
+    """(id, due) of timers the wheel has not read yet (``loaded = 0``: written, or their
+    due time moved (trigger ``timers_moved``), since the wheel's last look), in id order.
+    A status, not "ids after the last one seen": on a shared database a lower id can
+    commit after a higher one."""
+    rows = conn.execute("SELECT id, due FROM timers WHERE loaded = 0 ORDER BY id").fetchall()
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
-def max_id(conn: Conn) -> int:
-    row = conn.execute("SELECT max(id) FROM timers").fetchone()
-    return int(row[0] or 0)
+def mark_loaded(conn: Conn, timer_ids: Sequence[int]) -> None:
+    """The wheel has read these rows (a row moved again since is ``loaded = 0`` again
+    only if written after this; rows are named by id, never "every unloaded row")."""
+    for i in range(0, len(timer_ids), _CHUNK):
+        chunk = timer_ids[i : i + _CHUNK]
+        conn.execute(
+            f"UPDATE timers SET loaded = 1 WHERE id IN ({','.join('?' * len(chunk))})",
+            tuple(chunk),
+        )
+
+
+def mark_all_loaded(conn: Conn) -> int:
+    """At the wheel's rebuild (it then reads every row due within its horizon)."""
+    return int(conn.execute("UPDATE timers SET loaded = 1 WHERE loaded = 0").rowcount)
+
+
+def migrate_loaded(db: Any) -> None:
+    """Schema: the ``loaded`` flag the wheel's refill claims new and moved rows by (it
+    read "ids above the highest seen" before). Existing rows count as loaded: the wheel
+    reads every row due within its horizon when it starts."""
+    db.execute("ALTER TABLE timers ADD COLUMN loaded INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE timers SET loaded = 1")
+    db.execute("CREATE INDEX timers_unloaded ON timers (id) WHERE loaded = 0")
+    # a row whose due time moved (schedule_timer on an existing key, move) is new to the
+    # wheel again: an earlier due time then fires on time, not at the old one
+    db.execute(
+        "CREATE TRIGGER timers_moved AFTER UPDATE OF due ON timers WHEN NEW.due != OLD.due "
+        "BEGIN UPDATE timers SET loaded = 0 WHERE id = NEW.id; END"
+    )
 
 
 def get(conn: Conn, timer_id: int) -> TimerRow | None:

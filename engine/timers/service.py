@@ -160,7 +160,6 @@ class TimerService:
         self.on_fired = on_fired
         self.wheel = TimerWheel(start=clock.now(), tick=1.0)
         self._loaded_until = clock.now()
-        self._last_id = 0
         self._stopping = False
         self._wake = asyncio.Event()
 
@@ -172,7 +171,8 @@ class TimerService:
         now = self.clock.now()
         conn = self.db.conn
         self.wheel = TimerWheel(start=now, tick=1.0)
-        self._last_id = store.max_id(conn)
+        with self.db.transaction(durable=False) as tx:
+            store.mark_all_loaded(tx)  # read just below; rows written after: the refill
         self._loaded_until = now + self.horizon
         rows = store.due_until(conn, self._loaded_until)
         for timer_id, due in rows:
@@ -180,12 +180,19 @@ class TimerService:
         return len(rows)
 
     def refill(self) -> None:
-        """Pick up timers created since the last look, and extend the horizon."""
+        """Pick up timers written or moved since the last look (``loaded = 0``: a claim by
+        status, so a row committed late with a lower id is not skipped), and extend the
+        horizon. Rows due beyond the horizon come in with the horizon."""
         conn = self.db.conn
         now = self.clock.now()
-        for timer_id, due in store.added_since(conn, self._last_id, self._loaded_until):
-            self.wheel.schedule(timer_id, due)
-        self._last_id = store.max_id(conn)
+        new = store.unloaded(conn)
+        if new:
+            # not fsync'd: after a crash the wheel is rebuilt from the table anyway
+            with self.db.transaction(durable=False) as tx:
+                store.mark_loaded(tx, [timer_id for timer_id, _ in new])
+            for timer_id, due in new:
+                if due <= self._loaded_until:
+                    self.wheel.schedule(timer_id, due)
         until = now + self.horizon
         if until > self._loaded_until:
             for timer_id, due in store.due_until(conn, until, after=self._loaded_until):
@@ -220,6 +227,7 @@ class TimerService:
                 self.wheel.schedule(timer_id, row.due)  # moved later since it was loaded
                 return None
             store.delete(conn, timer_id)
+            referral_store.lock_referral(conn, row.referral_id)  # _act decides on its state
             referral = referral_store.get_referral(conn, row.referral_id)
             result, action = ("moot", "") if referral is None else self._act(conn, row, referral)
             audit_store.append(
