@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-pg lint install bench clean
+.PHONY: run test test-pg lint install bench clean screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: lint tests/node/node_modules/.bin/prism /usr/bin/chromium
 
 test-pg: $(STAMP)
 	REFLOOP_TEST_STORE=$(PG_TEST_STORE) $(BIN)/pytest -m store
+
+# every dashboard page at 1280 and 390 px wide, to docs/screenshots/ (tests/screenshots.py)
+screenshots: $(STAMP) /usr/bin/chromium
+	$(BIN)/python tests/screenshots.py docs/screenshots
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py

@@ -31,6 +31,8 @@ from engine.ingest.processor import Handler, Processor, no_routes
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, open_database
+from engine.store.backup import StateLock
+from engine.store.db import is_postgres_url
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # built at start, imported there: a daemon without them never
     from engine.delivery.dispatch import Dispatcher, Renderer
     from engine.delivery.rotation import Rotation
     from engine.delivery.webhooks import Hooks
+    from engine.ingest.status import Workbench
     from engine.routing.table import ChannelSpec, RouteTable
     from engine.timers.service import TimerService
     from engine.tracking.tracker import Tracker
@@ -138,6 +141,7 @@ class Engine:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
         self.db: Database | None = None
+        self.state_lock: StateLock | None = None
         self.inbox: Inbox | None = None
         self.processor: Processor | None = None
         self.servers: list[MllpServer] = []
@@ -146,6 +150,7 @@ class Engine:
         self.pollers: dict[str, FhirPoller] = {}
         self._fhir_client: httpx.AsyncClient | None = None
         self.ready = False
+        self._draining = False  # stop() has begun
         self.routes_config = self.config  # the routes.yaml the processor runs (reloads swap it)
         self.tasks = Tasks()
         self._stopped = asyncio.Event()
@@ -163,6 +168,17 @@ class Engine:
         """The store: a file path, or a ``postgresql://`` URL (docs/scale-out.md)."""
         return self.config.store.location(self.state_dir, self.store)
 
+    def is_ready(self) -> bool:
+        """``/readyz``: the listeners accept and the last inbox commit succeeded."""
+        return self.ready and not (self.inbox is not None and self.inbox.fault)
+
+    def not_ready(self) -> str:
+        """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
+        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        if self.inbox is not None and self.inbox.fault:
+            return f"store-error: {self.inbox.fault}"
+        return "draining" if self._draining else "starting"
+
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
         out = {s.source.name: s.port for s in self.servers}
@@ -175,6 +191,9 @@ class Engine:
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.config.store
+        if not is_postgres_url(self.db_path):  # a restore replaces the file: not under us
+            self.state_lock = StateLock(Path(self.db_path))
+            self.state_lock.shared()
         self.db = open_database(
             self.db_path, synchronous=cfg.synchronous, pool=(cfg.pool_min, cfg.pool_max)
         )
@@ -182,6 +201,7 @@ class Engine:
         self.inbox = Inbox(self.db)
         self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
+        inbox.on_fault = lambda kind: self.metrics.store_errors.labels("inbox", kind).inc()
         self.metrics.watch_inbox_commits(lambda: inbox.commits)
         db = self.db
         self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
@@ -197,6 +217,7 @@ class Engine:
         if self.tracker is not None:
             self._make_timers(table)
         dispatcher.refresh_metrics()  # every channel's gauges exist (0) before a scrape
+        self._watch_health(dispatcher)
         if self.background:
             self.tasks.dispatch = asyncio.create_task(dispatcher.run(), name="dispatch")
         self.processor.after_commit = self._wake_dispatcher
@@ -205,9 +226,10 @@ class Engine:
             self.http = HttpServer(
                 self.config.http,
                 self.metrics,
-                lambda: self.ready,
+                self.is_ready,
                 reload=self.reload,
                 authenticate=self.auth.from_token,
+                not_ready=self.not_ready,
             )
             self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)
@@ -226,6 +248,14 @@ class Engine:
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
 
+    def _watch_health(self, dispatcher: Dispatcher) -> None:
+        """Disk space of the state directory and certificate expiry (docs/alerts.yml)."""
+        from engine.ingest.certificates import certificate_expiries
+
+        self.metrics.watch_disk(str(self.state_dir))
+        for name, when in certificate_expiries(self.config.sources, dispatcher.channels).items():
+            self.metrics.certificate_expiry.labels(name).set(when)
+
     def _compiled(self, config: Config) -> RouteTable:
         """``config``'s routes.yaml compiled (ConfigError on problems); the table given to
         the engine when it is ``config``'s."""
@@ -243,7 +273,10 @@ class Engine:
 
         assert self.db is not None and self.auth is not None
         wake = self.dispatcher.wake if self.dispatcher is not None else None
-        service = Service(self.db, self.clock, tracker=self.tracker, wake=wake)
+        service = Service(
+            self.db, self.clock, tracker=self.tracker, wake=wake, routes=self._route_handler
+        )
+        service.workbench = self._workbench()
         Api(service).register(http.app)
         Dashboard(
             service, self.auth, secure=self.config.http.public_url.startswith("https://")
@@ -253,6 +286,20 @@ class Engine:
                 "http: no dashboard users yet; create the first admin with "
                 "`refloop users add NAME --role admin`, then open /ui/"
             )
+
+    def _workbench(self) -> Workbench:
+        """The analyst's tools over this engine: its running routes (they follow
+        reloads) for *Try a message*, its config and live figures for *Sources*."""
+        from engine.ingest.status import Workbench
+
+        def table() -> RouteTable | None:
+            return getattr(self.processor.handler if self.processor else None, "table", None)
+
+        return Workbench(lambda: self.routes_config, table, self.metrics, self.ports)
+
+    def _route_handler(self) -> Handler | None:
+        """The processor's current handler (a reload swaps it): what *Reprocess* runs."""
+        return self.processor.handler if self.processor is not None else None
 
     def _make_pollers(self) -> None:
         """One poller per FHIR source, sharing one HTTP client (connection pool)."""
@@ -568,6 +615,7 @@ class Engine:
         if self._stopped.is_set():
             return
         self.ready = False
+        self._draining = True
         sd_notify("STOPPING=1")
         for step in STOP_ORDER:
             await getattr(self, f"_stop_{step}")()
@@ -638,6 +686,8 @@ class Engine:
     async def _stop_database(self) -> None:
         if self.db is not None:
             self.db.close()
+        if self.state_lock is not None:
+            self.state_lock.release()
 
     async def _watchdog(self) -> None:
         """systemd watchdog pings at half the configured interval, while the loop turns."""

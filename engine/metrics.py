@@ -19,6 +19,7 @@ import concurrent.futures
 import contextvars
 import fnmatch
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
@@ -174,6 +175,13 @@ class Metrics:
             ["source", "kind"],
             registry=registry,
         )
+        self.store_errors = Counter(
+            "refloop_store_errors_total",
+            "Failed database commits, by stage (inbox, processing) and kind "
+            "(full, io, locked, other).",
+            ["stage", "kind"],
+            registry=registry,
+        )
         self.inbox_rows = Gauge(
             "refloop_inbox_rows", "Rows in the inbox (highest message id).", registry=registry
         )
@@ -265,6 +273,27 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=registry,
         )
+        # Sources (the Sources page, `refloop sources status`, docs/alerts.yml)
+        self.source_error_at = Gauge(
+            "refloop_source_last_error_timestamp_seconds",
+            "When a source last had a problem, by source and kind (a framing error, a "
+            "refused connection, a failed FHIR poll): Unix time.",
+            ["source", "kind"],
+            registry=registry,
+        )
+        self.fhir_poll_failures = Counter(
+            "refloop_fhir_poll_failures_total",
+            "FHIR poll cycles that failed (server error, timeout, auth), by source.",
+            ["source"],
+            registry=registry,
+        )
+        self.certificate_expiry = Gauge(
+            "refloop_certificate_expiry_timestamp_seconds",
+            "When a certificate the daemon loaded at start stops being valid (notAfter), "
+            "by certificate: mllp:<source> (TLS), direct:<channel> (S/MIME): Unix time.",
+            ["certificate"],
+            registry=registry,
+        )
         self.webhooks = Counter(
             "refloop_webhooks_total",
             "Inbound provider webhooks by hook and result (ok, forbidden, bad-request, error).",
@@ -292,6 +321,11 @@ class Metrics:
         """Export ``refloop_inbox_commits_total`` from ``commits()`` (the inbox writer's
         count of group commits), read at scrape time."""
         self.registry.register(_Reading("refloop_inbox_commits", "Inbox group commits.", commits))
+
+    def watch_disk(self, path: str) -> None:
+        """Export ``refloop_state_disk_free_bytes`` and ``refloop_state_disk_size_bytes``
+        of the file system holding ``path`` (the state directory), read at scrape time."""
+        self.registry.register(DiskSpace(path))
 
     def watch_closure_ratio(
         self,
@@ -360,3 +394,34 @@ class _Reading(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self.name, self.help_text, value=self.read())
+
+
+class DiskSpace(Collector):
+    """Free and total bytes of the file system holding the state directory (the
+    database, its WAL): ``os.statvfs`` at scrape time, a system call, no I/O wait. Free
+    is what an unprivileged writer may use (``f_bavail``)."""
+
+    FREE: Final = "refloop_state_disk_free_bytes"
+    SIZE: Final = "refloop_state_disk_size_bytes"
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.FREE, "Bytes free for refloop on the state directory's disk.")
+        yield GaugeMetricFamily(self.SIZE, "Size in bytes of the state directory's disk.")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            log.warning("metrics: cannot read the state directory's disk space")
+            return
+        yield GaugeMetricFamily(
+            self.FREE, "Bytes free for refloop on the state directory's disk.",
+            value=st.f_bavail * st.f_frsize,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            self.SIZE, "Size in bytes of the state directory's disk.",
+            value=st.f_blocks * st.f_frsize,
+        )  # fmt: skip

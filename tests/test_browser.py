@@ -20,6 +20,7 @@ from playwright import async_api
 from ui_rig import PASSWORD, ref_i12, ui_engine
 
 from engine.store import audit as audit_store
+from engine.store import referrals
 
 CHROMIUM = Path(os.environ.get("REFLOOP_CHROMIUM", "/usr/bin/chromium"))
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +102,53 @@ def test_coordinator_closes_a_referral_in_the_browser(tmp_path: Path) -> None:
             assert any(r.action == "viewed-referral" and r.actor == "user:casey" for r in rows)
 
     run(body(), timeout=90)
+
+
+def test_analyst_tries_a_message_and_reads_the_sources(tmp_path: Path) -> None:
+    """The Try page decides a pasted message without storing it; the Sources page shows
+    the listener's figures; both fit a 390 px phone screen (and the overflow check
+    catches a planted wide element)."""
+    from browser_rig import SAMPLE, launch, logged_in, overflow, try_a_message
+
+    async def body() -> None:
+        async with ui_engine(tmp_path) as rig, async_api.async_playwright() as pw:
+            await rig.send(ref_i12("REF-SRC-1", "src-1"))
+            await rig.wait_referral("REF-SRC-1")
+            browser = await launch(pw)
+            try:
+                for width in (1280, 390):
+                    context, page = await logged_in(browser, rig.base, "ana", width)
+                    await try_a_message(page, rig.base, SAMPLE)
+                    trial = page.locator("[data-testid=trial]")
+                    assert await trial.count() == 1
+                    assert await page.text_content("[data-testid=trial-status]") == "routed"
+                    assert await page.text_content("[data-testid=trial-route]") == "ref-new"
+                    extracted = await page.inner_text("[data-testid=extracted]")
+                    assert "placer_number" in extracted and '"REF-TRY-1"' in extracted
+                    assert "referral-created" in await page.inner_text("[data-testid=event]")
+                    assert await page.input_value("textarea[name=message]") == SAMPLE
+                    scroll, client = await overflow(page)
+                    assert scroll <= client, f"/ui/try at {width}px: {scroll} > {client}"
+
+                    await page.click("nav a[href='/ui/sources']")
+                    await page.wait_for_url("**/ui/sources")
+                    row = page.locator("[data-testid=sources] tr[data-source=ehr]")
+                    assert await row.locator("[data-testid=today]").inner_text() == "1"
+                    assert await row.locator("[data-testid=connections]").inner_text() == "0"
+                    scroll, client = await overflow(page)
+                    assert scroll <= client, f"/ui/sources at {width}px: {scroll} > {client}"
+                    if width == 390:  # the check itself: a planted wide element is caught
+                        await page.evaluate(  # CSSOM, not a style attribute (the CSP)
+                            "const d = document.createElement('div'); d.textContent = 'wide';"
+                            " d.style.width = '900px'; document.querySelector('main').append(d)"
+                        )
+                        scroll, client = await overflow(page)
+                        assert scroll > client == 390
+                    await context.close()
+            finally:
+                await browser.close()
+            count = rig.db.conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            assert count == 1  # the tried messages were not stored
+            assert referrals.find_by_placer(rig.db.conn, "REF-TRY-1") == []
+
+    run(body(), timeout=120)

@@ -26,6 +26,10 @@ USAGE_ERRORS = [
     pytest.param(["specialists", "import"], "CSV_FILE", id="specialists-missing"),
     pytest.param(["send"], "FILES", id="send-missing-files"),
     pytest.param(["simulate", "/no/such/scenario.yaml"], "SCENARIO", id="simulate-no-file"),
+    pytest.param(["routes", "test"], "FILE", id="routes-test-missing-file"),
+    pytest.param(["routes", "test", "/no/such.hl7"], "FILE", id="routes-test-no-file"),
+    pytest.param(["sources", "status", "--timeout", "soon"], "--timeout", id="sources-bad-value"),
+    pytest.param(["messages", "show", "1", "--raw", "--json"], "--raw", id="show-raw-and-json"),
 ]
 
 

@@ -293,7 +293,9 @@ def test_tasks_page_done_with_a_note(tmp_path: Path) -> None:
         done = await http.post(
             f"{rig.base}/ui/tasks/{tid}/done", data={"csrf": csrf_of(page.text), "note": "faxed"}
         )
-        assert done.status_code == 303 and done.headers["Location"] == "/ui/tasks?done=done"
+        assert (
+            done.status_code == 303 and done.headers["Location"] == "/ui/tasks?status=due&done=done"
+        )
         history = await http.get(f"{rig.base}/ui/tasks?status=done")
         assert "faxed" in history.text and "user:casey" in history.text
         events = [r for r in audit_store.rows(rig.db.conn) if r.action == "task-done"]

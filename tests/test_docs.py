@@ -4,6 +4,7 @@ verifies."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -66,6 +67,26 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Type=notify" in unit and "ProtectSystem=strict" in unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not here")
+def test_backup_timer_and_service_verify(tmp_path: Path) -> None:
+    for name in ("refloop-backup.service", "refloop-backup.timer"):
+        unit = (ROOT / "systemd" / name).read_text(encoding="utf-8")
+        (tmp_path / name).write_text(
+            unit.replace("/opt/refloop/.venv/bin/refloop", "/bin/true"), encoding="utf-8"
+        )
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *(str(tmp_path / n) for n in sorted(os.listdir(tmp_path)))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Unknown" not in result.stderr, result.stderr  # a misspelt key is only a warning
+    service = (ROOT / "systemd" / "refloop-backup.service").read_text(encoding="utf-8")
+    assert "refloop backup /var/backups/refloop/" in service
 
 
 # A daemon with as much switched on as starts without the network: an MLLP and a FHIR

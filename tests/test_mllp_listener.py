@@ -244,6 +244,32 @@ def test_ack_echoes_a_non_ascii_sender_in_the_message_charset(
     assert raw.decode(codec).split("|")[4] == "MÜNCHEN"  # MSH-5 of the ACK is our MSH-3
 
 
+@pytest.mark.parametrize(
+    "version", ["2\u00b33", "2.\u0665", "2.5\u00b9"], ids=["sup3", "arabic5", "sup1"]
+)
+def test_a_version_with_non_ascii_digits_is_answered(tmp_path: Path, version: str) -> None:
+    """MSH-12 such as ``2³3`` in a message rejected at the door (a flipped byte, found by
+    bench/fuzz.py): ``str.isdigit`` is true for ``³`` but ``int`` refuses it, and laying
+    out the ERR segment raised, so the frame was never answered and the connection hung.
+    It is answered AR (ERR laid out by the ASCII digits that can be read: ``2`` is taken
+    for v2.5+, ``2.5¹`` for ``2``, pre-2.5), and the connection goes on."""
+    message = hl7("VER-1", version=version, codec="utf-8", msg_type="A!T^A01")
+
+    async def go() -> tuple[bytes, str]:
+        async with running_engine(tmp_path) as engine, peer(mllp_port(engine)) as p:
+            await p.send(message)
+            raw = await p.recv()
+            assert raw is not None, "connection closed instead of an ACK"
+            after = await p.ask(hl7("VER-2"))
+            return raw, after.code
+
+    raw, after = run(go())
+    reply = Reply.parse(raw)
+    assert (reply.control_id, reply.code) == ("VER-1", "AR")
+    assert "200" in "|".join(reply.segment("ERR"))  # ERR laid out by the digits read
+    assert after == "AA"
+
+
 # ---------------------------------------------------------------------------
 # Rejected messages: AR with an ERR segment saying where and why
 

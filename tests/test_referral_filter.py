@@ -14,6 +14,13 @@ from ui_rig import ref_i12
 
 # placer -> OBR-4 code sent; the shipped tables map REFCARD to one specialty
 SENT = {"F-1": "REFCARD", "F-2": "REFDERM", "F-3": "REFCARD", "F-4": "REFGI"}
+# placer -> PID-3 .. PID-8 (MRN, name, birth date)
+PATIENTS = {
+    "F-1": "MA1^^^CLINIC^MR||Müller^Åsa||19700102|F",
+    "F-2": "MA2^^^CLINIC^MR||Muller^Bo||19810506|M",
+    "F-3": "MA3^^^CLINIC^MR||Smith^Jane||19700102|F",
+    "F-4": "MA4^^^CLINIC^MR||Okafor^Ify||19991231|F",
+}
 
 
 def cli_referrals(daemon: Daemon, *args: str) -> list[dict[str, object]]:
@@ -39,7 +46,7 @@ def test_cli_and_api_select_the_same_referrals(daemon: Daemon, tmp_path: Path) -
     files = []
     for n, (placer, code) in enumerate(SENT.items(), 1):
         path = tmp_path / f"r{n}.hl7"
-        path.write_bytes(ref_i12(placer, f"FLT{n}", specialty=code))
+        path.write_bytes(ref_i12(placer, f"FLT{n}", specialty=code, pid=PATIENTS[placer]))
         files.append(str(path))
     sent = refloop("send", "--port", str(daemon.mllp), *files)
     assert sent.returncode == 0, sent.stderr.decode()
@@ -67,3 +74,29 @@ def test_cli_and_api_select_the_same_referrals(daemon: Daemon, tmp_path: Path) -
         == api_ids(daemon, token, status="open")
         == {int(str(r["id"])) for r in every.values()}
     )
+
+    # the search box: the same words find the same referrals through both
+    ids = {p: int(str(r["id"])) for p, r in every.items()}
+    for q, placers in (
+        ("F-3", {"F-3"}),  # placer number
+        ("MA4", {"F-4"}),  # MRN
+        ("mul", {"F-1", "F-2"}),  # family name prefix, accents ignored
+        ("MÜLLER åsa", {"F-1"}),
+        ("1970-01-02", {"F-1", "F-3"}),  # birth date
+        ("01/02/1970 smith", {"F-3"}),
+    ):
+        want = {ids[p] for p in placers}
+        assert {int(str(r["id"])) for r in cli_referrals(daemon, "--q", q)} == want, q
+        assert api_ids(daemon, token, q=q) == want, q
+    (shown,) = cli_referrals(daemon, "--q", "MA1")
+    assert (shown["patient_name"], shown["patient_birth_date"], shown["patient_mrn"]) == (
+        "Müller, Åsa",
+        "1970-01-02",
+        "MA1",
+    )
+    shown_text = refloop(
+        "referrals", "show", str(ids["F-1"]), "--state", str(daemon.state_dir)
+    )  # fmt: skip
+    assert shown_text.returncode == 0, shown_text.stderr.decode()
+    text = shown_text.stdout.decode()
+    assert "patient name: Müller, Åsa" in text and "patient mrn: MA1" in text

@@ -108,11 +108,11 @@ def expected(p: Plan) -> Outcome:
 
 
 def _day(at: str, opened: datetime) -> int:
-    return int((datetime.fromisoformat(at + "+00:00") - opened).total_seconds() // 86400)
+    return int((datetime.fromisoformat(at) - opened).total_seconds() // 86400)
 
 
 def observed(r: dict[str, object]) -> Outcome:
-    opened = datetime.fromisoformat(str(r["opened"]) + "+00:00")
+    opened = datetime.fromisoformat(str(r["opened"]))
     timeline = r["timeline"]
     assert isinstance(timeline, list)
     nudges = [

@@ -104,8 +104,8 @@ def test_daemon_survives_its_database_connections_being_dropped(
     daemon: Daemon, store_url: str, tmp_path: Path
 ) -> None:
     """The server ends every connection of the daemon (as a restart or failover does):
-    a message in flight is answered AR or AA, never lost; its resend and the next ones are
-    stored once and processed on new connections."""
+    a message in flight is answered with an error ACK or AA, never lost; its resend and
+    the next ones are stored once and processed on new connections."""
     daemon.routes = shipped_routes(tmp_path / "routes.yaml")
     daemon.store = store_url
     daemon.start()
@@ -120,8 +120,8 @@ def test_daemon_survives_its_database_connections_being_dropped(
     assert ended is not None and ended[0] >= 2  # the loop's and the inbox writer's
     second = ref_i12("D2", "502")
     codes = run(_send(daemon.mllp, [second]))
-    if codes != ["AA"]:  # the write on a dropped connection: AR, the sender resends
-        assert codes == ["AR"], codes
+    if codes != ["AA"]:  # the write on a dropped connection: an error ACK, the sender resends
+        assert codes in (["AE"], ["AR"]), codes
         codes = run(_send(daemon.mllp, [second]))
     assert codes == ["AA"], daemon.log_tail()
     assert run(_send(daemon.mllp, [ref_i12("D3", "503")])) == ["AA"], daemon.log_tail()

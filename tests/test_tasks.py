@@ -215,3 +215,37 @@ def test_assign_snooze_and_errors_through_the_executable(tmp_path: Path) -> None
     assert missing.stderr.decode().splitlines() == ["Error: no task 999"]
     bad = refloop("tasks", "snooze", str(task_id), "soon", *where)
     assert bad.returncode != 0 and "not an ISO date or time: 'soon'" in bad.stderr.decode()
+
+
+def test_the_due_list_orders_by_snooze_then_due_then_opened(tmp_path: Path) -> None:
+    """``refloop tasks list --status due`` (the dashboard's work list): open tasks not
+    asleep, by when each is due (its snooze's end, else its payload's due_at, else when
+    it opened); ``--status snoozed`` has the sleeping ones. Times by hand, in days."""
+    from engine.clock import isoformat
+
+    state = tmp_path / "state"
+    db = open_database(state / "refloop.db")
+    now = WallClock().now()
+    plan = [  # key, opened (days from now), payload due_at, snoozed until
+        ("opened-3", -3, None, None),  # due -3
+        ("due-5", -1, -5, None),  # due -5: its due_at
+        ("woke-2", -4, None, -2),  # due -2: its snooze ended then
+        ("asleep", -10, None, 2),  # snoozed two more days
+    ]
+    ids: dict[str, int] = {}
+    with db.transaction() as conn:
+        for key, opened, due, until in plan:
+            payload = {} if due is None else {"due_at": isoformat(now + due * DAY)}
+            referral_store.enqueue_outbox(
+                conn, None, "task", "call-to-book", json.dumps(payload), key, now
+            )
+            (item,) = claim_due(conn, "task", now + 1, 1)
+            ids[key] = TaskQueue().deliver(conn, item, now + opened * DAY)
+            if until is not None:
+                task_store.snooze(conn, ids[key], now + until * DAY)
+    db.close()
+    due = tasks_json(state, "--status", "due")
+    assert [t["id"] for t in due] == [ids["due-5"], ids["opened-3"], ids["woke-2"]]
+    assert due[0]["due"] == isoformat(now - 5 * DAY)
+    assert [t["id"] for t in tasks_json(state, "--status", "snoozed")] == [ids["asleep"]]
+    assert len(tasks_json(state, "--status", "open")) == 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,21 @@ PASSWORD = "correct horse battery"
 USERS = {"casey": "coordinator", "ana": "analyst", "ada": "admin"}
 
 
-def ref_i12(placer: str, control: str, *, priority: str = "R", specialty: str = "REFCARD") -> bytes:
+def ref_i12(
+    placer: str,
+    control: str,
+    *,
+    priority: str = "R",
+    specialty: str = "REFCARD",
+    pid: str = "MRN1^^^CLINIC^MR||Doe^Jane||19700101|F",
+) -> bytes:
     segments = [
         f"MSH|^~\\&|EHR|CLINIC|REFLOOP|CLINIC|20260101090000||REF^I12^REF_I12|{control}|P|2.5.1",
         f"RF1|A^Accepted^HL70283|{priority}^Routine^HL70280|Med||O|{placer}^CLINIC|20260101"
         "|||^Chest pain",
         "PRD|RP^Referring^HL70286|Home^Harriet^^^^MD|||||1234567802^NPI",
         "PRD|RT^Referred to^HL70286|Smith^Ann^^^^MD|||||1234567893^NPI",
-        "PID|1||MRN1^^^CLINIC^MR||Doe^Jane||19700101|F",
+        f"PID|1||{pid}",
         f"OBR|1|{placer}^CLINIC||{specialty}^Cardiology referral^L",
     ]
     return "\r".join(segments).encode() + b"\r"
@@ -93,10 +100,18 @@ class UiRig:
 
 @contextlib.asynccontextmanager
 async def ui_engine(
-    tmp_path: Path, *, clock: Clock | None = None, public_url: str = ""
+    tmp_path: Path,
+    *,
+    clock: Clock | None = None,
+    public_url: str = "",
+    edit: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[UiRig]:
+    """``edit`` may change the routes.yaml data (add a channel or a route) first."""
+    data = ui_config(public_url=public_url)
+    if edit is not None:
+        edit(data)
     config = loads(
-        yaml.safe_dump(ui_config(public_url=public_url), sort_keys=False),
+        yaml.safe_dump(data, sort_keys=False),
         file=str(ROOT / "routes.yaml"),
         env={},
     )

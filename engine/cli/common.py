@@ -157,10 +157,10 @@ def open_referral_store(state_dir: str, routes_path: str, *, readonly: bool) -> 
 
 @dataclass(frozen=True)
 class LazyGroup:
-    """A command group of ``refloop`` whose module is imported only when it is used:
-    ``load`` imports the module (a literal name, so the layering test sees the import) and
-    its ``register(main)`` adds it (and its siblings from the same module) to the main
-    group; ``summary`` is its help's first paragraph, for ``refloop --help``
+    """A command group (or command) of ``refloop`` whose module is imported only when it
+    is used: ``load`` imports the module (a literal name, so the layering test sees the
+    import) and its ``register(main)`` adds it (and its siblings from the same module) to
+    the main group; ``summary`` is its help's first paragraph, for ``refloop --help``
     (tests/test_cli_start.py checks it against the loaded group)."""
 
     name: str

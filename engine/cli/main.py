@@ -51,7 +51,12 @@ def setup_logging(level: str) -> None:
 @click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="refloop")
 def main() -> None:
-    """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking."""
+    """refloop: an HL7 v2 / FHIR integration engine for closed-loop referral tracking.
+
+    Each command's --help has an example; docs/cli.md describes them all.
+
+    Example: refloop run --routes routes.yaml --state state
+    """
 
 
 assert isinstance(main, MainGroup)
@@ -242,7 +247,10 @@ def send(
 
 @main.group()
 def messages() -> None:
-    """Look at stored inbox messages."""
+    """Look at stored inbox messages.
+
+    Example: refloop messages list --status error --limit 20
+    """
 
 
 def _open_inbox(state_dir: str, routes_path: str) -> Any:
@@ -328,11 +336,16 @@ def messages_list(
 @state_option
 @routes_option
 @click.option("--raw", is_flag=True, help="Write the exact stored bytes to stdout.")
-def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: metadata and segments.")
+def messages_show(
+    message_id: int, state_dir: str, routes_path: str, raw: bool, as_json: bool
+) -> None:
     """Show one stored message: its metadata and its segments, one per line.
 
     Example: refloop messages show 42 --raw > message.hl7
     """
+    if raw and as_json:
+        raise click.UsageError("--raw and --json do not go together")
     with errors():
         inbox = _open_inbox(state_dir, routes_path)
         row = inbox.get(message_id)
@@ -341,6 +354,31 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
     if raw:
         sys.stdout.buffer.write(row.raw)
         sys.stdout.buffer.flush()
+        return
+    text = row.raw.decode(row.charset or "latin-1", errors="replace")
+    segments = [s for s in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if s.strip()]
+    if as_json:
+        item = {
+            "id": row.id,
+            "received_at": isoformat(row.received_at),
+            "source": row.source,
+            "peer": row.peer,
+            "sending_app": row.sending_app,
+            "sending_facility": row.sending_facility,
+            "control_id": row.control_id,
+            "type": row.message_type,
+            "version": row.version,
+            "charset": row.charset,
+            "status": row.status,
+            "error": row.error,
+            "route": row.route,
+            "ack_code": row.ack_code,
+            "duplicates": row.duplicates,
+            "flags": row.flags,
+            "bytes": len(row.raw),
+            "segments": segments,
+        }
+        click.echo(json.dumps(item, indent=1, ensure_ascii=False))
         return
     for key, value in (
         ("id", row.id),
@@ -360,10 +398,8 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
     ):
         click.echo(f"{key:>11}: {value}")
     click.echo("")
-    text = row.raw.decode(row.charset or "latin-1", errors="replace")
-    for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
-        if seg.strip():
-            click.echo(seg)
+    for seg in segments:
+        click.echo(seg)
 
 
 # -- routes -----------------------------------------------------------------------
@@ -371,7 +407,10 @@ def messages_show(message_id: int, state_dir: str, routes_path: str, raw: bool) 
 
 @main.group("routes")
 def routes_group() -> None:
-    """Check routes.yaml, or make the running daemon reload it."""
+    """Check routes.yaml, try messages against it, or make the running daemon reload it.
+
+    Example: refloop routes test message.hl7
+    """
 
 
 @routes_group.command("check")
@@ -389,6 +428,48 @@ def routes_check(path: str | None, routes_path: str) -> None:
         cfg = load_config(target)
         _compile_routes(cfg)
     click.echo(f"{target}: ok ({len(cfg.sources)} source(s))")
+
+
+@routes_group.command("test")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@routes_option
+@click.option(
+    "--source",
+    help="Pretend the messages came from this source (default: the first MLLP source, "
+    "and for FHIR JSON the first FHIR source).",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, one object per message.")
+def routes_test(file: str, routes_path: str, source: str | None, as_json: bool) -> None:
+    """Show what the routes would do with each message of FILE; store and send nothing.
+
+    FILE holds HL7 v2 messages (one or many, LF or CR line ends, FHS/BHS batches) or
+    FHIR JSON (a resource, a Bundle, an array); - reads stdin. For each message: the
+    decision, the matching routes, their extracted fields, the events and the actions.
+    Exits 1 if any message would end in error.
+
+    Example: refloop routes test ../shared/corpus/hl7/fhir-converter/REF-I12-01.hl7
+    """
+    from engine.routing.trial import read_samples, text_lines, try_samples
+
+    with errors():
+        cfg = load_config(routes_path)
+        table = _compile_routes(cfg)
+        data = click.open_file(file, "rb").read()
+        samples = read_samples(data)
+    mllp = source or (cfg.sources[0].name if cfg.sources else "test")
+    fhir = source or (cfg.fhir_sources[0].name if cfg.fhir_sources else mllp)
+    results = try_samples(table, samples, mllp, fhir)
+    if as_json:
+        click.echo(json.dumps(results, indent=1, ensure_ascii=False))
+    else:
+        for result in results:
+            for text in text_lines(result):
+                click.echo(text)
+        skipped = len(samples) - len(results)
+        if skipped:
+            click.echo(f"({skipped} more message(s) not tried)")
+    if any(r["status"] == "error" for r in results):
+        raise SystemExit(1)
 
 
 @routes_group.command("reload")
@@ -634,6 +715,12 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
     for group in (
         LazyGroup("audit", "Check and export the hash-chained audit log.",
                   lambda: importlib.import_module("engine.cli.tracker")),
+        LazyGroup("backup",
+                  "Copy the database to DEST, safely while the daemon runs, and verify the copy.",
+                  lambda: importlib.import_module("engine.cli.backup")),
+        LazyGroup("restore",
+                  "Replace the database with the backup SRC (the daemon must be stopped).",
+                  lambda: importlib.import_module("engine.cli.backup")),
         LazyGroup("outbox", "Outbound messages: see what is queued, sent or dead; retry or cancel.",
                   lambda: importlib.import_module("engine.cli.outbox")),
         LazyGroup("parked", "Events that matched no referral.",
@@ -642,6 +729,9 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
                   lambda: importlib.import_module("engine.cli.tracker")),
         LazyGroup("report", "Quality reports from the referral store.",
                   lambda: importlib.import_module("engine.cli.report")),
+        LazyGroup("sources",
+                  "MLLP, FHIR and Direct sources: connections, traffic today, last error.",
+                  lambda: importlib.import_module("engine.cli.sources")),
         LazyGroup("specialists",
                   "The specialist directory: Direct addresses, certificates, fax numbers.",
                   lambda: importlib.import_module("engine.cli.specialists")),

@@ -39,7 +39,10 @@ def _time(value: float | None) -> str:
 
 @click.group("outbox")
 def outbox() -> None:
-    """Outbound messages: see what is queued, sent or dead; retry or cancel."""
+    """Outbound messages: see what is queued, sent or dead; retry or cancel.
+
+    Example: refloop outbox list --status dead
+    """
 
 
 @outbox.command("list")
@@ -65,7 +68,12 @@ def outbox_list(
     with opened_store(_open, state_dir, routes_path, readonly=True) as db:
         rows = list_outbox(db, status=status or "", channel=channel or "", limit=limit)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        times = ("due", "created_at", "updated_at", "sent_at", "dead_at")
+        items = [
+            {k: isoformat(v) if k in times and v is not None else v for k, v in row.items()}
+            for row in rows
+        ]
+        click.echo(json.dumps(items, indent=2))
         return
     if not rows:
         click.echo("no outbox rows")

@@ -47,7 +47,10 @@ def register(main: click.Group) -> None:
 
 @click.group("report")
 def report() -> None:
-    """Quality reports from the referral store."""
+    """Quality reports from the referral store.
+
+    Example: refloop report closure --from 2026-01-01 --to 2026-03-31
+    """
 
 
 @report.command("closure")

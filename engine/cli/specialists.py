@@ -25,7 +25,10 @@ def register(main: click.Group) -> None:
 
 @click.group("specialists")
 def specialists() -> None:
-    """The specialist directory: Direct addresses, certificates, fax numbers."""
+    """The specialist directory: Direct addresses, certificates, fax numbers.
+
+    Example: refloop specialists list
+    """
 
 
 @specialists.command("import")

@@ -18,7 +18,7 @@ from engine.delivery import task_queue as service
 from engine.errors import StoreError
 from engine.store.db import Database, has_table
 
-STATUSES = ("open", "done", "superseded", "all")
+STATUSES = service.LISTS
 
 
 def register(main: click.Group) -> None:
@@ -50,13 +50,17 @@ def _line(t: dict[str, Any]) -> str:
 
 @click.group("tasks")
 def tasks() -> None:
-    """Coordinator tasks of the built-in queue: list, done, assign, snooze."""
+    """Coordinator tasks of the built-in queue: list, done, assign, snooze.
+
+    Example: refloop tasks list
+    """
 
 
 @tasks.command("list")
 @click.option(
     "--status", type=click.Choice(STATUSES), default="open", show_default=True,
-    help="Which tasks: open (most urgent first), done, superseded or all (newest first).",
+    help="Which tasks: due (open, not snoozed, soonest due first), snoozed, open (most "
+    "urgent first), done, superseded or all (newest first).",
 )  # fmt: skip
 @click.option("--limit", default=100, show_default=True, help="Rows to show; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")

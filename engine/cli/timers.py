@@ -19,7 +19,10 @@ def register(main: click.Group) -> None:
 
 @click.group("timers")
 def timers() -> None:
-    """Pending escalation timers."""
+    """Pending escalation timers.
+
+    Example: refloop timers list --due-before 2026-12-01
+    """
 
 
 @timers.command("list")

@@ -27,8 +27,9 @@ from engine.cli.common import (
 )
 from engine.clock import WallClock, isoformat, parse_iso
 from engine.store import audit as audit_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
-from engine.tracking.views import list_parked, list_referrals, show_referral
+from engine.tracking.views import find_referrals, list_parked, show_referral
 
 
 def register(main: click.Group) -> None:
@@ -50,12 +51,22 @@ def actor_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group("referrals")
 def referrals() -> None:
-    """List, inspect, close and link referrals."""
+    """List, inspect, close and link referrals.
+
+    Example: refloop referrals list --status open
+    """
 
 
 @referrals.command("list")
 @state_option
 @routes_option
+@click.option(
+    "--q",
+    "q",
+    default="",
+    help="Search: placer or filler number, MRN, start of the patient's family or given name, "
+    "birth date, specialty, specialist (every word must match).",
+)
 @click.option("--status", type=click.Choice(states.OVERALL_STATUSES))
 @click.option(
     "--open-days-over", type=click.FloatRange(min=0), help="Not closed, opened over N days ago."
@@ -66,49 +77,70 @@ def referrals() -> None:
     type=click.Choice(["required", "pending", "approved", "denied"]),
     help="Only referrals whose prior-auth work item has this status.",
 )
+@click.option(
+    "--sort",
+    type=click.Choice([*SORTS, *(f"-{s}" for s in SORTS)]),
+    default="-id",
+    show_default=True,
+    help="Sort key; a leading - sorts descending (-id: newest first).",
+)
+@click.option("--after", type=click.IntRange(min=1), help="The page after this referral id.")
 @click.option("--limit", default=50, show_default=True, help="Rows to show; 0 = all.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 def referrals_list(
     state_dir: str,
     routes_path: str,
+    q: str,
     status: str | None,
     open_days_over: float | None,
     specialty: str | None,
     prior_auth: str | None,
+    sort: str,
+    after: int | None,
     limit: int,
     as_json: bool,
 ) -> None:
-    """List referrals, newest first.
+    """List or find referrals, newest first; a last line says which of how many are shown.
 
-    Example: refloop referrals list --status open --open-days-over 30 --specialty cardiology
+    Example: refloop referrals list --q "smith 1970-01-01" --status open
     """
     with errors():
         db = open_referral_store(state_dir, routes_path, readonly=True)
         try:
-            items = list_referrals(
+            page = find_referrals(
                 db,
+                q=q,
                 status=status,
                 specialty=specialty,
                 open_days_over=open_days_over,
                 prior_auth=prior_auth,
+                sort=sort,
+                after=after,
                 limit=limit,
                 now=WallClock().now(),
             )
         finally:
             db.close()
+    items = page["items"]
     if as_json:
         click.echo(json.dumps(items, indent=1))
         return
     click.echo(
-        f"{'ID':>7}  {'PLACER':<16} {'STATUS':<21} {'PATIENT':<18} {'SPECIALIST':<16} "
+        f"{'ID':>7}  {'PLACER':<16} {'PATIENT':<22} {'BORN':<10} {'MRN':<12} {'STATUS':<21} "
         f"{'SPECIALTY':<16} {'OPENED (UTC)':<11} CLOSED"
     )
     for i in items:
         click.echo(
-            f"{i['id']:>7}  {i['placer_number'][:16]:<16} {i['status']:<21} "
-            f"{i['patient_status']:<18} {i['specialist_status']:<16} "
-            f"{i['specialty'][:16]:<16} {i['opened_at'][:10]:<11} {i['close_reason'] or '-'}"
+            f"{i['id']:>7}  {i['placer_number'][:16]:<16} {i['patient_name'][:22]:<22} "
+            f"{i['patient_birth_date'] or '-':<10} {i['patient_mrn'][:12] or '-':<12} "
+            f"{i['status']:<21} {i['specialty'][:16]:<16} {i['opened_at'][:10]:<11} "
+            f"{i['close_reason'] or '-'}"
         )
+    if not page["total"]:
+        click.echo("no referrals match")
+        return
+    more = f"; next page: --after {page['next_after']}" if page["next_after"] else ""
+    click.echo(f"showing {page['first']}-{page['last']} of {page['total']}{more}")
 
 
 @referrals.command("show")
@@ -137,6 +169,9 @@ def referrals_show(referral_id: int, state_dir: str, routes_path: str, as_json: 
         "sending_facility",
         "placer_number",
         "filler_numbers",
+        "patient_name",
+        "patient_birth_date",
+        "patient_mrn",
         "status",
         "patient_status",
         "specialist_status",
@@ -269,7 +304,10 @@ def referrals_auth(
 
 @click.group("parked")
 def parked() -> None:
-    """Events that matched no referral."""
+    """Events that matched no referral.
+
+    Example: refloop parked list
+    """
 
 
 @parked.command("list")
@@ -308,7 +346,10 @@ def parked_list(state_dir: str, routes_path: str, include_linked: bool, as_json:
 
 @click.group("audit")
 def audit() -> None:
-    """Check and export the hash-chained audit log."""
+    """Check and export the hash-chained audit log.
+
+    Example: refloop audit verify
+    """
 
 
 @audit.command("verify")

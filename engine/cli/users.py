@@ -30,7 +30,10 @@ def _password(from_stdin: bool) -> str:
 
 @click.group("users")
 def users() -> None:
-    """Dashboard and API users: coordinator, analyst, admin."""
+    """Dashboard and API users: coordinator, analyst, admin.
+
+    Example: refloop users list
+    """
 
 
 @users.command("add")
@@ -78,7 +81,8 @@ def users_list(state_dir: str, routes_path: str, as_json: bool) -> None:
     with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
         rows = Auth(db, WallClock()).users()
     if as_json:
-        click.echo(json.dumps([u.as_dict() for u in rows], indent=1))
+        items = [{**u.as_dict(), "created_at": isoformat(u.created_at)} for u in rows]
+        click.echo(json.dumps(items, indent=1))
         return
     click.echo(f"{'NAME':<24} {'ROLE':<12} {'STATE':<9} CREATED (UTC)")
     for u in rows:

@@ -164,6 +164,7 @@ def task_dict(t: store.TaskRow, now: float | None = None) -> dict[str, Any]:
         "status": t.status,
         "assignee": t.assignee,
         "due_at": _iso(t.due_at),
+        "due": isoformat(_first(t.snoozed_until, t.due_at, t.created_at)),
         "snoozed_until": _iso(t.snoozed_until),
         "snoozed": bool(now is not None and t.snoozed_until and t.snoozed_until > now),
         "note": t.note,
@@ -174,19 +175,40 @@ def task_dict(t: store.TaskRow, now: float | None = None) -> dict[str, Any]:
     }
 
 
+def _first(*values: float | None) -> float:
+    """The first value that is not None (SQL ``coalesce``; :data:`store.DUE`)."""
+    return next(v for v in values if v is not None)
+
+
 def _iso(value: float | None) -> str | None:
     return None if value is None else isoformat(value)
+
+
+# What a task list can show: the work list (``due``: open tasks not snoozed, soonest due
+# first), the ``snoozed`` ones, every ``open`` one most urgent first, the history by
+# status, or ``all``.
+LISTS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
 
 
 def list_tasks(
     db: Database, clock: Clock, *, status: str = "open", limit: int = 100
 ) -> list[dict[str, Any]]:
-    """Tasks of ``status`` (``""`` or ``all``: every task), as :func:`task_dict`."""
+    """The tasks of one of :data:`LISTS` (``""`` is ``all``), as :func:`task_dict`."""
     status = "" if status == "all" else status
-    if status and status not in store.TASK_STATUSES:
-        raise StoreError(f"status must be one of {', '.join(store.TASK_STATUSES)} or all")
+    if status and status not in LISTS:
+        raise StoreError(f"status must be one of {', '.join(LISTS)}")
     now = clock.now()
-    return [task_dict(t, now) for t in store.listing(db.conn, status=status, limit=limit)]
+    if status in ("due", "snoozed"):
+        rows = store.due_listing(db.conn, now, snoozed=status == "snoozed", limit=limit)
+    else:
+        rows = store.listing(db.conn, status=status, limit=limit)
+    return [task_dict(t, now) for t in rows]
+
+
+def referral_tasks(db: Database, clock: Clock, referral_id: int) -> list[dict[str, Any]]:
+    """A referral's tasks, oldest first, as :func:`task_dict`."""
+    now = clock.now()
+    return [task_dict(t, now) for t in store.for_referral(db.conn, referral_id)]
 
 
 def get_task(db: Database, task_id: int) -> store.TaskRow:

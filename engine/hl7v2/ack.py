@@ -63,7 +63,7 @@ def next_control_id(now: float) -> str:
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts: list[int] = []
     for p in version.split("."):
-        if not p.isdigit():
+        if not (p.isascii() and p.isdigit()):  # "³" and "٥" are digits to isdigit, not to int
             break
         parts.append(int(p))
     return tuple(parts) or (2, 5)

@@ -246,6 +246,8 @@ class FhirPoller:
         self.notify = notify
         self.sleep = sleep
         self.metrics = metrics
+        if metrics is not None:  # a sample (0) from the first scrape: alerts can use increase()
+            metrics.fhir_poll_failures.labels(source.name)
         self.polls = 0  # completed poll cycles
         self._wake = asyncio.Event()
         self._stopping = False
@@ -283,9 +285,11 @@ class FhirPoller:
                 failures = 0
             except (FhirSourceError, AuthError) as exc:
                 failures += 1
+                self._failed()
                 log.warning("%s: poll failed: %s", self.source.name, exc)
             except Exception:  # a bug must not end polling for good
                 failures += 1
+                self._failed()
                 log.exception("%s: poll failed", self.source.name)
             self.polls += 1
             for fut in waiting:
@@ -307,6 +311,12 @@ class FhirPoller:
         for fut in self._requested:
             if not fut.done():
                 fut.cancel()
+
+    def _failed(self) -> None:
+        """Count a failed poll cycle (``refloop_fhir_poll_failures_total``) and note when."""
+        if self.metrics is not None:
+            self.metrics.fhir_poll_failures.labels(self.source.name).inc()
+            self.metrics.source_error_at.labels(self.source.name, "poll").set(self.clock.now())
 
     async def poll_once(self) -> int:
         """Search every configured resource type once; returns the new rows stored."""

@@ -246,6 +246,9 @@ class _Connection(asyncio.Protocol):
         if refuse:
             log.warning("%s: connection refused (%s)", self.peer, refuse)
             server.metrics.connections_refused.labels(self.source.name, refuse).inc()
+            server.metrics.source_error_at.labels(self.source.name, f"refused-{refuse}").set(
+                server.clock.now()
+            )
             self.closed = True
             transport.abort()
             return
@@ -305,7 +308,10 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def _error(self, kind: str) -> None:
-        self.server.metrics.frame_errors.labels(self.source.name, kind).inc()
+        metrics = self.server.metrics
+        metrics.frame_errors.labels(self.source.name, kind).inc()
+        if kind != "idle":  # an idle close is housekeeping, not a problem
+            metrics.source_error_at.labels(self.source.name, kind).set(self.server.clock.now())
 
     def _pause(self, reason: str) -> None:
         if not self.pauses and self.transport is not None and not self.closed:
@@ -540,9 +546,10 @@ class _Connection(asyncio.Protocol):
         def committed(unit: _Unit, fut: asyncio.Future[AddResult]) -> None:
             nonlocal remaining
             if fut.cancelled() or fut.exception() is not None:
-                # not stored: reject so the sender tries again (HL7 v2.5.1 §2.9.2: AR for
-                # reasons unrelated to the content, e.g. an internal error)
-                unit.ack = "AR"
+                # not stored (disk full, I/O error, locked; docs/operations.md): never AA.
+                # AE (CE in enhanced mode) with ERR 207: nothing is wrong with the message,
+                # the sender keeps it and sends again; AR would tell it not to
+                unit.ack = "AE"
                 unit.error = ("207", "", "message could not be stored; send again")
             else:
                 unit.result = fut.result()
@@ -587,7 +594,7 @@ class _Connection(asyncio.Protocol):
         msh = unit.inbound.msh
         enhanced = self.source.ack_mode == "enhanced" and msh is not None and msh.enhanced
         if enhanced and msh is not None:
-            code = "CA" if unit.ack == "AA" else "CR"
+            code = {"AA": "CA", "AE": "CE"}.get(unit.ack, "CR")
             payload = (
                 self._ack_bytes(unit, code)
                 if wants_ack(msh.accept_ack_type or "AL", code)

@@ -12,6 +12,7 @@ would skip a row committed late (docs/architecture.md, "Claims and leases"). The
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ from engine.clock import Clock
 from engine.metrics import Metrics
 from engine.model import Outcome, StoredMessage
 from engine.store import Database, Inbox
-from engine.store.db import Conn, savepoint
+from engine.store.db import Conn, DatabaseError, fault_kind, savepoint
 
 __all__ = ["Outcome", "Processor"]  # Outcome is defined in engine.model, below routing
 
@@ -32,6 +33,8 @@ BATCH: Final = 16  # most messages one processing transaction takes
 SLICE: Final = 0.002  # seconds of processing before the loop goes back to the listeners
 MIN_PAUSE: Final = 0.0005  # seconds the processor steps aside, at least, while messages arrive
 LARGE: Final = 1024 * 1024  # bytes: a message this big is read off the loop, processed alone
+FAULT_PAUSE: Final = 1.0  # seconds before processing tries again after a failed commit
+STORAGE_FAULTS: Final = frozenset({"full", "io", "locked"})
 
 
 # A handler applies one message's effects using the database connection it is given
@@ -98,8 +101,20 @@ class Processor:
         while True:
             self._wake.clear()
             started = time.perf_counter()
-            async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
-                done = self.process_available(budget=SLICE)
+            try:
+                async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
+                    done = self.process_available(budget=SLICE)
+            except DatabaseError as exc:  # disk full, I/O error, locked: nothing committed
+                kind = fault_kind(exc)
+                log.error("processing: commit failed (%s); trying again in %gs", kind, FAULT_PAUSE)
+                self.metrics.store_errors.labels("processing", kind).inc()
+                if self._stopping:
+                    return
+                # the rows wait after the cursor; stop() or a new commit cuts the pause short
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), FAULT_PAUSE)
+                continue
             if self._stopping:
                 return  # the rest stays received for the next start: nothing is lost
             if done < 0:
@@ -192,6 +207,12 @@ class Processor:
                 self.inbox.mark(
                     row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
                 )
+        except DatabaseError as exc:
+            if fault_kind(exc) in STORAGE_FAULTS:
+                raise  # the store's fault, not the message's: the slice is tried again
+            log.exception("message %d: processing failed", row.id)
+            outcome = Outcome("error", f"internal error: {type(exc).__name__}")
+            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
         except Exception as exc:  # one message's failure must not stop the feed
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")

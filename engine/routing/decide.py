@@ -35,11 +35,7 @@ def decide(
     message that states none (EVN-2, then MSH-7); ``message_id`` is copied into events.
     """
     mt = message.msh.message_type
-    variables: dict[str, Any] = {
-        "message_type": mt,
-        "trigger": message.msh.trigger,
-        "source": source,
-    }
+    variables = hl7_variables(message, source)
     routes = table.candidates(mt, source)
     when = _message_time(message, received_at)
     return _decide(routes, message, variables, message_id, when, mt or "a message without MSH-9")
@@ -56,22 +52,22 @@ def decide_fhir(
     """:func:`decide` for a FHIR resource: only FHIR routes (``when: {resource: ...}``)
     are tried. The event time defaults to ``meta.lastUpdated``, else ``received_at``."""
     rt = resource.resource_type
-    variables: dict[str, Any] = {
-        "message_type": rt,
-        "trigger": "",
-        "source": source,
-        "resource_ref": resource.reference,
-        "version_id": resource.version_id,
-    }
-    routes = [
+    variables = fhir_variables(resource, source)
+    routes = fhir_candidates(table, rt, source)
+    when = instant(resource.last_updated) or received_at
+    return _decide(routes, resource, variables, message_id, when, rt)
+
+
+def fhir_candidates(table: RouteTable, resource_type: str, source: str) -> list[Route]:
+    """The FHIR routes (``when: {resource: ...}``) that may see this resource type from
+    ``source``, in file order."""
+    return [
         route
         for route in table.routes
         if route.resources is not None
-        and ("*" in route.resources or rt in route.resources)
+        and ("*" in route.resources or resource_type in route.resources)
         and (route.sources is None or source in route.sources)
     ]
-    when = instant(resource.last_updated) or received_at
-    return _decide(routes, resource, variables, message_id, when, rt)
 
 
 def _decide(
@@ -103,9 +99,27 @@ def _decide(
     return Decision("routed", tuple(matched), tuple(actions), "")
 
 
-def _run(
-    route: Route, message: Any, variables: dict[str, Any], message_id: int, when: float
-) -> list[Action]:
+def hl7_variables(message: Message, source: str) -> dict[str, Any]:
+    """The variables every HL7 v2 route's expressions start with."""
+    return {"message_type": message.msh.message_type, "trigger": message.msh.trigger,
+            "source": source}  # fmt: skip
+
+
+def fhir_variables(resource: FhirResource, source: str) -> dict[str, Any]:
+    """The variables every FHIR route's expressions start with."""
+    return {
+        "message_type": resource.resource_type,
+        "trigger": "",
+        "source": source,
+        "resource_ref": resource.reference,
+        "version_id": resource.version_id,
+    }
+
+
+def extract(route: Route, message: Any, variables: dict[str, Any]) -> tuple[dict[str, Any], Scope]:
+    """``route``'s ``extract:`` values for ``message`` (what its actions see), and the
+    scope its ``then:`` expressions render in; ``variables`` gains the values. Raises
+    RenderError naming the extract that failed. (``refloop routes test`` shows them.)"""
     values: dict[str, Any] = {}
     scope = Scope(message, variables)
     for ex in route.extracts:
@@ -122,6 +136,13 @@ def _run(
             group[tail] = value
         else:
             variables[ex.name] = value
+    return values, scope
+
+
+def _run(
+    route: Route, message: Any, variables: dict[str, Any], message_id: int, when: float
+) -> list[Action]:
+    values, scope = extract(route, message, variables)
     out: list[Action] = []
     for spec in route.actions:
         if spec.track is not None:

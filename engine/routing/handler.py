@@ -16,9 +16,10 @@ from engine.metrics import Metrics
 from engine.model import Decision, Event, Forward, Outcome, Send, StoredMessage, Track
 from engine.routing.compile import compile_config
 from engine.routing.decide import decide_stored
+from engine.routing.patient import demographics
 from engine.routing.summary import already_applied, summarise
 from engine.routing.table import RouteTable
-from engine.store import Database, referrals
+from engine.store import Database, referral_search, referrals
 from engine.store.db import Conn
 from engine.store.decisions import DecisionRow, Decisions
 
@@ -84,6 +85,7 @@ class RouteHandler:
             send = resend or not replayed_by
             referral_id: int | None = None  # of the route's last track: its sends' referral
             route = ""
+            tracked: set[int] = set()  # referrals a track event of this message reached
             for index, action in enumerate(decision.actions):
                 if action.route != route:
                     route, referral_id = action.route, None
@@ -92,6 +94,7 @@ class RouteHandler:
                         result = self.tracker.apply(action.event, conn)
                         ids = getattr(result, "referral_ids", ())
                         referral_id = ids[0] if ids else referral_id
+                        tracked.update(ids)
                     elif send and action.event.ids.placer_number:  # a --resend replay
                         ids_ = action.event.ids
                         found = referrals.find_by_key(
@@ -100,6 +103,10 @@ class RouteHandler:
                         referral_id = found if found is not None else referral_id
                 elif isinstance(action, Send | Forward) and send:
                     self._enqueue(conn, row, index, action, referral_id, resend=resend)
+            if tracked:
+                who = demographics(row)
+                for rid in sorted(tracked):
+                    referral_search.set_patient(conn, rid, who)
         self.decisions.record(
             conn,
             row.id,

@@ -232,8 +232,12 @@ def _run(
     dry_run: bool,
     resend: bool,
     user: str,
+    actor: str = "",
 ) -> Iterator[ReplayItem]:
+    """Decide each row anew; re-apply it (unless ``dry_run``) when its decision changed
+    or ``resend``. ``actor`` (default ``operator:<user>``) goes into the audit log."""
     audited = not dry_run and has_table(handler.db.conn, "audit")
+    actor = actor or f"operator:{user or 'unknown'}"
     for row in rows:
         previous = decisions.get(row.id) if has_decisions else None
         old = _old_side(row, previous)
@@ -257,7 +261,7 @@ def _run(
                 audit.append(
                     conn,
                     at=isoformat(now),
-                    actor=f"operator:{user or 'unknown'}",
+                    actor=actor,
                     action="replayed",
                     referral_id=None,
                     message_id=row.id,
@@ -269,3 +273,25 @@ def _run(
                     },
                 )
         yield ReplayItem(row.id, row.message_type, old, new, True, True)
+
+
+def replay_one(
+    handler: RouteHandler,
+    message_id: int,
+    *,
+    user: str,
+    actor: str,
+    resend: bool = False,
+    dry_run: bool = False,
+) -> ReplayItem | None:
+    """One message through ``handler`` (the daemon's current routes, on its own
+    database connection): the replay above for a single id, as the dashboard's and the
+    API's *Reprocess* runs it. None when there is no such message."""
+    inbox = Inbox(handler.db)
+    decisions = Decisions(handler.db)
+    has_decisions = decisions.available()
+    rows = select(inbox, decisions if has_decisions else None, ReplayFilter(ids=(message_id,)))
+    if not rows:
+        return None
+    run = _run(rows, inbox, decisions, has_decisions, handler, dry_run, resend, user, actor)
+    return next(iter(run))

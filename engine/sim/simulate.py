@@ -1123,12 +1123,12 @@ class Simulation:
         events: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for rid, kind, at, actor, status in views.event_log(conn):
             events[rid].append(
-                {"at": isoformat(at)[:16], "event": kind, "by": actor, "status": status}
+                {"at": isoformat(at)[:16] + "Z", "event": kind, "by": actor, "status": status}
             )
         for rid, channel, template, due, status in views.outbox_log(conn):
             events[rid].append(
                 {
-                    "at": isoformat(due)[:16],
+                    "at": isoformat(due)[:16] + "Z",
                     "event": f"out:{template}",
                     "by": channel,
                     "status": status,
@@ -1144,7 +1144,7 @@ class Simulation:
                 "patient": pst,
                 "specialist": sst,
                 "close_reason": reason,
-                "opened": isoformat(opened)[:16],
+                "opened": isoformat(opened)[:16] + "Z",
                 "timeline": sorted(events[rid], key=lambda e: (e["at"], e["event"])),
             }
             for rid, placer, status, pst, sst, reason, opened in refs
@@ -1171,7 +1171,7 @@ class Simulation:
             "scenario": sc.name,
             "mode": "baseline" if self.baseline else "refloop",
             "seed": sc.seed,
-            "start": isoformat(sc.start)[:16],
+            "start": isoformat(sc.start)[:16] + "Z",
             "days": sc.days,
             "follow_up": sc.follow_up,
             "totals": {

@@ -12,6 +12,14 @@ caller ACKs again. The same control id with different bytes is stored and flagge
 ``dedupe_hash``) enforces it and one ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``
 applies it, so two writers (two nodes receiving the same resend) end with one row and
 both ACK it; there is no read-then-insert window.
+``control-id-reused``.
+
+A commit that fails (disk full, I/O error, the database locked past
+:data:`WRITER_BUSY_MS`) fails the futures of that batch only, with :class:`StoreFault`:
+the listener answers them AE/CE and the sender sends again. :attr:`Inbox.fault` then
+names the fault (readiness turns 503) until a commit succeeds again; while nothing
+arrives, the writer probes every :data:`PROBE_SECONDS` with a one-row write, so it
+notices by itself when space returns.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,7 +35,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import Conn, Database, DatabaseError, for_update
+from engine.store.sql import Conn, Database, DatabaseError, fault_kind, for_update
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,8 @@ MAX_BATCH: Final = 512
 WRITER_BUSY_MS: Final = 10_000
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # most bytes one group commit writes
 ALONE_BYTES: Final = 256 * 1024  # a frame over this is committed alone
+PROBE_SECONDS: Final = 1.0  # after a failed commit: how often an idle writer tries a write
+PROBE_KEY: Final = "store_probe_at"  # the meta row the probe writes
 
 RAW_BATCH: Final = 1000  # rows whose bytes the migration moves per statement
 ANY_BYTES: Final = b""  # dedupe_hash of a message deduplicated on its key alone (no MSH)
@@ -62,6 +72,14 @@ class AddResult:
     ack_code: str  # for a duplicate: the code the original was answered with
 
 
+class StoreFault(StoreError):
+    """The commit that would have stored a message failed; it is not stored."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"message could not be stored ({kind})")
+        self.kind = kind
+
+
 def _row(r: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(*r)
 
@@ -80,6 +98,8 @@ class Inbox:
         self.commits = 0  # batches committed (for metrics and tests)
         self.rejected = 0  # rows stored ``rejected`` by this process (they are never claimed)
         self.rows = self._count()
+        self.fault = ""  # the kind of the last failed commit, until one succeeds again
+        self.on_fault: Callable[[str], None] | None = None  # each failed commit (metrics)
 
     def _count(self) -> int:
         row = self.db.conn.execute("SELECT max(id) FROM messages").fetchone()
@@ -118,21 +138,22 @@ class Inbox:
                 if not self._queue:
                     if self._closed:
                         return
-                    self._wake.clear()
-                    await self._wake.wait()
+                    await self._idle(loop, executor, writer)
                     continue
                 batch = self._take()
                 try:
                     async with self.lock:
                         results = await loop.run_in_executor(executor, self._commit, writer, batch)
                 except DatabaseError as exc:
-                    log.error("inbox commit of %d messages failed: %s", len(batch), exc)
+                    self._failed(exc, len(batch))
                     for _, _, fut in batch:
                         if not fut.done():
-                            fut.set_exception(StoreError("inbox write failed"))
+                            fut.set_exception(StoreFault(self.fault))
                     await asyncio.sleep(0.05)
                     continue
                 self.commits += 1
+                self.rows = max([self.rows, *(r.id for r in results)])
+                self._recovered()
                 for (_, _, fut), result in zip(batch, results, strict=True):
                     if not fut.done():
                         fut.set_result(result)
@@ -142,6 +163,40 @@ class Inbox:
             executor.shutdown(wait=True)
             if writer is not self.db:
                 writer.close()
+
+    async def _idle(self, loop: asyncio.AbstractEventLoop, executor: Any, writer: Database) -> None:
+        """Wait for work; while a fault stands, try a one-row write every
+        :data:`PROBE_SECONDS` meanwhile (space may come back with no message arriving)."""
+        self._wake.clear()
+        if not self.fault:
+            await self._wake.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), PROBE_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        try:
+            async with self.lock:
+                await loop.run_in_executor(executor, _probe, writer)
+        except DatabaseError as exc:
+            self.fault = fault_kind(exc)
+            return
+        self._recovered()
+
+    def _failed(self, exc: BaseException, count: int) -> None:
+        kind = fault_kind(exc)
+        # the SQLite message names the condition (e.g. "database or disk is full"),
+        # never a statement's data
+        log.error("inbox commit of %d messages failed (%s): %s", count, kind, exc)
+        self.fault = kind
+        if self.on_fault is not None:
+            self.on_fault(kind)
+
+    def _recovered(self) -> None:
+        if self.fault:
+            log.warning("inbox: the store takes writes again (after %s)", self.fault)
+            self.fault = ""
 
     def _take(self) -> list[tuple[Inbound, str, asyncio.Future[AddResult]]]:
         """The next batch, up to MAX_BATCH messages and MAX_BATCH_BYTES.
@@ -242,16 +297,17 @@ class Inbox:
         if int(r[3]):  # the row was there: an identical resend, counted, not stored again
             return AddResult(row_id, True, str(r[1]), str(r[2]))
         conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
-        self.rows = max(self.rows, row_id)
         if m.reject is not None:
-            self.rejected += 1
+            self.rejected += 1  # counted even if the commit then fails: only a gauge drifts
         return AddResult(row_id, False, status, ack_code)
 
     def add_in(self, conn: Conn, inbounds: list[Inbound], ack_code: str) -> list[AddResult]:
         """Store ``inbounds`` inside the caller's open transaction, beside writes that must
         commit with them (a FHIR poller's cursor). Same dedupe as :meth:`add`; the caller
         commits, then notifies the processor."""
-        return [self._insert(conn, m, ack_code) for m in inbounds]
+        results = [self._insert(conn, m, ack_code) for m in inbounds]
+        self.rows = max([self.rows, *(r.id for r in results)])
+        return results
 
     # -- reading ---------------------------------------------------------------
 
@@ -401,6 +457,16 @@ def migrate_dedupe(db: Any) -> None:
         "CREATE UNIQUE INDEX messages_dedupe ON messages "
         "(sending_app, sending_facility, control_id, dedupe_hash)"
     )
+
+
+def _probe(db: Database) -> None:
+    """A one-row durable write: does the store take writes again?"""
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES(?, strftime('%s', 'now')) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (PROBE_KEY,),
+        )
 
 
 def _writer_database(db: Database) -> Database:

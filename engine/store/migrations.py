@@ -15,6 +15,7 @@ from engine.store import (
     decisions,
     inbox,
     outbox,
+    referral_search,
     referrals,
     specialists,
     tasks,
@@ -147,6 +148,13 @@ def _m_referral_keys(db: Schema) -> None:
             db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
+def _m_workbench(db: Schema) -> None:
+    # the coordinator's work page (open tasks by due date, a referral's tasks) and the
+    # analyst's message view (what one message did: its events, parked events) (issue 19)
+    tasks.migrate_due(db)
+    referrals.migrate_message_indexes(db)
+
+
 def _m_message_raw(db: Schema) -> None:
     # raw bytes in their own table: a status update no longer rewrites them (issue 14.5)
     inbox.migrate_raw(db)
@@ -168,6 +176,15 @@ def _m_inbox_dedupe(db: Schema) -> None:
     inbox.migrate_dedupe(db)
 
 
+def _m_referral_search(db: Schema) -> None:
+    # the patient's MRN, name and birth date on the referral row, with search keys and
+    # indexes for the search box (issue 19); existing referrals from their opening message
+    from engine.hl7v2.message import Message
+    from engine.hl7v2.patient import from_hl7
+
+    referral_search.migrate(db, backfill=lambda raw: from_hl7(Message(raw)))
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -186,4 +203,6 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_timers_loaded,
     _m_outbox_leases,
     _m_inbox_dedupe,
+    _m_workbench,
+    _m_referral_search,
 ]

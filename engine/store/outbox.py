@@ -217,6 +217,18 @@ def _item(r: Sequence[Any]) -> Item:
     )
 
 
+def for_message(conn: Conn, message_id: int) -> list[Item]:
+    """The rows a route's ``send`` / ``forward`` queued for inbox message ``message_id``
+    (keys ``route:<id>:<action index>``, and ``...:resend:<time>`` for a resend replay:
+    engine.routing.handler), oldest first; a range on the unique key index."""
+    prefix = f"route:{message_id}:"
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM outbox WHERE idempotency_key >= ? AND idempotency_key < ?",
+        (prefix, prefix[:-1] + ";"),  # ';' follows ':': every key with the prefix
+    ).fetchall()
+    return sorted((_item(r) for r in rows), key=lambda i: i.id)  # a message's few rows
+
+
 def get(conn: Conn, outbox_id: int) -> Item | None:
     r = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
     return _item(r) if r else None
@@ -627,3 +639,8 @@ def record_reply(
         (message_sid, from_number, keyword, body, referral_id, now),
     )
     return cur.rowcount == 1
+
+
+# the outbox page of the dashboard (engine.store.worklist.outbox_page) reads rows as these do
+COLUMNS: Final = _COLUMNS
+item_of = _item

@@ -37,8 +37,12 @@ from engine.store.sql import POSTGRESQL, Database
 MIGRATION_LOCK: Final = 0x7265666C6F6F70  # pg_advisory_xact_lock key: "refloop"
 CONNECT_TIMEOUT: Final = 10.0  # seconds to wait for a pooled connection
 
-# Functions the translated SQL relies on, created (or replaced) at every open.
+# What the translated SQL relies on, created (or replaced) whenever the schema migrates.
 SUPPORT: Final = (
+    # COLLATE NOCASE: equal whatever the case (ICU, level 2: case-insensitive, accents
+    # still count; SQLite's NOCASE folds ASCII only)
+    "CREATE COLLATION IF NOT EXISTS nocase "
+    "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
     # GLOB: '*' any run, '?' one character, '[...]' a class ('[!' negates); anchored and
     # case-sensitive, as SQLite's
     r"""CREATE OR REPLACE FUNCTION refloop_glob(value text, pattern text) RETURNS boolean

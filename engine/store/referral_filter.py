@@ -8,13 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engine.store.referral_search import overdue_sql, q_clause
+
 
 @dataclass(frozen=True, slots=True)
 class ReferralFilter:
     """Which referrals; every condition given must hold. Times are epoch seconds (UTC).
 
     ``specialist`` and ``referring`` match the provider's name or organisation
-    (case-insensitive substring) or its NPI exactly."""
+    (case-insensitive substring) or its NPI exactly. ``q`` is the search box
+    (engine.store.referral_search.q_clause). ``overdue`` needs ``now`` and the target
+    days by priority (``targets``)."""
 
     status: str | None = None
     open_only: bool = False  # every status but closed
@@ -23,6 +27,10 @@ class ReferralFilter:
     referring: str | None = None
     opened_before: float | None = None
     prior_auth: str | None = None  # the prior-auth item's status
+    q: str = ""
+    overdue: bool | None = None
+    now: float = 0.0
+    targets: tuple[tuple[str, float], ...] = ()
 
 
 def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
@@ -33,9 +41,9 @@ def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
         clauses.append("status = ?")
         args.append(flt.status)
     if flt.open_only:
-        clauses.append("status != 'closed'")
+        clauses.append("status != 'closed'")  # the partial indexes' own condition
     if flt.specialty:
-        clauses.append("lower(specialty) = lower(?)")
+        clauses.append("specialty = ? COLLATE NOCASE")  # referrals_specialty_nocase
         args.append(flt.specialty)
     for party, value in (("specialist", flt.specialist), ("referring", flt.referring)):
         if value:
@@ -45,9 +53,17 @@ def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
             )
             args.extend((value, value, value))
     if flt.opened_before is not None:
-        clauses.append("opened_at < ?")
+        clauses.append("+opened_at < ?")  # a filter, not the index to walk (sorts walk one)
         args.append(flt.opened_before)
     if flt.prior_auth:
         clauses.append("id IN (SELECT referral_id FROM prior_auth WHERE status = ?)")
         args.append(flt.prior_auth)
+    if flt.q:
+        clause, q_args = q_clause(flt.q)
+        if clause:
+            clauses.append(clause)
+            args.extend(q_args)
+    if flt.overdue is not None:
+        late = overdue_sql(flt.now, dict(flt.targets))
+        clauses.append(late if flt.overdue else f"NOT {late}")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args

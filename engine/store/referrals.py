@@ -626,6 +626,34 @@ def insert_event(
     return int(cur.fetchone()[0])
 
 
+def message_events(conn: Conn, message_id: int) -> list[tuple[int, int, str, str, bool]]:
+    """What one inbox message did to referrals: (event id, referral id, kind, status
+    after, changed) in the order recorded (via ``referral_events_message``)."""
+    rows = conn.execute(
+        "SELECT id, referral_id, kind, status, changed FROM referral_events "
+        "WHERE message_id = ? ORDER BY id",
+        (message_id,),
+    ).fetchall()
+    return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), bool(r[4])) for r in rows]
+
+
+def message_parked(conn: Conn, message_id: int) -> list[ParkedRow]:
+    """The events of one inbox message that matched no referral (via ``parked_message``)."""
+    rows = conn.execute(
+        f"SELECT {_PARKED_COLUMNS} FROM parked WHERE message_id = ? ORDER BY id", (message_id,)
+    ).fetchall()
+    return [_parked(conn, r) for r in rows]
+
+
+def migrate_message_indexes(db: Any) -> None:
+    """The message view's look-ups by inbox message (partial: operator events have none)."""
+    db.execute(
+        "CREATE INDEX referral_events_message ON referral_events (message_id) "
+        "WHERE message_id IS NOT NULL"
+    )
+    db.execute("CREATE INDEX parked_message ON parked (message_id) WHERE message_id IS NOT NULL")
+
+
 def timeline(conn: Conn, referral_id: int) -> list[EventRow]:
     """A referral's events in the order they were recorded."""
     rows = conn.execute(

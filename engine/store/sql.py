@@ -98,6 +98,21 @@ def month_of(conn: Any, epoch: str) -> str:
     return f"strftime('%Y-%m', {epoch}, 'unixepoch')"
 
 
+# SQLite's primary result codes (https://sqlite.org/rescode.html) a storage fault shows as
+_FAULT_KINDS: Final = {13: "full", 10: "io", 5: "locked", 6: "locked"}  # FULL, IOERR, BUSY, LOCKED
+
+
+def fault_kind(exc: BaseException) -> str:
+    """What kind of storage fault a failed statement or COMMIT was: ``full`` (disk or
+    quota full, SQLITE_FULL), ``io`` (an I/O error, SQLITE_IOERR), ``locked`` (another
+    writer held the database past the busy timeout), or ``other``. The label of
+    ``refloop_store_errors_total``; never carries the statement or its data."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _FAULT_KINDS.get(code & 0xFF, "other")
+    return "other"
+
+
 @contextlib.contextmanager
 def savepoint(conn: Conn, name: str) -> Iterator[None]:
     """A nested unit inside an open transaction: on an exception only its own writes are

@@ -58,6 +58,13 @@ _SCHEMA: Final = (
     "CREATE INDEX tasks_status_priority ON tasks (status, priority DESC, id)",
     "CREATE INDEX tasks_status ON tasks (status, id)",
 )
+# The work page's order (open tasks by when they are due: a snooze moves a task to its
+# wake time, a task without a due date is due from when it opened) and a referral's tasks.
+DUE: Final = "coalesce(snoozed_until, due_at, created_at)"
+_SCHEMA_DUE: Final = (
+    f"CREATE INDEX tasks_status_due ON tasks (status, {DUE}, id)",
+    "CREATE INDEX tasks_referral ON tasks (referral_id, id)",
+)
 _COLUMNS: Final = (
     "id, referral_id, outbox_id, kind, template, reason, priority, attempts, status, "
     "assignee, due_at, snoozed_until, note, created_at, done_at, done_by, superseded_by"
@@ -67,6 +74,12 @@ _COLUMNS: Final = (
 def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
+        db.execute(statement)
+
+
+def migrate_due(db: Schema) -> None:
+    """The due-date order and the by-referral index (a later migration)."""
+    for statement in _SCHEMA_DUE:
         db.execute(statement)
 
 
@@ -187,6 +200,30 @@ def listing(conn: Conn, *, status: str = "open", limit: int = 100) -> list[TaskR
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM tasks {where} ORDER BY {order}{tail}",
         (*args, *([limit] if limit else [])),
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def due_listing(
+    conn: Conn, now: float, *, snoozed: bool = False, limit: int = 100
+) -> list[TaskRow]:
+    """Open tasks by when they are due, soonest first (:data:`DUE`): those awake at
+    ``now`` (never snoozed, or their snooze has ended), or with ``snoozed`` those still
+    asleep. ``limit`` 0 = all."""
+    awake = "<=" if not snoozed else ">"
+    tail = " LIMIT ?" if limit else ""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE status = 'open' "
+        f"AND coalesce(snoozed_until, 0) {awake} ? ORDER BY {DUE}, id{tail}",
+        (now, *([limit] if limit else [])),
+    ).fetchall()
+    return [_row(r) for r in rows]
+
+
+def for_referral(conn: Conn, referral_id: int) -> list[TaskRow]:
+    """A referral's tasks, oldest first."""
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM tasks WHERE referral_id = ? ORDER BY id", (referral_id,)
     ).fetchall()
     return [_row(r) for r in rows]
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.store import message_filter
+from engine.clock import isoformat
+from engine.store import message_filter, referral_search
+from engine.store import outbox as outbox_store
 from engine.store.inbox import RAW_SIZE, raw_bytes
+from engine.store.paging import IdPage, newest_first
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 from engine.store.referrals import Conn, ReferralRow, get_referral
@@ -54,6 +57,27 @@ def search_referrals(
     return out
 
 
+def referral_page(
+    conn: Conn,
+    flt: ReferralFilter,
+    sort: referral_search.Sort,
+    *,
+    limit: int,
+    after: int | None = None,
+    before: int | None = None,
+) -> tuple[referral_search.Page, list[ReferralRow]]:
+    """One page of the referrals ``flt`` selects, in ``sort`` order, keyset-paged
+    (engine.store.referral_search.page), with their rows."""
+    clause, args = referral_where(flt)
+    closed = not flt.open_only and flt.status in (None, "closed") and flt.overdue is not True
+    found = referral_search.page(
+        conn, clause, args, sort, limit=limit, after=after, before=before, closed=closed,
+        walk=not (flt.q.strip() or flt.prior_auth),
+    )  # fmt: skip
+    rows = [row for rid in found.ids if (row := get_referral(conn, rid)) is not None]
+    return found, rows
+
+
 def specialties(conn: Conn) -> list[str]:
     """Distinct specialties of open referrals (for the worklist's filter)."""
     rows = conn.execute(
@@ -85,7 +109,7 @@ class MessageMeta:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "received_at": self.received_at,
+            "received_at": isoformat(self.received_at),
             "source": self.source,
             "sending_app": self.sending_app,
             "sending_facility": self.sending_facility,
@@ -156,6 +180,37 @@ def search_messages(
     sql = f"SELECT {_META} FROM messages{clause} ORDER BY id DESC LIMIT ?"
     args.append(limit)
     return [_meta(r) for r in conn.execute(sql, args).fetchall()]
+
+
+def message_page(
+    conn: Conn,
+    flt: message_filter.MessageFilter,
+    *,
+    limit: int,
+    before: int | None = None,
+    after: int | None = None,
+) -> IdPage[MessageMeta]:
+    """A page of the message browser, newest first, with the total the filter selects."""
+    clause, args = message_filter.where(flt)
+    return newest_first(
+        conn, "messages", _META, clause, args, _meta, limit=limit, before=before, after=after
+    )
+
+
+def outbox_page(
+    conn: Conn,
+    *,
+    status: str = "",
+    limit: int,
+    before: int | None = None,
+    after: int | None = None,
+) -> IdPage[outbox_store.Item]:
+    """A page of the outbox, newest first, with the total of that status."""
+    clause, args = (" WHERE status = ?", [status]) if status else ("", [])
+    return newest_first(
+        conn, "outbox", outbox_store.COLUMNS, clause, args, outbox_store.item_of,
+        limit=limit, before=before, after=after,
+    )  # fmt: skip
 
 
 def get_message(conn: Conn, message_id: int) -> MessageMeta | None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final, TypeVar, get_args
 
+from engine.clock import isoformat
 from engine.store import closure_report as store
 from engine.store.closure_report import GroupBy
 from engine.store.referrals import Conn
@@ -155,6 +156,12 @@ def closure_report(
     )
 
 
+def open_aging_now(conn: Conn, now: float) -> tuple[tuple[str, int], ...]:
+    """Every referral not closed at ``now``, whatever its opening date, by whole days
+    open (the worklist's open referrals, bucketed: the dashboard's chart)."""
+    return tuple(store.open_aging(conn, -math.inf, math.nextafter(now, math.inf), now).items())
+
+
 def _row(key: str, denominator: int, seconds: list[int]) -> ClosureRow:
     """A row from the closed referrals' seconds to their report, in ascending order."""
     median, p90 = percentile(seconds, 50), percentile(seconds, 90)
@@ -190,7 +197,7 @@ def report_to_dict(report: ClosureReport) -> dict[str, Any]:
         "referrals_opened_from": report.start.isoformat(),
         "referrals_opened_to": report.opened_to.isoformat(),
         "reports_received_by": report.end.isoformat(),
-        "as_of": dt.datetime.fromtimestamp(report.as_of, dt.UTC).isoformat(),
+        "as_of": isoformat(report.as_of),
         **total,
         "groups": [_row_dict(g) for g in report.groups],
         "nudge_channels": [

@@ -9,8 +9,10 @@ import dataclasses
 from typing import Any
 
 from engine.clock import isoformat
+from engine.store import referral_search, worklist
 from engine.store import referrals as store
 from engine.store.db import Database
+from engine.store.referral_filter import ReferralFilter
 from engine.tracking import states
 from engine.tracking.escalation import DAY
 
@@ -56,6 +58,54 @@ def list_referrals(
     return [_referral_summary(r) for r in rows]
 
 
+def _patient(p: referral_search.Patient | None) -> dict[str, str]:
+    return {
+        "patient_name": p.name if p else "",
+        "patient_birth_date": p.birth_date if p else "",
+        "patient_mrn": p.mrn if p else "",
+    }
+
+
+def find_referrals(
+    db: Database,
+    *,
+    q: str = "",
+    status: str | None = None,
+    specialty: str | None = None,
+    open_days_over: float | None = None,
+    prior_auth: str | None = None,
+    sort: str = "-id",
+    after: int | None = None,
+    limit: int = 50,
+    now: float,
+) -> dict[str, Any]:
+    """A page of referral summaries with the patient's name, birth date and MRN:
+    ``items``, ``total`` matching, ``first`` and ``last`` (1-based) and ``next_after``
+    (the ``after`` of the next page, or None). ``q`` is the search box of the worklist
+    (engine.store.referral_search); ``limit`` 0 means all. ValueError for an unknown
+    ``sort``."""
+    order = referral_search.sort_of(sort, now, {})
+    flt = ReferralFilter(
+        status=status,
+        open_only=open_days_over is not None,
+        specialty=specialty,
+        opened_before=now - open_days_over * DAY if open_days_over is not None else None,
+        prior_auth=prior_auth,
+        q=q,
+    )
+    found, rows = worklist.referral_page(
+        db.conn, flt, order, limit=limit if limit > 0 else -1, after=after
+    )
+    people = referral_search.patients(db.conn, found.ids)
+    return {
+        "items": [{**_referral_summary(r), **_patient(people.get(r.id))} for r in rows],
+        "total": found.total,
+        "first": found.start,
+        "last": found.end,
+        "next_after": found.ids[-1] if found.has_next else None,
+    }
+
+
 def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
     """One referral: summary, details, prior-auth item, timers, outbox and timeline."""
     conn = db.conn
@@ -65,6 +115,7 @@ def show_referral(db: Database, referral_id: int) -> dict[str, Any] | None:
     state = states.from_dict(r.state)
     auth = store.get_prior_auth(conn, referral_id)
     out = _referral_summary(r)
+    out.update(_patient(referral_search.patients(conn, [referral_id]).get(referral_id)))
     out["patient_ids"] = list(r.patient_ids)
     out["details"] = dict(r.details)
     out["decline_reason"] = state.decline_reason

@@ -22,27 +22,39 @@ from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import Permission, Principal
 from engine.web.openapi import (
     ACTION_RESULT,
     AUDIT_ROW,
     BOOK_BODY,
+    BULK_CLOSE_BODY,
+    BULK_CLOSE_RESULT,
     CLOSE_BODY,
     DECLINE_BODY,
     LINK_BODY,
     ME,
     MESSAGE,
+    MESSAGE_OUTCOME,
+    MESSAGE_TREE,
     OUTBOX_ITEM,
     PARKED_ITEM,
     REFERRAL_DETAIL,
-    REFERRAL_ITEM,
+    REFERRAL_PAGE,
+    REPLAY_ITEM,
     REPORT,
+    REPROCESS_BODY,
     REQUIRED_QUERY,
+    SOURCE_ITEM,
     TASK_ASSIGN_BODY,
     TASK_DONE_BODY,
     TASK_ITEM,
+    TASK_SNOOZE_BODY,
+    TRY_BODY,
+    TRY_RESULT,
     build_openapi,
+    capped_list_of,
     check_body,
     list_of,
 )
@@ -51,6 +63,7 @@ from engine.web.service import MAX_ID, REPORT_GROUPS, ApiError, Service
 
 log = logging.getLogger(__name__)
 
+TASK_LISTS: Final = ("due", "snoozed", "open", "done", "superseded", "all")  # task_queue.LISTS
 ParamKind = Literal["string", "integer", "boolean", "date", "date-time"]
 
 
@@ -174,18 +187,22 @@ async def _me(api: Api, call: Call) -> Any:
 
 async def _referrals(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.worklist(
-            status=a["status"],
-            open_only=bool(a["open"]),
-            specialty=a["specialty"],
-            specialist=a["specialist"],
-            referring=a["referring"],
-            days_open_min=a["days_open_min"],
-            overdue=a["overdue"],
-            limit=a["limit"],
-        )
-    }
+    return api.service.worklist_page(
+        call.principal,
+        via="api",
+        q=a["q"] or "",
+        status=a["status"],
+        open_only=bool(a["open"]),
+        specialty=a["specialty"],
+        specialist=a["specialist"],
+        referring=a["referring"],
+        days_open_min=a["days_open_min"],
+        overdue=a["overdue"],
+        sort=a["sort"],
+        after=a["after"],
+        before=a["before"],
+        limit=a["limit"],
+    )
 
 
 async def _referral(api: Api, call: Call) -> Any:
@@ -196,6 +213,13 @@ async def _close(api: Api, call: Call) -> Any:
     b = call.body
     return api.service.close(
         call.principal, call.args["referral_id"], b["reason"], b.get("note", "")
+    )
+
+
+async def _close_many(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.close_many(
+        call.principal, list(b["referral_ids"]), b["reason"], b.get("note", "")
     )
 
 
@@ -227,6 +251,12 @@ async def _task_assign(api: Api, call: Call) -> Any:
     )
 
 
+async def _task_snooze(api: Api, call: Call) -> Any:
+    return api.service.task_action(
+        call.principal, call.args["task_id"], "snooze", call.body["until"]
+    )
+
+
 async def _parked(api: Api, call: Call) -> Any:
     return {"items": api.service.parked(include_linked=bool(call.args["all"]))}
 
@@ -235,17 +265,26 @@ async def _link(api: Api, call: Call) -> Any:
     return api.service.link(call.principal, call.args["parked_id"], call.body["referral_id"])
 
 
+def _capped(items: list[Any], limit: int, cursor: str = "") -> dict[str, Any]:
+    """A list fetched with ``limit + 1``: ``items`` (at most ``limit``), ``more`` (rows
+    are left) and, with ``cursor``, ``next`` (that parameter's value for the next page)."""
+    out: dict[str, Any] = {"items": items[:limit], "more": len(items) > limit}
+    if cursor:
+        out["next"] = {cursor: items[limit - 1]["id"]} if out["more"] else None
+    return out
+
+
 async def _outbox(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.outbox(
-            status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"]
-        )
-    }
+    items = api.service.outbox(
+        status=a["status"] or "", channel=a["channel"] or "", limit=a["limit"] + 1
+    )
+    return _capped(items, a["limit"])
 
 
 async def _dead(api: Api, call: Call) -> Any:
-    return {"items": api.service.outbox(status="dead", limit=call.args["limit"])}
+    limit = call.args["limit"]
+    return _capped(api.service.outbox(status="dead", limit=limit + 1), limit)
 
 
 async def _retry(api: Api, call: Call) -> Any:
@@ -254,8 +293,8 @@ async def _retry(api: Api, call: Call) -> Any:
 
 async def _messages(api: Api, call: Call) -> Any:
     a = call.args
-    return {
-        "items": api.service.messages(
+    return _capped(
+        api.service.messages(
             message_type=a["type"],
             control_id=a["control_id"],
             status=a["status"],
@@ -263,9 +302,11 @@ async def _messages(api: Api, call: Call) -> Any:
             since=a["since"],
             until=a["until"],
             before_id=a["before_id"],
-            limit=a["limit"],
-        )
-    }
+            limit=a["limit"] + 1,
+        ),
+        a["limit"],
+        "before_id",
+    )
 
 
 async def _message(api: Api, call: Call) -> Any:
@@ -276,10 +317,29 @@ async def _raw(api: Api, call: Call) -> Any:
     return api.service.raw(call.principal, call.args["message_id"], via="api")
 
 
+async def _outcome(api: Api, call: Call) -> Any:
+    return api.service.message_detail(call.args["message_id"])
+
+
+async def _tree(api: Api, call: Call) -> Any:
+    return api.service.message_tree(call.principal, call.args["message_id"], via="api")
+
+
+async def _reprocess(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.reprocess(
+        call.principal,
+        call.args["message_id"],
+        resend=bool(b.get("resend", False)),
+        dry_run=bool(b.get("dry_run", False)),
+    )
+
+
 async def _audit(api: Api, call: Call) -> Any:
     a = call.args
     since = isoformat(a["since"]) if a["since"] is not None else None
-    return {"items": api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"])}
+    rows = api.service.audit(since=since, after_id=a["after_id"], limit=a["limit"] + 1)
+    return _capped(rows, a["limit"], "after_id")
 
 
 async def _report(api: Api, call: Call) -> Any:
@@ -287,6 +347,15 @@ async def _report(api: Api, call: Call) -> Any:
     if a["start"] > a["end"]:
         raise ApiError(400, "start is after end")
     return api.service.report(a["start"], a["end"], a["by"])
+
+
+async def _sources(api: Api, call: Call) -> Any:
+    return {"items": api.service.sources()}
+
+
+async def _try(api: Api, call: Call) -> Any:
+    b = call.body
+    return api.service.try_messages(b["message"].encode("utf-8"), b.get("source", ""))
 
 
 _TEXT: Final = {"type": "string"}
@@ -297,9 +366,15 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("GET", "/api/me", "me", "Who the caller is", None, _me, ME),
     Route(
         "GET", "/api/referrals", "listReferrals",
-        "Referrals, prioritised: overdue first, then stat, urgent, routine, oldest first",
-        "referrals", _referrals, list_of(REFERRAL_ITEM),
+        "Find referrals: a page of them (keyset), prioritised by default (overdue first, then "
+        "stat, urgent, routine, oldest first), with the total; showing patients is audited",
+        "referrals", _referrals, REFERRAL_PAGE,
         params=(
+            Param("q", max_length=200, description=(
+                "Search: placer or filler number, MRN, the start of the patient's family or "
+                "given name (case and accents ignored), birth date (YYYY-MM-DD or "
+                "MM/DD/YYYY), the start of the specialty or specialist, or the specialist's "
+                "NPI. Every word must match.")),
             Param("status", enum=states.OVERALL_STATUSES),
             Param("open", "boolean", description="Only referrals that are not closed."),
             Param("specialty", description="Exact specialty (case-insensitive)."),
@@ -308,6 +383,12 @@ ROUTES: Final[tuple[Route, ...]] = (
             Param("days_open_min", "integer", minimum=0, maximum=36500,
                   description="Opened at least this many days ago."),
             Param("overdue", "boolean", description="Only overdue (true) or not (false)."),
+            Param("sort", enum=(*SORTS, *(f"-{s}" for s in SORTS)), default="priority",
+                  description="Sort key; a leading - sorts descending."),
+            Param("after", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page after this referral id (next_after of a page)."),
+            Param("before", "integer", minimum=1, maximum=MAX_ID,
+                  description="The page before this referral id (prev_before of a page)."),
             LIMIT,
         ),
     ),
@@ -320,6 +401,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         "POST", "/api/referrals/{referral_id}/close", "closeReferral",
         "Close a referral with a reason (Tracker.close)", "act", _close, ACTION_RESULT,
         params=(_id("referral_id"),), body=CLOSE_BODY, statuses=(404, 409, 503),
+    ),
+    Route(
+        "POST", "/api/referrals/close", "closeReferrals",
+        "Close several referrals with one reason (one Tracker.close and audit row each)",
+        "act", _close_many, BULK_CLOSE_RESULT, body=BULK_CLOSE_BODY, statuses=(503,),
     ),
     Route(
         "POST", "/api/referrals/{referral_id}/book", "bookReferral",
@@ -336,8 +422,9 @@ ROUTES: Final[tuple[Route, ...]] = (
         "Coordinator tasks of the built-in queue; open ones most urgent first",
         "referrals", _tasks, list_of(TASK_ITEM),
         params=(
-            Param("status", enum=("open", "done", "superseded", "all"),
-                  description="Default open; all: every task, newest first."),
+            Param("status", enum=TASK_LISTS,
+                  description="Default open (most urgent first); due: open and not "
+                  "snoozed, soonest due first; snoozed; done, superseded, all: newest first."),
             LIMIT,
         ),
     ),
@@ -352,6 +439,11 @@ ROUTES: Final[tuple[Route, ...]] = (
         TASK_ITEM, params=(_id("task_id"),), body=TASK_ASSIGN_BODY, statuses=(404, 409),
     ),
     Route(
+        "POST", "/api/tasks/{task_id}/snooze", "snoozeTask",
+        "Snooze an open task until a time (\"\" wakes it; audited)", "act", _task_snooze,
+        TASK_ITEM, params=(_id("task_id"),), body=TASK_SNOOZE_BODY, statuses=(404, 409),
+    ),
+    Route(
         "GET", "/api/parked", "listParked", "Parked events waiting for a link",
         "referrals", _parked, list_of(PARKED_ITEM),
         params=(Param("all", "boolean", description="Include linked events."),),
@@ -363,7 +455,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/outbox", "listOutbox", "Outbox rows, newest first (no payloads)",
-        "outbox", _outbox, list_of(OUTBOX_ITEM),
+        "outbox", _outbox, capped_list_of(OUTBOX_ITEM),
         params=(
             Param("status", enum=outbox_store.OUTBOX_STATUSES),
             Param("channel", max_length=64),
@@ -372,7 +464,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     ),
     Route(
         "GET", "/api/dead-letters", "listDeadLetters", "Dead outbox rows, newest first",
-        "outbox", _dead, list_of(OUTBOX_ITEM), params=(LIMIT,),
+        "outbox", _dead, capped_list_of(OUTBOX_ITEM), params=(LIMIT,),
     ),
     Route(
         "POST", "/api/outbox/{outbox_id}/retry", "retryOutbox",
@@ -382,7 +474,7 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route(
         "GET", "/api/messages", "listMessages",
         "Inbox metadata search on indexed columns, newest first", "messages", _messages,
-        list_of(MESSAGE),
+        capped_list_of(MESSAGE, "before_id"),
         params=(
             Param("type", max_length=64, description="TYPE^TRIGGER; * stands for any text."),
             Param("control_id", max_length=200),
@@ -404,8 +496,25 @@ ROUTES: Final[tuple[Route, ...]] = (
         params=(_id("message_id"),), content_type="text/plain", statuses=(404,),
     ),
     Route(
+        "GET", "/api/messages/{message_id}/outcome", "getMessageOutcome",
+        "What became of one message: the ACK (rebuilt), the route decision, the events, "
+        "parked events and outbox rows it produced (no message content)", "messages",
+        _outcome, MESSAGE_OUTCOME, params=(_id("message_id"),), statuses=(404,),
+    ),
+    Route(
+        "GET", "/api/messages/{message_id}/tree", "getMessageTree",
+        "The message text and its parsed tree, named from HL7 v2.5.1 (audited)", "messages",
+        _tree, MESSAGE_TREE, params=(_id("message_id"),), statuses=(404,),
+    ),
+    Route(
+        "POST", "/api/messages/{message_id}/reprocess", "reprocessMessage",
+        "Replay one message through the current routes (refloop replay --id)", "reprocess",
+        _reprocess, REPLAY_ITEM, params=(_id("message_id"),), body=REPROCESS_BODY,
+        statuses=(404, 409, 503),
+    ),
+    Route(
         "GET", "/api/audit", "exportAudit", "Audit rows with their hashes, in id order",
-        "audit", _audit, list_of(AUDIT_ROW),
+        "audit", _audit, capped_list_of(AUDIT_ROW, "after_id"),
         params=(
             Param("since", "date-time"),
             Param("after_id", "integer", minimum=0, maximum=MAX_ID, default=0),
@@ -422,6 +531,16 @@ ROUTES: Final[tuple[Route, ...]] = (
             Param("by", enum=REPORT_GROUPS,
                   description="Also break the denominator down by this."),
         ),
+    ),
+    Route(
+        "GET", "/api/sources", "listSources",
+        "Per source: open connections, last message, today's messages by status, last error",
+        "messages", _sources, list_of(SOURCE_ITEM), statuses=(503,),
+    ),
+    Route(
+        "POST", "/api/routes/test", "tryMessages",
+        "What the running routes would do with these messages (nothing stored or sent)",
+        "messages", _try, TRY_RESULT, body=TRY_BODY, statuses=(503,),
     ),
 )  # fmt: skip
 
@@ -455,6 +574,8 @@ class Api:
                         payload = await request.json()
                     except (ValueError, UnicodeDecodeError):
                         raise ApiError(400, "the body must be JSON") from None
+                    except web.HTTPRequestEntityTooLarge:
+                        raise ApiError(413, "the body is over 1 MiB") from None
                     body = check_body(route.body, payload)
                 result = await route.handler(self, Call(request, principal, args, body))
             except ApiError as exc:

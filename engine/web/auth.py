@@ -14,7 +14,8 @@ CSRF tokens, the login rate limit, API bearer tokens and roles.
 - API: ``Authorization: Bearer <token>``, a per-user token (``refloop users token``).
 
 Roles (:data:`PERMISSIONS`): ``coordinator`` works the referral worklist and its actions;
-``analyst`` reads messages, the outbox, the audit log and the report; ``admin`` does
+``analyst`` reads messages, the outbox, the audit log and the report, and reprocesses
+a message (a replay through the current routes, a retry of its outbox rows); ``admin`` does
 everything, including managing users.
 """
 
@@ -39,11 +40,15 @@ log = logging.getLogger(__name__)
 
 Role = Literal["coordinator", "analyst", "admin"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
-Permission = Literal["referrals", "act", "messages", "outbox", "audit", "report", "users"]
+Permission = Literal[
+    "referrals", "act", "messages", "reprocess", "outbox", "audit", "report", "users"
+]
 PERMISSIONS: Final[dict[Permission, frozenset[Role]]] = {
     "referrals": frozenset({"coordinator", "admin"}),  # worklist, referral pages (PHI)
     "act": frozenset({"coordinator", "admin"}),  # close, book, decline, link, retry
     "messages": frozenset({"analyst", "admin"}),  # message browser, raw messages
+    # replay a message through the current routes, retry the outbox rows its routes queued
+    "reprocess": frozenset({"analyst", "admin"}),
     "outbox": frozenset({"coordinator", "analyst", "admin"}),  # outbox, dead letters, tasks
     "audit": frozenset({"analyst", "admin"}),
     "report": frozenset({"coordinator", "analyst", "admin"}),

@@ -25,15 +25,17 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
 from engine.clock import isoformat, parse_iso
 from engine.store import outbox as outbox_store
+from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import (
+    PERMISSIONS,
     ROLES,
     SESSION_COOKIE,
     SESSION_SECONDS,
@@ -47,6 +49,7 @@ from engine.web.auth import (
     verify_password,
 )
 from engine.web.service import ApiError, Service
+from engine.web.workbench import WorkbenchPages
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,18 @@ HEADERS: Final = {
 }
 FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
-TASK_FILTERS: Final = ("open", "done", "superseded", "all")
+TASK_FILTERS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
+SNOOZE_DAYS: Final = (("1", "1 day"), ("3", "3 days"), ("7", "1 week"), ("14", "2 weeks"))
+WORKLIST_SHOW: Final = ("open", "overdue", "all")
+WORKLIST_PAGE: Final = 50
+LIST_PAGE: Final = 100  # the message browser's and the outbox's page
+# The worklist's sortable columns: (heading, sort key or "" for none)
+WORKLIST_COLUMNS: Final = (
+    ("#", "id"), ("Placer", "placer"), ("Patient", "patient"), ("Born", "birth_date"),
+    ("MRN", ""), ("Priority", "priority"), ("Specialty", "specialty"), ("Specialist", ""),
+    ("Referring", ""), ("Status", "status"), ("Patient side", ""), ("Specialist side", ""),
+    ("Days", "days"), ("Needed by", "needed_by"),
+)  # fmt: skip
 
 Page = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 
@@ -103,7 +117,7 @@ def bar_chart(
     }
 
 
-class Dashboard:
+class Dashboard(WorkbenchPages):
     def __init__(self, service: Service, auth: Auth, *, secure: bool = False):
         self.service = service
         self.auth = auth
@@ -132,6 +146,8 @@ class Dashboard:
             ("GET", "/", None, self._home),
             ("POST", "/logout", None, self._logout),
             ("GET", "/worklist", "referrals", self._worklist),
+            ("POST", "/worklist/close", "act", self._close_many),
+            ("GET", "/referrals", "referrals", self._worklist),
             ("GET", "/referrals/{referral_id}", "referrals", self._referral),
             ("POST", "/referrals/{referral_id}/close", "act", self._close),
             ("POST", "/referrals/{referral_id}/book", "act", self._book),
@@ -141,14 +157,23 @@ class Dashboard:
             ("GET", "/tasks", "referrals", self._tasks),
             ("POST", "/tasks/{task_id}/assign", "act", self._task_assign),
             ("POST", "/tasks/{task_id}/done", "act", self._task_done),
+            ("POST", "/tasks/{task_id}/snooze", "act", self._task_snooze),
             ("GET", "/outbox", "outbox", self._outbox),
             ("POST", "/outbox/{outbox_id}/retry", "act", self._retry),
             ("GET", "/messages", "messages", self._messages),
             ("GET", "/messages/{message_id}", "messages", self._message),
+            ("POST", "/messages/{message_id}/reprocess", "reprocess", self._reprocess),
+            (
+                "POST",
+                "/messages/{message_id}/outbox/{outbox_id}/retry",
+                "reprocess",
+                self._message_retry,
+            ),
             ("GET", "/chart", "report", self._chart),
             ("GET", "/users", "users", self._users),
             ("POST", "/users", "users", self._add_user),
             ("POST", "/users/{name}/disable", "users", self._disable_user),
+            *self.workbench_pages(),  # Sources, Try a message (engine.web.workbench)
         ]
 
     def _guard(self, permission: Permission | None, page: Page) -> Callable[..., Any]:
@@ -278,16 +303,26 @@ class Dashboard:
         if status not in (None, *states.OVERALL_STATUSES):
             raise ApiError(400, "unknown status")
         show = q.get("show", "open")
+        if show not in WORKLIST_SHOW:
+            raise ApiError(400, "show must be open, overdue or all")
         days = _int(q.get("days_open_min"), 0, 36500)
+        sort = q.get("sort", "priority")
+        if sort.lstrip("-") not in SORTS:
+            raise ApiError(400, "unknown sort")
         filters = {
+            "q": q.get("q", "")[:200],
             "status": status or "",
             "show": show,
             "specialty": q.get("specialty", "")[:100],
             "specialist": q.get("specialist", "")[:100],
             "referring": q.get("referring", "")[:100],
             "days_open_min": "" if days is None else str(days),
+            "sort": sort,
         }
-        items = self.service.worklist(
+        page = self.service.worklist_page(
+            me,
+            via="dashboard",
+            q=filters["q"],
             status=status,
             open_only=show != "all" and status is None,
             specialty=filters["specialty"] or None,
@@ -295,11 +330,18 @@ class Dashboard:
             referring=filters["referring"] or None,
             days_open_min=days,
             overdue=True if show == "overdue" else None,
-            limit=500,
+            sort=sort,
+            after=_int(q.get("after"), 1, 2**53),
+            before=_int(q.get("before"), 1, 2**53),
+            limit=WORKLIST_PAGE,
         )
+        closed = _int(q.get("closed"), 0, 10_000)
         return self._render(
-            request, me, "worklist.html", items=items, filters=filters,
-            statuses=states.OVERALL_STATUSES,
+            request, me, "worklist.html", page=page, items=page["items"], filters=filters,
+            statuses=states.OVERALL_STATUSES, close_reasons=states.CLOSE_PRECEDENCE,
+            closed=closed, refused=q.get("refused", "")[:200],
+            heading=_worklist_heading(filters),
+            link=_query_link(request.path, filters), columns=WORKLIST_COLUMNS,
         )  # fmt: skip
 
     async def _referral(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -308,6 +350,7 @@ class Dashboard:
         return self._render(
             request, me, "referral.html", r=item, timeline=_timeline(item),
             close_reasons=states.CLOSE_PRECEDENCE, notice=request.query.get("done", ""),
+            workers=self._workers(), snooze_days=SNOOZE_DAYS,
         )  # fmt: skip
 
     def _form(self, request: web.Request) -> Mapping[str, Any]:
@@ -329,6 +372,20 @@ class Dashboard:
         self.service.decline(me, rid, str(self._form(request).get("reason", ""))[:2000])
         return _redirect(f"{PREFIX}/referrals/{rid}?done=declined")
 
+    async def _close_many(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """The worklist's *Close selected*: the ticked referrals, one reason and note."""
+        form = await request.post()  # read (and CSRF-checked) by the guard; cached
+        ids = [_int(str(v), 1, 2**53) for v in form.getall("referral_id", [])]
+        result = self.service.close_many(
+            me, [i for i in ids if i is not None], str(form.get("reason", "")),
+            str(form.get("note", ""))[:2000],
+        )  # fmt: skip
+        refused = [str(i["referral_id"]) for i in result["items"] if i["error"]]
+        target = f"{PREFIX}/worklist?closed={result['closed']}"
+        if refused:
+            target += f"&refused={','.join(refused[:20])}"
+        return _redirect(target)
+
     async def _parked(self, request: web.Request, me: Principal) -> web.StreamResponse:
         items = self.service.parked(include_linked=request.query.get("all") == "1")
         return self._render(request, me, "parked.html", items=items)
@@ -344,25 +401,59 @@ class Dashboard:
     # -- coordinator tasks --
 
     async def _tasks(self, request: web.Request, me: Principal) -> web.StreamResponse:
-        status = request.query.get("status", "open")
+        status = request.query.get("status", "due")
         if status not in TASK_FILTERS:
             raise ApiError(400, "unknown status")
         items = self.service.tasks(status=status, limit=200)
         return self._render(
             request, me, "tasks.html", items=items, current=status, statuses=TASK_FILTERS,
-            notice=request.query.get("done", ""),
+            notice=request.query.get("done", ""), workers=self._workers(),
+            snooze_days=SNOOZE_DAYS,
         )  # fmt: skip
 
+    def _workers(self) -> list[str]:
+        """Who a task can be given to: enabled users whose role may act on it."""
+        return [
+            u.name for u in self.auth.users() if not u.disabled and u.role in PERMISSIONS["act"]
+        ]
+
+    def _back(self, request: web.Request, done: str) -> web.Response:
+        """Back to the page the form was on: a referral (its ``referral``) or the task
+        list (its ``status``), with a notice."""
+        form = self._form(request)
+        referral = _int(str(form.get("referral", "")), 1, 2**53)
+        if referral is not None:
+            return _redirect(f"{PREFIX}/referrals/{referral}?done=task-{done}")
+        status = str(form.get("status", "due"))
+        status = status if status in TASK_FILTERS else "due"
+        return _redirect(f"{PREFIX}/tasks?status={status}&done={done}")
+
     async def _task_assign(self, request: web.Request, me: Principal) -> web.StreamResponse:
-        """Assign to me."""
-        self.service.task_action(me, _path_id(request, "task_id"), "assign", me.name)
-        return _redirect(f"{PREFIX}/tasks?done=assigned")
+        """Assign to me, or to the user the form names ("" takes the task back)."""
+        user = str(self._form(request).get("user", me.name))[:64]
+        if user and user not in self._workers():
+            raise ApiError(400, "no such user may work tasks")
+        self.service.task_action(me, _path_id(request, "task_id"), "assign", user)
+        return self._back(request, "assigned" if user else "unassigned")
 
     async def _task_done(self, request: web.Request, me: Principal) -> web.StreamResponse:
         tid = _path_id(request, "task_id")
         note = str(self._form(request).get("note", ""))[:2000]
         self.service.task_action(me, tid, "done", note)
-        return _redirect(f"{PREFIX}/tasks?done=done")
+        return self._back(request, "done")
+
+    async def _task_snooze(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Snooze for a number of days (``days``), or until a date (``until``, which wins);
+        ``days=0`` wakes the task."""
+        form = self._form(request)
+        until = str(form.get("until", "")).strip()[:40]
+        if not until:
+            days = _int(str(form.get("days", "")), 0, 365)
+            if days is None:
+                raise ApiError(400, "snooze for how many days?")
+            until = "" if days == 0 else isoformat(self.service.clock.now() + days * 86400.0)
+        self.service.task_action(me, _path_id(request, "task_id"), "snooze", until)
+        return self._back(request, "snoozed" if until else "woken")
 
     # -- outbox --
 
@@ -370,10 +461,16 @@ class Dashboard:
         status = request.query.get("status", "dead")
         if status not in ("", *outbox_store.OUTBOX_STATUSES):
             raise ApiError(400, "unknown status")
-        items = self.service.outbox(status=status, limit=200)
+        page = self.service.outbox_page(
+            status=status,
+            before=_int(request.query.get("before"), 1, 2**53),
+            after=_int(request.query.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
+        )
         return self._render(
-            request, me, "outbox.html", items=items, current=status,
+            request, me, "outbox.html", items=page["items"], page=page, current=status,
             statuses=outbox_store.OUTBOX_STATUSES,
+            link=_query_link(request.path, {"status": status}, keep_empty=("status",)),
         )  # fmt: skip
 
     async def _retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
@@ -396,25 +493,45 @@ class Dashboard:
             "since": q.get("since", "")[:10] if since is not None else "",
             "until": q.get("until", "")[:10] if until is not None else "",
         }
-        items = self.service.messages(
+        page = self.service.message_page(
             message_type=filters["type"] or None,
             control_id=filters["control_id"] or None,
             status=status,
             since=since,
             until=None if until is None else until + 86400,
-            limit=200,
+            before=_int(q.get("before"), 1, 2**53),
+            after=_int(q.get("after"), 1, 2**53),
+            limit=LIST_PAGE,
         )
         return self._render(
-            request, me, "messages.html", items=items, filters=filters, statuses=MESSAGE_STATUSES
-        )
+            request, me, "messages.html", items=page["items"], page=page, filters=filters,
+            statuses=MESSAGE_STATUSES, link=_query_link(request.path, filters),
+        )  # fmt: skip
 
     async def _message(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        """Metadata, the ACK, the decision and what it produced; with ``raw=1`` the text
+        and its parsed tree side by side (audited as a raw view)."""
         mid = _path_id(request, "message_id")
-        meta = self.service.message(mid)
-        raw = None
+        meta = self.service.message_detail(mid)
+        tree = None
         if request.query.get("raw") == "1":
-            raw = self.service.raw(me, mid, via="dashboard").replace("\r", "\n")
-        return self._render(request, me, "message.html", m=meta, raw=raw)
+            tree = self.service.message_tree(me, mid, via="dashboard")
+            tree["text"] = tree["text"].replace("\r\n", "\n").replace("\r", "\n")
+        return self._render(
+            request, me, "message.html", m=meta, tree=tree, notice=request.query.get("done", "")
+        )
+
+    async def _reprocess(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        mid = _path_id(request, "message_id")
+        resend = self._form(request).get("resend") == "1"
+        item = self.service.reprocess(me, mid, resend=resend)
+        done = "reprocessed" if item["applied"] else "unchanged"
+        return _redirect(f"{PREFIX}/messages/{mid}?done={done}")
+
+    async def _message_retry(self, request: web.Request, me: Principal) -> web.StreamResponse:
+        mid = _path_id(request, "message_id")
+        self.service.message_retry(me, mid, _path_id(request, "outbox_id"))
+        return _redirect(f"{PREFIX}/messages/{mid}?done=retried")
 
     # -- chart --
 
@@ -423,16 +540,18 @@ class Dashboard:
         closure = bar_chart([(m, rate, f"{round(rate)}%") for m, rate, _n in months], top=100.0)
         ages = bar_chart([(label, float(n), str(n)) for label, n in aging])
         return self._render(
-            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging
-        )
+            request, me, "chart.html", closure=closure, ages=ages, months=months, aging=aging,
+            open_total=sum(n for _label, n in aging),
+        )  # fmt: skip
 
     def chart_data(self) -> tuple[list[tuple[str, float, int]], list[tuple[str, int]]]:
-        """(closure rate % and denominator by month for the last 12 months, open
-        referrals by age bucket) from the closure report (engine.tracking.report)."""
+        """(closure rate % and denominator by month for the last 12 months, from the
+        closure report (engine.tracking.report); every open referral by age bucket,
+        whatever its opening date, as the worklist counts them)."""
         today = dt.datetime.fromtimestamp(self.service.clock.now(), dt.UTC).date()
         start = (today.replace(day=1) - dt.timedelta(days=335)).replace(day=1)
         data = self.service.report(start, today, "month")
-        return _months(data), _aging(data)
+        return _months(data), self.service.open_aging()
 
     # -- users --
 
@@ -523,6 +642,43 @@ def _when(value: Any) -> str:
     return str(value)[:16].replace("T", " ")
 
 
+def _worklist_heading(filters: Mapping[str, str]) -> str:
+    """The worklist's heading, from its filters ("Overdue referrals in cardiology")."""
+    if filters["status"]:
+        text = f"Referrals with status {filters['status']}"
+    else:
+        text = {"open": "Open referrals", "overdue": "Overdue referrals"}.get(
+            filters["show"], "All referrals"
+        )
+    if filters["specialty"]:
+        text += f" in {filters['specialty']}"
+    if filters["specialist"]:
+        text += f" to {filters['specialist']}"
+    if filters["referring"]:
+        text += f" from {filters['referring']}"
+    if filters["days_open_min"]:
+        text += f" open {filters['days_open_min']}+ days"
+    if filters["q"]:
+        text += " matching the search"
+    return text
+
+
+def _query_link(
+    path: str, filters: Mapping[str, str], keep_empty: tuple[str, ...] = ()
+) -> Callable[..., str]:
+    """``link(**changes)``: this page's URL with its filters and ``changes`` (None drops
+    a parameter); empty values are left out, but for ``keep_empty``."""
+
+    def link(**changes: Any) -> str:
+        params = {**filters, **changes}
+        kept = {
+            k: str(v) for k, v in params.items() if v is not None and (v != "" or k in keep_empty)
+        }
+        return f"{path}?{urlencode(kept)}" if kept else path
+
+    return link
+
+
 def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Events (messages in, nudges, MDNs, escalations, operator actions) and outbound
     rows in one list, by time."""
@@ -548,6 +704,20 @@ def _timeline(item: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "changed": e["changed"],
             }
         )
+    for t in item.get("tasks", ()):
+        rows.append(
+            {
+                "at": t["created_at"],
+                "direction": "task",
+                "what": f"task {t['template']}",
+                "who": t["assignee"] or "-",
+                "status": t["status"],
+                "effects": "",
+                "detail": f"task {t['id']}, due {_when(t['due'])}",
+                "changed": True,
+            }
+        )
+    rows.sort(key=lambda r: str(r["at"]))  # ISO-8601 UTC: text order is time order
     for o in item["outbox"]:
         rows.append(
             {
@@ -571,8 +741,3 @@ def _months(data: Mapping[str, Any]) -> list[tuple[str, float, int]]:
     return [
         (str(g["key"]), (g["rate"] or 0.0) * 100.0, int(g["denominator"])) for g in data["groups"]
     ]
-
-
-def _aging(data: Mapping[str, Any]) -> list[tuple[str, int]]:
-    """Open referrals by age bucket, in bucket order: the report's ``open_aging``."""
-    return [(str(label), int(n)) for label, n in data["open_aging"].items()]

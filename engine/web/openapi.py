@@ -13,7 +13,7 @@ from typing import Any, Final, Protocol
 
 from engine.tracking import states
 from engine.tracking.report import AGING_LABELS, NUDGE_CHANNELS
-from engine.web.service import MAX_ID, REPORT_GROUPS, ApiError
+from engine.web.service import MAX_BULK, MAX_ID, REPORT_GROUPS, ApiError
 
 # -- JSON Schema pieces ------------------------------------------------------------
 
@@ -21,6 +21,7 @@ STR: Final = {"type": "string"}
 INT: Final = {"type": "integer"}
 NUM: Final = {"type": "number"}
 BOOL: Final = {"type": "boolean"}
+COUNT_: Final = {"type": "integer", "minimum": 0}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +41,15 @@ def list_of(item: dict[str, Any]) -> dict[str, Any]:
     return _obj({"items": {"type": "array", "items": item}})
 
 
+def capped_list_of(item: dict[str, Any], cursor: str = "") -> dict[str, Any]:
+    """A list that stops at ``limit``: ``more`` says rows are left; with a cursor
+    parameter, ``next`` is its value for the next page (null at the end)."""
+    props: dict[str, Any] = {"items": {"type": "array", "items": item}, "more": BOOL}
+    if cursor:
+        props["next"] = _nullable(_obj({cursor: INT}))
+    return _obj(props)
+
+
 ERROR: Final = _obj({"error": STR})
 REFERRAL_ITEM: Final = _obj(
     {
@@ -54,11 +64,25 @@ REFERRAL_ITEM: Final = _obj(
         "opened_at": STR,
         "closed_at": _nullable(STR),
         "close_reason": STR,
-        "days_open": NUM,
+        "days_open": INT,
         "overdue": BOOL,
         "needed_by": STR,
         "specialist": STR,
         "referring": STR,
+        "patient_name": STR,
+        "patient_birth_date": STR,
+        "patient_mrn": STR,
+    }
+)
+REFERRAL_PAGE: Final = _obj(
+    {
+        "items": {"type": "array", "items": REFERRAL_ITEM},
+        "total": INT,
+        "first": INT,
+        "last": INT,
+        "sort": STR,
+        "prev_before": _nullable(INT),
+        "next_after": _nullable(INT),
     }
 )
 TIMELINE_ENTRY: Final = _obj(
@@ -79,7 +103,7 @@ TIMELINE_ENTRY: Final = _obj(
 MESSAGE: Final = _obj(
     {
         "id": INT,
-        "received_at": NUM,
+        "received_at": {"type": "string", "format": "date-time"},
         "source": STR,
         "sending_app": STR,
         "sending_facility": STR,
@@ -111,6 +135,7 @@ REFERRAL_DETAIL: Final = {
         "outbox": {"type": "array", "items": {"type": "object"}},
         "timeline": {"type": "array", "items": TIMELINE_ENTRY},
         "messages": {"type": "array", "items": MESSAGE},
+        "tasks": {"type": "array", "items": {"type": "object"}},
     },
     "required": [
         *REFERRAL_ITEM["required"],
@@ -119,6 +144,7 @@ REFERRAL_DETAIL: Final = {
         "timeline",
         "outbox",
         "messages",
+        "tasks",
     ],
 }
 ACTION_RESULT: Final = _obj(
@@ -160,6 +186,7 @@ TASK_ITEM: Final = _obj(
         "status": {"type": "string", "enum": ["open", "done", "superseded"]},
         "assignee": STR,
         "due_at": _nullable(STR),
+        "due": STR,
         "snoozed_until": _nullable(STR),
         "snoozed": BOOL,
         "note": STR,
@@ -167,6 +194,98 @@ TASK_ITEM: Final = _obj(
         "done_at": _nullable(STR),
         "done_by": STR,
         "superseded_by": _nullable(INT),
+    }
+)
+BULK_CLOSE_RESULT: Final = _obj(
+    {
+        "closed": COUNT_,
+        "refused": COUNT_,
+        "items": {
+            "type": "array",
+            "items": _obj({**ACTION_RESULT["properties"], "error": STR}),
+        },
+    }
+)
+_SIDE: Final = _obj(
+    {"status": STR, "route": STR, "reason": STR, "events": {"type": "array", "items": STR}}
+)
+REPLAY_ITEM: Final = _obj(
+    {
+        "id": INT,
+        "type": STR,
+        "old": _SIDE,
+        "new": _nullable(_SIDE),
+        "changed": BOOL,
+        "applied": BOOL,
+        "skipped": STR,
+    }
+)
+MESSAGE_OUTCOME: Final = {
+    **MESSAGE,
+    "properties": {
+        **MESSAGE["properties"],
+        "ack": STR,
+        "decision": _nullable(
+            _obj(
+                {
+                    "status": STR,
+                    "route": STR,
+                    "reason": STR,
+                    "actions": {
+                        "type": "array",
+                        "items": _obj({"route": STR, "action": STR, "what": STR}),
+                    },
+                    "decided_at": STR,
+                    "replayed_at": _nullable(STR),
+                    "replayed_by": STR,
+                }
+            )
+        ),
+        "events": {
+            "type": "array",
+            "items": _obj(
+                {"id": INT, "referral_id": INT, "kind": STR, "status": STR, "changed": BOOL}
+            ),
+        },
+        "parked": {
+            "type": "array",
+            "items": _obj(
+                {"id": INT, "kind": STR, "why": STR, "status": STR, "referral_id": _nullable(INT)}
+            ),
+        },
+        "outbox": {"type": "array", "items": OUTBOX_ITEM},
+    },
+    "required": [*MESSAGE["required"], "ack", "decision", "events", "parked", "outbox"],
+}
+TREE_NODE: Final = {
+    "type": "object",
+    "description": "An element: path like PID-3[2].4, its HL7 v2.5.1 name, data type, "
+    "value as sent, and its children (the same shape, nested).",
+    "properties": {
+        "path": STR,
+        "name": STR,
+        "type": STR,
+        "value": STR,
+        "children": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["path", "name", "type", "value", "children"],
+}
+MESSAGE_TREE: Final = _obj(
+    {
+        "id": INT,
+        "text": STR,
+        "error": STR,
+        "segments": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "id": STR,
+                    "occurrence": INT,
+                    "name": STR,
+                    "fields": {"type": "array", "items": TREE_NODE},
+                }
+            ),
+        },
     }
 )
 PARKED_ITEM: Final = _obj(
@@ -253,9 +372,67 @@ BOOK_BODY: Final = _body(
 )
 TASK_DONE_BODY: Final = _body({"note": {"type": "string", "maxLength": 2000}}, ("note",))
 TASK_ASSIGN_BODY: Final = _body({"user": {"type": "string", "maxLength": 100}}, ("user",))
+TASK_SNOOZE_BODY: Final = _body(
+    {"until": {"type": "string", "maxLength": 40, "description": "ISO date or date-time "
+               "in the future; \"\" wakes the task"}},
+    ("until",),
+)  # fmt: skip
+BULK_CLOSE_BODY: Final = _body(
+    {
+        "referral_ids": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+            "minItems": 1,
+            "maxItems": MAX_BULK,
+            "uniqueItems": True,
+        },
+        "reason": {"type": "string", "enum": list(states.CLOSE_PRECEDENCE)},
+        "note": {"type": "string", "maxLength": 2000},
+    },
+    ("referral_ids", "reason"),
+)
+REPROCESS_BODY: Final = _body({"resend": BOOL, "dry_run": BOOL}, ())
 DECLINE_BODY: Final = _body({"reason": {"type": "string", "maxLength": 2000}}, ())
 LINK_BODY: Final = _body(
     {"referral_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID}}, ("referral_id",)
+)
+
+# The analyst's workbench (engine.ingest.status): sources, try a message.
+SOURCE_ITEM: Final = _obj(
+    {
+        "name": STR,
+        "kind": {"type": "string", "enum": ["mllp", "fhir", "direct", "other"]},
+        "address": STR,
+        "connections_open": _nullable({"type": "integer", "minimum": 0}),
+        "last_message_at": _nullable({"type": "string", "format": "date-time"}),
+        "today": _obj({s: COUNT for s in ("received", "routed", "filtered", "error", "rejected")}),
+        "today_total": COUNT,
+        "last_error_at": _nullable({"type": "string", "format": "date-time"}),
+        "last_error": STR,
+    }
+)
+TRY_ITEM: Final = _obj(
+    {
+        "index": {"type": "integer", "minimum": 1},
+        "kind": {"type": "string", "enum": ["hl7v2", "fhir"]},
+        "type": STR,
+        "control_id": STR,
+        "source": STR,
+        "status": {"type": "string", "enum": ["routed", "filtered", "error"]},
+        "routes": {"type": "array", "items": STR},
+        "reason": STR,
+        "extracted": {"type": "object", "additionalProperties": {"type": "object"}},
+        "events": {"type": "array", "items": {"type": "object"}},
+        "actions": {"type": "array", "items": {"type": "object"}},
+    }
+)
+TRY_RESULT: Final = _obj({"items": {"type": "array", "items": TRY_ITEM}, "not_tried": COUNT})
+TRY_BODY: Final = _body(
+    {
+        "message": {"type": "string", "maxLength": 900_000},
+        "source": {"type": "string", "maxLength": 64},
+    },
+    ("message",),
 )
 
 
@@ -279,11 +456,27 @@ def check_body(schema: Mapping[str, Any], body: Any) -> dict[str, Any]:
             if len(value) > spec.get("maxLength", 10_000):
                 raise ApiError(400, f"{name}: too long")
         elif spec["type"] == "integer":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ApiError(400, f"{name}: must be a whole number")
-            if not spec.get("minimum", -MAX_ID) <= value <= spec.get("maximum", MAX_ID):
-                raise ApiError(400, f"{name}: out of range")
+            _check_integer(name, spec, value)
+        elif spec["type"] == "boolean":
+            if not isinstance(value, bool):
+                raise ApiError(400, f"{name}: must be true or false")
+        elif spec["type"] == "array":
+            if not isinstance(value, list):
+                raise ApiError(400, f"{name}: must be an array")
+            if not spec.get("minItems", 0) <= len(value) <= spec.get("maxItems", 10_000):
+                raise ApiError(400, f"{name}: {len(value)} items is out of range")
+            for item in value:
+                _check_integer(name, spec["items"], item)
+            if spec.get("uniqueItems") and len(set(value)) != len(value):
+                raise ApiError(400, f"{name}: items repeat")
     return body
+
+
+def _check_integer(name: str, spec: Mapping[str, Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name}: must be a whole number")
+    if not spec.get("minimum", -MAX_ID) <= value <= spec.get("maximum", MAX_ID):
+        raise ApiError(400, f"{name}: out of range")
 
 
 class ParamSpec(Protocol):
@@ -334,6 +527,7 @@ _STATUS_TEXT: Final = {
     403: "The caller's role may not do this",
     404: "Not found",
     409: "Conflict with the current state",
+    413: "The request body is over the HTTP body limit (1 MiB)",
     503: "Unavailable in this configuration",
 }
 
@@ -345,7 +539,8 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
         responses: dict[str, Any] = {
             "200": {"description": "OK", "content": {r.content_type: {"schema": r.response}}}
         }
-        for status in (400, 401, 403, *r.statuses):
+        too_large = (413,) if r.body is not None else ()
+        for status in (400, 401, 403, *too_large, *r.statuses):
             responses[str(status)] = {
                 "description": _STATUS_TEXT[status],
                 "content": {"application/json": {"schema": ERROR}},

@@ -91,10 +91,12 @@ class HttpServer:
         *,
         reload: Callable[[], list[str]] | None = None,
         authenticate: Callable[[str], Principal | None] | None = None,
+        not_ready: Callable[[], str] | None = None,
     ):
         self.cfg = cfg
         self.metrics = metrics
         self.ready = ready
+        self.not_ready = not_ready  # why /readyz says 503 ("starting" when not given)
         self.reload = reload
         self.authenticate = authenticate
         self.hosts = allowed_hosts(cfg)
@@ -204,7 +206,8 @@ class HttpServer:
     async def _readyz(self, request: web.Request) -> web.Response:
         if self.ready():
             return web.json_response({"status": "ready"})
-        return web.json_response({"status": "starting"}, status=503)
+        reason = self.not_ready() if self.not_ready is not None else ""
+        return web.json_response({"status": reason or "starting"}, status=503)
 
     def _admin_allowed(self, request: web.Request) -> bool:
         """Admin endpoints answer loopback peers only, and when ``http.admin_token`` is

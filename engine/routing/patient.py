@@ -1,0 +1,22 @@
+"""The patient a stored message is about (MRN, name, birth date), for the referral row
+the search box finds: PID for HL7 v2, a Patient resource (itself, contained or in a
+Bundle) for FHIR (engine.hl7v2.patient). The handler writes it on every referral a
+message's track events reached (engine.store.referral_search.set_patient)."""
+
+from __future__ import annotations
+
+from engine.errors import MessageRejected
+from engine.hl7v2.message import Message
+from engine.hl7v2.patient import Demographics, from_fhir, from_hl7
+from engine.model import StoredMessage
+from engine.routing.fhirpath import FhirResource, is_fhir
+
+
+def demographics(row: StoredMessage) -> Demographics:
+    """What ``row`` says of its patient; empty when it says nothing or cannot be read."""
+    try:
+        if is_fhir(row.raw, row.message_type):
+            return from_fhir(FhirResource.from_bytes(row.raw).data)
+        return from_hl7(Message(row.raw))
+    except MessageRejected:
+        return Demographics()
