@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install bench clean screenshots
+.PHONY: run test test-pg lint install bench clean screenshots
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,8 +34,16 @@ tests/node/node_modules/.bin/prism: tests/node/package.json tests/node/package-l
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# the suite on SQLite, then the tests of the store (marker `store`) again on PostgreSQL,
+# each in a schema of its own (docs/scale-out.md); the machine runs PostgreSQL on 5432
+PG_TEST_STORE ?= postgresql://postgres@127.0.0.1:5432/test
+
 test: lint tests/node/node_modules/.bin/prism /usr/bin/chromium
 	REFLOOP_REQUIRE_BROWSER=1 $(BIN)/pytest
+	$(MAKE) test-pg
+
+test-pg: $(STAMP)
+	REFLOOP_TEST_STORE=$(PG_TEST_STORE) $(BIN)/pytest -m store
 
 # every dashboard page at 1280 and 390 px wide, to docs/screenshots/ (tests/screenshots.py)
 screenshots: $(STAMP) /usr/bin/chromium

@@ -33,6 +33,7 @@ from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, open_database
 from engine.store.backup import StateLock
+from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
 from engine.store.retention import Tally
 from engine.tracking.report import closure_ratios
@@ -143,6 +144,7 @@ class Engine:
     background: bool = True  # False: timers and dispatch are driven by the caller (simulator)
     table: RouteTable | None = None  # ``config`` compiled (refloop run has); else at start
     prune_first_run: float = 60.0  # seconds from start to the first retention run
+    store: str = ""  # ``refloop run --store``: overrides routes.yaml's store.url
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -173,8 +175,9 @@ class Engine:
         self.pruner: Pruner | None = None
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / self.config.store.file
+    def db_path(self) -> str:
+        """The store: a file path, or a ``postgresql://`` URL (docs/scale-out.md)."""
+        return self.config.store.location(self.state_dir, self.store)
 
     def is_ready(self) -> bool:
         """``/readyz``: the listeners accept and the last inbox commit succeeded."""
@@ -198,9 +201,14 @@ class Engine:
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_lock = StateLock(self.db_path)  # held shared: no restore under our feet
-        self.state_lock.shared()
-        self.db = open_database(self.db_path, synchronous=self.config.store.synchronous)
+        cfg = self.config.store
+        if not is_postgres_url(self.db_path):  # a restore replaces the file: not under us
+            self.state_lock = StateLock(Path(self.db_path))
+            self.state_lock.shared()
+        self.db = open_database(
+            self.db_path, synchronous=cfg.synchronous, pool=(cfg.pool_min, cfg.pool_max)
+        )
+        log.info("store: %s", self.db.location)
         if self.background:
             self.membership = self._membership()
             self.membership.check_id()  # before anything listens

@@ -443,12 +443,24 @@ class HttpConfig:
     allowed_hosts: tuple[str, ...] = ()
 
 
+STORE_SCHEMES: Final = ("postgresql://", "postgres://", "sqlite://")
+
+
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     file: str = "refloop.db"  # relative to the state directory
     synchronous: Synchronous = "full"
-    node_id: str = ""  # this node in outbox claims ('' : hostname:pid)
+    # postgresql://… (docs/scale-out.md), sqlite:///path or a bare path; "" = <state>/<file>
+    url: str = field(default="", repr=False)
+    pool_min: int = 2  # PostgreSQL connection pool per process
+    pool_max: int = 8
+    node_id: str = ""  # this node in outbox claims ("" = hostname:pid)
     lease_seconds: float = 30.0  # how long an outbox claim holds without renewal
+
+    def location(self, state_dir: str | os.PathLike[str], override: str = "") -> str:
+        """Where the store is: ``override`` (``refloop run --store``), else ``url``, else
+        ``<state_dir>/<file>``."""
+        return override or self.url or str(Path(state_dir) / self.file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,9 +588,23 @@ def _retention(r: Reader) -> RetentionConfig:
 
 
 def _store(r: Reader) -> StoreConfig:
+    url = r.text("url", "").strip()
+    if "://" in url and not url.startswith(STORE_SCHEMES):
+        r.fail("url", "must be postgresql://…, sqlite:///path or a file path")
+    pool_min, pool_max = 2, 8
+    if r.has("pool"):
+        p = r.child("pool")
+        pool_min = p.integer("min", pool_min, lo=1, hi=200)
+        pool_max = p.integer("max", max(pool_max, pool_min), lo=1, hi=200)
+        if pool_max < pool_min:
+            p.fail("max", f"must be at least min ({pool_min}), not {pool_max}")
+        p.done()
     cfg = StoreConfig(
         file=r.text("file", "refloop.db"),
         synchronous=cast(Synchronous, r.choice("synchronous", ("full", "normal"), "full")),
+        url=url,
+        pool_min=pool_min,
+        pool_max=pool_max,
         node_id=r.text("node_id", ""),
         lease_seconds=r.number("lease_seconds", 30.0, lo=1.0),
     )

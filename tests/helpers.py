@@ -328,6 +328,39 @@ def move_time_back(db: Path, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------------------
+# PostgreSQL: a schema per test (REFLOOP_TEST_STORE)
+
+
+def make_pg_schema(base_url: str) -> tuple[str, str]:
+    """A fresh schema on the server at ``base_url``; returns (a URL whose connections use
+    it through ``search_path``, its name)."""
+    import uuid
+
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base_url else "?"
+    url = f"{base_url}{sep}options=-csearch_path%3D{schema}&application_name={schema}"
+    return url, schema
+
+
+def drop_pg_schema(base_url: str, schema: str) -> None:
+    """Drop a test's schema and all in it (connections the test left open are ended)."""
+    import psycopg
+
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND application_name = %s",
+            (schema,),
+        )
+        conn.execute("SET lock_timeout = '10s'")
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# ---------------------------------------------------------------------------
 # The daemon as a subprocess
 
 
@@ -340,6 +373,7 @@ class Daemon:
     routes: Path = REPO / "routes.yaml"
     mllp: int = 0
     http: int = 0
+    store: str = ""  # refloop run --store (a postgresql:// URL or a file); "" = none
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
 
@@ -359,7 +393,14 @@ class Daemon:
             env.update(REFLOOP_MLLP_PORT=str(self.mllp), REFLOOP_HTTP_PORT=str(self.http))
             self._log = self.log_path.open("ab")
             self.proc = subprocess.Popen(
-                [*RUN, "--routes", str(self.routes), "--state", str(self.state_dir)],
+                [
+                    *RUN,
+                    "--routes",
+                    str(self.routes),
+                    "--state",
+                    str(self.state_dir),
+                    *(["--store", self.store] if self.store else []),
+                ],
                 cwd=REPO,
                 env=env,
                 stdin=subprocess.DEVNULL,

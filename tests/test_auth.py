@@ -3,6 +3,7 @@ login rate limit on a virtual clock, CSRF tokens, roles; and ``refloop users``."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,10 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def auth(tmp_path: Path) -> Auth:
-    db = open_database(tmp_path / "refloop.db")
-    return Auth(db, VirtualClock())
+def auth(store_url: str) -> Iterator[Auth]:
+    db = open_database(store_url)
+    yield Auth(db, VirtualClock())
+    db.close()
 
 
 def test_scrypt_hash_round_trip_and_format() -> None:
@@ -61,7 +63,11 @@ def test_users_sessions_and_tokens_are_stored_hashed(auth: Auth) -> None:
     principal, session = result
     assert principal.actor == "user:casey" and principal.may("act") and not principal.may("users")
     token = auth.new_token("casey", "job")
-    dump = "\n".join(auth.db.conn.iterdump())
+    dump = "\n".join(
+        repr(row)
+        for table in ("users", "user_sessions", "api_tokens")
+        for row in auth.db.conn.execute(f"SELECT * FROM {table}").fetchall()
+    )
     assert session not in dump and token not in dump and PASSWORD not in dump
     assert token_hash(session) in dump and token_hash(token) in dump
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,7 +40,7 @@ from engine.model import Identifiers, PatientContact, Provider, ReferralCreated 
 from engine.routing.table import ChannelSpec, PracticeSpec  # noqa: E402
 from engine.store import outbox  # noqa: E402
 from engine.store import referrals as referral_store  # noqa: E402
-from engine.store.db import Database, open_database  # noqa: E402
+from engine.store.db import Database, DatabaseError, open_database  # noqa: E402
 from engine.tracking.escalation import Policy  # noqa: E402
 from engine.tracking.tracker import Tracker  # noqa: E402
 
@@ -99,8 +98,8 @@ class Script:
         return web.json_response({"id": f"rx-{len(self.keys)}"}, status=status, headers=headers)
 
 
-def make_db(tmp_path: Path) -> Database:
-    return open_database(tmp_path / "refloop.db")
+def make_db(store_url: str) -> Database:
+    return open_database(store_url)
 
 
 def new_referral(db: Database, clock: Clock, placer: str, **contact: Any) -> int:
@@ -191,11 +190,11 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 # Failures, backoff and dead letters
 
 
-def test_backoff_timing_and_dead_letter_on_the_virtual_clock(tmp_path: Path) -> None:
+def test_backoff_timing_and_dead_letter_on_the_virtual_clock(store_url: str) -> None:
     """503 every time: each retry waits uniform(0, min(cap, base*2^(n-1))) from the seeded
     random; after max_attempts the row is dead, counted and visible in the gauge."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     metrics = Metrics(CollectorRegistry())
     oid = enqueue(db, None, "k1")
     script = Script(503, 503, 503, 503)
@@ -240,9 +239,9 @@ FAULTS: list[tuple[str, Any, str]] = [
 
 
 @pytest.mark.parametrize(("fault", "step", "reason"), FAULTS, ids=[f[0] for f in FAULTS])
-def test_retryable_fault_then_recovery(tmp_path: Path, fault: str, step: Any, reason: str) -> None:
+def test_retryable_fault_then_recovery(store_url: str, fault: str, step: Any, reason: str) -> None:
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k1")
     script = Script(step)
 
@@ -264,9 +263,9 @@ def test_retryable_fault_then_recovery(tmp_path: Path, fault: str, step: Any, re
     db.close()
 
 
-def test_retry_after_is_honoured(tmp_path: Path) -> None:
+def test_retry_after_is_honoured(store_url: str) -> None:
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k1")
 
     async def main() -> None:
@@ -279,9 +278,9 @@ def test_retry_after_is_honoured(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_4xx_is_dead_at_once(tmp_path: Path) -> None:
+def test_a_4xx_is_dead_at_once(store_url: str) -> None:
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k1")
 
     async def main() -> None:
@@ -294,11 +293,11 @@ def test_a_4xx_is_dead_at_once(tmp_path: Path) -> None:
     db.close()
 
 
-def test_worker_loop_waits_on_the_virtual_clock(tmp_path: Path) -> None:
+def test_worker_loop_waits_on_the_virtual_clock(store_url: str) -> None:
     """The real worker loop: its sleep moves the virtual clock exactly to each retry's due
     time (no real waiting); fail, fail, succeed."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k1")
     script = Script(503, 503)
     at: list[float] = []  # the virtual time of each request
@@ -338,12 +337,12 @@ def test_worker_loop_waits_on_the_virtual_clock(tmp_path: Path) -> None:
 # Order and parallelism
 
 
-def test_per_referral_order_with_referrals_in_parallel(tmp_path: Path) -> None:
+def test_per_referral_order_with_referrals_in_parallel(store_url: str) -> None:
     """Two referrals, two rows each: the first rows of both are in flight together (the
     receiver waits for both before answering); a referral's second row waits for its
     first, even while the first is backing off, and the other referral is not held up."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     a = new_referral(db, clock, "A")
     b = new_referral(db, clock, "B")
     a1, b1 = enqueue(db, a, "a1"), enqueue(db, b, "b1")
@@ -380,9 +379,9 @@ def test_per_referral_order_with_referrals_in_parallel(tmp_path: Path) -> None:
     db.close()
 
 
-def test_dead_row_does_not_block_the_referral_forever(tmp_path: Path) -> None:
+def test_dead_row_does_not_block_the_referral_forever(store_url: str) -> None:
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     a = new_referral(db, clock, "A")
     first, second = enqueue(db, a, "a1"), enqueue(db, a, "a2")
 
@@ -397,10 +396,10 @@ def test_dead_row_does_not_block_the_referral_forever(tmp_path: Path) -> None:
     db.close()
 
 
-def test_next_due_ignores_rows_held_back_by_their_referral(tmp_path: Path) -> None:
+def test_next_due_ignores_rows_held_back_by_their_referral(store_url: str) -> None:
     """The idle wait is until the blocking row is due, not 0 (no busy polling)."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     a = new_referral(db, clock, "A")
     first = enqueue(db, a, "a1", due=T0 + 600)
     enqueue(db, a, "a2", due=T0)
@@ -448,9 +447,9 @@ def test_channel_factory_names_each_unusable_setting() -> None:
 # Consequences, SMS consent and suppression
 
 
-def test_sent_packet_records_packet_sent_on_the_referral(tmp_path: Path) -> None:
+def test_sent_packet_records_packet_sent_on_the_referral(store_url: str) -> None:
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     tracker = Tracker(db, clock)
     rid = new_referral(db, clock, "A")
     oid = enqueue(db, rid, "p1", template="specialist-packet", to="worklist:cardio")
@@ -489,12 +488,12 @@ SMS_SPEC = ChannelSpec("sms", "sms", MappingProxyType({}), MappingProxyType({}))
 PORTAL_SPEC = ChannelSpec("portal", "webhook", MappingProxyType({}), MappingProxyType({}))
 
 
-def test_sms_nudge_through_twilio_and_consent_rules(tmp_path: Path) -> None:
+def test_sms_nudge_through_twilio_and_consent_rules(store_url: str) -> None:
     """With consent the allow-listed text goes to Twilio and the referral is nudged; without
     consent, or to a suppressed number, nothing is texted and the rotation moves to the
     portal."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     tracker = Tracker(db, clock)
     ok = new_referral(db, clock, "A", phone="+15550100001", sms_consent=True)
     no_consent = new_referral(db, clock, "B", phone="+15550100002")
@@ -553,11 +552,11 @@ def test_sms_nudge_through_twilio_and_consent_rules(tmp_path: Path) -> None:
 # Restart
 
 
-def test_restart_resends_in_flight_rows_and_never_recorded_ones(tmp_path: Path) -> None:
+def test_restart_resends_in_flight_rows_and_never_recorded_ones(store_url: str) -> None:
     """A row a dead node left sending is resent once its lease has expired, not before
     (until then that node, or another one, may still be sending it)."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     in_flight = enqueue(db, None, "k-in-flight")
     done = enqueue(db, None, "k-done")
     with db.transaction() as conn:  # a daemon claimed both, recorded one, then died
@@ -587,12 +586,12 @@ def test_restart_resends_in_flight_rows_and_never_recorded_ones(tmp_path: Path) 
 
 
 def test_a_starting_node_leaves_another_nodes_send_alone_until_its_lease_ends(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     """Start-up used to return every sending row to pending: on a shared database that
     resends what another node is sending right now. Only an expired lease is reaped."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k-busy")
     with db.transaction() as conn:
         (item,) = outbox.claim_due(conn, "hook", T0, 10, node="node-a:1", lease=30.0)
@@ -618,12 +617,12 @@ def test_a_starting_node_leaves_another_nodes_send_alone_until_its_lease_ends(
     db.close()
 
 
-def test_a_result_is_fenced_on_the_claim(tmp_path: Path) -> None:
+def test_a_result_is_fenced_on_the_claim(store_url: str) -> None:
     """Node a's send outlives its lease; node b reaps the row and sends it (attempt 2).
     When a's answer finally comes, a records nothing (lease lost, counted): the row
     stays as b recorded it."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k-slow")
     slow, fast = Script("hang"), Script()
     metrics_a = Metrics(CollectorRegistry())
@@ -659,10 +658,10 @@ def test_a_result_is_fenced_on_the_claim(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_lease_is_renewed_while_the_send_runs(tmp_path: Path) -> None:
+def test_a_lease_is_renewed_while_the_send_runs(store_url: str) -> None:
     """A send slower than the lease keeps its row: the holder renews every third of it."""
     clock = WallClock()
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     oid = enqueue(db, None, "k-long", due=clock.now())
     script = Script("hang")
 
@@ -688,12 +687,12 @@ def test_a_lease_is_renewed_while_the_send_runs(tmp_path: Path) -> None:
     db.close()
 
 
-def test_one_row_per_referral_and_channel_in_flight(tmp_path: Path) -> None:
+def test_one_row_per_referral_and_channel_in_flight(store_url: str) -> None:
     """An operator retry of a referral's earlier dead row waits while a later row of the
     same referral and channel is sending (it used to be claimed beside it); the partial
     unique index refuses a second in-flight row however it would be written."""
     clock = VirtualClock(T0)
-    db = make_db(tmp_path)
+    db = make_db(store_url)
     rid = new_referral(db, clock, "R-ONE")
     first = enqueue(db, rid, "k-first")
     second = enqueue(db, rid, "k-second")
@@ -706,7 +705,7 @@ def test_one_row_per_referral_and_channel_in_flight(tmp_path: Path) -> None:
         outbox.retry(conn, first, T0)  # the operator retries the dead one meanwhile
         assert outbox.claim_due(conn, "hook", T0, 10, node="a") == []
         assert outbox.next_due(conn, "hook") is None
-    with pytest.raises(sqlite3.IntegrityError), db.transaction() as conn:
+    with pytest.raises(DatabaseError, match=r"(?i)unique"), db.transaction() as conn:
         conn.execute("UPDATE outbox SET status = 'sending' WHERE id = ?", (first,))
     with db.transaction() as conn:
         outbox.mark_sent(conn, second, recipient="", provider_id="p", provider_status="",
@@ -720,12 +719,12 @@ def test_one_row_per_referral_and_channel_in_flight(tmp_path: Path) -> None:
 # kill -9 between send and record
 
 
-def test_kill_9_between_send_and_record_resends_once_with_the_same_key(tmp_path: Path) -> None:
+def test_kill_9_between_send_and_record_resends_once_with_the_same_key(store_url: str) -> None:
     """The receiver kills the dispatcher (SIGKILL) when row 3 arrives, before answering:
     row 3 was sent but its result never recorded. After a restart row 3 is sent again
     once its lease has expired, with the same idempotency key, and nothing else is sent
     twice."""
-    db_path = tmp_path / "refloop.db"
+    db_path = store_url
     db = open_database(db_path)
     ids = [enqueue(db, None, f"k{i}") for i in range(1, 6)]
     db.close()
@@ -750,8 +749,9 @@ def test_kill_9_between_send_and_record_resends_once_with_the_same_key(tmp_path:
     async def main() -> None:
         async with serve(handler) as url:
             assert await spawn(url) == -9
-            with sqlite3.connect(db_path) as conn:
-                statuses = dict(conn.execute("SELECT idempotency_key, status FROM outbox"))
+            seen = open_database(db_path, readonly=True)
+            statuses = dict(seen.conn.execute("SELECT idempotency_key, status FROM outbox"))
+            seen.close()
             assert statuses == {
                 "k1": "sent",
                 "k2": "sent",

@@ -79,9 +79,9 @@ RULES: tuple[Rule, ...] = (
         allow=("engine.model", "engine.errors"),
     ),
     Rule(
-        "only engine/store/ talks to SQLite",
+        "only engine/store/ talks to SQLite or PostgreSQL",
         who=("engine", "engine.*", "channels", "channels.*"),
-        forbid=("sqlite3", "sqlite_utils"),
+        forbid=("sqlite3", "sqlite_utils", "psycopg", "psycopg_pool"),
         unless=("engine.store", "engine.store.*"),
     ),
     Rule(

@@ -98,12 +98,13 @@ ALLOWED = {
     "(SELECT ? FROM outbox p WHERE o.referral_id IS NOT NULL AND p.referral_id = o.referral_id "
     "AND p.channel = o.channel AND (p.status = ? OR (p.status = ? AND p.id < o.id)))":
         "dispatcher idle via outbox_channel_due: the channel's pending rows (its queue)",
-    "UPDATE outbox SET status = ?, due = min(due, ?), updated_at = ?, lease_until = NULL, "
-    "last_error = ? WHERE status = ? AND lease_until < ? RETURNING id, channel, claimed_by":
+    "UPDATE outbox SET status = ?, due = CASE WHEN due < ? THEN due ELSE ? END, "
+    "updated_at = ?, lease_until = NULL, last_error = ? WHERE status = ? AND lease_until < ? "
+    "RETURNING id, channel, claimed_by":
         "lease reaper via outbox_due: the rows in flight (concurrency per channel and node)",
-    "UPDATE outbox SET status = ?, due = min(due, ?), updated_at = ?, lease_until = NULL, "
-    "last_error = ? WHERE status = ? AND lease_until < ? AND id NOT IN (SELECT value FROM "
-    "json_each(?)) RETURNING id, channel, claimed_by":
+    "UPDATE outbox SET status = ?, due = CASE WHEN due < ? THEN due ELSE ? END, "
+    "updated_at = ?, lease_until = NULL, last_error = ? WHERE status = ? AND lease_until < ? "
+    "AND id NOT IN (SELECT value FROM json_each(?)) RETURNING id, channel, claimed_by":
         "lease reaper via outbox_due: the rows in flight (concurrency per channel and node)",
     "SELECT min(lease_until) FROM outbox WHERE status = ?":
         "dispatcher idle via outbox_due: the rows in flight (concurrency per channel and node)",
@@ -130,7 +131,7 @@ ALLOWED = {
     # -- deliberate passes: metrics of everything, reports, exports, lists, the CLI
     "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
     "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?)":
+    "VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id":
         "SCAN parked: a foreign-key check SQLite runs only while a violation is pending",
     "SELECT status, count(*) FROM referrals GROUP BY status":
         "metrics scrape: one pass of referrals_status (~70 ms at 1M referrals)",

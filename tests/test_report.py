@@ -223,9 +223,20 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def populated(module_store_url: str) -> str:
+    """The same population in the store under test (SQLite or PostgreSQL)."""
+    db = open_database(module_store_url)
+    try:
+        populate(db)
+    finally:
+        db.close()
+    return module_store_url
+
+
 @pytest.fixture
-def db(state: Path) -> Iterator[Database]:
-    d = open_database(state / "refloop.db", readonly=True)
+def db(populated: str) -> Iterator[Database]:
+    d = open_database(populated, readonly=True)
     try:
         yield d
     finally:
@@ -332,10 +343,10 @@ def test_nov_dec_aging(db: Database) -> None:
     }  # fmt: skip
 
 
-def test_triggers_agree_with_a_rebuild(state: Path) -> None:
+def test_triggers_agree_with_a_rebuild(populated: str) -> None:
     """What the triggers kept through creates, moves, merges, reports and nudges equals
     the table built from scratch as the migration does."""
-    db = open_database(state / "refloop.db")
+    db = open_database(populated)
     try:
         query = "SELECT * FROM report_referrals ORDER BY referral_id"
         kept = db.conn.execute(query).fetchall()
@@ -473,8 +484,8 @@ def test_closure_ratio_gauge(db: Database) -> None:
     assert calls == [NOW, NOW + 301]  # one read per interval, however often it is scraped
 
 
-def test_no_referrals_no_samples(tmp_path: Path) -> None:
-    db = open_database(tmp_path / "empty.db")
+def test_no_referrals_no_samples(store_url: str) -> None:
+    db = open_database(store_url)
     try:
         assert closure_ratios(db.conn, NOW) == {"30d": None, "90d": None, "365d": None}
         registry = CollectorRegistry()

@@ -37,8 +37,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(tmp_path / "refloop.db")
+def db(store_url: str) -> Iterator[Database]:
+    database = open_database(store_url)
     yield database
     database.close()
 

@@ -142,8 +142,8 @@ def test_escalation_reaches_the_coordinator_as_a_task_and_done_closes_it(
     assert again.stderr.decode().count("\n") == 1 and "not open" in again.stderr.decode()
 
 
-def test_delivering_an_outbox_row_twice_opens_one_task(tmp_path: Path) -> None:
-    db = open_database(tmp_path / "refloop.db")
+def test_delivering_an_outbox_row_twice_opens_one_task(store_url: str) -> None:
+    db = open_database(store_url)
     clock = WallClock()
     now = clock.now()
     with db.transaction() as conn:

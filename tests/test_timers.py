@@ -49,8 +49,8 @@ T0 = at("2026-03-02T14:00:00")  # a Monday afternoon in New York
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(tmp_path / "t.db")
+def db(store_url: str) -> Iterator[Database]:
+    database = open_database(store_url)
     yield database
     database.close()
 

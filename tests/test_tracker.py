@@ -744,8 +744,8 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(tmp_path / "refloop.db")
+def db(store_url: str) -> Iterator[Database]:
+    database = open_database(store_url)
     try:
         yield database
     finally:

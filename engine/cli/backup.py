@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from engine.cli.common import database_path, errors, load_routes, routes_option, state_option
+from engine.cli.common import (
+    UsageFailure,
+    database_path,
+    errors,
+    load_routes,
+    routes_option,
+    state_option,
+)
 
 
 def register(main: click.Group) -> None:
@@ -39,7 +46,7 @@ def backup(dest: str, state_dir: str, routes_path: str) -> None:
     if dest.endswith("/") and not Path(dest).is_dir():
         raise click.ClickException(f"no directory {dest}")
     with errors():
-        source = database_path(state_dir, load_routes(routes_path))
+        source = _sqlite_file(database_path(state_dir, load_routes(routes_path)))
         started = time.monotonic()
         result = run_backup(source, Path(dest), now=time.time())
     click.echo(f"backup ok in {time.monotonic() - started:.1f}s: {result.summary()}")
@@ -62,8 +69,20 @@ def restore(src: Path, state_dir: str, routes_path: str) -> None:
     from engine.store.backup import restore as run_restore
 
     with errors():
-        target = database_path(state_dir, load_routes(routes_path))
+        target = _sqlite_file(database_path(state_dir, load_routes(routes_path)))
         result = run_restore(src, target, now=time.time())
     if result.kept is not None:
         click.echo(f"kept the previous database as {result.kept}")
     click.echo(f"restore ok: {result.target.summary()}")
+
+
+def _sqlite_file(location: str) -> Path:
+    """The SQLite file of ``store``; a PostgreSQL store is backed up by the server."""
+    from engine.store.db import is_postgres_url, sqlite_path
+
+    if is_postgres_url(location):
+        raise UsageFailure(
+            "backup and restore copy the SQLite file; a PostgreSQL store is backed up by "
+            "the server (WAL archiving, pg_dump): docs/scale-out.md"
+        )
+    return sqlite_path(location)

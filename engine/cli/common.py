@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -88,9 +87,10 @@ def load_routes(routes_path: str) -> Config:
         raise click.ClickException(first.replace("\n", " ") + more) from None
 
 
-def database_path(state_dir: str, config: Config) -> Path:
-    """``<state>/<store.file>``: where the daemon run with this config keeps its database."""
-    return Path(state_dir) / config.store.file
+def database_path(state_dir: str, config: Config) -> str:
+    """Where the daemon run with this config keeps its database: routes.yaml's
+    ``store.url`` (a ``postgresql://`` URL or a file), else ``<state>/<store.file>``."""
+    return config.store.location(state_dir)
 
 
 def open_store(state_dir: str, routes_path: str, *, readonly: bool = True) -> Database:

@@ -14,12 +14,14 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import click
 
 from engine.cli.common import (
     LazyGroup,
     MainGroup,
+    UsageFailure,
     database_path,
     errors,
     load_routes,
@@ -66,8 +68,15 @@ assert isinstance(main, MainGroup)
 @main.command()
 @routes_option
 @state_option
+@click.option(
+    "--store",
+    "store_url",
+    default="",
+    help="The database: postgresql://user@host/db (password from ~/.pgpass or a service "
+    "file, never here), sqlite:///path or a path. Overrides routes.yaml's store.url.",
+)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning.")
-def run(routes_path: str, state_dir: str, log_level: str) -> None:
+def run(routes_path: str, state_dir: str, store_url: str, log_level: str) -> None:
     """Start the daemon: MLLP listeners, processing, HTTP (health, metrics).
 
     SIGTERM or Ctrl-C drains in-flight messages and exits 0.
@@ -80,10 +89,15 @@ def run(routes_path: str, state_dir: str, log_level: str) -> None:
 
     setup_logging(log_level)
     os.umask(0o077)  # the database and anything else we write holds PHI
+    if urlsplit(store_url).password is not None:
+        raise UsageFailure(
+            "--store: no password on the command line (every user can read it): "
+            "put it in ~/.pgpass (PGPASSFILE) or a libpq service file"
+        )
     with errors():
         cfg = load_config(routes_path)
         table = _compile_routes(cfg)
-    engine = Engine(cfg, Path(state_dir), table=table)  # compiled once, here
+    engine = Engine(cfg, Path(state_dir), table=table, store=store_url)  # compiled once, here
 
     async def start() -> None:
         await engine.start()
@@ -750,6 +764,8 @@ LAZY_GROUPS: Final[dict[str, LazyGroup]] = {
         LazyGroup("specialists",
                   "The specialist directory: Direct addresses, certificates, fax numbers.",
                   lambda: importlib.import_module("engine.cli.specialists")),
+        LazyGroup("store", "The database: copy a SQLite installation into PostgreSQL.",
+                  lambda: importlib.import_module("engine.cli.store")),
         LazyGroup("tasks", "Coordinator tasks of the built-in queue: list, done, assign, snooze.",
                   lambda: importlib.import_module("engine.cli.tasks")),
         LazyGroup("timers", "Pending escalation timers.",

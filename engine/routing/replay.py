@@ -40,7 +40,7 @@ from engine.routing.handler import RouteHandler, Tracker
 from engine.routing.summary import canonical_actions, summarise
 from engine.routing.table import RouteTable
 from engine.store import Inbox, audit, open_database
-from engine.store.db import has_table
+from engine.store.db import has_table, is_postgres_url
 from engine.store.decisions import DecisionRow, Decisions
 from engine.tracking.tracker import build_tracker
 
@@ -187,7 +187,8 @@ def replay(
     the number of messages selected."""
     table = table or compile_config(config)
     clock = clock or WallClock()
-    if not Path(db_path).exists():  # never make up an empty database to replay into
+    # never make up an empty database to replay into
+    if not is_postgres_url(db_path) and not Path(db_path).exists():
         raise StoreError(f"no database at {db_path}")
     db = open_database(db_path, readonly=dry_run)
     try:

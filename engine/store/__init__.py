@@ -7,7 +7,8 @@ sibling tables; ``migrations`` lists the schema steps and imports the table modu
 ``db`` opens the file and migrates it. One connection, owned by the event loop thread.
 
 May import: ``engine.model``, ``engine.errors``, ``engine.clock``, ``engine.canonical``,
-SQLite and sqlite_utils; never routing, tracking, ingest, delivery, web or the CLI.
+SQLite, sqlite_utils, psycopg and psycopg_pool; never routing, tracking, ingest,
+delivery, web or the CLI.
 """
 
 from engine.store.db import Database, open_database

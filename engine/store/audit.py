@@ -20,10 +20,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import sqlite_utils
-
 from engine.canonical import canonical_text
 from engine.store.referrals import Conn
+from engine.store.sql import POSTGRESQL, Schema, dialect
 
 GENESIS: Final = "0" * 64
 HEAD_KEY: Final = "audit_head"
@@ -48,7 +47,7 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
         db.execute(statement)
@@ -121,15 +120,7 @@ def append(
     detail: Mapping[str, Any],
 ) -> int:
     """Append one row to the chain; call inside the transaction that did the thing."""
-    # the newest row's hash and the sequence, in one statement. AUTOINCREMENT never
-    # reuses an id, and a rolled-back insert rolls back the sequence too, so the next id
-    # is the sequence value + 1.
-    last, seq = conn.execute(
-        "SELECT (SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
-        "(SELECT seq FROM sqlite_sequence WHERE name = 'audit')"
-    ).fetchone()
-    prev = str(last) if last is not None else GENESIS
-    new_id = int(seq) + 1 if seq is not None else 1
+    new_id, prev = _next(conn)
     digest = row_hash(
         prev,
         id=new_id,
@@ -151,6 +142,31 @@ def append(
         (HEAD_KEY, f"{new_id}:{digest}"),
     )
     return new_id
+
+
+def _next(conn: Conn) -> tuple[int, str]:
+    """The next row's id and its ``prev_hash``."""
+    if dialect(conn) == POSTGRESQL:
+        # Several connections (nodes) write: the head row is the chain's lock, held until
+        # COMMIT, and it names the last row (identity values have gaps, so the id is the
+        # head's + 1, not the sequence's). The first append creates it.
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+            (HEAD_KEY, f"0:{GENESIS}"),
+        )
+        head = conn.execute(
+            "SELECT value FROM meta WHERE key = ? FOR UPDATE", (HEAD_KEY,)
+        ).fetchone()
+        head_id, _, head_hash = str(head[0]).partition(":")
+        return int(head_id) + 1, head_hash
+    # the newest row's hash and the sequence, in one statement. AUTOINCREMENT never
+    # reuses an id, and a rolled-back insert rolls back the sequence too, so the next id
+    # is the sequence value + 1.
+    last, seq = conn.execute(
+        "SELECT (SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
+        "(SELECT seq FROM sqlite_sequence WHERE name = 'audit')"
+    ).fetchone()
+    return (int(seq) + 1 if seq is not None else 1), (str(last) if last is not None else GENESIS)
 
 
 def rows(conn: Conn, *, since: str | None = None, after_id: int = 0) -> Iterator[AuditRow]:

@@ -37,12 +37,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-import sqlite_utils
-
 from engine.errors import StoreError
 from engine.model import CLOSING_REPORT_STATUSES, OVERALL_STATUSES
 from engine.store.referrals import Conn
-from engine.store.sql import has_table
+from engine.store.sql import (
+    POSTGRESQL,
+    Schema,
+    dialect,
+    group_concat,
+    has_table,
+    month_of,
+)
 
 GroupBy = Literal["specialty", "specialist", "referrer", "month"]
 DAY: Final = 86_400.0
@@ -94,7 +99,7 @@ FROM (SELECT r.id, r.opened_at, {_PATIENT.format(id="r.id")} AS pid,
               ORDER BY coalesce(o.sent_at, o.updated_at), o.id LIMIT 1) AS channel,
              r.specialty, {_SPECIALIST.format(r="r")} AS specialist,
              {_REFERRER.format(r="r")} AS referrer
-      FROM referrals r)
+      FROM referrals r) AS base
 """
 
 _SCHEMA: Final = (
@@ -176,7 +181,7 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema and the rows of existing referrals: appended to ``engine.store.migrations.MIGRATIONS``
     (about a minute for a million referrals, once)."""
     for statement in _SCHEMA:
@@ -202,7 +207,7 @@ _KEYS: Final[dict[GroupBy, str]] = {
     "specialty": "specialty",
     "specialist": "specialist",
     "referrer": "referrer",
-    "month": "strftime('%Y-%m', opened_at, 'unixepoch')",
+    "month": "",  # month_of(conn, "opened_at"): the dialect's
 }
 _IN_TIME: Final = "reported_at < :report_by"
 _BY_CHANNEL: Final = ", ".join(
@@ -210,11 +215,21 @@ _BY_CHANNEL: Final = ", ".join(
     f"count(*) FILTER (WHERE nudge_channel = '{c}' AND {_IN_TIME})"
     for c in NUDGE_CHANNELS
 )
-# One pass over the period's rows; the seconds travel as one text per group (a Python
-# tuple per referral would cost more than the query).
-_TALLY: Final = f"""
-SELECT {{key}}, count(*), count(*) FILTER (WHERE {_IN_TIME}), {_BY_CHANNEL},
-       group_concat(CAST(max(0, reported_at - opened_at) AS INTEGER)) FILTER (WHERE {_IN_TIME})
+# whole seconds from opening to the report (0 for a report dated before the referral),
+# truncated as SQLite's CAST truncates
+_SECONDS: Final = (
+    "CAST(CASE WHEN reported_at > opened_at THEN {trunc}(reported_at - opened_at) ELSE 0 END "
+    "AS INTEGER)"
+)
+
+
+def _tally_sql(conn: Conn, key: str) -> str:
+    """One pass over the period's rows; the seconds travel as one text per group (a Python
+    tuple per referral would cost more than the query)."""
+    seconds = _SECONDS.format(trunc="trunc" if dialect(conn) == POSTGRESQL else "")
+    return f"""
+SELECT {key}, count(*), count(*) FILTER (WHERE {_IN_TIME}), {_BY_CHANNEL},
+       {group_concat(conn, seconds)} FILTER (WHERE {_IN_TIME})
 FROM report_referrals
 WHERE opened_at >= :start AND opened_at < :stop
   AND (prev_opened_at IS NULL OR prev_opened_at < :lo)
@@ -233,16 +248,15 @@ def tally(
     if by == "month":
         # rows come in opened_at order, so a month is a range of the primary key: one
         # range scan per month instead of sorting the period's rows by month
-        sql = _TALLY.format(key=":month")
+        sql = _tally_sql(conn, ":month")
         rows = [
             conn.execute(sql, {**args, "month": month, "start": a, "stop": b}).fetchone()
             for month, a, b in _months(lo, hi)
         ]
         rows = [r for r in rows if r[1]]  # a month with no referrals has no group
     else:
-        sql = (
-            _TALLY.format(key="''") if by is None else _TALLY.format(key=_KEYS[by]) + " GROUP BY 1"
-        )
+        key = month_of(conn, "opened_at") if by == "month" else _KEYS[by] if by else "''"
+        sql = _tally_sql(conn, key) + (" GROUP BY 1" if by else "")
         rows = conn.execute(sql, {**args, "start": lo, "stop": hi}).fetchall()
     out = []
     for r in rows:

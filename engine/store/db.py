@@ -1,4 +1,5 @@
-"""Opening the SQLite database and migrating its schema.
+"""Opening the database (SQLite file, or PostgreSQL: ``engine.store.pg``) and migrating
+its schema.
 
 One connection, owned by the event loop's thread (``engine.store.sql.Database``); WAL mode
 lets the CLI read while the daemon writes. The file is created 0600: it holds PHI. The
@@ -39,9 +40,30 @@ __all__ = [
     "fault_kind",
     "has_column",
     "has_table",
+    "is_postgres_url",
     "open_database",
     "savepoint",
 ]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(location: str | os.PathLike[str]) -> bool:
+    """True for a ``postgresql://`` (or ``postgres://``) URL; a path or ``sqlite:///``
+    URL is the file store."""
+    return str(location).startswith(POSTGRES_SCHEMES)
+
+
+def sqlite_path(location: str | os.PathLike[str]) -> Path:
+    """The file of a bare path or a ``sqlite:///path`` URL (``sqlite:////abs/path`` or
+    ``sqlite:///relative``)."""
+    text = str(location)
+    if text.startswith("sqlite://"):
+        rest = text[len("sqlite://") :]
+        if not rest.startswith("/"):
+            raise StoreError(f"not a sqlite URL (sqlite:///path): {text}")
+        return Path(rest[1:])
+    return Path(text)
 
 
 def open_database(
@@ -50,14 +72,29 @@ def open_database(
     synchronous: str = "full",
     readonly: bool = False,
     migrations: list[Migration] | None = None,
+    pool: tuple[int, int] = (1, 4),
 ) -> Database:
-    """Open (creating 0600 if needed) and migrate the database at ``path``.
+    """Open (creating 0600 if needed) and migrate the database at ``path``: a file path,
+    a ``sqlite:///path`` URL, or a ``postgresql://`` URL (``pool`` is then the
+    connection pool's min and max size).
 
     ``synchronous=full`` makes every COMMIT durable against power loss before it returns
     (an fsync of the WAL); ``normal`` survives a process crash but may lose the last
     transactions on power loss. See docs/listener.md.
     """
-    p = Path(path)
+    steps = migrations if migrations is not None else MIGRATIONS
+    if is_postgres_url(path):
+        from engine.store.pg import open_postgres
+
+        return open_postgres(
+            str(path),
+            synchronous=synchronous,
+            readonly=readonly,
+            migrations=steps,
+            pool_min=pool[0],
+            pool_max=pool[1],
+        )
+    p = sqlite_path(path)
     if readonly:
         if not p.exists():
             raise StoreError(f"no database at {p}")
@@ -82,7 +119,7 @@ def open_database(
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
             conn.execute("PRAGMA foreign_keys = ON")
-            _migrate(conn, migrations if migrations is not None else MIGRATIONS)
+            _migrate(conn, steps)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise StoreError(f"cannot open database {p}: {exc}") from exc

@@ -10,17 +10,14 @@ what keeps a replay from handing the tracker the same event twice.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
 from engine.canonical import canonical_json
-from engine.store.sql import Database
+from engine.store.sql import Conn, Database, Schema, has_table
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     db.table("decisions").create(
         {
@@ -86,12 +83,9 @@ class Decisions:
 
     def available(self) -> bool:
         """False on a database from before the decisions table (opened read-only)."""
-        row = self.db.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'decisions'"
-        ).fetchone()
-        return row is not None
+        return has_table(self.db.conn, "decisions")
 
-    def get(self, message_id: int, conn: sqlite3.Connection | None = None) -> DecisionRow | None:
+    def get(self, message_id: int, conn: Conn | None = None) -> DecisionRow | None:
         c = conn or self.db.conn
         r = c.execute(f"SELECT {_COLUMNS} FROM decisions WHERE message_id = ?", (message_id,))
         row = r.fetchone()
@@ -99,7 +93,7 @@ class Decisions:
 
     def record(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         message_id: int,
         *,
         status: str,

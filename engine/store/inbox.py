@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +35,14 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store.message_filter import MessageFilter, where
-from engine.store.sql import CountingConnection, Database, connection_factory, fault_kind
+from engine.store.sql import (
+    Conn,
+    CountingConnection,
+    Database,
+    DatabaseError,
+    fault_kind,
+    for_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +151,7 @@ class Inbox:
                 try:
                     async with self.lock:
                         results = await loop.run_in_executor(executor, self._commit, writer, batch)
-                except sqlite3.Error as exc:
+                except DatabaseError as exc:
                     self._failed(exc, len(batch))
                     for _, _, fut in batch:
                         if not fut.done():
@@ -180,12 +186,12 @@ class Inbox:
         try:
             async with self.lock:
                 await loop.run_in_executor(executor, _probe, writer)
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             self.fault = fault_kind(exc)
             return
         self._recovered()
 
-    def _failed(self, exc: sqlite3.Error, count: int) -> None:
+    def _failed(self, exc: BaseException, count: int) -> None:
         kind = fault_kind(exc)
         # the SQLite message names the condition (e.g. "database or disk is full"),
         # never a statement's data
@@ -245,7 +251,7 @@ class Inbox:
         with db.transaction() as conn:  # durable: the ACK waits for this fsync
             return [self._insert(conn, inbound, ack_code) for inbound, ack_code, _ in batch]
 
-    def _insert(self, conn: sqlite3.Connection, m: Inbound, ack_code: str) -> AddResult:
+    def _insert(self, conn: Conn, m: Inbound, ack_code: str) -> AddResult:
         digest = hashlib.sha256(m.raw).digest()
         msh = m.msh
         # what a resend must repeat to be the same message: the bytes (HL7), or nothing
@@ -272,7 +278,7 @@ class Inbox:
             "sending_app = ?4 AND sending_facility = ?5 AND control_id = ?8 "
             "AND dedupe_hash IS NOT NULL) THEN 'control-id-reused' ELSE '' END) "
             "ON CONFLICT (sending_app, sending_facility, control_id, dedupe_hash) "
-            "DO UPDATE SET duplicates = duplicates + 1 "
+            "DO UPDATE SET duplicates = messages.duplicates + 1 "
             "RETURNING id, status, ack_code, duplicates",
             (
                 m.received_at,
@@ -302,9 +308,7 @@ class Inbox:
             self.rejected += 1  # counted even if the commit then fails: only a gauge drifts
         return AddResult(row_id, False, status, ack_code)
 
-    def add_in(
-        self, conn: sqlite3.Connection, inbounds: list[Inbound], ack_code: str
-    ) -> list[AddResult]:
+    def add_in(self, conn: Conn, inbounds: list[Inbound], ack_code: str) -> list[AddResult]:
         """Store ``inbounds`` inside the caller's open transaction, beside writes that must
         commit with them (a FHIR poller's cursor). Same dedupe as :meth:`add`; the caller
         commits, then notifies the processor."""
@@ -318,7 +322,7 @@ class Inbox:
         r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
 
-    def claim(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int]]:
+    def claim(self, conn: Conn, limit: int) -> list[tuple[int, int]]:
         """(id, size of its bytes) of the first ``limit`` rows still ``received``, in id
         order, without their bytes (the processor loads them one message at a time: 16 rows
         of up to 16 MiB each were 256 MiB at once). Call inside the processing transaction.
@@ -329,7 +333,8 @@ class Inbox:
         PostgreSQL this read is ``... FOR UPDATE SKIP LOCKED``; SQLite's BEGIN IMMEDIATE
         already excludes every other writer.) Served by ``messages_status (status, id)``."""
         rows = conn.execute(
-            f"SELECT id, {RAW_SIZE} FROM messages WHERE status = 'received' ORDER BY id LIMIT ?",
+            f"SELECT id, {RAW_SIZE} FROM messages WHERE status = 'received' ORDER BY id LIMIT ?"
+            + for_update(conn, skip_locked=True),
             (limit,),
         ).fetchall()
         return [(int(r[0]), int(r[1] or 0)) for r in rows]
@@ -341,7 +346,7 @@ class Inbox:
         ).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def outcome(self, conn: sqlite3.Connection, message_id: int) -> tuple[str, str, str] | None:
+    def outcome(self, conn: Conn, message_id: int) -> tuple[str, str, str] | None:
         """(status, error, route) of row ``message_id`` without its bytes; None: no row."""
         r = conn.execute(
             "SELECT status, error, route FROM messages WHERE id = ?", (message_id,)
@@ -351,9 +356,10 @@ class Inbox:
     async def load(self, message_id: int) -> StoredMessage | None:
         """:meth:`get` on a short-lived connection in a worker thread: reading a large
         message's bytes does not hold the event loop."""
-        if self.db.path in ("", ":memory:"):
+        reader = self.db.another()
+        if reader is self.db:  # an in-memory database has only its one connection
             return self.get(message_id)
-        return await asyncio.to_thread(_load, self.db.path, message_id)
+        return await asyncio.to_thread(_load, reader, message_id)
 
     def list(
         self,
@@ -396,16 +402,15 @@ class Inbox:
         )
 
 
-def _load(path: str, message_id: int) -> StoredMessage | None:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _load(reader: Database, message_id: int) -> StoredMessage | None:
     try:
-        r = conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
+        r = reader.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
     finally:
-        conn.close()
+        reader.close()
     return _row(r) if r else None
 
 
-def raw_bytes(conn: sqlite3.Connection, message_id: int) -> bytes | None:
+def raw_bytes(conn: Conn, message_id: int) -> bytes | None:
     """The exact bytes of inbox row ``message_id`` (every reader of raw bytes comes
     here), or None when there is no such row."""
     r = conn.execute("SELECT raw FROM message_raw WHERE message_id = ?", (message_id,)).fetchone()
@@ -452,7 +457,7 @@ def migrate_dedupe(db: Any) -> None:
     conn.execute(
         "UPDATE messages SET dedupe_hash = NULL WHERE id IN (SELECT id FROM (SELECT id, "
         "row_number() OVER (PARTITION BY sending_app, sending_facility, control_id, "
-        "dedupe_hash ORDER BY id) AS n FROM messages WHERE dedupe_hash IS NOT NULL) "
+        "dedupe_hash ORDER BY id) AS n FROM messages WHERE dedupe_hash IS NOT NULL) AS ranked "
         "WHERE n > 1)"
     )
     conn.execute(
@@ -472,18 +477,11 @@ def _probe(db: Database) -> None:
 
 
 def _writer_database(db: Database) -> Database:
-    """The writer thread's own connection to ``db``'s file (same durability setting);
-    an in-memory database has only its one connection."""
-    if db.path in ("", ":memory:"):
-        return db
-    conn = sqlite3.connect(
-        db.path, isolation_level=None, check_same_thread=False, factory=connection_factory()
-    )
+    """The writer thread's own connection to ``db`` (same durability setting); an
+    in-memory database has only its one connection."""
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
-    if isinstance(conn, CountingConnection):  # REFLOOP_SQL_STATS: its counts apart
-        conn.label = "inbox-writer"
-    conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
-    conn.execute(f"PRAGMA synchronous = {'FULL' if db.synchronous == 'full' else 'NORMAL'}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return Database(conn, db.path, db.synchronous)
+    writer = db.another(busy_ms=WRITER_BUSY_MS)
+    if isinstance(writer.conn, CountingConnection) and writer is not db:
+        writer.conn.label = "inbox-writer"  # REFLOOP_SQL_STATS: its counts apart
+    return writer

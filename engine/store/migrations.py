@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Final
 
-import sqlite_utils
-
 from engine.store import (
     audit,
     closure_report,
@@ -27,10 +25,10 @@ from engine.store import (
     timers,
     users,
 )
-from engine.store.sql import Migration
+from engine.store.sql import Migration, Schema
 
 
-def _m1_inbox(db: sqlite_utils.Database) -> None:
+def _m1_inbox(db: Schema) -> None:
     db.table("messages").create(
         {
             "id": int,
@@ -84,41 +82,41 @@ def _m1_inbox(db: sqlite_utils.Database) -> None:
     db.table("meta").create({"key": str, "value": str}, pk="key")
 
 
-def _m2_decisions(db: sqlite_utils.Database) -> None:
+def _m2_decisions(db: Schema) -> None:
     decisions.migrate(db)
 
 
-def _m3_referrals(db: sqlite_utils.Database) -> None:
+def _m3_referrals(db: Schema) -> None:
     referrals.migrate(db)
 
 
-def _m4_audit(db: sqlite_utils.Database) -> None:
+def _m4_audit(db: Schema) -> None:
     audit.migrate(db)
 
 
-def _m5_outbox_dispatch(db: sqlite_utils.Database) -> None:
+def _m5_outbox_dispatch(db: Schema) -> None:
     outbox.migrate(db)
 
 
-def _m6_specialists(db: sqlite_utils.Database) -> None:
+def _m6_specialists(db: Schema) -> None:
     specialists.migrate(db)
 
 
-def _m_users(db: sqlite_utils.Database) -> None:
+def _m_users(db: Schema) -> None:
     users.migrate(db)
 
 
-def _m_closure_report(db: sqlite_utils.Database) -> None:
+def _m_closure_report(db: Schema) -> None:
     closure_report.migrate(db)
 
 
-def _m_patient_phone(db: sqlite_utils.Database) -> None:
+def _m_patient_phone(db: Schema) -> None:
     # the nudge caps look up a patient's contacts across referrals by phone
     # (store.timers.patient_contacts): without it each nudge scanned every patient nudge
     db.execute("CREATE INDEX referrals_patient_phone ON referrals (patient_phone)")
 
 
-def _m_browse_indexes(db: sqlite_utils.Database) -> None:
+def _m_browse_indexes(db: Schema) -> None:
     # the worklist (dashboard, /api/referrals: store.worklist.search_referrals) lists open
     # referrals, by specialty or not, or all referrals, oldest first: without these each
     # request read every referral and sorted it. The open ones are a partial index (the
@@ -134,15 +132,15 @@ def _m_browse_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_status ON messages (status, id)")
 
 
-def _m_outbox_message_id(db: sqlite_utils.Database) -> None:
+def _m_outbox_message_id(db: Schema) -> None:
     outbox.migrate_message_id(db)
 
 
-def _m_tasks_queue(db: sqlite_utils.Database) -> None:
+def _m_tasks_queue(db: Schema) -> None:
     tasks.migrate(db)
 
 
-def _m_referral_keys(db: sqlite_utils.Database) -> None:
+def _m_referral_keys(db: Schema) -> None:
     # a placer number is unique only within its assigning authority (EI.2): two practices
     # may both send order 10482 (docs/referral-states.md, "Keys"); and the FHIR requester
     # of a referral, to address the write-back Communication (docs/fhir.md)
@@ -153,35 +151,35 @@ def _m_referral_keys(db: sqlite_utils.Database) -> None:
             db.execute(f"ALTER TABLE referrals ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
 
-def _m_workbench(db: sqlite_utils.Database) -> None:
+def _m_workbench(db: Schema) -> None:
     # the coordinator's work page (open tasks by due date, a referral's tasks) and the
     # analyst's message view (what one message did: its events, parked events) (issue 19)
     tasks.migrate_due(db)
     referrals.migrate_message_indexes(db)
 
 
-def _m_message_raw(db: sqlite_utils.Database) -> None:
+def _m_message_raw(db: Schema) -> None:
     # raw bytes in their own table: a status update no longer rewrites them (issue 14.5)
     inbox.migrate_raw(db)
 
 
-def _m_timers_loaded(db: sqlite_utils.Database) -> None:
+def _m_timers_loaded(db: Schema) -> None:
     # issue 17 stage 0: the timer wheel claims new rows by a flag, not "id > last seen"
     timers.migrate_loaded(db)
 
 
-def _m_outbox_leases(db: sqlite_utils.Database) -> None:
+def _m_outbox_leases(db: Schema) -> None:
     # issue 17 stage 0: outbox claims are leases (claimed_by, lease_until), one row per
     # referral and channel in flight
     outbox.migrate_leases(db)
 
 
-def _m_inbox_dedupe(db: sqlite_utils.Database) -> None:
+def _m_inbox_dedupe(db: Schema) -> None:
     # issue 17 stage 0: inbox dedupe by a unique index and INSERT ... ON CONFLICT
     inbox.migrate_dedupe(db)
 
 
-def _m_referral_search(db: sqlite_utils.Database) -> None:
+def _m_referral_search(db: Schema) -> None:
     # the patient's MRN, name and birth date on the referral row, with search keys and
     # indexes for the search box (issue 19); existing referrals from their opening message
     from engine.hl7v2.message import Message
@@ -190,13 +188,13 @@ def _m_referral_search(db: sqlite_utils.Database) -> None:
     referral_search.migrate(db, backfill=lambda raw: from_hl7(Message(raw)))
 
 
-def _m_cluster(db: sqlite_utils.Database) -> None:
+def _m_cluster(db: Schema) -> None:
     # issue 17 stage 2: the nodes sharing this store and the singleton leases
     nodes.migrate(db)
     leases.migrate(db)
 
 
-def _m_retention(db: sqlite_utils.Database) -> None:
+def _m_retention(db: Schema) -> None:
     # pruned messages keep their row (issue 20): pruned_at/pruned_size, and the indexes
     # the pruner scans (engine.store.retention)
     retention.migrate(db)

@@ -37,9 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import sqlite_utils
-
 from engine.store.referrals import Conn
+from engine.store.sql import Schema, for_update
 
 OutboxStatus = Literal["pending", "sending", "sent", "dead", "cancelled"]
 OUTBOX_STATUSES: Final[tuple[OutboxStatus, ...]] = (
@@ -78,13 +77,13 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS`` (after the referral tables)."""
     for statement in _SCHEMA:
         db.execute(statement)
 
 
-def migrate_leases(db: sqlite_utils.Database) -> None:
+def migrate_leases(db: Schema) -> None:
     """Claims become leases (issue 17): ``claimed_by`` (the node id) and ``lease_until``
     (epoch seconds). Rows ``sending`` now were left by a daemon of an earlier version:
     their lease is over (``lease_until`` 0), so the reaper returns them at the first
@@ -107,7 +106,7 @@ def migrate_leases(db: sqlite_utils.Database) -> None:
     )
 
 
-def migrate_message_id(db: sqlite_utils.Database) -> None:
+def migrate_message_id(db: Schema) -> None:
     """The RFC 5322 Message-ID a row goes out under (Direct packets), assigned at its
     first claim and kept across retries; '' for rows that have none (every row written
     before this column existed: their MDNs still map through ``provider_id``)."""
@@ -250,7 +249,7 @@ def claim_due(
     sending. (On PostgreSQL the candidate read is ``... FOR UPDATE SKIP LOCKED``.)"""
     rows = conn.execute(
         f"SELECT {_COLUMNS} FROM outbox o WHERE {_CLAIMABLE} AND o.due <= ? "
-        "ORDER BY o.due, o.id LIMIT ?",
+        f"ORDER BY o.due, o.id LIMIT ?{for_update(conn, skip_locked=True)}",
         (channel, now, limit),
     ).fetchall()
     out: list[Item] = []
@@ -297,7 +296,8 @@ def reap_expired(conn: Conn, now: float, keep: Sequence[int] = ()) -> list[tuple
     (docs/delivery.md, "Restart"). ``keep``: ids this node is still sending (never taken
     from under its own send, however late its renewal). Returns (id, former holder)."""
     sql = (
-        "UPDATE outbox SET status = 'pending', due = min(due, ?1), updated_at = ?1, "
+        "UPDATE outbox SET status = 'pending', due = CASE WHEN due < ?1 THEN due ELSE ?1 END, "
+        "updated_at = ?1, "
         "lease_until = NULL, last_error = 'interrupted: lease expired while sending' "
         "WHERE status = 'sending' AND lease_until < ?1"
     )
@@ -604,7 +604,8 @@ def last_referral_texted(conn: Conn, channel: str, number: str) -> int | None:
 def suppress(conn: Conn, number: str, reason: str, now: float) -> bool:
     """Put ``number`` on the list; False when it already was."""
     cur = conn.execute(
-        "INSERT OR IGNORE INTO suppressed_numbers (number, reason, since) VALUES (?, ?, ?)",
+        "INSERT INTO suppressed_numbers (number, reason, since) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
         (number, reason, now),
     )
     return cur.rowcount == 1
@@ -633,8 +634,8 @@ def record_reply(
     """Keep an inbound SMS; False when this MessageSid was already recorded (a webhook
     retry: do nothing again)."""
     cur = conn.execute(
-        "INSERT OR IGNORE INTO sms_replies (message_sid, from_number, keyword, body, "
-        "referral_id, received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO sms_replies (message_sid, from_number, keyword, body, "
+        "referral_id, received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (message_sid, from_number, keyword, body, referral_id, now),
     )
     return cur.rowcount == 1

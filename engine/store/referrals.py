@@ -13,19 +13,17 @@ each has a UNIQUE key, so writing one twice changes nothing.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
-
-import sqlite_utils
 
 from engine.canonical import canonical_text
 from engine.errors import StoreError
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
+from engine.store.sql import POSTGRESQL, Conn, dialect, has_table
 
-Conn = sqlite3.Connection  # the connection type callers pass in (only the store names sqlite3)
+__all__ = ["Conn"]  # the connection type callers pass in (only the store names a driver)
 
 # Columns a referral row keeps besides its keys, state and times. Details (providers,
 # specialty, reason, ...) and contact fields move per field, latest event time wins.
@@ -200,7 +198,7 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Any) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS`` (runs inside its transaction)."""
     for statement in _SCHEMA:
         db.execute(statement)
@@ -208,10 +206,7 @@ def migrate(db: sqlite_utils.Database) -> None:
 
 def referral_tables_exist(conn: Conn) -> bool:
     """False on a database from before these tables (opened read-only, not migrated)."""
-    r = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('referrals', 'audit')"
-    ).fetchone()
-    return int(r[0]) == 2
+    return has_table(conn, "referrals") and has_table(conn, "audit")
 
 
 # ---------------------------------------------------------------------------
@@ -298,6 +293,8 @@ def lock_referral(conn: Conn, referral_id: int) -> None:
     UPDATE``, held to COMMIT; a second writer waits there, then reads the new state."""
     if not conn.in_transaction:
         raise StoreError(f"referral {referral_id}: read-modify-write outside a transaction")
+    if dialect(conn) == POSTGRESQL:
+        conn.execute("SELECT id FROM referrals WHERE id = ? FOR UPDATE", (referral_id,))
 
 
 def get_referral(conn: Conn, referral_id: int) -> ReferralRow | None:
@@ -323,7 +320,7 @@ def insert_referral(
     cur = conn.execute(
         "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
         "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        "VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id",
         (
             sending_facility,
             placer_number,
@@ -334,7 +331,7 @@ def insert_referral(
             now,
         ),
     )
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 def learn_placer_authority(conn: Conn, referral_id: int, placer_authority: str) -> None:
@@ -464,7 +461,8 @@ def add_fillers(conn: Conn, referral_id: int, filler_numbers: Iterable[str]) -> 
     added = []
     for number in sorted(set(filler_numbers)):
         cur = conn.execute(
-            "INSERT OR IGNORE INTO referral_fillers (referral_id, filler_number) VALUES (?, ?)",
+            "INSERT INTO referral_fillers (referral_id, filler_number) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
             (referral_id, number),
         )
         if cur.rowcount:
@@ -475,7 +473,8 @@ def add_fillers(conn: Conn, referral_id: int, filler_numbers: Iterable[str]) -> 
 def add_patient_ids(conn: Conn, referral_id: int, patient_ids: Iterable[str]) -> None:
     for pid in sorted(set(patient_ids)):
         conn.execute(
-            "INSERT OR IGNORE INTO referral_patients (referral_id, patient_id) VALUES (?, ?)",
+            "INSERT INTO referral_patients (referral_id, patient_id) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
             (referral_id, pid),
         )
 
@@ -608,7 +607,7 @@ def insert_event(
     cur = conn.execute(
         "INSERT INTO referral_events (referral_id, kind, message_id, fingerprint, source, actor, "
         "occurred_at, recorded_at, changed, status, patient_status, specialist_status, effects, "
-        "detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "detail) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
         (
             referral_id,
             kind,
@@ -624,7 +623,7 @@ def insert_event(
             _dumps(dict(detail)),
         ),
     )
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 def message_events(conn: Conn, message_id: int) -> list[tuple[int, int, str, str, bool]]:
@@ -762,7 +761,7 @@ def park(
         return int(r[0]), False
     cur = conn.execute(
         "INSERT INTO parked (message_id, kind, fingerprint, event, why, sending_facility, "
-        "placer_number, parked_at) VALUES (?,?,?,?,?,?,?,?)",
+        "placer_number, parked_at) VALUES (?,?,?,?,?,?,?,?) RETURNING id",
         (
             message_id,
             kind,
@@ -774,10 +773,11 @@ def park(
             now,
         ),
     )
-    pid = int(cur.lastrowid or 0)
+    pid = int(cur.fetchone()[0])
     for number in sorted(set(filler_numbers)):
         conn.execute(
-            "INSERT OR IGNORE INTO parked_fillers (parked_id, filler_number) VALUES (?, ?)",
+            "INSERT INTO parked_fillers (parked_id, filler_number) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
             (pid, number),
         )
     return pid, True
@@ -878,7 +878,8 @@ def ensure_prior_auth(conn: Conn, referral_id: int, *, hold_packet: bool, now: f
     conn.execute(
         "INSERT INTO prior_auth (referral_id, status, hold_packet, created_at, updated_at) "
         "VALUES (?, 'required', ?, ?, ?) ON CONFLICT(referral_id) DO UPDATE SET "
-        "hold_packet = max(hold_packet, excluded.hold_packet)",
+        "hold_packet = CASE WHEN excluded.hold_packet > prior_auth.hold_packet "
+        "THEN excluded.hold_packet ELSE prior_auth.hold_packet END",
         (referral_id, int(hold_packet), now, now),
     )
 
@@ -1002,8 +1003,8 @@ def enqueue_outbox(
 ) -> bool:
     """Queue one outbound item; returns False when the key was already queued."""
     cur = conn.execute(
-        "INSERT OR IGNORE INTO outbox (referral_id, channel, template, payload, idempotency_key, "
-        "due, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+        "INSERT INTO outbox (referral_id, channel, template, payload, idempotency_key, "
+        "due, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
         (referral_id, channel, template, payload_json, idempotency_key, due, now, now),
     )
     return bool(cur.rowcount)

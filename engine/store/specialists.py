@@ -17,9 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import sqlite_utils
-
 from engine.store.referrals import Conn
+from engine.store.sql import Schema, has_table
 
 FIELDS: Final = (
     "npi",
@@ -57,7 +56,7 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
         db.execute(statement)
@@ -154,10 +153,11 @@ def upsert(conn: Conn, values: Mapping[str, str], *, source: str, now: float) ->
     if existing is None:
         cols = [*given, "source", "created_at", "updated_at"]
         cur = conn.execute(
-            f"INSERT INTO specialists ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            f"INSERT INTO specialists ({', '.join(cols)}) "
+            f"VALUES ({', '.join('?' * len(cols))}) RETURNING id",
             (*given.values(), source, now, now),
         )
-        return int(cur.lastrowid or 0)
+        return int(cur.fetchone()[0])
     if source == "referral":
         given = {k: v for k, v in given.items() if not getattr(existing, k)}
     changes = {k: v for k, v in given.items() if getattr(existing, k) != v}
@@ -179,7 +179,4 @@ def listing(conn: Conn, *, limit: int = 0) -> list[SpecialistRow]:
 
 
 def table_exists(conn: Conn) -> bool:
-    r = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'specialists'"
-    ).fetchone()
-    return r is not None
+    return has_table(conn, "specialists")

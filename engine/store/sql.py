@@ -6,6 +6,14 @@ modules, and ``db`` (opening and migrating) imports ``migrations``: no cycle.
 
 One connection, owned by the event loop's thread; every transaction is a synchronous
 BEGIN … COMMIT with no await inside, so transactions never interleave.
+
+Two backends share the store's SQL: SQLite (the file store, the default) and PostgreSQL
+(``engine.store.pg``, docs/scale-out.md). Store SQL is written in the subset both accept
+(``?`` placeholders, ``ON CONFLICT … DO NOTHING``, ``RETURNING id``, ``CASE`` instead of
+SQLite's two-argument ``min``/``max``); what differs is behind the helpers below
+(:func:`dialect`, :func:`for_update`, :func:`has_table`, :func:`has_column`,
+:func:`group_concat`, :func:`month_of`) or rewritten once per statement by
+``engine.store.pg.translate``.
 """
 
 from __future__ import annotations
@@ -15,15 +23,82 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-import sqlite_utils
+SQLITE: Final = "sqlite"
+POSTGRESQL: Final = "postgresql"
 
-Migration = Callable[[sqlite_utils.Database], None]
-Conn = (
-    sqlite3.Connection
-)  # the connection type other packages name (only the store imports sqlite3)
-DatabaseError = sqlite3.Error  # what a failed statement raises
+
+class Cursor(Protocol):
+    """What a statement returns: sqlite3's cursor, or psycopg's behind ``engine.store.pg``."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Conn(Protocol):
+    """The connection type other packages name (only the store imports a driver):
+    ``sqlite3.Connection`` or ``engine.store.pg.PgConn``."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+
+# What a migration step gets: a sqlite_utils.Database, or engine.store.pg.PgSchema (the
+# part of sqlite_utils the steps use, writing PostgreSQL DDL)
+Schema = Any
+Migration = Callable[[Schema], None]
+
+
+def _driver_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
+
+
+DatabaseError: Final = _driver_errors()  # what a failed statement raises, either backend
+
+
+def dialect(conn: Any) -> str:
+    """``sqlite`` or ``postgresql``: the SQL dialect ``conn`` (a connection, or the
+    ``db`` a migration step gets) speaks."""
+    return str(getattr(getattr(conn, "conn", conn), "dialect", SQLITE))
+
+
+def for_update(conn: Any, *, skip_locked: bool = False) -> str:
+    """`` FOR UPDATE`` on PostgreSQL (lock the rows read until COMMIT; with
+    ``skip_locked``, pass over rows another transaction holds: a claim), ``""`` on SQLite,
+    whose ``BEGIN IMMEDIATE`` already holds the one write lock."""
+    if dialect(conn) != POSTGRESQL:
+        return ""
+    return " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
+
+
+def group_concat(conn: Any, expr: str) -> str:
+    """The aggregate joining ``expr``'s values with commas."""
+    if dialect(conn) == POSTGRESQL:
+        return f"string_agg(CAST({expr} AS TEXT), ',')"
+    return f"group_concat({expr})"
+
+
+def month_of(conn: Any, epoch: str) -> str:
+    """``YYYY-MM`` (UTC) of an epoch-seconds column."""
+    if dialect(conn) == POSTGRESQL:
+        return f"to_char(to_timestamp({epoch}) AT TIME ZONE 'UTC', 'YYYY-MM')"
+    return f"strftime('%Y-%m', {epoch}, 'unixepoch')"
+
 
 # SQLite's primary result codes (https://sqlite.org/rescode.html) a storage fault shows as
 _FAULT_KINDS: Final = {13: "full", 10: "io", 5: "locked", 6: "locked"}  # FULL, IOERR, BUSY, LOCKED
@@ -123,6 +198,13 @@ def savepoint(conn: Conn, name: str) -> Iterator[None]:
 
 
 def has_table(conn: Conn, name: str) -> bool:
+    if dialect(conn) == POSTGRESQL:
+        row = conn.execute(
+            "SELECT 1 FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name = ?",
+            (name,),
+        ).fetchone()
+        return row is not None
     row = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
     ).fetchone()
@@ -130,6 +212,13 @@ def has_table(conn: Conn, name: str) -> bool:
 
 
 def has_column(conn: Conn, table: str, column: str) -> bool:
+    if dialect(conn) == POSTGRESQL:
+        row = conn.execute(
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?",
+            (table, column),
+        ).fetchone()
+        return bool(row and row[0])
     row = conn.execute(
         "SELECT count(*) FROM pragma_table_info(?) WHERE name = ?", (table, column)
     ).fetchone()
@@ -137,10 +226,13 @@ def has_column(conn: Conn, table: str, column: str) -> bool:
 
 
 class Database:
-    """The SQLite connection plus the helpers every store module uses."""
+    """The SQLite connection plus the helpers every store module uses
+    (``engine.store.pg.PgDatabase`` is the PostgreSQL one)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: str, synchronous: str = "full"):
-        self.conn = conn
+    dialect: str = SQLITE
+
+    def __init__(self, conn: Any, path: str, synchronous: str = "full"):
+        self.conn: Any = conn  # sqlite3.Connection here, PgConn in PgDatabase
         self.path = path
         self.synchronous = synchronous
         self._level = synchronous
@@ -150,6 +242,25 @@ class Database:
         runs in its own transaction: engine.store.retention's incremental vacuum)."""
         self._sync(durable)
 
+    @property
+    def location(self) -> str:
+        """Where the data lives, for messages and logs (never a password)."""
+        return self.path
+
+    def another(self, *, busy_ms: int = 5000) -> Database:
+        """A second connection to the same database with the same durability (the inbox
+        writer thread's, a reader's); an in-memory database has only its one connection.
+        Close it when done."""
+        if self.path in ("", ":memory:"):
+            return self
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, factory=connection_factory()
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return Database(conn, self.path, self.synchronous)
+
     def _sync(self, durable: bool) -> None:
         level = self.synchronous if durable else "normal"
         if level != self._level:
@@ -157,7 +268,7 @@ class Database:
             self._level = level
 
     @contextlib.contextmanager
-    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool = True) -> Iterator[Any]:
         """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception.
 
         ``durable=False`` commits without an fsync (WAL, ``synchronous=NORMAL``): the

@@ -24,10 +24,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import sqlite_utils
-
 from engine.canonical import canonical_json
 from engine.store.referrals import Conn
+from engine.store.sql import Schema
 
 TaskStatus = Literal["open", "done", "superseded"]
 TASK_STATUSES: Final[tuple[TaskStatus, ...]] = ("open", "done", "superseded")
@@ -72,13 +71,13 @@ _COLUMNS: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
         db.execute(statement)
 
 
-def migrate_due(db: sqlite_utils.Database) -> None:
+def migrate_due(db: Schema) -> None:
     """The due-date order and the by-referral index (a later migration)."""
     for statement in _SCHEMA_DUE:
         db.execute(statement)
@@ -169,7 +168,7 @@ def open_task(conn: Conn, task: NewTask, now: float) -> tuple[int, bool]:
         conn.execute("UPDATE tasks SET status = 'superseded' WHERE id = ?", (older,))
     cur = conn.execute(
         "INSERT INTO tasks (referral_id, outbox_id, kind, template, reason, priority, attempts, "
-        "due_at, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+        "due_at, created_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
         (
             task.referral_id,
             task.outbox_id,
@@ -182,7 +181,7 @@ def open_task(conn: Conn, task: NewTask, now: float) -> tuple[int, bool]:
             now,
         ),
     )
-    new_id = int(cur.lastrowid or 0)
+    new_id = int(cur.fetchone()[0])
     if older is not None:
         conn.execute("UPDATE tasks SET superseded_by = ? WHERE id = ?", (new_id, older))
     return new_id, True

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import sqlite_utils
-
 from engine.store.referrals import Conn
+from engine.store.sql import Schema, has_table
 
 _SCHEMA: Final = (
     """CREATE TABLE users (
@@ -44,17 +43,14 @@ _SCHEMA: Final = (
 )
 
 
-def migrate(db: sqlite_utils.Database) -> None:
+def migrate(db: Schema) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
         db.execute(statement)
 
 
 def users_table_exists(conn: Conn) -> bool:
-    r = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'users'"
-    ).fetchone()
-    return bool(r and r[0])
+    return has_table(conn, "users")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +95,10 @@ def add_user(conn: Conn, name: str, role: str, password_hash: str, now: float) -
         raise ValueError(f"user {name!r} exists")
     cur = conn.execute(
         "INSERT INTO users (name, role, password_hash, created_at, updated_at) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?) RETURNING id",
         (name, role, password_hash, now, now),
     )
-    return int(cur.lastrowid or 0)
+    return int(cur.fetchone()[0])
 
 
 def get_by_name(conn: Conn, name: str) -> UserRow | None:
