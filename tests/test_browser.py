@@ -106,8 +106,8 @@ def test_coordinator_closes_a_referral_in_the_browser(tmp_path: Path) -> None:
 
 def test_analyst_tries_a_message_and_reads_the_sources(tmp_path: Path) -> None:
     """The Try page decides a pasted message without storing it; the Sources page shows
-    the listener's figures; both fit a 390 px phone screen (and the overflow check
-    catches a planted wide element)."""
+    the listener's figures; both, and the message view with its parsed tree, fit a 390 px
+    phone screen (and the overflow check catches a planted wide element)."""
     from browser_rig import SAMPLE, launch, logged_in, overflow, try_a_message
 
     async def body() -> None:
@@ -137,6 +137,13 @@ def test_analyst_tries_a_message_and_reads_the_sources(tmp_path: Path) -> None:
                     assert await row.locator("[data-testid=connections]").inner_text() == "0"
                     scroll, client = await overflow(page)
                     assert scroll <= client, f"/ui/sources at {width}px: {scroll} > {client}"
+
+                    # the message view with its raw text and parsed tree (and a 64-hex hash)
+                    mid = rig.db.conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+                    await page.goto(f"{rig.base}/ui/messages/{mid}?raw=1")
+                    assert await page.locator("[data-testid=tree]").count() == 1
+                    scroll, client = await overflow(page)
+                    assert scroll <= client, f"/ui/messages at {width}px: {scroll} > {client}"
                     if width == 390:  # the check itself: a planted wide element is caught
                         await page.evaluate(  # CSSOM, not a style attribute (the CSP)
                             "const d = document.createElement('div'); d.textContent = 'wide';"
