@@ -194,6 +194,12 @@ def _m_cluster(db: Schema) -> None:
     leases.migrate(db)
 
 
+def _m_referral_rekey(db: Schema) -> None:
+    # issue 19 review: names with letters NFKD leaves whole (Ø, Ł, Đ, Æ) get search keys
+    # spelled plain, as a person types them
+    referral_search.migrate_rekey(db)
+
+
 def _m_retention(db: Schema) -> None:
     # pruned messages keep their row (issue 20): pruned_at/pruned_size, and the indexes
     # the pruner scans (engine.store.retention)
@@ -222,4 +228,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_referral_search,
     _m_cluster,
     _m_retention,
+    _m_referral_rekey,
 ]

@@ -98,12 +98,39 @@ def migrate(db: sqlite_utils.Database, backfill: Any = None) -> None:
         set_patient(conn, int(rid), found)
 
 
+# Letters NFKD leaves whole (no base letter + mark to split off), spelled as a person
+# typing on a plain keyboard would: Øster as "oster", Łukasz as "lukasz", Đorđe as "dorde"
+_UNSPLIT: Final = str.maketrans(
+    {"Ø": "O", "ø": "o", "Ł": "L", "ł": "l", "Đ": "D", "đ": "d", "Ð": "D", "ð": "d",
+     "Æ": "AE", "æ": "ae", "Œ": "OE", "œ": "oe", "Þ": "TH", "þ": "th", "Ħ": "H", "ħ": "h",
+     "ı": "i", "Ŧ": "T", "ŧ": "t"}
+)  # fmt: skip
+
+
 def normalise(text: str) -> str:
-    """The search key of a name: accents stripped (NFKD, combining marks dropped),
-    case folded, every run of other than letters and digits one space."""
-    decomposed = unicodedata.normalize("NFKD", text)
+    """The search key of a name: accents stripped (NFKD, combining marks dropped; the
+    letters of :data:`_UNSPLIT` spelled plain), case folded, every run of other than
+    letters and digits one space."""
+    decomposed = unicodedata.normalize("NFKD", text.translate(_UNSPLIT))
     plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
     return " ".join("".join(c if c.isalnum() else " " for c in plain).split())
+
+
+def migrate_rekey(db: Any) -> None:
+    """Recompute the name keys of referrals whose name holds a letter outside ASCII (the
+    keys of names with Ø, Ł, Đ, Æ ... missed those letters before :data:`_UNSPLIT`)."""
+    conn = db.conn
+    rows = conn.execute(
+        "SELECT id, patient_family, patient_given FROM referrals "
+        "WHERE patient_family != '' OR patient_given != ''"
+    ).fetchall()
+    for rid, family, given in rows:
+        if str(family).isascii() and str(given).isascii():
+            continue
+        conn.execute(
+            "UPDATE referrals SET patient_family_key = ?, patient_given_key = ? WHERE id = ?",
+            (normalise(str(family))[:200], normalise(str(given))[:200], rid),
+        )
 
 
 def set_patient(conn: Conn, referral_id: int, patient: Any) -> None:
