@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import REPO
 from prometheus_client import CollectorRegistry
 
 from engine.app import default_handler
@@ -31,7 +32,6 @@ from engine.routing.compile import compile_config
 from engine.store import Inbox, open_database
 from engine.store.sql import STATS_ENV, CountingConnection, statement_kind
 from engine.tracking.tracker import build_tracker
-from tests.helpers import REPO
 
 T0 = 1_767_225_600.0
 BATCH = 16
