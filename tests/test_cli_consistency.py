@@ -26,13 +26,16 @@ import click
 import httpx
 import pytest
 import yaml
-from helpers import run
+from helpers import drop_pg_schema, make_pg_schema, run
 from ui_rig import ref_i12, ui_config, ui_engine
 
 from engine.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXECUTABLE = Path(sys.executable).parent / "refloop"
+# PostgreSQL runs here on every machine of this project (trust auth, database test):
+# `store copy --json` copies into a fresh schema there
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 JSON_REQUIRED = ("list", "show", "status")
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?Z$")
 ISO_ANY = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([+-]\d{2}:?\d{2}|Z)?$")
@@ -250,10 +253,19 @@ def _args(path: str, state: dict[str, Path]) -> list[str]:
 
 @pytest.mark.parametrize("path", _json_commands())
 def test_json_output_times_are_utc_with_z(path: str, state: dict[str, Path]) -> None:
-    args = _args(path, state)
-    result = subprocess.run(
-        [str(EXECUTABLE), *args, "--json"], capture_output=True, timeout=180, cwd=ROOT
-    )
+    schema = ""
+    if path == "refloop store copy":  # into a fresh schema of the machine's PostgreSQL
+        url, schema = make_pg_schema(PG_SERVER)
+        args = ["store", "copy", "--from", str(state["state"] / "refloop.db"), "--to", url]
+    else:
+        args = _args(path, state)
+    try:
+        result = subprocess.run(
+            [str(EXECUTABLE), *args, "--json"], capture_output=True, timeout=180, cwd=ROOT
+        )
+    finally:
+        if schema:
+            drop_pg_schema(PG_SERVER, schema)
     assert result.returncode == 0, result.stderr.decode()
     documents = json_documents(result.stdout.decode())
     assert documents, f"{path} --json printed nothing"

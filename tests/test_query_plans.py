@@ -62,7 +62,9 @@ LOW_CARDINALITY = ("channel", "status", "kind", "template")
 # when the reason says "sort"; "via <index>" pins the index the reason relies on.
 ALLOWED = {
     # -- one row, or a walk in index order that stops at its LIMIT
-    "SELECT id, hash FROM audit ORDER BY id DESC LIMIT ?": "the chain's head: one row",
+    "SELECT (SELECT hash FROM audit ORDER BY id DESC LIMIT ?), (SELECT seq FROM "
+    "sqlite_sequence WHERE name = ?)": "the chain's head (one row, backwards by rowid) and "
+    "its sequence, in one statement",
     "SELECT … FROM tasks WHERE status = ? ORDER BY priority DESC, id LIMIT ?":
         "open tasks, most urgent first via tasks_status_priority: stops at the LIMIT",
     "SELECT … FROM tasks WHERE status = ? AND coalesce(snoozed_until, ?) <= ? "

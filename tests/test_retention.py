@@ -194,12 +194,12 @@ def test_the_daemon_prunes_in_steps_and_returns_the_space(tmp_path: Path) -> Non
                 await asyncio.sleep(0.01)
             with contextlib.closing(sqlite3.connect(engine.db_path)) as c:
                 c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            before = engine.db_path.stat().st_size
+            before = Path(engine.db_path).stat().st_size
             clock.advance(31 * DAY)
             tally = await engine.pruner.run_once(engine.config.retention)
             with contextlib.closing(sqlite3.connect(engine.db_path)) as c:
                 c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            after = engine.db_path.stat().st_size
+            after = Path(engine.db_path).stat().st_size
         finally:
             await engine.stop()
         return before, after, tally

@@ -21,7 +21,10 @@ def register(main: click.Group) -> None:
 
 @click.group("store")
 def store() -> None:
-    """The database: copy a SQLite installation into PostgreSQL."""
+    """The database: copy a SQLite installation into PostgreSQL.
+
+    Example: refloop store copy --from state/refloop.db --to postgresql://refloop@db1/refloop
+    """
 
 
 def _pg_url(option: str, url: str) -> str:
