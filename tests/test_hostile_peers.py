@@ -236,6 +236,53 @@ def test_peer_that_never_reads_acks_is_paused_then_closed(tmp_path: Path) -> Non
     run(go(), timeout=120)
 
 
+def test_a_closing_connection_whose_peer_never_reads_frees_its_slot(tmp_path: Path) -> None:
+    """A deaf peer's connection that closes (idle timeout) while its ACKs sit unsent in
+    the transport is dropped after write_timeout, not kept forever: a graceful close
+    waits for the buffer to drain, and the sweeper used to skip closed connections, so
+    the slot stayed taken (fails before: the connection never left the server's set)."""
+    clock = VirtualClock()
+    message = hl7("UNREAD-2", body=("NTE|1||" + "n" * 50,))
+
+    async def go() -> None:
+        async with running_engine(
+            tmp_path, clock=clock, synchronous="normal", write_timeout=30, idle_timeout=5
+        ) as engine:
+            port = mllp_port(engine)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # tiny window
+            sock.connect((HOST, port))
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
+            deaf = Peer(reader, writer)
+
+            async def flood() -> None:
+                chunk = frame(message) * 500
+                try:
+                    while True:
+                        await deaf.write(chunk)
+                except OSError:
+                    pass
+
+            flooding = asyncio.create_task(flood())
+            try:
+                await until(lambda: len(engine.servers[0].connections) == 1)
+                conn = server_side(engine, deaf)
+                await until(lambda: conn.write_paused_at > 0, timeout=30)
+                await until(lambda: not conn.replies and conn.worker is None, timeout=30)
+                clock.advance(6)  # past idle_timeout: the sweeper closes it gracefully
+                await until(lambda: conn.closed)
+                assert conn.transport.get_write_buffer_size() > 0  # ACKs still owed
+                clock.advance(31)  # past write_timeout after the close
+                await until(lambda: conn not in engine.servers[0].connections)
+            finally:
+                flooding.cancel()
+                await asyncio.gather(flooding, return_exceptions=True)
+                await deaf.close()
+
+    run(go(), timeout=120)
+
+
 # ---------------------------------------------------------------------------
 # 14.4: slowloris with stray bytes
 

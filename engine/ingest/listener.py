@@ -214,6 +214,7 @@ class _Connection(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.closing = False  # no more reading; closes once every owed reply is written
         self.closed = False
+        self.closed_at = 0.0  # monotonic time of a graceful close (it waits for the buffer)
         # a trusted load balancer's connection: bytes until the PROXY v2 header is read
         self.proxy_buf: bytearray | None = None
         self.proxy_since = 0.0
@@ -302,6 +303,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.closed = True
             if graceful:
+                self.closed_at = self.server.clock.monotonic()
                 self.transport.close()
             else:
                 self.transport.abort()
@@ -310,6 +312,16 @@ class _Connection(asyncio.Protocol):
 
     def check_timers(self, now: float) -> None:
         """The sweeper's per-connection check (HL7 peers that stall, not us)."""
+        if self.closed:
+            # a graceful close waits for the unsent ACKs to drain: a peer that never reads
+            # them would keep the connection, and its slot, for ever
+            if self.closed_at and now - self.closed_at > self.source.write_timeout:
+                log.warning("%s: ACKs left unread after the close, dropping", self.peer)
+                self._error("unread")
+                self.closed_at = 0.0
+                if self.transport is not None:
+                    self.transport.abort()
+            return
         if self.proxy_buf is not None:
             if now - self.proxy_since > self.source.frame_timeout:
                 log.warning("%s: no complete PROXY header in time, closing", self.peer)
