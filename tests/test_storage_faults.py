@@ -259,3 +259,27 @@ def test_processing_survives_a_commit_that_fails_and_catches_up(tmp_path: Path) 
             db.close()
 
     run(body())
+
+
+def test_a_standing_fault_is_logged_once_a_minute_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk fails every commit (each sender's resend, every ~60 ms): the first
+    failure is logged, the next ones within FAULT_LOG_SECONDS are counted, and the line
+    at recovery gives the count (fails before: one ERROR line per failed commit)."""
+    from engine.store import open_database
+
+    db = open_database(tmp_path / "refloop.db")
+    inbox = inbox_module.Inbox(db)
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # SQLITE_FULL, as SQLite sets it on a real full disk
+    with caplog.at_level("WARNING", logger="engine.store.inbox"):
+        for _ in range(50):
+            inbox._failed(full, 1)
+        assert inbox.fault == "full"
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1
+        inbox._recovered()
+    assert inbox.fault == ""
+    assert "49 failed commits not logged" in caplog.records[-1].getMessage()
+    db.close()

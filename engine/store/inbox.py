@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ MAX_BATCH: Final = 512
 WRITER_BUSY_MS: Final = 10_000
 MAX_BATCH_BYTES: Final = 8 * 1024 * 1024  # most bytes one group commit writes
 ALONE_BYTES: Final = 256 * 1024  # a frame over this is committed alone
+FAULT_LOG_SECONDS: Final = 60.0  # while a fault stands: one log line per this, with a count
 PROBE_SECONDS: Final = 1.0  # after a failed commit: how often an idle writer tries a write
 PROBE_KEY: Final = "store_probe_at"  # the meta row the probe writes
 
@@ -106,6 +108,8 @@ class Inbox:
         self.rejected = 0  # rows stored ``rejected`` by this process (they are never claimed)
         self.rows = self._count()
         self.fault = ""  # the kind of the last failed commit, until one succeeds again
+        self._fault_logged = 0.0  # monotonic time the last failed commit was logged
+        self._fault_unlogged = 0  # failed commits since, not logged (no flood on a full disk)
         self.on_fault: Callable[[str], None] | None = None  # each failed commit (metrics)
 
     def _count(self) -> int:
@@ -193,17 +197,29 @@ class Inbox:
 
     def _failed(self, exc: BaseException, count: int) -> None:
         kind = fault_kind(exc)
-        # the SQLite message names the condition (e.g. "database or disk is full"),
-        # never a statement's data
-        log.error("inbox commit of %d messages failed (%s): %s", count, kind, exc)
+        now = time.monotonic()
+        if kind != self.fault or now - self._fault_logged >= FAULT_LOG_SECONDS:
+            # the SQLite message names the condition (e.g. "database or disk is full"),
+            # never a statement's data
+            more = f" ({self._fault_unlogged} more failed commits since the last line)"
+            log.error(
+                "inbox commit of %d messages failed (%s): %s%s",
+                count, kind, exc, more if self._fault_unlogged else "",
+            )  # fmt: skip
+            self._fault_logged, self._fault_unlogged = now, 0
+        else:
+            self._fault_unlogged += 1
         self.fault = kind
         if self.on_fault is not None:
             self.on_fault(kind)
 
     def _recovered(self) -> None:
         if self.fault:
-            log.warning("inbox: the store takes writes again (after %s)", self.fault)
-            self.fault = ""
+            log.warning(
+                "inbox: the store takes writes again (after %s; %d failed commits not logged)",
+                self.fault, self._fault_unlogged,
+            )  # fmt: skip
+            self.fault, self._fault_logged, self._fault_unlogged = "", 0.0, 0
 
     def _take(self) -> list[tuple[Inbound, str, asyncio.Future[AddResult]]]:
         """The next batch, up to MAX_BATCH messages and MAX_BATCH_BYTES.
