@@ -294,40 +294,48 @@ class Hooks:
         return web.Response(status=204)
 
     def _apply_sms_status(self, update: DeliveryUpdate) -> bool:
-        """Record a status if it moves forward; a failure moves the rotation on. True
-        when a row was queued on the next channel."""
+        """A text's status: forward-only; an undelivered text moves the rotation on."""
+        return self._apply_status(
+            update, self.sms_channel, "sms", sms.newer_status, sms.is_delivery_failure
+        )
+
+    def _apply_status(
+        self,
+        update: DeliveryUpdate,
+        channel: str,
+        what: str,
+        newer: Callable[[str, str], bool],
+        failed: Callable[[str], bool],
+    ) -> bool:
+        """Record a provider status on its outbox row of ``channel`` if it moves forward
+        (``newer``); a ``failed`` one moves the patient rotation on. True when a row was
+        queued on the next channel. ``what`` names the kind in logs ("sms", "call")."""
         now = self.clock.now()
         with self.db.transaction() as conn:
             item = outbox.get(conn, update.outbox_id) if update.outbox_id else None
-            if item is None or item.channel != self.sms_channel:
-                item = outbox.find_by_provider_id(
-                    conn, self.sms_channel, update.provider_message_id
-                )
+            if item is None or item.channel != channel:
+                item = outbox.find_by_provider_id(conn, channel, update.provider_message_id)
             if item is None:
-                log.warning("sms %s: status for no known outbox row", update.provider_message_id)
+                log.warning("%s %s: status for no known outbox row", what,
+                            update.provider_message_id)  # fmt: skip
                 return False
-            if not sms.newer_status(item.provider_status, update.status):
-                log.info(
-                    "outbox %d: sms status %s ignored (have %s)",
-                    item.id,
-                    update.status,
-                    item.provider_status or "none",
-                )
+            if not newer(item.provider_status, update.status):
+                log.info("outbox %d: %s status %s ignored (have %s)", item.id, what,
+                         update.status, item.provider_status or "none")  # fmt: skip
                 return False
             outbox.set_provider_status(conn, item.id, update.status, now)
-            log.info("outbox %d: sms %s", item.id, update.status)
-            if not sms.is_delivery_failure(update.status):
+            log.info("outbox %d: %s %s", item.id, what, update.status)
+            if not failed(update.status):
                 return False
             referral = (
                 referral_store.get_referral(conn, item.referral_id)
                 if item.referral_id is not None
                 else None
             )
-            nxt = self.rotation.advance(conn, item, referral, f"sms {update.status}", now)
+            nxt = self.rotation.advance(conn, item, referral, f"{what} {update.status}", now)
             if nxt is not None:
-                log.info(
-                    "outbox %d: sms %s; rotation moves to outbox %d", item.id, update.status, nxt
-                )
+                log.info("outbox %d: %s %s; rotation moves to outbox %d", item.id, what,
+                         update.status, nxt)  # fmt: skip
             return nxt is not None
 
     # -- Twilio: call status -------------------------------------------------------------
@@ -356,38 +364,11 @@ class Hooks:
         return web.Response(status=204)
 
     def _apply_call_status(self, update: DeliveryUpdate) -> bool:
-        now = self.clock.now()
-        with self.db.transaction() as conn:
-            item = outbox.get(conn, update.outbox_id) if update.outbox_id else None
-            if item is None or item.channel != self.voice_channel:
-                item = outbox.find_by_provider_id(
-                    conn, self.voice_channel, update.provider_message_id
-                )
-            if item is None:
-                log.warning("voice %s: status for no known outbox row", update.provider_message_id)
-                return False
-            if not voice.newer_call_status(item.provider_status, update.status):
-                log.info(
-                    "outbox %d: call status %s ignored (have %s)",
-                    item.id,
-                    update.status,
-                    item.provider_status or "none",
-                )
-                return False
-            outbox.set_provider_status(conn, item.id, update.status, now)
-            log.info("outbox %d: call %s", item.id, update.status)
-            if update.status not in voice.CALL_FAILED:
-                return False
-            referral = (
-                referral_store.get_referral(conn, item.referral_id)
-                if item.referral_id is not None
-                else None
-            )
-            nxt = self.rotation.advance(conn, item, referral, f"call {update.status}", now)
-            if nxt is not None:
-                log.info("outbox %d: call %s; rotation moves to outbox %d", item.id,
-                         update.status, nxt)  # fmt: skip
-            return nxt is not None
+        """A call's status: forward-only; a call that ``failed`` moves the rotation on."""
+        return self._apply_status(
+            update, self.voice_channel, "call", voice.newer_call_status,
+            lambda status: status in voice.CALL_FAILED,
+        )  # fmt: skip
 
     # -- Phaxio --------------------------------------------------------------------------
 
