@@ -420,8 +420,11 @@ class Engine:
             self.clock,
             metrics=TimerMetrics(self.metrics.registry, self.db),
         )
-        loaded = self.timers.load()
-        log.info("timers: %d due within the next hour", loaded)
+        if self.membership is None:  # the simulator: driven by the caller, never leased
+            self.timers.load()
+        # else loaded when this node gains the singletons lease (_start_singletons): a
+        # node that is not the holder must not mark the timers loaded, or the holder's
+        # wheel would never read the rows written since its last look
 
     def _build_outbox(self, table: RouteTable) -> Dispatcher:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
@@ -660,7 +663,8 @@ class Engine:
                 self.timers.fence = partial(
                     leases.holds, name=SINGLETONS, holder=self.membership.node_id, token=token
                 )
-                self.timers.resume()
+                loaded = self.timers.resume()
+                log.info("timers: %d due within the next hour", loaded)
             self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
 
     async def _stop_leased(self) -> None:
