@@ -177,7 +177,7 @@ class Metrics:
         )
         self.store_errors = Counter(
             "refloop_store_errors_total",
-            "Failed database commits, by stage (inbox, processing) and kind "
+            "Failed database commits, by stage (inbox, processing, dispatch) and kind "
             "(full, io, locked, other).",
             ["stage", "kind"],
             registry=registry,
