@@ -31,6 +31,7 @@ PERIODS = {
     "quarantine": "quarantine_days",
     "outbox": "outbox_days",
     "parked": "parked_days",
+    "sms-reply": "sms_reply_days",
 }
 SINCE = {
     "closed-referral": "after the referral closed",
@@ -56,7 +57,10 @@ def _mib(n: int) -> str:
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
     path = database_path(state_dir, load_routes(routes_path))
     db = open_database(path, readonly=readonly)
-    if not has_column(db.conn, "messages", "pruned_at"):
+    if not (
+        has_column(db.conn, "messages", "pruned_at")
+        and has_column(db.conn, "sms_replies", "pruned_at")
+    ):
         db.close()
         raise StoreError(
             "this database predates retention: run 'refloop prune' (without --dry-run) "
