@@ -211,6 +211,11 @@ def _m_retention_replies(db: Schema) -> None:
     retention.migrate_replies(db)
 
 
+def _m_specialty_category(db: Schema) -> None:
+    # the specialty filter matches the derived specialty (REFCARD -> Cardiology) too
+    referral_search.migrate_category_index(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -235,4 +240,5 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_retention,
     _m_referral_rekey,
     _m_retention_replies,
+    _m_specialty_category,
 ]

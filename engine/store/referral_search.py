@@ -116,6 +116,15 @@ def normalise(text: str) -> str:
     return " ".join("".join(c if c.isalnum() else " " for c in plain).split())
 
 
+def migrate_category_index(db: Any) -> None:
+    """The specialty filter matches the derived specialty (``specialty_category``) too
+    (engine.store.referral_filter): its index, as ``referrals_specialty_nocase``."""
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS referrals_category_nocase ON referrals "
+        "(specialty_category COLLATE NOCASE)"
+    )
+
+
 def migrate_rekey(db: Any) -> None:
     """Recompute the name keys of referrals whose name holds a letter outside ASCII (the
     keys of names with Ø, Ł, Đ, Æ ... missed those letters before :data:`_UNSPLIT`)."""
