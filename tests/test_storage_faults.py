@@ -12,18 +12,14 @@ the writer's busy timeout (shortened here so the test does not wait 10 s).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HOST, Daemon, config, hl7, peer, query, run
+from helpers import HOST, Daemon, config, hl7, mounted_tmpfs, peer, query, run
 
 import engine.store.inbox as inbox_module
 from engine.app import Engine
@@ -113,24 +109,6 @@ def test_a_commit_that_fails_is_answered_ae_never_aa_and_recovers(
 # -- a full disk under the real daemon (tmpfs, needs root) --------------------------------
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
-
-
 def fill(path: Path) -> None:
     """Write ``path`` until the filesystem has no byte left."""
     chunk = b"\0" * 65536
@@ -156,7 +134,7 @@ def _note(i: int) -> tuple[str, ...]:
 def test_a_full_disk_is_answered_ae_and_the_daemon_recovers_when_space_returns(
     tmp_path: Path,
 ) -> None:
-    with small_tmpfs(tmp_path / "state", "24m") as state:
+    with mounted_tmpfs(tmp_path / "state", "size=24m,mode=0700") as state:
         daemon = Daemon(state_dir=state, log_path=tmp_path / "daemon.log")
         try:
             daemon.start()
