@@ -180,15 +180,25 @@ class Engine:
         return self.config.store.location(self.state_dir, self.store)
 
     def is_ready(self) -> bool:
-        """``/readyz``: the listeners accept and the last inbox commit succeeded."""
-        return self.ready and not (self.inbox is not None and self.inbox.fault)
+        """``/readyz``: the listeners accept and the store takes the engine's commits (the
+        inbox's, processing's and the outbox dispatcher's last ones succeeded)."""
+        return self.ready and not self._store_fault()
 
     def not_ready(self) -> str:
         """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
-        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        ``other``) while the inbox cannot commit, ``store-error: locked (processing)`` or
+        ``(dispatch)`` while those stages cannot, else ``starting`` or ``draining``."""
+        return self._store_fault() or ("draining" if self._draining else "starting")
+
+    def _store_fault(self) -> str:
+        """The readiness sources: each stage's ``fault`` (the kind of its last failed
+        commit, "" once one succeeds again)."""
         if self.inbox is not None and self.inbox.fault:
             return f"store-error: {self.inbox.fault}"
-        return "draining" if self._draining else "starting"
+        for stage, source in (("processing", self.processor), ("dispatch", self.dispatcher)):
+            if source is not None and source.fault:
+                return f"store-error: {source.fault} ({stage})"
+        return ""
 
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
