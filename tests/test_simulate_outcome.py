@@ -162,6 +162,11 @@ def test_the_baseline_pushes_every_cadence_step_but_the_14_day_task() -> None:
         else:
             assert parse_duration(value) >= 365 * 86_400, key
     assert "specialties" not in section
+    # the automation's switches go too, and what remains is a valid escalation section
+    shipped = {"letter": "letter", "followup_letter": True, "notify": "notify"}
+    stripped = baseline_escalation({**shipped, "appointment_reminder": True})
+    assert not {"letter", "followup_letter", "notify", "appointment_reminder"} & set(stripped)
+    assert stripped["followup_call"] is False
 
 
 def test_refloop_calls_by_the_automated_voice_channel_and_the_baseline_by_hand(

@@ -1264,6 +1264,7 @@ def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
     out.pop("appointment_reminder", None)  # an automated reminder is automation too
     out.pop("notify", None)  # so are notices to the referring provider
     out.pop("letter", None)  # and letters a mailing service sends
+    out.pop("followup_letter", None)  # (which the 14-day letter needs)
     out["followup_call"] = False  # the practice's 14-day follow-up is a person's call
     return out
 

@@ -22,6 +22,7 @@ docs/escalation.md has the state-by-state table):
 | outreach             | patient not booked              | one call + letter task (2)             |
 | attempt-close        | patient not booked              | close no-response (or a task: human)   |
 | specialist-followup  | specialist not confirmed        | 1: the packet again; 2: call-office task|
+|                      | (2: and the patient not booked) |                                        |
 | appointment-reminder | booked, SMS consent             | reminder SMS the day before (opt-in)   |
 | report-request       | booked or seen, no report       | report request by Direct, else fax (3) |
 | report-task          | booked or seen, no report       | "call for the report" task             |
@@ -275,6 +276,10 @@ class TimerService:
         if kind == "specialist-followup":
             if specialist_done:
                 return "moot", ""
+            if row.attempt > 1 and patient_booked:
+                # the patient is on the office's own schedule: the visit, then the
+                # automated report requests, come next; no one calls the office now
+                return "moot", "booked"
             return self._specialist(conn, row, referral, now)
         if kind == direct_flow.MDN_TIMEOUT_KIND:
             # no dispatched MDN in time (Direct delivery notification IG): fall back
