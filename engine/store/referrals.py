@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from engine.canonical import canonical_text
 from engine.errors import StoreError
+from engine.store import notify
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 from engine.store.sql import POSTGRESQL, Conn, dialect, has_table
@@ -1007,6 +1008,8 @@ def enqueue_outbox(
         "due, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
         (referral_id, channel, template, payload_json, idempotency_key, due, now, now),
     )
+    if cur.rowcount:
+        notify.mark(conn, notify.OUTBOX)  # other nodes' dispatchers, once per commit
     return bool(cur.rowcount)
 
 
