@@ -134,7 +134,8 @@ def test_on_processed_ack_comes_by_notification_and_listen_reconnects(
     a, b, url = nodes
     _restrict_a(url)  # migrates the schema first
     a.start(timeout=60)
-    assert metric(a, "refloop_store_listening") == 1.0
+    # the LISTEN connection opens beside readiness (polling covers the moments before)
+    wait_for(lambda: metric(a, "refloop_store_listening") == 1.0, 30)
     # A stores the message and waits for its outcome; A cannot process it
     first = ref_i12("N1", "10482")
 
@@ -153,6 +154,7 @@ def test_on_processed_ack_comes_by_notification_and_listen_reconnects(
     assert _status(url, "N1") == "filtered"  # no routes: processed by B, the only one able
     assert metric(a, 'refloop_store_notifications_total{kind="processed"}') >= 1
     # B's processor idles (600 s poll): A's inbox commit wakes it
+    wait_for(lambda: metric(b, "refloop_store_listening") == 1.0, 30)
     assert run(_ask(a.mllp, ref_i12("N2", "10483"))) == "AA", b.log_tail()
     assert metric(b, 'refloop_store_notifications_total{kind="received"}') >= 1
 

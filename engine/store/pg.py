@@ -294,16 +294,14 @@ class PgConn:
         named = isinstance(parameters, Mapping)
         statements = translate(sql, named)
         cur = self.raw.cursor()
-        if self.pending:
-            if ends and head.startswith("COMMIT") and self._open:
-                # one notification for the whole transaction, delivered at its commit
-                self._count(notify.SQL)
-                cur.execute(translate(notify.SQL)[0], (self.pending.payload(),))
-                self.pending.clear()
-            elif ends:
-                self.pending.clear()  # rolled back: nothing to tell
-        if self.counts is not None:
-            self._count(sql)
+        if self.pending and ends:
+            if head.startswith("COMMIT") and self._open and not parameters:
+                # one notification for the whole transaction, sent with its COMMIT in one
+                # round trip (simple query protocol) and delivered only if it commits
+                statements = (f"{translate(notify.SQL)[0]}; {statements[0]}",)
+                parameters = (self.pending.payload(),)
+            self.pending.clear()  # sent, or rolled back: nothing to tell
+        self._count(sql)
         for statement in statements:
             cur.execute(statement, parameters if named else tuple(parameters))
         if head.startswith("BEGIN"):
@@ -368,6 +366,9 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+_BEGIN_ASYNC: Final = "BEGIN; SET LOCAL synchronous_commit TO OFF"
+
+
 class PgDatabase(Database):
     """The PostgreSQL store: a pool, and the one connection the event loop uses."""
 
@@ -402,10 +403,11 @@ class PgDatabase(Database):
         ``synchronous_commit = off``: as on SQLite, it survives a crash of refloop but
         only a later durable commit makes it survive a crash of the database host."""
         conn = self.conn
-        conn.execute("BEGIN")
+        if not durable or self.synchronous != "full":
+            conn.execute(_BEGIN_ASYNC)  # one round trip for both
+        else:
+            conn.execute("BEGIN")
         try:
-            if not durable or self.synchronous != "full":
-                conn.execute("SET LOCAL synchronous_commit TO OFF")
             yield conn
             conn.execute("COMMIT")
         except BaseException:

@@ -248,6 +248,15 @@ _REF_COLUMNS: Final = (
 
 def _referral(conn: Conn, r: Sequence[Any]) -> ReferralRow:
     rid = int(r[0])
+    # the filler numbers and patient ids in one read (a round trip each on PostgreSQL)
+    keys: dict[str, list[str]] = {"f": [], "p": []}
+    for kind, value in conn.execute(
+        "SELECT 'f', filler_number FROM referral_fillers WHERE referral_id = ?1 "
+        "UNION ALL SELECT 'p', patient_id FROM referral_patients WHERE referral_id = ?1 "
+        "ORDER BY 1, 2",
+        (rid,),
+    ):
+        keys[str(kind)].append(str(value))
     return ReferralRow(
         id=rid,
         sending_facility=str(r[1]),
@@ -262,22 +271,8 @@ def _referral(conn: Conn, r: Sequence[Any]) -> ReferralRow:
         updated_at=float(r[10]),
         closed_at=None if r[11] is None else float(r[11]),
         details=dict(zip(DETAIL_COLUMNS, r[12:], strict=True)),
-        filler_numbers=tuple(
-            str(x[0])
-            for x in conn.execute(
-                "SELECT filler_number FROM referral_fillers WHERE referral_id = ? "
-                "ORDER BY filler_number",
-                (rid,),
-            )
-        ),
-        patient_ids=tuple(
-            str(x[0])
-            for x in conn.execute(
-                "SELECT patient_id FROM referral_patients WHERE referral_id = ? "
-                "ORDER BY patient_id",
-                (rid,),
-            )
-        ),
+        filler_numbers=tuple(keys["f"]),
+        patient_ids=tuple(keys["p"]),
     )
 
 
