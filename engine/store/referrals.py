@@ -293,6 +293,19 @@ def lock_referral(conn: Conn, referral_id: int) -> None:
         conn.execute("SELECT id FROM referrals WHERE id = ? FOR UPDATE", (referral_id,))
 
 
+def get_referral_locked(conn: Conn, referral_id: int) -> ReferralRow | None:
+    """:func:`lock_referral` and :func:`get_referral` in one statement: the row read
+    ``FOR UPDATE`` on PostgreSQL (READ COMMITTED reads the newest version once the lock
+    is held: a round trip less per read-modify-write), inside a transaction on both."""
+    if not conn.in_transaction:
+        raise StoreError(f"referral {referral_id}: read-modify-write outside a transaction")
+    lock = " FOR UPDATE OF referrals" if dialect(conn) == POSTGRESQL else ""
+    r = conn.execute(
+        f"SELECT {_REF_COLUMNS} FROM referrals WHERE id = ?{lock}", (referral_id,)
+    ).fetchone()
+    return _referral(conn, r) if r else None
+
+
 def get_referral(conn: Conn, referral_id: int) -> ReferralRow | None:
     r = conn.execute(
         f"SELECT {_REF_COLUMNS} FROM referrals WHERE id = ?", (referral_id,)
