@@ -456,6 +456,9 @@ class StoreConfig:
     pool_max: int = 8
     node_id: str = ""  # this node in outbox claims ("" = hostname:pid)
     lease_seconds: float = 30.0  # how long an outbox claim holds without renewal
+    # idle processing looks for other nodes' rows this often when nothing woke it (the
+    # fallback of LISTEN/NOTIFY on PostgreSQL); ACK waiters every fifth of it
+    poll_seconds: float = 1.0
 
     def location(self, state_dir: str | os.PathLike[str], override: str = "") -> str:
         """Where the store is: ``override`` (``refloop run --store``), else ``url``, else
@@ -609,6 +612,7 @@ def _store(r: Reader) -> StoreConfig:
         pool_max=pool_max,
         node_id=r.text("node_id", ""),
         lease_seconds=r.number("lease_seconds", 30.0, lo=1.0),
+        poll_seconds=r.number("poll_seconds", 1.0, lo=0.05),
     )
     r.done()
     return cfg

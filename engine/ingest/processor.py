@@ -69,6 +69,11 @@ class Processor:
         self.cursor = inbox.rows if first is None else first - 1
         self._rejected = inbox.rejected  # rejected rows counted as processed so far
         self._wake = asyncio.Event()
+        # how long an idle processor waits for a wake-up before it looks again (rows
+        # another node stored, outcomes of rows another node processed): the fallback
+        # of the wake-ups (own commits, and LISTEN/NOTIFY on PostgreSQL)
+        self.idle_poll = IDLE_POLL
+        self.waiter_poll = WAITER_POLL
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
         self._loaded: StoredMessage | None = None  # a large message read off the loop
@@ -132,7 +137,7 @@ class Processor:
                 self._settle_waiters()
                 try:
                     await asyncio.wait_for(
-                        self._wake.wait(), WAITER_POLL if self._waiters else IDLE_POLL
+                        self._wake.wait(), self.waiter_poll if self._waiters else self.idle_poll
                     )
                 except TimeoutError:
                     pass
@@ -143,10 +148,18 @@ class Processor:
             else:
                 await asyncio.sleep(0)
 
-    def _settle_waiters(self) -> None:
+    def settle(self, ids: list[int] | None = None) -> None:
+        """Another node processed ``ids`` (None: maybe any): resolve the waiters of
+        those now, without waiting for the next poll (engine.store.notify)."""
+        if ids is None:
+            self._settle_waiters()
+        elif self._waiters:
+            self._settle_waiters([i for i in ids if i in self._waiters])
+
+    def _settle_waiters(self, ids: list[int] | None = None) -> None:
         """Resolve the futures of messages processed meanwhile by another node (on a
         shared database it may claim a row this node stored and is waiting for)."""
-        for message_id in list(self._waiters):
+        for message_id in list(self._waiters) if ids is None else ids:
             row = self.inbox.outcome(self.db.conn, message_id)
             if row is not None and row[0] != "received":
                 for fut in self._waiters.pop(message_id, ()):
