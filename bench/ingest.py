@@ -42,6 +42,17 @@ up, ``--rate`` msgs/s (paced, on ``--sustain-conns`` connections) for that long;
 prints the ACK figures, ``refloop_processing_lag_messages`` when the load stops, and how
 long processing then takes to reach 0.
 
+Several nodes (``--nodes 1,2,3 --store postgresql://user@host/db``): instead of the four
+servers, ``refloop run`` with the routes given, first one node on SQLite, then N daemons on
+one fresh PostgreSQL schema per node count (dropped afterwards), the client's
+``--nodes-conns`` connections spread round-robin over the nodes' MLLP ports. Per
+configuration: msgs/s and p50/p99 ACK over ``--seconds``; statements per processed
+message summed over every node's connections (statements sent together in one round trip,
+such as a NOTIFY with its COMMIT, count once); with ``--sustain``, half the measured rate
+paced for that long, the rows still ``received`` when it stops, how long processing then
+takes to reach 0 and what it processes per second meanwhile (read from the database, so
+every node's processing counts).
+
 Each server runs in its own subprocess and session, and so does the load client (this
 script re-run in an internal mode), so client and server never share an interpreter or a
 GIL. Server CPU % is summed over the server's whole process group. The box is noisy, and
@@ -56,6 +67,8 @@ Run (from the repo root; the default run takes about 2-3 minutes)::
     .venv/bin/python bench/ingest.py --conns 16,64 --sustain 10 --rate 300
     .venv/bin/python bench/ingest.py --servers durable,refloop --refloop ../other/.venv/bin/refloop
     .venv/bin/python bench/ingest.py --conns 64 --seconds 10 --json /tmp/ingest.json
+    .venv/bin/python bench/ingest.py --nodes 1,2,3 --store postgresql://postgres@127.0.0.1/test \
+        --sustain 10
 
 The tables go to stdout and progress to stderr. The exit status is 1 when a requested
 server could not be started or a client run failed, and 130 when interrupted.
@@ -642,7 +655,7 @@ async def _watchdog(run: _LoadRun, conns: Sequence[LoadConnection]) -> None:
 
 
 async def run_load(
-    port: int,
+    port: int | Sequence[int],
     conns: int,
     seconds: float,
     warmup: float,
@@ -654,12 +667,13 @@ async def run_load(
     """Drive ``conns`` closed-loop connections (with ``rate``, paced to that many messages
     per second in all); return the measurement as a JSON-able dict."""
     loop = asyncio.get_running_loop()
+    ports = [port] if isinstance(port, int) else list(port)  # connection i: ports[i % n]
     run = _LoadRun(tag, ack_timeout_s)
     if rate > 0:
         run.period_ns = int(conns * 1e9 / rate)
     attempts = await asyncio.gather(
         *(
-            loop.create_connection(lambda i=i: LoadConnection(run, i), HOST, port)
+            loop.create_connection(lambda i=i: LoadConnection(run, i), HOST, ports[i % len(ports)])
             for i in range(conns)
         ),
         return_exceptions=True,
@@ -726,7 +740,7 @@ async def run_load(
 
 def client_main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="ingest.py _client")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", required=True, help="a port, or several: a,b,c")
     parser.add_argument("--conns", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--warmup", type=float, required=True)
@@ -738,7 +752,7 @@ def client_main(argv: Sequence[str]) -> None:
     with asyncio.Runner(loop_factory=_best_event_loop_factory()) as runner:
         result = runner.run(
             run_load(
-                args.port,
+                [int(p) for p in args.port.split(",")],
                 args.conns,
                 args.seconds,
                 args.warmup,
@@ -851,14 +865,18 @@ ROUTES = REPO / "routes.yaml"  # --routes changes it (e.g. bench/ingest-only.yam
 EXECUTABLE = REPO / ".venv" / "bin" / "refloop"  # --refloop changes it
 
 
-def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
+def _start_refloop(
+    workdir: Path, ready_timeout_s: float, *, store: str = "", tag: str = ""
+) -> RunningServer:
+    """``refloop run`` on a fresh state directory (``store``: ``--store``, e.g. a
+    PostgreSQL schema several of them share; ``tag`` names its state, log and stats)."""
     executable = EXECUTABLE
     routes = ROUTES
     if not executable.exists():
         raise BenchError(f"{executable} does not exist (pip install -e . first)")
     if not routes.exists():
         raise BenchError(f"{routes} does not exist")
-    state = workdir / "refloop-state"
+    state = workdir / f"refloop{tag}-state"
     state.mkdir()
     mllp_port, http_port = free_port(), free_port()
     while http_port == mllp_port:
@@ -867,12 +885,13 @@ def _start_refloop(workdir: Path, ready_timeout_s: float) -> RunningServer:
         os.environ,
         REFLOOP_MLLP_PORT=str(mllp_port),
         REFLOOP_HTTP_PORT=str(http_port),
-        REFLOOP_SQL_STATS=str(workdir / f"refloop-{SQL_STATS_FILE}"),
+        REFLOOP_SQL_STATS=str(workdir / f"refloop{tag}-{SQL_STATS_FILE}"),
     )
-    log_path = workdir / "refloop.log"
+    log_path = workdir / f"refloop{tag}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [str(executable), "run", "--routes", str(routes), "--state", str(state)],
+            [str(executable), "run", "--routes", str(routes), "--state", str(state)]
+            + (["--store", store] if store else []),
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -915,6 +934,7 @@ def run_cell(
     *,
     seconds: float | None = None,
     rate: float = 0.0,
+    ports: Sequence[int] = (),
 ) -> CellResult:
     """Run one load client process against ``server`` and return what it measured
     (``rate``: paced to that many messages per second in all, for ``seconds``)."""
@@ -924,7 +944,7 @@ def run_cell(
         sys.executable,
         str(Path(__file__).resolve()),
         "_client",
-        f"--port={server.mllp_port}",
+        f"--port={','.join(map(str, ports or [server.mllp_port]))}",
         f"--conns={conns}",
         f"--seconds={seconds}",
         f"--warmup={opts.warmup}",
@@ -1188,6 +1208,207 @@ def _parse_conns(text: str) -> list[int]:
     return counts
 
 
+# ---------------------------------------------------------------------------
+# Several nodes (--nodes): SQLite one node vs PostgreSQL 1/2/3 nodes, one client spread
+# over the nodes' ports
+
+
+def _pg_schema(base: str, run_id: str, nodes: int) -> tuple[str, str]:
+    """A fresh schema on ``base`` for one configuration: (its URL, its name)."""
+    import psycopg
+
+    schema = f"bench_{run_id}_{nodes}n_{secrets.token_hex(2)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}", schema
+
+
+def _drop_schema(base: str, schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _inbox_counts(store: str) -> tuple[int, int]:
+    """(rows stored, rows still ``received``) in the store at ``store``."""
+    if store.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(store, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'received') FROM messages"
+            ).fetchone()
+    else:
+        import sqlite3
+
+        conn2 = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn2.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'received') FROM messages"
+            ).fetchone()
+        finally:
+            conn2.close()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _wait_drained(store: str, limit_s: float) -> tuple[int, float]:
+    """Poll the rows still ``received`` until 0 or ``limit_s``: (last count, seconds)."""
+    started = time.monotonic()
+    left = _inbox_counts(store)[1]
+    while left and time.monotonic() - started < limit_s:
+        time.sleep(0.25)
+        left = _inbox_counts(store)[1]
+    return left, time.monotonic() - started
+
+
+def run_node_config(
+    workdir: Path, label: str, store: str, n: int, run_id: str, opts: argparse.Namespace
+) -> dict[str, Any]:
+    """Start ``n`` daemons on ``store`` (the first migrates), measure ``--nodes-conns``
+    closed-loop connections spread over their ports, then (``--sustain``) half that rate
+    paced for that long, and read the SQL statement counts after they stop."""
+    servers: list[RunningServer] = []
+    tag0 = f"-{run_id}-{label.lower()}-{n}"
+    try:
+        for i in range(n):
+            servers.append(
+                _start_refloop(workdir, opts.ready_timeout, store=store, tag=f"{tag0}-{i}")
+            )
+        ports = [sv.mllp_port for sv in servers]
+        sqlite_file = "" if store else str(servers[0].state / "refloop.db")  # type: ignore[operator]
+        where = store or sqlite_file
+        cell = run_cell(servers[0], opts.nodes_conns, f"{run_id}n{n}{label[0]}", opts, ports=ports)
+        result: dict[str, Any] = {
+            "store": label,
+            "nodes": n,
+            "conns": opts.nodes_conns,
+            "msgs_per_s": cell.msgs_per_s,
+            "p50_ms": cell.p50_ms,
+            "p99_ms": cell.p99_ms,
+            "errors": cell.errors,
+        }
+        left, waited = _wait_drained(where, 300)
+        result["drain_after_s"] = round(waited, 1)
+        if opts.sustain and cell.msgs_per_s:
+            rate = cell.msgs_per_s / 2
+            paced = run_cell(
+                servers[0],
+                opts.nodes_conns,
+                f"{run_id}s{n}{label[0]}",
+                opts,
+                seconds=opts.sustain,
+                rate=rate,
+                ports=ports,
+            )
+            lag_end = _inbox_counts(where)[1]
+            drain0 = time.monotonic()
+            left, catch_up = _wait_drained(where, 300)
+            if lag_end:  # processing alone, no load: what the nodes process per second
+                result["processing_per_s"] = round(
+                    (lag_end - left) / max(time.monotonic() - drain0, 1e-3), 1
+                )
+            result.update(
+                sustain_rate=round(rate, 1),
+                sustain_acked_per_s=paced.msgs_per_s,
+                sustain_p99_ms=paced.p99_ms,
+                sustain_errors=paced.errors,
+                lag_at_end=lag_end,
+                catch_up_s=round(catch_up, 1),
+                lag_after=left,
+            )
+    finally:
+        for sv in servers:
+            stop_server(sv.proc)
+    stored, received = _inbox_counts(where)
+    totals: Counter[str] = Counter()
+    main: Counter[str] = Counter()
+    for i in range(n):
+        path = workdir / f"refloop{tag0}-{i}-{SQL_STATS_FILE}"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            for key in ("read", "write", "control"):
+                totals[key] += int(item[key])
+                if item["label"] == "main":
+                    main[key] += int(item[key])
+    processed = stored - received
+    result["stored"] = stored
+    result["processed"] = processed
+    if processed:
+        result["stmts_per_msg"] = round(sum(totals.values()) / processed, 1)
+        result["main_stmts_per_msg"] = round(sum(main.values()) / processed, 1)
+    return result
+
+
+def render_nodes(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| store | nodes | conns | msgs/s | p50 ACK ms | p99 ACK ms | errors "
+        "| statements / processed msg (all conns; processing conn) "
+        "| sustained at half rate: ACKed/s, p99 ms | lag at end | caught up after "
+        "| processing msgs/s (no load) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        sustained = (
+            f"{_fmt(r['sustain_acked_per_s'], 0)} of {r['sustain_rate']:g}, "
+            f"{_fmt(r['sustain_p99_ms'])}"
+            if "sustain_rate" in r
+            else "-"
+        )
+        lines.append(
+            f"| {r['store']} | {r['nodes']} | {r['conns']} | {_fmt(r['msgs_per_s'], 0)} "
+            f"| {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | {r['errors']} "
+            f"| {r.get('stmts_per_msg', '-')}; {r.get('main_stmts_per_msg', '-')} "
+            f"| {sustained} | {r.get('lag_at_end', '-')} | {r.get('catch_up_s', '-')} s "
+            f"| {_fmt(r.get('processing_per_s'), 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def nodes_main(opts: argparse.Namespace) -> int:
+    """``--nodes 1,2,3 --store postgresql://…``: SQLite one node, then PostgreSQL with
+    each node count, one table."""
+    run_id = secrets.token_hex(2)
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    configs: list[tuple[str, int]] = [("SQLite", 1)] if not opts.no_sqlite else []
+    configs += [("PostgreSQL", n) for n in opts.nodes]
+    with tempfile.TemporaryDirectory(prefix="refloop-bench-") as tmp:
+        workdir = Path(tmp)
+        for label, n in configs:
+            _progress(f"{label}, {n} node(s): starting")
+            schema = ""
+            store = ""
+            if label == "PostgreSQL":
+                store, schema = _pg_schema(opts.store, run_id, n)
+            try:
+                row = run_node_config(workdir, label, store, n, run_id, opts)
+            finally:
+                if schema:
+                    _drop_schema(opts.store, schema)
+            _progress(json.dumps(row))
+            rows.append(row)
+    load_after = os.getloadavg()
+    print(
+        f"refloop ingest + processing, SQLite vs PostgreSQL nodes "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+        f"routes {ROUTES.name}, window {opts.seconds:g} s, sustained {opts.sustain:g} s):\n"
+    )
+    print(render_nodes(rows))
+    print(
+        f"\nload average at start {load_before[0]:.2f} {load_before[1]:.2f} "
+        f"{load_before[2]:.2f}, at end {load_after[0]:.2f} {load_after[1]:.2f} "
+        f"{load_after[2]:.2f}"
+    )
+    if opts.json:
+        opts.json.write_text(json.dumps({"nodes": rows}, indent=2) + "\n")
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ingest.py",
@@ -1252,6 +1473,25 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sustain-conns", type=int, default=16, help="connections of the sustained run (16)"
     )
+    parser.add_argument(
+        "--store",
+        default="",
+        metavar="URL",
+        help="PostgreSQL server (postgresql://user@host/db) for --nodes: each "
+        "configuration gets a fresh schema there, dropped afterwards",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=_parse_conns,
+        default=[],
+        help="multi-node mode: SQLite one node, then PostgreSQL (--store) with each of "
+        "these node counts (e.g. 1,2,3), one client spread over the nodes' ports; "
+        "--sustain paces half the measured rate",
+    )
+    parser.add_argument(
+        "--nodes-conns", type=int, default=16, help="connections in --nodes mode (16)"
+    )
+    parser.add_argument("--no-sqlite", action="store_true", help="--nodes: skip the SQLite row")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write raw results here")
     opts = parser.parse_args(argv)
     if opts.seconds <= 0 or opts.warmup < 0 or opts.ack_timeout <= 0:
@@ -1268,6 +1508,11 @@ def bench_main(argv: Sequence[str]) -> int:
     opts = _parse_args(argv)
     ROUTES = opts.routes.resolve()
     EXECUTABLE = opts.refloop.absolute()
+    if opts.nodes:
+        if not opts.store.startswith("postgresql://"):
+            raise SystemExit("--nodes needs --store postgresql://…")
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        return nodes_main(opts)
     # Ctrl-C and SIGTERM take the same cleanup path (SIGINT may arrive ignored, e.g. in a
     # background job, so its default handler is installed explicitly).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # built at start, imported there: a daemon without them never
     from engine.delivery.webhooks import Hooks
     from engine.ingest.status import Workbench
     from engine.routing.table import ChannelSpec, RouteTable
+    from engine.store.notify import Listener
     from engine.timers.service import TimerService
     from engine.tracking.tracker import Tracker
 
@@ -90,6 +91,7 @@ class Tasks:
     timers: asyncio.Task[None] | None = None
     watchdog: asyncio.Task[None] | None = None
     pruner: asyncio.Task[None] | None = None  # retention (engine.store.pruner)
+    listen: asyncio.Task[None] | None = None  # PostgreSQL LISTEN (engine.store.notify)
     fhir: list[asyncio.Task[None]] = field(default_factory=list)  # one per FHIR poller
     direct_imap: list[asyncio.Task[None]] = field(default_factory=list)  # one per mailbox
 
@@ -174,6 +176,7 @@ class Engine:
         self._imap_stop = asyncio.Event()  # set when this node loses the singletons lease
         self.membership: Membership | None = None  # None: not background (the simulator)
         self.pruner: Pruner | None = None
+        self.listener: Listener | None = None  # PostgreSQL only (engine.store.notify)
 
     @property
     def db_path(self) -> str:
@@ -181,15 +184,25 @@ class Engine:
         return self.config.store.location(self.state_dir, self.store)
 
     def is_ready(self) -> bool:
-        """``/readyz``: the listeners accept and the last inbox commit succeeded."""
-        return self.ready and not (self.inbox is not None and self.inbox.fault)
+        """``/readyz``: the listeners accept and the store takes the engine's commits (the
+        inbox's, processing's and the outbox dispatcher's last ones succeeded)."""
+        return self.ready and not self._store_fault()
 
     def not_ready(self) -> str:
         """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
-        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        ``other``) while the inbox cannot commit, ``store-error: locked (processing)`` or
+        ``(dispatch)`` while those stages cannot, else ``starting`` or ``draining``."""
+        return self._store_fault() or ("draining" if self._draining else "starting")
+
+    def _store_fault(self) -> str:
+        """The readiness sources: each stage's ``fault`` (the kind of its last failed
+        commit, "" once one succeeds again)."""
         if self.inbox is not None and self.inbox.fault:
             return f"store-error: {self.inbox.fault}"
-        return "draining" if self._draining else "starting"
+        for stage, source in (("processing", self.processor), ("dispatch", self.dispatcher)):
+            if source is not None and source.fault:
+                return f"store-error: {source.fault} ({stage})"
+        return ""
 
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
@@ -236,6 +249,10 @@ class Engine:
         if self.background:
             self.tasks.dispatch = asyncio.create_task(dispatcher.run(), name="dispatch")
         self.processor.after_commit = self._wake_dispatcher
+        self.processor.idle_poll = cfg.poll_seconds
+        self.processor.waiter_poll = cfg.poll_seconds / 5
+        if self.background and is_postgres_url(self.db_path):
+            self._listen()
         if self.config.http.enabled:
             self.auth = Auth(self.db, self.clock)
             self.http = HttpServer(
@@ -372,6 +389,33 @@ class Engine:
                 notify=self.processor.notify,
                 metrics=self.metrics,
             )
+
+    def _listen(self) -> None:
+        """The node's LISTEN connection: other nodes' commits wake this node's processor,
+        ACK waiters and dispatcher (engine.store.notify; polling stays the fallback)."""
+        from engine.store.notify import Listener
+
+        assert self.processor is not None
+        processor, metrics = self.processor, self.metrics
+
+        def wake_dispatcher() -> None:
+            if self.dispatcher is not None:
+                self.dispatcher.wake()
+
+        def state(up: bool) -> None:
+            metrics.store_listening.set(1 if up else 0)
+            if up:
+                metrics.store_listen_connects.inc()
+
+        self.listener = Listener(
+            self.db_path,
+            on_received=processor.notify,
+            on_processed=processor.settle,
+            on_outbox=wake_dispatcher,
+            counted=lambda kind: metrics.store_notifications.labels(kind).inc(),
+            on_state=state,
+        )
+        self.tasks.listen = asyncio.create_task(self.listener.run(), name="listen")
 
     def _wake_dispatcher(self) -> None:
         """After a processing commit: rows the tracker enqueued go out now, not at the
@@ -814,6 +858,10 @@ class Engine:
             log.exception("dispatch stopped with an error")
 
     async def _stop_side_tasks(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        if self.tasks.listen is not None:
+            await asyncio.gather(self.tasks.listen, return_exceptions=True)
         if self.pruner is not None:
             self.pruner.stop()  # the step in hand commits; the next run starts over
         if self.tasks.pruner is not None:

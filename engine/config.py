@@ -456,6 +456,9 @@ class StoreConfig:
     pool_max: int = 8
     node_id: str = ""  # this node in outbox claims ("" = hostname:pid)
     lease_seconds: float = 30.0  # how long an outbox claim holds without renewal
+    # idle processing looks for other nodes' rows this often when nothing woke it (the
+    # fallback of LISTEN/NOTIFY on PostgreSQL); ACK waiters every fifth of it
+    poll_seconds: float = 1.0
 
     def location(self, state_dir: str | os.PathLike[str], override: str = "") -> str:
         """Where the store is: ``override`` (``refloop run --store``), else ``url``, else
@@ -475,6 +478,7 @@ class RetentionConfig:
     quarantine_days: int | None = 90  # quarantined Direct mail, after receipt
     outbox_days: int | None = 90  # payloads of sent or cancelled outbox rows
     parked_days: int | None = 180  # parked events never linked: their data, after parking
+    sms_reply_days: int | None = 90  # a patient's SMS reply: its text and number, after receipt
     every_minutes: int = 60  # between runs of the daemon's pruner
     batch: int = 200  # most rows one pruning transaction touches
 
@@ -486,6 +490,7 @@ RETENTION_PERIODS: Final = (
     "quarantine_days",
     "outbox_days",
     "parked_days",
+    "sms_reply_days",
 )
 
 
@@ -607,6 +612,7 @@ def _store(r: Reader) -> StoreConfig:
         pool_max=pool_max,
         node_id=r.text("node_id", ""),
         lease_seconds=r.number("lease_seconds", 30.0, lo=1.0),
+        poll_seconds=r.number("poll_seconds", 1.0, lo=0.05),
     )
     r.done()
     return cfg

@@ -177,7 +177,7 @@ class Metrics:
         )
         self.store_errors = Counter(
             "refloop_store_errors_total",
-            "Failed database commits, by stage (inbox, processing) and kind "
+            "Failed database commits, by stage (inbox, processing, dispatch) and kind "
             "(full, io, locked, other).",
             ["stage", "kind"],
             registry=registry,
@@ -280,6 +280,26 @@ class Metrics:
             ["lease"],
             registry=registry,
         )
+        self.store_notifications = Counter(
+            "refloop_store_notifications_total",
+            "PostgreSQL notifications from other nodes this node acted on, by kind "
+            "(received: woke processing; processed: resolved ACK waiters; outbox: woke "
+            "the dispatcher).",
+            ["kind"],
+            registry=registry,
+        )
+        self.store_listening = Gauge(
+            "refloop_store_listening",
+            "1 while this node's LISTEN connection to PostgreSQL is open (0: lost, "
+            "polling meanwhile; not exported on SQLite).",
+            registry=registry,
+        )
+        self.store_listen_connects = Counter(
+            "refloop_store_listen_connects_total",
+            "Times this node opened its LISTEN connection (1 at start, then one per "
+            "reconnect after a loss).",
+            registry=registry,
+        )
         self.outbox_send_seconds = Histogram(
             "refloop_outbox_send_seconds",
             "Time a channel took to accept or refuse one send, by channel.",
@@ -317,7 +337,8 @@ class Metrics:
         # Retention (engine.store.pruner): ``kind`` is one of engine.store.retention.KINDS.
         self.pruned_rows = Counter(
             "refloop_pruned_rows_total",
-            "Rows whose PHI retention pruned (message bytes, outbox payloads, parked events).",
+            "Rows whose PHI retention pruned (message bytes, outbox payloads and recipients, "
+            "parked events, SMS replies).",
             ["kind"],
             registry=registry,
         )

@@ -69,9 +69,17 @@ class Processor:
         self.cursor = inbox.rows if first is None else first - 1
         self._rejected = inbox.rejected  # rejected rows counted as processed so far
         self._wake = asyncio.Event()
+        # how long an idle processor waits for a wake-up before it looks again (rows
+        # another node stored, outcomes of rows another node processed): the fallback
+        # of the wake-ups (own commits, and LISTEN/NOTIFY on PostgreSQL)
+        self.idle_poll = IDLE_POLL
+        self.waiter_poll = WAITER_POLL
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
         self._loaded: StoredMessage | None = None  # a large message read off the loop
+        # the kind of the last failed processing commit (``full``, ``io``, ``locked``,
+        # ``other``) until a slice commits again; "" when fine. /readyz asks it.
+        self.fault = ""
         # called after each processing commit (the engine wakes the outbox dispatcher
         # when the batch enqueued rows)
         self.after_commit: Callable[[], None] | None = None
@@ -110,7 +118,7 @@ class Processor:
                 async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
                     done = self.process_available(budget=SLICE)
             except DatabaseError as exc:  # disk full, I/O error, locked: nothing committed
-                kind = fault_kind(exc)
+                kind = self.fault = fault_kind(exc)
                 log.error("processing: commit failed (%s); trying again in %gs", kind, FAULT_PAUSE)
                 self.metrics.store_errors.labels("processing", kind).inc()
                 if self._stopping:
@@ -120,6 +128,7 @@ class Processor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), FAULT_PAUSE)
                 continue
+            self.fault = ""
             if self._stopping:
                 return  # the rest stays received for the next start: nothing is lost
             if done < 0:
@@ -128,7 +137,7 @@ class Processor:
                 self._settle_waiters()
                 try:
                     await asyncio.wait_for(
-                        self._wake.wait(), WAITER_POLL if self._waiters else IDLE_POLL
+                        self._wake.wait(), self.waiter_poll if self._waiters else self.idle_poll
                     )
                 except TimeoutError:
                     pass
@@ -139,10 +148,18 @@ class Processor:
             else:
                 await asyncio.sleep(0)
 
-    def _settle_waiters(self) -> None:
+    def settle(self, ids: list[int] | None = None) -> None:
+        """Another node processed ``ids`` (None: maybe any): resolve the waiters of
+        those now, without waiting for the next poll (engine.store.notify)."""
+        if ids is None:
+            self._settle_waiters()
+        elif self._waiters:
+            self._settle_waiters([i for i in ids if i in self._waiters])
+
+    def _settle_waiters(self, ids: list[int] | None = None) -> None:
         """Resolve the futures of messages processed meanwhile by another node (on a
         shared database it may claim a row this node stored and is waiting for)."""
-        for message_id in list(self._waiters):
+        for message_id in list(self._waiters) if ids is None else ids:
             row = self.inbox.outcome(self.db.conn, message_id)
             if row is not None and row[0] != "received":
                 for fut in self._waiters.pop(message_id, ()):

@@ -149,14 +149,19 @@ def _next(conn: Conn) -> tuple[int, str]:
     if dialect(conn) == POSTGRESQL:
         # Several connections (nodes) write: the head row is the chain's lock, held until
         # COMMIT, and it names the last row (identity values have gaps, so the id is the
-        # head's + 1, not the sequence's). The first append creates it.
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
-            (HEAD_KEY, f"0:{GENESIS}"),
-        )
+        # head's + 1, not the sequence's). The first append creates it (one statement
+        # per append once it exists: a round trip each on PostgreSQL).
         head = conn.execute(
             "SELECT value FROM meta WHERE key = ? FOR UPDATE", (HEAD_KEY,)
         ).fetchone()
+        if head is None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
+                (HEAD_KEY, f"0:{GENESIS}"),
+            )
+            head = conn.execute(
+                "SELECT value FROM meta WHERE key = ? FOR UPDATE", (HEAD_KEY,)
+            ).fetchone()
         head_id, _, head_hash = str(head[0]).partition(":")
         return int(head_id) + 1, head_hash
     # the newest row's hash and the sequence, in one statement. AUTOINCREMENT never

@@ -35,10 +35,10 @@ from typing import Any, Final
 
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
+from engine.store import notify
 from engine.store.message_filter import MessageFilter, where
 from engine.store.sql import (
     Conn,
-    CountingConnection,
     Database,
     DatabaseError,
     fault_kind,
@@ -320,7 +320,9 @@ class Inbox:
         if int(r[3]):  # the row was there: an identical resend, counted, not stored again
             return AddResult(row_id, True, str(r[1]), str(r[2]))
         conn.execute("INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (row_id, m.raw))
-        if m.reject is not None:
+        if m.reject is None:
+            notify.mark(conn, notify.RECEIVED)  # other nodes' processors, once per commit
+        else:
             self.rejected += 1  # counted even if the commit then fails: only a gauge drifts
         return AddResult(row_id, False, status, ack_code)
 
@@ -416,6 +418,8 @@ class Inbox:
             "UPDATE messages SET status = ?, error = ?, route = ?, processed_at = ? WHERE id = ?",
             (status, error, route, now, message_id),
         )
+        # on-processed ACK waiters on other nodes: one NOTIFY with every id, at COMMIT
+        notify.mark(self.db.conn, notify.PROCESSED, message_id)
 
 
 def _load(reader: Database, message_id: int) -> StoredMessage | None:
@@ -498,6 +502,6 @@ def _writer_database(db: Database) -> Database:
     # the processor waits on Inbox.lock, not here; other writers (CLI, dispatcher) are
     # brief, and a failed commit is answered AR (the sender resends): nothing is lost
     writer = db.another(busy_ms=WRITER_BUSY_MS)
-    if isinstance(writer.conn, CountingConnection) and writer is not db:
+    if writer is not db and isinstance(getattr(writer.conn, "label", None), str):
         writer.conn.label = "inbox-writer"  # REFLOOP_SQL_STATS: its counts apart
     return writer

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
@@ -32,7 +34,8 @@ from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from engine.errors import StoreError
-from engine.store.sql import POSTGRESQL, Database
+from engine.store import notify
+from engine.store.sql import POSTGRESQL, STATS_ENV, Database, statement_kind
 
 MIGRATION_LOCK: Final = 0x7265666C6F6F70  # pg_advisory_xact_lock key: "refloop"
 CONNECT_TIMEOUT: Final = 10.0  # seconds to wait for a pooled connection
@@ -268,6 +271,13 @@ class PgConn:
         self.raw = raw
         self.pool = pool
         self._open = False  # inside BEGIN … COMMIT/ROLLBACK
+        # what the open transaction did, sent as one NOTIFY just before its COMMIT
+        self.pending = notify.Pending()
+        # REFLOOP_SQL_STATS: statements by kind, as sql.CountingConnection counts them
+        self.counts: dict[str, int] | None = None
+        if os.environ.get(STATS_ENV):
+            self.counts = {"read": 0, "write": 0, "control": 0, "rows": 0}
+        self.label = "main"
 
     def execute(self, sql: str, parameters: Any = (), /) -> Any:
         if not isinstance(parameters, Mapping) and numbered(sql):
@@ -284,15 +294,38 @@ class PgConn:
         named = isinstance(parameters, Mapping)
         statements = translate(sql, named)
         cur = self.raw.cursor()
+        if self.pending and ends:
+            if head.startswith("COMMIT") and self._open and not parameters:
+                # one notification for the whole transaction, sent with its COMMIT in one
+                # round trip (simple query protocol) and delivered only if it commits
+                statements = (f"{translate(notify.SQL)[0]}; {statements[0]}",)
+                parameters = (self.pending.payload(),)
+            self.pending.clear()  # sent, or rolled back: nothing to tell
+        self._count(sql)
         for statement in statements:
             cur.execute(statement, parameters if named else tuple(parameters))
         if head.startswith("BEGIN"):
             self._open = True
+            self.pending.clear()
         elif ends:
             self._open = False
         if cur.description is None:
             return _NoResult(cur.rowcount)
         return cur
+
+    def _count(self, sql: str, rows: int = 1) -> None:
+        if self.counts is not None:
+            self.counts[statement_kind(sql)] += 1
+            self.counts["rows"] += rows
+
+    def write_stats(self) -> None:
+        """REFLOOP_SQL_STATS: append this connection's counts as one JSON line."""
+        path = os.environ.get(STATS_ENV)
+        if path and self.counts is not None:
+            line = {"pid": os.getpid(), "label": self.label, **self.counts}
+            with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+            self.counts = dict.fromkeys(self.counts, 0)
 
     def _replace(self) -> None:
         if self.pool is None:
@@ -304,6 +337,7 @@ class PgConn:
         rows = list(parameters)
         named = bool(rows) and isinstance(rows[0], Mapping)
         (statement,) = translate(sql, named)
+        self._count(sql, len(rows))
         cur = self.raw.cursor()
         cur.executemany(statement, rows if named else [tuple(r) for r in rows])
         return _NoResult(cur.rowcount)
@@ -330,6 +364,9 @@ def redact(url: str) -> str:
     user = parts.username or ""
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_BEGIN_ASYNC: Final = "BEGIN; SET LOCAL synchronous_commit TO OFF"
 
 
 class PgDatabase(Database):
@@ -366,10 +403,11 @@ class PgDatabase(Database):
         ``synchronous_commit = off``: as on SQLite, it survives a crash of refloop but
         only a later durable commit makes it survive a crash of the database host."""
         conn = self.conn
-        conn.execute("BEGIN")
+        if not durable or self.synchronous != "full":
+            conn.execute(_BEGIN_ASYNC)  # one round trip for both
+        else:
+            conn.execute("BEGIN")
         try:
-            if not durable or self.synchronous != "full":
-                conn.execute("SET LOCAL synchronous_commit TO OFF")
             yield conn
             conn.execute("COMMIT")
         except BaseException:
@@ -378,6 +416,7 @@ class PgDatabase(Database):
             raise
 
     def close(self) -> None:
+        self.conn.write_stats()
         raw = self.conn.raw
         if raw.info.transaction_status != TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):

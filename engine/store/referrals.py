@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from engine.canonical import canonical_text
 from engine.errors import StoreError
+from engine.store import notify
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
 from engine.store.sql import POSTGRESQL, Conn, dialect, has_table
@@ -247,6 +248,15 @@ _REF_COLUMNS: Final = (
 
 def _referral(conn: Conn, r: Sequence[Any]) -> ReferralRow:
     rid = int(r[0])
+    # the filler numbers and patient ids in one read (a round trip each on PostgreSQL)
+    keys: dict[str, list[str]] = {"f": [], "p": []}
+    for kind, value in conn.execute(
+        "SELECT 'f', filler_number FROM referral_fillers WHERE referral_id = ?1 "
+        "UNION ALL SELECT 'p', patient_id FROM referral_patients WHERE referral_id = ?1 "
+        "ORDER BY 1, 2",
+        (rid,),
+    ):
+        keys[str(kind)].append(str(value))
     return ReferralRow(
         id=rid,
         sending_facility=str(r[1]),
@@ -261,22 +271,8 @@ def _referral(conn: Conn, r: Sequence[Any]) -> ReferralRow:
         updated_at=float(r[10]),
         closed_at=None if r[11] is None else float(r[11]),
         details=dict(zip(DETAIL_COLUMNS, r[12:], strict=True)),
-        filler_numbers=tuple(
-            str(x[0])
-            for x in conn.execute(
-                "SELECT filler_number FROM referral_fillers WHERE referral_id = ? "
-                "ORDER BY filler_number",
-                (rid,),
-            )
-        ),
-        patient_ids=tuple(
-            str(x[0])
-            for x in conn.execute(
-                "SELECT patient_id FROM referral_patients WHERE referral_id = ? "
-                "ORDER BY patient_id",
-                (rid,),
-            )
-        ),
+        filler_numbers=tuple(keys["f"]),
+        patient_ids=tuple(keys["p"]),
     )
 
 
@@ -295,6 +291,19 @@ def lock_referral(conn: Conn, referral_id: int) -> None:
         raise StoreError(f"referral {referral_id}: read-modify-write outside a transaction")
     if dialect(conn) == POSTGRESQL:
         conn.execute("SELECT id FROM referrals WHERE id = ? FOR UPDATE", (referral_id,))
+
+
+def get_referral_locked(conn: Conn, referral_id: int) -> ReferralRow | None:
+    """:func:`lock_referral` and :func:`get_referral` in one statement: the row read
+    ``FOR UPDATE`` on PostgreSQL (READ COMMITTED reads the newest version once the lock
+    is held: a round trip less per read-modify-write), inside a transaction on both."""
+    if not conn.in_transaction:
+        raise StoreError(f"referral {referral_id}: read-modify-write outside a transaction")
+    lock = " FOR UPDATE OF referrals" if dialect(conn) == POSTGRESQL else ""
+    r = conn.execute(
+        f"SELECT {_REF_COLUMNS} FROM referrals WHERE id = ?{lock}", (referral_id,)
+    ).fetchone()
+    return _referral(conn, r) if r else None
 
 
 def get_referral(conn: Conn, referral_id: int) -> ReferralRow | None:
@@ -1007,6 +1016,8 @@ def enqueue_outbox(
         "due, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
         (referral_id, channel, template, payload_json, idempotency_key, due, now, now),
     )
+    if cur.rowcount:
+        notify.mark(conn, notify.OUTBOX)  # other nodes' dispatchers, once per commit
     return bool(cur.rowcount)
 
 

@@ -344,8 +344,8 @@ class Tracker(OperatorActions):
         """Apply ``event`` to referral ``rid``: the state machine's transition, the keys
         and details it teaches, the row update, the effects, then the timeline entry and
         the audit row; finally the parked events the referral now claims (``relink``)."""
-        store.lock_referral(conn, rid)  # before the read: this is a read-modify-write
-        row = store.get_referral(conn, rid)
+        # locked as it is read (PostgreSQL): this is a read-modify-write
+        row = store.get_referral_locked(conn, rid)
         if row is None:
             raise StoreError(f"no referral with id {rid}")
         if isinstance(event, Event) and source != "operator":
