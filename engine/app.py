@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -22,7 +23,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from engine.clock import Clock, WallClock
-from engine.cluster import Membership, routes_fingerprint
+from engine.cluster import SINGLETONS, Membership, routes_fingerprint
 from engine.config import Config, RetentionConfig
 from engine.config import load as load_config
 from engine.errors import ConfigError
@@ -31,7 +32,7 @@ from engine.ingest.listener import MllpServer
 from engine.ingest.processor import Handler, Processor, no_routes
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
-from engine.store import Database, Inbox, open_database
+from engine.store import Database, Inbox, leases, open_database
 from engine.store.backup import StateLock
 from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
@@ -463,8 +464,11 @@ class Engine:
             self.clock,
             metrics=TimerMetrics(self.metrics.registry, self.db),
         )
-        loaded = self.timers.load()
-        log.info("timers: %d due within the next hour", loaded)
+        if self.membership is None:  # the simulator: driven by the caller, never leased
+            self.timers.load()
+        # else loaded when this node gains the singletons lease (_start_singletons): a
+        # node that is not the holder must not mark the timers loaded, or the holder's
+        # wheel would never read the rows written since its last look
 
     def _build_outbox(self, table: RouteTable) -> Dispatcher:
         """The channels of routes.yaml, the dispatcher and the webhooks (engine.delivery.dispatch,
@@ -697,7 +701,14 @@ class Engine:
             )
         if self.timers is not None and self.background:
             if self.membership is not None:
-                self.timers.resume()  # rebuilt: another node may have moved timers
+                # every timer transaction checks the lease still has this token (a stale
+                # holder that has not noticed yet fires nothing); then rebuilt: another
+                # node may have moved timers
+                self.timers.fence = partial(
+                    leases.holds, name=SINGLETONS, holder=self.membership.node_id, token=token
+                )
+                loaded = self.timers.resume()
+                log.info("timers: %d due within the next hour", loaded)
             self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
 
     async def _stop_leased(self) -> None:

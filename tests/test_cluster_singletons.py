@@ -9,9 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fhir_server import FhirServer
-from helpers import WAIT, Reply, hl7, peer, query, run
+from helpers import WAIT, Reply, hl7, peer, query, run, shipped_routes
 
 from engine.app import Engine
+from engine.config import load as load_config
 from engine.config import loads
 from engine.store import leases
 
@@ -137,3 +138,54 @@ def test_on_processed_ack_when_another_node_processed_the_row(tmp_path: Path) ->
 
 
 DONE = "SELECT id FROM messages WHERE control_id = 'ELSEWHERE' AND status != 'received'"
+
+
+def test_a_node_that_is_not_the_holder_leaves_the_timers_to_the_holder(tmp_path: Path) -> None:
+    """b starting beside the holder a must not mark the timers loaded: a's wheel reads
+    the rows written since its last look by that flag, so a timer written just before b
+    started was never fired (b loaded it at start but does not run the wheel)."""
+    from engine.model import Identifiers, ReferralCreated
+
+    async def go() -> None:
+        a, b = (
+            Engine(
+                load_config(
+                    shipped_routes(
+                        tmp_path / f"{n}.yaml",
+                        store={"file": "refloop.db", "node_id": n, "lease_seconds": 3},
+                        http={"enabled": False},
+                        sources={"ehr": {"type": "mllp", "host": "127.0.0.1", "port": 0}},
+                        escalation={"cadence": {"first_nudge": 1}},
+                    )
+                ),
+                tmp_path / "state",
+                drain_seconds=2.0,
+            )
+            for n in ("a", "b")
+        )
+        await a.start()
+        try:
+            assert a.membership is not None and a.membership.leader
+            assert a.timers is not None and a.tasks.timers is not None
+            a.timers.stop()  # a's wheel pauses, as between two ticks
+            await a.tasks.timers
+            assert a.db is not None and a.tracker is not None
+            event = ReferralCreated(
+                ids=Identifiers(sending_facility="CLINIC", placer_number="T1"),
+                occurred_at=a.clock.now(),
+            )
+            with a.db.transaction() as conn:
+                a.tracker.apply(event, conn)  # its timers: rows the wheel has not read
+            await b.start()
+            assert b.membership is not None and not b.membership.leader
+            waiting = "SELECT count(*) FROM timers WHERE loaded = 0"
+            assert query(a.db_path, waiting)[0][0] > 0  # b left them to the holder
+            a.timers._stopping = False  # a's wheel goes on where it stopped
+            a.tasks.timers = asyncio.create_task(a.timers.run())
+            fired = "SELECT count(*) FROM audit WHERE action = 'timer:first-nudge'"
+            await until(lambda: query(a.db_path, fired)[0][0] == 1, timeout=5.0)
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(go())

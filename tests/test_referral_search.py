@@ -343,3 +343,14 @@ def test_set_patient_keeps_what_a_message_leaves_out(db: Database) -> None:
         "M103", "Doe-Smith", "John", "1990-12-31"
     )
     assert placers(db, "doe smith") == ["P-103"]  # the key: "doe smith"
+
+
+@pytest.mark.parametrize("sort", ["-id", "priority"])
+def test_limit_0_lists_every_referral(db: Database, sort: str) -> None:
+    """``refloop referrals list --limit 0`` (all): PostgreSQL refuses the ``LIMIT -1``
+    that meant "no limit" on SQLite (fails before on PostgreSQL: LIMIT must not be
+    negative)."""
+    from engine.tracking.views import find_referrals
+
+    listed = find_referrals(db, limit=0, sort=sort, now=NOW)
+    assert len(listed["items"]) == listed["total"] == len(PLANTED)

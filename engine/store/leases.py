@@ -23,7 +23,7 @@ from typing import Any
 
 import sqlite_utils
 
-from engine.store.sql import Conn
+from engine.store.sql import POSTGRESQL, Conn, dialect
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,19 @@ def release(conn: Conn, lease: Lease, now: float) -> bool:
         (now - 1e-6, lease.name, lease.holder, lease.token),
     )
     return cur.rowcount == 1
+
+
+def holds(conn: Conn, name: str, holder: str, token: int) -> bool:
+    """The fence, inside the caller's transaction: whether ``holder`` still holds
+    ``name`` with ``token`` (a takeover changes the holder or the token). On PostgreSQL
+    the row is then locked ``FOR SHARE`` until the transaction ends, so a takeover
+    (an UPDATE of the row) waits for the fenced work to commit, and fenced work that
+    starts after a takeover sees it; SQLite's writers are serialised anyway. The lease's
+    end is not compared: one that ran out and was not taken over is still exclusive."""
+    sql = "SELECT 1 FROM leases WHERE name = ? AND holder = ? AND token = ?"
+    if dialect(conn) == POSTGRESQL:
+        sql += " FOR SHARE"
+    return conn.execute(sql, (name, holder, token)).fetchone() is not None
 
 
 def get(conn: Conn, name: str) -> Lease | None:

@@ -80,8 +80,11 @@ def get(conn: Conn, timer_id: int) -> TimerRow | None:
     return _timer(row) if row else None
 
 
-def delete(conn: Conn, timer_id: int) -> None:
-    conn.execute("DELETE FROM timers WHERE id = ?", (timer_id,))
+def delete(conn: Conn, timer_id: int) -> bool:
+    """Claim a timer to fire by deleting its row; False when it is already gone (on
+    PostgreSQL another firer may have deleted it while this transaction waited for the
+    row: that firer acted, this one must not)."""
+    return int(conn.execute("DELETE FROM timers WHERE id = ?", (timer_id,)).rowcount) == 1
 
 
 def move(conn: Conn, timer_id: int, due: float) -> None:

@@ -161,6 +161,10 @@ class TimerService:
         self.metrics = metrics
         self.horizon = horizon
         self.on_fired = on_fired
+        # On a cluster (engine.cluster): whether this node still holds the singletons
+        # lease with the token it gained it with, checked inside every transaction that
+        # claims timers; False stops the service at once. None: a lone engine.
+        self.fence: Callable[[Conn], bool] | None = None
         self.wheel = TimerWheel(start=clock.now(), tick=1.0)
         self._loaded_until = clock.now()
         self._stopping = False
@@ -175,6 +179,8 @@ class TimerService:
         conn = self.db.conn
         self.wheel = TimerWheel(start=now, tick=1.0)
         with self.db.transaction(durable=False) as tx:
+            if not self._fenced(tx):
+                return 0
             store.mark_all_loaded(tx)  # read just below; rows written after: the refill
         self._loaded_until = now + self.horizon
         rows = store.due_until(conn, self._loaded_until)
@@ -192,6 +198,8 @@ class TimerService:
         if new:
             # not fsync'd: after a crash the wheel is rebuilt from the table anyway
             with self.db.transaction(durable=False) as tx:
+                if not self._fenced(tx):
+                    return  # a stale holder must not mark rows the new holder needs
                 store.mark_loaded(tx, [timer_id for timer_id, _ in new])
             for timer_id, due in new:
                 if due <= self._loaded_until:
@@ -202,6 +210,16 @@ class TimerService:
                 self.wheel.schedule(timer_id, due)
             self._loaded_until = until
 
+    def _fenced(self, conn: Conn) -> bool:
+        """Whether this node may claim timers in this transaction (see ``fence``); on
+        False the service stops: another node holds the lease now."""
+        if self.fence is None or self.fence(conn):
+            return True
+        if not self._stopping:
+            log.error("timers: the singletons lease moved to another node; firing stops here")
+        self._stopping = True
+        return False
+
     def notify(self) -> None:
         """Rows may have been added (the tracker scheduled timers)."""
         self._wake.set()
@@ -210,27 +228,35 @@ class TimerService:
 
     def tick(self) -> list[Fired]:
         """Fire everything due now, in due order; returns what happened."""
+        return [fired for fired in self._fire_due() if fired is not None]
+
+    def _fire_due(self) -> Iterator[Fired | None]:
+        """Fire what is due now, one timer (one transaction) per step, so the daemon's
+        loop runs between them (a burst of due timers must not hold the heartbeat and
+        the outbox leases back for its whole length)."""
         self.refill()
         now = self.clock.now()
-        out: list[Fired] = []
         for _due, timer_id in self.wheel.advance(now):
-            fired = self.fire(int(timer_id))  # type: ignore[call-overload]
-            if fired is not None:
-                out.append(fired)
-        return out
+            if self._stopping:
+                break  # the lease moved (or a stop): what is left is the new holder's
+            yield self.fire(int(timer_id))  # type: ignore[call-overload]
 
     def fire(self, timer_id: int) -> Fired | None:
         """Claim the row and apply its consequence in one durable transaction."""
         now = self.clock.now()
         with self.db.transaction() as conn:
+            if not self._fenced(conn):
+                return None  # another node holds the lease: its wheel fires this one
             row = store.get(conn, timer_id)
             if row is None:
                 return None  # cancelled: it became moot in another transaction
             if row.due > now + 0.5:
                 self.wheel.schedule(timer_id, row.due)  # moved later since it was loaded
                 return None
-            store.delete(conn, timer_id)
+            # the referral first, as processing takes it (then its timers): one lock order
             referral_store.lock_referral(conn, row.referral_id)  # _act decides on its state
+            if not store.delete(conn, timer_id):
+                return None  # fired or cancelled by another transaction while we waited
             referral = referral_store.get_referral(conn, row.referral_id)
             result, action = ("moot", "") if referral is None else self._act(conn, row, referral)
             audit_store.append(
@@ -620,7 +646,8 @@ class TimerService:
         """Tick at least every ``idle`` seconds (real time) until :meth:`stop`."""
         while not self._stopping:
             try:
-                self.tick()
+                for _fired in self._fire_due():
+                    await asyncio.sleep(0)
             except DatabaseError as exc:  # keep going: the rows are still there
                 log.error("timer tick failed: %s", exc)
             self._wake.clear()

@@ -6,7 +6,7 @@ one referral in full (details, prior auth, timers, outbox, timeline) and parked 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Final
 
 from engine.clock import isoformat
 from engine.store import referral_search, worklist
@@ -66,6 +66,11 @@ def _patient(p: referral_search.Patient | None) -> dict[str, str]:
     }
 
 
+# "no limit" as a row count both dialects take: PostgreSQL refuses SQLite's LIMIT -1, and
+# the priority order's second part (closed referrals) needs a positive remainder
+ALL_ROWS: Final = 2**62
+
+
 def find_referrals(
     db: Database,
     *,
@@ -94,7 +99,7 @@ def find_referrals(
         q=q,
     )
     found, rows = worklist.referral_page(
-        db.conn, flt, order, limit=limit if limit > 0 else -1, after=after
+        db.conn, flt, order, limit=limit if limit > 0 else ALL_ROWS, after=after
     )
     people = referral_search.patients(db.conn, found.ids)
     return {

@@ -1,0 +1,144 @@
+"""Each escalation timer fires once on a cluster (issue 17, docs/scale-out.md): the timer
+wheel runs on the holder of the ``singletons`` lease, and every timer transaction checks,
+inside itself, that the lease still names this node with the token it was gained with
+(the fencing token). A holder that stalled and lost the lease without noticing yet fires
+nothing and stops; and a timer deleted by another firer while this one waited for its row
+is not fired a second time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from test_timers import T0, Loop
+
+from engine.store import leases, open_database
+from engine.store.db import Database
+from engine.timers.service import Fired
+from engine.tracking.escalation import DAY
+
+TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
+
+
+@pytest.fixture
+def db(store_url: str) -> Iterator[Database]:
+    database = open_database(store_url)
+    yield database
+    database.close()
+
+
+def _timer_audit(db: Database) -> list[str]:
+    rows = db.conn.execute("SELECT action FROM audit WHERE action LIKE 'timer:%'").fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def _nudges(loop: Loop, rid: int) -> list[tuple[str, str]]:
+    return [o for o in loop.outbox(rid) if o[1].endswith("_nudge")]
+
+
+def test_a_holder_that_lost_the_lease_fires_nothing_and_stops(db: Database) -> None:
+    loop = Loop(db)
+    with db.transaction() as conn:
+        mine = leases.acquire(conn, "singletons", "a", T0, 30.0)
+    assert mine is not None
+    loop.timers.fence = lambda conn: leases.holds(conn, "singletons", "a", mine.token)
+    rid = loop.create(consent=False)
+    # a stalls past its lease's end; b takes the lease over (token 2)
+    with db.transaction() as conn:
+        theirs = leases.acquire(conn, "singletons", "b", T0 + 60, 30.0)
+    assert theirs is not None and theirs.token == mine.token + 1
+    assert loop.advance_to(T0 + 2 * DAY) == []  # first-nudge was due at T0 + 1 day
+    assert _timer_audit(db) == [] and _nudges(loop, rid) == []
+    assert loop.timers._stopping  # it stopped firing at once
+    # b's wheel fires it, once
+    loop.timers.fence = lambda conn: leases.holds(conn, "singletons", "b", theirs.token)
+    loop.timers.resume()
+    fired = loop.timers.tick()
+    assert [(f.kind, f.result) for f in fired] == [("first-nudge", "acted")]
+    assert _timer_audit(db) == ["timer:first-nudge"]
+    assert _nudges(loop, rid) == [("portal", "first_nudge")]
+
+
+@pytest.mark.skipif(not TEST_STORE, reason="PostgreSQL only: SQLite serialises writers")
+def test_a_timer_deleted_by_another_firer_meanwhile_is_not_fired(
+    db: Database, store_url: str
+) -> None:
+    """Another node's transaction fires the timer (locks the referral, deletes the row)
+    while this node's fire has read the row and waits for the lock; when the other
+    commits, this one finds the row gone and does nothing (it acted before the fix)."""
+    loop = Loop(db)
+    rid = loop.create(consent=False)
+    row = db.conn.execute(
+        "SELECT id FROM timers WHERE referral_id = ? AND kind = 'first-nudge'", (rid,)
+    ).fetchone()
+    assert row is not None
+    timer_id = int(row[0])
+    loop.clock.set(T0 + DAY + 1)
+    other = open_database(store_url)
+    out: list[Fired | None] = []
+    try:
+        with other.transaction() as conn:
+            conn.execute("SELECT id FROM referrals WHERE id = ? FOR UPDATE", (rid,))
+            conn.execute("DELETE FROM timers WHERE id = ?", (timer_id,))
+            worker = threading.Thread(target=lambda: out.append(loop.timers.fire(timer_id)))
+            worker.start()
+            app = store_url.rsplit("application_name=", 1)[1]
+            with psycopg.connect(TEST_STORE, autocommit=True) as admin:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # until the fire waits for our lock
+                    waiting = admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock'",
+                        (app,),
+                    ).fetchone()
+                    if waiting and waiting[0]:
+                        break
+                    time.sleep(0.02)
+                else:
+                    raise AssertionError("the fire never waited for the row")
+        worker.join(10)
+    finally:
+        other.close()
+    assert out == [None]
+    assert _timer_audit(db) == [] and _nudges(loop, rid) == []
+
+
+def test_a_burst_of_due_timers_lets_the_loop_run_between_fires(db: Database) -> None:
+    """``run`` fires one timer per step of the event loop: the heartbeat, the outbox and
+    the listeners run between the fires of a burst (before, a tick fired all of them in
+    one go, so on a cluster a long burst could hold the lease renewal back past its end)."""
+    loop = Loop(db)
+    for k in range(3):
+        loop.create(f"R{k}", consent=False)
+    loop.clock.set(T0 + DAY + 1)  # three first nudges due at once
+    steps = 0
+    seen: list[int] = []
+    loop.timers.on_fired = lambda _f: seen.append(steps)
+
+    async def go() -> None:
+        nonlocal steps
+
+        async def other() -> None:  # another task on the loop, as the heartbeat is
+            nonlocal steps
+            while True:
+                steps += 1
+                await asyncio.sleep(0)
+
+        beside = asyncio.create_task(other())
+        service = asyncio.create_task(loop.timers.run(idle=0.05))
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        loop.timers.stop()
+        await service
+        beside.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beside
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    assert len(seen) == 3 and seen[0] < seen[1] < seen[2], seen
