@@ -90,6 +90,48 @@ def test_routes_yaml_store_url_serves_the_cli(
     assert [r["placer_number"] for r in json.loads(listed.stdout)] == ["777"]
 
 
+def test_every_command_takes_store_as_run_does(
+    daemon: Daemon, store_url: str, tmp_path: Path
+) -> None:
+    """``--store URL`` on the CLI's commands (docs/scale-out.md's black-box run:
+    ``refloop referrals list --json --store …``): the daemon started with ``--store``
+    and the commands given the same URL read one store, whatever ``--state`` says."""
+    routes = shipped_routes(tmp_path / "routes.yaml")
+    daemon.routes = routes
+    daemon.store = store_url
+    daemon.start()
+    assert run(_send(daemon.mllp, [ref_i12("S1", "4401"), ref_i12("S2", "4402")])) == [
+        "AA",
+        "AA",
+    ]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.log_tail()
+    elsewhere = ["--routes", str(routes), "--state", str(tmp_path / "elsewhere")]
+    listed = refloop("referrals", "list", "--json", "--store", store_url, *elsewhere)
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert sorted(r["placer_number"] for r in json.loads(listed.stdout)) == ["4401", "4402"]
+    messages = refloop("messages", "list", "--json", "--store", store_url, *elsewhere)
+    assert messages.returncode == 0, messages.stderr.decode()
+    assert sorted(m["control_id"] for m in json.loads(messages.stdout)) == ["S1", "S2"]
+    verified = refloop("audit", "verify", "--store", store_url, *elsewhere)
+    assert verified.returncode == 0, verified.stderr.decode()
+    # without --store the same command reads --state, which holds nothing
+    missing = refloop("referrals", "list", "--json", *elsewhere)
+    assert missing.returncode == 1 and "no database" in missing.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["run"], ["referrals", "list"], ["audit", "verify"]])
+def test_store_with_a_password_is_refused_by_every_command(
+    command: list[str], tmp_path: Path
+) -> None:
+    result = refloop(
+        *command, "--state", str(tmp_path), "--store", "postgresql://refloop:hunter2@db/x"
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert err.count("\n") == 1 and "pgpass" in err and "hunter2" not in err
+
+
 def test_store_with_a_password_on_the_command_line_is_refused(tmp_path: Path) -> None:
     result = refloop(
         "run", "--state", str(tmp_path), "--store", "postgresql://refloop:hunter2@db/refloop"

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import click
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # imported where used: `refloop --help` and `--version` load 
 
 DEFAULT_ROUTES = "routes.yaml"
 DEFAULT_STATE = "state"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @contextmanager
@@ -52,7 +54,7 @@ routes_option = click.option(
     type=click.Path(dir_okay=False),
     help="routes.yaml to use (env REFLOOP_ROUTES).",
 )
-state_option = click.option(
+_state = click.option(
     "--state",
     "state_dir",
     envvar="REFLOOP_STATE",
@@ -61,6 +63,43 @@ state_option = click.option(
     type=click.Path(file_okay=False),
     help="State directory holding the SQLite database (env REFLOOP_STATE).",
 )
+STORE_META: Final = "refloop.store"  # where --store leaves its URL in the click context
+
+
+def _take_store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--store``: refused with a password in it (argv is readable by every user), else
+    kept in the context for :func:`database_path`."""
+    if not value:
+        return
+    if urlsplit(value).password is not None:
+        raise click.BadParameter(
+            "no password on the command line (every user can read it): "
+            "put it in ~/.pgpass (PGPASSFILE) or a libpq service file"
+        )
+    ctx.meta[STORE_META] = value
+
+
+_store = click.option(
+    "--store",
+    default="",
+    expose_value=False,
+    callback=_take_store,
+    help="The database: postgresql://user@host/db (password from ~/.pgpass or a service "
+    "file, never here), sqlite:///path or a path. Overrides routes.yaml's store.url "
+    "and --state.",
+)
+
+
+def state_option(command: F) -> F:
+    """``--state DIR`` and ``--store URL``: every command that opens the database takes
+    both, so one command line reaches a PostgreSQL store as ``refloop run --store`` does."""
+    return _state(_store(command))
+
+
+def store_override() -> str:
+    """The ``--store`` given to the command running now ("" when none)."""
+    ctx = click.get_current_context(silent=True)
+    return str(ctx.meta.get(STORE_META, "")) if ctx is not None else ""
 
 
 def login_name() -> str:
@@ -89,8 +128,9 @@ def load_routes(routes_path: str) -> Config:
 
 def database_path(state_dir: str, config: Config) -> str:
     """Where the daemon run with this config keeps its database: routes.yaml's
-    ``store.url`` (a ``postgresql://`` URL or a file), else ``<state>/<store.file>``."""
-    return config.store.location(state_dir)
+    ``store.url`` (a ``postgresql://`` URL or a file), else ``<state>/<store.file>``;
+    the command's ``--store`` overrides both."""
+    return config.store.location(state_dir, store_override())
 
 
 def open_store(state_dir: str, routes_path: str, *, readonly: bool = True) -> Database:

@@ -14,14 +14,12 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit
 
 import click
 
 from engine.cli.common import (
     LazyGroup,
     MainGroup,
-    UsageFailure,
     database_path,
     errors,
     load_routes,
@@ -29,6 +27,7 @@ from engine.cli.common import (
     open_store,
     routes_option,
     state_option,
+    store_override,
 )
 from engine.clock import isoformat, parse_iso
 from engine.errors import EngineError
@@ -68,15 +67,8 @@ assert isinstance(main, MainGroup)
 @main.command()
 @routes_option
 @state_option
-@click.option(
-    "--store",
-    "store_url",
-    default="",
-    help="The database: postgresql://user@host/db (password from ~/.pgpass or a service "
-    "file, never here), sqlite:///path or a path. Overrides routes.yaml's store.url.",
-)
 @click.option("--log-level", default="info", show_default=True, help="debug, info, warning.")
-def run(routes_path: str, state_dir: str, store_url: str, log_level: str) -> None:
+def run(routes_path: str, state_dir: str, log_level: str) -> None:
     """Start the daemon: MLLP listeners, processing, HTTP (health, metrics).
 
     SIGTERM or Ctrl-C drains in-flight messages and exits 0.
@@ -89,11 +81,7 @@ def run(routes_path: str, state_dir: str, store_url: str, log_level: str) -> Non
 
     setup_logging(log_level)
     os.umask(0o077)  # the database and anything else we write holds PHI
-    if urlsplit(store_url).password is not None:
-        raise UsageFailure(
-            "--store: no password on the command line (every user can read it): "
-            "put it in ~/.pgpass (PGPASSFILE) or a libpq service file"
-        )
+    store_url = store_override()
     with errors():
         cfg = load_config(routes_path)
         table = _compile_routes(cfg)
