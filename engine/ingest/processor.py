@@ -75,6 +75,9 @@ class Processor:
         # called after each processing commit (the engine wakes the outbox dispatcher
         # when the batch enqueued rows)
         self.after_commit: Callable[[], None] | None = None
+        # called after each processing commit with what it processed (the worker process
+        # reports the outcomes to the daemon's ACK waiters: engine.worker)
+        self.on_processed: Callable[[list[tuple[int, Outcome]]], None] | None = None
 
     def notify(self) -> None:
         """New rows were committed."""
@@ -205,6 +208,8 @@ class Processor:
                 if not fut.done():
                     fut.set_result(outcome)
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
+        if self.on_processed is not None and ids:
+            self.on_processed(list(zip(ids, outcomes, strict=True)))
         return max(1, len(ids))
 
     def _caught_up(self) -> None:

@@ -1,0 +1,211 @@
+"""Processing in its own OS process (issue 18, docs/architecture.md "Processes"): the real
+``refloop run`` daemon with ``processing.workers: 1`` (the default) starts a worker
+process (``python -m engine.worker``), restarts it when it dies, stops it in order on
+SIGTERM, and hears from it when a message is processed (``ack_when: on-processed``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from helpers import HOST, Daemon, hl7, peer, query, shipped_routes, wait_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ref(n: int, placer: str | None = None) -> bytes:
+    """A REF^I12 referral with its own placer number (each one a new referral)."""
+    placer = placer or f"PL{n:05d}"
+    return hl7(
+        f"W{n:05d}",
+        msg_type="REF^I12",
+        body=(
+            f"RF1|P^Pending|R^Routine||||{placer}^CLINIC",
+            f"PID|1||MRN{70000 + n}^^^CLINIC^MR||DOE^JANE||19800101|F",
+            "PRD|RT|SPECIALIST^SAM||||||1245319599^NPI",
+        ),
+    )
+
+
+def worker_pid(d: Daemon) -> int:
+    """The daemon's child running ``engine.worker`` (read from /proc), 0 if none."""
+    assert d.proc is not None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == d.proc.pid and b"engine.worker" in cmdline:
+            return int(entry)
+    return 0
+
+
+def get(d: Daemon, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{d.http}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode()
+        exc.close()
+        return exc.code, body
+
+
+def metric(d: Daemon, name: str) -> float | None:
+    _, body = get(d, "/metrics")
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def send_all(port: int, messages: list[bytes]) -> list[str]:
+    codes = []
+    async with peer(port) as p:
+        for m in messages:
+            reply = await p.ask(m, timeout=30)
+            codes.append(reply.field("MSA", 1))
+    return codes
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "daemon.log",
+        routes=shipped_routes(tmp_path / "routes.yaml", ack_when="on-commit"),
+    )
+    try:
+        yield d
+    finally:
+        pid = worker_pid(d) if d.proc is not None and d.proc.poll() is None else 0
+        d.kill()
+        if pid:  # the worker stops by itself once the daemon's socket closes
+            wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=20)
+
+
+def test_worker_killed_by_the_os_is_restarted_and_the_backlog_drains(daemon: Daemon) -> None:
+    daemon.start(timeout=60)
+    first = wait_for(lambda: worker_pid(daemon))
+    wait_for(lambda: metric(daemon, "refloop_worker_up") == 1.0)
+    os.kill(first, signal.SIGKILL)
+    # ACKs do not wait for processing: the backlog builds while the worker is down
+    codes = asyncio.run(send_all(daemon.mllp, [ref(n) for n in range(30)]))
+    assert codes == ["AA"] * 30
+    second = wait_for(lambda: (p := worker_pid(daemon)) and p != first and p)
+    assert second != first
+    rows = wait_rows(
+        daemon.db,
+        "SELECT count(*) FROM messages WHERE status = 'routed' HAVING count(*) = 30",
+        timeout=60,
+    )
+    assert rows == [(30,)]
+    assert query(daemon.db, "SELECT count(*) FROM referrals") == [(30,)]
+    wait_for(lambda: get(daemon, "/readyz")[0] == 200)
+    assert metric(daemon, "refloop_worker_restarts_total") == 1.0
+    assert metric(daemon, "refloop_worker_up") == 1.0
+    # the new worker's counts reach the one /metrics
+    assert metric(daemon, 'refloop_messages_processed_total{status="routed"}') == 30.0
+
+
+def test_readyz_says_worker_down_while_it_restarts(daemon: Daemon) -> None:
+    daemon.start(timeout=60)
+    pid = wait_for(lambda: worker_pid(daemon))
+    daemon.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+    try:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+    # the daemon notices the socket closing at once; the restart waits the backoff
+    status, body = wait_for(lambda: (r := get(daemon, "/readyz"))[0] == 503 and r)
+    assert status == 503 and "worker-down" in body
+    wait_for(lambda: get(daemon, "/readyz")[0] == 200)
+
+
+def test_a_poison_message_is_marked_error_and_the_worker_keeps_going(
+    tmp_path: Path,
+) -> None:
+    data = yaml.safe_load((REPO / "routes.yaml").read_text(encoding="utf-8"))
+    data["sources"]["ehr"]["ack_when"] = "on-processed"
+    # a route whose expression raises (int() of a name) for the ADT^A01 below
+    data["routes"].insert(
+        0,
+        {
+            "name": "poison",
+            "when": {"type": "ADT^A01"},
+            "extract": {
+                "placer_number": "PID.3.1",
+                "needed_by": "{{ (field('PID.5.1') | int(default=none)) + 1 }}",
+            },
+            "then": [{"track": "referral-created"}],
+        },
+    )
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    d = Daemon(state_dir=tmp_path / "state", log_path=tmp_path / "daemon.log", routes=routes)
+    try:
+        d.start(timeout=60)
+        pid = wait_for(lambda: worker_pid(d))
+        poison = hl7("POISON1", msg_type="ADT^A01")
+        codes = asyncio.run(send_all(d.mllp, [ref(1), poison, ref(2)]))
+        # on-processed: the poison message is answered AE, its neighbours AA
+        assert codes == ["AA", "AE", "AA"]
+        statuses = query(d.db, "SELECT control_id, status FROM messages ORDER BY id")
+        assert statuses == [("W00001", "routed"), ("POISON1", "error"), ("W00002", "routed")]
+        assert worker_pid(d) == pid  # the same worker went on
+        assert metric(d, "refloop_worker_restarts_total") == 0.0
+    finally:
+        d.kill()
+
+
+def test_on_processed_ack_crosses_the_process_boundary(tmp_path: Path) -> None:
+    d = Daemon(
+        state_dir=tmp_path / "state",
+        log_path=tmp_path / "daemon.log",
+        routes=shipped_routes(tmp_path / "routes.yaml", ack_when="on-processed"),
+    )
+    try:
+        d.start(timeout=60)
+        assert wait_for(lambda: worker_pid(d))
+        codes = asyncio.run(send_all(d.mllp, [ref(n) for n in range(5)]))
+        assert codes == ["AA"] * 5
+        # each ACK came after its row was processed by the worker
+        assert query(d.db, "SELECT count(*) FROM messages WHERE status = 'routed'") == [(5,)]
+        assert query(d.db, "SELECT count(*) FROM referrals") == [(5,)]
+    finally:
+        d.kill()
+
+
+def test_sigterm_stops_the_daemon_and_its_worker_and_exits_0(daemon: Daemon) -> None:
+    daemon.start(timeout=60)
+    pid = wait_for(lambda: worker_pid(daemon))
+    codes = asyncio.run(send_all(daemon.mllp, [ref(n) for n in range(10)]))
+    assert codes == ["AA"] * 10
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    log = daemon.log_path.read_text()
+    assert "killing it" not in log  # stopped in order, not at the bound
