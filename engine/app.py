@@ -926,6 +926,7 @@ def _restart_sections(running: Config, new: Config) -> list[str]:
             ("store", running.store, new.store),
             ("http", running.http, new.http),
             ("sources", (running.sources, running.fhir_sources), (new.sources, new.fhir_sources)),
+            ("processing", running.processing, new.processing),
         )
         if a != b
     ]
