@@ -297,7 +297,10 @@ class Engine:
         that runs it (engine.supervisor)."""
         assert self.db is not None and self.inbox is not None
         if self.role != "listener":
-            return Processor(self.db, self.inbox, handler, self.clock, self.metrics)
+            processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
+            if self.role == "worker":  # a core of its own: step aside just long enough
+                processor.pause_share = 0.0
+            return processor
         from engine.supervisor import RemoteProcessor, worker_command
 
         command = worker_command(

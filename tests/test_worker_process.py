@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import HOST, Daemon, hl7, peer, query, shipped_routes, wait_rows
+from helpers import HOST, Daemon, Reply, hl7, peer, query, shipped_routes, wait_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -209,3 +209,44 @@ def test_sigterm_stops_the_daemon_and_its_worker_and_exits_0(daemon: Daemon) -> 
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     log = daemon.log_path.read_text()
     assert "killing it" not in log  # stopped in order, not at the bound
+
+
+def test_enhanced_mode_application_ack_comes_from_the_worker(tmp_path: Path) -> None:
+    """HL7 v2.5.1 §2.9.3: MSH-15 AL, MSH-16 AL: the commit ACK (CA) at once, the
+    application ACK (AA) once processed, here by the worker process."""
+    routes = shipped_routes(tmp_path / "routes.yaml", ack_when="on-commit", sources={})
+    data = yaml.safe_load(routes.read_text(encoding="utf-8"))
+    data["sources"]["ehr"]["ack_mode"] = "enhanced"
+    routes.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    d = Daemon(state_dir=tmp_path / "state", log_path=tmp_path / "daemon.log", routes=routes)
+
+    async def go() -> list[tuple[str, str]]:
+        async with peer(d.mllp) as p:
+            message = ref(7).replace(b"|P|2.5.1", b"|P|2.5.1|||AL|AL", 1)
+            await p.send(message)
+            got = []
+            for _ in range(2):
+                raw = await p.recv(timeout=30)
+                assert raw is not None
+                reply = Reply.parse(raw)
+                got.append((reply.code, reply.control_id))
+            return got
+
+    try:
+        d.start(timeout=60)
+        assert wait_for(lambda: worker_pid(d))
+        assert asyncio.run(go()) == [("CA", "W00007"), ("AA", "W00007")]
+        assert query(d.db, "SELECT status FROM messages") == [("routed",)]
+    finally:
+        d.kill()
+
+
+def test_processing_workers_is_0_or_1() -> None:
+    from engine.config import loads
+    from engine.errors import ConfigError
+
+    assert loads("version: 1\n").processing.workers == 1  # the default: a worker process
+    assert loads("version: 1\nprocessing: {workers: 0}\n").processing.workers == 0
+    with pytest.raises(ConfigError) as exc:
+        loads("version: 1\nprocessing: {workers: 2}\n")
+    assert "processing.workers" in str(exc.value)
