@@ -182,6 +182,9 @@ class RemoteProcessor(Processor):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+        except asyncio.CancelledError:  # the engine's drain bound ran out: no more waiting
+            self._kill()
+            raise
         finally:
             settle.cancel()
             await asyncio.gather(settle, return_exceptions=True)
@@ -209,6 +212,8 @@ class RemoteProcessor(Processor):
         self.pid = self._proc.pid
         log.info("processing worker started (pid %d)", self.pid)
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=LINE_LIMIT)
+        if self._stopping:  # stop() came while it was starting
+            self._send({"s": 1})
         if self.timers:
             self._send({"t": 1})
         self._send({"c": self.inbox.rows})  # rows may have arrived while none listened
@@ -278,6 +283,13 @@ class RemoteProcessor(Processor):
                 key = (sample, tuple(sorted(labels.items())))
                 into[key] = into.get(key, 0.0) + float(value)
         self._snapshot = []
+
+    def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            log.error("processing worker (pid %d) killed at the drain bound", proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
 
     async def _reap(self) -> None:
         """After a stop: give the worker the drain time to finish, then kill it."""
