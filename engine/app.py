@@ -36,7 +36,7 @@ from engine.store.backup import StateLock
 from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
 from engine.store.retention import Tally
-from engine.supervisor import worker_down_reason
+from engine.supervisor import worker_state
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -187,23 +187,24 @@ class Engine:
         return self.config.store.location(self.state_dir, self.store)
 
     def is_ready(self) -> bool:
-        """``/readyz``: the listeners accept, the last inbox commit succeeded and the
-        processing worker (``role`` listener) is running."""
-        return (
-            self.ready
-            and not (self.inbox is not None and self.inbox.fault)
-            and not worker_down_reason(self.processor)
-        )
+        """``/readyz``: the listeners accept and the last inbox commit succeeded. The
+        processing worker's state is reported beside it (:meth:`ready_details`), not
+        part of it: ACKs (``on-commit``) go on while it restarts, and the backlog waits
+        ``received``."""
+        return self.ready and not (self.inbox is not None and self.inbox.fault)
 
     def not_ready(self) -> str:
         """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
-        ``other``) while the inbox cannot commit, ``worker-down`` while the processing
-        worker is not running, else ``starting`` or ``draining``."""
+        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
         if self.inbox is not None and self.inbox.fault:
             return f"store-error: {self.inbox.fault}"
-        if self.ready and worker_down_reason(self.processor):
-            return "worker-down"
         return "draining" if self._draining else "starting"
+
+    def ready_details(self) -> dict[str, str]:
+        """``/readyz``'s ``worker``: ``up`` or ``down`` (starting, restarting, stopped)
+        with a processing worker process; nothing when processing runs here."""
+        state = worker_state(self.processor)
+        return {"worker": state} if state else {}
 
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
@@ -269,6 +270,7 @@ class Engine:
                 reload=self.reload,
                 authenticate=self.auth.from_token,
                 not_ready=self.not_ready,
+                ready_details=self.ready_details,
             )
             self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)

@@ -373,8 +373,9 @@ def snapshot(families: list[Metric]) -> list[Any]:
     ]
 
 
-def worker_down_reason(processor: Processor | None) -> str:
-    """``worker-down`` while the daemon's processing worker is not running."""
-    if isinstance(processor, RemoteProcessor) and not processor.up:
-        return "worker-down"
+def worker_state(processor: Processor | None) -> str:
+    """``up`` or ``down`` with a processing worker process; "" when processing runs in
+    the daemon itself."""
+    if isinstance(processor, RemoteProcessor):
+        return "up" if processor.up else "down"
     return ""

@@ -6,6 +6,7 @@ SIGTERM, and hears from it when a message is processed (``ack_when: on-processed
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import HOST, Daemon, Reply, hl7, peer, query, shipped_routes, wait_rows
+from helpers import HOST, Daemon, Reply, hl7, peer, query, shipped_routes
+
+from engine.store.db import open_database
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +74,16 @@ def metric(d: Daemon, name: str) -> float | None:
     return None
 
 
+def rows(store_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """``sql`` on the store under test (a SQLite file, or PostgreSQL with
+    REFLOOP_TEST_STORE), on a read-only connection of its own."""
+    db = open_database(store_url, readonly=True)
+    try:
+        return [tuple(r) for r in db.conn.execute(sql).fetchall()]
+    finally:
+        db.close()
+
+
 def wait_for(check: Any, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,11 +104,13 @@ async def send_all(port: int, messages: list[bytes]) -> list[str]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, store_url: str) -> Iterator[Daemon]:
+    """The daemon on the store under test (SQLite, or PostgreSQL with REFLOOP_TEST_STORE)."""
     d = Daemon(
         state_dir=tmp_path / "state",
         log_path=tmp_path / "daemon.log",
         routes=shipped_routes(tmp_path / "routes.yaml", ack_when="on-commit"),
+        store=store_url,
     )
     try:
         yield d
@@ -106,7 +121,9 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
             wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=20)
 
 
-def test_worker_killed_by_the_os_is_restarted_and_the_backlog_drains(daemon: Daemon) -> None:
+def test_worker_killed_by_the_os_is_restarted_and_the_backlog_drains(
+    daemon: Daemon, store_url: str
+) -> None:
     daemon.start(timeout=60)
     first = wait_for(lambda: worker_pid(daemon))
     wait_for(lambda: metric(daemon, "refloop_worker_up") == 1.0)
@@ -116,13 +133,9 @@ def test_worker_killed_by_the_os_is_restarted_and_the_backlog_drains(daemon: Dae
     assert codes == ["AA"] * 30
     second = wait_for(lambda: (p := worker_pid(daemon)) and p != first and p)
     assert second != first
-    rows = wait_rows(
-        daemon.db,
-        "SELECT count(*) FROM messages WHERE status = 'routed' HAVING count(*) = 30",
-        timeout=60,
-    )
-    assert rows == [(30,)]
-    assert query(daemon.db, "SELECT count(*) FROM referrals") == [(30,)]
+    routed = "SELECT count(*) FROM messages WHERE status = 'routed'"
+    wait_for(lambda: rows(store_url, routed) == [(30,)], timeout=60)
+    assert rows(store_url, "SELECT count(*) FROM referrals") == [(30,)]
     wait_for(lambda: get(daemon, "/readyz")[0] == 200)
     assert metric(daemon, "refloop_worker_restarts_total") == 1.0
     assert metric(daemon, "refloop_worker_up") == 1.0
@@ -130,8 +143,9 @@ def test_worker_killed_by_the_os_is_restarted_and_the_backlog_drains(daemon: Dae
     assert metric(daemon, 'refloop_messages_processed_total{status="routed"}') == 30.0
 
 
-def test_readyz_says_worker_down_while_it_restarts(daemon: Daemon) -> None:
+def test_readyz_reports_the_worker_and_stays_ready_while_it_restarts(daemon: Daemon) -> None:
     daemon.start(timeout=60)
+    wait_for(lambda: json.loads(get(daemon, "/readyz")[1]) == {"status": "ready", "worker": "up"})
     pid = wait_for(lambda: worker_pid(daemon))
     daemon.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
     try:
@@ -139,10 +153,12 @@ def test_readyz_says_worker_down_while_it_restarts(daemon: Daemon) -> None:
         time.sleep(0.2)
     finally:
         daemon.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-    # the daemon notices the socket closing at once; the restart waits the backoff
-    status, body = wait_for(lambda: (r := get(daemon, "/readyz"))[0] == 503 and r)
-    assert status == 503 and "worker-down" in body
-    wait_for(lambda: get(daemon, "/readyz")[0] == 200)
+    # the daemon notices the socket closing at once; the restart waits the backoff; ACKs
+    # (on-commit) go on meanwhile, so the daemon stays ready and says the worker is down
+    status, body = wait_for(lambda: (r := get(daemon, "/readyz")) and "down" in r[1] and r)
+    assert status == 200 and json.loads(body) == {"status": "ready", "worker": "down"}
+    assert asyncio.run(send_all(daemon.mllp, [ref(1)])) == ["AA"]
+    wait_for(lambda: json.loads(get(daemon, "/readyz")[1])["worker"] == "up")
 
 
 def test_a_poison_message_is_marked_error_and_the_worker_keeps_going(
@@ -181,11 +197,12 @@ def test_a_poison_message_is_marked_error_and_the_worker_keeps_going(
         d.kill()
 
 
-def test_on_processed_ack_crosses_the_process_boundary(tmp_path: Path) -> None:
+def test_on_processed_ack_crosses_the_process_boundary(tmp_path: Path, store_url: str) -> None:
     d = Daemon(
         state_dir=tmp_path / "state",
         log_path=tmp_path / "daemon.log",
         routes=shipped_routes(tmp_path / "routes.yaml", ack_when="on-processed"),
+        store=store_url,
     )
     try:
         d.start(timeout=60)
@@ -193,8 +210,8 @@ def test_on_processed_ack_crosses_the_process_boundary(tmp_path: Path) -> None:
         codes = asyncio.run(send_all(d.mllp, [ref(n) for n in range(5)]))
         assert codes == ["AA"] * 5
         # each ACK came after its row was processed by the worker
-        assert query(d.db, "SELECT count(*) FROM messages WHERE status = 'routed'") == [(5,)]
-        assert query(d.db, "SELECT count(*) FROM referrals") == [(5,)]
+        assert rows(store_url, "SELECT count(*) FROM messages WHERE status = 'routed'") == [(5,)]
+        assert rows(store_url, "SELECT count(*) FROM referrals") == [(5,)]
     finally:
         d.kill()
 
