@@ -44,6 +44,7 @@ from engine.ingest.processor import WAITER_POLL, Handler, Processor
 from engine.metrics import Metrics
 from engine.model import Outcome
 from engine.store import Database, Inbox
+from engine.store.db import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,20 @@ class RemoteProcessor(Processor):
     def _send_commit(self) -> None:
         self._notify_pending = False
         self._send({"c": self.inbox.rows})
+
+    def watch(self, message_id: int) -> asyncio.Future[Outcome]:
+        """A future resolved with the message's outcome: from the database if it is
+        processed already, else from the worker's report (or the re-read every
+        :data:`WAITER_POLL`). A failed read (a PostgreSQL connection dropped by a restart
+        or failover: the daemon's connection is not used for processing any more, so this
+        read may be the first to find out) waits for those instead of failing the ACK."""
+        try:
+            return super().watch(message_id)
+        except DatabaseError as exc:
+            log.warning("processing: outcome of message %d not read (%s)", message_id, exc)
+            fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(message_id, []).append(fut)
+            return fut
 
     def wake_dispatcher(self, channel: str | None = None) -> None:
         """Rows were queued in the outbox here (a webhook, the dashboard): the worker's
@@ -311,7 +326,10 @@ class RemoteProcessor(Processor):
         while True:
             await asyncio.sleep(WAITER_POLL)
             if self._waiters:
-                self._settle_waiters()
+                try:
+                    self._settle_waiters()
+                except DatabaseError as exc:  # a dropped connection: the next round retries
+                    log.warning("processing: waiters not re-read (%s)", exc)
 
     # -- metrics ----------------------------------------------------------------------
 
