@@ -224,7 +224,7 @@ def account(
     return lost, duplicates, differ
 
 
-def wait_processed(db: Path, timeout: float = 600.0) -> int:
+def wait_processed(db: Path, timeout: float = 1800.0) -> int:
     """Wait until no row is left ``received``; how many are left at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
