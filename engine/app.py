@@ -187,18 +187,32 @@ class Engine:
         return self.config.store.location(self.state_dir, self.store)
 
     def is_ready(self) -> bool:
-        """``/readyz``: the listeners accept and the last inbox commit succeeded. The
-        processing worker's state is reported beside it (:meth:`ready_details`), not
-        part of it: ACKs (``on-commit``) go on while it restarts, and the backlog waits
-        ``received``."""
-        return self.ready and not (self.inbox is not None and self.inbox.fault)
+        """``/readyz``: the listeners accept and the store takes the engine's commits (the
+        inbox's, processing's and the outbox dispatcher's last ones succeeded; with a
+        worker process, the faults it reports). The worker's being up is reported beside
+        it (:meth:`ready_details`), not part of it: ACKs (``on-commit``) go on while it
+        restarts, and the backlog waits ``received``."""
+        return self.ready and not self._store_fault()
 
     def not_ready(self) -> str:
         """Why :meth:`is_ready` is False: ``store-error: full`` (``io``, ``locked``,
-        ``other``) while the inbox cannot commit, else ``starting`` or ``draining``."""
+        ``other``) while the inbox cannot commit, ``store-error: locked (processing)`` or
+        ``(dispatch)`` while those stages cannot, else ``starting`` or ``draining``."""
+        return self._store_fault() or ("draining" if self._draining else "starting")
+
+    def _store_fault(self) -> str:
+        """The readiness sources: each stage's ``fault`` (the kind of its last failed
+        commit, "" once one succeeds again)."""
         if self.inbox is not None and self.inbox.fault:
             return f"store-error: {self.inbox.fault}"
-        return "draining" if self._draining else "starting"
+        dispatch = self.dispatcher.fault if self.dispatcher is not None else ""
+        # with a worker process its dispatcher is the one that runs: the fault it reports
+        dispatch = getattr(self.processor, "dispatch_fault", dispatch)
+        processing = self.processor.fault if self.processor is not None else ""
+        for stage, fault in (("processing", processing), ("dispatch", dispatch)):
+            if fault:
+                return f"store-error: {fault} ({stage})"
+        return ""
 
     def ready_details(self) -> dict[str, str]:
         """``/readyz``'s ``worker``: ``up`` or ``down`` (starting, restarting, stopped)

@@ -476,6 +476,7 @@ class RetentionConfig:
     quarantine_days: int | None = 90  # quarantined Direct mail, after receipt
     outbox_days: int | None = 90  # payloads of sent or cancelled outbox rows
     parked_days: int | None = 180  # parked events never linked: their data, after parking
+    sms_reply_days: int | None = 90  # a patient's SMS reply: its text and number, after receipt
     every_minutes: int = 60  # between runs of the daemon's pruner
     batch: int = 200  # most rows one pruning transaction touches
 
@@ -496,6 +497,7 @@ RETENTION_PERIODS: Final = (
     "quarantine_days",
     "outbox_days",
     "parked_days",
+    "sms_reply_days",
 )
 
 

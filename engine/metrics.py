@@ -193,7 +193,7 @@ class Metrics:
         )
         self.store_errors = Counter(
             "refloop_store_errors_total",
-            "Failed database commits, by stage (inbox, processing) and kind "
+            "Failed database commits, by stage (inbox, processing, dispatch) and kind "
             "(full, io, locked, other).",
             ["stage", "kind"],
             registry=registry,
@@ -351,7 +351,8 @@ class Metrics:
         # Retention (engine.store.pruner): ``kind`` is one of engine.store.retention.KINDS.
         self.pruned_rows = Counter(
             "refloop_pruned_rows_total",
-            "Rows whose PHI retention pruned (message bytes, outbox payloads, parked events).",
+            "Rows whose PHI retention pruned (message bytes, outbox payloads and recipients, "
+            "parked events, SMS replies).",
             ["kind"],
             registry=registry,
         )

@@ -17,7 +17,9 @@ unexpectedly, and carries the traffic of one Unix socket pair, one JSON object a
   this node holds the singletons lease (run the timer wheel) or not, ``{"r": 1}`` reload
   routes.yaml, ``{"m": 1}`` send a metrics snapshot, ``{"s": 1}`` stop.
 - worker → daemon: ``{"up": pid}`` ready, ``{"d": [[id, status, error, route], ...],
-  "lag": n}`` after each processing commit, ``{"m": [family, ...]}`` a metrics snapshot.
+  "lag": n}`` after each processing commit, ``{"m": [family, ...]}`` a metrics snapshot,
+  ``{"f": [processing, dispatch]}`` the kinds of the worker's storage faults when they
+  change (``""``: none; /readyz turns 503 on them as on the daemon's own).
 
 Nothing depends on the socket for correctness: rows are claimed by status, so a lost
 notification is only a later wake-up (the worker looks every second anyway), and a
@@ -107,6 +109,7 @@ class RemoteProcessor(Processor):
         self._snapshot_wait: asyncio.Future[None] | None = None
         self._retired: dict[str, tuple[str, str, str, dict[Key, float]]] = {}
         self._reported_rejected = inbox.rejected
+        self.dispatch_fault = ""  # the worker's dispatcher's storage fault (its report)
         metrics.worker_up.set(0)
         metrics.merge = self.merge
 
@@ -260,6 +263,8 @@ class RemoteProcessor(Processor):
                 self._snapshot = message["m"]
                 if self._snapshot_wait is not None and not self._snapshot_wait.done():
                     self._snapshot_wait.set_result(None)
+            elif "f" in message:
+                self.fault, self.dispatch_fault = (str(k) for k in message["f"])
             elif "up" in message:
                 self.up = True
                 self.metrics.worker_up.set(1)
@@ -287,6 +292,7 @@ class RemoteProcessor(Processor):
             log.info("processing worker (pid %d) disconnected", self.pid)
         self.up = False
         self.metrics.worker_up.set(0)
+        self.fault = self.dispatch_fault = ""  # a new worker reports its own
         if self._writer is not None:
             self._writer.close()
             self._writer = None

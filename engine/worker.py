@@ -34,6 +34,8 @@ from engine.supervisor import LINE_LIMIT, snapshot
 
 log = logging.getLogger("refloop.worker")
 
+FAULT_REPORT = 0.25  # seconds between looks at the stages' storage faults
+
 
 class WorkerSide:
     """The worker's end of the socket: commands in, outcomes and figures out."""
@@ -84,6 +86,24 @@ class WorkerSide:
             elif "s" in message:
                 return
 
+    async def faults(self) -> None:
+        """Report the processor's and the dispatcher's storage faults when they change
+        (the daemon's /readyz turns 503 on them)."""
+        engine, last = self.engine, ("", "")
+        while True:
+            now = (
+                engine.processor.fault if engine.processor is not None else "",
+                engine.dispatcher.fault if engine.dispatcher is not None else "",
+            )
+            if now != last:
+                # the figures first: the failed commit's refloop_store_errors_total is
+                # there by the time /readyz turns (a scrape cannot wait out a worker
+                # stuck in a 5 s busy timeout)
+                self.send({"m": snapshot(list(engine.metrics.registry.collect()))})
+                self.send({"f": list(now)})
+                last = now
+            await asyncio.sleep(FAULT_REPORT)
+
     async def timers(self, on: bool) -> None:
         """Run the timer wheel while the daemon holds the singletons lease."""
         timers = self.engine.timers
@@ -108,7 +128,12 @@ async def serve(engine: Engine, sock: socket.socket) -> None:
         assert isinstance(engine.processor, Processor)
         engine.processor.on_processed = side.processed
         side.send({"up": os.getpid()})
-        await side.serve(reader)
+        faults = asyncio.create_task(side.faults(), name="fault-reports")
+        try:
+            await side.serve(reader)
+        finally:
+            faults.cancel()
+            await asyncio.gather(faults, return_exceptions=True)
     finally:
         # what it counted since the last scrape (the daemon keeps it past this worker),
         # read before the store closes (collectors read it)

@@ -16,11 +16,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Daemon, Reply, hl7, peer, query, refloop, run
+from helpers import REPO, Daemon, Reply, hl7, mounted_tmpfs, peer, query, refloop, run
 
 CONNECTIONS = 4
 
@@ -234,25 +233,6 @@ def test_a_daemon_does_not_start_while_a_restore_holds_the_lock(tmp_path: Path) 
     ):
         daemon.start(timeout=5.0)
     assert "a restore is replacing" in daemon.log_tail()
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
-    """A tmpfs at ``where`` (``options``: ``size=16k``, ``ro``); skipped without root."""
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
 
 
 @pytest.mark.parametrize(

@@ -8,17 +8,19 @@ user's name; raw messages and referral pages are audited views."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import run
+from helpers import refloop, run
 from ui_rig import PASSWORD, UiRig, csrf_of, login, ref_i12, ui_engine
 
 from engine.clock import VirtualClock
 from engine.config import RetentionConfig
+from engine.hl7v2.client import MllpClient
 from engine.store import audit as audit_store
 from engine.store import retention
 from engine.web.dashboard import bar_chart
@@ -314,5 +316,42 @@ def test_tasks_page_done_with_a_note(tmp_path: Path) -> None:
         assert "faxed" in history.text and "user:casey" in history.text
         events = [r for r in audit_store.rows(rig.db.conn) if r.action == "task-done"]
         assert [(e.actor, e.referral_id) for e in events] == [("user:casey", rid)]
+
+    go(tmp_path, body)
+
+
+def test_a_message_rejected_before_its_control_id_was_read_says_so(tmp_path: Path) -> None:
+    """An empty MSH-9 is rejected (AR) before MSH-10 is read: the row has no control id.
+    The messages list (dashboard and ``refloop messages list``) shows a dash and why,
+    never an empty cell (failed before: a blank control id column) and never an
+    invented id; the JSON keeps "" as stored."""
+    bad = b"MSH|^~\\&|LAB|HOSP|REFLOOP|CLINIC|20260101120000||EMPTY-9|P|2.5.1\rPID|1\r"
+    bad = bad.replace(b"||EMPTY-9|", b"|||EMPTY-9|")  # MSH-9 empty, MSH-10 EMPTY-9
+
+    async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
+        client = await MllpClient.connect("127.0.0.1", rig.mllp_port, timeout=5)
+        try:
+            assert (await client.send(bad)).code == "AR"
+        finally:
+            await client.close()
+        await login(http, rig.base, "ana")
+        listing = await http.get(f"{rig.base}/ui/messages")
+        row = re.search(r"<tr[^>]*>(?:(?!</tr>).)*MSH-9(?:(?!</tr>).)*</tr>", listing.text, re.S)
+        assert row is not None, listing.text
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(0), re.S)
+        control = cells[5]
+        assert "—" in control and "not read" in control and "MSH-9" in control, control
+        assert "EMPTY-9" not in listing.text
+
+        state = str(rig.engine.state_dir)
+        listed = refloop("messages", "list", "--state", state)
+        assert listed.returncode == 0, listed.stderr.decode()
+        (line,) = [x for x in listed.stdout.decode().splitlines() if "rejected" in x]
+        # ID, received, source, type, control id, status: each column says something
+        assert line.split()[2:6] == ["ehr", "-", "-", "rejected"], line
+        shown = refloop("messages", "show", line.split()[0], "--state", state).stdout.decode()
+        assert "control id" in shown and "not read: MSH-9 message type is empty" in shown
+        as_json = json.loads(refloop("messages", "list", "--json", "--state", state).stdout)
+        assert [(m["control_id"], m["type"]) for m in as_json] == [("", "")]
 
     go(tmp_path, body)

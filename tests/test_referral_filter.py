@@ -64,10 +64,15 @@ def test_cli_and_api_select_the_same_referrals(daemon: Daemon, tmp_path: Path) -
     assert cardiology and every["F-3"]["specialty"] == cardiology
     expected = {int(str(every[p]["id"])) for p in ("F-1", "F-3")}  # the two REFCARD ones
 
-    for spelled in (cardiology, cardiology.upper()):  # case-insensitive in both
+    # the code as sent (OBR-4.1), or the specialty the shipped specialty_category table
+    # derives from it (REFCARD: Cardiology), in any case (failed before: "cardiology"
+    # found nothing, the filter compared the code only)
+    for spelled in (cardiology, cardiology.lower(), "Cardiology", "cardiology", "CARDIOLOGY"):
         by_cli = {int(str(r["id"])) for r in cli_referrals(daemon, "--specialty", spelled)}
-        assert by_cli == expected
-        assert api_ids(daemon, token, specialty=spelled) == expected
+        assert by_cli == expected, spelled
+        assert api_ids(daemon, token, specialty=spelled) == expected, spelled
+    assert cli_referrals(daemon, "--specialty", "cardio") == []  # whole, not a prefix
+    assert api_ids(daemon, token, specialty="Dermatology") == {int(str(every["F-2"]["id"]))}
     opened = {int(str(r["id"])) for r in cli_referrals(daemon, "--status", "open")}
     assert (
         opened

@@ -26,10 +26,11 @@ from prometheus_client import CollectorRegistry
 from test_referral_keys import adt, ref_i12, siu_s12
 
 from engine.app import Engine
-from engine.clock import VirtualClock
+from engine.clock import VirtualClock, WallClock
 from engine.config import RetentionConfig, loads
 from engine.errors import ConfigError, StoreError
 from engine.model import Identifiers, ReferralCreated, ReportReceived
+from engine.store import outbox as outbox_store
 from engine.store import retention
 from engine.store.db import open_database
 from engine.store.referrals import enqueue_outbox
@@ -434,3 +435,73 @@ def test_the_api_and_dashboard_views_of_a_pruned_message(tmp_path: Path) -> None
         assert missing.value.status == 404
     finally:
         db.close()
+
+
+def test_sms_reply_texts_and_outbox_recipients_are_pruned(tmp_path: Path) -> None:
+    """A patient's SMS reply loses its text and number ``sms_reply_days`` (default 90)
+    after receipt, and a finished outbox row its recipient with its payload (``outbox``,
+    90 days after it finished); what they were (keyword, referral, times, status) stays.
+    ``refloop prune --dry-run`` on the real file counts them first (failed before: the
+    body and the phone numbers were kept forever)."""
+    state = tmp_path / "state"
+    routes = shipped_routes(tmp_path / "routes.yaml")
+    db = open_database(state / "refloop.db")
+    now = time.time()
+    reply_body, number = "YES please call me after 5pm", "+15550100111"
+    with db.transaction() as conn:
+        Tracker(db, WallClock()).apply(
+            ReferralCreated(
+                ids=Identifiers(sending_facility="F", placer_number="R1"),
+                occurred_at=now,
+                message_id=None,
+            ),
+            conn,
+        )
+        rid = int(conn.execute("SELECT id FROM referrals").fetchone()[0])
+        payload = json.dumps({"to": number, "body": "Your referral"})
+        enqueue_outbox(conn, rid, "sms", "t", payload, "k-sent", now, now=now)
+        conn.execute(
+            "UPDATE outbox SET status = 'sent', recipient = ? WHERE template = 't'", (number,)
+        )
+        for sid, text in (("SM-old", reply_body), ("SM-new", "STOP")):
+            outbox_store.record_reply(
+                conn,
+                message_sid=sid,
+                from_number=number,
+                keyword="yes" if sid == "SM-old" else "stop",
+                body=text,
+                referral_id=rid,
+                now=now,
+            )
+    db.close()
+    with contextlib.closing(sqlite3.connect(state / "refloop.db")) as conn, conn:
+        conn.execute("UPDATE outbox SET updated_at = updated_at - ?", (91 * DAY,))
+        conn.execute(
+            "UPDATE sms_replies SET received_at = received_at - ? WHERE message_sid = 'SM-old'",
+            (91 * DAY,),
+        )
+
+    plan = cli_json(state, routes, "prune", "--dry-run")
+    assert plan["kinds"]["sms-reply"] == {"rows": 1, "bytes": len(reply_body) + len(number)}
+    assert plan["kinds"]["outbox"] == {"rows": 1, "bytes": len(payload) + len(number)}
+    assert query(state / "refloop.db", "SELECT count(*) FROM sms_replies WHERE body != ''") == [
+        (2,)
+    ]
+    done = cli_json(state, routes, "prune")
+    assert done["kinds"] == plan["kinds"]
+    replies = query(
+        state / "refloop.db",
+        "SELECT message_sid, from_number, keyword, body, referral_id, pruned_at IS NOT NULL "
+        "FROM sms_replies ORDER BY message_sid",
+    )
+    assert replies == [
+        ("SM-new", number, "stop", "STOP", rid, 0),
+        ("SM-old", "", "yes", "", rid, 1),
+    ]
+    sent = query(
+        state / "refloop.db",
+        "SELECT status, recipient, payload, referral_id FROM outbox WHERE template = 't'",
+    )
+    assert sent == [("sent", "", "{}", rid)]
+    text = cli(state, routes, "prune", "--dry-run")
+    assert "sms-reply" in text.stdout.decode() and "90 days after receipt" in text.stdout.decode()

@@ -12,27 +12,23 @@ the writer's busy timeout (shortened here so the test does not wait 10 s).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import sqlite3
-import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HOST, Daemon, config, hl7, peer, query, run
+from helpers import HOST, Daemon, config, hl7, mounted_tmpfs, peer, query, run
 
 import engine.store.inbox as inbox_module
 from engine.app import Engine
 from engine.clock import WallClock
 
 
-def _get(url: str) -> tuple[int, str]:
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5.0) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         with exc:
@@ -113,24 +109,6 @@ def test_a_commit_that_fails_is_answered_ae_never_aa_and_recovers(
 # -- a full disk under the real daemon (tmpfs, needs root) --------------------------------
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
-
-
 def fill(path: Path) -> None:
     """Write ``path`` until the filesystem has no byte left."""
     chunk = b"\0" * 65536
@@ -156,7 +134,7 @@ def _note(i: int) -> tuple[str, ...]:
 def test_a_full_disk_is_answered_ae_and_the_daemon_recovers_when_space_returns(
     tmp_path: Path,
 ) -> None:
-    with small_tmpfs(tmp_path / "state", "24m") as state:
+    with mounted_tmpfs(tmp_path / "state", "size=24m,mode=0700") as state:
         daemon = Daemon(state_dir=state, log_path=tmp_path / "daemon.log")
         try:
             daemon.start()
@@ -283,3 +261,43 @@ def test_a_standing_fault_is_logged_once_a_minute_with_a_count(
     assert inbox.fault == ""
     assert "49 failed commits not logged" in caplog.records[-1].getMessage()
     db.close()
+
+
+# -- processing and dispatch faults turn /readyz 503 too (no message arriving) ------------
+
+
+@pytest.mark.slow
+def test_a_lock_that_fails_processing_turns_readyz_503_with_no_message_arriving(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the database: nothing arrives, so the inbox never fails a
+    commit, but processing (it looks for rows every second) and the outbox dispatcher
+    (the default routes.yaml has channels) do, after the 5 s busy timeout of the main
+    connection. /readyz must say so, and go back to 200 once the lock goes (failed
+    before: it stayed 200 while processing retried)."""
+    daemon = Daemon(state_dir=tmp_path / "state", log_path=tmp_path / "daemon.log")
+    try:
+        daemon.start()
+        url = f"http://{HOST}:{daemon.http}"
+        blocker = sqlite3.connect(daemon.db, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            deadline = time.monotonic() + 30.0
+            while True:
+                # the loop waits out each busy timeout (5 s) on the main connection
+                status, text = _get(f"{url}/readyz", timeout=60.0)
+                if status == 503:
+                    break
+                assert time.monotonic() < deadline, "/readyz stayed 200 while the store was locked"
+                time.sleep(0.1)
+            assert "store-error: locked" in text, text
+            _, metrics = _get(f"{url}/metrics", timeout=60.0)
+            assert _store_errors(metrics, "locked") >= 1
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        run(_until_ready(daemon.http, 200, timeout=30.0))
+        daemon.signal(15)
+        assert daemon.wait(30) == 0, daemon.log_tail()
+    finally:
+        daemon.kill()

@@ -333,7 +333,7 @@ def messages_list(
             note = f"{note} (bytes pruned)".strip()
         click.echo(
             f"{i['id']:>7}  {i['received_at'][:23]:<24} {i['source'][:10]:<10} "
-            f"{i['type'][:9]:<9} {i['control_id'][:22]:<22} {i['status']:<9} "
+            f"{i['type'][:9] or '-':<9} {i['control_id'][:22] or '-':<22} {i['status']:<9} "
             f"{i['ack_code'] or '--':<4} {note}"
         )
 
@@ -401,7 +401,8 @@ def messages_show(
         ("received", isoformat(row.received_at)),
         ("source", f"{row.source} from {row.peer}"),
         ("sender", f"{row.sending_app} / {row.sending_facility}"),
-        ("control id", row.control_id),
+        # rejected before MSH-10 was read (an empty MSH-9): none, and why
+        ("control id", row.control_id or f"- (not read: {row.error or 'no MSH-10'})"),
         ("type", row.message_type),
         ("version", row.version),
         ("charset", row.charset),

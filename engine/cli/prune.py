@@ -31,6 +31,7 @@ PERIODS = {
     "quarantine": "quarantine_days",
     "outbox": "outbox_days",
     "parked": "parked_days",
+    "sms-reply": "sms_reply_days",
 }
 SINCE = {
     "closed-referral": "after the referral closed",
@@ -56,7 +57,10 @@ def _mib(n: int) -> str:
 def _open(state_dir: str, routes_path: str, *, readonly: bool) -> Database:
     path = database_path(state_dir, load_routes(routes_path))
     db = open_database(path, readonly=readonly)
-    if not has_column(db.conn, "messages", "pruned_at"):
+    if not (
+        has_column(db.conn, "messages", "pruned_at")
+        and has_column(db.conn, "sms_replies", "pruned_at")
+    ):
         db.close()
         raise StoreError(
             "this database predates retention: run 'refloop prune' (without --dry-run) "
@@ -104,8 +108,9 @@ def prune(state_dir: str, routes_path: str, dry_run: bool, vacuum: bool, as_json
     """Prune PHI past its retention period now (routes.yaml ``retention:``).
 
     Deletes the bytes of messages past their period (the row, its metadata and the
-    SHA-256 of the bytes stay), the payloads of old sent or cancelled outbox rows and the
-    data of parked events never linked; one audit row records the counts. The daemon does
+    SHA-256 of the bytes stay), the payloads and recipients of old sent or cancelled
+    outbox rows, the data of parked events never linked and the text and number of old SMS
+    replies; one audit row records the counts. The daemon does
     the same every ``retention.every_minutes``; this runs it now, beside a running daemon
     or not (in short transactions). Prints rows and bytes per kind. ``--vacuum`` also
     switches a database made before retention existed to ``auto_vacuum=INCREMENTAL`` with a

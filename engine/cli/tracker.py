@@ -71,7 +71,11 @@ def referrals() -> None:
 @click.option(
     "--open-days-over", type=click.FloatRange(min=0), help="Not closed, opened over N days ago."
 )
-@click.option("--specialty", help="Specialty (case-insensitive).")
+@click.option(
+    "--specialty",
+    help="Specialty: the code as sent (REFCARD) or the one derived from it (cardiology); "
+    "whole, case-insensitive.",
+)
 @click.option(
     "--prior-auth",
     type=click.Choice(["required", "pending", "approved", "denied"]),

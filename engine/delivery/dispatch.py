@@ -63,7 +63,7 @@ from engine.routing.table import ChannelSpec, PracticeSpec
 from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
-from engine.store.db import Database, DatabaseError, savepoint
+from engine.store.db import Database, DatabaseError, fault_kind, savepoint
 from engine.store.outbox import Item
 from engine.store.referrals import Conn, ReferralRow
 from engine.tracking import states
@@ -408,6 +408,13 @@ class Dispatcher:
         self._stopping = False
         self._wake: dict[str, asyncio.Event] = {}
         self._in_flight: dict[int, Item] = {}  # rows this node is sending now, by id
+        self._faults: dict[str, str] = {}  # channel -> kind of its round's storage fault
+
+    @property
+    def fault(self) -> str:
+        """The kind of storage fault (``full``, ``io``, ``locked``, ``other``) a channel's
+        last round failed on, until its next round completes; "" when none. /readyz asks."""
+        return next(iter(self._faults.values()), "")
 
     def names(self) -> list[str]:
         """Every channel with a worker: the provider channels, then the local ones."""
@@ -469,7 +476,13 @@ class Dispatcher:
                 # A row whose result could not be recorded stays "sending" and is resent
                 # (same key) once its lease expires; the worker itself keeps going.
                 log.error("outbox %s: round failed (%s: %s)", name, type(exc).__name__, exc)
+                if isinstance(exc, DatabaseError):
+                    kind = self._faults[name] = fault_kind(exc)
+                    if self.metrics is not None:
+                        self.metrics.store_errors.labels("dispatch", kind).inc()
                 count = 0
+            else:
+                self._faults.pop(name, None)
             self.refresh_metrics()
             if self._stopping:
                 break

@@ -72,6 +72,9 @@ class Processor:
         self._waiters: dict[int, list[asyncio.Future[Outcome]]] = {}
         self._stopping = False
         self._loaded: StoredMessage | None = None  # a large message read off the loop
+        # the kind of the last failed processing commit (``full``, ``io``, ``locked``,
+        # ``other``) until a slice commits again; "" when fine. /readyz asks it.
+        self.fault = ""
         # called after each processing commit (the engine wakes the outbox dispatcher
         # when the batch enqueued rows)
         self.after_commit: Callable[[], None] | None = None
@@ -118,7 +121,7 @@ class Processor:
                 async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
                     done = self.process_available(budget=SLICE)
             except DatabaseError as exc:  # disk full, I/O error, locked: nothing committed
-                kind = fault_kind(exc)
+                kind = self.fault = fault_kind(exc)
                 log.error("processing: commit failed (%s); trying again in %gs", kind, FAULT_PAUSE)
                 self.metrics.store_errors.labels("processing", kind).inc()
                 if self._stopping:
@@ -128,6 +131,7 @@ class Processor:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), FAULT_PAUSE)
                 continue
+            self.fault = ""
             if self._stopping:
                 return  # the rest stays received for the next start: nothing is lost
             if done < 0:

@@ -206,6 +206,16 @@ def _m_retention(db: Schema) -> None:
     retention.migrate(db)
 
 
+def _m_retention_replies(db: Schema) -> None:
+    # SMS reply texts and outbox recipients (phone numbers) get a retention period too
+    retention.migrate_replies(db)
+
+
+def _m_specialty_category(db: Schema) -> None:
+    # the specialty filter matches the derived specialty (REFCARD -> Cardiology) too
+    referral_search.migrate_category_index(db)
+
+
 MIGRATIONS: Final[list[Migration]] = [
     _m1_inbox,
     _m2_decisions,
@@ -229,4 +239,6 @@ MIGRATIONS: Final[list[Migration]] = [
     _m_cluster,
     _m_retention,
     _m_referral_rekey,
+    _m_retention_replies,
+    _m_specialty_category,
 ]

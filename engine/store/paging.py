@@ -1,6 +1,8 @@
-"""Newest-first keyset paging for lists keyed by their id (the message browser, the
-outbox): a page of rows before (older than) or after (newer than) an id, the total the
-filter selects and where the page starts, so no list stops silently at a cap."""
+"""Keyset pages: :class:`Page` (ids, where the page starts, the total the filter selects,
+so no list stops silently at a cap), shared by the referral worklist (pages in any sort
+order, engine.store.referral_search) and the newest-first lists keyed by their id (the
+message browser, the outbox: :class:`IdPage`, a page of rows before (older than) or after
+(newer than) an id)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
-class IdPage(Generic[T]):
-    """Rows newest first, ``total`` matching, ``start`` (1-based; 0 when empty)."""
+class Page:
+    """One page of ids in list order, where it starts (1-based; 0 when empty) and how
+    many rows match in all."""
 
-    rows: list[T]
     ids: list[int]
     total: int
     start: int
@@ -27,17 +29,33 @@ class IdPage(Generic[T]):
         return self.start + len(self.ids) - 1 if self.ids else 0
 
     @property
+    def has_prev(self) -> bool:
+        return self.start > 1
+
+    @property
+    def has_next(self) -> bool:
+        return bool(self.ids) and self.end < self.total
+
+
+@dataclass(frozen=True, slots=True)
+class IdPage(Page, Generic[T]):
+    """A :class:`Page` of a newest-first list keyed by id, with its rows."""
+
+    rows: list[T]
+
+    @property
     def newer(self) -> int | None:
         """The ``after`` of the page before this one (newer rows), or None."""
-        return self.ids[0] if self.ids and self.start > 1 else None
+        return self.ids[0] if self.has_prev else None
 
     @property
     def older(self) -> int | None:
         """The ``before`` of the page after this one (older rows), or None."""
-        return self.ids[-1] if self.ids and self.end < self.total else None
+        return self.ids[-1] if self.has_next else None
 
 
-def _and(where: str, condition: str) -> str:
+def and_where(where: str, condition: str) -> str:
+    """``where`` (`` WHERE …`` or "") with ``condition`` added."""
     return f"{where} AND {condition}" if where else f" WHERE {condition}"
 
 
@@ -58,15 +76,17 @@ def newest_first(
     ``columns`` starts with ``id``; ``row`` makes a value of each."""
     total = int(conn.execute(f"SELECT count(*) FROM {table}{where}", args).fetchone()[0])
     if after is not None:
-        sql = f"SELECT {columns} FROM {table}{_and(where, 'id > ?')} ORDER BY id ASC LIMIT ?"
+        sql = f"SELECT {columns} FROM {table}{and_where(where, 'id > ?')} ORDER BY id ASC LIMIT ?"
         found = conn.execute(sql, (*args, after, limit)).fetchall()[::-1]
     else:
-        cond = _and(where, "id < ?") if before is not None else where
+        cond = and_where(where, "id < ?") if before is not None else where
         extra = (before,) if before is not None else ()
         sql = f"SELECT {columns} FROM {table}{cond} ORDER BY id DESC LIMIT ?"
         found = conn.execute(sql, (*args, *extra, limit)).fetchall()
     ids = [int(r[0]) for r in found]
     if not ids:
-        return IdPage([], [], total, 0)
-    newer = conn.execute(f"SELECT count(*) FROM {table}{_and(where, 'id > ?')}", (*args, ids[0]))
-    return IdPage([row(r) for r in found], ids, total, int(newer.fetchone()[0]) + 1)
+        return IdPage([], total, 0, [])
+    newer = conn.execute(
+        f"SELECT count(*) FROM {table}{and_where(where, 'id > ?')}", (*args, ids[0])
+    )
+    return IdPage(ids, total, int(newer.fetchone()[0]) + 1, [row(r) for r in found])

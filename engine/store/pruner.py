@@ -91,7 +91,7 @@ class Pruner:
         now = self.clock.now()
         cursor = Cursor()
         total = Tally()
-        while len(cursor.done) < 3 and not self._stop.is_set():
+        while not cursor.finished and not self._stop.is_set():
             started = time.perf_counter()
             async with self.lock:
                 step = retention.prune_step(self.db, policy, now, cursor)

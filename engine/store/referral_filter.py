@@ -22,7 +22,7 @@ class ReferralFilter:
 
     status: str | None = None
     open_only: bool = False  # every status but closed
-    specialty: str | None = None  # case-insensitive, whole
+    specialty: str | None = None  # the code or its category; case-insensitive, whole
     specialist: str | None = None
     referring: str | None = None
     opened_before: float | None = None
@@ -43,8 +43,11 @@ def where(flt: ReferralFilter) -> tuple[str, list[Any]]:
     if flt.open_only:
         clauses.append("status != 'closed'")  # the partial indexes' own condition
     if flt.specialty:
-        clauses.append("specialty = ? COLLATE NOCASE")  # referrals_specialty_nocase
-        args.append(flt.specialty)
+        # the code as sent (OBR-4.1) or the specialty routes.yaml derived from it
+        # (``specialty_category``: REFCARD -> Cardiology); referrals_specialty_nocase and
+        # referrals_category_nocase serve the two sides
+        clauses.append("(specialty = ? COLLATE NOCASE OR specialty_category = ? COLLATE NOCASE)")
+        args.extend((flt.specialty, flt.specialty))
     for party, value in (("specialist", flt.specialist), ("referring", flt.referring)):
         if value:
             clauses.append(

@@ -29,6 +29,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
+from engine.store.paging import Page, and_where
 from engine.store.sql import Conn
 
 _RANK: Final = "(CASE priority WHEN 'stat' THEN 0 WHEN 'urgent' THEN 1 ELSE 2 END)"
@@ -114,6 +115,15 @@ def normalise(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text.translate(_UNSPLIT))
     plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
     return " ".join("".join(c if c.isalnum() else " " for c in plain).split())
+
+
+def migrate_category_index(db: Any) -> None:
+    """The specialty filter matches the derived specialty (``specialty_category``) too
+    (engine.store.referral_filter): its index, as ``referrals_specialty_nocase``."""
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS referrals_category_nocase ON referrals "
+        "(specialty_category COLLATE NOCASE)"
+    )
 
 
 def migrate_rekey(db: Any) -> None:
@@ -359,32 +369,6 @@ def sort_of(name: str, now: float, targets: dict[str, float]) -> Sort:
     return Sort(base, keys, descending)
 
 
-@dataclass(frozen=True, slots=True)
-class Page:
-    """One page of ids in sort order, where it starts (1-based; 0 when empty) and how
-    many referrals match in all."""
-
-    ids: list[int]
-    total: int
-    start: int
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.ids) - 1 if self.ids else 0
-
-    @property
-    def has_prev(self) -> bool:
-        return self.start > 1
-
-    @property
-    def has_next(self) -> bool:
-        return bool(self.ids) and self.end < self.total
-
-
-def _and(where: str, condition: str) -> str:
-    return f"{where} AND {condition}" if where else f" WHERE {condition}"
-
-
 def page(
     conn: Conn,
     where: str,
@@ -421,20 +405,20 @@ def page(
     total = int(conn.execute(f"SELECT count(*) FROM referrals{where}", args).fetchone()[0])
     if exists(before):
         sql = (
-            f"SELECT id FROM referrals{_and(where, f'({keys}) {backward} {anchor_of}')} "
+            f"SELECT id FROM referrals{and_where(where, f'({keys}) {backward} {anchor_of}')} "
             f"ORDER BY {order_down} LIMIT ?"
         )
         ids = [int(r[0]) for r in conn.execute(sql, (*args, before, limit))][::-1]
     else:
         cond, extra = (f"({keys}) {forward} {anchor_of}", [after]) if exists(after) else ("", [])
         sql = (
-            f"SELECT id FROM referrals{_and(where, cond) if cond else where} "
+            f"SELECT id FROM referrals{and_where(where, cond) if cond else where} "
             f"ORDER BY {order_up} LIMIT ?"
         )
         ids = [int(r[0]) for r in conn.execute(sql, (*args, *extra, limit))]
     if not ids:
         return Page([], total, 0)
-    sql = f"SELECT count(*) FROM referrals{_and(where, f'({keys}) {backward} {anchor_of}')}"
+    sql = f"SELECT count(*) FROM referrals{and_where(where, f'({keys}) {backward} {anchor_of}')}"
     earlier = int(conn.execute(sql, (*args, ids[0])).fetchone()[0])
     return Page(ids, total, earlier + 1)
 
@@ -462,9 +446,9 @@ def _priority_page(
     referrals_status_priority order, so showing all referrals never sorts all of them
     (but for a search, ``walk`` False: its few matches are looked up, then sorted)."""
     keys, ckeys = ", ".join(sort.keys), ", ".join(_CLOSED_KEYS)
-    opened = _and(where, "status != 'closed'")
+    opened = and_where(where, "status != 'closed'")
     # ``+status`` keeps the planner off the index walk (it has no statistics to tell)
-    shut = _and(where, "status = 'closed'" if walk else "+status = 'closed'")
+    shut = and_where(where, "status = 'closed'" if walk else "+status = 'closed'")
     anchor = f"(SELECT {keys} FROM referrals WHERE id = ?)"
     canchor = f"(SELECT {ckeys} FROM referrals WHERE id = ?)"
     order = ", ".join(f"{k} ASC" for k in sort.keys)
@@ -480,7 +464,7 @@ def _priority_page(
     if back is not None:
         if back == "closed":
             found = ids(
-                f"SELECT id FROM referrals{_and(shut, f'({ckeys}) < {canchor}')} "
+                f"SELECT id FROM referrals{and_where(shut, f'({ckeys}) < {canchor}')} "
                 f"ORDER BY {rcorder} LIMIT ?",
                 (before, limit),
             )
@@ -491,7 +475,7 @@ def _priority_page(
                 )
         else:
             found = ids(
-                f"SELECT id FROM referrals{_and(opened, f'({keys}) < {anchor}')} "
+                f"SELECT id FROM referrals{and_where(opened, f'({keys}) < {anchor}')} "
                 f"ORDER BY {rorder} LIMIT ?",
                 (before, limit),
             )
@@ -500,11 +484,11 @@ def _priority_page(
         forth = _status_of(conn, after)
         found = []
         if forth != "closed":
-            cond = _and(opened, f"({keys}) > {anchor}") if forth else opened
+            cond = and_where(opened, f"({keys}) > {anchor}") if forth else opened
             extra = (after,) if forth else ()
             found = ids(f"SELECT id FROM referrals{cond} ORDER BY {order} LIMIT ?", (*extra, limit))
         if len(found) < limit:
-            cond = _and(shut, f"({ckeys}) > {canchor}") if forth == "closed" else shut
+            cond = and_where(shut, f"({ckeys}) > {canchor}") if forth == "closed" else shut
             extra = (after,) if forth == "closed" else ()
             found += ids(
                 f"SELECT id FROM referrals{cond} ORDER BY {corder} LIMIT ?",
@@ -514,9 +498,9 @@ def _priority_page(
         return Page([], total, 0)
     if _status_of(conn, found[0]) == "closed":
         n_open = conn.execute(f"SELECT count(*) FROM referrals{opened}", args).fetchone()[0]
-        sql = f"SELECT count(*) FROM referrals{_and(shut, f'({ckeys}) < {canchor}')}"
+        sql = f"SELECT count(*) FROM referrals{and_where(shut, f'({ckeys}) < {canchor}')}"
         earlier = int(n_open) + int(conn.execute(sql, (*args, found[0])).fetchone()[0])
     else:
-        sql = f"SELECT count(*) FROM referrals{_and(opened, f'({keys}) < {anchor}')}"
+        sql = f"SELECT count(*) FROM referrals{and_where(opened, f'({keys}) < {anchor}')}"
         earlier = int(conn.execute(sql, (*args, found[0])).fetchone()[0])
     return Page(found, total, earlier + 1)

@@ -1,6 +1,6 @@
 """Retention: what PHI is pruned when (docs/operations.md, "Retention"), in small steps.
 
-Six kinds, each with its own period (``retention:`` in routes.yaml, engine.config):
+Seven kinds, each with its own period (``retention:`` in routes.yaml, engine.config):
 
 - ``closed-referral``: the bytes of a message that reached referrals, once every one of
   them is closed, ``closed_referral_days`` after the last of them closed;
@@ -10,10 +10,14 @@ Six kinds, each with its own period (``retention:`` in routes.yaml, engine.confi
 - ``error``: the bytes of a message processing failed on, ``error_days`` after receipt
   (replay may still need them);
 - ``quarantine``: quarantined Direct mail (``direct/quarantined``), after receipt;
-- ``outbox``: the payload of a sent or cancelled outbox row, after it finished (a dead
-  row keeps its payload until an operator retries or cancels it);
+- ``outbox``: the payload and the recipient (a phone number, fax number or address) of a
+  sent or cancelled outbox row, after it finished (a dead row keeps them until an
+  operator retries or cancels it);
 - ``parked``: a parked event never linked, ``parked_days`` after parking: its event data
-  is cleared and it is marked ``expired``.
+  is cleared and it is marked ``expired``;
+- ``sms-reply``: the text and the phone number of a patient's SMS reply,
+  ``sms_reply_days`` after receipt; its keyword, referral and time stay (the
+  ``suppressed_numbers`` opt-out list is not pruned: a STOP holds until START).
 
 A pruned message keeps its ``messages`` row (id, control id, type, status, ACK code,
 received time, the SHA-256 of its bytes) with ``pruned_at`` and ``pruned_size`` set: the
@@ -45,7 +49,8 @@ STEP_SECONDS: Final = 0.002  # a step stops taking rows after this long (the pro
 AUTOCHECKPOINT: Final = 1000  # SQLite's default wal_autocheckpoint, restored after a step
 VACUUM_PAGES: Final = 256  # pages one incremental_vacuum step returns at first
 MESSAGE_KINDS: Final = ("closed-referral", "unreferred", "error", "quarantine")
-KINDS: Final = (*MESSAGE_KINDS, "outbox", "parked")
+KINDS: Final = (*MESSAGE_KINDS, "outbox", "parked", "sms-reply")
+TABLES: Final = ("messages", "outbox", "parked", "sms_replies")  # a run's scans, in order
 QUARANTINE_TYPE: Final = "direct/quarantined"
 FINISHED: Final = ("sent", "cancelled")  # outbox rows whose payload may go (not dead ones)
 _OPEN: Final = 1e308  # "a referral of this message is still open"
@@ -61,6 +66,13 @@ _SCHEMA: Final = (
     "CREATE INDEX outbox_unpruned ON outbox (updated_at, id) "
     "WHERE pruned_at IS NULL AND status IN ('sent', 'cancelled')",
     "ALTER TABLE parked ADD COLUMN pruned_at REAL",
+)
+_REPLY_SCHEMA: Final = (
+    "ALTER TABLE sms_replies ADD COLUMN pruned_at REAL",  # NULL: text and number kept
+    "CREATE INDEX sms_replies_unpruned ON sms_replies (received_at, message_sid) "
+    "WHERE pruned_at IS NULL",
+    # outbox rows pruned before the recipient was pruned with the payload
+    "UPDATE outbox SET recipient = '' WHERE pruned_at IS NOT NULL",
 )
 
 
@@ -81,6 +93,8 @@ class RetentionConfig(Protocol):
     @property
     def parked_days(self) -> int | None: ...
     @property
+    def sms_reply_days(self) -> int | None: ...
+    @property
     def batch(self) -> int: ...
     @property
     def every_minutes(self) -> int: ...
@@ -89,6 +103,13 @@ class RetentionConfig(Protocol):
 def migrate(db: sqlite_utils.Database) -> None:
     """Schema: appended to ``engine.store.migrations.MIGRATIONS``."""
     for statement in _SCHEMA:
+        db.execute(statement)
+
+
+def migrate_replies(db: sqlite_utils.Database) -> None:
+    """Schema: the SMS replies' ``pruned_at`` and the index the pruner scans; appended to
+    ``engine.store.migrations.MIGRATIONS`` after :func:`migrate`."""
+    for statement in _REPLY_SCHEMA:
         db.execute(statement)
 
 
@@ -123,7 +144,12 @@ class Cursor:
     messages: tuple[float, int] = (float("-inf"), 0)
     outbox: tuple[float, int] = (float("-inf"), 0)
     parked: int = 0
-    done: set[str] = field(default_factory=set)  # "messages", "outbox", "parked"
+    replies: tuple[float, str] = (float("-inf"), "")
+    done: set[str] = field(default_factory=set)  # of TABLES
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == len(TABLES)
 
 
 def _cutoff(days: int | None, now: float) -> float | None:
@@ -217,12 +243,13 @@ def _message_candidates(
 def _outbox_candidates(
     conn: Any, policy: RetentionConfig, now: float, after: tuple[float, int], limit: int
 ) -> list[tuple[float, int, int]]:
-    """(updated_at, id, payload length) of finished outbox rows due."""
+    """(updated_at, id, length of payload and recipient) of finished outbox rows due."""
     cutoff = _cutoff(policy.outbox_days, now)
     if cutoff is None:
         return []
     rows = conn.execute(
-        "SELECT updated_at, id, length(payload) FROM outbox INDEXED BY outbox_unpruned "
+        "SELECT updated_at, id, length(payload) + length(recipient) "
+        "FROM outbox INDEXED BY outbox_unpruned "
         "WHERE pruned_at IS NULL AND status IN ('sent', 'cancelled') "
         "AND updated_at <= ? AND (updated_at, id) > (?, ?) ORDER BY updated_at, id LIMIT ?",
         (cutoff, after[0], after[1], limit),
@@ -245,6 +272,22 @@ def _parked_candidates(
     return [(int(r[0]), int(r[1] or 0)) for r in rows]
 
 
+def _reply_candidates(
+    conn: Any, policy: RetentionConfig, now: float, after: tuple[float, str], limit: int
+) -> list[tuple[float, str, int]]:
+    """(received_at, message sid, length of text and number) of SMS replies due."""
+    cutoff = _cutoff(policy.sms_reply_days, now)
+    if cutoff is None:
+        return []
+    rows = conn.execute(
+        "SELECT received_at, message_sid, length(body) + length(from_number) FROM sms_replies "
+        "WHERE pruned_at IS NULL AND received_at <= ? AND (received_at, message_sid) > (?, ?) "
+        "ORDER BY received_at, message_sid LIMIT ?",
+        (cutoff, after[0], after[1], limit),
+    ).fetchall()
+    return [(float(r[0]), str(r[1]), int(r[2] or 0)) for r in rows]
+
+
 def _prune_message(conn: Any, message_id: int, size: int, now: float) -> None:
     conn.execute("DELETE FROM message_raw WHERE message_id = ?", (message_id,))
     conn.execute(
@@ -263,10 +306,9 @@ def prune_step(
     budget: float = STEP_SECONDS,
 ) -> Tally:
     """One short transaction: prune up to ``policy.batch`` rows of the first table the run
-    has not finished (messages, then outbox, then parked), for about ``budget`` seconds;
-    ``cursor`` moves past what was looked at. ``dry_run`` counts without writing (and
-    without a transaction). Returns what it pruned; the run is over when ``cursor.done``
-    holds all three tables."""
+    has not finished (:data:`TABLES`, in order), for about ``budget`` seconds; ``cursor``
+    moves past what was looked at. ``dry_run`` counts without writing (and without a
+    transaction). Returns what it pruned; the run is over when ``cursor.finished``."""
     tally = Tally()
     if dry_run:
         _step(db.conn, policy, now, cursor, tally, None, write=False)
@@ -327,7 +369,8 @@ def _step(
             cursor.outbox = (updated_at, row_id)
             if write:
                 conn.execute(
-                    "UPDATE outbox SET payload = '{}', pruned_at = ? WHERE id = ?", (now, row_id)
+                    "UPDATE outbox SET payload = '{}', recipient = '', pruned_at = ? WHERE id = ?",
+                    (now, row_id),
                 )
             tally.add("outbox", size)
             if late():
@@ -350,13 +393,29 @@ def _step(
                 return
         if len(parked) < limit:
             cursor.done.add("parked")
+        return
+    if "sms_replies" not in cursor.done:
+        replies = _reply_candidates(conn, policy, now, cursor.replies, limit)
+        for received_at, sid, size in replies:
+            cursor.replies = (received_at, sid)
+            if write:
+                conn.execute(
+                    "UPDATE sms_replies SET body = '', from_number = '', pruned_at = ? "
+                    "WHERE message_sid = ?",
+                    (now, sid),
+                )
+            tally.add("sms-reply", size)
+            if late():
+                return
+        if len(replies) < limit:
+            cursor.done.add("sms_replies")
 
 
 def plan(db: Database, policy: RetentionConfig, now: float) -> Tally:
     """What a run at ``now`` would prune (``refloop prune --dry-run``); writes nothing."""
     tally = Tally()
     cursor = Cursor()
-    while len(cursor.done) < 3:
+    while not cursor.finished:
         tally.merge(prune_step(db, policy, now, cursor, dry_run=True))
     return tally
 
@@ -369,7 +428,7 @@ def prune_now(
     times as long as both took (the daemon's writers get their turn), then the audit row."""
     tally = Tally()
     cursor = Cursor()
-    while len(cursor.done) < 3:
+    while not cursor.finished:
         started = time.perf_counter()
         tally.merge(prune_step(db, policy, now, cursor))
         checkpoint(db.path)  # here, not in the daemon's next commit

@@ -378,7 +378,12 @@ ROUTES: Final[tuple[Route, ...]] = (
                 "NPI. Every word must match.")),
             Param("status", enum=states.OVERALL_STATUSES),
             Param("open", "boolean", description="Only referrals that are not closed."),
-            Param("specialty", description="Exact specialty (case-insensitive)."),
+            Param(
+                "specialty",
+                description="The specialty code as sent (OBR-4.1, REFCARD) or the specialty "
+                "routes.yaml derives from it (specialty_category: Cardiology); whole, "
+                "case-insensitive.",
+            ),
             Param("specialist", description="Specialist name, NPI or organisation."),
             Param("referring", description="Referring provider name, NPI or organisation."),
             Param("days_open_min", "integer", minimum=0, maximum=36500,

@@ -24,7 +24,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 from urllib.parse import quote, urlencode, urlsplit
 
 import jinja2
@@ -36,7 +36,6 @@ from engine.store.referral_search import SORTS
 from engine.tracking import states
 from engine.web.auth import (
     PERMISSIONS,
-    ROLES,
     SESSION_COOKIE,
     SESSION_SECONDS,
     Auth,
@@ -48,6 +47,8 @@ from engine.web.auth import (
     stored_hash,
     verify_password,
 )
+from engine.web.pages import FORM
+from engine.web.pages import secure as _secure
 from engine.web.service import ApiError, Service
 from engine.web.workbench import WorkbenchPages
 
@@ -56,17 +57,6 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "dashboard"
 LOGIN_CSRF_COOKIE: Final = "refloop_login_csrf"
 PREFIX: Final = "/ui"
-HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-FORM: Final = web.RequestKey("form", Mapping[str, Any])  # the POSTed form, CSRF-checked
 MESSAGE_STATUSES: Final = ("received", "routed", "filtered", "error", "rejected")
 TASK_PAGE: Final = 200  # tasks on the Tasks page; the page says when more are left
 TASK_FILTERS: Final = ("due", "snoozed", "open", "done", "superseded", "all")
@@ -208,24 +198,6 @@ class Dashboard(WorkbenchPages):
 
         return handle
 
-    def _render(
-        self,
-        request: web.Request,
-        principal: Principal | None,
-        template: str,
-        *,
-        status: int = 200,
-        **context: Any,
-    ) -> web.Response:
-        body = self.env.get_template(template).render(
-            me=principal,
-            csrf=principal.csrf if principal is not None and principal.session else "",
-            path=request.path,
-            roles=ROLES,
-            **context,
-        )
-        return _secure(web.Response(text=body, status=status, content_type="text/html"))
-
     def _is_secure(self, request: web.Request) -> bool:
         return self.secure or request.secure
 
@@ -353,9 +325,6 @@ class Dashboard(WorkbenchPages):
             close_reasons=states.CLOSE_PRECEDENCE, notice=request.query.get("done", ""),
             workers=self._workers(), snooze_days=SNOOZE_DAYS,
         )  # fmt: skip
-
-    def _form(self, request: web.Request) -> Mapping[str, Any]:
-        return request[FORM]
 
     async def _close(self, request: web.Request, me: Principal) -> web.StreamResponse:
         rid = _path_id(request, "referral_id")
@@ -585,17 +554,8 @@ class Dashboard(WorkbenchPages):
 # Helpers
 
 
-R = TypeVar("R", bound=web.StreamResponse)
-
-
 def _redirect(location: str, status: int = 303) -> web.Response:
     return _secure(web.Response(status=status, headers={"Location": location}))
-
-
-def _secure(response: R) -> R:
-    for key, value in HEADERS.items():
-        response.headers.setdefault(key, value)
-    return response
 
 
 def _safe_next(request: web.Request, given: str | None = None) -> str:

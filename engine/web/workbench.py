@@ -6,36 +6,21 @@ CSRF token like every dashboard form (checked before these handlers run)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 from aiohttp import web
 
 from engine.ingest.status import STATUSES
 from engine.web.auth import Permission, Principal
-from engine.web.service import ApiError, Service
+from engine.web.pages import Pages
+from engine.web.service import ApiError
 
 WorkbenchPage = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]
 MAX_TRY_BYTES: Final = 900_000  # the API's limit too (the HTTP body limit is 1 MiB)
 
 
-class WorkbenchPages:
-    service: Service
-
-    if TYPE_CHECKING:
-
-        def _render(
-            self,
-            request: web.Request,
-            principal: Principal | None,
-            template: str,
-            *,
-            status: int = 200,
-            **context: Any,
-        ) -> web.Response: ...
-
-        def _form(self, request: web.Request) -> Mapping[str, Any]: ...
-
+class WorkbenchPages(Pages):
     def workbench_pages(self) -> list[tuple[str, str, Permission | None, WorkbenchPage]]:
         return [
             ("GET", "/sources", "messages", self._sources_page),
