@@ -267,3 +267,50 @@ def test_processing_workers_is_0_or_1() -> None:
     with pytest.raises(ConfigError) as exc:
         loads("version: 1\nprocessing: {workers: 2}\n")
     assert "processing.workers" in str(exc.value)
+
+
+def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> None:
+    """Counters add up (and keep what an exited worker counted), a gauge takes the larger
+    value, families only the worker has are appended; by hand: 2 + 3 = 5 routed, then a
+    new worker's 4 on top of the first one's 3: 2 + 3 + 4 = 9."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from engine.clock import WallClock
+    from engine.ingest.processor import no_routes
+    from engine.metrics import Metrics
+    from engine.store import Inbox
+    from engine.supervisor import RemoteProcessor, snapshot
+
+    def worker_figures(routed: float, lag_like: float) -> list[Any]:
+        m = Metrics(CollectorRegistry())
+        m.processed.labels("routed").inc(routed)
+        m.inbox_rows.set(lag_like)
+        return snapshot(list(m.registry.collect()))
+
+    async def go() -> tuple[str, str]:
+        db = open_database(tmp_path / "refloop.db")
+        metrics = Metrics(CollectorRegistry())
+        metrics.processed.labels("routed").inc(2)
+        metrics.inbox_rows.set(10)
+        remote = RemoteProcessor(db, Inbox(db), no_routes, WallClock(), metrics, ["true"])
+        remote._snapshot = worker_figures(3, 4)
+        first = generate_latest(_Registry(metrics)).decode()
+        remote._down()  # that worker exited: its counts stay
+        remote._snapshot = worker_figures(4, 12)
+        second = generate_latest(_Registry(metrics)).decode()
+        db.close()
+        return first, second
+
+    class _Registry:
+        def __init__(self, metrics: Any) -> None:
+            self.metrics = metrics
+
+        def collect(self) -> Any:
+            return self.metrics.merge(list(self.metrics.registry.collect()))
+
+    first, second = asyncio.run(go())
+    assert 'refloop_messages_processed_total{status="routed"} 5.0' in first
+    assert "refloop_inbox_rows 10.0" in first  # max(10, 4)
+    assert 'refloop_messages_processed_total{status="routed"} 9.0' in second
+    assert "refloop_inbox_rows 12.0" in second  # max(10, 12)
+    assert first.count("# TYPE refloop_messages_processed_total counter") == 1
