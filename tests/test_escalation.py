@@ -77,6 +77,14 @@ def test_progress_defaults_and_overrides() -> None:
     assert Policy().appointment_reminder is False and Policy().notify == ""
     # the staff-time defaults (docs/escalation.md, "Channels and consent")
     assert (Policy().nudge_call_task, Policy().followup_call, Policy().letter) == (False, True, "")
+    assert (Policy().followup_letter, Policy().report_requests) == (False, 2)
+    mailed = compile_policy(
+        loads(
+            "version: 1\nchannels: {mail: {type: webhook, url: 'http://x'}}\n"
+            "escalation: {letter: mail, followup_letter: true, report_requests: 3}\n"
+        )
+    )
+    assert (mailed.letter, mailed.followup_letter, mailed.report_requests) == ("mail", True, 3)
     text = (
         "version: 1\nchannels: {ehr: {type: webhook, url: 'http://x'}}\n"
         "escalation:\n  cadence: {report_request: 2d, report_repeat: 5d}\n"
@@ -158,6 +166,11 @@ def test_overrides_per_specialty_and_priority() -> None:
             "escalation:\n  followup_call: 1",
             "routes.yaml:3 escalation.followup_call: must be true or false",
         ),
+        (
+            "escalation:\n  followup_letter: true",
+            "routes.yaml:3 escalation.followup_letter: needs `letter:`",
+        ),
+        ("escalation:\n  report_requests: 0", "routes.yaml:3 escalation.report_requests:"),
     ],
     ids=[
         "duration",
@@ -175,6 +188,8 @@ def test_overrides_per_specialty_and_priority() -> None:
         "letter-staff",
         "nudge-call-task",
         "followup-call",
+        "followup-letter-without-letter",
+        "report-requests",
     ],
 )
 def test_bad_escalation_config_names_line_and_path(yaml_text: str, expected: str) -> None:

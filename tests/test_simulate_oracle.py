@@ -164,3 +164,128 @@ def test_simulated_outcomes_follow_the_documented_cadence(tmp_path: Path) -> Non
     assert sum(result["totals"]["nudges_by_channel"].values()) == total_nudges
     closed_reported = sum(1 for p in POPULATION if expected(p).close_reason == "report-received")
     assert result["totals"]["close_reasons"]["report-received"] == closed_reported
+
+
+# docs/escalation.md with `letter: letter, followup_letter: true, report_requests: 3`
+# (docs/scenarios/practice-800.yaml's escalation), days after the referral opened
+OUTREACH = 30
+REPORT_REQUEST = 3  # days after the visit
+REPORT_REPEAT = 7  # between requests, and before the task
+REQUESTS = 3
+VISIT_AFTER_BOOKING = 10  # a hand-written booking's visit (docs/simulator.md)
+
+
+@dataclass(frozen=True)
+class Chase:
+    placer: str
+    at_h: int
+    consent: bool
+    books_by_phone_h: int | None = None
+    report_h: int | None = None  # after the booking
+
+
+CHASED = (
+    Chase("NOCONSENT-NEVER", at_h=2, consent=False),
+    Chase(
+        "NOCONSENT-DAY20", at_h=3, consent=False, books_by_phone_h=20 * DAY_H, report_h=5 * DAY_H
+    ),
+    Chase("CONSENT-NEVER", at_h=4, consent=True),
+    Chase("BOOKED-NO-REPORT", at_h=5, consent=True, books_by_phone_h=1 * DAY_H),
+)
+
+
+@dataclass(frozen=True)
+class Chased:
+    letters: tuple[int, ...]  # days the letter went by the mailing channel
+    calls: tuple[int, ...]  # days of automated calls (followup-call, outreach-call)
+    requests: tuple[int, ...]  # days of automated report requests
+    tasks: tuple[tuple[str, int], ...]  # (template, day) of every coordinator task
+    closed: tuple[int, str] | None
+
+
+def chased_expected(c: Chase) -> Chased:
+    """From the rules alone: day 14 not booked, an automated call with consent, else the
+    letter (followup_letter); day 30 not booked, the letter and the call, which for a
+    patient without consent (no portal) may not be placed: a call-patient task; booked
+    with no report, three requests from visit + 3 d, 7 d apart, then the task 7 d later;
+    never booked, closed no-response at day 60."""
+    booked = c.books_by_phone_h
+
+    def waiting(day: int) -> bool:
+        return booked is None or booked > day * DAY_H
+
+    letters: list[int] = []
+    calls: list[int] = []
+    tasks: list[tuple[str, int]] = []
+    if waiting(FOLLOWUP):
+        (calls if c.consent else letters).append(FOLLOWUP)
+    if waiting(OUTREACH):
+        letters.append(OUTREACH)
+        if c.consent:
+            calls.append(OUTREACH)
+        else:
+            tasks.append(("call-patient", OUTREACH))
+    requests: list[int] = []
+    closed: tuple[int, str] | None = (ATTEMPT_CLOSE, "no-response") if booked is None else None
+    if booked is not None and c.report_h is not None:
+        closed = ((booked + c.report_h) // DAY_H, "report-received")
+    elif booked is not None:
+        visit_h = booked + VISIT_AFTER_BOOKING * DAY_H
+        requests = [
+            (visit_h + (REPORT_REQUEST + k * REPORT_REPEAT) * DAY_H) // DAY_H
+            for k in range(REQUESTS)
+        ]
+        task_h = visit_h + (REPORT_REQUEST + REQUESTS * REPORT_REPEAT) * DAY_H
+        tasks.append(("call-for-report", task_h // DAY_H))
+    return Chased(tuple(letters), tuple(calls), tuple(requests), tuple(tasks), closed)
+
+
+def chased_observed(r: dict[str, object]) -> Chased:
+    opened = datetime.fromisoformat(str(r["opened"]))
+    timeline = r["timeline"]
+    assert isinstance(timeline, list)
+    sent = [e for e in timeline if e["event"].startswith("out:") and e["status"] == "sent"]
+
+    def days(event: str, by: str) -> tuple[int, ...]:
+        return tuple(_day(e["at"], opened) for e in sent if e["event"] == event and e["by"] == by)
+
+    closed = [e["at"] for e in timeline if e["status"] == "closed"]
+    return Chased(
+        days("out:outreach-letter", "letter"),
+        tuple(sorted(days("out:followup-call", "voice") + days("out:outreach-call", "voice"))),
+        days("out:specialist-report-request", "fax"),
+        tuple(
+            (e["event"][4:], _day(e["at"], opened))
+            for e in sent
+            if e["by"] in ("task", "coordinator")
+        ),
+        (_day(closed[0], opened), str(r["close_reason"])) if closed else None,
+    )
+
+
+def test_the_shipped_practice_chase_follows_its_documented_rules(tmp_path: Path) -> None:
+    lines = [
+        "name: oracle, practice-800's escalation",
+        "seed: 1",
+        "start: 2026-03-02T08:00:00-05:00",
+        "days: 1",
+        "follow_up: 62",
+        "escalation: {letter: letter, followup_letter: true, report_requests: 3}",
+        "referrals:",
+    ]
+    for c in CHASED:
+        patient = "" if c.books_by_phone_h is None else f"books_by_phone: {c.books_by_phone_h}h"
+        report = "null" if c.report_h is None else f"{c.report_h}h"
+        lines.append(
+            f"  - {{placer: {c.placer}, at: {c.at_h}h, sms_consent: {str(c.consent).lower()}, "
+            f"portal: {str(c.consent).lower()}, time_zone: America/New_York, "
+            f"specialist_reach: fax, patient: {{{patient}}}, "
+            f"specialist: {{confirms: 2d, report: {report}}}}}"
+        )
+    path = tmp_path / "chase.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    done = refloop("simulate", str(path), "--json", timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    by_placer = {r["placer"]: r for r in json.loads(done.stdout)["referrals"]}
+    for c in CHASED:
+        assert chased_observed(by_placer[c.placer]) == chased_expected(c), c.placer

@@ -162,6 +162,11 @@ def test_the_baseline_pushes_every_cadence_step_but_the_14_day_task() -> None:
         else:
             assert parse_duration(value) >= 365 * 86_400, key
     assert "specialties" not in section
+    # the automation's switches go too, and what remains is a valid escalation section
+    shipped = {"letter": "letter", "followup_letter": True, "notify": "notify"}
+    stripped = baseline_escalation({**shipped, "appointment_reminder": True})
+    assert not {"letter", "followup_letter", "notify", "appointment_reminder"} & set(stripped)
+    assert stripped["followup_call"] is False
 
 
 def test_refloop_calls_by_the_automated_voice_channel_and_the_baseline_by_hand(
@@ -187,3 +192,52 @@ def test_an_automated_call_books_as_a_live_call_when_answered() -> None:
     n = 40_000
     booked = sum(model.automated_call_books(rng, 1, False) for _ in range(n)) / n
     assert abs(booked - 0.236) < 0.01
+
+
+def test_a_declining_office_returns_the_referral_and_nobody_chases_it(tmp_path: Path) -> None:
+    """``specialist.declined`` is "the office returns the referral" (docs/simulator.md):
+    the office that logged it sends a 360X decline (OSU^O51, ORC-5 CA) within
+    ``confirm_days``, so the referral closes ``specialist-declined`` and no coordinator
+    task follows. Every office here is fax-only and every fax gets through, so every
+    packet is logged on arrival and declined within 4 days, before any 14-day step."""
+    every = {
+        **SMALL,
+        "days": 10,
+        "follow_up": 30,
+        "generate": {
+            "per_month": 60,
+            "directory": {"direct": 0.0, "fax": 1.0, "unknown": 0.0},
+            "offices_per_specialty": 2,
+            "specialist": {"declined": 1.0, "intake_lost": 0.0, "fax_reach": 1.0},
+        },
+    }
+    done = refloop("simulate", str(write(tmp_path, every)), "--json", "--summary", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    totals = json.loads(done.stdout)["totals"]
+    referrals = round(60 * 10 / 30)
+    assert totals["close_reasons"] == {"specialist-declined": referrals}
+    assert totals["coordinator_tasks_by_kind"] == {}
+
+
+def test_a_person_does_the_work_the_task_asks_for(tmp_path: Path) -> None:
+    """Staff work a task as the kind of work it is costed as: the packet task for an office
+    with no address on file (``no-way-to-reach-specialist``, a fax by hand) gets the
+    packet to the office, whether or not the patient has booked, so the office confirms
+    and the 14-day "call the specialist office" task never comes. (Worked as "what the
+    referral needs first", it was a patient call and the office never got the packet.)"""
+    unknown = {
+        **SMALL,
+        "days": 10,
+        "follow_up": 30,
+        "generate": {
+            "per_month": 60,
+            "directory": {"direct": 0.0, "fax": 0.0, "unknown": 1.0},
+            "offices_per_specialty": 2,
+            "specialist": {"declined": 0.0, "intake_lost": 0.0},
+        },
+    }
+    done = refloop("simulate", str(write(tmp_path, unknown)), "--json", "--summary", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    tasks = json.loads(done.stdout)["totals"]["coordinator_tasks_by_kind"]
+    assert tasks["no-way-to-reach-specialist"] == round(60 * 10 / 30)
+    assert "call-specialist-office" not in tasks

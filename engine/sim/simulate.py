@@ -65,7 +65,7 @@ from engine.hl7v2.client import MllpClient, normalise
 from engine.ingest.fhir import resource_inbound
 from engine.model import MdnResult, OutboundMessage, SendReceipt
 from engine.sim.model import Model, Office, directory, parse_model
-from engine.sim.report import median_days, staff_and_automation
+from engine.sim.report import median_days, staff_and_automation, work_kind
 from engine.store import specialists as specialist_store
 from engine.store import views
 from engine.tracking.escalation import DAY, parse_duration
@@ -78,6 +78,7 @@ PATIENT_CHANNELS: Final = ("sms", "portal", "voice")
 AUTOMATED_VOICE: Final = "voice"  # the automated-call channel of the refloop run
 MAILED_LETTER: Final = "letter"  # the print-and-mail channel (escalation ``letter:``)
 _WORLD: Final = frozenset({"book", "visit", "report-sent", "staff"})  # generated referrals
+DECLINE_REASON: Final = "Not appropriate for this clinic"  # the office's stated reason
 
 
 # ---------------------------------------------------------------------------
@@ -541,6 +542,25 @@ def acceptance_message(plan: ReferralPlan, n: int, t: float) -> bytes:
     )
 
 
+def decline_message(plan: ReferralPlan, n: int, t: float) -> bytes:
+    """The office returns the referral: a 360X decline (OSU^O51, ORC-1 SC, ORC-5 CA) with
+    the reason in ORC-16 (routes.yaml ``osu-declined``)."""
+    return _message(
+        _msh("OSU^O51^OSU_O51", f"{plan.placer}-DCL", t, sender="SPEC", facility="SPECIALIST"),
+        _pid(plan, n),
+        _seg(
+            "ORC",
+            {
+                1: "SC",
+                2: f"{plan.placer}^CLINIC",
+                3: f"F-{plan.placer}",
+                5: "CA",
+                16: f"^{DECLINE_REASON}",
+            },
+        ),
+    )
+
+
 def report_message(plan: ReferralPlan, n: int, t: float) -> bytes:
     return _message(
         _msh("ORU^R01^ORU_R01", f"{plan.placer}-ORU", t, sender="SPEC", facility="SPECIALIST"),
@@ -574,6 +594,7 @@ class Send:
     channel: str
     kind: str
     provider_id: str
+    task: str = ""  # a coordinator task's template (its payload's ``task``)
 
 
 class SimulatedChannel:
@@ -597,8 +618,14 @@ class SimulatedChannel:
             and self.sim.scenario.referrals[index].fax_fails
         ):
             raise ChannelError("fax: the line did not answer", retryable=False)
+        task = ""
+        if item.payload:
+            try:
+                task = str(json.loads(item.payload).get("task") or "")
+            except (ValueError, AttributeError):
+                task = ""
         self.sim.sends.append(
-            Send(self.sim.clock.now(), rid, self.name, item.kind or "", provider_id)
+            Send(self.sim.clock.now(), rid, self.name, item.kind or "", provider_id, task)
         )
         return SendReceipt(item.outbox_id, item.idempotency_key, self.name, provider_id, "sent")
 
@@ -878,6 +905,8 @@ class Simulation:
                 self._at(now + plan.specialist.report, "report", h.plan_index)
         elif h.what == "accept":
             await self._send(mllp, acceptance_message(plan, n, now), engine)
+        elif h.what == "decline":
+            await self._send(mllp, decline_message(plan, n, now), engine)
         elif h.what == "report":
             await self._send(mllp, report_message(plan, n, now), engine)
         elif h.what == "yes":
@@ -981,8 +1010,10 @@ class Simulation:
                 return  # the fax never reached the office
             self._office_receives(index, send)
         elif send.channel in self.staff["channels"]:
-            # a person works the task within one to two working days
-            self._at(send.at + life.rng.uniform(0.5, 2) * DAY, "staff", index)
+            # a person works the task within one to two working days, doing the kind of
+            # work the task is costed as (docs/simulator.md, staff.tasks)
+            work = work_kind(self.staff, send.channel, send.task or send.kind)
+            self._at(send.at + life.rng.uniform(0.5, 2) * DAY, "staff", index, work=work)
         elif send.channel in PATIENT_CHANNELS or send.channel == MAILED_LETTER:
             # a mailed letter reads like a text or a portal message: a delivered nudge
             if send.channel == "sms" and plan.sms_fails:
@@ -1016,7 +1047,10 @@ class Simulation:
                 return
             life.logged = True
             after = life.rng.uniform(*sm.confirm_days) * DAY
-            if send.channel == "direct":
+            if plan.declined:
+                # the office returns the referral it will not see (a 360X decline)
+                self._at(send.at + after, "decline", index)
+            elif send.channel == "direct":
                 self._at(
                     send.at + after,
                     "mdn",
@@ -1068,7 +1102,7 @@ class Simulation:
             else:
                 life.report = "lost"
         elif h.what == "staff" and self._open(engine, plan):
-            self._staff_works(h.plan_index, plan, life, model, now)
+            self._staff_works(h.plan_index, plan, life, model, now, str(h.extra.get("work")))
 
     def _open(self, engine: Any, plan: ReferralPlan) -> bool:
         """A person works a task from the worklist: a closed referral needs nothing."""
@@ -1100,21 +1134,36 @@ class Simulation:
             self._at(now + life.rng.uniform(1, 42) * DAY, "book", index)
 
     def _staff_works(
-        self, index: int, plan: ReferralPlan, life: _Life, model: Model, now: float
+        self, index: int, plan: ReferralPlan, life: _Life, model: Model, now: float, work: str
     ) -> None:
-        """A person works a task on what the referral needs now: a patient not booked is
-        called (and booked when reached and willing); an office that never logged the
-        referral gets the packet by hand; a missing report is asked for."""
-        if not life.booked and not life.seen:
-            if plan.declined:
-                return
+        """A person works a task: the kind of work it is costed as (``staff.tasks``), on
+        the referral as it is now. A patient call calls a patient not booked (booked when
+        reached and willing); a letter is a delivered nudge; a fax by hand gets the packet
+        to an office that never logged the referral; an office call gets an unlogged
+        referral logged, or asks for a missing report; a review changes nothing in the
+        world. Any other work does what the referral needs first: the patient, then the
+        packet, then the report."""
+        waiting = not life.booked and not life.seen  # the patient has no visit ahead
+        if work not in _WORK:
+            work = (
+                "patient_call" if waiting else "fax_by_hand" if not life.logged else "office_call"
+            )
+        if work == "patient_call":
             pm = model.patient
-            if life.rng.random() < pm.phone_reach and life.rng.random() < pm.staff_call_books:
+            reached = waiting and not plan.declined and life.rng.random() < pm.phone_reach
+            if reached and life.rng.random() < pm.staff_call_books:
                 self._at(now + 3600, "book", index)
-        elif not life.logged:
+        elif work == "letter":
+            if waiting and not plan.declined:
+                life.nudges += 1
+                will_book = plan.patient.books_by_phone is not None
+                if model.nudge_books(life.rng, life.nudges, will_book):
+                    self._at(now + life.rng.uniform(0.2, 3) * DAY, "book", index)
+        elif work in ("fax_by_hand", "office_call") and not life.logged:
             life.logged = True
-            self._at(now + life.rng.uniform(*model.specialist.confirm_days) * DAY, "accept", index)
-        elif life.seen:
+            after = now + life.rng.uniform(*model.specialist.confirm_days) * DAY
+            self._at(after, "decline" if plan.declined else "accept", index)
+        elif work == "office_call" and life.seen:
             self._request_report(index, now)
 
     # -- output -------------------------------------------------------------------------
@@ -1193,6 +1242,9 @@ class Simulation:
         }
 
 
+# The kinds of work a person does as such (engine.sim.report.DEFAULT_STAFF's values);
+# any other kind (``default``) does what the referral needs first.
+_WORK: Final = frozenset({"patient_call", "letter", "fax_by_hand", "office_call", "review"})
 BASELINE_KEEP: Final = "coordinator_task"
 NEVER: Final = "520w"  # ten years: a step the baseline practice does not take
 
@@ -1212,6 +1264,7 @@ def baseline_escalation(section: Mapping[str, Any] | None) -> dict[str, Any]:
     out.pop("appointment_reminder", None)  # an automated reminder is automation too
     out.pop("notify", None)  # so are notices to the referring provider
     out.pop("letter", None)  # and letters a mailing service sends
+    out.pop("followup_letter", None)  # (which the 14-day letter needs)
     out["followup_call"] = False  # the practice's 14-day follow-up is a person's call
     return out
 

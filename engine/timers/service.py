@@ -22,8 +22,9 @@ docs/escalation.md has the state-by-state table):
 | outreach             | patient not booked              | one call + letter task (2)             |
 | attempt-close        | patient not booked              | close no-response (or a task: human)   |
 | specialist-followup  | specialist not confirmed        | 1: the packet again; 2: call-office task|
+|                      | (2: and the patient not booked) |                                        |
 | appointment-reminder | booked, SMS consent             | reminder SMS the day before (opt-in)   |
-| report-request       | booked or seen, no report       | report request by Direct, else fax     |
+| report-request       | booked or seen, no report       | report request by Direct, else fax (3) |
 | report-task          | booked or seen, no report       | "call for the report" task             |
 | direct-mdn-timeout   | specialist not confirmed        | the packet by e-fax, else a task       |
 
@@ -36,6 +37,8 @@ with no channels at all still has its patient contacted, by a person.
 (2) The built-in task queue keeps one open task per referral (a newer one supersedes the
 open one), so the 30-day outreach is ONE task ``outreach`` (call and letter); with a voice
 channel the call goes there and the task is the letter ``outreach-letter``.
+
+(3) ``report_requests`` of them (2 by default), ``report_repeat`` apart, then the task.
 
 Patient nudges respect the contact rules (local window, caps, business days): a nudge
 that may not go out now is moved to the next allowed moment instead.
@@ -273,6 +276,10 @@ class TimerService:
         if kind == "specialist-followup":
             if specialist_done:
                 return "moot", ""
+            if row.attempt > 1 and patient_booked:
+                # the patient is on the office's own schedule: the visit, then the
+                # automated report requests, come next; no one calls the office now
+                return "moot", "booked"
             return self._specialist(conn, row, referral, now)
         if kind == direct_flow.MDN_TIMEOUT_KIND:
             # no dispatched MDN in time (Direct delivery notification IG): fall back
@@ -291,7 +298,9 @@ class TimerService:
             if kind == "report-request":
                 return self._report_request(conn, row, referral, now)
             asked = referral_store.count_outbox(conn, referral.id, f"{referral.id}:report-request:")
-            why = _REASONS["report-task" if asked else "report-no-route"]
+            why = _REASONS["report-task" if asked else "report-no-route"].format(
+                n=self.policy.report_requests
+            )
             return "acted", self._task(conn, row, referral, "call-for-report", now, reason=why)
         # 14, 30 and 60 days of the not-booked branch (from the opening or the no-show):
         # a booked patient has a next step in the future, so nothing here is due
@@ -301,6 +310,10 @@ class TimerService:
             call = self.policy.followup_call and self._followup_call(conn, row, referral, now)
             if call:
                 return "acted", call
+            if self.policy.followup_letter and self.policy.letter:
+                # nothing may call the patient: the mailed letter is the machine's next
+                # step, and a person's call waits for the day-30 outreach
+                return "acted", f"letter:{self._mail_letter(conn, row, referral, now)}"
             self.tracker.apply_internal(
                 referral.id, states.InternalEvent("escalated", occurred_at=now), conn, actor="timer"
             )
@@ -344,17 +357,7 @@ class TimerService:
         task ``outreach`` (two would supersede each other in the queue)."""
         voice = self.policy.slot_channel("voice")
         if self.policy.letter:
-            payload = {
-                "referral_id": referral.id,
-                "kind": row.kind,
-                "attempt": row.attempt,
-                "subject": "Letter to the patient: please book the referral visit",
-            }
-            referral_store.enqueue_outbox(
-                conn, referral.id, self.policy.letter, OUTREACH_LETTER, canonical_json(payload),
-                referral_store.unused_key(conn, f"{referral.id}:{OUTREACH_LETTER}:{row.attempt}"),
-                now, now=now,
-            )  # fmt: skip
+            self._mail_letter(conn, row, referral, now)
             if voice is None:
                 return self._task(
                     conn, row, referral, "outreach-call", now, reason=_REASONS["outreach-call"]
@@ -374,6 +377,24 @@ class TimerService:
             channel=voice,
             reason=_REASONS["outreach-call"],
         )
+
+    def _mail_letter(
+        self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
+    ) -> str:
+        """The letter to the patient by the ``letter`` channel (a print-and-mail service);
+        returns the channel."""
+        payload = {
+            "referral_id": referral.id,
+            "kind": row.kind,
+            "attempt": row.attempt,
+            "subject": "Letter to the patient: please book the referral visit",
+        }
+        referral_store.enqueue_outbox(
+            conn, referral.id, self.policy.letter, OUTREACH_LETTER, canonical_json(payload),
+            referral_store.unused_key(conn, f"{referral.id}:{OUTREACH_LETTER}:{row.attempt}"),
+            now, now=now,
+        )  # fmt: skip
+        return self.policy.letter
 
     def _followup_call(
         self, conn: Conn, row: referral_store.TimerRow, referral: ReferralRow, now: float
@@ -432,14 +453,15 @@ class TimerService:
         human task follows, each ``report_repeat`` later. No way to send it: the task."""
         route = specialists.packet_route(conn, referral.details, served=self.policy.served)
         repeat = self._cadence(referral).offsets["report-repeat"]
+        last = self.policy.report_requests
         if route.channel == "task":
-            # nothing to send: the human task still waits as long as the two requests
+            # nothing to send: the human task still waits as long as the requests
             # would have (no task for a step whose time has not come)
-            self._next(conn, row, "report-task", 1, now + repeat * (3 - row.attempt))
+            self._next(conn, row, "report-task", 1, now + repeat * (last + 1 - row.attempt))
             return "acted", "request:none"
         body = (
             f"Please send the consult note for referral {referral.placer_number}. "
-            f"This is automated request {row.attempt} of 2."
+            f"This is automated request {row.attempt} of {last}."
         )
         payload = {
             "referral_id": referral.id,
@@ -454,7 +476,7 @@ class TimerService:
             referral_store.unused_key(conn, f"{referral.id}:report-request:{row.attempt}"),
             now, now=now,
         )  # fmt: skip
-        nxt = ("report-request", 2) if row.attempt < 2 else ("report-task", 1)
+        nxt = ("report-request", row.attempt + 1) if row.attempt < last else ("report-task", 1)
         self._next(conn, row, nxt[0], nxt[1], now + repeat)
         return "acted", f"request:{route.channel}"
 
@@ -651,8 +673,8 @@ _REASONS: Final = {
     "attempt-close": "not booked after 60 days: decide whether to close the referral",
     "specialist": "the specialist office has not confirmed the referral (not confirmed "
     "7 days after the packet was sent again)",
-    "report-task": "no consult note after the visit and two automated report requests",
-    "report-no-route": "no consult note after the visit (waited as long as two automated "
+    "report-task": "no consult note after the visit and {n} automated report requests",
+    "report-no-route": "no consult note after the visit (waited as long as {n} automated "
     "requests would have), and no Direct address or fax number to request it",
 }
 

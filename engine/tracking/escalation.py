@@ -17,8 +17,10 @@ Default cadence (overridable per specialty category and per priority in ``routes
 | patient     | attempt-close        | 60 d                         | patient not booked       |
 | referral    | specialist-followup  | 7 d (resend), +7 d (task)    | specialist not confirmed |
 | appointment | appointment-reminder | 1 d before the visit (opt-in)| still booked             |
-| appointment | report-request       | visit + 3 d, then +7 d       | no report                |
-| appointment | report-task          | +7 d after the 2nd request   | no report                |
+| appointment | report-request       | visit + 3 d, then every +7 d | no report                |
+| appointment | report-task          | +7 d after the last request  | no report                |
+
+(``report_requests`` automated requests, 2 by default, before the report task.)
 """
 
 from __future__ import annotations
@@ -167,6 +169,13 @@ class Policy:
     # Day 14, not booked: an automated call where one may be placed (a voice channel,
     # consent, a number not suppressed) instead of the coordinator task (True).
     followup_call: bool = True
+    # Day 14, not booked, no automated call possible: the letter by the ``letter``
+    # channel instead of the coordinator task; a person's call then waits for the
+    # day-30 outreach (True).
+    followup_letter: bool = False
+    # How many automated report requests go to the office (``report_repeat`` apart)
+    # before the ``call-for-report`` task.
+    report_requests: int = 2
     # Rotation slot -> the configured channel serving it (engine.routing.channels.
     # rotation_slots); None: every slot is a channel of its own name. A ``voice`` slot
     # no channel serves is a "call the patient" coordinator task (the built-in queue).
@@ -374,6 +383,8 @@ def policy_from_section(
       packet_task: true            # a task when the packet cannot be sent at all
       nudge_call_task: false       # a nudge nothing automated can deliver: no task
       followup_call: true          # day 14: an automated call before any coordinator task
+      followup_letter: false       # day 14, no call possible: the mailed letter, not a task
+      report_requests: 2           # automated report requests before the call-for-report task
       on_close: close            # or: human
       rotation: [sms, portal, voice]
       specialties: {cardiology: {second_nudge: 5d}}
@@ -419,6 +430,10 @@ def policy_from_section(
     packet_task = r.flag("packet_task", True)
     nudge_call_task = r.flag("nudge_call_task", False)
     followup_call = r.flag("followup_call", True)
+    followup_letter = r.flag("followup_letter", False)
+    if followup_letter and not letter:
+        r.fail("followup_letter", "needs `letter:`, the channel that mails the letter")
+    report_requests = r.integer("report_requests", 2, lo=1, hi=10)
     r.done()
     return Policy(
         default=default,
@@ -432,6 +447,8 @@ def policy_from_section(
         packet_task=packet_task,
         nudge_call_task=nudge_call_task,
         followup_call=followup_call,
+        followup_letter=followup_letter,
+        report_requests=report_requests,
     )
 
 
