@@ -316,8 +316,6 @@ class Engine:
             processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
             if self.role == "worker":  # a core of its own: step aside just long enough
                 processor.pause_share = 0.0
-                if self.db.dialect == "sqlite":  # take the gaps between the daemon's commits
-                    self.db.spin_writes(0.0002)
             return processor
         from engine.supervisor import RemoteProcessor, worker_command
 

@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol
 
@@ -237,12 +236,6 @@ class Database:
         self.path = path
         self.synchronous = synchronous
         self._level = synchronous
-        # > 0: the connection has no busy timeout and BEGIN IMMEDIATE is tried again every
-        # ``spin`` seconds for up to ``spin_limit`` while another connection writes (the
-        # processing worker: SQLite's busy handler sleeps 1, 2, 5, 10 ms between tries and
-        # so lost most of the gaps between the daemon's group commits)
-        self.spin = 0.0
-        self.spin_limit = 5.0
 
     def durability(self, *, durable: bool) -> None:
         """The level of the next commits outside :meth:`transaction` (a statement that
@@ -287,10 +280,7 @@ class Database:
         """
         conn = self.conn
         self._sync(durable)
-        if self.spin:
-            self._begin_spinning()
-        else:
-            conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
             conn.execute("COMMIT")
@@ -298,23 +288,6 @@ class Database:
             if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                 conn.execute("ROLLBACK")
             raise
-
-    def spin_writes(self, every: float, limit: float = 5.0) -> None:
-        """Take the write lock by retrying BEGIN IMMEDIATE every ``every`` seconds (up to
-        ``limit``) instead of SQLite's sleeping busy handler (see :attr:`spin`)."""
-        self.conn.execute("PRAGMA busy_timeout = 0")
-        self.spin, self.spin_limit = every, limit
-
-    def _begin_spinning(self) -> None:
-        started = time.perf_counter()
-        while True:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if fault_kind(exc) != "locked" or time.perf_counter() - started > self.spin_limit:
-                    raise
-                time.sleep(self.spin)
 
     def get_meta(self, key: str, default: str = "") -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
