@@ -1131,6 +1131,41 @@ def processing_lag(server: RunningServer) -> int | None:
     return None
 
 
+def writer_wait(server: RunningServer) -> str | None:
+    """``refloop_inbox_writer_wait_seconds`` from the daemon's /metrics: how long its group
+    commits waited for SQLite's write lock (held by the processing worker's slices)."""
+    if server.http_port is None:
+        return None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://{HOST}:{server.http_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    name = "refloop_inbox_writer_wait_seconds"
+    buckets: dict[str, float] = {}
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count "):
+            count = float(line.split()[1])
+        elif line.startswith(name + "_sum "):
+            total = float(line.split()[1])
+    if not count:
+        return None
+    shares = ", ".join(
+        f"<= {float(le) * 1000:g} ms {100 * buckets[le] / count:.1f} %"
+        for le in ("0.0005", "0.002", "0.005", "0.01")
+        if le in buckets
+    )
+    return (
+        f"refloop inbox writer, wait for the SQLite write lock per group commit "
+        f"({int(count)} commits): mean {1000 * total / count:.3f} ms; {shares}"
+    )
+
+
 def wait_caught_up(server: RunningServer, limit_s: float) -> tuple[int | None, float]:
     """Poll the lag until it is 0 or ``limit_s`` passed: (last lag, seconds waited)."""
     started = time.monotonic()
@@ -1521,6 +1556,7 @@ def bench_main(argv: Sequence[str]) -> int:
     results: list[CellResult] = []
     sql_stats: list[SqlStats] = []
     sustain: dict[str, Any] | None = None
+    lock_wait: str | None = None
     load_before = os.getloadavg()
     unavailable: dict[str, str] = {}
     client_failed = interrupted = False
@@ -1566,6 +1602,8 @@ def bench_main(argv: Sequence[str]) -> int:
                     unavailable[label] = str(exc)
                     _progress(f"{label}: {exc}")
                 finally:
+                    if name == "refloop":
+                        lock_wait = writer_wait(server)
                     stop_server(server.proc)
                     stats = read_sql_stats(server, workdir)
                     if stats is not None:
@@ -1580,6 +1618,8 @@ def bench_main(argv: Sequence[str]) -> int:
         print("\n" + render_sql(sql_stats))
     if sustain is not None:
         print("\n" + render_sustain(sustain))
+    if lock_wait is not None:
+        print("\n" + lock_wait)
     print(
         "\nload average (1/5/15 min) at the start: "
         + " / ".join(f"{x:.2f}" for x in load_before)

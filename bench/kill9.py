@@ -1,6 +1,14 @@
 """kill -9 under load: N trials against the real ``refloop run``, each checking that no
 ACKed message was lost, none was stored twice, and the audit chain verifies.
 
+``--target`` picks what each trial kills (issue 18: processing runs in a worker process
+that the daemon supervises): ``listener`` (the daemon's own process: the worker stops by
+itself when its socket closes), ``worker`` (the daemon keeps ACKing and starts a new
+worker), ``both`` (the two at the same instant), or ``mix`` (the three in turn). At the
+end, once processing has caught up, every message must have been processed exactly once
+(one ``referral_events`` row per message) and the end state of every referral must equal
+that of a run of the same messages without kills (``--no-reference`` skips that run).
+
 What it does
     Starts ``refloop run`` (the repo's routes.yaml, so REF^I12 referrals are tracked and
     the audit log grows with them) on a fresh state directory. Each trial: 8 connections
@@ -101,8 +109,32 @@ class Daemon:
             time.sleep(0.02)  # polling readiness, bounded by the deadline
         raise SystemExit("daemon did not become ready")
 
-    def kill9(self) -> None:
+    def worker(self) -> int:
+        """The pid of the daemon's processing worker (its child running engine.worker)."""
         assert self.proc is not None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.proc.pid and (
+                b"engine.worker" in cmdline
+            ):
+                return int(entry)
+        return 0
+
+    def kill9(self, target: str = "listener") -> None:
+        assert self.proc is not None
+        worker = self.worker() if target in ("worker", "both") else 0
+        if target == "worker":
+            if worker:
+                os.kill(worker, signal.SIGKILL)
+            return  # the daemon goes on and starts a new worker
+        if worker:
+            os.kill(worker, signal.SIGKILL)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
@@ -115,7 +147,11 @@ class Daemon:
 
 
 async def stream(
-    port: int, messages: dict[str, bytes], kill_after: int | None, daemon: Daemon
+    port: int,
+    messages: dict[str, bytes],
+    kill_after: int | None,
+    daemon: Daemon,
+    target: str = "listener",
 ) -> set[str]:
     """Send ``messages`` over CONNECTIONS pipelined connections; the control ids answered
     AA. With ``kill_after``, SIGKILL the daemon once that many ACKs came back."""
@@ -151,7 +187,7 @@ async def stream(
                     acked.add(cid)
                 if kill_after is not None and len(acked) >= kill_after and not killed:
                     killed = True
-                    daemon.kill9()
+                    daemon.kill9(target)
         except OSError:
             pass  # killed under us: what was not ACKed is sent again after the restart
         finally:
@@ -188,6 +224,59 @@ def account(
     return lost, duplicates, differ
 
 
+def wait_processed(db: Path, timeout: float = 1800.0) -> int:
+    """Wait until no row is left ``received``; how many are left at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            left = int(
+                conn.execute("SELECT count(*) FROM messages WHERE status = 'received'").fetchone()[
+                    0
+                ]
+            )
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def end_state(db: Path) -> dict[str, tuple[object, ...]]:
+    """Per message (control id): its status and route, how many times it was applied to a
+    referral (``referral_events`` rows naming it: 1 = processed once), and its referral's
+    status, events, timers by kind and outbox rows by template — no times, no ids."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        rows = conn.execute(
+            "SELECT m.control_id, m.status, m.route, "
+            "(SELECT count(*) FROM referral_events e WHERE e.message_id = m.id), "
+            "r.status, "
+            "(SELECT group_concat(kind) FROM (SELECT kind FROM referral_events "
+            " WHERE referral_id = r.id ORDER BY kind)), "
+            "(SELECT group_concat(kind) FROM (SELECT kind FROM timers "
+            " WHERE referral_id = r.id ORDER BY kind)), "
+            "(SELECT group_concat(template) FROM (SELECT template FROM outbox "
+            " WHERE referral_id = r.id ORDER BY template)) "
+            "FROM messages m LEFT JOIN referrals r ON r.placer_number = m.control_id"
+        ).fetchall()
+    return {str(r[0]): tuple(r[1:]) for r in rows}
+
+
+def reference_state(messages: dict[str, bytes], tmp: Path) -> dict[str, tuple[object, ...]]:
+    """The same messages through a daemon that is never killed."""
+    state = tmp / "reference"
+    daemon = Daemon(state, tmp / "reference.log")
+    daemon.start()
+    try:
+        acked = asyncio.run(stream(daemon.mllp, messages, None, daemon))
+        if acked != set(messages):
+            raise SystemExit(f"reference run: {len(messages) - len(acked)} not ACKed AA")
+        if wait_processed(state / "refloop.db"):
+            raise SystemExit("reference run: processing did not catch up")
+    finally:
+        daemon.stop()
+    return end_state(state / "refloop.db")
+
+
 def audit_verify(state: Path) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "engine.cli", "audit", "verify", "--state", str(state),
@@ -201,6 +290,7 @@ def audit_verify(state: Path) -> str:
 @dataclass
 class Trial:
     trial: int
+    killed: str
     acked: int
     stored: int
     acked_lost: int
@@ -217,7 +307,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=3000, help="per trial")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument(
+        "--target",
+        choices=("listener", "worker", "both", "mix"),
+        default="mix",
+        help="what each trial kills (mix: listener, worker, both in turn)",
+    )
+    ap.add_argument(
+        "--no-reference", action="store_true", help="skip the run without kills at the end"
+    )
     args = ap.parse_args(argv)
+    targets = ("listener", "worker", "both")
     rng = random.Random(args.seed)
     rows: list[Trial] = []
     sent: dict[str, bytes] = {}
@@ -227,21 +327,24 @@ def main(argv: list[str] | None = None) -> int:
         daemon.start()
         print(
             f"kill9: {args.trials} trials of {args.messages} REF^I12 messages on "
-            f"{CONNECTIONS} connections ({WINDOW} in flight each), seed {args.seed}"
+            f"{CONNECTIONS} connections ({WINDOW} in flight each), seed {args.seed}, "
+            f"killing {args.target}"
         )
         print(
-            f"{'trial':>5} {'acked':>6} {'stored':>6} {'lost':>5} {'dup':>4} {'bytes':>5} "
-            f"{'integrity':>9} {'ready s':>7}  audit"
+            f"{'trial':>5} {'killed':>8} {'acked':>6} {'stored':>6} {'lost':>5} {'dup':>4} "
+            f"{'bytes':>5} {'integrity':>9} {'ready s':>7}  audit"
         )
         for t in range(1, args.trials + 1):
             messages = dict(referral(t, i, rng) for i in range(args.messages))
             sent.update(messages)
             kill_after = rng.randint(args.messages // 10, args.messages * 8 // 10)
-            acked = asyncio.run(stream(daemon.mllp, messages, kill_after, daemon))
+            target = targets[(t - 1) % 3] if args.target == "mix" else args.target
+            acked = asyncio.run(stream(daemon.mllp, messages, kill_after, daemon, target))
             counts, raws, integrity = read_back(state / "refloop.db")
             lost, dups, differ = account(acked, sent, counts, raws)
             row = Trial(
                 trial=t,
+                killed=target,
                 acked=len(acked),
                 stored=sum(1 for c in messages if c in counts),
                 acked_lost=lost,
@@ -249,12 +352,13 @@ def main(argv: list[str] | None = None) -> int:
                 bytes_differ=differ,
                 integrity=integrity,
                 audit=audit_verify(state),
-                ready_again_s=round(daemon.start(), 2),
+                ready_again_s=round(daemon.start() if target != "worker" else 0.0, 2),
             )
             rows.append(row)
             print(
-                f"{row.trial:5d} {row.acked:6d} {row.stored:6d} {row.acked_lost:5d} "
-                f"{row.duplicate_rows:4d} {row.bytes_differ:5d} {row.integrity:>9} "
+                f"{row.trial:5d} {row.killed:>8} {row.acked:6d} {row.stored:6d} "
+                f"{row.acked_lost:5d} {row.duplicate_rows:4d} {row.bytes_differ:5d} "
+                f"{row.integrity:>9} "
                 f"{row.ready_again_s:7.2f}  {row.audit}",
                 flush=True,
             )
@@ -262,9 +366,19 @@ def main(argv: list[str] | None = None) -> int:
             resent = asyncio.run(stream(daemon.mllp, rest, None, daemon))
             if resent != set(rest):
                 raise SystemExit(f"trial {t}: {len(rest) - len(resent)} resends not ACKed AA")
+        left = wait_processed(state / "refloop.db")
         exit_code = daemon.stop()
         counts, raws, integrity = read_back(state / "refloop.db")
         final_audit = audit_verify(state)
+        ended = end_state(state / "refloop.db")
+        processed_once = not left and all(v[2] == 1 for v in ended.values())
+        reference = None if args.no_reference else reference_state(sent, Path(tmp))
+        same_end = reference is None or reference == ended
+        if reference is not None and not same_end:
+            differ_ids = [c for c in sent if reference.get(c) != ended.get(c)]
+            print(f"end states differ for {len(differ_ids)} messages, e.g. {differ_ids[:3]}")
+            for c in differ_ids[:3]:
+                print(f"  {c}: killed run {ended.get(c)}, reference {reference.get(c)}")
     every_once = all(counts.get(c) == 1 for c in sent) and len(counts) == len(sent)
     ok = (
         all(
@@ -276,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         )
         and every_once
+        and processed_once
+        and same_end
         and exit_code == 0
         and integrity == "ok"
         and not final_audit.startswith("FAILED")
@@ -283,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"end: {len(sent)} messages sent, each stored exactly once: {every_once}; "
         f"integrity {integrity}; {final_audit}; clean stop exit {exit_code}"
+    )
+    print(
+        f"processed exactly once: {processed_once} ({left} left unprocessed); end states "
+        + (
+            "not compared (--no-reference)"
+            if reference is None
+            else f"equal to a run without kills: {same_end}"
+        )
     )
     print(f"verdict: {'ok' if ok else 'FAILED'}")
     if args.json:
@@ -292,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                     "trials": [r.__dict__ for r in rows],
                     "messages": len(sent),
                     "every_message_once": every_once,
+                    "processed_once": processed_once,
+                    "same_end_state": same_end,
                     "final_audit": final_audit,
                     "ok": ok,
                 },

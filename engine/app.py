@@ -37,6 +37,7 @@ from engine.store.backup import StateLock
 from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
 from engine.store.retention import Tally
+from engine.supervisor import worker_state
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
 from engine.web.server import HttpServer
@@ -148,6 +149,11 @@ class Engine:
     table: RouteTable | None = None  # ``config`` compiled (refloop run has); else at start
     prune_first_run: float = 60.0  # seconds from start to the first retention run
     store: str = ""  # ``refloop run --store``: overrides routes.yaml's store.url
+    # where processing runs (docs/architecture.md, "Processes"): ``all`` in this process
+    # (tests, the simulator, ``processing.workers: 0``); ``listener`` starts and supervises
+    # a worker process for it (``refloop run``); ``worker`` is that process
+    # (engine.worker): processor, dispatcher and timers, no listeners, no HTTP.
+    role: str = "all"
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry or CollectorRegistry())
@@ -177,6 +183,7 @@ class Engine:
         self.membership: Membership | None = None  # None: not background (the simulator)
         self.pruner: Pruner | None = None
         self.listener: Listener | None = None  # PostgreSQL only (engine.store.notify)
+        self.before_close: Callable[[], None] | None = None  # stop(): just before the store closes
 
     @property
     def db_path(self) -> str:
@@ -185,7 +192,10 @@ class Engine:
 
     def is_ready(self) -> bool:
         """``/readyz``: the listeners accept and the store takes the engine's commits (the
-        inbox's, processing's and the outbox dispatcher's last ones succeeded)."""
+        inbox's, processing's and the outbox dispatcher's last ones succeeded; with a
+        worker process, the faults it reports). The worker's being up is reported beside
+        it (:meth:`ready_details`), not part of it: ACKs (``on-commit``) go on while it
+        restarts, and the backlog waits ``received``."""
         return self.ready and not self._store_fault()
 
     def not_ready(self) -> str:
@@ -199,10 +209,20 @@ class Engine:
         commit, "" once one succeeds again)."""
         if self.inbox is not None and self.inbox.fault:
             return f"store-error: {self.inbox.fault}"
-        for stage, source in (("processing", self.processor), ("dispatch", self.dispatcher)):
-            if source is not None and source.fault:
-                return f"store-error: {source.fault} ({stage})"
+        dispatch = self.dispatcher.fault if self.dispatcher is not None else ""
+        # with a worker process its dispatcher is the one that runs: the fault it reports
+        dispatch = getattr(self.processor, "dispatch_fault", dispatch)
+        processing = self.processor.fault if self.processor is not None else ""
+        for stage, fault in (("processing", processing), ("dispatch", dispatch)):
+            if fault:
+                return f"store-error: {fault} ({stage})"
         return ""
+
+    def ready_details(self) -> dict[str, str]:
+        """``/readyz``'s ``worker``: ``up`` or ``down`` (starting, restarting, stopped)
+        with a processing worker process; nothing when processing runs here."""
+        state = worker_state(self.processor)
+        return {"worker": state} if state else {}
 
     def ports(self) -> dict[str, int]:
         """Bound ports by source name, plus ``http``."""
@@ -216,43 +236,55 @@ class Engine:
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cfg = self.config.store
-        if not is_postgres_url(self.db_path):  # a restore replaces the file: not under us
+        worker = self.role == "worker"
+        if not is_postgres_url(self.db_path) and not worker:  # a restore replaces the file
             self.state_lock = StateLock(Path(self.db_path))
             self.state_lock.shared()
         self.db = open_database(
             self.db_path, synchronous=cfg.synchronous, pool=(cfg.pool_min, cfg.pool_max)
         )
         log.info("store: %s", self.db.location)
-        if self.background:
+        if self.background and not worker:
             self.membership = self._membership()
             self.membership.check_id()  # before anything listens
         self.inbox = Inbox(self.db)
-        self.metrics.inbox_rows.set(self.inbox.rows)
         inbox = self.inbox
-        inbox.on_fault = lambda kind: self.metrics.store_errors.labels("inbox", kind).inc()
-        self.metrics.watch_inbox_commits(lambda: inbox.commits)
-        db = self.db
-        self.metrics.watch_closure_ratio(lambda now: closure_ratios(db.conn, now), self.clock.now)
+        if not worker:
+            self.metrics.inbox_rows.set(self.inbox.rows)
+            inbox.on_fault = lambda kind: self.metrics.store_errors.labels("inbox", kind).inc()
+            inbox.on_wait = self.metrics.inbox_writer_wait.observe
+            self.metrics.watch_inbox_commits(lambda: inbox.commits)
+            db = self.db
+            self.metrics.watch_closure_ratio(
+                lambda now: closure_ratios(db.conn, now), self.clock.now
+            )
         table = self._compiled(self.config)  # the one compile of this start
         if self.tracker is None and "routes" in self.config.sections:
             self.tracker = self._make_tracker(table)
         handler = self._make_handler(self.config, table)
-        self.processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
-        self.tasks.writer = asyncio.create_task(self.inbox.run_writer(), name="inbox-writer")
+        self.processor = self._make_processor(handler)
+        if not worker:
+            self.tasks.writer = asyncio.create_task(self.inbox.run_writer(), name="inbox-writer")
         self.tasks.processor = asyncio.create_task(self.processor.run(), name="processor")
         self._make_pollers()
         dispatcher = self._build_outbox(table)
-        if self.tracker is not None:
+        if self.tracker is not None and self.role != "listener":
             self._make_timers(table)
-        dispatcher.refresh_metrics()  # every channel's gauges exist (0) before a scrape
-        self._watch_health(dispatcher)
-        if self.background:
+        if self.role != "listener":  # the worker's dispatcher keeps the outbox gauges
+            dispatcher.refresh_metrics()  # every channel's gauges exist (0) before a scrape
+        if not worker:
+            self._watch_health(dispatcher)
+        if self.background and self.role != "listener":
             self.tasks.dispatch = asyncio.create_task(dispatcher.run(), name="dispatch")
         self.processor.after_commit = self._wake_dispatcher
         self.processor.idle_poll = cfg.poll_seconds
         self.processor.waiter_poll = cfg.poll_seconds / 5
         if self.background and is_postgres_url(self.db_path):
+            # each process LISTENs: the worker is woken by other nodes' received rows,
+            # the listener's ACK waiters by other nodes' processed ones
             self._listen()
+        if worker:
+            return  # no listeners, no HTTP, no cluster membership: engine.worker talks
         if self.config.http.enabled:
             self.auth = Auth(self.db, self.clock)
             self.http = HttpServer(
@@ -262,6 +294,7 @@ class Engine:
                 reload=self.reload,
                 authenticate=self.auth.from_token,
                 not_ready=self.not_ready,
+                ready_details=self.ready_details,
             )
             self._mount_ui(self.http)
             SubscriptionHooks(self.pollers).register(self.http.app)
@@ -284,6 +317,35 @@ class Engine:
         if self.background:
             self.pruner = self._make_pruner()
             self.tasks.pruner = asyncio.create_task(self.pruner.run(), name="pruner")
+
+    def _make_processor(self, handler: Handler) -> Processor:
+        """Processing here, or (``role`` listener) the supervisor of the worker process
+        that runs it (engine.supervisor)."""
+        assert self.db is not None and self.inbox is not None
+        if self.role != "listener":
+            processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
+            if self.role == "worker":  # a core of its own: step aside just long enough
+                processor.pause_share = 0.0
+            return processor
+        from engine.supervisor import RemoteProcessor, worker_command
+
+        command = worker_command(
+            self.config.file,
+            self.state_dir,
+            self.store,
+            logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        )
+        remote = RemoteProcessor(
+            self.db,
+            self.inbox,
+            handler,
+            self.clock,
+            self.metrics,
+            command,
+            drain_seconds=self.drain_seconds,
+        )
+        self.metrics.before_scrape = remote.refresh
+        return remote
 
     def _make_pruner(self) -> Pruner:
         """Retention in the daemon: the policy of the routes.yaml running (reloads apply
@@ -479,6 +541,11 @@ class Engine:
         renderer = self._renderer(table, specs)
         rotation = Rotation.from_channels(table.escalation, table.channels)
         self.dispatcher = self._dispatcher(table, channels, renderer, rotation)
+        if self.role == "listener":  # the worker sends: webhooks and the dashboard wake it
+            from engine.supervisor import RemoteProcessor
+
+            assert isinstance(self.processor, RemoteProcessor)
+            self.dispatcher.wake = self.processor.wake_dispatcher  # type: ignore[method-assign]
         self.hooks = self._hooks(table, renderer, rotation, self.dispatcher)
         return self.dispatcher
 
@@ -710,6 +777,10 @@ class Engine:
                 loaded = self.timers.resume()
                 log.info("timers: %d due within the next hour", loaded)
             self.tasks.timers = asyncio.create_task(self.timers.run(), name="timers")
+        set_timers = getattr(self.processor, "set_timers", None)
+        if set_timers is not None:  # the worker process runs the timer wheel, fenced
+            holder = self.membership.node_id if self.membership is not None else ""
+            set_timers(True, (holder, token) if holder else None)
 
     async def _stop_leased(self) -> None:
         """This node lost (or gives up) the singletons lease: stop the leased work."""
@@ -718,6 +789,9 @@ class Engine:
         self._imap_stop.set()
         if self.timers is not None:
             self.timers.stop()  # a firing timer finishes its transaction
+        set_timers = getattr(self.processor, "set_timers", None)
+        if set_timers is not None:
+            set_timers(False)
         await _drain(self.tasks.fhir, self.drain_seconds)
         await _drain(self.tasks.direct_imap, self.drain_seconds)
         if self.tasks.timers is not None:
@@ -769,6 +843,9 @@ class Engine:
             log.warning("reload: %s changes take effect on restart", ", ".join(stale))
             self._warn_unserved(table)
         self.processor.handler = handler  # one assignment: the next message sees it
+        forward = getattr(self.processor, "reload", None)
+        if forward is not None:  # the worker process reads and compiles it too
+            forward()
         self.routes_config = config
         if self.membership is not None:
             self.membership.set_config(routes_fingerprint(config.sections))
@@ -795,6 +872,8 @@ class Engine:
         self._draining = True
         sd_notify("STOPPING=1")
         for step in STOP_ORDER:
+            if step == "database" and self.before_close is not None:
+                self.before_close()  # the worker's last metrics snapshot reads the store
             await getattr(self, f"_stop_{step}")()
         self._stopped.set()
         log.info("stopped")
@@ -918,6 +997,7 @@ def _restart_sections(running: Config, new: Config) -> list[str]:
             ("store", running.store, new.store),
             ("http", running.http, new.http),
             ("sources", (running.sources, running.fhir_sources), (new.sources, new.fhir_sources)),
+            ("processing", running.processing, new.processing),
         )
         if a != b
     ]

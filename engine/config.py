@@ -39,6 +39,7 @@ TOP_LEVEL: Final = (
     "escalation",
     "practice",
     "retention",
+    "processing",
 )
 
 _SUBST = re.compile(r"\$\{(?:(env|file):)?([^}:]+?)(?::-([^}]*))?\}")
@@ -483,6 +484,15 @@ class RetentionConfig:
     batch: int = 200  # most rows one pruning transaction touches
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessingConfig:
+    """``processing:``: where routes and the tracker run (docs/architecture.md,
+    "Processes"). ``workers: 1`` (the default) runs them in a worker process that
+    ``refloop run`` starts and supervises; ``0`` in the daemon's own event loop."""
+
+    workers: int = 1
+
+
 RETENTION_PERIODS: Final = (
     "closed_referral_days",
     "unreferred_days",
@@ -519,6 +529,7 @@ class Config:
     env: Mapping[str, str] | None = None
     fhir_sources: tuple[FhirSource, ...] = ()
     retention: RetentionConfig = RetentionConfig()
+    processing: ProcessingConfig = ProcessingConfig()
 
     def source(self, name: str) -> MllpSource:
         for s in self.sources:
@@ -549,6 +560,9 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
     store = _store(top.child("store")) if top.has("store") else StoreConfig()
     http = _http(top.child("http")) if top.has("http") else HttpConfig()
     retention = _retention(top.child("retention")) if top.has("retention") else RetentionConfig()
+    processing = (
+        _processing(top.child("processing")) if top.has("processing") else ProcessingConfig()
+    )
     sources, fhir_sources = _sources(top, problems)
     sections: dict[str, Section] = {}
     for name in ("routes", "tables", "channels", "escalation", "practice"):
@@ -567,7 +581,14 @@ def loads(text: str, *, file: str = "routes.yaml", env: Mapping[str, str] | None
         env=env,
         fhir_sources=fhir_sources,
         retention=retention,
+        processing=processing,
     )
+
+
+def _processing(r: Reader) -> ProcessingConfig:
+    cfg = ProcessingConfig(workers=r.integer("workers", 1, lo=0, hi=1))
+    r.done()
+    return cfg
 
 
 def _retention(r: Reader) -> RetentionConfig:

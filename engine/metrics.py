@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -40,6 +40,18 @@ LATENCY_BUCKETS: Final = (
 OTHER: Final = "other"
 LABEL_CACHE: Final = 4096  # codes remembered by TypeLabels (a spray of codes: cleared)
 STORE_READ_SECONDS: Final = 5.0  # how long a scrape's worker waits for a store read
+
+
+class _Merged:
+    """A registry's families passed through ``merge`` at collect time (for
+    ``generate_latest``, which only calls ``collect``)."""
+
+    def __init__(self, registry: CollectorRegistry, merge: Callable[[list[Metric]], list[Metric]]):
+        self.registry = registry
+        self.merge = merge
+
+    def collect(self) -> Iterable[Metric]:
+        return self.merge(list(self.registry.collect()))
 
 
 class TypeLabels:
@@ -135,6 +147,10 @@ class Metrics:
         self.registry = registry
         self.type_labels = TypeLabels()  # until the routes name their types: all "other"
         self._scrape = asyncio.Lock()  # one exposition at a time, however many scrapers
+        # the processing worker's figures folded into the exposition (engine.supervisor):
+        # this process's families in, the merged families out
+        self.merge: Callable[[list[Metric]], list[Metric]] | None = None
+        self.before_scrape: Callable[[], Awaitable[None]] | None = None  # fetch them first
         self.messages_received = Counter(
             "refloop_messages_received_total",
             "Messages received and stored, by source and message type.",
@@ -188,6 +204,24 @@ class Metrics:
         self.processing_lag = Gauge(
             "refloop_processing_lag_messages",
             "Stored messages not yet processed.",
+            registry=registry,
+        )
+        self.worker_up = Gauge(
+            "refloop_worker_up",
+            "1 while the processing worker process is running and connected (0: down or "
+            "restarting; absent with processing.workers 0).",
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "refloop_worker_restarts_total",
+            "Times the processing worker process exited unexpectedly and was started again.",
+            registry=registry,
+        )
+        self.inbox_writer_wait = Histogram(
+            "refloop_inbox_writer_wait_seconds",
+            "How long each inbox group commit waited for SQLite's write lock (held by "
+            "processing, the dispatcher or another process).",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.processed = Counter(
@@ -377,8 +411,11 @@ class Metrics:
         """The Prometheus text exposition, generated in a worker thread so that a scrape
         does not hold up ACKs; scrapes take turns (one thread at a time)."""
         async with self._scrape:
+            if self.before_scrape is not None:
+                await self.before_scrape()
             _SCRAPE_LOOP.set(asyncio.get_running_loop())
-            return await asyncio.to_thread(generate_latest, self.registry)
+            source = self.registry if self.merge is None else _Merged(self.registry, self.merge)
+            return await asyncio.to_thread(generate_latest, source)
 
     def watch_inbox_commits(self, commits: Callable[[], int]) -> None:
         """Export ``refloop_inbox_commits_total`` from ``commits()`` (the inbox writer's

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -409,9 +410,28 @@ class Daemon:
                 stderr=self._log,
             )
             if self._wait_ready(timeout):
+                self.wait_worker(max(timeout, 60.0))
                 return
             self.kill()
         raise AssertionError(f"daemon did not become ready; log:\n{self.log_tail()}")
+
+    def wait_worker(self, timeout: float = 60.0) -> None:
+        """Wait until /readyz says the processing worker is up (docs/architecture.md,
+        "Processes": readiness does not wait for it, a test that expects its messages
+        processed does); at once when processing runs in the daemon."""
+        deadline = time.monotonic() + timeout
+        url = f"http://{HOST}:{self.http}/readyz"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    if json.loads(resp.read()).get("worker", "up") == "up":
+                        return
+            except urllib.error.HTTPError as exc:
+                exc.close()
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)  # polling, bounded by the deadline
+        raise AssertionError(f"the processing worker did not come up; log:\n{self.log_tail()}")
 
     def _wait_ready(self, timeout: float) -> bool:
         assert self.proc is not None

@@ -45,7 +45,7 @@ def test_kill9_short_run_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "kill9.json"
     proc = bench(
         "bench/kill9.py", "--trials", "3", "--messages", "1500", "--seed", "5", "--json", str(out)
-    )
+    )  # --target mix: the listener, the worker, both (issue 18)
     printed = proc.stdout.decode()
     assert out.exists(), printed + proc.stderr.decode()
     result = json.loads(out.read_text())
@@ -57,7 +57,10 @@ def test_kill9_short_run_loses_nothing(tmp_path: Path) -> None:
         assert trial["bytes_differ"] == 0, trial
         assert trial["integrity"] == "ok", trial
         assert trial["audit"].startswith("audit log ok"), trial
+    assert [t["killed"] for t in result["trials"]] == ["listener", "worker", "both"]
     assert result["every_message_once"] and result["messages"] == 4500
+    assert result["processed_once"], printed  # one referral event per message
+    assert result["same_end_state"], printed  # as a run of the same messages without kills
     assert "verdict: ok" in printed
     assert proc.returncode == 0, printed
 

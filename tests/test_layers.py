@@ -67,7 +67,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
          "engine.timers.service"),
     ),
     ("web", ("engine.web", "engine.web.*")),
-    ("app", ("engine.app", "engine.cluster")),
+    ("app", ("engine.app", "engine.cluster", "engine.supervisor", "engine.worker")),
     ("cli, sim", ("engine.cli", "engine.cli.*", "engine.sim", "engine.sim.*")),
 )  # fmt: skip
 

@@ -142,3 +142,42 @@ def test_a_burst_of_due_timers_lets_the_loop_run_between_fires(db: Database) -> 
 
     asyncio.run(asyncio.wait_for(go(), 10))
     assert len(seen) == 3 and seen[0] < seen[1] < seen[2], seen
+
+
+def test_the_worker_process_fires_fenced_on_the_lease_the_daemon_sent(db: Database) -> None:
+    """With processing in its own process (engine.worker) the daemon holds the lease and
+    the worker runs the wheel: the ``{"t": 1, "n": holder, "k": token}`` line it is sent
+    fences the worker's timers on that holder and token, so a daemon that lost the lease
+    while its worker kept running (the daemon stalled, the worker did not) fires nothing."""
+    from types import SimpleNamespace
+
+    from engine.supervisor import RemoteProcessor
+    from engine.worker import WorkerSide
+
+    loop = Loop(db)
+    with db.transaction() as conn:
+        mine = leases.acquire(conn, "singletons", "a", T0, 30.0)
+    assert mine is not None
+    sent: list[dict[str, object]] = []
+    daemon_side = RemoteProcessor.__new__(
+        RemoteProcessor
+    )  # only its lease bookkeeping is used here
+    daemon_side.timers, daemon_side.fence = False, None
+    daemon_side._send = sent.append  # type: ignore[method-assign]
+    daemon_side.set_timers(True, ("a", mine.token))
+    assert sent == [{"t": 1, "n": "a", "k": mine.token}]
+
+    engine = SimpleNamespace(timers=loop.timers, tasks=SimpleNamespace(timers=None))
+    side = WorkerSide(engine, writer=None)  # type: ignore[arg-type]
+
+    async def take(message: dict[str, object]) -> None:
+        fence = (str(message["n"]), int(message["k"])) if "k" in message else None  # type: ignore[call-overload]
+        await side.timers(bool(message["t"]), fence)
+        await side.timers(False)  # the wheel's own task is not what this test drives
+
+    asyncio.run(take(sent[0]))
+    rid = loop.create(consent=False)
+    with db.transaction() as conn:
+        assert leases.acquire(conn, "singletons", "b", T0 + 60, 30.0) is not None
+    assert loop.advance_to(T0 + 2 * DAY) == []
+    assert _timer_audit(db) == [] and _nudges(loop, rid) == []

@@ -71,7 +71,9 @@ assert isinstance(main, MainGroup)
 def run(routes_path: str, state_dir: str, log_level: str) -> None:
     """Start the daemon: MLLP listeners, processing, HTTP (health, metrics).
 
-    SIGTERM or Ctrl-C drains in-flight messages and exits 0.
+    Processing (routes, tracker, outbox, timers) runs in a worker process this command
+    starts and supervises (processing.workers: 0 keeps it in this process). SIGTERM or
+    Ctrl-C drains in-flight messages, stops the worker and exits 0.
 
     Example: refloop run --routes routes.yaml --state state
     """
@@ -85,7 +87,9 @@ def run(routes_path: str, state_dir: str, log_level: str) -> None:
     with errors():
         cfg = load_config(routes_path)
         table = _compile_routes(cfg)
-    engine = Engine(cfg, Path(state_dir), table=table, store=store_url)  # compiled once, here
+    # processing.workers 1 (the default): routes and tracker in a supervised worker process
+    role = "listener" if cfg.processing.workers else "all"
+    engine = Engine(cfg, Path(state_dir), table=table, store=store_url, role=role)
 
     async def start() -> None:
         await engine.start()

@@ -83,6 +83,14 @@ class Processor:
         # called after each processing commit (the engine wakes the outbox dispatcher
         # when the batch enqueued rows)
         self.after_commit: Callable[[], None] | None = None
+        # called after each processing commit with what it processed (the worker process
+        # reports the outcomes to the daemon's ACK waiters: engine.worker)
+        self.on_processed: Callable[[list[tuple[int, Outcome]]], None] | None = None
+        # while messages arrive, the pause after a slice as a share of the slice: 1 in
+        # the daemon (ACKs and processing share the loop evenly); the worker process
+        # pauses MIN_PAUSE only: the inbox writer, in the other process, tries for the
+        # write lock every 0.2 ms, so that gap is enough to let a waiting commit in
+        self.pause_share = 1.0
 
     def notify(self) -> None:
         """New rows were committed."""
@@ -144,7 +152,8 @@ class Processor:
             elif self.inbox.commits != commits:
                 # messages arrived since the last slice: let the listeners run
                 commits = self.inbox.commits
-                await asyncio.sleep(max(MIN_PAUSE, time.perf_counter() - started))
+                pause = (time.perf_counter() - started) * self.pause_share
+                await asyncio.sleep(max(MIN_PAUSE, pause))
             else:
                 await asyncio.sleep(0)
 
@@ -222,6 +231,8 @@ class Processor:
                 if not fut.done():
                     fut.set_result(outcome)
         self.metrics.processing_lag.set(max(0, self.inbox.rows - self.cursor))
+        if self.on_processed is not None and ids:
+            self.on_processed(list(zip(ids, outcomes, strict=True)))
         return max(1, len(ids))
 
     def _caught_up(self) -> None:

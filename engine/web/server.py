@@ -92,11 +92,13 @@ class HttpServer:
         reload: Callable[[], list[str]] | None = None,
         authenticate: Callable[[str], Principal | None] | None = None,
         not_ready: Callable[[], str] | None = None,
+        ready_details: Callable[[], dict[str, str]] | None = None,
     ):
         self.cfg = cfg
         self.metrics = metrics
         self.ready = ready
         self.not_ready = not_ready  # why /readyz says 503 ("starting" when not given)
+        self.ready_details = ready_details  # more of /readyz's answer (the worker's state)
         self.reload = reload
         self.authenticate = authenticate
         self.hosts = allowed_hosts(cfg)
@@ -204,10 +206,11 @@ class HttpServer:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        details = self.ready_details() if self.ready_details is not None else {}
         if self.ready():
-            return web.json_response({"status": "ready"})
+            return web.json_response({"status": "ready", **details})
         reason = self.not_ready() if self.not_ready is not None else ""
-        return web.json_response({"status": reason or "starting"}, status=503)
+        return web.json_response({"status": reason or "starting", **details}, status=503)
 
     def _admin_allowed(self, request: web.Request) -> bool:
         """Admin endpoints answer loopback peers only, and when ``http.admin_token`` is
