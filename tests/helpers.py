@@ -432,6 +432,13 @@ def stop_routing() -> None:
     ROUTING.files.clear()
 
 
+def store_conn(db: Path) -> Any:
+    """A connection to the store of file ``db`` (its PostgreSQL schema when routed) that
+    speaks the store's SQLite-spelled SQL, in autocommit: the operator's shell. Close it."""
+    url = routed(db)
+    return _pg_conn(url) if url else sqlite3.connect(db, isolation_level=None)
+
+
 def _pg_conn(url: str) -> Any:
     """A connection to ``url`` that speaks the store's SQLite-spelled SQL."""
     import psycopg
