@@ -464,7 +464,18 @@ def _store_section(routes: Path) -> dict[str, Any]:
     return store if isinstance(store, dict) else {}
 
 
-def _cli_args(args: tuple[str, ...]) -> tuple[str, ...]:
+def _loads(routes: Path) -> bool:
+    from engine.config import load
+    from engine.errors import EngineError
+
+    try:
+        load(str(routes))
+    except (EngineError, OSError, ValueError):
+        return False
+    return True
+
+
+def cli_args(args: tuple[str, ...]) -> tuple[str, ...]:
     """``refloop`` arguments with the store routed: ``run`` gets ``--store``; another
     command naming ``--state`` gets a copy of its routes.yaml with ``store.url``."""
     if not ROUTING.on or "--state" not in args or "--store" in args:
@@ -479,8 +490,8 @@ def _cli_args(args: tuple[str, ...]) -> tuple[str, ...]:
         routes = routes if routes.is_absolute() else REPO / routes
     data = _routes_doc(routes)
     store = _store_section(routes)
-    if not data or store.get("url"):
-        return args
+    if not data or store.get("url") or not _loads(routes):
+        return args  # the command's own routes.yaml, with its name, in its error message
     url = store_for(state / str(store.get("file", "refloop.db")))
     if not url.startswith("postgresql://"):
         return args
@@ -607,7 +618,7 @@ def refloop(
     """Run a ``refloop`` CLI command in a subprocess from the repo root (``stdin``: its
     standard input; none by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *_cli_args(args)],
+        [sys.executable, "-m", "engine.cli", *cli_args(args)],
         cwd=REPO,
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,

@@ -31,14 +31,7 @@ DAY = 86400.0
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
     """``refloop`` with text on stdin (``users add --password-stdin``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
-        cwd=REPO,
-        input=stdin.encode(),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return refloop(*args, stdin=stdin.encode(), timeout=60)
 
 
 def tasks_json(state: Path, *extra: str) -> list[dict[str, Any]]:

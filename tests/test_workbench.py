@@ -275,9 +275,9 @@ async def _cli_status(rig: UiRig, tmp_path: Path) -> Any:
     routes = tmp_path / "cli-routes.yaml"
     routes.write_text(yaml.safe_dump(ui_config(), sort_keys=False), encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "sources", "status", "--json",
-        "--routes", str(routes), "--state", str(tmp_path / "state"),
-        "--metrics-url", f"{rig.base}/metrics",
+        sys.executable, "-m", "engine.cli",
+        *cli_args("sources", "status", "--json", "--routes", str(routes),
+                  "--state", str(tmp_path / "state"), "--metrics-url", f"{rig.base}/metrics"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -582,7 +582,7 @@ def open_postgres(
     try:
         if readonly:
             if not _has_schema(db.conn):
-                raise StoreError(f"no refloop schema in {redact(url)}")
+                raise StoreError(f"no database at {redact(url)} (no refloop schema there)")
         else:
             migrate(db.conn, migrations)
     except psycopg.Error as exc:
