@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import REPO, hl7, refloop, run
+from helpers import REPO, cli_args, hl7, refloop, run
 from ui_rig import UiRig, csrf_of, login, ref_i12, ui_config, ui_engine
 
 from engine.errors import MessageRejected
