@@ -1111,6 +1111,8 @@ def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     assert closed.exit_code == 0, closed.output
     assert ids("--status", "closed") == [1]
     assert ids("--status", "open") == [3, 2]
+    everything = ids("--sort", "priority", "--limit", "0")  # the open ones, then the closed
+    assert sorted(everything) == [1, 2, 3] and everything[-1] == 1
     bad = _invoke(state, "referrals", "close", "99", "--reason", "other")
     assert bad.exit_code == 1 and "no referral with id 99" in bad.output
 

@@ -66,6 +66,11 @@ def _patient(p: referral_search.Patient | None) -> dict[str, str]:
     }
 
 
+# ``limit`` 0 ("all") as a LIMIT both backends take: SQLite's -1 is an error on
+# PostgreSQL, and a page counting rows against it (the priority sort) stopped early
+ALL_ROWS = 1 << 62
+
+
 def find_referrals(
     db: Database,
     *,
@@ -94,7 +99,7 @@ def find_referrals(
         q=q,
     )
     found, rows = worklist.referral_page(
-        db.conn, flt, order, limit=limit if limit > 0 else -1, after=after
+        db.conn, flt, order, limit=limit if limit > 0 else ALL_ROWS, after=after
     )
     people = referral_search.patients(db.conn, found.ids)
     return {
