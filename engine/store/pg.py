@@ -2,7 +2,7 @@
 
 The store's SQL is written once, in SQLite's spelling of the subset both backends accept;
 :func:`translate` rewrites a statement once (cached) for PostgreSQL: ``?``/``:name``
-placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``GLOB`` (through the
+placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``hex``, ``GLOB`` (through the
 ``refloop_glob`` function), ``json_extract``, the ``+column`` index hints, and in DDL the
 column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an identity column) and SQLite
 triggers (each becomes a PL/pgSQL function plus a trigger). The schema steps are the same
@@ -98,6 +98,7 @@ _TOKEN: Final = re.compile(
 _GLOB: Final = re.compile(r"([\w.]+)\s+GLOB\s+(%s)", re.IGNORECASE)
 _JSON_EXTRACT: Final = re.compile(r"json_extract\(\s*([\w.]+)\s*,\s*'\$\.(\w+)'\s*\)")
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
+_HEX: Final = re.compile(r"\bhex\(\s*([\w.]+)\s*\)", re.IGNORECASE)  # of a blob column
 # an id list passed as one JSON array argument (one statement shape for any length)
 _JSON_IDS: Final = re.compile(r"SELECT value FROM json_each\((%s|%\(\w+\)s)\)", re.IGNORECASE)
 # SQLite's IS / IS NOT compare any two values, NULL-safe
@@ -165,6 +166,7 @@ def _expressions(code: str) -> str:
     code = _IS_VALUE.sub(
         lambda m: "IS DISTINCT FROM " if m.group(1) else "IS NOT DISTINCT FROM ", code
     )
+    code = _HEX.sub(r"upper(encode(\1, 'hex'))", code)  # SQLite's hex(): upper case
     return _INSTR.sub("strpos(", code)
 
 
