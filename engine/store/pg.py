@@ -2,10 +2,10 @@
 
 The store's SQL is written once, in SQLite's spelling of the subset both backends accept;
 :func:`translate` rewrites a statement once (cached) for PostgreSQL: ``?``/``:name``
-placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``hex``, ``GLOB`` (through the
-``refloop_glob`` function), ``json_extract``, the ``+column`` index hints, and in DDL the
-column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an identity column) and SQLite
-triggers (each becomes a PL/pgSQL function plus a trigger). The schema steps are the same
+placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``hex``, ``GLOB`` (through
+the ``refloop_glob`` function), ``json_extract``, the ``+column`` and ``INDEXED BY`` index
+hints, and in DDL the column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an
+identity column) and SQLite triggers (each becomes a PL/pgSQL function plus a trigger). The schema steps are the same
 list as SQLite's (``engine.store.migrations.MIGRATIONS``), run through :class:`PgSchema`,
 the small part of sqlite_utils they use; the version is counted in ``schema_version``
 under an advisory lock, so several nodes starting at once migrate once.
@@ -98,6 +98,7 @@ _TOKEN: Final = re.compile(
 _GLOB: Final = re.compile(r"([\w.]+)\s+GLOB\s+(%s)", re.IGNORECASE)
 _JSON_EXTRACT: Final = re.compile(r"json_extract\(\s*([\w.]+)\s*,\s*'\$\.(\w+)'\s*\)")
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
+_INDEXED_BY: Final = re.compile(r"\s+INDEXED\s+BY\s+\w+", re.IGNORECASE)  # a SQLite hint
 _HEX: Final = re.compile(r"\bhex\(\s*([\w.]+)\s*\)", re.IGNORECASE)  # of a blob column
 # an id list passed as one JSON array argument (one statement shape for any length)
 _JSON_IDS: Final = re.compile(r"SELECT value FROM json_each\((%s|%\(\w+\)s)\)", re.IGNORECASE)
@@ -166,6 +167,7 @@ def _expressions(code: str) -> str:
     code = _IS_VALUE.sub(
         lambda m: "IS DISTINCT FROM " if m.group(1) else "IS NOT DISTINCT FROM ", code
     )
+    code = _INDEXED_BY.sub("", code)
     code = _HEX.sub(r"upper(encode(\1, 'hex'))", code)  # SQLite's hex(): upper case
     return _INSTR.sub("strpos(", code)
 
