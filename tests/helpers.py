@@ -475,7 +475,7 @@ def _loads(routes: Path) -> bool:
     return True
 
 
-def cli_args(args: tuple[str, ...]) -> tuple[str, ...]:
+def cli_args(*args: str) -> tuple[str, ...]:
     """``refloop`` arguments with the store routed: ``run`` gets ``--store``; another
     command naming ``--state`` gets a copy of its routes.yaml with ``store.url``."""
     if not ROUTING.on or "--state" not in args or "--store" in args:
@@ -618,7 +618,7 @@ def refloop(
     """Run a ``refloop`` CLI command in a subprocess from the repo root (``stdin``: its
     standard input; none by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *cli_args(args)],
+        [sys.executable, "-m", "engine.cli", *cli_args(*args)],
         cwd=REPO,
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,

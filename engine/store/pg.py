@@ -7,8 +7,9 @@ the ``refloop_glob`` function), ``json_extract``, the ``+column`` and ``INDEXED 
 hints, and in DDL the column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an
 identity column) and SQLite triggers (each becomes a PL/pgSQL function plus a trigger).
 The schema steps are the same list as SQLite's (``engine.store.migrations.MIGRATIONS``),
-run through :class:`PgSchema`, the small part of sqlite_utils they use; the version is counted in ``schema_version``
-under an advisory lock, so several nodes starting at once migrate once.
+run through :class:`PgSchema`, the small part of sqlite_utils they use; the version is
+counted in ``schema_version`` under an advisory lock, so several nodes starting at once
+migrate once.
 
 Connections come from a ``psycopg_pool.ConnectionPool`` (``store.pool``); the daemon's
 event-loop connection and the inbox writer thread's are two of them. Passwords come from
