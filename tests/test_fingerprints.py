@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from helpers import Daemon, peer, query, refloop, run, shipped_routes
+from helpers import Daemon, peer, query, refloop, run, shipped_routes, store_conn
 
 from engine.config import load
 from engine.model import Event, StoredMessage, to_plain
@@ -98,7 +97,7 @@ def test_decisions_and_timeline_share_one_fingerprint(daemon: Daemon, tmp_path: 
     # json.dumps's default separators; a replay still sees the same decision
     legacy = digest(event)
     assert legacy != canonical
-    with closing(sqlite3.connect(daemon.db)) as conn, conn:
+    with closing(store_conn(daemon.db)) as conn:
         conn.execute(
             "UPDATE decisions SET actions = ? WHERE message_id = ?",
             (actions.replace(canonical, legacy), message_id),
