@@ -16,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import Daemon, peer, query, refloop, run, shipped_routes, store_conn
 
 from engine.config import load
@@ -23,6 +24,8 @@ from engine.model import Event, StoredMessage, to_plain
 from engine.routing.compile import compile_config
 from engine.routing.decide import decide_stored
 from engine.store import Inbox, open_database
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 REF = (
     b"MSH|^~\\&|EHR|NORTHSIDE|REFLOOP|HUB|20260105090000||REF^I12^REF_I12|FP-1|P|2.5.1\r"
