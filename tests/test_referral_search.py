@@ -245,6 +245,7 @@ def test_after_the_last_referral_is_an_empty_last_page(db: Database) -> None:
     assert (page.ids, rows, page.total, page.has_next) == ([], [], len(PLANTED), False)
 
 
+@pytest.mark.store
 def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) -> None:
     """The patient columns of referrals tracked before the migration come from the PID
     of the message that opened each (its referral-created event)."""

@@ -163,6 +163,7 @@ def test_sighup_reloads_and_a_broken_edit_keeps_the_old_routes(tmp_path: Path) -
     assert daemon.proc.returncode == 0
 
 
+@pytest.mark.store
 def test_admin_reload_endpoint_and_cli(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_text("first"))
