@@ -411,8 +411,8 @@ def store_for(path: str | os.PathLike[str]) -> str:
     """Where a store the test names by file ``path`` is: ``path`` itself (SQLite, or a
     file that already exists), or (routing on) its PostgreSQL schema's URL."""
     text = str(path)
-    if not ROUTING.on or text.startswith(("postgresql://", "postgres://")):
-        return text
+    if not ROUTING.on or text.startswith(("postgresql://", "postgres://", "sqlite://")):
+        return text  # a URL says which store it means
     key = _key(text)
     if key not in ROUTING.schemas:
         if Path(key).exists():

@@ -219,6 +219,41 @@ def test_migrating_nodes_start_together() -> None:
         drop_pg_schema(TEST_STORE, schema)
 
 
+@needs_pg
+def test_migrations_of_two_schemas_do_not_wait_for_each_other() -> None:
+    """The migration lock is per schema: a schema migrating (its lock held) does not hold
+    back the migration of another schema in the same database (each test's schema, or
+    two installations sharing a server)."""
+    from engine.store.pg import _locked
+
+    (url_a, schema_a), (url_b, schema_b) = make_pg_schema(TEST_STORE), make_pg_schema(TEST_STORE)
+    holder = open_database(url_a)
+    try:
+        opened: list[Database | BaseException] = []
+
+        def open_b() -> None:
+            try:
+                opened.append(open_database(url_b))
+            except BaseException as exc:  # reported below
+                opened.append(exc)
+
+        with _locked(holder.conn):  # as a node in the middle of migrating schema A
+            other = threading.Thread(target=open_b)
+            other.start()
+            other.join(30)
+            waited = other.is_alive()
+        other.join(30)
+        for db in opened:
+            if isinstance(db, Database):
+                db.close()
+        assert not waited, "schema B waited for schema A's migration lock"
+        assert len(opened) == 1 and isinstance(opened[0], Database), opened
+    finally:
+        holder.close()
+        drop_pg_schema(TEST_STORE, schema_a)
+        drop_pg_schema(TEST_STORE, schema_b)
+
+
 def test_open_errors_are_one_line_without_the_password(tmp_path: Path) -> None:
     url = "postgresql://refloop:s3cret@127.0.0.1:1/nowhere?connect_timeout=2"
     with pytest.raises(StoreError) as caught:
@@ -285,6 +320,7 @@ def test_translate_named_and_triggers() -> None:
 # routes.yaml's store section
 
 
+@pytest.mark.sqlite_file("the default: a file in the state directory")
 def test_store_section_reads_url_pool_node_and_lease() -> None:
     from engine.config import loads
 

@@ -35,7 +35,7 @@ from psycopg_pool import ConnectionPool
 from engine.errors import StoreError
 from engine.store.sql import POSTGRESQL, Database
 
-MIGRATION_LOCK: Final = 0x7265666C6F6F70  # pg_advisory_xact_lock key: "refloop"
+MIGRATION_LOCK: Final = 0x7265666C6F6F70  # "refloop": the seed of the per-schema lock key
 CONNECT_TIMEOUT: Final = 10.0  # seconds to wait for a pooled connection
 
 # What the translated SQL relies on, created (or replaced) whenever the schema migrates.
@@ -543,7 +543,12 @@ def grant_runtime_role(conn: PgConn, role: str) -> None:
 def _locked(conn: PgConn) -> Iterator[None]:
     conn.execute("BEGIN")
     try:
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+        # one lock per schema: schemas in one database (each test's, or two
+        # installations') migrate without waiting for each other
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), ?))",
+            (MIGRATION_LOCK,),
+        )
         yield
         conn.execute("COMMIT")
     except BaseException:
