@@ -271,10 +271,13 @@ def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) ->
         )  # fmt: skip
     import sqlite_utils
 
+    from engine.store.pg import PgSchema
+    from engine.store.sql import POSTGRESQL, dialect
+
     with d.transaction() as conn:
-        referral_search.migrate(
-            sqlite_utils.Database(conn), backfill=lambda b: from_hl7(Message(b))
-        )
+        # what a migration step gets: sqlite_utils' Database, or its PostgreSQL stand-in
+        schema = PgSchema(conn) if dialect(conn) == POSTGRESQL else sqlite_utils.Database(conn)
+        referral_search.migrate(schema, backfill=lambda b: from_hl7(Message(b)))
     people = referral_search.patients(d.conn, [rid])
     assert people[rid] == referral_search.Patient("M-5", "Ng", "Lan", "1999-12-31")
     assert placers(d, "ng lan") == ["OLD-1"]
