@@ -20,6 +20,8 @@ from engine.ingest.fhir import FhirPoller, FhirSourceError, cursor_key, resource
 from engine.ingest.smart_auth import NoAuth
 from engine.store import Inbox, open_database
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 TYPES = ("ServiceRequest", "Appointment", "DiagnosticReport", "DocumentReference", "Task")
 
 

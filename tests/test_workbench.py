@@ -144,6 +144,7 @@ def _rows(rig: UiRig) -> int:
     return int(rig.db.conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 
+@pytest.mark.store
 def test_try_api_decides_and_stores_nothing(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         before = _rows(rig)
@@ -174,6 +175,7 @@ def test_try_api_decides_and_stores_nothing(tmp_path: Path) -> None:
     go(tmp_path, body)
 
 
+@pytest.mark.store
 def test_try_page_paste_upload_csrf_and_role(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         async with httpx.AsyncClient(base_url=rig.base) as http:
@@ -208,6 +210,7 @@ def test_try_page_paste_upload_csrf_and_role(tmp_path: Path) -> None:
 # -- sources ------------------------------------------------------------------------------
 
 
+@pytest.mark.store
 def test_sources_figures_api_page_and_cli_agree(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         await rig.send(ref_i12("REF-S-1", "s-1"), ADT)
@@ -294,6 +297,7 @@ async def _api(rig: UiRig) -> Any:
         return (await http.get("/api/sources", headers=rig.bearer("ana"))).json()["items"]
 
 
+@pytest.mark.store
 def test_sources_status_without_a_daemon(tmp_path: Path) -> None:
     async def fill(rig: UiRig) -> None:
         await rig.send(ref_i12("REF-S-2", "s-2"))
