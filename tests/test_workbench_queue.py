@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from helpers import free_port, run
 from ui_rig import UiRig, csrf_of, login, ref_i12, ui_engine
 
