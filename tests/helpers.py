@@ -399,9 +399,12 @@ def _key(path: str | os.PathLike[str]) -> str:
 
 
 def routed(path: str | os.PathLike[str]) -> str:
-    """The PostgreSQL URL standing for SQLite file ``path`` in this test, "" if none."""
+    """The PostgreSQL URL standing for SQLite file ``path`` in this test, "" if none (a
+    ``postgresql://`` URL stands for itself)."""
     text = str(path)
-    if not ROUTING.on or text.startswith(("postgresql://", "postgres://")):
+    if text.startswith(("postgresql://", "postgres://")):
+        return text
+    if not ROUTING.on:
         return ""
     found = ROUTING.schemas.get(_key(text))
     return found[0] if found else ""
