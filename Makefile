@@ -34,8 +34,11 @@ tests/node/node_modules/.bin/prism: tests/node/package.json tests/node/package-l
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-# the suite on SQLite, then the tests of the store (marker `store`) again on PostgreSQL,
-# each in a schema of its own (docs/scale-out.md); the machine runs PostgreSQL on 5432
+# the suite on SQLite, then every test that uses the store (marker `store`) again on
+# PostgreSQL, each store in a schema of its own (docs/scale-out.md, "Tests on both"); the
+# machine runs PostgreSQL on 5432. The whole suite runs on PostgreSQL too
+# (REFLOOP_TEST_STORE=$(PG_TEST_STORE) .venv/bin/pytest), but the tests without the marker
+# never open a store: CI runs them once, on SQLite.
 PG_TEST_STORE ?= postgresql://postgres@127.0.0.1:5432/test
 
 test: lint tests/node/node_modules/.bin/prism /usr/bin/chromium

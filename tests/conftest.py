@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import helpers
 import pytest
-from helpers import Daemon, Pki, drop_pg_schema, make_pg_schema, make_pki
+from helpers import ROUTING, Daemon, Pki, drop_pg_schema, make_pg_schema, make_pki, store_for
 
+from engine.config import StoreConfig
 from engine.store.db import Database, open_database
 
 
@@ -41,8 +45,68 @@ TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"store_url", "store", "module_store_url"} & set(getattr(item, "fixturenames", ())):
+        if {"store_url", "store", "module_store_url", "daemon"} & set(
+            getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.store)
+        sqlite_file = item.get_closest_marker("sqlite_file")
+        if TEST_STORE and sqlite_file is not None:
+            why = sqlite_file.args[0] if sqlite_file.args else "a SQLite file"
+            item.add_marker(pytest.mark.skip(reason=f"SQLite file behaviour: {why}"))
+
+
+# -- the rest of the suite on PostgreSQL: the store a test names by a file ---------------
+#
+# With REFLOOP_TEST_STORE, each test not marked ``sqlite_file`` runs with routing on
+# (helpers.store_for): a SQLite file it names that does not exist yet is a PostgreSQL
+# schema of its own, for the engine in this process (StoreConfig.location), the test's
+# own open_database(path), the daemon and the CLI (helpers.Daemon, helpers.refloop) and
+# helpers.query. A test that used it and is not marked ``store`` is listed at the end,
+# so ``make test-pg`` (``-m store``) misses none.
+
+_LOCATION = StoreConfig.location
+_OPEN = open_database
+_UNMARKED: list[str] = []
+
+
+def _routed_location(self: StoreConfig, state_dir: Any, override: str = "") -> str:
+    where = _LOCATION(self, state_dir, override)
+    return where if override or self.url else store_for(where)
+
+
+def _routed_open(path: Any, **kwargs: Any) -> Database:
+    return _OPEN(store_for(path), **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _store_routing(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    if not TEST_STORE or request.node.get_closest_marker("sqlite_file") is not None:
+        yield
+        return
+    monkeypatch.setattr(StoreConfig, "location", _routed_location)
+    tests = str(Path(__file__).parent)
+    for module in list(sys.modules.values()):
+        where = getattr(module, "__file__", None) or ""
+        if where.startswith(tests) and getattr(module, "open_database", None) is _OPEN:
+            monkeypatch.setattr(module, "open_database", _routed_open)
+    ROUTING.on = True
+    try:
+        yield
+    finally:
+        if ROUTING.schemas and request.node.get_closest_marker("store") is None:
+            _UNMARKED.append(request.node.nodeid)
+        helpers.stop_routing()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _UNMARKED:
+        terminalreporter.write_line(
+            f"{len(_UNMARKED)} tests used the store without the store marker:"
+        )
+        for nodeid in _UNMARKED:
+            terminalreporter.write_line(f"  {nodeid}")
 
 
 @pytest.fixture

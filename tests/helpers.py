@@ -20,9 +20,11 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
@@ -294,18 +296,25 @@ def mllp_port(engine: Engine) -> int:
 
 
 def query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Read the inbox file directly, as an operator's sqlite3 shell would."""
+    """Read the store directly, as an operator's sqlite3 shell would (or psql, when the
+    test's file stands for a PostgreSQL schema: :func:`routed`)."""
+    url = routed(db)
+    if url:
+        with contextlib.closing(_pg_conn(url)) as conn:
+            return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         return conn.execute(sql, args).fetchall()
 
 
 def wait_rows(db: Path, sql: str, args: tuple[Any, ...] = (), timeout: float = 20.0) -> list[Any]:
-    """Poll the database file until ``sql`` returns rows (waits on the row, not a time)."""
+    """Poll the database until ``sql`` returns rows (waits on the row, not a time)."""
+    from engine.store.db import DatabaseError
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             rows = query(db, sql, args)
-        except sqlite3.OperationalError:  # the table is not there yet
+        except DatabaseError:  # the table is not there yet
             rows = []
         if rows:
             return rows
@@ -317,8 +326,11 @@ def move_time_back(db: Path, seconds: float) -> None:
     """Everything stored moves ``seconds`` into the past, as if the daemon (stopped) had
     been down that long: the referrals' opening, their timers, outbox rows and tasks; the
     timers due meanwhile fire when it restarts."""
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+    url = routed(db)
+    opened: Any = _pg_conn(url) if url else sqlite3.connect(db)
+    with contextlib.closing(opened) as conn:
         back = (seconds,)
+        conn.execute("BEGIN")
         conn.execute("UPDATE timers SET due = due - ?1, created_at = created_at - ?1", back)
         conn.execute("UPDATE referrals SET opened_at = opened_at - ?1", back)
         conn.execute(
@@ -327,6 +339,7 @@ def move_time_back(db: Path, seconds: float) -> None:
             back,
         )
         conn.execute("UPDATE tasks SET created_at = created_at - ?1, due_at = due_at - ?1", back)
+        conn.execute("COMMIT")
 
 
 # ---------------------------------------------------------------------------
@@ -336,8 +349,6 @@ def move_time_back(db: Path, seconds: float) -> None:
 def make_pg_schema(base_url: str) -> tuple[str, str]:
     """A fresh schema on the server at ``base_url``; returns (a URL whose connections use
     it through ``search_path``, its name)."""
-    import uuid
-
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -360,6 +371,146 @@ def drop_pg_schema(base_url: str, schema: str) -> None:
         )
         conn.execute("SET lock_timeout = '10s'")
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# The whole suite on PostgreSQL. With REFLOOP_TEST_STORE set, conftest's autouse fixture
+# turns routing on for each test not marked ``sqlite_file``: every SQLite file the test
+# names that does not exist yet stands for a fresh PostgreSQL schema of its own (made on
+# first use, dropped at teardown). The engine (``StoreConfig.location``), the test's own
+# ``open_database(path)``, the daemon (``refloop run --store``), the CLI (a routes.yaml
+# copy naming ``store.url``) and :func:`query` all find the same schema by the path.
+# A file that exists (made before the test, by a module fixture or copied) stays a file.
+
+TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
+
+
+@dataclass
+class _Routing:
+    on: bool = False
+    schemas: dict[str, tuple[str, str]] = field(default_factory=dict)  # file -> (url, schema)
+    files: list[Path] = field(default_factory=list)  # routes.yaml copies made for the CLI
+
+
+ROUTING = _Routing()
+
+
+def _key(path: str | os.PathLike[str]) -> str:
+    from engine.store.db import sqlite_path
+
+    return str(Path(os.path.abspath(sqlite_path(path))))
+
+
+def routed(path: str | os.PathLike[str]) -> str:
+    """The PostgreSQL URL standing for SQLite file ``path`` in this test, "" if none (a
+    ``postgresql://`` URL stands for itself)."""
+    text = str(path)
+    if text.startswith(("postgresql://", "postgres://")):
+        return text
+    if not ROUTING.on:
+        return ""
+    found = ROUTING.schemas.get(_key(text))
+    return found[0] if found else ""
+
+
+def store_for(path: str | os.PathLike[str]) -> str:
+    """Where a store the test names by file ``path`` is: ``path`` itself (SQLite, or a
+    file that already exists), or (routing on) its PostgreSQL schema's URL."""
+    text = str(path)
+    if not ROUTING.on or text.startswith(("postgresql://", "postgres://", "sqlite://")):
+        return text  # a URL says which store it means
+    key = _key(text)
+    if key not in ROUTING.schemas:
+        if Path(key).exists():
+            return text
+        ROUTING.schemas[key] = make_pg_schema(TEST_STORE)
+    return ROUTING.schemas[key][0]
+
+
+def stop_routing() -> None:
+    """Routing off; the schemas and routes.yaml copies the test made are removed."""
+    ROUTING.on = False
+    for _url, schema in ROUTING.schemas.values():
+        drop_pg_schema(TEST_STORE, schema)
+    ROUTING.schemas.clear()
+    for path in ROUTING.files:
+        path.unlink(missing_ok=True)
+    ROUTING.files.clear()
+
+
+def store_conn(db: Path) -> Any:
+    """A connection to the store of file ``db`` (its PostgreSQL schema when routed) that
+    speaks the store's SQLite-spelled SQL, in autocommit: the operator's shell. Close it."""
+    url = routed(db)
+    return _pg_conn(url) if url else sqlite3.connect(db, isolation_level=None)
+
+
+def _pg_conn(url: str) -> Any:
+    """A connection to ``url`` that speaks the store's SQLite-spelled SQL."""
+    import psycopg
+    from psycopg import ClientCursor
+
+    from engine.store.pg import PgConn, _configure
+
+    raw = psycopg.connect(url, autocommit=True, cursor_factory=ClientCursor)
+    _configure(raw)
+    return PgConn(raw)
+
+
+def _routes_doc(routes: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(routes.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_section(routes: Path) -> dict[str, Any]:
+    store = _routes_doc(routes).get("store")
+    return store if isinstance(store, dict) else {}
+
+
+def _loads(routes: Path) -> bool:
+    from engine.config import load
+    from engine.errors import EngineError
+
+    try:
+        load(str(routes))
+    except (EngineError, OSError, ValueError):
+        return False
+    return True
+
+
+def cli_args(*args: str) -> tuple[str, ...]:
+    """``refloop`` arguments with the store routed: ``run`` gets ``--store``; another
+    command naming ``--state`` gets a copy of its routes.yaml with ``store.url``."""
+    if not ROUTING.on or "--state" not in args or "--store" in args:
+        return args
+    argv = list(args)
+    state = Path(argv[argv.index("--state") + 1])
+    if not state.is_absolute():
+        state = REPO / state
+    routes = REPO / "routes.yaml"
+    if "--routes" in argv:
+        routes = Path(argv[argv.index("--routes") + 1])
+        routes = routes if routes.is_absolute() else REPO / routes
+    data = _routes_doc(routes)
+    store = _store_section(routes)
+    if not data or store.get("url") or not _loads(routes):
+        return args  # the command's own routes.yaml, with its name, in its error message
+    url = store_for(state / str(store.get("file", "refloop.db")))
+    if not url.startswith("postgresql://"):
+        return args
+    if argv[0] == "run":
+        return (*argv, "--store", url)
+    data["store"] = {**store, "url": url}
+    copy = Path(tempfile.gettempdir()) / f"refloop-pg-routes-{uuid.uuid4().hex[:12]}.yaml"
+    copy.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    ROUTING.files.append(copy)
+    if "--routes" in argv:
+        argv[argv.index("--routes") + 1] = str(copy)
+    else:
+        argv += ["--routes", str(copy)]
+    return tuple(argv)
 
 
 # ---------------------------------------------------------------------------
@@ -385,6 +536,9 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> None:
         """Start and wait until /readyz answers 200; a port lost to a race is retried."""
+        if ROUTING.on and not self.store and not _store_section(self.routes).get("url"):
+            url = store_for(self.db)
+            self.store = url if url.startswith("postgresql://") else ""
         for _attempt in range(3):
             self.mllp, self.http = free_port(), free_port()
             env = {
@@ -488,7 +642,7 @@ def refloop(
     """Run a ``refloop`` CLI command in a subprocess from the repo root (``stdin``: its
     standard input; none by default)."""
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "engine.cli", *cli_args(*args)],
         cwd=REPO,
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,

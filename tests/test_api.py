@@ -23,6 +23,8 @@ from engine.store import referrals as referral_store
 from engine.web.api import ROUTES
 from engine.web.openapi import build_openapi
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 Body = Callable[[UiRig, httpx.AsyncClient], Awaitable[None]]
 
 

@@ -4,19 +4,21 @@ the first bad row after an edit, a deletion or a reorder done behind its back.""
 from __future__ import annotations
 
 import itertools
-import sqlite3
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
+from helpers import routed, store_conn
 
 from engine.cli.tracker import register
 from engine.clock import VirtualClock
 from engine.model import Identifiers, ReferralCreated, ReportReceived
 from engine.store import audit as audit_store
-from engine.store.db import open_database
+from engine.store.db import DatabaseError, open_database
 from engine.tracking.tracker import Tracker
+
+pytestmark = pytest.mark.store
 
 T0 = 1_767_225_600.0
 ROWS = 8
@@ -62,11 +64,15 @@ def _verify(state: Path) -> tuple[int, str]:
 
 
 def _tamper(state: Path, *statements: str) -> None:
-    """Edit the database directly, as someone with file access could (triggers dropped)."""
-    conn = sqlite3.connect(state / "refloop.db", isolation_level=None)
+    """Edit the database directly, as someone with file access (or PostgreSQL's
+    superuser) could, the append-only triggers dropped or disabled."""
+    conn = store_conn(state / "refloop.db")
     try:
-        conn.execute("DROP TRIGGER audit_no_update")
-        conn.execute("DROP TRIGGER audit_no_delete")
+        if routed(state / "refloop.db"):
+            conn.execute("SET session_replication_role = replica")  # no triggers fire
+        else:
+            conn.execute("DROP TRIGGER audit_no_update")
+            conn.execute("DROP TRIGGER audit_no_delete")
         for sql in statements:
             conn.execute(sql)
     finally:
@@ -98,9 +104,9 @@ def test_chain_links_every_row(state: Path) -> None:
     ids=["update", "delete"],
 )
 def test_triggers_refuse_changes(state: Path, sql: str) -> None:
-    conn = sqlite3.connect(state / "refloop.db", isolation_level=None)
+    conn = store_conn(state / "refloop.db")
     try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        with pytest.raises(DatabaseError, match="append-only"):
             conn.execute(sql)
     finally:
         conn.close()

@@ -113,6 +113,7 @@ def test_roles() -> None:
     assert "coordinator" in PERMISSIONS["act"] and "coordinator" not in PERMISSIONS["messages"]
 
 
+@pytest.mark.store
 def test_users_cli(tmp_path: Path) -> None:
     runner = CliRunner()
     routes = tmp_path / "routes.yaml"  # names no store file: the default, refloop.db

@@ -24,6 +24,9 @@ from helpers import REPO, Daemon, Reply, hl7, mounted_tmpfs, peer, query, refloo
 CONNECTIONS = 4
 
 
+pytestmark = pytest.mark.sqlite_file("backup, restore and their lock copy and hold the SQLite file")
+
+
 def referral(i: int) -> bytes:
     return hl7(
         f"BK-{i:05d}",

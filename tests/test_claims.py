@@ -14,7 +14,9 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
+from helpers import routed, store_conn
 from prometheus_client import CollectorRegistry
 
 from engine.clock import VirtualClock
@@ -33,19 +35,21 @@ from engine.tracking import states
 from engine.tracking.escalation import Policy
 from engine.tracking.tracker import Tracker
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 T0 = 1_767_225_600.0
 
 
 def _other_node_commits(path: Path, message_id: int) -> None:
     """Another writer's transaction commits inbox row ``message_id`` (an explicit id: the
     one its INSERT was handed before a later row committed)."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = store_conn(path)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN" if routed(path) else "BEGIN IMMEDIATE")
         conn.execute(
             "INSERT INTO messages (id, received_at, source, control_id, sha256, status) "
-            "VALUES (?, ?, 'mllp', ?, zeroblob(32), 'received')",
-            (message_id, T0, f"C{message_id}"),
+            "VALUES (?, ?, 'mllp', ?, ?, 'received')",
+            (message_id, T0, f"C{message_id}", bytes(32)),
         )
         conn.execute(
             "INSERT INTO message_raw (message_id, raw) VALUES (?, ?)",
@@ -88,9 +92,9 @@ def test_processing_claims_a_row_that_commits_after_a_higher_id(tmp_path: Path) 
 
 
 def _other_node_schedules(path: Path, timer_id: int, referral_id: int, due: float) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = store_conn(path)
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN" if routed(path) else "BEGIN IMMEDIATE")
         conn.execute(
             "INSERT INTO timers (id, referral_id, kind, due, attempt, key, created_at) "
             "VALUES (?, ?, 'coordinator-task', ?, 1, ?, ?)",
@@ -170,7 +174,10 @@ def test_two_writers_receiving_the_same_resend_store_it_once(tmp_path: Path) -> 
     assert not other.duplicate and other.id != first.id
     rows = node_a.conn.execute("SELECT id, duplicates, flags FROM messages ORDER BY id").fetchall()
     assert rows == [(first.id, 1, ""), (other.id, 0, "control-id-reused")]
-    with pytest.raises(sqlite3.IntegrityError), node_a.transaction() as conn:
+    with (
+        pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)),
+        node_a.transaction() as conn,
+    ):
         conn.execute(
             "INSERT INTO messages (received_at, source, sending_app, sending_facility, "
             "control_id, sha256, dedupe_hash, status) SELECT received_at, source, sending_app, "
@@ -290,7 +297,8 @@ def test_a_database_of_the_previous_schema_upgrades(tmp_path: Path) -> None:
 
     db = open_database(path)
     conn = db.conn
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    version = "SELECT version FROM schema_version" if routed(path) else "PRAGMA user_version"
+    assert conn.execute(version).fetchone()[0] == len(MIGRATIONS)
     dedupe = dict(conn.execute("SELECT id, dedupe_hash FROM messages").fetchall())
     assert dedupe == {
         1: hashlib.sha256(hl7_a).digest(),

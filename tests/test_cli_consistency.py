@@ -273,6 +273,7 @@ def test_json_output_times_are_utc_with_z(path: str, state: dict[str, Path]) -> 
     assert not problems, f"{path} --json: {problems[:5]}"
 
 
+@pytest.mark.store
 def test_api_list_times_are_utc_with_z(tmp_path: Path) -> None:
     """Every GET operation without path parameters, as the admin token sees it."""
 

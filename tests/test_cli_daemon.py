@@ -90,6 +90,7 @@ def test_routes_check_shipped_file_ok() -> None:
     assert result.returncode == 0, result.stderr.decode()
 
 
+@pytest.mark.store
 def test_messages_show_raw_writes_exact_bytes(tmp_path: Path) -> None:
     # latin-1, CRLF and LF segment ends, a trailing blank line: nothing may be normalised
     message = hl7("RAW-1", msh18="8859/1", body=("PID|1||1^^^MRN||MÜLLER^JOSÉ",), codec="latin-1")

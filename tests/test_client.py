@@ -11,6 +11,7 @@ from engine.errors import EngineError
 from engine.hl7v2.client import AckResult, MllpClient, ack_code, normalise
 
 
+@pytest.mark.store
 def test_client_reads_aa_ar_and_batch_replies(tmp_path: Path) -> None:
     custom = [hl7("C-1", fs="#", enc="!@%*"), hl7("", fs="#", enc="!@%*")]
     batch = b"BHS#!@%*#A#B\r" + b"".join(custom) + b"BTS#2\r"
@@ -35,6 +36,7 @@ def test_client_reads_aa_ar_and_batch_replies(tmp_path: Path) -> None:
     assert (batched.code, batched.text) == ("AR", "batch of 2 ACKs")
 
 
+@pytest.mark.store
 def test_client_reports_a_closed_connection(tmp_path: Path) -> None:
     async def go() -> AckResult:
         async with running_engine(tmp_path, allow_peers=["10.0.0.0/8"]) as engine:
@@ -49,6 +51,7 @@ def test_client_reports_a_closed_connection(tmp_path: Path) -> None:
     assert result.control_id == "REFUSED-1"
 
 
+@pytest.mark.store
 def test_client_connect_failure_is_an_engine_error(tmp_path: Path) -> None:
     async def go() -> int:
         async with running_engine(tmp_path) as engine:

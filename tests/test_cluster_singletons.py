@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fhir_server import FhirServer
 from helpers import WAIT, Reply, hl7, peer, query, run, shipped_routes
 
@@ -35,6 +36,7 @@ async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
             await asyncio.sleep(0.02)
 
 
+@pytest.mark.store
 def test_only_the_holder_polls_and_the_other_takes_over(tmp_path: Path) -> None:
     async def go() -> None:
         async with FhirServer() as server:
@@ -65,6 +67,7 @@ def test_only_the_holder_polls_and_the_other_takes_over(tmp_path: Path) -> None:
     run(go())
 
 
+@pytest.mark.store
 def test_holder_that_loses_the_lease_stops_polling(tmp_path: Path) -> None:
     async def go() -> None:
         async with FhirServer() as server:
@@ -105,6 +108,7 @@ sources:
 """
 
 
+@pytest.mark.store
 def test_on_processed_ack_when_another_node_processed_the_row(tmp_path: Path) -> None:
     """b stores a message and waits for its outcome; a processes it (b's processor was
     stopped, as if busy or restarting); b's ACK still comes once b's processor runs."""

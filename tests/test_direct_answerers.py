@@ -64,6 +64,8 @@ from engine.store.db import open_database
 from engine.tracking.specialists import import_csv
 from engine.tracking.tracker import Tracker
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 THIRD = "intake@direct.otherclinic.test"  # another clinic, same trust anchor
 NURSE = "nurse@direct.specialist.test"  # the specialist's colleague: same domain
 SPECIALIST_DOMAIN = SPECIALIST.rpartition("@")[2]

@@ -49,6 +49,8 @@ from engine.tracking.escalation import DAY, Policy
 from engine.tracking.specialists import import_csv
 from engine.tracking.tracker import Tracker
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 T0 = 1_767_225_600.0
 HOUR = 3600.0
 NPI = "1234567893"

@@ -388,6 +388,7 @@ async def rig(tmp: Path, pki: Pki, fake: FakeImap) -> AsyncIterator[Rig]:
 CONFIRMED = ("specialist-confirmed", "confirmed", "dispatched", False)
 
 
+@pytest.mark.store
 def test_a_dispatched_mdn_from_the_mailbox_moves_the_referral_like_one_over_smtp(
     tmp_path: Path, pki: Pki
 ) -> None:
@@ -424,6 +425,7 @@ def test_a_dispatched_mdn_from_the_mailbox_moves_the_referral_like_one_over_smtp
     run(main())
 
 
+@pytest.mark.store
 def test_forged_and_unsigned_mdns_are_quarantined_and_flagged_seen(
     tmp_path: Path, pki: Pki
 ) -> None:
@@ -448,6 +450,7 @@ def test_forged_and_unsigned_mdns_are_quarantined_and_flagged_seen(
     run(main())
 
 
+@pytest.mark.store
 def test_a_storage_failure_leaves_the_message_unseen_for_the_next_poll(
     tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -476,6 +479,7 @@ def test_a_storage_failure_leaves_the_message_unseen_for_the_next_poll(
     run(main())
 
 
+@pytest.mark.store
 def test_the_engine_polls_at_start_and_stops_its_poller_cleanly(tmp_path: Path, pki: Pki) -> None:
     async def main() -> None:
         async with FakeImap() as fake:

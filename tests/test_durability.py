@@ -14,7 +14,7 @@ import random
 import signal
 
 import pytest
-from helpers import Daemon, Reply, hl7, peer, query, run
+from helpers import Daemon, Reply, hl7, peer, query, routed, run
 
 from engine.hl7v2.mllp import frame
 
@@ -109,7 +109,8 @@ def test_kill_9_loses_no_acked_message(daemon: Daemon, seed: int) -> None:
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0, daemon.log_tail()
 
-    assert query(daemon.db, "PRAGMA integrity_check") == [("ok",)]
+    if not routed(daemon.db):  # the file's own check; PostgreSQL's pages are the server's
+        assert query(daemon.db, "PRAGMA integrity_check") == [("ok",)]
     rows = query(daemon.db, "SELECT control_id, count(*) FROM messages GROUP BY control_id")
     assert dict(rows) == dict.fromkeys(messages, 1)
     for cid, raw, status, ack in query(

@@ -118,6 +118,7 @@ def test_expired_token_reauthenticates_exactly_once_on_401() -> None:
     run(body())
 
 
+@pytest.mark.store
 def test_poller_uses_smart_auth_end_to_end(tmp_path: Path) -> None:
     async def body() -> None:
         private, public = keypair("ES384")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,12 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from fhir_server import FhirServer, corpus_resources, make_service_request
-from helpers import run
+from helpers import query, run
 
 from engine.config import FhirQuery, FhirSource
 from engine.ingest.fhir import FhirPoller, FhirSourceError, cursor_key, resource_inbound
 from engine.ingest.smart_auth import NoAuth
 from engine.store import Inbox, open_database
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 TYPES = ("ServiceRequest", "Appointment", "DiagnosticReport", "DocumentReference", "Task")
 
@@ -43,16 +44,12 @@ class Rig:
     make: Callable[..., FhirPoller]
 
     def rows(self) -> list[tuple[str, str, str]]:
-        conn = sqlite3.connect(self.db_path)
-        try:
-            return [
-                (str(r[0]), str(r[1]), str(r[2]))
-                for r in conn.execute(
-                    "SELECT control_id, status, error FROM messages ORDER BY id"
-                ).fetchall()
-            ]
-        finally:
-            conn.close()
+        return [
+            (str(r[0]), str(r[1]), str(r[2]))
+            for r in query(
+                self.db_path, "SELECT control_id, status, error FROM messages ORDER BY id"
+            )
+        ]
 
 
 def source(base: str, **kw: Any) -> FhirSource:
@@ -105,6 +102,7 @@ def load_corpus(server: FhirServer, generated: int = 10) -> None:
             server.tick()
 
 
+@pytest.mark.store
 def test_every_resource_once_across_pages_and_a_second_poll(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path) as r:
@@ -123,6 +121,7 @@ def test_every_resource_once_across_pages_and_a_second_poll(tmp_path: Path) -> N
     run(body())
 
 
+@pytest.mark.store
 def test_cursor_persists_across_restarts_and_catches_new_versions(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path) as r:
@@ -154,6 +153,7 @@ def test_cursor_persists_across_restarts_and_catches_new_versions(tmp_path: Path
     run(body())
 
 
+@pytest.mark.store
 def test_retry_after_and_backoff_are_honoured_without_losing_a_page(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path) as r:
@@ -170,6 +170,7 @@ def test_retry_after_and_backoff_are_honoured_without_losing_a_page(tmp_path: Pa
     run(body())
 
 
+@pytest.mark.store
 def test_failure_mid_search_keeps_the_cursor_and_loses_nothing(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path, max_retries=1) as r:
@@ -202,6 +203,7 @@ def test_failure_mid_search_keeps_the_cursor_and_loses_nothing(tmp_path: Path) -
     run(body())
 
 
+@pytest.mark.store
 def test_unsorted_server_still_misses_nothing_after_a_crash(tmp_path: Path) -> None:
     async def body() -> None:
         server = FhirServer(unsorted=True)  # newest first, ignoring _sort
@@ -217,6 +219,7 @@ def test_unsorted_server_still_misses_nothing_after_a_crash(tmp_path: Path) -> N
     run(body())
 
 
+@pytest.mark.store
 def test_operation_outcome_errors_are_surfaced(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path) as r:
@@ -234,6 +237,7 @@ def test_operation_outcome_errors_are_surfaced(tmp_path: Path) -> None:
     run(body())
 
 
+@pytest.mark.store
 def test_malformed_resources_are_stored_rejected_and_polling_goes_on(tmp_path: Path) -> None:
     async def body() -> None:
         async with rig(tmp_path) as r:

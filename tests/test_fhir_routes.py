@@ -393,6 +393,7 @@ def _apply(tmp: Path, events: list[Event]) -> dict[str, Any]:
         db.close()
 
 
+@pytest.mark.store
 def test_same_referral_as_hl7_and_as_fhir_ends_in_the_same_state(
     table: RouteTable, tmp_path: Path
 ) -> None:

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fhir_server import FhirServer, make_service_request
 from helpers import WAIT, run
 
 from engine.app import Engine
 from engine.config import loads
 from engine.ingest.fhir import parse_notification
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 SECRET = "hook-secret-123"
 

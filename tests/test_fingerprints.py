@@ -12,18 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import sqlite3
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from helpers import Daemon, peer, query, refloop, run, shipped_routes
+import pytest
+from helpers import Daemon, peer, query, refloop, run, shipped_routes, store_conn
 
 from engine.config import load
 from engine.model import Event, StoredMessage, to_plain
 from engine.routing.compile import compile_config
 from engine.routing.decide import decide_stored
 from engine.store import Inbox, open_database
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 REF = (
     b"MSH|^~\\&|EHR|NORTHSIDE|REFLOOP|HUB|20260105090000||REF^I12^REF_I12|FP-1|P|2.5.1\r"
@@ -98,7 +100,7 @@ def test_decisions_and_timeline_share_one_fingerprint(daemon: Daemon, tmp_path: 
     # json.dumps's default separators; a replay still sees the same decision
     legacy = digest(event)
     assert legacy != canonical
-    with closing(sqlite3.connect(daemon.db)) as conn, conn:
+    with closing(store_conn(daemon.db)) as conn:
         conn.execute(
             "UPDATE decisions SET actions = ? WHERE message_id = ?",
             (actions.replace(canonical, legacy), message_id),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import (
     HOST,
     WAIT,
@@ -27,6 +28,8 @@ from helpers import (
 from engine.app import Engine
 from engine.clock import VirtualClock
 from engine.hl7v2.mllp import frame
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 BARE_MSH = b"MSH\rPID|1||12345^^^MRN||DOE^JANE\r"
 

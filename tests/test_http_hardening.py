@@ -115,6 +115,7 @@ def _message(code: str, control: str, note: bytes) -> bytes:
     )
 
 
+@pytest.mark.store
 def test_raw_message_responses_are_not_sniffed_or_stored(tmp_path: Path) -> None:
     async def main() -> None:
         async with ui_engine(tmp_path) as rig, httpx.AsyncClient(timeout=10) as http:
@@ -129,6 +130,7 @@ def test_raw_message_responses_are_not_sniffed_or_stored(tmp_path: Path) -> None
     run(main(), timeout=60)
 
 
+@pytest.mark.store
 def test_configured_allowed_hosts_replace_the_bind_address(tmp_path: Path) -> None:
     doc = {
         "version": 1,

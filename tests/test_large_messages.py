@@ -12,6 +12,7 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import pytest
 from helpers import Peer, Reply, hl7, mllp_port, query, run, running_engine
 
 from engine.model import Inbound
@@ -30,6 +31,7 @@ def big_message(control_id: str, segments: int = BIG) -> bytes:
     )
 
 
+@pytest.mark.store
 def test_probe_is_acked_while_a_15mb_message_is_processed(tmp_path: Path) -> None:
     """A probe connection pings (one message, wait for its ACK, repeat) while another
     connection sends a 15 MB message. Between the big message's commit ACK (CA) and its
@@ -101,6 +103,8 @@ def _inbound(control_id: str, raw: bytes) -> Inbound:
     )
 
 
+@pytest.mark.store
+@pytest.mark.sqlite_file("the WAL's size after the update")
 def test_marking_a_large_message_does_not_rewrite_its_bytes(tmp_path: Path) -> None:
     """SQLite writes a whole record on UPDATE: with the bytes in the messages row,
     marking a 4 MiB message processed wrote 4 MiB more to the WAL. With the bytes in
@@ -121,6 +125,8 @@ def test_marking_a_large_message_does_not_rewrite_its_bytes(tmp_path: Path) -> N
     db.close()
 
 
+@pytest.mark.store
+@pytest.mark.sqlite_file("the file's columns (PRAGMA table_info) and integrity_check")
 def test_migration_moves_existing_bytes_to_message_raw(tmp_path: Path) -> None:
     """A database created before the move keeps every message's exact bytes."""
     before = MIGRATIONS[: MIGRATIONS.index(_m_message_raw)]
@@ -145,6 +151,7 @@ def test_migration_moves_existing_bytes_to_message_raw(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+@pytest.mark.store
 def test_small_frames_of_other_connections_commit_before_a_queued_large_one(
     tmp_path: Path,
 ) -> None:

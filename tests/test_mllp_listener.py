@@ -29,6 +29,8 @@ from helpers import (
 from engine.app import Engine
 from engine.hl7v2.mllp import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, frame
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 VT, FS, CR = START_BLOCK, END_BLOCK, CARRIAGE_RETURN
 M1 = hl7("CTRL-1")
 M2 = hl7("CTRL-2", msg_type="ORM^O01")

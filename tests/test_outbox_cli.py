@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from engine.cli.main import main
@@ -12,6 +13,8 @@ from engine.store import audit as audit_store
 from engine.store import outbox
 from engine.store import referrals as referral_store
 from engine.store.db import Database, open_database
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 T0 = 1_767_225_600.0
 

@@ -44,6 +44,8 @@ from engine.hl7v2.client import MllpClient
 from engine.store import referrals as rstore
 from engine.tracking.specialists import import_csv
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 ROOT = Path(__file__).resolve().parent.parent
 T0 = dt.datetime.now(dt.UTC).timestamp()  # certificates are checked at the clock's time
 PUBLIC = "https://refloop.example"

@@ -17,6 +17,8 @@ from engine.config import ConfigError
 from engine.hl7v2.mllp import frame
 from engine.ingest import proxy
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 SIG = bytes.fromhex("0d0a0d0a000d0a515549540a")  # "\r\n\r\n\0\r\nQUIT\n"
 # v2 PROXY, AF_INET STREAM, 12 bytes: 192.0.2.10:40000 -> 10.0.0.5:2575
 V4 = SIG + bytes.fromhex("21 11 000c c000020a 0a000005 9c40 0a0f")

@@ -534,17 +534,20 @@ def unexplained(k: str, problems: list[str], plan: list[str]) -> list[str]:
     return left
 
 
+@pytest.mark.sqlite_file("SQLite's query plans (EXPLAIN QUERY PLAN)")
 def test_no_statement_reads_a_growing_table_whole(plans: Plans) -> None:
     found = {k: left for k, (p, plan) in plans.items() if (left := unexplained(k, p, plan))}
     assert not found, "\n".join(f"{k}\n    {v}" for k, v in found.items())
 
 
+@pytest.mark.sqlite_file("SQLite's query plans (EXPLAIN QUERY PLAN)")
 def test_every_allowance_is_still_needed(plans: Plans) -> None:
     """An allowance whose statement no longer runs, or no longer reads widely, goes."""
     unused = sorted(k for k in ALLOWED if not plans.get(k, ([], []))[0])
     assert not unused, "\n".join(unused)
 
 
+@pytest.mark.sqlite_file("SQLite's query plans (EXPLAIN QUERY PLAN)")
 def test_the_check_catches_a_scan_in_disguise(tmp_path: Path) -> None:
     db = open_database(tmp_path / "r.db")  # every migration: the real schema
     conn = db.conn

@@ -245,6 +245,7 @@ def test_after_the_last_referral_is_an_empty_last_page(db: Database) -> None:
     assert (page.ids, rows, page.total, page.has_next) == ([], [], len(PLANTED), False)
 
 
+@pytest.mark.store
 def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) -> None:
     """The patient columns of referrals tracked before the migration come from the PID
     of the message that opened each (its referral-created event)."""
@@ -270,10 +271,13 @@ def test_migration_fills_referrals_from_their_opening_message(tmp_path: Path) ->
         )  # fmt: skip
     import sqlite_utils
 
+    from engine.store.pg import PgSchema
+    from engine.store.sql import POSTGRESQL, dialect
+
     with d.transaction() as conn:
-        referral_search.migrate(
-            sqlite_utils.Database(conn), backfill=lambda b: from_hl7(Message(b))
-        )
+        # what a migration step gets: sqlite_utils' Database, or its PostgreSQL stand-in
+        schema = PgSchema(conn) if dialect(conn) == POSTGRESQL else sqlite_utils.Database(conn)
+        referral_search.migrate(schema, backfill=lambda b: from_hl7(Message(b)))
     people = referral_search.patients(d.conn, [rid])
     assert people[rid] == referral_search.Patient("M-5", "Ng", "Lan", "1999-12-31")
     assert placers(d, "ng lan") == ["OLD-1"]

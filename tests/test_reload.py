@@ -8,7 +8,6 @@ import os
 import queue
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from helpers import cli_args, query
 from prometheus_client import CollectorRegistry
 
 from engine import config
@@ -71,13 +71,8 @@ async def send(port: int, raw: bytes) -> str:
 def route_of(db: Path, control_id: str, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute(
-                "SELECT status, route FROM messages WHERE control_id = ?", (control_id,)
-            ).fetchone()
-        finally:
-            conn.close()
+        rows = query(db, "SELECT status, route FROM messages WHERE control_id = ?", (control_id,))
+        row = rows[0] if rows else None
         if row and row[0] != "received":
             return str(row[1])
         time.sleep(0.02)
@@ -94,11 +89,7 @@ class Daemon:
                 sys.executable,
                 "-m",
                 "engine.cli",
-                "run",
-                "--routes",
-                str(routes),
-                "--state",
-                str(state),
+                *cli_args("run", "--routes", str(routes), "--state", str(state)),
             ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
@@ -172,6 +163,7 @@ def test_sighup_reloads_and_a_broken_edit_keeps_the_old_routes(tmp_path: Path) -
     assert daemon.proc.returncode == 0
 
 
+@pytest.mark.store
 def test_admin_reload_endpoint_and_cli(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_text("first"))

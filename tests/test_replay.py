@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from helpers import query, refloop
+from helpers import query, refloop, routed, store_for
 from prometheus_client import CollectorRegistry
 
 from engine import config
@@ -24,6 +24,8 @@ from engine.hl7v2.client import MllpClient
 from engine.routing.replay import ReplayFilter, replay
 from engine.store import open_database
 from engine.store.decisions import Decisions
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 HEAD = """\
 version: 1
@@ -143,18 +145,24 @@ def tracker_rows(db_path: Path) -> list[tuple[Any, ...]]:
 
 
 def statuses(db_path: Path) -> list[tuple[int, str, str]]:
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return [
-            tuple(r) for r in conn.execute("SELECT id, status, route FROM messages ORDER BY id")
-        ]
-    finally:
-        conn.close()
+    return [tuple(r) for r in query(db_path, "SELECT id, status, route FROM messages ORDER BY id")]
 
 
 def data_checksum(db_path: Path) -> str:
-    """The database's data: every row of every table, plus the bytes of its files."""
+    """The database's data: every row of every table, plus the bytes of its files (on
+    PostgreSQL: every row of every table of its schema)."""
     digest = hashlib.sha256()
+    if routed(db_path):
+        tables = query(
+            db_path,
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = current_schema() ORDER BY table_name",
+        )
+        for (table,) in tables:
+            digest.update(table.encode())
+            for row in sorted(repr(r) for r in query(db_path, f'SELECT * FROM "{table}"')):
+                digest.update(row.encode())
+        return digest.hexdigest()
     for suffix in ("", "-wal"):
         p = Path(str(db_path) + suffix)
         if p.exists():
@@ -192,7 +200,7 @@ def test_dry_run_changes_nothing(processed: tuple[Path, Path]) -> None:
     routes, db_path = processed
     cfg = write(routes, V2)
     before = data_checksum(db_path)
-    summary = replay(db_path, cfg, ReplayFilter(), dry_run=True, user="tester")
+    summary = replay(store_for(db_path), cfg, ReplayFilter(), dry_run=True, user="tester")
     assert data_checksum(db_path) == before
     assert summary.selected == 4
     assert summary.changed == 2
@@ -207,7 +215,7 @@ def test_dry_run_changes_nothing(processed: tuple[Path, Path]) -> None:
 def test_replay_after_route_change_reroutes_once(processed: tuple[Path, Path]) -> None:
     routes, db_path = processed
     cfg = write(routes, V2)
-    first = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester")
+    first = replay(store_for(db_path), cfg, ReplayFilter(), dry_run=False, user="tester")
     assert (first.changed, first.applied) == (2, 2)
     # REF-1's parked booking is linked when REF-1 is created (docs/referral-states.md)
     assert referrals(routes, db_path) == [("REF-1", "patient-booked"), ("REF-3", "open")]
@@ -218,7 +226,7 @@ def test_replay_after_route_change_reroutes_once(processed: tuple[Path, Path]) -
         (4, "filtered", ""),
     ]
     written = tracker_rows(db_path)
-    second = replay(db_path, cfg, ReplayFilter(), dry_run=False, user="tester")
+    second = replay(store_for(db_path), cfg, ReplayFilter(), dry_run=False, user="tester")
     assert (second.changed, second.applied) == (0, 0)
     assert tracker_rows(db_path) == written  # nothing applied twice
     db = open_database(db_path, readonly=True)
@@ -260,11 +268,11 @@ def test_replay_through_the_executable_reaches_the_tracker(processed: tuple[Path
 def test_replay_filters(processed: tuple[Path, Path]) -> None:
     routes, db_path = processed
     cfg = write(routes, V2)
-    by_route = replay(db_path, cfg, ReplayFilter(route="booked"), dry_run=True)
+    by_route = replay(store_for(db_path), cfg, ReplayFilter(route="booked"), dry_run=True)
     assert [i.message_id for i in by_route.items] == [2]
-    by_type = replay(db_path, cfg, ReplayFilter(message_type="ORM^*"), dry_run=True)
+    by_type = replay(store_for(db_path), cfg, ReplayFilter(message_type="ORM^*"), dry_run=True)
     assert [i.message_id for i in by_type.items] == [1, 3]
-    by_id = replay(db_path, cfg, ReplayFilter(ids=(3,), status="filtered"), dry_run=True)
+    by_id = replay(store_for(db_path), cfg, ReplayFilter(ids=(3,), status="filtered"), dry_run=True)
     assert [i.message_id for i in by_id.items] == [3]
 
 
@@ -300,14 +308,10 @@ def test_replay_cli_dry_run_json(processed: tuple[Path, Path]) -> None:
 def test_real_replay_is_audited(processed: tuple[Path, Path]) -> None:
     routes, db_path = processed
     cfg = write(routes, V2)
-    replay(db_path, cfg, ReplayFilter(ids=(1,)), dry_run=False, user="tester")
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        rows = conn.execute(
-            "SELECT actor, action, message_id, detail FROM audit WHERE action = 'replayed'"
-        ).fetchall()
-    finally:
-        conn.close()
+    replay(store_for(db_path), cfg, ReplayFilter(ids=(1,)), dry_run=False, user="tester")
+    rows = query(
+        db_path, "SELECT actor, action, message_id, detail FROM audit WHERE action = 'replayed'"
+    )
     assert len(rows) == 1
     actor, _action, message_id, detail = rows[0]
     assert (actor, message_id) == ("operator:tester", 1)

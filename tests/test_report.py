@@ -375,6 +375,7 @@ _OPS = st.lists(
 )
 
 
+@pytest.mark.store
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=_OPS)
 def test_triggers_agree_with_a_rebuild_under_random_moves(tmp_path_factory: Any, ops: Any) -> None:
@@ -409,6 +410,7 @@ def test_triggers_agree_with_a_rebuild_under_random_moves(tmp_path_factory: Any,
         db.close()
 
 
+@pytest.mark.store
 def test_the_migration_fills_the_table_for_existing_referrals(tmp_path: Path) -> None:
     """A database from before the report (the same population, no triggers yet) gives the
     same report once the migration has run."""
@@ -562,6 +564,7 @@ def test_cli_bad_input(state: Path, args: tuple[str, ...], message: str) -> None
     assert len(result.output.splitlines()) == 1
 
 
+@pytest.mark.store
 def test_cli_no_database(tmp_path: Path) -> None:
     result = cli(tmp_path / "nowhere", "--from", "2025-01-01", "--to", "2025-12-31")
     assert result.exit_code == 1 and "no database" in result.output
@@ -571,6 +574,7 @@ def test_cli_no_database(tmp_path: Path) -> None:
 # The API
 
 
+@pytest.mark.store
 def test_api_report(tmp_path: Path) -> None:
     async def main_() -> None:
         async with ui_engine(tmp_path) as rig, httpx.AsyncClient(timeout=10) as http:

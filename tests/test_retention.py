@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import Daemon, hl7, peer, query, refloop, run, shipped_routes
+from helpers import Daemon, hl7, peer, query, refloop, run, shipped_routes, store_conn
 from prometheus_client import CollectorRegistry
 from test_referral_keys import adt, ref_i12, siu_s12
 
@@ -35,6 +35,8 @@ from engine.store import retention
 from engine.store.db import open_database
 from engine.store.referrals import enqueue_outbox
 from engine.tracking.tracker import Tracker
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 DAY = 86400.0
 
@@ -53,7 +55,7 @@ def cli_json(state: Path, routes: Path, *args: str) -> Any:
 def age(db: Path, days: float) -> None:
     """Move every stored time ``days`` into the past (the daemon is stopped)."""
     back = (days * DAY,)
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+    with contextlib.closing(store_conn(db)) as conn:
         conn.execute("UPDATE messages SET received_at = received_at - ?1", back)
         conn.execute(
             "UPDATE referrals SET opened_at = opened_at - ?1, closed_at = closed_at - ?1", back
@@ -167,6 +169,7 @@ def _engine_config(state: Path, tmp_path: Path) -> Any:
     return loads(yaml.safe_dump(data), file=str(routes), env={})
 
 
+@pytest.mark.sqlite_file("the file shrinks (auto_vacuum, WAL checkpoints)")
 def test_the_daemon_prunes_in_steps_and_returns_the_space(tmp_path: Path) -> None:
     """The daemon's own pruner, on its (virtual) clock: 200 large stray messages are
     pruned 31 days on, the metrics count them, one audit row records the run, and the
@@ -338,6 +341,7 @@ def test_retention_errors_name_file_and_line() -> None:
     assert cfg.parked_days is None and not cfg.enabled and cfg.closed_referral_days == 400
 
 
+@pytest.mark.sqlite_file("auto_vacuum and VACUUM of an older file")
 def test_vacuum_converts_an_older_file(tmp_path: Path) -> None:
     """A file made before auto_vacuum was set keeps its free pages after pruning;
     ``refloop prune --vacuum`` switches it to INCREMENTAL and gives the space back."""
@@ -380,17 +384,18 @@ def _filled(path: Path, n: int, size: int, received_at: float) -> None:
     with db.transaction() as conn:
         for i in range(n):
             raw = hl7(f"F-{i}", body=("NTE|1||" + "z" * size,))
-            conn.execute(
+            (message_id,) = conn.execute(
                 "INSERT INTO messages (received_at, source, control_id, sha256, status) "
-                "VALUES (?, 'ehr', ?, ?, 'filtered')",
+                "VALUES (?, 'ehr', ?, ?, 'filtered') RETURNING id",
                 (received_at, f"F-{i}", hashlib.sha256(raw).digest()),
-            )
+            ).fetchone()
             conn.execute(
-                "INSERT INTO message_raw (message_id, raw) VALUES (last_insert_rowid(), ?)", (raw,)
+                "INSERT INTO message_raw (message_id, raw) VALUES (?, ?)", (message_id, raw)
             )
     db.close()
 
 
+@pytest.mark.sqlite_file("incremental_vacuum pages of the file")
 def test_a_vacuum_step_returns_the_pages_it_is_asked_for(tmp_path: Path) -> None:
     """PRAGMA incremental_vacuum(N) frees one page per step of the statement: run through
     execute() it returned one page, whatever N (the first bench run shrank nothing)."""

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+from helpers import store_for
 from prometheus_client import CollectorRegistry
 
 from engine import config
@@ -140,6 +142,7 @@ async def deliver(tmp_path: Path, *messages: bytes) -> tuple[list[bytes], list[t
             await eng.stop()
 
 
+@pytest.mark.store
 def test_forward_and_send_go_out_through_the_outbox(tmp_path: Path) -> None:
     frames, rows = asyncio.run(deliver(tmp_path, ADT, CANCEL))
     by_type = {f.split(b"|", 9)[8]: f for f in frames}
@@ -152,18 +155,19 @@ def test_forward_and_send_go_out_through_the_outbox(tmp_path: Path) -> None:
     assert [k for _, _, k, _ in rows] == ["route:1:0", "route:2:0"]
 
 
+@pytest.mark.store
 def test_replay_queues_nothing_again_unless_resend(tmp_path: Path) -> None:
     asyncio.run(deliver(tmp_path, ADT))
     cfg = config.load(tmp_path / "routes.yaml")
     path = tmp_path / "state" / "refloop.db"
-    replay(path, cfg, ReplayFilter(), dry_run=False, user="ops")
+    replay(store_for(path), cfg, ReplayFilter(), dry_run=False, user="ops")
     db = open_database(path)
     try:
         keys = [str(r[0]) for r in db.conn.execute("SELECT idempotency_key FROM outbox")]
         assert keys == ["route:1:0"]
     finally:
         db.close()
-    replay(path, cfg, ReplayFilter(), dry_run=False, resend=True, user="ops")
+    replay(store_for(path), cfg, ReplayFilter(), dry_run=False, resend=True, user="ops")
     db = open_database(path)
     try:
         rows = db.conn.execute("SELECT idempotency_key, status, payload FROM outbox ORDER BY id")

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from engine.cli.main import main
 from engine.sim.simulate import load_scenario, render_text, simulate, to_json
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "docs" / "scenarios"
 

@@ -193,6 +193,7 @@ def test_packet_routing_rule(
         assert packet_route(db.conn, details(**referral), without_direct=True).channel == "fax"
 
 
+@pytest.mark.store
 def test_cli_import_list_show(tmp_path: Path, pki: Pki) -> None:
     state = tmp_path / "state"
     routes = tmp_path / "routes.yaml"  # names no store file: the default, refloop.db

@@ -56,6 +56,7 @@ def _bench() -> ModuleType:
     return module
 
 
+@pytest.mark.sqlite_file("counts statements on the SQLite connection (CountingConnection)")
 def test_the_counter_counts_what_it_is_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,6 +92,7 @@ def test_the_counter_counts_what_it_is_asked(
     assert json.loads(line) == {"pid": os.getpid(), "label": "main", **totals}
 
 
+@pytest.mark.sqlite_file("counts statements on the SQLite connection (CountingConnection)")
 def test_statements_per_new_referral(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sixteen new referrals processed in one transaction by the real processor with the
     shipped routes: at most MAX_READS reads and MAX_WRITES writes each."""

@@ -56,6 +56,8 @@ async def _until_ready(http: int, want: int, timeout: float = 15.0) -> None:
 # -- the database locked past the writer's timeout (in-process engine, real lock) -------
 
 
+@pytest.mark.store
+@pytest.mark.sqlite_file("another connection holds the file's write lock")
 def test_a_commit_that_fails_is_answered_ae_never_aa_and_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -130,7 +132,9 @@ def _note(i: int) -> tuple[str, ...]:
     return ("PID|1||1^^^MRN||DOE^JANE", "NTE|1||" + (f"{i:06d}" * 8000))  # ~48 KB each
 
 
+@pytest.mark.store
 @pytest.mark.slow
+@pytest.mark.sqlite_file("the state directory on a tmpfs that fills up")
 def test_a_full_disk_is_answered_ae_and_the_daemon_recovers_when_space_returns(
     tmp_path: Path,
 ) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from helpers import REPO, Daemon, move_time_back, query, refloop, wait_rows
 from ui_rig import PASSWORD, csrf_of, ref_i12
 
@@ -31,14 +31,7 @@ DAY = 86400.0
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
     """``refloop`` with text on stdin (``users add --password-stdin``)."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
-        cwd=REPO,
-        input=stdin.encode(),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    return refloop(*args, stdin=stdin.encode(), timeout=60)
 
 
 def tasks_json(state: Path, *extra: str) -> list[dict[str, Any]]:
@@ -187,6 +180,7 @@ def test_routes_check_reports_a_rotation_step_nothing_serves(tmp_path: Path) -> 
     assert refloop("routes", "check", str(REPO / "routes.yaml")).returncode == 0
 
 
+@pytest.mark.store
 def test_assign_snooze_and_errors_through_the_executable(tmp_path: Path) -> None:
     """``refloop tasks assign`` / ``snooze`` on a real database file; an unknown task or
     a bad time is refused (click's usage error)."""
@@ -217,6 +211,7 @@ def test_assign_snooze_and_errors_through_the_executable(tmp_path: Path) -> None
     assert bad.returncode != 0 and "not an ISO date or time: 'soon'" in bad.stderr.decode()
 
 
+@pytest.mark.store
 def test_the_due_list_orders_by_snooze_then_due_then_opened(tmp_path: Path) -> None:
     """``refloop tasks list --status due`` (the dashboard's work list): open tasks not
     asleep, by when each is due (its snooze's end, else its payload's due_at, else when

@@ -36,6 +36,8 @@ from helpers import (
 
 from engine.hl7v2.mllp import Framer, frame
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 ALLOWED = ("good-client",)
 
 

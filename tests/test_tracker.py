@@ -1027,6 +1027,7 @@ def _invoke(state: Path, *args: str) -> Any:
     return CliRunner().invoke(_cli(), [*args, "--state", str(state), "--routes", str(routes)])
 
 
+@pytest.mark.store
 def test_cli_unmatched_report_parked_then_linked(tmp_path: Path) -> None:
     state = tmp_path / "state"
     db = open_database(state / "refloop.db")
@@ -1078,6 +1079,7 @@ def test_cli_unmatched_report_parked_then_linked(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "already linked" in again.output
 
 
+@pytest.mark.store
 def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     state = tmp_path / "state"
     db = open_database(state / "refloop.db")
@@ -1111,6 +1113,8 @@ def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     assert closed.exit_code == 0, closed.output
     assert ids("--status", "closed") == [1]
     assert ids("--status", "open") == [3, 2]
+    everything = ids("--sort", "priority", "--limit", "0")  # the open ones, then the closed
+    assert sorted(everything) == [1, 2, 3] and everything[-1] == 1
     bad = _invoke(state, "referrals", "close", "99", "--reason", "other")
     assert bad.exit_code == 1 and "no referral with id 99" in bad.output
 
@@ -1130,6 +1134,7 @@ def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     assert _invoke(state, "audit", "export", "--since", "yesterday").exit_code == 1
 
 
+@pytest.mark.store
 def test_cli_on_a_database_without_referral_tables(tmp_path: Path) -> None:
     from engine.store.db import MIGRATIONS
 
@@ -1224,6 +1229,7 @@ def _final(events: list[Event]) -> dict[str, Any]:
     st.lists(_ORDER_FREE, min_size=1, max_size=8).map(lambda es: [NW(0, 0), *es]),
     st.randoms(use_true_random=False),
 )
+@pytest.mark.store
 def test_permutations_end_in_the_same_stored_state(events: list[Event], rnd: Any) -> None:
     numbered = _numbered(events)
     shuffled = list(numbered)

@@ -53,6 +53,8 @@ from engine.store.db import Database, open_database
 from engine.tracking.escalation import Policy
 from engine.tracking.tracker import Tracker
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "test-auth-token-not-a-secret"
 CALLBACK = "https://refloop.example.org/hooks/twilio/voice-status"

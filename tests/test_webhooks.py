@@ -32,6 +32,8 @@ from engine.model import Identifiers, PatientContact, Provider, ReferralCreated
 from engine.store import outbox
 from engine.store import referrals as referral_store
 
+pytestmark = pytest.mark.store  # every test here uses the store
+
 T0 = 1_767_225_600.0
 PUBLIC = "https://refloop.example.org"
 TOKEN = "twilio-auth-token-for-tests-0123"

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import REPO, hl7, refloop, run
+from helpers import REPO, cli_args, hl7, refloop, run
 from ui_rig import UiRig, csrf_of, login, ref_i12, ui_config, ui_engine
 
 from engine.errors import MessageRejected
@@ -144,6 +144,7 @@ def _rows(rig: UiRig) -> int:
     return int(rig.db.conn.execute("SELECT count(*) FROM messages").fetchone()[0])
 
 
+@pytest.mark.store
 def test_try_api_decides_and_stores_nothing(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         before = _rows(rig)
@@ -174,6 +175,7 @@ def test_try_api_decides_and_stores_nothing(tmp_path: Path) -> None:
     go(tmp_path, body)
 
 
+@pytest.mark.store
 def test_try_page_paste_upload_csrf_and_role(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         async with httpx.AsyncClient(base_url=rig.base) as http:
@@ -208,6 +210,7 @@ def test_try_page_paste_upload_csrf_and_role(tmp_path: Path) -> None:
 # -- sources ------------------------------------------------------------------------------
 
 
+@pytest.mark.store
 def test_sources_figures_api_page_and_cli_agree(tmp_path: Path) -> None:
     async def body(rig: UiRig) -> None:
         await rig.send(ref_i12("REF-S-1", "s-1"), ADT)
@@ -275,9 +278,9 @@ async def _cli_status(rig: UiRig, tmp_path: Path) -> Any:
     routes = tmp_path / "cli-routes.yaml"
     routes.write_text(yaml.safe_dump(ui_config(), sort_keys=False), encoding="utf-8")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "sources", "status", "--json",
-        "--routes", str(routes), "--state", str(tmp_path / "state"),
-        "--metrics-url", f"{rig.base}/metrics",
+        sys.executable, "-m", "engine.cli",
+        *cli_args("sources", "status", "--json", "--routes", str(routes),
+                  "--state", str(tmp_path / "state"), "--metrics-url", f"{rig.base}/metrics"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -294,6 +297,7 @@ async def _api(rig: UiRig) -> Any:
         return (await http.get("/api/sources", headers=rig.bearer("ana"))).json()["items"]
 
 
+@pytest.mark.store
 def test_sources_status_without_a_daemon(tmp_path: Path) -> None:
     async def fill(rig: UiRig) -> None:
         await rig.send(ref_i12("REF-S-2", "s-2"))

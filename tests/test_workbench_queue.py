@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from helpers import free_port, run
 from ui_rig import UiRig, csrf_of, login, ref_i12, ui_engine
 
@@ -68,6 +69,7 @@ def test_the_lists_agree() -> None:
     assert api.TASK_LISTS == task_queue.LISTS
 
 
+@pytest.mark.store
 def test_tasks_page_assign_snooze_wake_and_done(tmp_path: Path) -> None:
     async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
         await rig.send(ref_i12("REF-TQ-1", "tq-1"), ref_i12("REF-TQ-2", "tq-2"))
@@ -148,6 +150,7 @@ def test_tasks_page_assign_snooze_wake_and_done(tmp_path: Path) -> None:
     go(tmp_path, body)
 
 
+@pytest.mark.store
 def test_api_snooze_and_task_lists(tmp_path: Path) -> None:
     async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
         await rig.send(ref_i12("REF-TS-1", "ts-1"))
@@ -191,6 +194,7 @@ def test_api_snooze_and_task_lists(tmp_path: Path) -> None:
     go(tmp_path, body)
 
 
+@pytest.mark.store
 def test_bulk_close_api_and_worklist(tmp_path: Path) -> None:
     async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
         placers = [f"REF-BULK-{i}" for i in range(4)]
@@ -275,6 +279,7 @@ def _forward_to_nowhere(port: int) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+@pytest.mark.store
 def test_message_view_tree_reprocess_and_retry(tmp_path: Path) -> None:
     async def body(rig: UiRig, http: httpx.AsyncClient) -> None:
         await rig.send(ref_i12("REF-MSG-1", "msg-ctl-1"))
@@ -407,6 +412,7 @@ def test_the_rebuilt_ack() -> None:
     assert _ack_text(fhir, {**meta, "ack_code": "AA"}) == ""
 
 
+@pytest.mark.store
 def test_task_lists_say_when_rows_are_left(tmp_path: Path, monkeypatch: Any) -> None:
     """No silent cap: GET /api/tasks answers ``more`` past ``limit``, and the Tasks page
     says when it shows only the first page (3 tasks, a page of 2)."""

@@ -10,10 +10,13 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 from helpers import run
 from ui_rig import UiRig, login, ref_i12, ui_engine
 
 from engine.clock import VirtualClock
+
+pytestmark = pytest.mark.store  # every test here uses the store
 
 NOW = dt.datetime(2028, 1, 11, 12, tzinfo=dt.UTC).timestamp()
 OPENED = dt.datetime(2026, 1, 1, 9, tzinfo=dt.UTC).timestamp()  # MSH-7 of ref_i12

@@ -190,6 +190,8 @@ def replay(
     # never make up an empty database to replay into
     if not is_postgres_url(db_path) and not Path(db_path).exists():
         raise StoreError(f"no database at {db_path}")
+    if is_postgres_url(db_path):  # nor an empty schema: the read-only open refuses one
+        open_database(db_path, readonly=True).close()
     db = open_database(db_path, readonly=dry_run)
     try:
         if tracker is None and not dry_run:

@@ -383,7 +383,9 @@ def defer(
     ``pending`` until ``due``, giving back the attempt its claim counted."""
     fence, fence_args = _fence(lease)
     cur = conn.execute(
-        "UPDATE outbox SET status = 'pending', due = ?, attempts = MAX(0, attempts - 1), "
+        # CASE, not SQLite's two-argument MAX (an aggregate only, on PostgreSQL)
+        "UPDATE outbox SET status = 'pending', due = ?, "
+        "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, "
         "last_error = ?, updated_at = ? WHERE id = ? AND status = 'sending'" + fence,
         (due, reason, now, outbox_id, *fence_args),
     )

@@ -2,13 +2,14 @@
 
 The store's SQL is written once, in SQLite's spelling of the subset both backends accept;
 :func:`translate` rewrites a statement once (cached) for PostgreSQL: ``?``/``:name``
-placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``GLOB`` (through the
-``refloop_glob`` function), ``json_extract``, the ``+column`` index hints, and in DDL the
-column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an identity column) and SQLite
-triggers (each becomes a PL/pgSQL function plus a trigger). The schema steps are the same
-list as SQLite's (``engine.store.migrations.MIGRATIONS``), run through :class:`PgSchema`,
-the small part of sqlite_utils they use; the version is counted in ``schema_version``
-under an advisory lock, so several nodes starting at once migrate once.
+placeholders to psycopg's, ``x''`` blob literals, ``instr``, ``hex``, ``GLOB`` (through
+the ``refloop_glob`` function), ``json_extract``, the ``+column`` and ``INDEXED BY`` index
+hints, and in DDL the column types (``INTEGER PRIMARY KEY AUTOINCREMENT`` becomes an
+identity column) and SQLite triggers (each becomes a PL/pgSQL function plus a trigger).
+The schema steps are the same list as SQLite's (``engine.store.migrations.MIGRATIONS``),
+run through :class:`PgSchema`, the small part of sqlite_utils they use; the version is
+counted in ``schema_version`` under an advisory lock, so several nodes starting at once
+migrate once.
 
 Connections come from a ``psycopg_pool.ConnectionPool`` (``store.pool``); the daemon's
 event-loop connection and the inbox writer thread's are two of them. Passwords come from
@@ -37,7 +38,7 @@ from engine.errors import StoreError
 from engine.store import notify
 from engine.store.sql import POSTGRESQL, STATS_ENV, Database, statement_kind
 
-MIGRATION_LOCK: Final = 0x7265666C6F6F70  # pg_advisory_xact_lock key: "refloop"
+MIGRATION_LOCK: Final = 0x7265666C6F6F70  # "refloop": the seed of the per-schema lock key
 CONNECT_TIMEOUT: Final = 10.0  # seconds to wait for a pooled connection
 
 # What the translated SQL relies on, created (or replaced) whenever the schema migrates.
@@ -101,6 +102,8 @@ _TOKEN: Final = re.compile(
 _GLOB: Final = re.compile(r"([\w.]+)\s+GLOB\s+(%s)", re.IGNORECASE)
 _JSON_EXTRACT: Final = re.compile(r"json_extract\(\s*([\w.]+)\s*,\s*'\$\.(\w+)'\s*\)")
 _INSTR: Final = re.compile(r"\binstr\(", re.IGNORECASE)
+_INDEXED_BY: Final = re.compile(r"\s+INDEXED\s+BY\s+\w+", re.IGNORECASE)  # a SQLite hint
+_HEX: Final = re.compile(r"\bhex\(\s*([\w.]+)\s*\)", re.IGNORECASE)  # of a blob column
 # an id list passed as one JSON array argument (one statement shape for any length)
 _JSON_IDS: Final = re.compile(r"SELECT value FROM json_each\((%s|%\(\w+\)s)\)", re.IGNORECASE)
 # SQLite's IS / IS NOT compare any two values, NULL-safe
@@ -168,6 +171,8 @@ def _expressions(code: str) -> str:
     code = _IS_VALUE.sub(
         lambda m: "IS DISTINCT FROM " if m.group(1) else "IS NOT DISTINCT FROM ", code
     )
+    code = _INDEXED_BY.sub("", code)
+    code = _HEX.sub(r"upper(encode(\1, 'hex'))", code)  # SQLite's hex(): upper case
     return _INSTR.sub("strpos(", code)
 
 
@@ -577,7 +582,12 @@ def grant_runtime_role(conn: PgConn, role: str) -> None:
 def _locked(conn: PgConn) -> Iterator[None]:
     conn.execute("BEGIN")
     try:
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+        # one lock per schema: schemas in one database (each test's, or two
+        # installations') migrate without waiting for each other
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), ?))",
+            (MIGRATION_LOCK,),
+        )
         yield
         conn.execute("COMMIT")
     except BaseException:
@@ -621,7 +631,7 @@ def open_postgres(
     try:
         if readonly:
             if not _has_schema(db.conn):
-                raise StoreError(f"no refloop schema in {redact(url)}")
+                raise StoreError(f"no database at {redact(url)} (no refloop schema there)")
         else:
             migrate(db.conn, migrations)
     except psycopg.Error as exc:

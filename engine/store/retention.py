@@ -42,7 +42,7 @@ import sqlite_utils
 
 from engine.clock import isoformat
 from engine.store import audit
-from engine.store.sql import Database
+from engine.store.sql import POSTGRESQL, Database, dialect
 
 DAY: Final = 86400.0
 STEP_SECONDS: Final = 0.002  # a step stops taking rows after this long (the processor's slice)
@@ -315,7 +315,8 @@ def prune_step(
         return tally
     # deleted bytes are overwritten with zeros where that costs no extra I/O (in the
     # pages written anyway); freed pages are overwritten or cut off by the vacuum
-    db.conn.execute("PRAGMA secure_delete = FAST")
+    if dialect(db) != POSTGRESQL:  # the file's pages; PostgreSQL's are the server's
+        db.conn.execute("PRAGMA secure_delete = FAST")
     with _no_autocheckpoint(db), db.transaction(durable=False) as conn:
         _step(conn, policy, now, cursor, tally, time.perf_counter() + budget, write=True)
     return tally
@@ -325,7 +326,10 @@ def prune_step(
 def _no_autocheckpoint(db: Database) -> Iterator[None]:
     """No WAL checkpoint inside this commit: SQLite would run it in the COMMIT (tens of
     ms with its fsyncs) while the step holds the write lock. The caller checkpoints off
-    the lock instead (:func:`checkpoint`)."""
+    the lock instead (:func:`checkpoint`). Nothing on PostgreSQL."""
+    if dialect(db) == POSTGRESQL:
+        yield
+        return
     db.conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
         yield
@@ -459,13 +463,19 @@ def record(db: Database, tally: Tally, now: float, *, actor: str) -> None:
 
 
 def auto_vacuum(db: Database) -> str:
-    """The file's ``auto_vacuum`` mode: none, full or incremental."""
+    """The file's ``auto_vacuum`` mode: none, full or incremental; ``server`` on
+    PostgreSQL, whose autovacuum makes the space of deleted rows reusable."""
+    if dialect(db) == POSTGRESQL:
+        return "server"
     mode = int(db.conn.execute("PRAGMA auto_vacuum").fetchone()[0])
     return {0: "none", 1: "full", 2: "incremental"}.get(mode, str(mode))
 
 
 def free_bytes(db: Database) -> int:
-    """Bytes of free pages in the file (returned to the filesystem by a vacuum)."""
+    """Bytes of free pages in the file (returned to the filesystem by a vacuum); 0 on
+    PostgreSQL (no file of ours)."""
+    if dialect(db) == POSTGRESQL:
+        return 0
     pages = int(db.conn.execute("PRAGMA freelist_count").fetchone()[0])
     return pages * page_size(db)
 
