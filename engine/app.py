@@ -314,9 +314,6 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
-        if self.background:
-            self.pruner = self._make_pruner()
-            self.tasks.pruner = asyncio.create_task(self.pruner.run(), name="pruner")
 
     def _make_processor(self, handler: Handler) -> Processor:
         """Processing here, or (``role`` listener) the supervisor of the worker process
@@ -749,9 +746,12 @@ class Engine:
 
     def _start_singletons(self, token: int) -> None:
         """The work that runs once per installation, on the lease holder only: the FHIR
-        pollers, the IMAP pollers and the escalation timer wheel."""
+        pollers, the IMAP pollers, the escalation timer wheel and retention's pruner."""
         if self._stopped.is_set():
             return
+        if self.background and self.tasks.pruner is None:
+            self.pruner = self._make_pruner()  # a new one: a stopped pruner stays stopped
+            self.tasks.pruner = asyncio.create_task(self.pruner.run(), name="pruner")
         for name, poller in self.pollers.items():
             poller.resume()
             self.tasks.fhir.append(asyncio.create_task(poller.run(), name=f"fhir-{name}"))
@@ -792,6 +792,11 @@ class Engine:
         set_timers = getattr(self.processor, "set_timers", None)
         if set_timers is not None:
             set_timers(False)
+        if self.pruner is not None:
+            self.pruner.stop()  # the step in hand commits; the new holder's pruner goes on
+        if self.tasks.pruner is not None:
+            await asyncio.gather(self.tasks.pruner, return_exceptions=True)
+            self.tasks.pruner = None
         await _drain(self.tasks.fhir, self.drain_seconds)
         await _drain(self.tasks.direct_imap, self.drain_seconds)
         if self.tasks.timers is not None:

@@ -56,8 +56,11 @@ def test_only_the_holder_polls_and_the_other_takes_over(tmp_path: Path) -> None:
                 assert b.membership is not None and not b.membership.leader
                 await until(lambda: a.pollers["ehr"].polls >= 3)
                 assert b.pollers["ehr"].polls == 0 and not b.tasks.fhir
+                # retention's pruner is leased work too: one node prunes (before, each did)
+                assert a.tasks.pruner is not None and b.tasks.pruner is None
                 await a.stop()  # releases the lease: b takes over at its next round
                 await until(lambda: b.pollers["ehr"].polls >= 1, timeout=5.0)
+                assert b.tasks.pruner is not None
                 assert b.membership.leader and b.membership.lease is not None
                 assert b.membership.lease.token == 2
             finally:
