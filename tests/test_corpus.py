@@ -27,6 +27,7 @@ def test_corpus_is_not_empty() -> None:
     assert len(FILES) > 10
 
 
+@pytest.mark.store  # every corpus message through the listener into PostgreSQL too
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(CORPUS)) for p in FILES])
 def test_corpus_file_is_answered_and_stored_exactly(tmp_path: Path, path: Path) -> None:
     data = path.read_bytes()
