@@ -534,8 +534,10 @@ class Daemon:
     def db(self) -> Path:
         return self.state_dir / "refloop.db"
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start and wait until /readyz answers 200; a port lost to a race is retried."""
+    def start(self, timeout: float = 20.0, *, worker: bool = True) -> None:
+        """Start and wait until /readyz answers 200 and (``worker``) the processing
+        worker is up; a port lost to a race is retried. A test that kills the daemon
+        from its own peer while the daemon starts passes ``worker=False``."""
         if ROUTING.on and not self.store and not _store_section(self.routes).get("url"):
             url = store_for(self.db)
             self.store = url if url.startswith("postgresql://") else ""
@@ -564,10 +566,28 @@ class Daemon:
                 stderr=self._log,
             )
             if self._wait_ready(timeout):
-                self.wait_worker(max(timeout, 60.0))
+                if worker:
+                    self.wait_worker(max(timeout, 60.0))
                 return
             self.kill()
         raise AssertionError(f"daemon did not become ready; log:\n{self.log_tail()}")
+
+    def worker_pid(self) -> int:
+        """The pid of this daemon's processing worker (its child running
+        ``engine.worker``, read from /proc), 0 if none."""
+        assert self.proc is not None
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid and b"engine.worker" in cmdline:
+                return int(entry)
+        return 0
 
     def wait_worker(self, timeout: float = 60.0) -> None:
         """Wait until /readyz says the processing worker is up (docs/architecture.md,

@@ -1,6 +1,7 @@
-"""kill -9 the daemon (the ``refloop`` executable) while outbox rows are ``sending``,
-restart it: the rows its dead claims held go out again only once their leases have
-expired, and nothing is sent twice except the sends the kill cut (counted).
+"""kill -9 the node (the ``refloop`` executable and its processing worker) while outbox
+rows are ``sending``, restart it: the rows its dead claims held go out again only once
+their leases have expired, and nothing is sent twice except the sends the kill cut
+(counted). kill -9 of the daemon alone: its worker finishes and records those sends.
 
 The receiver is a webhook endpoint on loopback that answers the first round of sends and
 holds the second round open; when the whole second round has arrived it kills the daemon,
@@ -10,11 +11,13 @@ so those rows were sent (the receiver has them) but their results were never rec
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from helpers import Daemon, query, run, shipped_routes
 
@@ -48,12 +51,18 @@ def _metric(port: int, name: str) -> float:
     )
 
 
-def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["node", "daemon"])
+def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path, target: str) -> None:
+    """``node``: the daemon and its processing worker die together (a power cut, an OOM
+    kill of the unit): the cut sends go again after their leases, each exactly twice.
+    ``daemon``: the daemon alone dies; its worker, which made the sends, sees the socket
+    close, finishes the sends in flight, records them and stops: nothing goes twice."""
     secret = tmp_path / "hook.secret"
     secret.write_text("webhook-secret-for-tests-only")
     daemon.state_dir.mkdir(parents=True)
     _seed(daemon.db)
     arrivals: list[tuple[str, float]] = []  # (idempotency key, when), in arrival order
+    orphans: list[int] = []  # the killed daemon's worker
     hold = asyncio.Event()
     release = asyncio.Event()
     killed = asyncio.Event()
@@ -63,7 +72,14 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
         arrivals.append((key, time.time()))
         if hold.is_set() and len(arrivals) > CONCURRENCY:
             if len(arrivals) == 2 * CONCURRENCY:
-                daemon.signal(signal.SIGKILL)  # the whole second round is in flight
+                # the whole second round is in flight: the node dies, its processing
+                # worker (which sends) with it, as in a power cut or an OOM kill of the
+                # unit. (The daemon alone killed, its worker finishes and records these
+                # sends before it stops: tests/test_worker_process.py.)
+                orphans.append(daemon.worker_pid())
+                daemon.signal(signal.SIGKILL)
+                if target == "node" and orphans[0]:
+                    os.kill(orphans[0], signal.SIGKILL)
                 killed.set()
             await release.wait()  # never answered: the daemon is gone
         return web.json_response({"id": f"rx-{len(arrivals)}"})
@@ -90,7 +106,9 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
                 },
             )
             hold.set()
-            await asyncio.to_thread(daemon.start)
+            # the worker's first sends reach the receiver, which kills the daemon, maybe
+            # before /readyz has said the worker is up: do not wait for that
+            await asyncio.to_thread(daemon.start, worker=False)
             async with asyncio.timeout(30):
                 await killed.wait()
             await asyncio.to_thread(daemon.wait)
@@ -117,7 +135,7 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
                 str(k): float(s)
                 for k, s in query(daemon.db, "SELECT idempotency_key, sent_at FROM outbox")
             }
-            if started < min(leases.values()):
+            if target == "node" and started < min(leases.values()):
                 assert set(before) <= set(after)
             return leases, sent, expired
         finally:
@@ -127,9 +145,17 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
 
     leases, sent, expired = run(body(), timeout=120)
     cut = set(leases)
-    assert len(cut) == CONCURRENCY  # the second round: sent, never recorded
+    assert len(cut) == CONCURRENCY  # the second round: sent, not recorded when killed
     keys = [k for k, _ in arrivals]
     assert sorted(set(keys)) == [f"k{i:02d}" for i in range(1, ROWS + 1)]
+    assert len(sent) == ROWS
+    if target == "daemon":
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{orphans[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the orphan stops once its sends are recorded
+        assert orphans[0] and not Path(f"/proc/{orphans[0]}").exists()
+        assert len(keys) == ROWS and expired == 0  # each sent once: the orphan recorded it
+        return
     # nothing sent twice except the sends the kill cut, each exactly twice
     assert {k: keys.count(k) for k in keys if keys.count(k) > 1} == dict.fromkeys(cut, 2)
     assert expired == CONCURRENCY  # and each counted
@@ -137,4 +163,3 @@ def test_kill_9_while_sending_then_restart(daemon: Daemon, tmp_path: Path) -> No
     for key in cut:
         again = [at for k, at in arrivals if k == key][1]
         assert again >= leases[key], (key, again, leases[key])
-    assert len(sent) == ROWS

@@ -40,20 +40,7 @@ def ref(n: int, placer: str | None = None) -> bytes:
 
 
 def worker_pid(d: Daemon) -> int:
-    """The daemon's child running ``engine.worker`` (read from /proc), 0 if none."""
-    assert d.proc is not None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == d.proc.pid and b"engine.worker" in cmdline:
-            return int(entry)
-    return 0
+    return d.worker_pid()
 
 
 def get(d: Daemon, path: str) -> tuple[int, str]:
