@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 import pytest
@@ -383,6 +383,9 @@ def _wait_settled(url: str, daemons: list[Daemon], timeout: float = DRAIN) -> No
     raise AssertionError(f"not settled (received, due timers, open, outbox): {last}\n{tails}")
 
 
+SENT_OR_CANCELLED: Final = "sent|cancelled"
+
+
 def _end_state(url: str) -> dict[str, Any]:
     """Per referral (by placer number), what must not depend on who processed what."""
     state: dict[str, Any] = {}
@@ -412,6 +415,13 @@ def _end_state(url: str) -> dict[str, Any]:
             result = d.get("result", "") if action.startswith("timer:") else ""
             state[ids[rid]]["audit"].append((action, result))
     for s in state.values():
+        if s["status"][0] == "closed":
+            # a staff task still queued when the referral closes is cancelled; whether the
+            # dispatcher had sent it first depends on timing, not on the stream
+            s["outbox"] = [
+                (c, t, SENT_OR_CANCELLED if c == "task" and st in ("sent", "cancelled") else st)
+                for c, t, st in s["outbox"]
+            ]
         for k in ("timers", "outbox", "audit"):
             s[k].sort()
     return state
@@ -490,7 +500,8 @@ def test_reference_run_ends_as_the_stream_says(reference: dict[str, Any]) -> Non
     cancels the not-booked timers and starts the specialist follow-up and the report
     request; a report closes the referral."""
     assert len(reference) == REFERRALS
-    packet_task = ("task", "no-way-to-reach-specialist", "sent")
+    # the packet task of a referral that closed: sent, or cancelled if still queued
+    packet_task = ("task", "no-way-to-reach-specialist", SENT_OR_CANCELLED)
     for k in range(REFERRALS):
         s = reference[f"P{k:05d}"]
         if k % 3 == 0:
@@ -508,7 +519,7 @@ def test_reference_run_ends_as_the_stream_says(reference: dict[str, Any]) -> Non
         elif k % 3 == 1:
             assert s["status"] == ("patient-booked", "booked", "not-sent", ""), s
             assert s["timers"] == [("report-request", 1), ("specialist-followup", 1)], s
-            assert s["outbox"] == [packet_task], s
+            assert s["outbox"] == [("task", "no-way-to-reach-specialist", "sent")], s
             assert s["audit"] == [("appointment-booked", ""), ("referral-created", "")], s
         else:
             assert s["status"] == ("closed", "booked", "report-received", "report-received"), s

@@ -158,21 +158,22 @@ def test_on_processed_ack_comes_by_notification_and_listen_reconnects(
     assert run(_ask(a.mllp, ref_i12("N2", "10483"))) == "AA", b.log_tail()
     assert metric(b, 'refloop_store_notifications_total{kind="received"}') >= 1
 
-    # the server ends both LISTEN connections: each node opens its own again
+    # the server ends every LISTEN connection (two a node: its daemon's, for ACK
+    # waiters, and its processing worker's): each process opens its own again
     before = _listeners(url)
-    assert len(before) == 2
+    assert len(before) == 4
     with psycopg.connect(TEST_STORE, autocommit=True) as conn:
         for pid in before:
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
     wait_for(
         lambda: (
-            metric(a, "refloop_store_listen_connects_total") == 2.0
-            and metric(b, "refloop_store_listen_connects_total") == 2.0
+            metric(a, "refloop_store_listen_connects_total") == 4.0  # 2 processes x 2
+            and metric(b, "refloop_store_listen_connects_total") == 4.0
         ),
         30,
     )
     after = _listeners(url)
-    assert len(after) == 2 and not set(after) & set(before)
+    assert len(after) == 4 and not set(after) & set(before)
     assert "LISTEN connection is lost" in a.log_path.read_text()
     # and the notifications flow again: received to B, processed back to A
     assert run(_ask(a.mllp, ref_i12("N3", "10484"))) == "AA", a.log_tail()
