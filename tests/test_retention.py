@@ -479,7 +479,7 @@ def test_sms_reply_texts_and_outbox_recipients_are_pruned(tmp_path: Path) -> Non
                 now=now,
             )
     db.close()
-    with contextlib.closing(sqlite3.connect(state / "refloop.db")) as conn, conn:
+    with contextlib.closing(store_conn(state / "refloop.db")) as conn:
         conn.execute("UPDATE outbox SET updated_at = updated_at - ?", (91 * DAY,))
         conn.execute(
             "UPDATE sms_replies SET received_at = received_at - ? WHERE message_sid = 'SM-old'",
