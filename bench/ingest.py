@@ -1115,8 +1115,8 @@ def render_sql(stats: Sequence[SqlStats]) -> str:
     return "\n".join(lines)
 
 
-def processing_lag(server: RunningServer) -> int | None:
-    """``refloop_processing_lag_messages`` from the daemon's /metrics."""
+def _metrics_text(server: RunningServer) -> str | None:
+    """The daemon's /metrics exposition, None without HTTP or when it does not answer."""
     if server.http_port is None:
         return None
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -1124,6 +1124,14 @@ def processing_lag(server: RunningServer) -> int | None:
         with opener.open(f"http://{HOST}:{server.http_port}/metrics", timeout=5) as response:
             text = response.read().decode()
     except (urllib.error.URLError, OSError):
+        return None
+    return text
+
+
+def processing_lag(server: RunningServer) -> int | None:
+    """``refloop_processing_lag_messages`` from the daemon's /metrics."""
+    text = _metrics_text(server)
+    if text is None:
         return None
     for line in text.splitlines():
         if line.startswith("refloop_processing_lag_messages "):
@@ -1134,13 +1142,8 @@ def processing_lag(server: RunningServer) -> int | None:
 def writer_wait(server: RunningServer) -> str | None:
     """``refloop_inbox_writer_wait_seconds`` from the daemon's /metrics: how long its group
     commits waited for SQLite's write lock (held by the processing worker's slices)."""
-    if server.http_port is None:
-        return None
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://{HOST}:{server.http_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
+    text = _metrics_text(server)
+    if text is None:
         return None
     name = "refloop_inbox_writer_wait_seconds"
     buckets: dict[str, float] = {}
