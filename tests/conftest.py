@@ -10,7 +10,7 @@ from typing import Any
 
 import helpers
 import pytest
-from helpers import ROUTING, Daemon, Pki, drop_pg_schema, make_pg_schema, make_pki, store_for
+from helpers import ROUTING, Daemon, Pki, drop_pg_store, make_pg_store, make_pki, store_for
 
 from engine.config import StoreConfig
 from engine.store.db import Database, open_database
@@ -112,15 +112,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture
 def store_url(tmp_path: Path) -> Iterator[str]:
     """Where this test's database lives: a SQLite file in tmp_path, or (with
-    REFLOOP_TEST_STORE) a fresh PostgreSQL schema, named by ``search_path`` in the URL."""
+    REFLOOP_TEST_STORE) a fresh, migrated PostgreSQL store (helpers.make_pg_store)."""
     if not TEST_STORE:
         yield str(tmp_path / "refloop.db")
         return
-    url, schema = make_pg_schema(TEST_STORE)
+    url, name = make_pg_store(TEST_STORE)
     try:
         yield url
     finally:
-        drop_pg_schema(TEST_STORE, schema)
+        drop_pg_store(TEST_STORE, name)
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +129,11 @@ def module_store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not TEST_STORE:
         yield str(tmp_path_factory.mktemp("store") / "refloop.db")
         return
-    url, schema = make_pg_schema(TEST_STORE)
+    url, name = make_pg_store(TEST_STORE)
     try:
         yield url
     finally:
-        drop_pg_schema(TEST_STORE, schema)
+        drop_pg_store(TEST_STORE, name)
 
 
 @pytest.fixture

@@ -359,6 +359,72 @@ def make_pg_schema(base_url: str) -> tuple[str, str]:
     return url, schema
 
 
+# Most tests only need "a fresh, empty store". Migrating a schema from scratch costs about
+# 0.6 s of DDL on the server and dropping it 0.3 s, about a second a test; a database
+# cloned from a template migrated once per test session (CREATE DATABASE ... TEMPLATE)
+# costs about 0.1 s and drops in 0.05 s. ``make_pg_store`` gives such a clone (schema
+# ``public``); ``make_pg_schema`` stays for the tests about schemas themselves (two
+# schemas in one database, an unmigrated schema, a migration from an older version).
+
+_TEMPLATE: dict[str, str] = {}  # base URL -> this session's migrated template database
+
+
+def _db_url(base_url: str, name: str) -> str:
+    """``base_url`` on database ``name`` (its query kept), named ``name`` in
+    pg_stat_activity."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(base_url)
+    query = "&".join(q for q in (parts.query, f"application_name={name}") if q)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{name}", query=query))
+
+
+def _pg_template(base_url: str) -> str:
+    """The template database for ``base_url``, made and migrated by this code on first use,
+    dropped when the session ends."""
+    import atexit
+
+    import psycopg
+
+    from engine.store.db import open_database
+
+    if base_url not in _TEMPLATE:
+        name = f"t_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        atexit.register(drop_pg_store, base_url, name)
+        open_database(_db_url(base_url, name)).close()
+        _TEMPLATE[base_url] = name
+    return _TEMPLATE[base_url]
+
+
+def make_pg_store(base_url: str) -> tuple[str, str]:
+    """A fresh, migrated, empty store on the server at ``base_url``: a database cloned from
+    this session's template; returns (its URL, its name)."""
+    import psycopg
+
+    template = _pg_template(base_url)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        for attempt in range(50):  # the template's last backend may still be exiting
+            try:
+                conn.execute(f"CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")
+                break
+            except psycopg.errors.ObjectInUse:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+    return _db_url(base_url, name), name
+
+
+def drop_pg_store(base_url: str, name: str) -> None:
+    """Drop a database ``make_pg_store`` made (connections left open are ended)."""
+    import psycopg
+
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def drop_pg_schema(base_url: str, schema: str) -> None:
     """Drop a test's schema and all in it (connections the test left open are ended)."""
     import psycopg
@@ -387,7 +453,7 @@ TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
 @dataclass
 class _Routing:
     on: bool = False
-    schemas: dict[str, tuple[str, str]] = field(default_factory=dict)  # file -> (url, schema)
+    schemas: dict[str, tuple[str, str]] = field(default_factory=dict)  # file -> (url, database)
     files: list[Path] = field(default_factory=list)  # routes.yaml copies made for the CLI
 
 
@@ -422,15 +488,15 @@ def store_for(path: str | os.PathLike[str]) -> str:
     if key not in ROUTING.schemas:
         if Path(key).exists():
             return text
-        ROUTING.schemas[key] = make_pg_schema(TEST_STORE)
+        ROUTING.schemas[key] = make_pg_store(TEST_STORE)
     return ROUTING.schemas[key][0]
 
 
 def stop_routing() -> None:
     """Routing off; the schemas and routes.yaml copies the test made are removed."""
     ROUTING.on = False
-    for _url, schema in ROUTING.schemas.values():
-        drop_pg_schema(TEST_STORE, schema)
+    for _url, name in ROUTING.schemas.values():
+        drop_pg_store(TEST_STORE, name)
     ROUTING.schemas.clear()
     for path in ROUTING.files:
         path.unlink(missing_ok=True)

@@ -78,8 +78,8 @@ def _status(url: str, control_id: str) -> str:
 
 
 def _listeners(url: str) -> list[int]:
-    """Backend pids of this schema's LISTEN connections."""
-    schema = url.split("search_path%3D")[1].split("&")[0]
+    """Backend pids of this store's LISTEN connections (named by the URL's application_name)."""
+    schema = url.split("application_name=")[1].split("&")[0]
     with psycopg.connect(TEST_STORE, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
