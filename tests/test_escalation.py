@@ -78,13 +78,16 @@ def test_progress_defaults_and_overrides() -> None:
     # the staff-time defaults (docs/escalation.md, "Channels and consent")
     assert (Policy().nudge_call_task, Policy().followup_call, Policy().letter) == (False, True, "")
     assert (Policy().followup_letter, Policy().report_requests) == (False, 2)
+    assert Policy().call_task_min_score == 0  # a person calls whenever the machine cannot
     mailed = compile_policy(
         loads(
             "version: 1\nchannels: {mail: {type: webhook, url: 'http://x'}}\n"
-            "escalation: {letter: mail, followup_letter: true, report_requests: 3}\n"
+            "escalation: {letter: mail, followup_letter: true, report_requests: 3,\n"
+            "  call_task_min_score: 35}\n"
         )
     )
     assert (mailed.letter, mailed.followup_letter, mailed.report_requests) == ("mail", True, 3)
+    assert mailed.call_task_min_score == 35
     text = (
         "version: 1\nchannels: {ehr: {type: webhook, url: 'http://x'}}\n"
         "escalation:\n  cadence: {report_request: 2d, report_repeat: 5d}\n"
@@ -171,6 +174,7 @@ def test_overrides_per_specialty_and_priority() -> None:
             "routes.yaml:3 escalation.followup_letter: needs `letter:`",
         ),
         ("escalation:\n  report_requests: 0", "routes.yaml:3 escalation.report_requests:"),
+        ("escalation:\n  call_task_min_score: -1", "routes.yaml:3 escalation.call_task_min_score:"),
     ],
     ids=[
         "duration",
@@ -190,6 +194,7 @@ def test_overrides_per_specialty_and_priority() -> None:
         "followup-call",
         "followup-letter-without-letter",
         "report-requests",
+        "call-task-min-score",
     ],
 )
 def test_bad_escalation_config_names_line_and_path(yaml_text: str, expected: str) -> None:

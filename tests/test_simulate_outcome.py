@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,8 @@ def test_the_model_draws_what_its_parameters_say() -> None:
     counts = {k: sum(o.reach == k for o in offices) for k in ("direct", "fax", "unknown")}
     assert counts == {"direct": 18, "fax": 20, "unknown": 2}
     assert all(o.direct_address for o in offices if o.reach == "direct")
-    assert not any(o.fax for o in offices if o.reach == "unknown")
+    # an "unknown" office has a fax line like any other; the practice has none on file
+    assert all(o.fax for o in offices)
     # a published valid NPI (CMS's example) gets its check digit back
     assert npi_with_check_digit("123456789") == "1234567893"
 
@@ -241,3 +243,56 @@ def test_a_person_does_the_work_the_task_asks_for(tmp_path: Path) -> None:
     tasks = json.loads(done.stdout)["totals"]["coordinator_tasks_by_kind"]
     assert tasks["no-way-to-reach-specialist"] == round(60 * 10 / 30)
     assert "call-specialist-office" not in tasks
+
+
+def test_staff_record_an_unknown_offices_fax_once(tmp_path: Path) -> None:
+    """``staff.records_address``: the person who faxes a packet by hand to an office with
+    no address on file records the office's fax (``refloop specialists set``), once, at
+    ``minutes.directory_entry``. One office, no address on file: a referral queues the
+    packet task only until the first task is worked (0.5–2 days after it was queued);
+    every referral opened after that sends its packet by fax at once, no person."""
+    one = {
+        **SMALL,
+        "days": 20,
+        "follow_up": 10,
+        "generate": {
+            "per_month": 60,
+            "specialties": {"REFCARD": 1},
+            "directory": {"direct": 0.0, "fax": 0.0, "unknown": 1.0},
+            "offices_per_specialty": 1,
+            "specialist": {"declined": 0.0, "intake_lost": 0.0, "fax_reach": 1.0},
+        },
+        "staff": {
+            "records_address": True,
+            "minutes": {**MINUTES, "directory_entry": 2, "default": 17},
+        },
+    }
+    done = refloop("simulate", str(write(tmp_path, one)), "--json", timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+    result = json.loads(done.stdout)
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+    refs = sorted(result["referrals"], key=lambda r: at(r["opened"]))
+    assert len(refs) == round(60 * 20 / 30)
+
+    def events(r: dict[str, Any], name: str, by: str) -> list[float]:
+        return [at(e["at"]) for e in r["timeline"] if e["event"] == name and e["by"] == by]
+
+    first_task = events(refs[0], "out:no-way-to-reach-specialist", "task")
+    assert first_task, "the first referral to the office needs a person"
+    entry_by = first_task[0] + 2 * 86_400 + 3_600  # worked within 2 days (hourly steps)
+    with_task = [r for r in refs if events(r, "out:no-way-to-reach-specialist", "task")]
+    later = [r for r in refs if at(r["opened"]) > entry_by]
+    assert later, "the scenario has referrals after the entry"
+    for r in later:
+        assert not events(r, "out:no-way-to-reach-specialist", "task"), r["placer"]
+        assert events(r, "out:specialist-packet", "fax")[0] - at(r["opened"]) < 3_600
+    totals = result["totals"]
+    assert totals["coordinator_tasks_by_kind"]["no-way-to-reach-specialist"] == len(with_task)
+    assert len(with_task) < len(refs)
+    # one entry (2 minutes) and a fax by hand (13 minutes) for each task
+    minutes = totals["coordinator_minutes_by_work"]
+    assert minutes["directory_entry"] == 2
+    assert minutes["fax_by_hand"] == 13 * len(with_task)

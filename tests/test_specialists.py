@@ -18,11 +18,13 @@ from engine.errors import ConfigError
 from engine.store import specialists as store
 from engine.store.db import Database, open_database
 from engine.tracking.specialists import (
+    PacketRoute,
     import_csv,
     learn_from_referral,
     normalise_fax,
     npi_valid,
     packet_route,
+    set_specialist,
     show_specialist,
 )
 
@@ -191,6 +193,57 @@ def test_packet_routing_rule(
     assert (route.channel, route.address) == expected
     if expected[0] == "direct":  # the fallback never picks Direct again
         assert packet_route(db.conn, details(**referral), without_direct=True).channel == "fax"
+
+
+def test_a_fax_found_by_hand_routes_the_next_packet(db: Database) -> None:
+    """The referral names the office (NPI) but no address: the packet needs a person. The
+    coordinator who faxed it by hand records the number once (``specialists set``); the
+    next referral to that office goes by fax, and a referral's own number never
+    overwrites the operator's entry."""
+    named = details(specialist_direct_address="")
+    with db.transaction() as conn:
+        learn_from_referral(conn, named, T0)
+    assert packet_route(db.conn, named) == PacketRoute("task", "", "no-address")
+    clock = VirtualClock(T0 + 60)
+    entry = set_specialist(db, NPI_A, {"fax": "(555) 020-0107"}, clock, actor="user:casey")
+    assert (entry["npi"], entry["fax"], entry["source"]) == (NPI_A, "+15550200107", "operator")
+    assert entry["name"] == "Dr Smith"  # what the referral taught stays
+    assert packet_route(db.conn, named) == PacketRoute("fax", "+15550200107", "fax")
+    with db.transaction() as conn:
+        learn_from_referral(conn, details(specialist_fax="+15555550199"), T0 + 120)
+    assert packet_route(db.conn, named).address == "+15550200107"
+    audit = db.conn.execute("SELECT actor FROM audit WHERE action = 'specialist-set'").fetchall()
+    assert [tuple(r) for r in audit] == [("user:casey",)]
+
+
+def test_set_checks_what_it_writes(db: Database) -> None:
+    clock = VirtualClock(T0)
+    with pytest.raises(ConfigError, match="fax: not a fax number"):
+        set_specialist(db, NPI_B, {"name": "Dr Fax", "fax": "12"}, clock)
+    with pytest.raises(ConfigError, match="name: is required"):
+        set_specialist(db, NPI_B, {"fax": "+15555550100"}, clock)  # not on file: a name
+    with pytest.raises(ConfigError, match="cannot set certificate"):
+        set_specialist(db, NPI_B, {"certificate": "x"}, clock)
+    assert store.find(db.conn, npi=NPI_B) is None  # nothing was written
+    added = set_specialist(db, "ortho-7", {"name": "Bone Clinic", "fax": "5555550100"}, clock)
+    assert (added["npi"], added["local_id"], added["fax"]) == ("", "ortho-7", "+15555550100")
+
+
+@pytest.mark.store
+def test_cli_set(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("version: 1\n")
+    common = ["--state", str(state), "--routes", str(routes)]
+    runner = CliRunner()
+    done = runner.invoke(
+        main, ["specialists", "set", *common, NPI_B, "--name", "Dr Fax", "--fax", "555-555-0100"]
+    )
+    assert done.exit_code == 0, done.output
+    assert done.output == f"{NPI_B}: Dr Fax (fax +15555550100)\n"
+    bad = runner.invoke(main, ["specialists", "set", *common, NPI_B, "--fax", "12"])
+    assert bad.exit_code == 2
+    assert "fax: not a fax number" in bad.output
 
 
 @pytest.mark.store

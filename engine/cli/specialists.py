@@ -1,4 +1,4 @@
-"""``refloop specialists``: the specialist directory (import, list, show).
+"""``refloop specialists``: the specialist directory (import, set, list, show).
 
 The import checks the whole file before writing anything; problems are printed one per
 line as ``FILE:LINE: column: message`` and the command exits 2 (engine.cli.common
@@ -50,6 +50,64 @@ def specialists_import(state_dir: str, routes_path: str, csv_file: str) -> None:
     click.echo(
         f"{summary.rows} row(s): {summary.added} added, {summary.updated} updated, "
         f"{summary.unchanged} unchanged"
+    )
+
+
+@specialists.command("set")
+@state_option
+@routes_option
+@click.argument("key")
+@click.option("--fax", default="", help="Fax number (E.164, or a 10-digit US number).")
+@click.option("--direct-address", "direct_address", default="", help="Direct address.")
+@click.option("--name", default="", help="Name (required for a specialist not on file).")
+@click.option("--organisation", default="", help="Practice or organisation.")
+@click.option("--specialty", default="", help="Specialty.")
+@click.option("--phone", default="", help="Office phone.")
+@click.option(
+    "--preferred-channel",
+    "preferred_channel",
+    default="",
+    type=click.Choice(["", "auto", "direct", "fax"]),
+    help="auto, direct or fax.",
+)
+@click.option("--json", "as_json", is_flag=True, help="The entry as JSON.")
+def specialists_set(
+    state_dir: str,
+    routes_path: str,
+    key: str,
+    fax: str,
+    direct_address: str,
+    name: str,
+    organisation: str,
+    specialty: str,
+    phone: str,
+    preferred_channel: str,
+    as_json: bool,
+) -> None:
+    """Record one office's fax, Direct address, name ... by NPI or local id (the
+    specialist is added when not on file). For the number a coordinator found when
+    faxing a packet by hand: the next referral to that office goes by itself.
+
+    Example: refloop specialists set 1234567893 --fax "(555) 020-0107"
+    """
+    values = {
+        "fax": fax,
+        "direct_address": direct_address,
+        "name": name,
+        "organisation": organisation,
+        "specialty": specialty,
+        "phone": phone,
+        "preferred_channel": preferred_channel,
+    }
+    with opened_store(open_store, state_dir, routes_path, readonly=False) as db:
+        entry = lib.set_specialist(db, key, values, WallClock(), actor=login_name())
+    if as_json:
+        click.echo(json.dumps(entry, indent=1))
+        return
+    reach = [r for r in ("direct_address", "fax") if entry[r]]
+    click.echo(
+        f"{entry['npi'] or entry['local_id']}: {entry['name']} "
+        f"({', '.join(f'{r} {entry[r]}' for r in reach) or 'no address'})"
     )
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from engine.canonical import canonical_json
+from engine.canonical import canonical_json, digest
 from engine.routing.channels import rotation_slots
 from engine.routing.table import ChannelSpec
 from engine.store import outbox
@@ -87,7 +87,7 @@ class Rotation:
                 self.slot_of(item.channel) == "voice"
                 and item.template in CALL_TO_BOOK
                 and (self.policy.nudge_call_task or item.template not in NUDGES)
-            ):
+            ) and self._worth_a_call(conn, item, referral, now):
                 return self._call_task(conn, item, reason, now, referral)
             return None
         payload = item.payload_dict()
@@ -106,6 +106,35 @@ class Rotation:
             now=now,
         )
         return outbox.id_for_key(conn, key)
+
+    def _worth_a_call(
+        self, conn: Conn, item: Item, referral: ReferralRow | None, now: float
+    ) -> bool:
+        """Escalation ``call_task_min_score``: a person calls in place of the automated
+        call only for a referral whose task would score at least that; else the
+        timeline says why no call was queued (the mailed letter was the last contact)."""
+        floor = self.policy.call_task_min_score
+        if floor <= 0 or referral is None:
+            return True
+        score = task_priority(conn, referral, now)
+        if score >= floor:
+            return True
+        referral_store.insert_event(
+            conn,
+            referral_id=referral.id,
+            kind="call-task-not-queued",
+            message_id=None,
+            fingerprint=digest({"kind": "call-task-not-queued", "outbox": item.id, "at": now}),
+            source="internal",
+            actor="system",
+            occurred_at=now,
+            recorded_at=now,
+            changed=False,
+            statuses=(referral.status, referral.patient_status, referral.specialist_status),
+            effects=(),
+            detail={"template": item.template, "priority_score": score, "min_score": floor},
+        )
+        return False
 
     def _call_task(
         self, conn: Conn, item: Item, reason: str, now: float, referral: ReferralRow | None

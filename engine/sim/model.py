@@ -189,9 +189,9 @@ class Office:
 
     npi: str
     specialty: str
-    reach: str  # direct | fax | unknown
+    reach: str  # direct | fax | unknown (the practice has no address on file)
     direct_address: str = ""
-    fax: str = ""
+    fax: str = ""  # the office's fax line (for an unknown office: not on file)
 
 
 def npi_with_check_digit(base9: str) -> str:
@@ -240,7 +240,9 @@ def directory(model: Model, rng: random.Random) -> list[Office]:
                     direct_address=(
                         f"referrals@{slug}.direct.sim.example" if reach == "direct" else ""
                     ),
-                    fax=f"+1555020{n:04d}" if reach != "unknown" else "",
+                    # every office has a fax line; for an "unknown" one the practice
+                    # has none on file (the referral names the office, not its number)
+                    fax=f"+1555020{n:04d}",
                 )
             )
     return offices

@@ -29,11 +29,14 @@ def staff_and_automation(
     staff: Mapping[str, Any],
     start: float,
     days: float,
+    other_work: Iterable[tuple[float, str]] = (),
 ) -> dict[str, Any]:
     """From the outbox log (referral, channel, template, due, status): coordinator tasks
     and minutes by kind, hours per ISO week, the steady-state hours per week (the weeks
     from day 60 to the end of arrivals, when every cadence step runs), and automated
-    actions by ``channel:template``. Only rows that went out (``sent``) count."""
+    actions by ``channel:template``. Only rows that went out (``sent``) count.
+    ``other_work``: a person's work that is no outbox row, as (when, kind of work) — a
+    directory entry — costed the same way and counted in the minutes and hours."""
     people = set(staff["channels"])
     minutes = staff["minutes"]
     tasks: Counter[str] = Counter()
@@ -52,6 +55,13 @@ def staff_and_automation(
         cost = float(minutes.get(kind, minutes["default"]))
         # a row on a patient channel a person works (a voice call) keeps its channel
         tasks[template if channel in ("task", "coordinator") else f"{channel}:{template}"] += 1
+        by_kind[kind] = by_kind.get(kind, 0.0) + cost
+        week = datetime.fromtimestamp(due, UTC).strftime("%G-W%V")
+        by_week[week] = by_week.get(week, 0.0) + cost
+        if lo <= due < hi:
+            steady += cost
+    for due, kind in other_work:
+        cost = float(minutes.get(kind, minutes["default"]))
         by_kind[kind] = by_kind.get(kind, 0.0) + cost
         week = datetime.fromtimestamp(due, UTC).strftime("%G-W%V")
         by_week[week] = by_week.get(week, 0.0) + cost

@@ -68,6 +68,7 @@ from engine.sim.model import Model, Office, directory, parse_model
 from engine.sim.report import median_days, staff_and_automation, work_kind
 from engine.store import specialists as specialist_store
 from engine.store import views
+from engine.tracking import specialists as specialists_lib
 from engine.tracking.escalation import DAY, parse_duration
 
 STEP: Final = 3600.0  # virtual seconds between timer/dispatch rounds
@@ -112,7 +113,9 @@ class ReferralPlan:
     patient: PatientPlan = PatientPlan()
     specialist: SpecialistPlan = SpecialistPlan()
     sms_fails: bool = False
-    reach: str = "none"  # how the specialist office gets the packet: none | fax | direct
+    # how the specialist office gets the packet: none | named (the referral names the
+    # office by NPI, no address on file) | fax | direct
+    reach: str = "none"
     fax_fails: bool = False  # the fax line never answers (the send fails)
     # generated referrals only: the office in the simulated directory, and the latent
     # draws of the behaviour model (engine.sim.model); ``modelled`` switches the reactions
@@ -213,6 +216,7 @@ DEFAULT_STAFF: Final[dict[str, Any]] = {
         "letter": 5,
         "fax_by_hand": 5,
         "review": 3,
+        "directory_entry": 1,
         "default": 8,
     },
     "by_channel": {"voice": "patient_call"},
@@ -229,13 +233,18 @@ DEFAULT_STAFF: Final[dict[str, Any]] = {
         "referrer-closed": "review",
         "decide-close": "review",
     },
+    # a person who faxes a packet by hand to an office with no address on file records
+    # the office's fax in the directory (``refloop specialists set``), once per office,
+    # at ``minutes.directory_entry``; the next referral to that office goes by itself
+    "records_address": False,
 }
 
 
 def _staff(raw: Any) -> dict[str, Any]:
     """The scenario's ``staff:`` over :data:`DEFAULT_STAFF` (each sub-mapping merged)."""
     out: dict[str, Any] = {
-        k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in DEFAULT_STAFF.items()
+        k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
+        for k, v in DEFAULT_STAFF.items()
     }
     if raw is None:
         return out
@@ -244,6 +253,8 @@ def _staff(raw: Any) -> dict[str, Any]:
     for key, value in raw.items():
         if key == "channels":
             out[key] = [str(c) for c in value]
+        elif key == "records_address":
+            out[key] = bool(value)
         else:
             out[key].update({str(k): v for k, v in dict(value).items()})
     for kind, minutes in out["minutes"].items():
@@ -294,8 +305,8 @@ def _plan(raw: Mapping[str, Any], index: int) -> ReferralPlan:
 
 def _reach(value: Any) -> str:
     text = str(value or "none")
-    if text not in ("none", "fax", "direct"):
-        raise ValueError(f"specialist_reach must be none, fax or direct, not {text!r}")
+    if text not in ("none", "named", "fax", "direct"):
+        raise ValueError(f"specialist_reach must be none, named, fax or direct, not {text!r}")
     return text
 
 
@@ -361,7 +372,7 @@ def _generate(
                 ),
                 specialist=SpecialistPlan(confirms=None, report=None),
                 sms_fails=sms_fails,
-                reach="none" if reach == "unknown" else reach,
+                reach="named" if reach == "unknown" else reach,
                 office=office,
                 modelled=True,
                 intake_lost=lost,
@@ -424,15 +435,16 @@ OFFICE_DIRECT: Final = Office(
     SPECIALIST_NPI, "REFCARD", "direct", SPECIALIST_DIRECT, SPECIALIST_FAX
 )
 OFFICE_FAX: Final = Office(FAX_ONLY_NPI, "REFCARD", "fax", "", SPECIALIST_FAX)
+UNKNOWN_NPI: Final = "1467503219"  # an office with no address on file (its fax: below)
+OFFICE_UNKNOWN: Final = Office(UNKNOWN_NPI, "REFCARD", "unknown", "", "+15550199111")
+_OFFICES: Final = {"direct": OFFICE_DIRECT, "fax": OFFICE_FAX, "named": OFFICE_UNKNOWN}
 
 
 def referral_message(plan: ReferralPlan, n: int, t: float, office: Office | None = None) -> bytes:
     """The referral as the EHR sends it: REF^I12 naming the office when its Direct address
     or fax number is known, else ORM^O01 (the packet then needs a person)."""
     if plan.reach != "none":
-        return _ref_message(
-            plan, n, t, office or (OFFICE_DIRECT if plan.reach == "direct" else OFFICE_FAX)
-        )
+        return _ref_message(plan, n, t, office or _OFFICES[plan.reach])
     zcn = [
         f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
         f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
@@ -467,11 +479,14 @@ def referral_message(plan: ReferralPlan, n: int, t: float, office: Office | None
 
 
 def _ref_message(plan: ReferralPlan, n: int, t: float, office: Office) -> bytes:
-    """REF^I12 naming the specialist (PRD role RT) with a Direct address or a fax number."""
+    """REF^I12 naming the specialist (PRD role RT) with a Direct address or a fax number
+    (``named``: the office's NPI and name only, no address on file)."""
     if plan.reach == "direct":
         telecom = f"^NET^Internet^{office.direct_address}"
-    else:
+    elif plan.reach == "fax":
         telecom = f"^WPN^FX^^^{office.fax[2:5]}^{office.fax[5:]}"
+    else:
+        telecom = ""
     zcn = [
         f"ZCN|SMS|{'Y' if plan.sms_consent else 'N'}",
         f"ZCN|PORTAL|{'Y' if plan.portal else 'N'}",
@@ -682,6 +697,7 @@ class Simulation:
         self.yes_sent: set[int] = set()
         self.messages = 0
         self.direct_flow: Any = None
+        self.staff_work: list[tuple[float, str]] = []  # a person's work that is no task
 
     def _at(self, at: float, what: str, index: int, **extra: Any) -> None:
         """Schedule a happening. The queue is a heap ordered by (time, sequence number):
@@ -1102,7 +1118,10 @@ class Simulation:
             else:
                 life.report = "lost"
         elif h.what == "staff" and self._open(engine, plan):
-            self._staff_works(h.plan_index, plan, life, model, now, str(h.extra.get("work")))
+            work = str(h.extra.get("work"))
+            if work == "fax_by_hand" and self.staff.get("records_address"):
+                self._record_address(engine, plan, now)
+            self._staff_works(h.plan_index, plan, life, model, now, work)
 
     def _open(self, engine: Any, plan: ReferralPlan) -> bool:
         """A person works a task from the worklist: a closed referral needs nothing."""
@@ -1132,6 +1151,22 @@ class Simulation:
         await self._send(mllp, msg, engine)
         if life.rng.random() < model.patient.reschedules:
             self._at(now + life.rng.uniform(1, 42) * DAY, "book", index)
+
+    def _record_address(self, engine: Any, plan: ReferralPlan, now: float) -> None:
+        """The person faxing the packet by hand found the office's fax (they had to, to
+        send it): they record it in the directory as a coordinator would, with
+        ``refloop specialists set NPI --fax NUMBER`` (the same library call), once per
+        office; it costs ``minutes.directory_entry``."""
+        office = self._office(plan)
+        if office.reach != "unknown" or not office.fax:
+            return
+        entry = specialist_store.find(engine.db.conn, npi=office.npi)
+        if entry is not None and entry.fax:
+            return  # on file already: the packet task came before the entry
+        specialists_lib.set_specialist(
+            engine.db, office.npi, {"fax": office.fax}, self.clock, actor="user:sim-staff"
+        )
+        self.staff_work.append((now, "directory_entry"))
 
     def _staff_works(
         self, index: int, plan: ReferralPlan, life: _Life, model: Model, now: float, work: str
@@ -1219,7 +1254,9 @@ class Simulation:
         )
         statuses = Counter(r[2] for r in refs)
         reasons = Counter(r[5] for r in refs if r[5])
-        work = staff_and_automation(views.outbox_log(conn), self.staff, sc.start, sc.days)
+        work = staff_and_automation(
+            views.outbox_log(conn), self.staff, sc.start, sc.days, self.staff_work
+        )
         return {
             "scenario": sc.name,
             "mode": "baseline" if self.baseline else "refloop",

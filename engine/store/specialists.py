@@ -1,7 +1,8 @@
 """The specialist directory: who the practice refers to and how each office is reached.
 
 One row per specialist, keyed by NPI and/or a local id (at least one). Rows come from an
-operator import (``refloop specialists import``, source ``import``) and from referrals
+operator import (``refloop specialists import``, source ``import``), an operator's entry by
+hand (``refloop specialists set``, source ``operator``) and from referrals
 (PRD with role RT, ORC-12 / OBR-16 style fields the routes extract; source
 ``referral``). A referral only fills what the directory does not know yet: an
 operator's curated address, fax number or certificate is never overwritten by a
@@ -143,7 +144,8 @@ def certificate_for(conn: Conn, direct_address: str) -> str:
 def upsert(conn: Conn, values: Mapping[str, str], *, source: str, now: float) -> int:
     """Write one specialist (``values``: :data:`FIELDS`, NPI or local id required).
 
-    ``source="import"`` sets every given field (the operator's file is the truth);
+    ``source="import"`` (the operator's file) and ``source="operator"`` (one entry by hand,
+    ``refloop specialists set``) set every given field: the operator's word is the truth;
     ``source="referral"`` only fills fields that are empty. Returns the row id."""
     npi, local_id = values.get("npi", ""), values.get("local_id", "")
     if not npi and not local_id:
@@ -163,7 +165,7 @@ def upsert(conn: Conn, values: Mapping[str, str], *, source: str, now: float) ->
     changes = {k: v for k, v in given.items() if getattr(existing, k) != v}
     if changes:
         sets = ", ".join(f"{k} = ?" for k in changes)
-        extra = ", source = ?" if source == "import" else ""
+        extra = ", source = ?" if source != "referral" else ""
         args: list[Any] = [*changes.values(), *([source] if extra else []), now, existing.id]
         conn.execute(f"UPDATE specialists SET {sets}{extra}, updated_at = ? WHERE id = ?", args)
     return existing.id

@@ -385,6 +385,18 @@ class TimerService:
         if self.policy.letter:
             self._mail_letter(conn, row, referral, now)
             if voice is None:
+                floor = self.policy.call_task_min_score
+                score = task_priority(conn, referral, now) if floor > 0 else 0
+                if score < floor:  # the letter is the last contact (call_task_min_score)
+                    detail = {"template": "outreach-call", "priority_score": score}
+                    self.tracker.note(
+                        conn,
+                        referral.id,
+                        "call-task-not-queued",
+                        {**detail, "min_score": floor},
+                        now,
+                    )
+                    return f"letter:{self.policy.letter}"
                 return self._task(
                     conn, row, referral, "outreach-call", now, reason=_REASONS["outreach-call"]
                 )

@@ -176,6 +176,12 @@ class Policy:
     # How many automated report requests go to the office (``report_repeat`` apart)
     # before the ``call-for-report`` task.
     report_requests: int = 2
+    # A person's call to book that replaces an automated call that may not be placed (no
+    # consent, no voice channel) is queued only for a referral whose task would score at
+    # least this (``priority_score``, 0-100: urgency, age, failed contacts, needed-by
+    # date); below it the mailed letter is the last contact and the referral's timeline
+    # says ``call-task-not-queued``. 0: always (the default).
+    call_task_min_score: int = 0
     # Rotation slot -> the configured channel serving it (engine.routing.channels.
     # rotation_slots); None: every slot is a channel of its own name. A ``voice`` slot
     # no channel serves is a "call the patient" coordinator task (the built-in queue).
@@ -385,6 +391,7 @@ def policy_from_section(
       followup_call: true          # day 14: an automated call before any coordinator task
       followup_letter: false       # day 14, no call possible: the mailed letter, not a task
       report_requests: 2           # automated report requests before the call-for-report task
+      call_task_min_score: 0       # a person's call in place of an automated one: score >= N
       on_close: close            # or: human
       rotation: [sms, portal, voice]
       specialties: {cardiology: {second_nudge: 5d}}
@@ -434,6 +441,7 @@ def policy_from_section(
     if followup_letter and not letter:
         r.fail("followup_letter", "needs `letter:`, the channel that mails the letter")
     report_requests = r.integer("report_requests", 2, lo=1, hi=10)
+    call_task_min_score = r.integer("call_task_min_score", 0, lo=0, hi=101)
     r.done()
     return Policy(
         default=default,
@@ -449,6 +457,7 @@ def policy_from_section(
         followup_call=followup_call,
         followup_letter=followup_letter,
         report_requests=report_requests,
+        call_task_min_score=call_task_min_score,
     )
 
 

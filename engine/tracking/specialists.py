@@ -258,6 +258,74 @@ def import_csv(db: Database, path: Path, clock: Clock, *, actor: str = "operator
 
 
 # ---------------------------------------------------------------------------
+# One entry by hand
+
+
+SETTABLE: Final = ("name", "organisation", "specialty", "direct_address", "fax", "phone",
+                   "preferred_channel")  # fmt: skip
+
+
+def set_specialist(
+    db: Database, key: str, values: Mapping[str, str], clock: Clock, *, actor: str = "operator"
+) -> dict[str, Any]:
+    """Record what a coordinator learnt about one office (``refloop specialists set``):
+    typically the fax number they found when they faxed a packet by hand, so the next
+    referral to that office goes by itself (docs/direct.md, "Which channel"). ``key`` is
+    the NPI or local id; a specialist not in the directory yet is added (a valid NPI is
+    taken as the NPI, anything else as a local id; ``name`` is then required). The
+    fields are checked as an import checks them; the entry is the operator's word
+    (source ``operator``: a referral never overwrites it). Audited
+    (``specialist-set``). Raises :class:`ConfigError` listing every problem."""
+    key = key.strip()
+    unknown = sorted(set(values) - set(SETTABLE))
+    if unknown:
+        raise ConfigError(f"cannot set {', '.join(unknown)}")
+    given = {k: v.strip() for k, v in values.items() if v is not None and v.strip()}
+    if not key:
+        raise ConfigError("give the specialist's NPI or local id")
+    if not given:
+        raise ConfigError("nothing to set (give --fax, --direct-address, --name, ...)")
+    now = clock.now()
+    with db.transaction() as conn:
+        if not store.table_exists(conn):
+            raise StoreError(
+                "this database has no specialist directory yet (start refloop run once)"
+            )
+        existing = store.find(conn, npi=key, local_id=key)
+        ids = (
+            {"npi": existing.npi, "local_id": existing.local_id}
+            if existing
+            else ({"npi": key, "local_id": ""} if npi_valid(key) else {"npi": "", "local_id": key})
+        )
+        row = {k: "" for k in COLUMNS}
+        if existing is not None:
+            row.update({k: str(getattr(existing, k)) for k in COLUMNS if k != "certificate"})
+        row.update(ids)
+        row.update(given)
+        row["certificate"] = ""  # checked apart: a set never touches the certificate
+        checked, problems = _check_row(row, Path("."), now)
+        if existing is not None and existing.certificate:
+            # the preferred-channel rule sees the certificate the directory holds
+            problems = [p for p in problems if not p.startswith("preferred_channel: direct")]
+        if problems:
+            raise ConfigError(problems)
+        write = {**ids, **{k: checked[k] for k in given}}
+        rid = store.upsert(conn, write, source="operator", now=now)
+        audit_store.append(
+            conn,
+            at=isoformat(now),
+            actor=actor,
+            action="specialist-set",
+            referral_id=None,
+            message_id=None,
+            detail={"specialist": rid, "fields": sorted(given)},
+        )
+        after = store.find(conn, npi=ids["npi"], local_id=ids["local_id"])
+    assert after is not None
+    return as_dict(after)
+
+
+# ---------------------------------------------------------------------------
 # Views (CLI, API)
 
 
