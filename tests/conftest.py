@@ -92,6 +92,7 @@ def _store_routing(
         if where.startswith(tests) and getattr(module, "open_database", None) is _OPEN:
             monkeypatch.setattr(module, "open_database", _routed_open)
     ROUTING.on = True
+    ROUTING.empty = request.node.get_closest_marker("empty_store") is not None
     try:
         yield
     finally:
@@ -110,13 +111,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 @pytest.fixture
-def store_url(tmp_path: Path) -> Iterator[str]:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Where this test's database lives: a SQLite file in tmp_path, or (with
-    REFLOOP_TEST_STORE) a fresh, migrated PostgreSQL store (helpers.make_pg_store)."""
+    REFLOOP_TEST_STORE) a fresh PostgreSQL store (helpers.make_pg_store), migrated unless
+    the test is marked ``empty_store``."""
     if not TEST_STORE:
         yield str(tmp_path / "refloop.db")
         return
-    url, name = make_pg_store(TEST_STORE)
+    empty = request.node.get_closest_marker("empty_store") is not None
+    url, name = make_pg_store(TEST_STORE, migrated=not empty)
     try:
         yield url
     finally:

@@ -398,17 +398,19 @@ def _pg_template(base_url: str) -> str:
     return _TEMPLATE[base_url]
 
 
-def make_pg_store(base_url: str) -> tuple[str, str]:
+def make_pg_store(base_url: str, *, migrated: bool = True) -> tuple[str, str]:
     """A fresh, migrated, empty store on the server at ``base_url``: a database cloned from
-    this session's template; returns (its URL, its name)."""
+    this session's template (``migrated=False``: a database with no tables at all, what a
+    test of "no database yet" or of a migration from an older version needs); returns
+    (its URL, its name)."""
     import psycopg
 
-    template = _pg_template(base_url)
+    source = f"TEMPLATE {_pg_template(base_url)} STRATEGY FILE_COPY" if migrated else ""
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(base_url, autocommit=True) as conn:
         for attempt in range(50):  # the template's last backend may still be exiting
             try:
-                conn.execute(f"CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")
+                conn.execute(f"CREATE DATABASE {name} {source}")
                 break
             except psycopg.errors.ObjectInUse:
                 if attempt == 49:
@@ -454,6 +456,7 @@ TEST_STORE = os.environ.get("REFLOOP_TEST_STORE", "")
 class _Routing:
     on: bool = False
     schemas: dict[str, tuple[str, str]] = field(default_factory=dict)  # file -> (url, database)
+    empty: bool = False  # the test is marked ``empty_store``: its stores start with no tables
     files: list[Path] = field(default_factory=list)  # routes.yaml copies made for the CLI
 
 
@@ -488,13 +491,14 @@ def store_for(path: str | os.PathLike[str]) -> str:
     if key not in ROUTING.schemas:
         if Path(key).exists():
             return text
-        ROUTING.schemas[key] = make_pg_store(TEST_STORE)
+        ROUTING.schemas[key] = make_pg_store(TEST_STORE, migrated=not ROUTING.empty)
     return ROUTING.schemas[key][0]
 
 
 def stop_routing() -> None:
     """Routing off; the schemas and routes.yaml copies the test made are removed."""
     ROUTING.on = False
+    ROUTING.empty = False
     for _url, name in ROUTING.schemas.values():
         drop_pg_store(TEST_STORE, name)
     ROUTING.schemas.clear()

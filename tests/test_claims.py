@@ -248,6 +248,7 @@ def test_the_tracker_locks_the_referral_before_its_read_modify_write(tmp_path: P
 PREVIOUS_SCHEMA = 14  # the migrations before issue 17's
 
 
+@pytest.mark.empty_store
 def test_a_database_of_the_previous_schema_upgrades(tmp_path: Path) -> None:
     """A database written by the previous schema (processing cursor, outbox rows left
     sending, two of one referral and channel among them, timers, inbox rows of every kind)

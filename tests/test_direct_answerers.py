@@ -417,6 +417,7 @@ def test_a_retry_resubmits_the_stored_message_id(tmp_path: Path, certs: Certs) -
     run(main())
 
 
+@pytest.mark.empty_store
 def test_rows_from_before_the_migration_still_answer_to_their_message_id(
     tmp_path: Path, certs: Certs
 ) -> None:

@@ -4,8 +4,6 @@ nothing. The daemons' side (LISTEN, wake seams, reconnect) is tests/test_notify_
 
 from __future__ import annotations
 
-import os
-
 import psycopg
 import pytest
 
@@ -24,12 +22,12 @@ def test_ranges_compact_sorted_runs() -> None:
     assert notify.parse_ids("*") is None
 
 
-def test_one_notification_per_committed_transaction(store: Database) -> None:
+def test_one_notification_per_committed_transaction(store: Database, store_url: str) -> None:
     if store.dialect != "postgresql":
         with store.transaction() as conn:  # SQLite: a no-op, nothing to collect
             notify.mark(conn, notify.RECEIVED)
         return
-    url = os.environ["REFLOOP_TEST_STORE"]
+    url = store_url  # NOTIFY reaches the listeners of the store's own database
     schema = str(store.conn.execute("SELECT current_schema()").fetchone()[0])
     with psycopg.connect(url, autocommit=True) as listener:
         listener.execute("LISTEN refloop")

@@ -120,6 +120,7 @@ def test_cancel(tmp_path: Path) -> None:
     assert audit_actions(state) == ["outbox-cancel"]
 
 
+@pytest.mark.empty_store
 def test_no_database_yet(tmp_path: Path) -> None:
     code, out = cli(tmp_path / "empty", "list")
     assert code == 1 and "no database" in out

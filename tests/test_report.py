@@ -410,6 +410,7 @@ def test_triggers_agree_with_a_rebuild_under_random_moves(tmp_path_factory: Any,
         db.close()
 
 
+@pytest.mark.empty_store
 @pytest.mark.store
 def test_the_migration_fills_the_table_for_existing_referrals(tmp_path: Path) -> None:
     """A database from before the report (the same population, no triggers yet) gives the
@@ -564,6 +565,7 @@ def test_cli_bad_input(state: Path, args: tuple[str, ...], message: str) -> None
     assert len(result.output.splitlines()) == 1
 
 
+@pytest.mark.empty_store
 @pytest.mark.store
 def test_cli_no_database(tmp_path: Path) -> None:
     result = cli(tmp_path / "nowhere", "--from", "2025-01-01", "--to", "2025-12-31")

@@ -90,6 +90,7 @@ def test_routes_yaml_store_url_serves_the_cli(
     assert [r["placer_number"] for r in json.loads(listed.stdout)] == ["777"]
 
 
+@pytest.mark.empty_store
 def test_every_command_takes_store_as_run_does(
     daemon: Daemon, store_url: str, tmp_path: Path
 ) -> None:

@@ -1134,6 +1134,7 @@ def test_cli_list_filters_close_and_audit(tmp_path: Path) -> None:
     assert _invoke(state, "audit", "export", "--since", "yesterday").exit_code == 1
 
 
+@pytest.mark.empty_store
 @pytest.mark.store
 def test_cli_on_a_database_without_referral_tables(tmp_path: Path) -> None:
     from engine.store.db import MIGRATIONS
