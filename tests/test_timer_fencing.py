@@ -181,3 +181,52 @@ def test_the_worker_process_fires_fenced_on_the_lease_the_daemon_sent(db: Databa
         assert leases.acquire(conn, "singletons", "b", T0 + 60, 30.0) is not None
     assert loop.advance_to(T0 + 2 * DAY) == []
     assert _timer_audit(db) == [] and _nudges(loop, rid) == []
+
+
+def test_a_timer_moved_earlier_while_the_wheel_reads_it_fires_at_the_new_time(
+    db: Database, store_url: str
+) -> None:
+    """Another node moves a timer the wheel has not read yet to within the wheel's
+    horizon, and commits while the wheel's refill waits for the row. The wheel must take
+    the moved due time. Before the fix it read the row, then marked it read after the
+    move committed: it kept the old due time (beyond the horizon, so not scheduled) and,
+    the row marked read, the horizon's later extension skipped it: the timer never
+    fired (test_cluster_kill saw 35 due timers stall on three nodes)."""
+    loop = Loop(db)
+    rid = loop.create(consent=False)
+    row = db.conn.execute(
+        "SELECT id, due FROM timers WHERE referral_id = ? AND kind = 'first-nudge'", (rid,)
+    ).fetchone()
+    assert row is not None and float(row[1]) == T0 + DAY  # beyond the one-hour horizon
+    timer_id = int(row[0])
+    other = open_database(store_url)
+    done = threading.Event()
+    refill = threading.Thread(target=lambda: (loop.timers.refill(), done.set()))
+    try:
+        with other.transaction() as conn:
+            conn.execute("UPDATE timers SET due = ? WHERE id = ?", (T0 + 1800, timer_id))
+            refill.start()
+            if TEST_STORE:  # until the refill waits for the row this transaction moved
+                app = store_url.rsplit("application_name=", 1)[1].split("&")[0]
+                with psycopg.connect(TEST_STORE, autocommit=True) as admin:
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:
+                        waiting = admin.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                            "AND wait_event_type = 'Lock'",
+                            (app,),
+                        ).fetchone()
+                        if waiting and waiting[0]:
+                            break
+                        time.sleep(0.02)
+                    else:
+                        raise AssertionError("the refill never waited for the row")
+            else:  # SQLite: the refill's read has run; its write waits for our lock
+                assert not done.wait(0.5)
+        refill.join(10)
+    finally:
+        other.close()
+    assert done.is_set()
+    loop.clock.set(T0 + 3600)
+    fired = loop.timers.tick()
+    assert [(f.kind, f.referral_id) for f in fired] == [("first-nudge", rid)]

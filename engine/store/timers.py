@@ -44,15 +44,18 @@ def unloaded(conn: Conn) -> list[tuple[int, float]]:
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
-def mark_loaded(conn: Conn, timer_ids: Sequence[int]) -> None:
-    """The wheel has read these rows (a row moved again since is ``loaded = 0`` again
-    only if written after this; rows are named by id, never "every unloaded row")."""
-    for i in range(0, len(timer_ids), _CHUNK):
-        chunk = timer_ids[i : i + _CHUNK]
-        conn.execute(
-            f"UPDATE timers SET loaded = 1 WHERE id IN ({','.join('?' * len(chunk))})",
-            tuple(chunk),
-        )
+def claim_unloaded(conn: Conn) -> list[tuple[int, float]]:
+    """Mark every unloaded row loaded and return (id, due) of each as this statement
+    found it, in id order: the due time the wheel schedules is the one it marked, in one
+    statement. (A read, then a mark, let another node move a row earlier in between: the
+    wheel kept the old due time and the row was marked read, so a move to within the
+    horizon was never picked up and the timer never fired.) On PostgreSQL a row another
+    transaction is moving is waited for and taken as moved; a move committed after this
+    sets ``loaded = 0`` again (trigger ``timers_moved``)."""
+    rows = conn.execute(
+        "UPDATE timers SET loaded = 1 WHERE loaded = 0 RETURNING id, due"
+    ).fetchall()
+    return sorted((int(r[0]), float(r[1])) for r in rows)
 
 
 def mark_all_loaded(conn: Conn) -> int:

@@ -194,13 +194,12 @@ class TimerService:
         horizon. Rows due beyond the horizon come in with the horizon."""
         conn = self.db.conn
         now = self.clock.now()
-        new = store.unloaded(conn)
-        if new:
+        if store.unloaded(conn):  # a read first: most ticks find nothing and take no lock
             # not fsync'd: after a crash the wheel is rebuilt from the table anyway
             with self.db.transaction(durable=False) as tx:
                 if not self._fenced(tx):
                     return  # a stale holder must not mark rows the new holder needs
-                store.mark_loaded(tx, [timer_id for timer_id, _ in new])
+                new = store.claim_unloaded(tx)  # the due times as marked, not as first read
             for timer_id, due in new:
                 if due <= self._loaded_until:
                     self.wheel.schedule(timer_id, due)
