@@ -400,7 +400,7 @@ def _operator_paths(db: Any, now: float) -> None:
         outbox_store.next_expiry(c)
         outbox_store.renew(c, outbox_store.list_items(c, status="sent", limit=1), now)
         timers_store.unloaded(c)
-        timers_store.mark_loaded(c, [1, 2])
+        timers_store.claim_unloaded(c)
         outbox_store.next_due(c, "sms")
         oid = int(c.execute("SELECT max(id) FROM outbox").fetchone()[0])
         c.execute("UPDATE outbox SET status = 'dead' WHERE id = ?", (oid,))
