@@ -119,6 +119,8 @@ ALLOWED = {
         "timer refill via timers_unloaded (partial): rows written since the last look",
     "UPDATE timers SET loaded = ? WHERE loaded = ?":
         "wheel rebuild via timers_unloaded (partial): rows written since the last look",
+    "UPDATE timers SET loaded = ? WHERE loaded = ? RETURNING id, due":
+        "timer refill's claim via timers_unloaded (partial): rows written since the last look",
     "SELECT id FROM outbox WHERE status = ? ORDER BY id":
         "retry every dead row via outbox_due: sorts the dead rows",
     "SELECT id FROM outbox WHERE status = ? AND channel = ? ORDER BY id":
