@@ -450,7 +450,7 @@ async def _serve_durable(state: Path) -> None:
     from engine.ingest.listener import MllpServer
     from engine.ingest.processor import Processor, no_routes
     from engine.metrics import Metrics
-    from engine.store import Inbox, open_database
+    from engine.store import Inbox, open_database, trace
 
     config = loads(DURABLE_YAML)
     db = open_database(state / config.store.file, synchronous=config.store.synchronous)
@@ -460,6 +460,7 @@ async def _serve_durable(state: Path) -> None:
     writer = asyncio.create_task(inbox.run_writer())
     server = MllpServer(config.sources[0], inbox, processor, clock, metrics)
     await server.start()
+    stalls = asyncio.create_task(trace.watch_loop()) if trace.enabled() else None
     loop = asyncio.get_running_loop()
     parent_gone = loop.create_future()
     _watch_parent(loop, lambda: parent_gone.set_result(None))
@@ -467,6 +468,8 @@ async def _serve_durable(state: Path) -> None:
         loop.add_signal_handler(signum, lambda: parent_gone.done() or parent_gone.set_result(None))
     _announce_ready(server.port)
     await parent_gone
+    if stalls is not None:
+        stalls.cancel()
     await server.stop(drain=2.0)
     inbox.close()
     await writer
