@@ -36,7 +36,7 @@ from typing import Any, Final
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
 from engine.store import notify, trace
-from engine.store.checkpoint import Checkpointer, no_autocheckpoint
+from engine.store.checkpoint import CHECKPOINT_SECONDS, Checkpointer, no_autocheckpoint
 from engine.store.message_filter import MessageFilter, where
 from engine.store.sql import (
     Conn,
@@ -120,6 +120,8 @@ class Inbox:
         # each group commit: seconds it waited for the write lock (metrics)
         self.on_wait: Callable[[float], None] | None = None
         self._waited = 0.0  # the last commit's wait, set on the writer thread
+        # how often the writer's checkpointer thread checkpoints the WAL (SQLite file)
+        self.checkpoint_seconds = CHECKPOINT_SECONDS
         self._ended = 0.0  # when the last commit returned, on the writer thread
         # REFLOOP_TXN_TRACE: when each queued message was added (engine.store.trace)
         self._added: dict[int, float] | None = {} if trace.enabled() else None
@@ -162,7 +164,7 @@ class Inbox:
         # PostgreSQL have none
         checkpointer = None
         if writer is not self.db and writer.dialect == "sqlite":
-            checkpointer = Checkpointer(writer.path).start()
+            checkpointer = Checkpointer(writer.path, self.checkpoint_seconds).start()
         try:
             while True:
                 if not self._queue:
