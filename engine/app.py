@@ -350,6 +350,7 @@ class Engine:
             drain_seconds=self.drain_seconds,
         )
         self.metrics.before_scrape = remote.refresh
+        self.inbox.on_busy = remote.step_aside
         return remote
 
     def _make_pruner(self) -> Pruner:

@@ -166,6 +166,8 @@ class Membership:
         PostgreSQL (row locks, no file lock) it stays on the loop's connection."""
         if self._own is None:
             own = self.db.another() if self.db.dialect == "sqlite" else self.db
+            if own is not self.db and isinstance(getattr(own.conn, "label", None), str):
+                own.conn.label = "cluster"  # REFLOOP_SQL_STATS, REFLOOP_TXN_TRACE: apart
             self._own = own
         if self._own is self.db:
             self._round()

@@ -115,3 +115,35 @@ def test_the_daemons_connection_leaves_checkpoints_to_the_thread(tmp_path: Path)
         pass
     assert db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     db.close()
+
+
+def test_a_commit_that_finds_the_lock_held_asks_its_holder_once(tmp_path: Path) -> None:
+    """The writer's ``on_busy`` (the daemon: "processing worker, step aside after your
+    slice") runs on the loop once per group commit that found the write lock held, and
+    the commit goes through once the lock is free."""
+    path = tmp_path / "refloop.db"
+    db = open_database(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+
+    async def main() -> tuple[int, int]:
+        inbox = Inbox(db)
+        asked: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def on_busy() -> None:
+            asked.append(1)
+            loop.call_later(0.05, holder.execute, "COMMIT")  # the holder's slice ends
+
+        inbox.on_busy = on_busy
+        holder.execute("BEGIN IMMEDIATE")  # the worker's slice
+        writer = asyncio.create_task(inbox.run_writer())
+        first = await inbox.add(_inbound(1), "AA")
+        await inbox.add(_inbound(2), "AA")  # the lock is free: nobody is asked
+        inbox.close()
+        await writer
+        return len(asked), first.id
+
+    asked, first = asyncio.run(main())
+    assert asked == 1 and first == 1
+    holder.close()
+    db.close()
