@@ -1156,7 +1156,7 @@ def read_trace(server: RunningServer, workdir: Path) -> str | None:
                 f"- {kind} transactions: {len(rows)}; holding the lock {_ms([r[2] for r in rows])}"
                 f"; their COMMIT {_ms([r[3] for r in rows])}"
             )
-        elif name.startswith("txn:main") and pid == daemon:
+        elif name.startswith("txn:") and pid == daemon and "inbox-writer" not in name:
             out.append(
                 f"- the daemon's own transactions ({name[4:]}): {len(rows)}; "
                 f"BEGIN waited {_ms([r[1] for r in rows])}"
