@@ -147,3 +147,21 @@ def test_a_commit_that_finds_the_lock_held_asks_its_holder_once(tmp_path: Path) 
     assert asked == 1 and first == 1
     holder.close()
     db.close()
+
+
+def test_a_connection_opened_from_the_daemons_leaves_checkpoints_to_the_thread(
+    tmp_path: Path,
+) -> None:
+    """``Database.another()`` (the cluster heartbeat's connection, a reader's) keeps the
+    daemon's ``wal_autocheckpoint = 0``; from a connection with SQLite's default, the
+    default."""
+    from engine.store.checkpoint import no_autocheckpoint
+
+    db = open_database(tmp_path / "refloop.db")
+    plain = db.another()
+    no_autocheckpoint(db.conn)
+    daemons = db.another()
+    assert plain.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert daemons.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for d in (plain, daemons, db):
+        d.close()

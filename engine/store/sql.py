@@ -262,6 +262,10 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # the daemon's connections leave WAL checkpoints to the checkpointer thread
+        # (engine.store.checkpoint): so does one opened from them
+        auto = int(self.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint = {auto}")
         return Database(conn, self.path, self.synchronous)
 
     def _sync(self, durable: bool) -> None:
