@@ -137,6 +137,8 @@ SERVER_LABELS: Final[dict[ServerName, str]] = {
 # Servers whose process counts its SQL statements (REFLOOP_SQL_STATS) and stores messages.
 STORING: Final = frozenset({"durable", "refloop"})
 SQL_STATS_FILE: Final = "sql-stats.jsonl"
+TRACE_FILE: Final = "trace.jsonl"  # --trace: REFLOOP_TXN_TRACE's file (engine.store.trace)
+TRACE = False  # --trace
 # The durable ceiling's one source: refloop's MLLP listener as routes.yaml would give it.
 DURABLE_YAML: Final = """
 version: 1
@@ -450,7 +452,7 @@ async def _serve_durable(state: Path) -> None:
     from engine.ingest.listener import MllpServer
     from engine.ingest.processor import Processor, no_routes
     from engine.metrics import Metrics
-    from engine.store import Inbox, open_database
+    from engine.store import Inbox, open_database, trace
 
     config = loads(DURABLE_YAML)
     db = open_database(state / config.store.file, synchronous=config.store.synchronous)
@@ -460,6 +462,7 @@ async def _serve_durable(state: Path) -> None:
     writer = asyncio.create_task(inbox.run_writer())
     server = MllpServer(config.sources[0], inbox, processor, clock, metrics)
     await server.start()
+    stalls = asyncio.create_task(trace.watch_loop()) if trace.enabled() else None
     loop = asyncio.get_running_loop()
     parent_gone = loop.create_future()
     _watch_parent(loop, lambda: parent_gone.set_result(None))
@@ -467,6 +470,8 @@ async def _serve_durable(state: Path) -> None:
         loop.add_signal_handler(signum, lambda: parent_gone.done() or parent_gone.set_result(None))
     _announce_ready(server.port)
     await parent_gone
+    if stalls is not None:
+        stalls.cancel()
     await server.stop(drain=2.0)
     inbox.close()
     await writer
@@ -829,6 +834,8 @@ def _start_own_server(name: ServerName, workdir: Path) -> RunningServer:
         state = workdir / f"{name}-state"
         command.append(str(state))
         env["REFLOOP_SQL_STATS"] = str(workdir / f"{name}-{SQL_STATS_FILE}")
+        if TRACE:
+            env["REFLOOP_TXN_TRACE"] = str(workdir / f"{name}-{TRACE_FILE}")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             command,
@@ -887,6 +894,8 @@ def _start_refloop(
         REFLOOP_HTTP_PORT=str(http_port),
         REFLOOP_SQL_STATS=str(workdir / f"refloop{tag}-{SQL_STATS_FILE}"),
     )
+    if TRACE:
+        env["REFLOOP_TXN_TRACE"] = str(workdir / f"refloop{tag}-{TRACE_FILE}")
     log_path = workdir / f"refloop{tag}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -1090,6 +1099,90 @@ def read_sql_stats(server: RunningServer, workdir: Path) -> SqlStats | None:
         conn.close()
     label = SERVER_LABELS[server.name]
     return SqlStats(label, int(stored), int(processed), {k: dict(v) for k, v in by_label.items()})
+
+
+def _q(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
+
+
+def _ms(values: Sequence[float]) -> str:
+    """p50 / p99 / max of ``values`` (seconds) in ms."""
+    return f"p50 {_q(values, 0.5) * 1e3:.2f} / p99 {_q(values, 0.99) * 1e3:.2f} / max " + (
+        f"{max(values) * 1e3:.1f}" if values else "-"
+    )
+
+
+def read_trace(server: RunningServer, workdir: Path) -> str | None:
+    """``--trace``: where the storing server's ACK path spent its time (engine.store.trace),
+    as text: the inbox writer's group commits (queueing, lock wait, the commit call,
+    back on the loop), who held the write lock when a commit waited over 3 ms, the
+    checkpointer's runs and the event loop's stalls. The daemon is the server's pid; a
+    transaction of another pid is the processing worker's."""
+    path = workdir / f"{server.name}-{TRACE_FILE}"
+    if not path.exists():
+        return None
+    series: dict[tuple[int, str], list[list[float]]] = {}
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        series.setdefault((int(item["pid"]), str(item["series"])), []).extend(item["rows"])
+    daemon = server.proc.pid
+    batches = series.get((daemon, "inbox-batch"), [])
+    if not batches:
+        return None
+    waits = [b[3] for b in batches]
+    out = [
+        f"{SERVER_LABELS[server.name]}: where the ACK path's time went (--trace, ms)",
+        f"- inbox writer: {len(batches)} group commits, "
+        f"{sum(b[1] for b in batches) / len(batches):.1f} messages each",
+        f"  - oldest message queued {_ms([b[2] for b in batches])}",
+        f"  - lock wait {_ms(waits)}; over 3 ms in "
+        f"{100 * sum(w > 0.003 for w in waits) / len(waits):.1f} %",
+        f"  - commit call (wait + inserts + COMMIT) {_ms([b[4] for b in batches])}",
+        f"  - back on the event loop after it {_ms([b[5] for b in batches])}",
+    ]
+    own = series.get((daemon, "txn:inbox-writer:durable"), [])
+    if own:
+        out.append(
+            f"  - COMMIT {_ms([r[3] for r in own])}; the database file changed during "
+            f"{sum(1 for r in own if r[4])} (a checkpoint ran, by any connection)"
+        )
+    holders: list[tuple[float, float, str]] = []
+    for (pid, name), rows in sorted(series.items()):
+        if name.startswith("txn:") and pid != daemon:
+            kind = "worker " + name.rsplit(":", 1)[1]
+            holders.extend((r[0] + r[1], r[0] + r[1] + r[2], kind) for r in rows)
+            out.append(
+                f"- {kind} transactions: {len(rows)}; holding the lock {_ms([r[2] for r in rows])}"
+                f"; their COMMIT {_ms([r[3] for r in rows])}"
+            )
+        elif name.startswith("txn:") and pid == daemon and "inbox-writer" not in name:
+            out.append(
+                f"- the daemon's own transactions ({name[4:]}): {len(rows)}; "
+                f"BEGIN waited {_ms([r[1] for r in rows])}"
+            )
+    blame: Counter[str] = Counter()
+    for b in batches:
+        if b[3] > 0.003:
+            over = {h[2] for h in holders if h[0] < b[0] + b[3] and h[1] > b[0]}
+            blame[" + ".join(sorted(over)) or "no traced holder"] += 1
+    if blame:
+        out.append(
+            "- lock waits over 3 ms, by who held the lock: "
+            + ", ".join(f"{k} {v}" for k, v in blame.most_common())
+        )
+    for (pid, name), rows in series.items():
+        copied = [r for r in rows if name == "checkpoint" and r[3] > 0]
+        if copied:
+            who = "daemon" if pid == daemon else str(pid)
+            out.append(f"- checkpointer ({who}): {len(copied)} runs {_ms([r[1] for r in copied])}")
+    late = [r[1] for r in series.get((daemon, "loop-late"), [])]
+    if late:
+        out.append(
+            f"- event loop, lateness of a 1 ms sleep: {_ms(late)}; "
+            f"over 5 ms {sum(x > 0.005 for x in late)} times"
+        )
+    return "\n".join(out)
 
 
 def render_sql(stats: Sequence[SqlStats]) -> str:
@@ -1531,6 +1624,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-sqlite", action="store_true", help="--nodes: skip the SQLite row")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write raw results here")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="the storing servers record where the ACK path's time goes (REFLOOP_TXN_TRACE: "
+        "lock waits, COMMIT, checkpoints, event-loop stalls) and the report prints it",
+    )
     opts = parser.parse_args(argv)
     if opts.seconds <= 0 or opts.warmup < 0 or opts.ack_timeout <= 0:
         parser.error("--seconds and --ack-timeout must be positive, --warmup non-negative")
@@ -1542,8 +1641,9 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 
 def bench_main(argv: Sequence[str]) -> int:
-    global ROUTES, EXECUTABLE
+    global ROUTES, EXECUTABLE, TRACE
     opts = _parse_args(argv)
+    TRACE = opts.trace
     ROUTES = opts.routes.resolve()
     EXECUTABLE = opts.refloop.absolute()
     if opts.nodes:
@@ -1560,6 +1660,7 @@ def bench_main(argv: Sequence[str]) -> int:
     sql_stats: list[SqlStats] = []
     sustain: dict[str, Any] | None = None
     lock_wait: str | None = None
+    traces: list[str] = []
     load_before = os.getloadavg()
     unavailable: dict[str, str] = {}
     client_failed = interrupted = False
@@ -1611,6 +1712,9 @@ def bench_main(argv: Sequence[str]) -> int:
                     stats = read_sql_stats(server, workdir)
                     if stats is not None:
                         sql_stats.append(stats)
+                    traced = read_trace(server, workdir) if TRACE else None
+                    if traced is not None:
+                        traces.append(traced)
         except KeyboardInterrupt:
             interrupted = True
             _progress("interrupted; servers stopped; partial results follow")
@@ -1623,6 +1727,8 @@ def bench_main(argv: Sequence[str]) -> int:
         print("\n" + render_sustain(sustain))
     if lock_wait is not None:
         print("\n" + lock_wait)
+    for traced in traces:
+        print("\n" + traced)
     print(
         "\nload average (1/5/15 min) at the start: "
         + " / ".join(f"{x:.2f}" for x in load_before)

@@ -32,8 +32,9 @@ from engine.ingest.listener import MllpServer
 from engine.ingest.processor import Handler, Processor, no_routes
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
-from engine.store import Database, Inbox, leases, open_database
+from engine.store import Database, Inbox, leases, open_database, trace
 from engine.store.backup import StateLock
+from engine.store.checkpoint import no_autocheckpoint
 from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
 from engine.store.retention import Tally
@@ -184,6 +185,7 @@ class Engine:
         self.pruner: Pruner | None = None
         self.listener: Listener | None = None  # PostgreSQL only (engine.store.notify)
         self.before_close: Callable[[], None] | None = None  # stop(): just before the store closes
+        self._stalls: asyncio.Task[None] | None = None  # REFLOOP_TXN_TRACE's loop watch
 
     @property
     def db_path(self) -> str:
@@ -244,6 +246,10 @@ class Engine:
             self.db_path, synchronous=cfg.synchronous, pool=(cfg.pool_min, cfg.pool_max)
         )
         log.info("store: %s", self.db.location)
+        if self.db.dialect == "sqlite" and self.db.path not in ("", ":memory:"):
+            # the inbox writer's checkpointer thread checkpoints the WAL (the daemon's, or
+            # for the worker its daemon's): never inside this process's commits
+            no_autocheckpoint(self.db.conn)
         if self.background and not worker:
             self.membership = self._membership()
             self.membership.check_id()  # before anything listens
@@ -314,6 +320,8 @@ class Engine:
         self.ready = True
         sd_notify("READY=1")
         self.tasks.watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        if trace.enabled():
+            self._stalls = asyncio.create_task(trace.watch_loop(), name="loop-stalls")
 
     def _make_processor(self, handler: Handler) -> Processor:
         """Processing here, or (``role`` listener) the supervisor of the worker process
@@ -342,6 +350,7 @@ class Engine:
             drain_seconds=self.drain_seconds,
         )
         self.metrics.before_scrape = remote.refresh
+        self.inbox.on_busy = remote.step_aside
         return remote
 
     def _make_pruner(self) -> Pruner:
@@ -950,6 +959,8 @@ class Engine:
             self.pruner.stop()  # the step in hand commits; the next run starts over
         if self.tasks.pruner is not None:
             await asyncio.gather(self.tasks.pruner, return_exceptions=True)
+        if self._stalls is not None:
+            self._stalls.cancel()
         if self.tasks.watchdog is not None:
             self.tasks.watchdog.cancel()
             await asyncio.gather(self.tasks.watchdog, return_exceptions=True)

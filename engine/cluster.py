@@ -78,6 +78,7 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._losing: asyncio.Task[None] | None = None
+        self._own: Database | None = None  # the periodic round's connection (SQLite)
 
     @property
     def interval(self) -> float:
@@ -142,20 +143,45 @@ class Membership:
                 pass
             if self._stopping.is_set():
                 break
-            self._round()
+            await self._round_off_loop()
 
-    def _dead_holder(self, holder: str) -> str:
+    def _dead_holder(self, db: Database, holder: str) -> str:
         """``holder`` when it is a node on this host whose process is gone."""
-        row = nodes.get(self.db.conn, holder)
+        row = nodes.get(db.conn, holder)
         if row and row["host"] == self.host and _pid_gone(int(row["pid"])):
             return holder
         return ""
 
     def _round(self) -> None:
-        """One heartbeat and one lease renewal (or attempt)."""
+        """One heartbeat and one lease renewal (or attempt), on the loop's connection
+        (at join)."""
+        self._apply(*self._round_on(self.db))
+
+    async def _round_off_loop(self) -> None:
+        """The periodic round. On SQLite its BEGIN may wait for the write lock (the inbox
+        writer's group commits, the processing worker's transactions) in SQLite's busy
+        handler, which sleeps: on the event loop that held every ACK of the node (0.85 and
+        1.6 s in bench/ingest.py runs, docs/performance.md issue 18). So it runs in a
+        thread on a connection of its own; what it decided is applied on the loop. On
+        PostgreSQL (row locks, no file lock) it stays on the loop's connection."""
+        if self._own is None:
+            own = self.db.another() if self.db.dialect == "sqlite" else self.db
+            if own is not self.db and isinstance(getattr(own.conn, "label", None), str):
+                own.conn.label = "cluster"  # REFLOOP_SQL_STATS, REFLOOP_TXN_TRACE: apart
+            self._own = own
+        if self._own is self.db:
+            self._round()
+            return
+        self._apply(*await asyncio.to_thread(self._round_on, self._own))
+
+    def _round_on(self, db: Database) -> tuple[str, Lease | None]:
+        """The round's transaction on ``db``: (what happened, the lease) with what
+        happened one of ``renewed``, ``lost``, ``got``, ``none`` or ``failed: <error>``.
+        Touches no asyncio object (it may run in a thread)."""
         now = self.clock.now()
+        lease = self.lease
         try:
-            with self.db.transaction(durable=False) as conn:
+            with db.transaction(durable=False) as conn:
                 if not nodes.beat(conn, self.node_id, now):
                     nodes.register(
                         conn,
@@ -167,41 +193,48 @@ class Membership:
                         now=now,
                         config=self.config,
                     )
-                if self.lease is not None:
-                    renewed = leases.renew(conn, self.lease, now, self.lease_seconds)
-                    if renewed is None:
-                        log.error(
-                            "cluster: lost the %s lease (token %d); stopping that work",
-                            SINGLETONS,
-                            self.lease.token,
-                        )
-                        self._lose()
-                    else:
-                        self.lease = renewed
-                    return
+                if lease is not None:
+                    renewed = leases.renew(conn, lease, now, self.lease_seconds)
+                    return ("lost", lease) if renewed is None else ("renewed", renewed)
                 current = leases.get(conn, SINGLETONS)
                 dead = ""
                 if current and current.holder != self.node_id and current.until >= now:
-                    dead = self._dead_holder(current.holder)
+                    dead = self._dead_holder(db, current.holder)
                     if not dead:
-                        return
+                        return "none", None
                 got = leases.acquire(
                     conn, SINGLETONS, self.node_id, now, self.lease_seconds, dead=dead
                 )
         except DatabaseError as exc:
-            log.error("cluster: heartbeat failed: %s", exc)
+            return f"failed: {exc}", None
+        return ("got", got) if got is not None else ("none", None)
+
+    def _apply(self, what: str, lease: Lease | None) -> None:
+        """On the loop: act on a round's outcome."""
+        if what.startswith("failed"):
+            log.error("cluster: heartbeat %s", what)
             if self.lease is not None and self.clock.now() >= self.lease.until:
                 log.error("cluster: %s lease ran out unrenewed; stopping that work", SINGLETONS)
                 self._lose()
-            return
-        if got is not None:
-            self.lease = got
+        elif what == "lost":
+            assert lease is not None
+            log.error(
+                "cluster: lost the %s lease (token %d); stopping that work",
+                SINGLETONS,
+                lease.token,
+            )
+            self._lose()
+        elif what == "renewed":
+            self.lease = lease
+        elif what == "got":
+            assert lease is not None
+            self.lease = lease
             if self.metrics is not None:
                 self.metrics.cluster_lease_held.labels(SINGLETONS).set(1)
             log.info(
-                "cluster: %s holds the %s lease (token %d)", self.node_id, SINGLETONS, got.token
+                "cluster: %s holds the %s lease (token %d)", self.node_id, SINGLETONS, lease.token
             )
-            self.on_gain(got.token)
+            self.on_gain(lease.token)
 
     def _lose(self) -> None:
         self.lease = None
@@ -224,6 +257,9 @@ class Membership:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._losing is not None:
             await asyncio.gather(self._losing, return_exceptions=True)
+        if self._own is not None and self._own is not self.db:
+            self._own.close()
+        self._own = None
         try:
             with self.db.transaction() as conn:
                 if self.lease is not None:

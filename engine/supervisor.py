@@ -13,6 +13,7 @@ ACKs). Its :meth:`run` starts the worker, restarts it with backoff when it exits
 unexpectedly, and carries the traffic of one Unix socket pair, one JSON object a line:
 
 - daemon → worker: ``{"c": rows}`` rows were committed (``rows``: the highest inbox id),
+  ``{"y": 1}`` a group commit waits for the write lock (pause after the slice in hand),
   ``{"w": 1}`` wake the dispatcher (a webhook or the dashboard queued rows), ``{"t": 0|1,
   "n": node, "k": token}`` this node holds the singletons lease (run the timer wheel,
   every firing fenced on that holder and token) or not, ``{"r": 1}`` reload
@@ -141,6 +142,15 @@ class RemoteProcessor(Processor):
             fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(message_id, []).append(fut)
             return fut
+
+    def step_aside(self) -> None:
+        """The inbox writer found SQLite's write lock held (by the worker, as a rule):
+        the worker pauses after the slice in hand, as after a commit of ours, so the
+        waiting group commit takes the lock in that gap. Without it a worker that saw no
+        commit since its last slice (none can happen while the writer waits) went
+        straight on to the next one and the commit waited through several: 50-140 ms in
+        bench/ingest.py runs (docs/performance.md, issue 18)."""
+        self._send({"y": 1})
 
     def wake_dispatcher(self, channel: str | None = None) -> None:
         """Rows were queued in the outbox here (a webhook, the dashboard): the worker's

@@ -77,6 +77,8 @@ class WorkerSide:
                 inbox.rows = max(inbox.rows, int(message["c"]))
                 inbox.commits += 1
                 processor.notify()
+            elif "y" in message:  # the daemon's group commit waits for the write lock
+                inbox.commits += 1  # the processor pauses after its slice, as after a commit
             elif "w" in message:
                 if engine.dispatcher is not None:
                     engine.dispatcher.wake()

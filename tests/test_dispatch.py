@@ -800,3 +800,45 @@ def _child(db_path: str, url: str) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1], sys.argv[2])
+
+
+@pytest.mark.sqlite_file("the claim's fsync of the SQLite WAL")
+def test_the_claim_is_fsynced_before_the_send_with_the_write_lock_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim is durable before anything is sent, and its fsync (of the WAL) runs
+    once the write lock is free: another writer (the inbox's group commit) takes the lock
+    while it runs instead of waiting behind it."""
+    import sqlite3
+
+    clock = VirtualClock(T0)
+    db = open_database(tmp_path / "refloop.db")
+    oid = enqueue(db, None, "k1")
+    events: list[tuple[str, str]] = []
+    real_sync = Database.sync
+
+    def sync(self: Database) -> None:
+        other = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if it were held
+            status = other.execute("SELECT status FROM outbox WHERE id = ?", (oid,)).fetchone()
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        events.append(("sync", str(status[0])))
+        real_sync(self)
+
+    monkeypatch.setattr(Database, "sync", sync)
+
+    async def receiver(request: web.Request) -> web.StreamResponse:
+        events.append(("send", ""))
+        return web.json_response({"id": "rx-1"})
+
+    async def main() -> None:
+        async with serve(receiver) as url, httpx.AsyncClient() as http:
+            await dispatcher(db, {"hook": hook(url, http, clock)}, clock).run_once("hook")
+
+    asyncio.run(main())
+    assert events == [("sync", "sending"), ("send", "")]
+    assert row(db, oid).status == "sent"
+    db.close()

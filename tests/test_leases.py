@@ -181,3 +181,54 @@ def test_config_fingerprint_and_drift(db: Database) -> None:
     assert status["config_drift"] is True
     # a stale node's old config is not drift: only alive nodes count
     assert cluster_status(db.conn, 100.0 + LEASE + 1, LEASE)["config_drift"] is False
+
+
+def test_a_heartbeat_waiting_for_the_write_lock_leaves_the_event_loop_running(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The periodic round waits for SQLite's write lock (held by the inbox writer or the
+    processing worker) on a thread of its own: the loop goes on meanwhile (its ACKs). Here
+    the lock is released by a loop callback, so a round that held the loop would sleep
+    in SQLite's busy handler until its 5 s timeout and fail."""
+    import asyncio
+    import sqlite3
+
+    from engine.clock import WallClock
+    from engine.cluster import Membership
+
+    async def noop() -> None:
+        return None
+
+    async def main() -> tuple[float, float, bool]:
+        m = Membership(
+            db, "a", WallClock(), lease_seconds=0.6, version="", on_gain=lambda _t: None,
+            on_lose=noop,
+        )  # fmt: skip
+        m.join()
+        first = nodes.get(db.conn, "a")
+        assert first is not None
+        holder = sqlite3.connect(db.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the writer's or the worker's transaction
+        released = asyncio.Event()
+
+        def release() -> None:
+            holder.execute("COMMIT")
+            released.set()
+
+        m.start()  # the first round after 0.2 s (a third of the lease)
+        asyncio.get_running_loop().call_later(0.4, release)
+        await released.wait()
+        while True:  # the round that waited for the lock commits once it is free
+            row = nodes.get(db.conn, "a")
+            assert row is not None
+            if row["heartbeat"] > first["heartbeat"] or not m.leader:
+                break
+            await asyncio.sleep(0.01)
+        holder.close()
+        m.halt()
+        await m.leave()
+        return first["heartbeat"], row["heartbeat"], m.leader
+
+    caplog.set_level("ERROR", logger="engine.cluster")
+    asyncio.run(main())
+    assert not [r for r in caplog.records if "heartbeat failed" in r.getMessage()]

@@ -35,7 +35,8 @@ from typing import Any, Final
 
 from engine.errors import StoreError
 from engine.model import Inbound, StoredMessage
-from engine.store import notify
+from engine.store import notify, trace
+from engine.store.checkpoint import CHECKPOINT_SECONDS, Checkpointer, no_autocheckpoint
 from engine.store.message_filter import MessageFilter, where
 from engine.store.sql import (
     Conn,
@@ -118,7 +119,16 @@ class Inbox:
         self.on_fault: Callable[[str], None] | None = None  # each failed commit (metrics)
         # each group commit: seconds it waited for the write lock (metrics)
         self.on_wait: Callable[[float], None] | None = None
+        # called on the loop when a group commit finds the write lock held (the engine
+        # asks the processing worker to step aside after its slice: engine.supervisor)
+        self.on_busy: Callable[[], None] | None = None
+        self._nudge: Callable[[], None] | None = None  # on_busy, from the writer thread
         self._waited = 0.0  # the last commit's wait, set on the writer thread
+        # how often the writer's checkpointer thread checkpoints the WAL (SQLite file)
+        self.checkpoint_seconds = CHECKPOINT_SECONDS
+        self._ended = 0.0  # when the last commit returned, on the writer thread
+        # REFLOOP_TXN_TRACE: when each queued message was added (engine.store.trace)
+        self._added: dict[int, float] | None = {} if trace.enabled() else None
 
     def _count(self) -> int:
         row = self.db.conn.execute("SELECT max(id) FROM messages").fetchone()
@@ -136,6 +146,8 @@ class Inbox:
             raise StoreError("inbox is closed")
         fut: asyncio.Future[AddResult] = asyncio.get_running_loop().create_future()
         self._queue.append((inbound, ack_code, fut))
+        if self._added is not None:
+            self._added[id(fut)] = time.perf_counter()
         self._wake.set()
         return fut
 
@@ -150,8 +162,20 @@ class Inbox:
         still waits for durability. :attr:`lock` is held for the commit, so the
         processor's transactions wait for it without blocking the loop."""
         loop = asyncio.get_running_loop()
+        on_busy = self.on_busy
+        if on_busy is not None:
+
+            def nudge() -> None:  # the writer thread's way to the loop
+                loop.call_soon_threadsafe(on_busy)
+
+            self._nudge = nudge
         writer = _writer_database(self.db)
         executor = ThreadPoolExecutor(1, thread_name_prefix="inbox-writer")
+        # checkpoints off the commit (engine.store.checkpoint); an in-memory database and
+        # PostgreSQL have none
+        checkpointer = None
+        if writer is not self.db and writer.dialect == "sqlite":
+            checkpointer = Checkpointer(writer.path, self.checkpoint_seconds).start()
         try:
             while True:
                 if not self._queue:
@@ -160,6 +184,7 @@ class Inbox:
                     await self._idle(loop, executor, writer)
                     continue
                 batch = self._take()
+                taken = time.perf_counter()
                 try:
                     async with self.lock:
                         results = await loop.run_in_executor(executor, self._commit, writer, batch)
@@ -173,6 +198,14 @@ class Inbox:
                 self.commits += 1
                 if self.on_wait is not None:
                     self.on_wait(self._waited)
+                if self._added is not None:
+                    back = time.perf_counter()
+                    oldest = min(self._added.pop(id(f), taken) for _, _, f in batch)
+                    # n, queued (oldest), lock wait, commit call, back on the loop after it
+                    trace.record(
+                        "inbox-batch", taken, len(batch), taken - oldest, self._waited,
+                        self._ended - taken, back - self._ended,
+                    )  # fmt: skip
                 self.rows = max([self.rows, *(r.id for r in results)])
                 self._recovered()
                 for (_, _, fut), result in zip(batch, results, strict=True):
@@ -184,6 +217,8 @@ class Inbox:
             executor.shutdown(wait=True)
             if writer is not self.db:
                 writer.close()
+            if checkpointer is not None:
+                await asyncio.to_thread(checkpointer.stop)
 
     async def _idle(self, loop: asyncio.AbstractEventLoop, executor: Any, writer: Database) -> None:
         """Wait for work; while a fault stands, try a one-row write every
@@ -275,13 +310,16 @@ class Inbox:
         """One group commit on ``db`` (the writer thread's connection). Touches no
         asyncio object: the loop resolves the futures."""
         started = time.perf_counter()
+        nudged = False
         while True:
             began = False
             try:
                 with db.transaction() as conn:  # durable: the ACK waits for this fsync
                     began = True
                     self._waited = time.perf_counter() - started
-                    return [self._insert(conn, inbound, ack_code) for inbound, ack_code, _ in batch]
+                    results = [self._insert(conn, m, ack_code) for m, ack_code, _ in batch]
+                self._ended = time.perf_counter()
+                return results
             except DatabaseError as exc:
                 # only BEGIN waits here (the writer's connection has no busy timeout on
                 # SQLite); a statement failing once the transaction began is a fault
@@ -289,6 +327,9 @@ class Inbox:
                     raise
                 if time.perf_counter() - started > WRITER_BUSY_MS / 1000:
                     raise
+                if not nudged and self._nudge is not None:
+                    nudged = True
+                    self._nudge()  # once per commit: ask the lock's holder to step aside
                 waited = time.perf_counter() - started
                 time.sleep(WRITER_SPIN if waited < 0.02 else 10 * WRITER_SPIN)
 
@@ -529,6 +570,8 @@ def _writer_database(db: Database) -> Database:
     # no busy timeout on SQLite: Inbox._commit tries BEGIN IMMEDIATE again itself, every
     # WRITER_SPIN seconds, so a lock freed between two of SQLite's sleeps is taken at once
     writer = db.another(busy_ms=0 if db.dialect == "sqlite" else WRITER_BUSY_MS)
+    if writer is not db and writer.dialect == "sqlite":
+        no_autocheckpoint(writer.conn)  # never a checkpoint inside the ACK's commit
     if writer is not db and isinstance(getattr(writer.conn, "label", None), str):
         writer.conn.label = "inbox-writer"  # REFLOOP_SQL_STATS: its counts apart
     return writer

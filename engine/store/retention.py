@@ -46,7 +46,6 @@ from engine.store.sql import POSTGRESQL, Database, dialect
 
 DAY: Final = 86400.0
 STEP_SECONDS: Final = 0.002  # a step stops taking rows after this long (the processor's slice)
-AUTOCHECKPOINT: Final = 1000  # SQLite's default wal_autocheckpoint, restored after a step
 VACUUM_PAGES: Final = 256  # pages one incremental_vacuum step returns at first
 MESSAGE_KINDS: Final = ("closed-referral", "unreferred", "error", "quarantine")
 KINDS: Final = (*MESSAGE_KINDS, "outbox", "parked", "sms-reply")
@@ -330,11 +329,14 @@ def _no_autocheckpoint(db: Database) -> Iterator[None]:
     if dialect(db) == POSTGRESQL:
         yield
         return
+    # the daemon's connections have it off already (engine.store.checkpoint): restore
+    # what was set, not SQLite's default
+    before = int(db.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
     db.conn.execute("PRAGMA wal_autocheckpoint = 0")
     try:
         yield
     finally:
-        db.conn.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT}")
+        db.conn.execute(f"PRAGMA wal_autocheckpoint = {before}")
 
 
 def _step(

@@ -22,8 +22,11 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Protocol
+
+from engine.store import trace
 
 SQLITE: Final = "sqlite"
 POSTGRESQL: Final = "postgresql"
@@ -259,6 +262,10 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
         conn.execute(f"PRAGMA synchronous = {'FULL' if self.synchronous == 'full' else 'NORMAL'}")
         conn.execute("PRAGMA foreign_keys = ON")
+        # the daemon's connections leave WAL checkpoints to the checkpointer thread
+        # (engine.store.checkpoint): so does one opened from them
+        auto = int(self.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint = {auto}")
         return Database(conn, self.path, self.synchronous)
 
     def _sync(self, durable: bool) -> None:
@@ -280,14 +287,52 @@ class Database:
         """
         conn = self.conn
         self._sync(durable)
+        traced = trace.enabled()
+        t0 = time.perf_counter()
         conn.execute("BEGIN IMMEDIATE")
+        tb = time.perf_counter()
         try:
             yield conn
-            conn.execute("COMMIT")
+            if not traced:
+                conn.execute("COMMIT")
+            else:
+                t1, before = time.perf_counter(), trace.db_stamp(self.path)
+                conn.execute("COMMIT")
+                t2 = time.perf_counter()
+                label = getattr(conn, "label", "main")
+                trace.record(
+                    f"txn:{label}:{'durable' if durable else 'normal'}",
+                    t0, tb - t0, t2 - tb, t2 - t1, float(trace.db_stamp(self.path) != before),
+                )  # fmt: skip
         except BaseException:
             if conn.in_transaction:  # also when COMMIT itself failed (disk full, I/O error)
                 conn.execute("ROLLBACK")
             raise
+
+    @property
+    def sync_apart(self) -> bool:
+        """True when :meth:`sync` can make a non-durable commit durable after the fact,
+        off the write lock (an SQLite file in WAL mode; not PostgreSQL, not in memory)."""
+        return self.dialect == SQLITE and self.path not in ("", ":memory:")
+
+    def sync(self) -> None:
+        """fsync the WAL: every transaction committed before this call (by any
+        connection) is then durable, as if it had committed with ``synchronous=FULL``.
+
+        A ``synchronous=FULL`` COMMIT in WAL mode is exactly an fsync of the WAL after its
+        frames are written; this is the same fsync, taken after the write lock is released
+        so no other writer (the inbox's group commit) waits behind it. Frames of ours
+        that a checkpoint copied before this call are durable too: a checkpoint fsyncs
+        the database file before it lets the WAL start over (https://sqlite.org/wal.html,
+        synchronous=NORMAL/FULL). Call it off the event loop; a no-op when
+        :attr:`sync_apart` is false."""
+        if not self.sync_apart:
+            return
+        fd = os.open(self.path + "-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def get_meta(self, key: str, default: str = "") -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -303,3 +348,4 @@ class Database:
 
     def close(self) -> None:
         self.conn.close()
+        trace.flush()
