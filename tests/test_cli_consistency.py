@@ -45,6 +45,13 @@ EXTRA_ARGS: dict[str, list[str]] = {
     "refloop replay": ["--dry-run"],
     "refloop report closure": ["--from", "2026-01-01", "--to", "2026-12-31"],
     "refloop simulate": ["docs/scenarios/hand-picked.yaml", "--summary"],
+    "refloop specialists set": [
+        "1234567893",
+        "--name",
+        "Cardiology Associates",
+        "--fax",
+        "5550200107",
+    ],
 }
 
 
