@@ -363,7 +363,8 @@ class RemoteProcessor(Processor):
     def merge(self, families: list[Metric]) -> list[Metric]:
         """This process's families with the worker's folded in: counters, histograms and
         summaries add up (with what earlier workers counted before they exited), a gauge
-        takes the larger value; families only the worker has are appended."""
+        takes the larger value (the smaller for :data:`LOWER_GAUGES`); families only the
+        worker has are appended."""
         worker: dict[str, tuple[str, str, str, dict[Key, float]]] = {
             name: (kind, doc, unit, dict(samples))
             for name, (kind, doc, unit, samples) in self._retired.items()
@@ -386,13 +387,20 @@ class RemoteProcessor(Processor):
                 if key not in values:
                     values[key] = value
                 elif family.type == "gauge":
-                    values[key] = max(values[key], value)
+                    pick = min if family.name in LOWER_GAUGES else max
+                    values[key] = pick(values[key], value)
                 else:
                     values[key] += value
             out.append(_family(family.name, family.type, family.documentation, "", values))
         for name, (kind, doc, unit, samples) in worker.items():
             out.append(_family(name, kind, doc, unit, samples))
         return out
+
+
+# Gauges that are 1 while something is fine in every process: the node's figure is the
+# smaller one, so one process that lost it shows (the daemon and its worker each hold a
+# LISTEN connection on PostgreSQL).
+LOWER_GAUGES: Final = frozenset({"refloop_store_listening"})
 
 
 def _family(name: str, kind: str, doc: str, unit: str, values: dict[Key, float]) -> Metric:

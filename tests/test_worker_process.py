@@ -258,7 +258,8 @@ def test_processing_workers_is_0_or_1() -> None:
 
 def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> None:
     """Counters add up (and keep what an exited worker counted), a gauge takes the larger
-    value, families only the worker has are appended; by hand: 2 + 3 = 5 routed, then a
+    value (``refloop_store_listening`` the smaller), families only the worker has are
+    appended; by hand: 2 + 3 = 5 routed, then a
     new worker's 4 on top of the first one's 3: 2 + 3 + 4 = 9."""
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -272,6 +273,7 @@ def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> Non
         m = Metrics(CollectorRegistry())
         m.processed.labels("routed").inc(routed)
         m.inbox_rows.set(lag_like)
+        m.store_listening.set(0)  # the worker's LISTEN connection is lost
         return snapshot(list(m.registry.collect()))
 
     async def go() -> tuple[str, str]:
@@ -279,6 +281,7 @@ def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> Non
         metrics = Metrics(CollectorRegistry())
         metrics.processed.labels("routed").inc(2)
         metrics.inbox_rows.set(10)
+        metrics.store_listening.set(1)
         remote = RemoteProcessor(db, Inbox(db), no_routes, WallClock(), metrics, ["true"])
         remote._snapshot = worker_figures(3, 4)
         first = generate_latest(_Registry(metrics)).decode()
@@ -298,6 +301,7 @@ def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> Non
     first, second = asyncio.run(go())
     assert 'refloop_messages_processed_total{status="routed"} 5.0' in first
     assert "refloop_inbox_rows 10.0" in first  # max(10, 4)
+    assert "refloop_store_listening 0.0" in first  # min(1, 0): one process lost it
     assert 'refloop_messages_processed_total{status="routed"} 9.0' in second
     assert "refloop_inbox_rows 12.0" in second  # max(10, 12)
     assert first.count("# TYPE refloop_messages_processed_total counter") == 1
