@@ -29,7 +29,13 @@ from engine.config import load as load_config
 from engine.errors import ConfigError
 from engine.ingest.fhir import FhirPoller, SubscriptionHooks
 from engine.ingest.listener import MllpServer
-from engine.ingest.processor import Handler, Processor, no_routes
+from engine.ingest.processor import (
+    WORKER_BATCH,
+    WORKER_SLICE,
+    Handler,
+    Processor,
+    no_routes,
+)
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, leases, open_database
@@ -323,6 +329,9 @@ class Engine:
             processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
             if self.role == "worker":  # a core of its own: step aside just long enough
                 processor.pause_share = 0.0
+                processor.batch, processor.slice = WORKER_BATCH, WORKER_SLICE
+                # SQLite: BEGIN without the busy handler, again after the daemon's commit
+                processor.nowait = self.db.dialect == "sqlite"
             return processor
         from engine.supervisor import RemoteProcessor, worker_command
 

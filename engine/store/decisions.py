@@ -91,6 +91,16 @@ class Decisions:
         row = r.fetchone()
         return _row(row) if row else None
 
+    def get_many(self, conn: Conn, ids: list[int]) -> dict[int, DecisionRow]:
+        """:meth:`get` of several messages in one statement (absent: no decision)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM decisions WHERE message_id IN ({marks})", ids
+        ).fetchall()
+        return {int(r[0]): _row(r) for r in rows}
+
     def record(
         self,
         conn: Conn,

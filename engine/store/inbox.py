@@ -365,6 +365,15 @@ class Inbox:
         r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
 
+    def get_many(self, conn: Conn, ids: list[int]) -> dict[int, StoredMessage]:
+        """:meth:`get` of several rows in one statement (the processor reads a slice's
+        small messages so; their sizes are bounded by the caller)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id IN ({marks})", ids).fetchall()
+        return {int(r[0]): _row(r) for r in rows}
+
     def claim(self, conn: Conn, limit: int) -> list[tuple[int, int]]:
         """(id, size of its bytes) of the first ``limit`` rows still ``received``, in id
         order, without their bytes (the processor loads them one message at a time: 16 rows
