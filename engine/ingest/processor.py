@@ -303,6 +303,7 @@ class Processor:
             pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
         prefetch = getattr(self.handler, "prefetch", None)
         rows: dict[int, StoredMessage] = {}
+        marks: list[tuple[int, str, str, str]] = []
         try:
             for n, (message_id, _) in enumerate(pending):
                 if message_id not in rows and (loaded is None or loaded.id != message_id):
@@ -315,10 +316,15 @@ class Processor:
                 row = row or rows.get(message_id)
                 if row is None:  # not possible (rows are never deleted); skip, never stop
                     continue
-                outcomes.append(self._process_one(row, conn, now))
+                outcomes.append(self._process_one(row, conn, now, marks))
                 ids.append(message_id)
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
+            # the slice's decisions and statuses, one statement each
+            flush = getattr(self.handler, "flush", None)
+            if flush is not None:
+                flush(conn)
+            self.inbox.mark_many(conn, marks, now=now)
         finally:
             forget = getattr(self.handler, "forget", None)
             if forget is not None:
@@ -336,24 +342,38 @@ class Processor:
             self.metrics.processed.labels("rejected").inc(rejected)
         self.metrics.processing_lag.set(0)
 
-    def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
+    def _process_one(
+        self,
+        row: StoredMessage,
+        conn: Conn,
+        now: float,
+        marks: list[tuple[int, str, str, str]] | None = None,
+    ) -> Outcome:
+        """One message in its savepoint. With ``marks`` its status row is not written
+        here but appended there (the slice writes them all in one statement before its
+        COMMIT: the same transaction)."""
         if row.status != "received":
             # rejected at the door, or already processed (a replay marks rows itself)
             return Outcome(row.status, row.error, row.route)
         try:
             with savepoint(conn, "message"):
                 outcome = self.handler(row, conn)
-                self.inbox.mark(
-                    row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
-                )
+                if marks is None:
+                    self.inbox.mark(
+                        row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
+                    )
         except DatabaseError as exc:
             if fault_kind(exc) in STORAGE_FAULTS:
                 raise  # the store's fault, not the message's: the slice is tried again
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")
-            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+            if marks is None:
+                self.inbox.mark(row.id, "error", error=outcome.error, now=now)
         except Exception as exc:  # one message's failure must not stop the feed
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")
-            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+            if marks is None:
+                self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+        if marks is not None:
+            marks.append((row.id, outcome.status, outcome.error, outcome.route))
         return outcome

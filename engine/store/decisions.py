@@ -135,5 +135,19 @@ class Decisions:
                 (message_id, status, route, reason, body, decided_at),
             )
 
+    def record_many(
+        self, conn: Conn, rows: list[tuple[int, str, str, str, list[dict[str, Any]], float]]
+    ) -> None:
+        """:meth:`record` (no replay) of several messages, (message id, status, route,
+        reason, actions, decided_at) each, in one statement."""
+        conn.executemany(
+            "INSERT INTO decisions (message_id, status, route, reason, actions, decided_at) "
+            "VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
+            "route = excluded.route, reason = excluded.reason, actions = excluded.actions, "
+            "decided_at = excluded.decided_at",
+            [(i, st, rt, why, canonical_json(actions), at) for i, st, rt, why, actions, at in rows],
+        )
+
     def count(self) -> int:
         return int(self.db.conn.execute("SELECT count(*) FROM decisions").fetchone()[0])

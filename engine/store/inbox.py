@@ -455,6 +455,18 @@ class Inbox:
         # on-processed ACK waiters on other nodes: one NOTIFY with every id, at COMMIT
         notify.mark(self.db.conn, notify.PROCESSED, message_id)
 
+    def mark_many(self, conn: Conn, marks: list[tuple[int, str, str, str]], *, now: float) -> None:
+        """:meth:`mark` for several messages, (id, status, error, route) each, in one
+        statement (a processing slice's)."""
+        if not marks:
+            return
+        conn.executemany(
+            "UPDATE messages SET status = ?, error = ?, route = ?, processed_at = ? WHERE id = ?",
+            [(status, error, route, now, i) for i, status, error, route in marks],
+        )
+        for i, *_ in marks:
+            notify.mark(conn, notify.PROCESSED, i)
+
 
 def _load(reader: Database, message_id: int) -> StoredMessage | None:
     try:
