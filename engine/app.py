@@ -31,6 +31,7 @@ from engine.ingest.fhir import FhirPoller, SubscriptionHooks
 from engine.ingest.listener import MllpServer
 from engine.ingest.processor import (
     WORKER_BATCH,
+    WORKER_CACHE_KIB,
     WORKER_SLICE,
     Handler,
     Processor,
@@ -332,6 +333,8 @@ class Engine:
                 processor.batch, processor.slice = WORKER_BATCH, WORKER_SLICE
                 # SQLite: BEGIN without the busy handler, again after the daemon's commit
                 processor.nowait = self.db.dialect == "sqlite"
+                if self.db.dialect == "sqlite":  # the pages a slice touches stay in hand
+                    self.db.conn.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
             return processor
         from engine.supervisor import RemoteProcessor, worker_command
 

@@ -49,6 +49,10 @@ STORAGE_FAULTS: Final = frozenset({"full", "io", "locked"})
 # holding its event loop, only by holding SQLite's write lock: its slices take more
 # messages, bounded by WORKER_SLICE seconds of lock held (checked between messages).
 WORKER_BATCH: Final = 64
+# the worker's SQLite page cache (KiB; SQLite's default is 2,000): on a database of a
+# few hundred thousand referrals the default made most index pages of a slice's inserts
+# a read from the OS (docs/performance.md, "Processing in the worker")
+WORKER_CACHE_KIB: Final = 65536
 WORKER_SLICE: Final = 0.005
 # On SQLite the worker does not wait for the write lock in SQLite's busy handler (which
 # sleeps 1, 2, 5, 10 ms ... between tries and so slept through most of the gaps between
