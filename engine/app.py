@@ -331,8 +331,11 @@ class Engine:
             if self.role == "worker":  # a core of its own: step aside just long enough
                 processor.pause_share = 0.0
                 processor.batch, processor.slice = WORKER_BATCH, WORKER_SLICE
-                # SQLite: BEGIN without the busy handler, again after the daemon's commit
-                processor.nowait = self.db.dialect == "sqlite"
+                # not ``nowait``: under a paced load the daemon's writer (which tries again
+                # every 0.2 ms) won nearly every race for the lock against a BEGIN tried
+                # after its "committed" line, and processing fell from 48 to 16 msgs/s
+                # (docs/performance.md, "Processing in the worker"); the busy handler's
+                # sleeps do better until the daemon hands the lock over itself
                 if self.db.dialect == "sqlite":  # the pages a slice touches stay in hand
                     self.db.conn.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
             return processor

@@ -54,12 +54,13 @@ WORKER_BATCH: Final = 64
 # a read from the OS (docs/performance.md, "Processing in the worker")
 WORKER_CACHE_KIB: Final = 65536
 WORKER_SLICE: Final = 0.005
-# On SQLite the worker does not wait for the write lock in SQLite's busy handler (which
-# sleeps 1, 2, 5, 10 ms ... between tries and so slept through most of the gaps between
-# the daemon's group commits): BEGIN is tried without a busy timeout, and while it is
-# refused the worker waits for the daemon's next commit (it says so over the socket) or
-# BUSY_RETRY seconds, whichever comes first; after BUSY_LIMIT seconds of refusals the
-# slice counts as a ``locked`` fault, as the busy timeout's expiry did.
+# ``Processor.nowait`` (SQLite; off in the worker, see engine.app): a slice's BEGIN is
+# tried without SQLite's busy handler (which sleeps 1, 2, 5, 10 ms ... between tries),
+# and while it is refused the processor waits for the daemon's next commit (it says so
+# over the socket) or BUSY_RETRY seconds, its event loop free; after BUSY_LIMIT seconds
+# of refusals the slice counts as a ``locked`` fault, as the busy timeout's expiry did.
+# Measured under a paced load it lost the lock to the daemon's writer (which tries every
+# 0.2 ms) far more often than the busy handler does (docs/performance.md).
 BUSY_RETRY: Final = 0.002
 BUSY_LIMIT: Final = 5.0
 # rows (and their previous decisions) a slice reads per statement: about what a slice
@@ -168,10 +169,9 @@ class Processor:
                     refused = None
                     raise _Busy()
                 refused = None
-            except (
-                *DatabaseError,
-                _Busy,
-            ) as exc:  # disk full, I/O error, locked: nothing committed
+            except Exception as exc:  # disk full, I/O error, locked: nothing committed
+                if not isinstance(exc, (_Busy, *DatabaseError)):
+                    raise
                 kind = self.fault = "locked" if isinstance(exc, _Busy) else fault_kind(exc)
                 log.error("processing: commit failed (%s); trying again in %gs", kind, FAULT_PAUSE)
                 self.metrics.store_errors.labels("processing", kind).inc()

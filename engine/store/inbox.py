@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -455,7 +455,9 @@ class Inbox:
         # on-processed ACK waiters on other nodes: one NOTIFY with every id, at COMMIT
         notify.mark(self.db.conn, notify.PROCESSED, message_id)
 
-    def mark_many(self, conn: Conn, marks: list[tuple[int, str, str, str]], *, now: float) -> None:
+    def mark_many(
+        self, conn: Conn, marks: Sequence[tuple[int, str, str, str]], *, now: float
+    ) -> None:
         """:meth:`mark` for several messages, (id, status, error, route) each, in one
         statement (a processing slice's)."""
         if not marks:
