@@ -29,7 +29,14 @@ from engine.config import load as load_config
 from engine.errors import ConfigError
 from engine.ingest.fhir import FhirPoller, SubscriptionHooks
 from engine.ingest.listener import MllpServer
-from engine.ingest.processor import Handler, Processor, no_routes
+from engine.ingest.processor import (
+    WORKER_BATCH,
+    WORKER_CACHE_KIB,
+    WORKER_SLICE,
+    Handler,
+    Processor,
+    no_routes,
+)
 from engine.ingest.smart_auth import make_auth
 from engine.metrics import Metrics
 from engine.store import Database, Inbox, leases, open_database, trace
@@ -331,6 +338,14 @@ class Engine:
             processor = Processor(self.db, self.inbox, handler, self.clock, self.metrics)
             if self.role == "worker":  # a core of its own: step aside just long enough
                 processor.pause_share = 0.0
+                processor.batch, processor.slice = WORKER_BATCH, WORKER_SLICE
+                # not ``nowait``: under a paced load the daemon's writer (which tries again
+                # every 0.2 ms) won nearly every race for the lock against a BEGIN tried
+                # after its "committed" line, and processing fell from 48 to 16 msgs/s
+                # (docs/performance.md, "Processing in the worker"); the busy handler's
+                # sleeps do better until the daemon hands the lock over itself
+                if self.db.dialect == "sqlite":  # the pages a slice touches stay in hand
+                    self.db.conn.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
             return processor
         from engine.supervisor import RemoteProcessor, worker_command
 

@@ -38,6 +38,9 @@ from engine.supervisor import LINE_LIMIT, snapshot
 log = logging.getLogger("refloop.worker")
 
 FAULT_REPORT = 0.25  # seconds between looks at the stages' storage faults
+# Set to a path, the worker runs under cProfile and writes its stats to PATH.<pid> when
+# it stops (a measuring aid: docs/performance.md, "Processing in the worker")
+PROFILE_ENV = "REFLOOP_WORKER_PROFILE"
 
 
 class WorkerSide:
@@ -176,12 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     config = load_config(args.routes)
     engine = Engine(config, Path(args.state), store=args.store, role="worker")
+    profile = os.environ.get(PROFILE_ENV)
+    profiler = None
+    if profile:  # bench/ingest.py's profiling of processing: a cProfile of this process
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         import uvloop
 
         uvloop.run(serve(engine, sock))
     except ImportError:
         asyncio.run(serve(engine, sock))
+    finally:
+        if profiler is not None and profile:
+            profiler.disable()
+            profiler.dump_stats(f"{profile}.{os.getpid()}")
     return 0
 
 

@@ -27,6 +27,11 @@ from engine.store.db import Conn, DatabaseError, fault_kind, savepoint
 
 __all__ = ["Outcome", "Processor"]  # Outcome is defined in engine.model, below routing
 
+
+class _Busy(Exception):
+    """BEGIN was refused for :data:`BUSY_LIMIT` seconds (nowait): a ``locked`` fault."""
+
+
 log = logging.getLogger(__name__)
 
 BATCH: Final = 16  # most messages one processing transaction takes
@@ -40,6 +45,28 @@ WAITER_POLL: Final = 0.2
 LARGE: Final = 1024 * 1024  # bytes: a message this big is read off the loop, processed alone
 FAULT_PAUSE: Final = 1.0  # seconds before processing tries again after a failed commit
 STORAGE_FAULTS: Final = frozenset({"full", "io", "locked"})
+# The worker process (engine.worker) has a core of its own and never delays an ACK by
+# holding its event loop, only by holding SQLite's write lock: its slices take more
+# messages, bounded by WORKER_SLICE seconds of lock held (checked between messages).
+WORKER_BATCH: Final = 64
+# the worker's SQLite page cache (KiB; SQLite's default is 2,000): on a database of a
+# few hundred thousand referrals the default made most index pages of a slice's inserts
+# a read from the OS (docs/performance.md, "Processing in the worker")
+WORKER_CACHE_KIB: Final = 65536
+WORKER_SLICE: Final = 0.005
+# ``Processor.nowait`` (SQLite; off in the worker, see engine.app): a slice's BEGIN is
+# tried without SQLite's busy handler (which sleeps 1, 2, 5, 10 ms ... between tries),
+# and while it is refused the processor waits for the daemon's next commit (it says so
+# over the socket) or BUSY_RETRY seconds, its event loop free; after BUSY_LIMIT seconds
+# of refusals the slice counts as a ``locked`` fault, as the busy timeout's expiry did.
+# Measured under a paced load it lost the lock to the daemon's writer (which tries every
+# 0.2 ms) far more often than the busy handler does (docs/performance.md).
+BUSY_RETRY: Final = 0.002
+BUSY_LIMIT: Final = 5.0
+# rows (and their previous decisions) a slice reads per statement: about what a slice
+# processes in WORKER_SLICE, so a slice cut short by its budget has read little in vain
+READ_AHEAD: Final = 8
+BUSY: Final = -2  # process_available: the write lock was held by another connection
 
 
 # A handler applies one message's effects using the database connection it is given
@@ -91,6 +118,12 @@ class Processor:
         # pauses MIN_PAUSE only: the inbox writer, in the other process, tries for the
         # write lock every 0.2 ms, so that gap is enough to let a waiting commit in
         self.pause_share = 1.0
+        # the worker process (engine.app sets these): larger slices, and (SQLite) BEGIN
+        # tried without the busy handler, see BUSY_RETRY
+        self.batch = BATCH
+        self.slice = SLICE
+        self.nowait = False
+        self.busy_ms = 5000  # the connection's busy timeout, restored after a nowait BEGIN
 
     def notify(self) -> None:
         """New rows were committed."""
@@ -119,14 +152,27 @@ class Processor:
         evenly, and processing catches up in the gaps
         (``refloop_processing_lag_messages`` shows how far behind it is)."""
         commits = self.inbox.commits
+        refused: float | None = None  # when BEGIN was first refused (nowait), else None
         while True:
             self._wake.clear()
             started = time.perf_counter()
             try:
                 async with self.inbox.lock:  # the inbox writer's commit runs on its own thread
-                    done = self.process_available(budget=SLICE)
-            except DatabaseError as exc:  # disk full, I/O error, locked: nothing committed
-                kind = self.fault = fault_kind(exc)
+                    done = self.process_available(self.batch, budget=self.slice)
+                if done == BUSY:
+                    refused = started if refused is None else refused
+                    if started - refused < BUSY_LIMIT:
+                        # the daemon's group commit holds the lock: go right after it
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), BUSY_RETRY)
+                        continue
+                    refused = None
+                    raise _Busy()
+                refused = None
+            except Exception as exc:  # disk full, I/O error, locked: nothing committed
+                if not isinstance(exc, (_Busy, *DatabaseError)):
+                    raise
+                kind = self.fault = "locked" if isinstance(exc, _Busy) else fault_kind(exc)
                 log.error("processing: commit failed (%s); trying again in %gs", kind, FAULT_PAUSE)
                 self.metrics.store_errors.labels("processing", kind).inc()
                 if self._stopping:
@@ -196,32 +242,33 @@ class Processor:
         ids: list[int] = []
         now = self.clock.now()
         deadline = None if budget is None else time.perf_counter() + budget
-        # not fsync'd on its own (see Database.transaction): the next inbox commit or any
-        # durable commit makes it durable; a crash before that only repeats processing
-        with self.db.transaction(durable=False) as conn:
-            pending = self.inbox.claim(conn, limit)
-            if not pending:
-                self._caught_up()
-                return 0
-            claimed = len(pending)
-            if pending[0][1] > LARGE:
-                pending = pending[:1]
-                if budget is not None and (loaded is None or loaded.id != pending[0][0]):
-                    return -1
-            else:
-                pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
-            for message_id, _ in pending:
-                row = loaded if loaded is not None and loaded.id == message_id else None
-                row = row or self.inbox.get(message_id)
-                if row is None:  # not possible (rows are never deleted); skip, never stop
-                    continue
-                outcomes.append(self._process_one(row, conn, now))
-                ids.append(message_id)
-                if deadline is not None and time.perf_counter() >= deadline:
-                    break
+        nowait = self.nowait and budget is not None
+        began = False
+        if nowait:
+            self.db.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            # not fsync'd on its own (see Database.transaction): the next inbox commit or
+            # any durable commit makes it durable; a crash before that only repeats
+            # processing
+            with self.db.transaction(durable=False) as conn:
+                began = True
+                if nowait:
+                    nowait = False
+                    conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+                done = self._slice(conn, limit, loaded, deadline, now, outcomes, ids)
+        except DatabaseError as exc:
+            if not began and self.nowait and budget is not None and fault_kind(exc) == "locked":
+                self._loaded = loaded  # still in hand for the next try
+                return BUSY
+            raise
+        finally:
+            if nowait:  # BEGIN failed: the busy timeout back for everything else
+                self.db.conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+        if done <= 0:
+            return done
         if ids:
             self.cursor = max(self.cursor, ids[-1])
-        if len(ids) == claimed < limit:  # the claim took every row left: none is behind
+        if len(ids) == done < limit:  # the claim took every row left: none is behind
             self._caught_up()
         if self.after_commit is not None:
             self.after_commit()
@@ -235,6 +282,59 @@ class Processor:
             self.on_processed(list(zip(ids, outcomes, strict=True)))
         return max(1, len(ids))
 
+    def _slice(
+        self,
+        conn: Conn,
+        limit: int,
+        loaded: StoredMessage | None,
+        deadline: float | None,
+        now: float,
+        outcomes: list[Outcome],
+        ids: list[int],
+    ) -> int:
+        """The body of :meth:`process_available`'s transaction: how many rows the claim
+        took (0: none, the processor caught up; -1: a large one to read off the loop)."""
+        pending = self.inbox.claim(conn, limit)
+        if not pending:
+            self._caught_up()
+            return 0
+        claimed = len(pending)
+        if pending[0][1] > LARGE:
+            pending = pending[:1]
+            if deadline is not None and (loaded is None or loaded.id != pending[0][0]):
+                return -1
+        else:
+            pending = list(itertools.takewhile(lambda p: p[1] <= LARGE, pending))
+        prefetch = getattr(self.handler, "prefetch", None)
+        rows: dict[int, StoredMessage] = {}
+        marks: list[tuple[int, str, str, str]] = []
+        try:
+            for n, (message_id, _) in enumerate(pending):
+                if message_id not in rows and (loaded is None or loaded.id != message_id):
+                    # the next few small rows and their previous decisions, one read each
+                    chunk = [i for i, _ in pending[n : n + READ_AHEAD]]
+                    rows = self.inbox.get_many(conn, chunk)
+                    if prefetch is not None:
+                        prefetch(conn, chunk)
+                row = loaded if loaded is not None and loaded.id == message_id else None
+                row = row or rows.get(message_id)
+                if row is None:  # not possible (rows are never deleted); skip, never stop
+                    continue
+                outcomes.append(self._process_one(row, conn, now, marks))
+                ids.append(message_id)
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+            # the slice's decisions and statuses, one statement each
+            flush = getattr(self.handler, "flush", None)
+            if flush is not None:
+                flush(conn)
+            self.inbox.mark_many(conn, marks, now=now)
+        finally:
+            forget = getattr(self.handler, "forget", None)
+            if forget is not None:
+                forget()
+        return claimed
+
     def _caught_up(self) -> None:
         """Nothing is left ``received``: every stored row counts as processed, the rows
         rejected at the door included (they are stored with their outcome and never
@@ -246,24 +346,38 @@ class Processor:
             self.metrics.processed.labels("rejected").inc(rejected)
         self.metrics.processing_lag.set(0)
 
-    def _process_one(self, row: StoredMessage, conn: Conn, now: float) -> Outcome:
+    def _process_one(
+        self,
+        row: StoredMessage,
+        conn: Conn,
+        now: float,
+        marks: list[tuple[int, str, str, str]] | None = None,
+    ) -> Outcome:
+        """One message in its savepoint. With ``marks`` its status row is not written
+        here but appended there (the slice writes them all in one statement before its
+        COMMIT: the same transaction)."""
         if row.status != "received":
             # rejected at the door, or already processed (a replay marks rows itself)
             return Outcome(row.status, row.error, row.route)
         try:
             with savepoint(conn, "message"):
                 outcome = self.handler(row, conn)
-                self.inbox.mark(
-                    row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
-                )
+                if marks is None:
+                    self.inbox.mark(
+                        row.id, outcome.status, error=outcome.error, route=outcome.route, now=now
+                    )
         except DatabaseError as exc:
             if fault_kind(exc) in STORAGE_FAULTS:
                 raise  # the store's fault, not the message's: the slice is tried again
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")
-            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+            if marks is None:
+                self.inbox.mark(row.id, "error", error=outcome.error, now=now)
         except Exception as exc:  # one message's failure must not stop the feed
             log.exception("message %d: processing failed", row.id)
             outcome = Outcome("error", f"internal error: {type(exc).__name__}")
-            self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+            if marks is None:
+                self.inbox.mark(row.id, "error", error=outcome.error, now=now)
+        if marks is not None:
+            marks.append((row.id, outcome.status, outcome.error, outcome.route))
         return outcome

@@ -52,6 +52,10 @@ class RouteHandler:
         self.clock = clock or WallClock()
         self.metrics = metrics
         self.enqueued = 0  # outbox rows queued by send/forward since take_enqueued()
+        # previous decisions read for the messages of a processing slice (prefetch)
+        self._previous: dict[int, DecisionRow | None] = {}
+        # decisions of a processing slice, written by flush() (None: each as it comes)
+        self._decided: list[tuple[int, str, str, str, list[dict[str, Any]], float]] | None = None
 
     def __call__(self, row: StoredMessage, conn: Conn) -> Outcome:
         return self.process(row, conn)
@@ -78,7 +82,10 @@ class RouteHandler:
         table = self.table
         if decision is None:
             decision = decide_stored(table, row)
-        previous = self.decisions.get(row.id, conn)
+        if row.id in self._previous:
+            previous = self._previous.pop(row.id)
+        else:
+            previous = self.decisions.get(row.id, conn)
         applied = previous.fingerprints if previous is not None else frozenset()
         summary = summarise(decision)
         if decision.status == "routed":
@@ -107,19 +114,51 @@ class RouteHandler:
                 who = demographics(row)
                 for rid in sorted(tracked):
                     referral_search.set_patient(conn, rid, who)
-        self.decisions.record(
-            conn,
-            row.id,
-            status=decision.status,
-            route=decision.route,
-            reason=decision.reason,
-            actions=summary,
-            decided_at=self.clock.now(),
-            replayed_by=replayed_by,
-        )
+        if self._decided is not None and not replayed_by:
+            self._decided.append(
+                (
+                    row.id,
+                    decision.status,
+                    decision.route,
+                    decision.reason,
+                    summary,
+                    self.clock.now(),
+                )
+            )
+        else:
+            self.decisions.record(
+                conn,
+                row.id,
+                status=decision.status,
+                route=decision.route,
+                reason=decision.reason,
+                actions=summary,
+                decided_at=self.clock.now(),
+                replayed_by=replayed_by,
+            )
         if self.metrics is not None:
             self._count(decision, time.perf_counter() - started)
         return Outcome(decision.status, decision.reason, decision.route)
+
+    def prefetch(self, conn: Conn, ids: list[int]) -> None:
+        """Read the previous decisions of the messages the processor is about to hand
+        over (inside its transaction), in one statement instead of one per message;
+        :meth:`forget` drops what was not used."""
+        found = self.decisions.get_many(conn, ids)
+        self._previous = {i: found.get(i) for i in ids}
+        if self._decided is None:
+            self._decided = []
+
+    def flush(self, conn: Conn) -> None:
+        """Write the decisions of the slice so far (one statement), inside its transaction."""
+        if self._decided:
+            self.decisions.record_many(conn, self._decided)
+        self._decided = None
+
+    def forget(self) -> None:
+        """The slice is over (committed or rolled back): nothing of it is kept."""
+        self._previous = {}
+        self._decided = None
 
     def _enqueue(
         self,

@@ -91,6 +91,16 @@ class Decisions:
         row = r.fetchone()
         return _row(row) if row else None
 
+    def get_many(self, conn: Conn, ids: list[int]) -> dict[int, DecisionRow]:
+        """:meth:`get` of several messages in one statement (absent: no decision)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM decisions WHERE message_id IN ({marks})", ids
+        ).fetchall()
+        return {int(r[0]): _row(r) for r in rows}
+
     def record(
         self,
         conn: Conn,
@@ -124,6 +134,20 @@ class Decisions:
                 "decided_at = excluded.decided_at",
                 (message_id, status, route, reason, body, decided_at),
             )
+
+    def record_many(
+        self, conn: Conn, rows: list[tuple[int, str, str, str, list[dict[str, Any]], float]]
+    ) -> None:
+        """:meth:`record` (no replay) of several messages, (message id, status, route,
+        reason, actions, decided_at) each, in one statement."""
+        conn.executemany(
+            "INSERT INTO decisions (message_id, status, route, reason, actions, decided_at) "
+            "VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(message_id) DO UPDATE SET status = excluded.status, "
+            "route = excluded.route, reason = excluded.reason, actions = excluded.actions, "
+            "decided_at = excluded.decided_at",
+            [(i, st, rt, why, canonical_json(actions), at) for i, st, rt, why, actions, at in rows],
+        )
 
     def count(self) -> int:
         return int(self.db.conn.execute("SELECT count(*) FROM decisions").fetchone()[0])

@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -406,6 +406,15 @@ class Inbox:
         r = self.db.conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id = ?", (message_id,)).fetchone()
         return _row(r) if r else None
 
+    def get_many(self, conn: Conn, ids: list[int]) -> dict[int, StoredMessage]:
+        """:meth:`get` of several rows in one statement (the processor reads a slice's
+        small messages so; their sizes are bounded by the caller)."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = conn.execute(f"SELECT {_COLUMNS}{_FROM} WHERE id IN ({marks})", ids).fetchall()
+        return {int(r[0]): _row(r) for r in rows}
+
     def claim(self, conn: Conn, limit: int) -> list[tuple[int, int]]:
         """(id, size of its bytes) of the first ``limit`` rows still ``received``, in id
         order, without their bytes (the processor loads them one message at a time: 16 rows
@@ -486,6 +495,20 @@ class Inbox:
         )
         # on-processed ACK waiters on other nodes: one NOTIFY with every id, at COMMIT
         notify.mark(self.db.conn, notify.PROCESSED, message_id)
+
+    def mark_many(
+        self, conn: Conn, marks: Sequence[tuple[int, str, str, str]], *, now: float
+    ) -> None:
+        """:meth:`mark` for several messages, (id, status, error, route) each, in one
+        statement (a processing slice's)."""
+        if not marks:
+            return
+        conn.executemany(
+            "UPDATE messages SET status = ?, error = ?, route = ?, processed_at = ? WHERE id = ?",
+            [(status, error, route, now, i) for i, status, error, route in marks],
+        )
+        for i, *_ in marks:
+            notify.mark(conn, notify.PROCESSED, i)
 
 
 def _load(reader: Database, message_id: int) -> StoredMessage | None:

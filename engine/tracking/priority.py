@@ -6,7 +6,8 @@ automated call that could not be placed."""
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
 from engine.clock import parse_iso
 from engine.store import timers as timer_store
@@ -19,10 +20,20 @@ NUDGE_TEMPLATES: Final = ("first_nudge", "second_nudge", "call-patient")
 
 def task_priority(conn: Conn, referral: ReferralRow, now: float) -> int:
     """The 0–100 score of a task for ``referral`` queued at ``now``."""
-    details = referral.details
     sent = timer_store.nudges_sent(conn, referral.id, NUDGE_TEMPLATES)
+    return task_priority_of(referral.opened_at, referral.details, sent, now)
+
+
+def task_priority_of(
+    opened_at: float,
+    details: Mapping[str, Any],
+    sent: Iterable[tuple[str, str]],
+    now: float,
+) -> int:
+    """:func:`task_priority` from what the caller has in hand: the referral's opening
+    time and details, and its patient contacts so far (``nudges_sent``)."""
     return coordinator_priority(
-        days_open=max(0.0, now - referral.opened_at) / DAY,
+        days_open=max(0.0, now - opened_at) / DAY,
         priority=str(details.get("priority") or ""),
         failed_contacts=sum(1 for _c, status in sent if status == "dead"),
         needed_by_days=days_until(str(details.get("needed_by") or ""), now),

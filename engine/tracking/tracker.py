@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
@@ -49,6 +49,7 @@ from engine.store import audit as audit_store
 from engine.store import referrals as store
 from engine.store.db import Database
 from engine.store.referrals import Conn
+from engine.store.timers import nudges_sent
 from engine.tracking import specialists, states
 from engine.tracking.actions import AUTH_OUTCOMES, OperatorActions
 from engine.tracking.correlate import (
@@ -65,7 +66,7 @@ from engine.tracking.escalation import (
     TimerGroup,
     TimerSpec,
 )
-from engine.tracking.priority import task_priority
+from engine.tracking.priority import NUDGE_TEMPLATES, task_priority, task_priority_of
 from engine.tracking.result import ApplyResult, Outcome, Source
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,16 @@ class Tracker(OperatorActions):
         report. Returns (what was done, whether the prior-auth item moved)."""
         conn, row, event, now = step.conn, step.row, step.event, step.now
         new = transition.state
-        done = self._effects(conn, row.id, transition.effects, details, new, now)
+        fresh = step.how == "created" and not (
+            isinstance(event, ReferralCreated) and event.prior_auth_required
+        )
+        hand = _InHand(
+            opened_at=min(row.opened_at, event.occurred_at)
+            if isinstance(event, ReferralCreated)
+            else row.opened_at,
+            fresh=fresh,
+        )
+        done = self._effects(conn, row.id, transition.effects, details, new, now, hand)
         auth_changed = False
         if isinstance(event, PriorAuthDecided):
             auth_changed, more = self._prior_auth(
@@ -517,10 +527,13 @@ class Tracker(OperatorActions):
         details: Mapping[str, Any],
         state: states.ReferralState,
         now: float,
+        hand: _InHand | None = None,
     ) -> list[str]:
         """Carry out the state machine's effects; returns what was done (for the
         timeline and the audit row). The timers the effects start are written together,
-        in their order, before anything that reads or deletes timers and at the end."""
+        in their order, before anything that reads or deletes timers and at the end.
+        ``hand``: what is known of the referral without reading it again (a referral
+        this event created has no outbox rows and no prior-auth item yet)."""
         done: list[str] = []
         timers = _TimerBatch(conn, rid, now)
         for effect in effects:
@@ -551,14 +564,14 @@ class Tracker(OperatorActions):
                 if auth is not None and auth.packet_held:
                     store.update_prior_auth(conn, rid, now=now, packet_held=False)
             elif effect == "send-packet":
-                auth = store.get_prior_auth(conn, rid)
+                auth = None if hand is not None and hand.fresh else store.get_prior_auth(conn, rid)
                 if auth is not None and auth.hold_packet and auth.status != "approved":
                     store.update_prior_auth(conn, rid, now=now, packet_held=True)
                     done.append("hold-packet")
                     continue
-                self._enqueue(conn, rid, effect, details, state, now)
+                self._enqueue(conn, rid, effect, details, state, now, hand)
             elif effect in _TEMPLATES:
-                if self._enqueue(conn, rid, effect, details, state, now) == "note":
+                if self._enqueue(conn, rid, effect, details, state, now, hand) == "note":
                     done.append(f"{effect}:timeline")
                     continue
             else:
@@ -623,6 +636,7 @@ class Tracker(OperatorActions):
         details: Mapping[str, Any],
         state: states.ReferralState,
         now: float,
+        hand: _InHand | None = None,
     ) -> str:
         """Queue the effect's outbox row; returns its channel, or ``note`` when it was
         only written on the timeline (a notice with no notification channel, a packet
@@ -651,7 +665,14 @@ class Tracker(OperatorActions):
                     task=template,
                     why=route.why,
                     reason=_NO_WAY_REASONS.get(route.why, route.why),
-                    priority_score=_priority(conn, rid, now),
+                    priority_score=_priority(conn, rid, now)
+                    if hand is None
+                    else task_priority_of(
+                        hand.opened_at,
+                        details,
+                        () if hand.fresh else nudges_sent(conn, rid, NUDGE_TEMPLATES),
+                        now,
+                    ),
                     attempts=[],
                 )
         else:
@@ -665,7 +686,10 @@ class Tracker(OperatorActions):
                 return "note"
             if self.metrics is not None:
                 self.metrics.notices.labels("sent").inc()
-        n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
+        if hand is not None and hand.fresh:  # none before this event's
+            n = hand.queued[effect] = hand.queued.get(effect, 0) + 1
+        else:
+            n = store.count_outbox(conn, rid, f"{rid}:{effect}:") + 1
         self.enqueued += 1
         store.enqueue_outbox(
             conn,
@@ -870,6 +894,18 @@ class _Step:
     how: str
     message_id: int | None
     parked_id: int | None
+
+
+@dataclass(slots=True)
+class _InHand:
+    """The referral as an event's effects see it, without reading it again: its opening
+    time after the event (its details are the effects' ``details``); ``fresh``: the event
+    created it in this transaction (and no prior-auth item), so it has no outbox rows and
+    no patient contacts yet, and ``queued`` counts the outbox rows its effects queue."""
+
+    opened_at: float
+    fresh: bool
+    queued: dict[str, int] = field(default_factory=dict)
 
 
 class _TimerBatch:
