@@ -165,3 +165,29 @@ def test_a_connection_opened_from_the_daemons_leaves_checkpoints_to_the_thread(
     assert daemons.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     for d in (plain, daemons, db):
         d.close()
+
+
+def test_the_wal_file_shrinks_back_after_a_burst(tmp_path: Path) -> None:
+    """SQLite never shrinks the WAL file by itself: it starts it over from the beginning
+    after a checkpoint. With checkpoints on the thread, one burst left the WAL file at its
+    high-water mark for good (the soak harness saw it at 20 MiB after a burst, and called
+    it growing). A connection without automatic checkpoints truncates it back to
+    WAL_KEEP_BYTES when it starts the WAL over."""
+    from engine.store.checkpoint import WAL_KEEP_BYTES, Checkpointer, no_autocheckpoint
+
+    path = tmp_path / "refloop.db"
+    db = open_database(path)
+    no_autocheckpoint(db.conn)
+    db.conn.execute("CREATE TABLE burst (b BLOB)")
+    with db.transaction() as conn:  # about 8 MiB in the WAL
+        conn.executemany("INSERT INTO burst VALUES (?)", [(b"x" * 8000,) for _ in range(1024)])
+    wal = Path(str(path) + "-wal")
+    assert wal.stat().st_size > 2 * WAL_KEEP_BYTES
+    checkpointer = Checkpointer(str(path))
+    own = sqlite3.connect(path, isolation_level=None)
+    checkpointer.checkpoint(own)  # copies everything: no reader holds a snapshot
+    own.close()
+    with db.transaction() as conn:  # the next write starts the WAL over
+        conn.execute("INSERT INTO burst VALUES (x'00')")
+    assert wal.stat().st_size <= WAL_KEEP_BYTES
+    db.close()

@@ -33,11 +33,19 @@ from engine.store import trace
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SECONDS: Final = 0.5  # how often the thread checkpoints what was committed
+# The WAL file's size kept when a writer starts it over after a checkpoint: SQLite reuses
+# the file from its start and never shrinks it by itself, so one burst (or one reader
+# that held a snapshot through a few checkpoints) would leave it at its high-water mark
+# for good. About what SQLite's own checkpoints let it reach (1,000 pages of 4 KiB).
+WAL_KEEP_BYTES: Final = 4 * 1024 * 1024
 
 
 def no_autocheckpoint(conn: sqlite3.Connection) -> None:
-    """No checkpoint in this connection's commits: the :class:`Checkpointer` runs them."""
+    """No checkpoint in this connection's commits: the :class:`Checkpointer` runs them;
+    and the WAL truncated back to :data:`WAL_KEEP_BYTES` when this connection starts it
+    over."""
     conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
 
 
 class Checkpointer:

@@ -264,8 +264,9 @@ class Database:
         conn.execute("PRAGMA foreign_keys = ON")
         # the daemon's connections leave WAL checkpoints to the checkpointer thread
         # (engine.store.checkpoint): so does one opened from them
-        auto = int(self.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-        conn.execute(f"PRAGMA wal_autocheckpoint = {auto}")
+        for pragma in ("wal_autocheckpoint", "journal_size_limit"):
+            value = int(self.conn.execute(f"PRAGMA {pragma}").fetchone()[0])
+            conn.execute(f"PRAGMA {pragma} = {value}")
         return Database(conn, self.path, self.synchronous)
 
     def _sync(self, durable: bool) -> None:
