@@ -313,8 +313,14 @@ class Database:
     @property
     def sync_apart(self) -> bool:
         """True when :meth:`sync` can make a non-durable commit durable after the fact,
-        off the write lock (an SQLite file in WAL mode; not PostgreSQL, not in memory)."""
-        return self.dialect == SQLITE and self.path not in ("", ":memory:")
+        off the write lock (an SQLite file in WAL mode; not PostgreSQL, not in memory) and
+        a durable commit would fsync at all (``synchronous: full``; with ``normal`` the
+        operator chose no fsync per commit: nothing is synced apart either)."""
+        return (
+            self.dialect == SQLITE
+            and self.path not in ("", ":memory:")
+            and self.synchronous == "full"
+        )
 
     def sync(self) -> None:
         """fsync the WAL: every transaction committed before this call (by any
