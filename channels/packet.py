@@ -137,28 +137,40 @@ class PacketRenderer:
             pdf.ln(2)
         elif line.startswith("# "):
             pdf.set_font(family, "B", 16)
-            pdf.multi_cell(0, 8, line[2:], align="L", **kw)
+            _cell(pdf, 8, line[2:], align="L", **kw)
             pdf.ln(1)
         elif line.startswith("## "):
             pdf.ln(2)
             pdf.set_font(family, "B", 12)
-            pdf.multi_cell(0, 7, line[3:], align="L", **kw)
+            _cell(pdf, 7, line[3:], align="L", **kw)
         elif line.startswith("! "):
             pdf.set_font(family, "B", 10)
-            pdf.multi_cell(0, 5, line[2:], align="L", **kw)
+            _cell(pdf, 5, line[2:], align="L", **kw)
         elif line.startswith("@ "):
             url = line[2:].strip()
             pdf.set_font(family, "", 10)
             pdf.set_text_color(0, 0, 160)
-            pdf.multi_cell(0, 5, url, align="L", link=url, **kw)
+            _cell(pdf, 5, url, align="L", link=url, **kw)
             pdf.set_text_color(0, 0, 0)
         elif line.startswith("- "):
             pdf.set_font(family, "", 10)
             pdf.set_x(pdf.l_margin + 4)
-            pdf.multi_cell(0, 5, "- " + line[2:], align="L", **kw)
+            _cell(pdf, 5, "- " + line[2:], align="L", **kw)
         else:
             pdf.set_font(family, "", 10)
-            pdf.multi_cell(0, 5, line, align="L", **kw)
+            _cell(pdf, 5, line, align="L", **kw)
+
+
+def _cell(pdf: FPDF, h: float, text: str, **kw: Any) -> None:
+    """``multi_cell`` for text that may wrap; a plain ``cell`` when it fits the line, as
+    most of a packet's lines do: the same output, without fpdf's line breaking, which
+    measured the text character by character and took over a third of the simulator's
+    time (docs/performance.md, "Simulator")."""
+    room = pdf.w - pdf.r_margin - pdf.get_x() - 2 * pdf.c_margin
+    if "\n" not in text and pdf.get_string_width(text) <= room:
+        pdf.cell(0, h, text, **kw)
+    else:
+        pdf.multi_cell(0, h, text, **kw)
 
 
 def render_packet(data: PacketData, renderer: PacketRenderer | None = None) -> bytes:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import CORPUS, hl7
@@ -149,3 +151,27 @@ def test_dejavu_font_when_available(tmp_path: Path) -> None:
         r.render_pdf(PacketData(referral_id="r1", message_type="REF^I12", reason="Łódź"))
     )
     assert "Łódź" in text
+
+
+def test_lines_that_fit_are_laid_out_as_fpdf_lays_them_out(
+    renderer: PacketRenderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line that fits the page goes out as one ``cell`` (fpdf's line breaking, char by
+    char, was a third of the simulator's time); the text on every page, line by line,
+    is what ``multi_cell`` for every line gives (the layout before), for every corpus
+    referral and for a reason long enough to wrap over several lines."""
+    import channels.packet as packet
+
+    def every_line_wrapped(pdf: Any, h: float, text: str, **kw: Any) -> None:
+        pdf.multi_cell(0, h, text, **kw)
+
+    cases = [raw for _, raw in MESSAGES]
+    for raw in cases:
+        data = packet_data_from_hl7(raw, confirmation_url="https://refloop.example/c/t")
+        long = replace(data, reason=" ".join(["chest pain on exertion"] * 40))
+        for d in (data, long):
+            fast = pdf_text(renderer.render_pdf(d))
+            with monkeypatch.context() as m:
+                m.setattr(packet, "_cell", every_line_wrapped)
+                before = pdf_text(renderer.render_pdf(d))
+            assert fast.splitlines() == before.splitlines()
