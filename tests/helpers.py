@@ -927,3 +927,66 @@ def shipped_routes(path: Path, *, ack_when: str = "on-processed", **top: Any) ->
             data[key] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------
+# The real processor with the shipped routes, fed the benchmark's new-referral messages
+
+
+def bench_ingest() -> Any:
+    """bench/ingest.py as a module (its message template is the benchmark's ORM)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def shipped_processor(db: Any, clock: Clock) -> tuple[Any, Any]:
+    """(Processor, Inbox) on ``db`` with the shipped routes.yaml: routes, the tracker and
+    its escalation, as the worker builds them."""
+    from prometheus_client import CollectorRegistry
+
+    from engine.app import default_handler
+    from engine.config import load
+    from engine.ingest.processor import Processor
+    from engine.metrics import Metrics
+    from engine.routing.compile import compile_config
+    from engine.store import Inbox
+    from engine.tracking.tracker import build_tracker
+
+    config = load(REPO / "routes.yaml")
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    table = compile_config(config)
+    tracker = build_tracker(config, db, clock, policy=table.escalation, registry=registry)
+    handler = default_handler(
+        config, db, clock=clock, metrics=metrics, tracker=tracker, table=table
+    )
+    inbox = Inbox(db)
+    return Processor(db, inbox, handler, clock, metrics), inbox
+
+
+def store_new_referrals(db: Any, inbox: Any, count: int, received_at: float) -> None:
+    """``count`` of the benchmark's ORM^O01 (placer numbers REF0, REF1 ...), each a new
+    referral, stored as the listener stores them (ACK code AA), in one transaction."""
+    from engine.hl7v2.message import read_msh
+    from engine.model import Inbound
+
+    parts = bench_ingest().message_template()
+    with db.transaction() as c:
+        for i in range(count):
+            raw = f"REF{i}".encode().join(parts)[1:-2]  # without the MLLP frame
+            msh, codec = read_msh(raw)
+            inbound = Inbound(
+                source="ehr",
+                peer="test",
+                raw=raw,
+                received_at=received_at,
+                msh=msh,
+                text_encoding=codec,
+            )
+            inbox.add_in(c, [inbound], "AA")

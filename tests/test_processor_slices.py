@@ -9,29 +9,22 @@ same file, as the daemon's group commit holds it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import shipped_processor, store_new_referrals
 from prometheus_client import CollectorRegistry
 
-from engine.app import default_handler
 from engine.clock import VirtualClock
-from engine.config import load
-from engine.hl7v2.message import read_msh
 from engine.ingest.processor import BUSY, WORKER_BATCH, WORKER_SLICE, Processor
 from engine.metrics import Metrics
-from engine.model import Inbound, Outcome, StoredMessage
-from engine.routing.compile import compile_config
+from engine.model import Outcome, StoredMessage
 from engine.store import Inbox, open_database
 from engine.store import referrals as referral_store
 from engine.store.db import Conn
 from engine.tracking.priority import task_priority
-from engine.tracking.tracker import build_tracker
 
 T0 = 1_767_225_600.0
 
@@ -153,33 +146,11 @@ def test_a_new_referrals_packet_task_scores_as_the_stored_referral_does(
     """The packet task of a new referral takes its ``priority_score`` from what the
     tracker has in hand (the referral it just created has no patient contacts): the
     same score :func:`task_priority` gives from the stored referral afterwards."""
-    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, bench)
-    spec.loader.exec_module(bench)
-    parts = bench.message_template()
-    config = load(REPO / "routes.yaml")
     db = open_database(tmp_path / "refloop.db")
 
     async def main() -> None:
-        registry = CollectorRegistry()
-        metrics, clock = Metrics(registry), VirtualClock(T0)
-        table = compile_config(config)
-        tracker = build_tracker(config, db, clock, policy=table.escalation, registry=registry)
-        handler = default_handler(
-            config, db, clock=clock, metrics=metrics, tracker=tracker, table=table
-        )
-        inbox = Inbox(db)
-        processor = Processor(db, inbox, handler, clock, metrics)
-        with db.transaction() as c:
-            for i in range(3):
-                raw = f"REF{i}".encode().join(parts)[1:-2]
-                msh, codec = read_msh(raw)
-                inbound = Inbound(
-                    source="ehr", peer="test", raw=raw, received_at=T0, msh=msh, text_encoding=codec
-                )
-                inbox.add_in(c, [inbound], "AA")
+        processor, inbox = shipped_processor(db, VirtualClock(T0))
+        store_new_referrals(db, inbox, 3, T0)
         assert processor.process_available(limit=16) == 3
         rows = db.conn.execute(
             "SELECT referral_id, payload, idempotency_key FROM outbox ORDER BY id"

@@ -12,28 +12,16 @@ own counts, where each statement is a round trip.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from helpers import REPO
-from prometheus_client import CollectorRegistry
+from helpers import shipped_processor, store_new_referrals
 
-from engine.app import default_handler
 from engine.clock import VirtualClock
-from engine.config import load
-from engine.hl7v2.message import read_msh
-from engine.ingest.processor import Processor
-from engine.metrics import Metrics
-from engine.model import Inbound
-from engine.routing.compile import compile_config
-from engine.store import Inbox, open_database
+from engine.store import open_database
 from engine.store.sql import STATS_ENV, CountingConnection, statement_kind
-from engine.tracking.tracker import build_tracker
 
 T0 = 1_767_225_600.0
 BATCH = 16
@@ -54,15 +42,6 @@ MAX_WRITES = 9
 SLICE_READS = 5  # the claim, the rows and the previous decisions (two reads of 8 each)
 SLICE_WRITES = 2  # the decisions and the statuses, one executemany each
 MAX_TOTAL = 17.75
-
-
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_ingest", REPO / "bench" / "ingest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.sqlite_file("counts statements on the SQLite connection (CountingConnection)")
@@ -107,31 +86,13 @@ def test_statements_per_new_referral(tmp_path: Path, monkeypatch: pytest.MonkeyP
     shipped routes: at most MAX_READS reads and MAX_WRITES writes each, plus the slice's
     share (SLICE_READS, SLICE_WRITES)."""
     monkeypatch.setenv(STATS_ENV, str(tmp_path / "stats.jsonl"))
-    bench = _bench()
-    parts = bench.message_template()
-    config = load(REPO / "routes.yaml")
     db = open_database(tmp_path / "refloop.db")
     conn = db.conn
     assert conn.counts is not None  # CountingConnection, or PgConn with REFLOOP_SQL_STATS
 
     async def main() -> None:
-        registry = CollectorRegistry()
-        metrics, clock = Metrics(registry), VirtualClock(T0)
-        table = compile_config(config)
-        tracker = build_tracker(config, db, clock, policy=table.escalation, registry=registry)
-        handler = default_handler(
-            config, db, clock=clock, metrics=metrics, tracker=tracker, table=table
-        )
-        inbox = Inbox(db)
-        processor = Processor(db, inbox, handler, clock, metrics)
-        with db.transaction() as c:
-            for i in range(BATCH + 1):
-                raw = f"REF{i}".encode().join(parts)[1:-2]  # without the MLLP frame
-                msh, codec = read_msh(raw)
-                inbound = Inbound(
-                    source="ehr", peer="test", raw=raw, received_at=T0, msh=msh, text_encoding=codec
-                )
-                inbox.add_in(c, [inbound], "AA")
+        processor, inbox = shipped_processor(db, VirtualClock(T0))
+        store_new_referrals(db, inbox, BATCH + 1, T0)
         assert processor.process_available(limit=1) == 1  # first use: caches warm
         before = dict(conn.counts)
         assert processor.process_available(limit=BATCH) == BATCH

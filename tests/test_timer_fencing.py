@@ -38,6 +38,24 @@ def _timer_audit(db: Database) -> list[str]:
     return [str(r[0]) for r in rows]
 
 
+def _wait_for_a_lock_wait(store_url: str, failure: str) -> None:
+    """Until a connection of the store at ``store_url`` (PostgreSQL: named by its
+    application_name) waits for a lock another transaction holds."""
+    app = store_url.rsplit("application_name=", 1)[1].split("&")[0]
+    with psycopg.connect(TEST_STORE, autocommit=True) as admin:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            waiting = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                "AND wait_event_type = 'Lock'",
+                (app,),
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.02)
+    raise AssertionError(failure)
+
+
 def _nudges(loop: Loop, rid: int) -> list[tuple[str, str]]:
     return [o for o in loop.outbox(rid) if o[1].endswith("_nudge")]
 
@@ -88,20 +106,7 @@ def test_a_timer_deleted_by_another_firer_meanwhile_is_not_fired(
             conn.execute("DELETE FROM timers WHERE id = ?", (timer_id,))
             worker = threading.Thread(target=lambda: out.append(loop.timers.fire(timer_id)))
             worker.start()
-            app = store_url.rsplit("application_name=", 1)[1]
-            with psycopg.connect(TEST_STORE, autocommit=True) as admin:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:  # until the fire waits for our lock
-                    waiting = admin.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                        "AND wait_event_type = 'Lock'",
-                        (app,),
-                    ).fetchone()
-                    if waiting and waiting[0]:
-                        break
-                    time.sleep(0.02)
-                else:
-                    raise AssertionError("the fire never waited for the row")
+            _wait_for_a_lock_wait(store_url, "the fire never waited for the row")
         worker.join(10)
     finally:
         other.close()
@@ -207,20 +212,7 @@ def test_a_timer_moved_earlier_while_the_wheel_reads_it_fires_at_the_new_time(
             conn.execute("UPDATE timers SET due = ? WHERE id = ?", (T0 + 1800, timer_id))
             refill.start()
             if TEST_STORE:  # until the refill waits for the row this transaction moved
-                app = store_url.rsplit("application_name=", 1)[1].split("&")[0]
-                with psycopg.connect(TEST_STORE, autocommit=True) as admin:
-                    deadline = time.monotonic() + 10
-                    while time.monotonic() < deadline:
-                        waiting = admin.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                            "AND wait_event_type = 'Lock'",
-                            (app,),
-                        ).fetchone()
-                        if waiting and waiting[0]:
-                            break
-                        time.sleep(0.02)
-                    else:
-                        raise AssertionError("the refill never waited for the row")
+                _wait_for_a_lock_wait(store_url, "the refill never waited for the row")
             else:  # SQLite: the refill's read has run; its write waits for our lock
                 assert not done.wait(0.5)
         refill.join(10)
