@@ -45,6 +45,7 @@ from engine.store.checkpoint import no_autocheckpoint
 from engine.store.db import is_postgres_url
 from engine.store.pruner import Pruner
 from engine.store.retention import Tally
+from engine.store.sql import set_cache_kib
 from engine.supervisor import worker_state
 from engine.tracking.report import closure_ratios
 from engine.web.auth import Auth
@@ -345,7 +346,7 @@ class Engine:
                 # (docs/performance.md, "Processing in the worker"); the busy handler's
                 # sleeps do better until the daemon hands the lock over itself
                 if self.db.dialect == "sqlite":  # the pages a slice touches stay in hand
-                    self.db.conn.execute(f"PRAGMA cache_size = -{WORKER_CACHE_KIB}")
+                    set_cache_kib(self.db.conn, WORKER_CACHE_KIB)
             return processor
         from engine.supervisor import RemoteProcessor, worker_command
 

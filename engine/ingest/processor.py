@@ -24,6 +24,7 @@ from engine.metrics import Metrics
 from engine.model import Outcome, StoredMessage
 from engine.store import Database, Inbox
 from engine.store.db import Conn, DatabaseError, fault_kind, savepoint
+from engine.store.sql import set_busy_timeout
 
 __all__ = ["Outcome", "Processor"]  # Outcome is defined in engine.model, below routing
 
@@ -245,7 +246,7 @@ class Processor:
         nowait = self.nowait and budget is not None
         began = False
         if nowait:
-            self.db.conn.execute("PRAGMA busy_timeout = 0")
+            set_busy_timeout(self.db.conn, 0)
         try:
             # not fsync'd on its own (see Database.transaction): the next inbox commit or
             # any durable commit makes it durable; a crash before that only repeats
@@ -254,7 +255,7 @@ class Processor:
                 began = True
                 if nowait:
                     nowait = False
-                    conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+                    set_busy_timeout(conn, self.busy_ms)
                 done = self._slice(conn, limit, loaded, deadline, now, outcomes, ids)
         except DatabaseError as exc:
             if not began and self.nowait and budget is not None and fault_kind(exc) == "locked":
@@ -263,7 +264,7 @@ class Processor:
             raise
         finally:
             if nowait:  # BEGIN failed: the busy timeout back for everything else
-                self.db.conn.execute(f"PRAGMA busy_timeout = {self.busy_ms}")
+                set_busy_timeout(self.db.conn, self.busy_ms)
         if done <= 0:
             return done
         if ids:

@@ -200,6 +200,16 @@ def savepoint(conn: Conn, name: str) -> Iterator[None]:
     conn.execute(f"RELEASE {name}")
 
 
+def set_busy_timeout(conn: Conn, ms: int) -> None:
+    """SQLite: how long this connection's statements wait for a lock (0: fail at once)."""
+    conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
+
+
+def set_cache_kib(conn: Conn, kib: int) -> None:
+    """SQLite: this connection's page cache, in KiB (SQLite's default is 2 MB)."""
+    conn.execute(f"PRAGMA cache_size = -{int(kib)}")
+
+
 def has_table(conn: Conn, name: str) -> bool:
     if dialect(conn) == POSTGRESQL:
         row = conn.execute(
