@@ -13,7 +13,13 @@ from click.testing import CliRunner
 from engine.cli.main import main
 from engine.sim.simulate import load_scenario, render_text, simulate, to_json
 
-pytestmark = pytest.mark.store  # every test here uses the store
+# every test here uses a store, and it is always a SQLite file of the simulator's own
+# (engine/sim/simulate.py sets ``store: {file: sim.db}``): under REFLOOP_TEST_STORE the
+# routing would run the simulator on PostgreSQL, which no user can choose
+pytestmark = [
+    pytest.mark.store,
+    pytest.mark.sqlite_file("the simulator's store is always a SQLite file of its own"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "docs" / "scenarios"
