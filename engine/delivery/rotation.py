@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from engine.canonical import canonical_json, digest
+from engine.canonical import canonical_json
 from engine.routing.channels import rotation_slots
 from engine.routing.table import ChannelSpec
 from engine.store import outbox
@@ -119,20 +119,9 @@ class Rotation:
         score = task_priority(conn, referral, now)
         if score >= floor:
             return True
-        referral_store.insert_event(
-            conn,
-            referral_id=referral.id,
-            kind="call-task-not-queued",
-            message_id=None,
-            fingerprint=digest({"kind": "call-task-not-queued", "outbox": item.id, "at": now}),
-            source="internal",
-            actor="system",
-            occurred_at=now,
-            recorded_at=now,
-            changed=False,
-            statuses=(referral.status, referral.patient_status, referral.specialist_status),
-            effects=(),
-            detail={"template": item.template, "priority_score": score, "min_score": floor},
+        detail = {"template": item.template, "priority_score": score, "min_score": floor}
+        referral_store.insert_note(
+            conn, referral, "call-task-not-queued", {**detail, "outbox": item.id}, now
         )
         return False
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from engine.canonical import canonical_text
+from engine.canonical import canonical_text, digest
 from engine.errors import StoreError
 from engine.store import notify
 from engine.store.referral_filter import ReferralFilter
@@ -595,6 +595,28 @@ def event_recorded(
         (referral_id, message_id, kind, fingerprint),
     ).fetchone()
     return r is not None
+
+
+def insert_note(
+    conn: Conn, row: ReferralRow, kind: str, detail: Mapping[str, Any], now: float
+) -> None:
+    """A recorded-only timeline entry (``changed`` false) on referral ``row``: something
+    refloop decided not to send, kept where the coordinator and the simulator see it."""
+    insert_event(
+        conn,
+        referral_id=row.id,
+        kind=kind,
+        message_id=None,
+        fingerprint=digest({"kind": kind, **detail, "at": now}),
+        source="internal",
+        actor="system",
+        occurred_at=now,
+        recorded_at=now,
+        changed=False,
+        statuses=(row.status, row.patient_status, row.specialist_status),
+        effects=(),
+        detail=dict(detail),
+    )
 
 
 def insert_event(

@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from engine.canonical import canonical_json, digest, event_fingerprint
+from engine.canonical import canonical_json, event_fingerprint
 from engine.clock import Clock, isoformat
 from engine.config import Config
 from engine.errors import StoreError
@@ -707,23 +707,8 @@ class Tracker(OperatorActions):
         """A recorded-only timeline entry (``changed`` false): something refloop decided
         not to send, kept where the coordinator and the simulator see it."""
         row = store.get_referral(conn, rid)
-        if row is None:
-            return
-        store.insert_event(
-            conn,
-            referral_id=rid,
-            kind=kind,
-            message_id=None,
-            fingerprint=digest({"kind": kind, **detail, "at": now}),
-            source="internal",
-            actor="system",
-            occurred_at=now,
-            recorded_at=now,
-            changed=False,
-            statuses=(row.status, row.patient_status, row.specialist_status),
-            effects=(),
-            detail=dict(detail),
-        )
+        if row is not None:
+            store.insert_note(conn, row, kind, detail, now)
 
     def _write_back(self, conn: Conn, row: store.ReferralRow, report: str, now: float) -> None:
         """Enqueue the FHIR Task write-back of a loop closed by a report, for a referral
