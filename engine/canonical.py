@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from typing import Any, Final
 
 from engine.model import to_plain
@@ -57,8 +58,25 @@ def event_dict(event: Any) -> dict[str, Any]:
 
 
 def event_fingerprint(event: Any) -> str:
-    """The digest of a whole event (kind included)."""
-    return digest(event_dict(event))
+    """The digest of a whole event (kind included).
+
+    Remembered for the last :data:`MEMO_EVENTS` event objects, by identity (events are
+    frozen): routing's summary, the replay check and the tracker each ask for the same
+    event's digest, and computing it (plain data, JSON, sha256) was a fifth of
+    processing a new referral (docs/performance.md, issue 18). The memo holds the
+    event itself, so its id cannot be reused by another object while remembered."""
+    held = _memo.get(id(event))
+    if held is not None and held[0] is event:
+        return held[1]
+    value = digest(event_dict(event))
+    if len(_memo) >= MEMO_EVENTS:
+        _memo.popitem(last=False)  # the oldest (one call: safe beside other threads)
+    _memo[id(event)] = (event, value)
+    return value
+
+
+MEMO_EVENTS: Final = 64
+_memo: OrderedDict[int, tuple[Any, str]] = OrderedDict()
 
 
 def legacy_event_fingerprint(event: Any) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Daemon, peer, query, refloop, run, shipped_routes, store_conn
+from helpers import REPO, Daemon, peer, query, refloop, run, shipped_routes, store_conn
 
 from engine.config import load
 from engine.model import Event, StoredMessage, to_plain
@@ -106,3 +106,33 @@ def test_decisions_and_timeline_share_one_fingerprint(daemon: Daemon, tmp_path: 
             (actions.replace(canonical, legacy), message_id),
         )
     assert replay_changed(daemon.state_dir, daemon.routes) == [False]
+
+
+def test_remembered_fingerprints_are_each_events_own() -> None:
+    """event_fingerprint remembers the last events' digests (routing, the replay check
+    and the tracker ask for the same event's): each answer, first or remembered, and
+    after more events than it keeps, is that event's digest computed by hand."""
+    from dataclasses import replace
+
+    from engine.canonical import MEMO_EVENTS, event_fingerprint
+
+    table = compile_config(load(REPO / "routes.yaml"))
+    events = []
+    for n in range(MEMO_EVENTS + 8):
+        raw = REF.replace(b"F-100^", f"F-{n}^".encode())
+        row = StoredMessage(
+            id=n + 1, received_at=0.0, source="ehr", peer="t", sending_app="EHR",
+            sending_facility="NORTHSIDE", control_id="FP-1", message_type="REF^I12",
+            version="2.5.1", raw=raw, charset="utf-8", status="received", ack_code="AA",
+            error="",
+        )  # fmt: skip
+        (event,) = decide_stored(table, row).events
+        events.append(event)
+    compact = {"separators": (",", ":")}
+    for event in events + events[:8]:  # the first eight again, forgotten meanwhile
+        assert event_fingerprint(event) == digest(event, **compact)
+        assert event_fingerprint(event) == digest(event, **compact)  # remembered
+    twin = replace(events[0])  # equal, another object
+    assert twin is not events[0]
+    assert event_fingerprint(twin) == event_fingerprint(events[0])
+    assert len({event_fingerprint(e) for e in events}) == len(events)

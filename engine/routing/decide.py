@@ -180,9 +180,14 @@ def _message_time(message: Message, received_at: float) -> float:
     return received_at
 
 
-def decide_stored(table: RouteTable, row: StoredMessage) -> Decision:
+def decide_stored(
+    table: RouteTable, row: StoredMessage, message: Message | None = None
+) -> Decision:
     """:func:`decide` for an inbox row: decode its bytes first (an undecodable message
-    is an ``error`` decision, not an exception). FHIR resources go to :func:`decide_fhir`."""
+    is an ``error`` decision, not an exception), unless the caller read them already
+    (``message``, an HL7 v2 row). FHIR resources go to :func:`decide_fhir`."""
+    if message is not None:
+        return decide(table, message, row.source, message_id=row.id, received_at=row.received_at)
     if is_fhir(row.raw, row.message_type):
         try:
             resource = FhirResource.from_bytes(row.raw)

@@ -16,7 +16,7 @@ from engine.metrics import Metrics
 from engine.model import Decision, Event, Forward, Outcome, Send, StoredMessage, Track
 from engine.routing.compile import compile_config
 from engine.routing.decide import decide_stored
-from engine.routing.patient import demographics
+from engine.routing.patient import demographics, read_hl7
 from engine.routing.summary import already_applied, summarise
 from engine.routing.table import RouteTable
 from engine.store import Database, referral_search, referrals
@@ -80,8 +80,10 @@ class RouteHandler:
         """
         started = time.perf_counter()
         table = self.table
+        message = None  # the HL7 v2 bytes read once, for the decision and the patient
         if decision is None:
-            decision = decide_stored(table, row)
+            message = read_hl7(row)
+            decision = decide_stored(table, row, message)
         if row.id in self._previous:
             previous = self._previous.pop(row.id)
         else:
@@ -111,7 +113,7 @@ class RouteHandler:
                 elif isinstance(action, Send | Forward) and send:
                     self._enqueue(conn, row, index, action, referral_id, resend=resend)
             if tracked:
-                who = demographics(row)
+                who = demographics(row, message)
                 for rid in sorted(tracked):
                     referral_search.set_patient(conn, rid, who)
         if self._decided is not None and not replayed_by:

@@ -23,6 +23,8 @@ def fingerprint(event: Event) -> str:
 def already_applied(event: Event, applied: frozenset[str]) -> bool:
     """Whether a decision that recorded the fingerprints ``applied`` handed this event to
     the tracker, in either the canonical or the pre-canonical digest form."""
+    if not applied:  # no earlier decision (every new message): nothing to digest
+        return False
     return event_fingerprint(event) in applied or legacy_event_fingerprint(event) in applied
 
 
