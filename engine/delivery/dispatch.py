@@ -41,6 +41,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,11 @@ DEFAULT_RETRY_BASE: Final = 30.0  # seconds
 DEFAULT_RETRY_CAP: Final = 6 * 3600.0
 DEFAULT_CONCURRENCY: Final = 4
 DEFAULT_LEASE_SECONDS: Final = 30.0  # an outbox claim's lease (store.lease_seconds)
+# While a channel's worker has rows to send, it refreshes the outbox gauges at most this
+# often (seconds); a round that leaves nothing due refreshes them at once. Each refresh
+# counts the queued rows: 2 ms with a backlog of thousands, after every round it was 6 %
+# of the worker process's time under ingest load (docs/performance.md, issue 18).
+METRICS_EVERY: Final = 1.0
 SMS_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates" / "sms"
 VOICE_TEMPLATE_DIR: Final = SMS_TEMPLATE_DIR.parent / "voice"
 # Channel types that reach the patient's phone with non-PHI, allow-listed text: consent,
@@ -409,6 +415,7 @@ class Dispatcher:
         self._wake: dict[str, asyncio.Event] = {}
         self._in_flight: dict[int, Item] = {}  # rows this node is sending now, by id
         self._faults: dict[str, str] = {}  # channel -> kind of its round's storage fault
+        self._refreshed = 0.0  # monotonic time of the last refresh_metrics
 
     @property
     def fault(self) -> str:
@@ -483,7 +490,8 @@ class Dispatcher:
                 count = 0
             else:
                 self._faults.pop(name, None)
-            self.refresh_metrics()
+            if not count or time.monotonic() - self._refreshed >= METRICS_EVERY:
+                self.refresh_metrics()
             if self._stopping:
                 break
             if count:
@@ -832,6 +840,7 @@ class Dispatcher:
         """Depth, oldest age and dead rows per channel, from the table."""
         if self.metrics is None:
             return
+        self._refreshed = time.monotonic()
         now = self.clock.now()
         seen: set[str] = set()
         for s in outbox.stats(self.db.conn, now):
