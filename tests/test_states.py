@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import replace
@@ -285,6 +286,9 @@ def test_state_round_trips_through_dict() -> None:
         report_ids=("R1", "R2"),
     )
     assert from_dict(json.loads(json.dumps(to_dict(state)))) == state
+    # what is stored is what dataclasses.asdict gives (to_dict skips its deep copies)
+    assert to_dict(state) == dataclasses.asdict(state)
+    assert json.dumps(to_dict(state)) == json.dumps(dataclasses.asdict(state))
     with pytest.raises(ValueError, match="unknown value"):
         from_dict({**to_dict(state), "specialist": "lost"})
     with pytest.raises(ValueError, match="not a referral state"):

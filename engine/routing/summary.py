@@ -5,13 +5,12 @@ twice a no-op.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 from engine.canonical import event_fingerprint, legacy_event_fingerprint
-from engine.model import Decision, Event, Forward, Send, Track
+from engine.model import Decision, Event, Forward, Send, Track, to_plain
 
 
 def fingerprint(event: Event) -> str:
@@ -62,7 +61,7 @@ def summarise(decision: Decision) -> list[dict[str, Any]]:
         if isinstance(a, Track):
             ev = a.event
             keys: dict[str, Any] = {
-                k: v for k, v in dataclasses.asdict(ev.ids).items() if v not in ("", ())
+                k: v for k, v in to_plain(ev.ids).items() if v not in ("", ())
             }
             for k in _KEY_FIELDS:
                 v = getattr(ev, k, "")
