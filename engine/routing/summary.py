@@ -60,9 +60,7 @@ def summarise(decision: Decision) -> list[dict[str, Any]]:
     for a in decision.actions:
         if isinstance(a, Track):
             ev = a.event
-            keys: dict[str, Any] = {
-                k: v for k, v in to_plain(ev.ids).items() if v not in ("", ())
-            }
+            keys: dict[str, Any] = {k: v for k, v in to_plain(ev.ids).items() if v not in ("", ())}
             for k in _KEY_FIELDS:
                 v = getattr(ev, k, "")
                 if v not in ("", None):
