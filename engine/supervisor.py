@@ -13,7 +13,6 @@ ACKs). Its :meth:`run` starts the worker, restarts it with backoff when it exits
 unexpectedly, and carries the traffic of one Unix socket pair, one JSON object a line:
 
 - daemon → worker: ``{"c": rows}`` rows were committed (``rows``: the highest inbox id),
-  ``{"y": 1}`` a group commit waits for the write lock (pause after the slice in hand),
   ``{"w": 1}`` wake the dispatcher (a webhook or the dashboard queued rows), ``{"t": 0|1,
   "n": node, "k": token}`` this node holds the singletons lease (run the timer wheel,
   every firing fenced on that holder and token) or not, ``{"r": 1}`` reload
@@ -22,6 +21,12 @@ unexpectedly, and carries the traffic of one Unix socket pair, one JSON object a
   "lag": n}`` after each processing commit, ``{"m": [family, ...]}`` a metrics snapshot,
   ``{"f": [processing, dispatch]}`` the kinds of the worker's storage faults when they
   change (``""``: none; /readyz turns 503 on them as on the daemon's own).
+
+Beside the socket, a pipe the worker inherits as ``--yield-fd``: the inbox writer's
+thread writes a byte to it when a group commit finds SQLite's write lock held, and the
+worker, which reads it (without blocking) between two messages of a slice, commits the
+slice there and pauses, so the waiting commit takes the lock after one message's
+processing rather than after the whole slice (issue 18: the ACK's tail).
 
 Nothing depends on the socket for correctness: rows are claimed by status, so a lost
 notification is only a later wake-up (the worker looks every second anyway), and a
@@ -105,6 +110,11 @@ class RemoteProcessor(Processor):
         self.timers = False  # this node holds the singletons lease: the worker runs timers
         self.fence: tuple[str, int] | None = None  # the lease's (holder, token) when held
         self._proc: asyncio.subprocess.Process | None = None
+        # the yield pipe (module docstring): one for the processor's life, every worker
+        # inherits its read end; the write end is never blocking (a full pipe already
+        # says "step aside")
+        self._yield_read, self._yield_write = os.pipe()
+        os.set_blocking(self._yield_write, False)
         self._writer: asyncio.StreamWriter | None = None
         self._notify_pending = False
         self._stop = asyncio.Event()
@@ -145,12 +155,15 @@ class RemoteProcessor(Processor):
 
     def step_aside(self) -> None:
         """The inbox writer found SQLite's write lock held (by the worker, as a rule):
-        the worker pauses after the slice in hand, as after a commit of ours, so the
-        waiting group commit takes the lock in that gap. Without it a worker that saw no
-        commit since its last slice (none can happen while the writer waits) went
-        straight on to the next one and the commit waited through several: 50-140 ms in
-        bench/ingest.py runs (docs/performance.md, issue 18)."""
-        self._send({"y": 1})
+        the worker commits its slice after the message in hand and pauses, so the
+        waiting group commit takes the lock in that gap. Called on the writer's thread
+        (a byte on the yield pipe: no event loop in between). Without it a worker that
+        saw no commit since its last slice went straight on to the next one and the
+        commit waited through several: 50-140 ms in bench/ingest.py runs; waiting for the
+        whole slice instead of one message: p99 44 ms at 16 connections
+        (docs/performance.md, issue 18)."""
+        with contextlib.suppress(OSError):  # full (a byte is there) or closed (stopping)
+            os.write(self._yield_write, b"y")
 
     def wake_dispatcher(self, channel: str | None = None) -> None:
         """Rows were queued in the outbox here (a webhook, the dashboard): the worker's
@@ -228,6 +241,9 @@ class RemoteProcessor(Processor):
             settle.cancel()
             await asyncio.gather(settle, return_exceptions=True)
             await self._reap()
+            # the inbox writer, which writes to it, stopped before processing (Engine.stop)
+            os.close(self._yield_read)
+            os.close(self._yield_write)
 
     async def _run_once(self) -> str:
         """One worker's life: spawn, serve its socket until it closes, reap; returns how
@@ -239,7 +255,9 @@ class RemoteProcessor(Processor):
                 *self.command,
                 "--fd",
                 str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                "--yield-fd",
+                str(self._yield_read),
+                pass_fds=(theirs.fileno(), self._yield_read),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
             )

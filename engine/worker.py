@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from engine.cluster import SINGLETONS
 from engine.config import load as load_config
 from engine.ingest.processor import Processor
 from engine.model import Outcome
-from engine.store import leases
+from engine.store import Inbox, leases
 from engine.supervisor import LINE_LIMIT, snapshot
 
 log = logging.getLogger("refloop.worker")
@@ -80,8 +81,6 @@ class WorkerSide:
                 inbox.rows = max(inbox.rows, int(message["c"]))
                 inbox.commits += 1
                 processor.notify()
-            elif "y" in message:  # the daemon's group commit waits for the write lock
-                inbox.commits += 1  # the processor pauses after its slice, as after a commit
             elif "w" in message:
                 if engine.dispatcher is not None:
                     engine.dispatcher.wake()
@@ -134,13 +133,34 @@ class WorkerSide:
             self.engine.tasks.timers = None
 
 
-async def serve(engine: Engine, sock: socket.socket) -> None:
+def yield_reader(fd: int, inbox: Inbox) -> Callable[[], bool]:
+    """The processor's ``should_yield`` on the yield pipe's read end (engine.supervisor):
+    True when the inbox writer asked since the last look; the processor then pauses after
+    the slice it commits, as after a commit of the daemon's."""
+    os.set_blocking(fd, False)
+
+    def asked() -> bool:
+        try:
+            if not os.read(fd, 64):
+                return False  # the daemon is gone: the socket says so too
+        except BlockingIOError:
+            return False
+        inbox.commits += 1
+        return True
+
+    return asked
+
+
+async def serve(engine: Engine, sock: socket.socket, yield_fd: int | None = None) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=LINE_LIMIT)
     side = WorkerSide(engine, writer)
     try:
         await engine.start()
         assert isinstance(engine.processor, Processor)
         engine.processor.on_processed = side.processed
+        if yield_fd is not None:
+            assert engine.inbox is not None
+            engine.processor.should_yield = yield_reader(yield_fd, engine.inbox)
         side.send({"up": os.getpid()})
         faults = asyncio.create_task(side.faults(), name="fault-reports")
         try:
@@ -166,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", required=True)
     parser.add_argument("--store", default="")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--yield-fd", type=int, default=None)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -189,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(engine, sock))
+        uvloop.run(serve(engine, sock, args.yield_fd))
     except ImportError:
-        asyncio.run(serve(engine, sock))
+        asyncio.run(serve(engine, sock, args.yield_fd))
     finally:
         if profiler is not None and profile:
             profiler.disable()

@@ -167,3 +167,78 @@ def test_a_new_referrals_packet_task_scores_as_the_stored_referral_does(
         asyncio.run(main())
     finally:
         db.close()
+
+
+@pytest.mark.sqlite_file("the inbox writer and the worker on one SQLite file's write lock")
+def test_a_waiting_group_commit_cuts_the_workers_slice_after_the_message_in_hand(
+    tmp_path: Path,
+) -> None:
+    """The daemon's inbox writer finds the write lock held by a worker slice: it writes a
+    byte on the yield pipe (RemoteProcessor.step_aside, from its own thread), and the
+    worker, which looks between two messages (engine.worker.yield_reader), commits after
+    the message in hand instead of going on through its slice (up to 64 messages, here
+    with no time budget to end it). Then the group commit gets the lock and stores its
+    message; the rest is processed by the next slice. Before, the writer's request was a
+    line on the socket that the worker read only after the whole slice."""
+    import os
+    import select
+    import threading
+
+    from engine.hl7v2.message import read_msh
+    from engine.model import Inbound
+    from engine.store.inbox import AddResult
+    from engine.supervisor import RemoteProcessor
+    from engine.worker import yield_reader
+
+    path = tmp_path / "refloop.db"
+    seen: list[int] = []
+    daemon_db = open_database(path)  # migrates
+    _store_rows(path, range(1, 11))
+    remote = RemoteProcessor(
+        daemon_db, Inbox(daemon_db), lambda m, c: Outcome("filtered", "unused"),
+        VirtualClock(T0), Metrics(CollectorRegistry()), ["false"],
+    )  # fmt: skip
+    inbox = Inbox(daemon_db)
+    inbox.on_busy = remote.step_aside
+    writer = daemon_db.another(busy_ms=0)
+    stored: list[AddResult] = []
+
+    raw = b"MSH|^~\\&|EHR|NORTH|REFLOOP|HUB|20260101||ORM^O01|DURING-1|P|2.5.1\r"
+    msh, codec = read_msh(raw)
+    arriving = Inbound(
+        source="ehr", peer="test", raw=raw, received_at=T0, msh=msh, text_encoding=codec
+    )
+
+    def group_commit() -> None:  # the inbox writer's thread: waits for the lock, spinning
+        loop = asyncio.new_event_loop()  # only for the future the batch carries
+        try:
+            stored.extend(inbox._commit(writer, [(arriving, "AA", loop.create_future())]))
+        finally:
+            loop.close()
+
+    committer = threading.Thread(target=group_commit)
+    worker = _worker_processor(path, seen)
+    worker.should_yield = yield_reader(remote._yield_read, worker.inbox)
+    handler = worker.handler
+
+    def handle(message: StoredMessage, conn: Conn) -> Outcome:
+        if message.id == 2:  # the writer arrives while the slice holds the lock
+            committer.start()
+            readable, _, _ = select.select([remote._yield_read], [], [], 10.0)
+            assert readable, "the waiting group commit wrote no byte on the yield pipe"
+        return handler(message, conn)
+
+    worker.handler = handle
+    try:
+        assert worker.process_available(WORKER_BATCH, budget=60.0) == 2
+        assert seen == [1, 2]  # the slice ended after the message in hand
+        committer.join(10.0)
+        assert not committer.is_alive() and len(stored) == 1
+        assert worker.process_available(WORKER_BATCH, budget=60.0) > 0
+        assert seen == [*range(1, 11), stored[0].id]
+    finally:
+        worker.db.close()
+        writer.close()
+        daemon_db.close()
+        os.close(remote._yield_read)
+        os.close(remote._yield_write)

@@ -125,6 +125,10 @@ class Processor:
         self.slice = SLICE
         self.nowait = False
         self.busy_ms = 5000  # the connection's busy timeout, restored after a nowait BEGIN
+        # the worker process: True when the inbox writer waits for the write lock (the
+        # yield pipe, engine.supervisor); a slice asks between two messages and commits
+        # there when so
+        self.should_yield: Callable[[], bool] | None = None
 
     def notify(self) -> None:
         """New rows were committed."""
@@ -247,6 +251,8 @@ class Processor:
         began = False
         if nowait:
             set_busy_timeout(self.db.conn, 0)
+        if self.should_yield is not None and budget is not None:
+            self.should_yield()  # a request from before this slice is answered already
         try:
             # not fsync'd on its own (see Database.transaction): the next inbox commit or
             # any durable commit makes it durable; a crash before that only repeats
@@ -323,7 +329,10 @@ class Processor:
                     continue
                 outcomes.append(self._process_one(row, conn, now, marks))
                 ids.append(message_id)
-                if deadline is not None and time.perf_counter() >= deadline:
+                if deadline is not None and (
+                    time.perf_counter() >= deadline
+                    or (self.should_yield is not None and self.should_yield())
+                ):
                     break
             # the slice's decisions and statuses, one statement each
             flush = getattr(self.handler, "flush", None)

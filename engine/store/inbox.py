@@ -119,10 +119,10 @@ class Inbox:
         self.on_fault: Callable[[str], None] | None = None  # each failed commit (metrics)
         # each group commit: seconds it waited for the write lock (metrics)
         self.on_wait: Callable[[float], None] | None = None
-        # called on the loop when a group commit finds the write lock held (the engine
-        # asks the processing worker to step aside after its slice: engine.supervisor)
+        # called on the writer's thread (so: thread-safe) when a group commit finds the
+        # write lock held: the engine asks the processing worker to step aside after the
+        # message in hand (engine.supervisor, the yield pipe)
         self.on_busy: Callable[[], None] | None = None
-        self._nudge: Callable[[], None] | None = None  # on_busy, from the writer thread
         self._waited = 0.0  # the last commit's wait, set on the writer thread
         # how often the writer's checkpointer thread checkpoints the WAL (SQLite file)
         self.checkpoint_seconds = CHECKPOINT_SECONDS
@@ -162,13 +162,6 @@ class Inbox:
         still waits for durability. :attr:`lock` is held for the commit, so the
         processor's transactions wait for it without blocking the loop."""
         loop = asyncio.get_running_loop()
-        on_busy = self.on_busy
-        if on_busy is not None:
-
-            def nudge() -> None:  # the writer thread's way to the loop
-                loop.call_soon_threadsafe(on_busy)
-
-            self._nudge = nudge
         writer = _writer_database(self.db)
         executor = ThreadPoolExecutor(1, thread_name_prefix="inbox-writer")
         # checkpoints off the commit (engine.store.checkpoint); an in-memory database and
@@ -327,9 +320,9 @@ class Inbox:
                     raise
                 if time.perf_counter() - started > WRITER_BUSY_MS / 1000:
                     raise
-                if not nudged and self._nudge is not None:
+                if not nudged and self.on_busy is not None:
                     nudged = True
-                    self._nudge()  # once per commit: ask the lock's holder to step aside
+                    self.on_busy()  # once per commit: ask the lock's holder to step aside
                 waited = time.perf_counter() - started
                 time.sleep(WRITER_SPIN if waited < 0.02 else 10 * WRITER_SPIN)
 
