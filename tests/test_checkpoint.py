@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -118,9 +119,11 @@ def test_the_daemons_connection_leaves_checkpoints_to_the_thread(tmp_path: Path)
 
 
 def test_a_commit_that_finds_the_lock_held_asks_its_holder_once(tmp_path: Path) -> None:
-    """The writer's ``on_busy`` (the daemon: "processing worker, step aside after your
-    slice") runs on the loop once per group commit that found the write lock held, and
-    the commit goes through once the lock is free."""
+    """The writer's ``on_busy`` (the daemon: a byte on the yield pipe, "processing
+    worker, commit after the message in hand") runs on the writer's own thread, not the
+    loop (no event-loop turn between the refused BEGIN and the request), once per group
+    commit that found the write lock held, and the commit goes through once the lock is
+    free."""
     path = tmp_path / "refloop.db"
     db = open_database(path)
     holder = sqlite3.connect(path, isolation_level=None)
@@ -131,8 +134,9 @@ def test_a_commit_that_finds_the_lock_held_asks_its_holder_once(tmp_path: Path) 
         loop = asyncio.get_running_loop()
 
         def on_busy() -> None:
-            asked.append(1)
-            loop.call_later(0.05, holder.execute, "COMMIT")  # the holder's slice ends
+            asked.append(threading.get_ident())
+            # the holder's slice ends (on the loop's thread, which owns the connection)
+            loop.call_soon_threadsafe(loop.call_later, 0.05, holder.execute, "COMMIT")
 
         inbox.on_busy = on_busy
         holder.execute("BEGIN IMMEDIATE")  # the worker's slice
@@ -141,6 +145,7 @@ def test_a_commit_that_finds_the_lock_held_asks_its_holder_once(tmp_path: Path) 
         await inbox.add(_inbound(2), "AA")  # the lock is free: nobody is asked
         inbox.close()
         await writer
+        assert threading.get_ident() not in asked  # not on the loop's thread
         return len(asked), first.id
 
     asked, first = asyncio.run(main())
