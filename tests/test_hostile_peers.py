@@ -54,6 +54,16 @@ def server_side(engine: Engine, p: Peer) -> Any:
     return conn
 
 
+def deaf_side(engine: Engine, p: Peer) -> Any:
+    """The server's side of a peer that never reads, its kernel send buffer made as small
+    as the peer's receive window: the ACKs then back up into the transport after a few
+    hundred, not after the megabytes Linux autotunes a loopback send buffer to (tens of
+    thousands of durable commits first: 15 s on PostgreSQL, past the wait under CI load)."""
+    conn = server_side(engine, p)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return conn
+
+
 def batch(messages: list[bytes], ref: str = "BATCH-9") -> bytes:
     return (
         f"BHS|^~\\&|SENDER|FAC|||20260101||||{ref}\r".encode()
@@ -220,7 +230,7 @@ def test_peer_that_never_reads_acks_is_paused_then_closed(tmp_path: Path) -> Non
             flooding = asyncio.create_task(flood())
             try:
                 await until(lambda: len(engine.servers[0].connections) == 1)
-                conn = server_side(engine, deaf)
+                conn = deaf_side(engine, deaf)
                 await until(lambda: conn.write_paused_at > 0, timeout=30)
                 # the server stopped reading from it: its unsent ACKs stay bounded
                 assert "writing" in conn.pauses
@@ -270,7 +280,7 @@ def test_a_closing_connection_whose_peer_never_reads_frees_its_slot(tmp_path: Pa
             flooding = asyncio.create_task(flood())
             try:
                 await until(lambda: len(engine.servers[0].connections) == 1)
-                conn = server_side(engine, deaf)
+                conn = deaf_side(engine, deaf)
                 await until(lambda: conn.write_paused_at > 0, timeout=30)
                 await until(lambda: not conn.replies and conn.worker is None, timeout=30)
                 clock.advance(6)  # past idle_timeout: the sweeper closes it gracefully
