@@ -21,6 +21,7 @@ from helpers import shipped_processor, store_new_referrals
 
 from engine.clock import VirtualClock
 from engine.store import open_database
+from engine.store import referrals as referral_store
 from engine.store.sql import STATS_ENV, CountingConnection, statement_kind
 
 T0 = 1_767_225_600.0
@@ -37,11 +38,14 @@ BATCH = 16
 # decisions 8 per statement and writes its decisions and statuses in one statement each):
 # 6 reads and 9 writes per new referral, plus per slice the claim, 2 + 2 reads of 8 rows
 # and the 2 batched writes: 6.3 / 9.1 / 17.6 in all, on SQLite and PostgreSQL alike.
-MAX_READS = 6
-MAX_WRITES = 9
+# The tracker writes a new referral's row once, as its event leaves it, with the
+# message's patient (issue 18, 2026-12-06): no blank insert, no read-back (2 reads), no
+# UPDATE of its state and details, no UPDATE of its patient: 4.3 / 7.1 / 13.6.
+MAX_READS = 4
+MAX_WRITES = 7
 SLICE_READS = 5  # the claim, the rows and the previous decisions (two reads of 8 each)
 SLICE_WRITES = 2  # the decisions and the statuses, one executemany each
-MAX_TOTAL = 17.75
+MAX_TOTAL = 13.75
 
 
 @pytest.mark.sqlite_file("counts statements on the SQLite connection (CountingConnection)")
@@ -105,4 +109,62 @@ def test_statements_per_new_referral(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert got["read"] + got["write"] + got["control"] <= MAX_TOTAL, got
 
     asyncio.run(main())
+    db.close()
+
+
+@pytest.mark.store
+def test_a_new_referral_is_written_once_as_its_message_states_it(tmp_path: Path) -> None:
+    """The row a new referral is inserted with holds what the benchmark's ORM^O01 states
+    (read off the message by hand: MSH-4, ORC-2, OBR-4, OBR-31, ORC-12, PID-3/5/7), each
+    detail's version (event time, message id, value), the patient's search keys, and the
+    closure report's row; a referral inserted blank reads back as
+    ``referrals.BLANK_DETAILS``, the row the tracker keeps in hand instead of reading it."""
+    db = open_database(tmp_path / "refloop.db")
+    with db.transaction() as conn:
+        blank = referral_store.insert_referral(
+            conn, sending_facility="F", placer_number="BLANK", state={},
+            statuses=("open", "waiting", "waiting", ""), opened_at=T0, now=T0,
+        )  # fmt: skip
+        row = referral_store.get_referral(conn, blank)
+        assert row is not None
+        assert dict(row.details) == dict(referral_store.BLANK_DETAILS)
+        assert row.versions == {} and row.closed_at is None
+
+    async def main() -> None:
+        processor, inbox = shipped_processor(db, VirtualClock(T0 + 60))
+        store_new_referrals(db, inbox, 1, T0)
+        assert processor.process_available(limit=1) == 1
+
+    asyncio.run(main())
+    conn = db.conn
+    (message_id,) = conn.execute("SELECT id FROM messages").fetchone()
+    columns = (
+        "id, sending_facility, placer_authority, status, specialty, reason, referring_npi, "
+        "patient_mrn, patient_family, patient_given, patient_birth_date, patient_family_key, "
+        "patient_given_key, opened_at, updated_at, closed_at, versions"
+    )
+    got = conn.execute(f"SELECT {columns} FROM referrals WHERE placer_number = 'REF0'").fetchone()
+    rid, *values, versions = got
+    occurred = conn.execute(  # the event time: ORC-9, 2026-11-28 09:30:15 -05:00
+        "SELECT occurred_at FROM referral_events WHERE referral_id = ?", (rid,)
+    ).fetchone()[0]
+    assert occurred == 1795876215.0
+    assert values == [
+        "NORTHWIND_CLINIC", "NWC_EHR", "open", "REF-CARD", "Cardiac arrhythmia, unspecified",
+        "1234567893", "MRN00482913", "TESTPATIENT", "JANE Q", "1978-04-12", "testpatient",
+        "jane q", occurred, T0 + 60, None,
+    ]  # fmt: skip
+    versions = json.loads(versions)
+    for column, value in (
+        ("specialty", "REF-CARD"),
+        ("reason", "Cardiac arrhythmia, unspecified"),
+        ("referring_npi", "1234567893"),
+    ):
+        assert versions[column] == [occurred, message_id, value]
+    report = conn.execute(
+        "SELECT opened_at, patient_id, specialty, referrer FROM report_referrals "
+        "WHERE referral_id = ?",
+        (rid,),
+    ).fetchone()
+    assert tuple(report) == (occurred, "MRN00482913^^^NWC", "REF-CARD", "1234567893")
     db.close()

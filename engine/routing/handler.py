@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from engine.canonical import canonical_json
@@ -29,7 +30,9 @@ class Tracker(Protocol):
     ``apply`` runs inside the processing transaction and must not commit; applying the
     same event twice must change nothing."""
 
-    def apply(self, event: Event, conn: Conn) -> object: ...
+    def apply(
+        self, event: Event, conn: Conn, *, patient: Mapping[str, str] | None = None
+    ) -> object: ...
 
 
 class RouteHandler:
@@ -95,15 +98,21 @@ class RouteHandler:
             referral_id: int | None = None  # of the route's last track: its sends' referral
             route = ""
             tracked: set[int] = set()  # referrals a track event of this message reached
+            created: set[int] = set()  # ... and opened, with the patient's columns
+            patient: dict[str, str] | None = None  # the message's patient, read once
             for index, action in enumerate(decision.actions):
                 if action.route != route:
                     route, referral_id = action.route, None
                 if isinstance(action, Track) and self.tracker is not None:
                     if not already_applied(action.event, applied):
-                        result = self.tracker.apply(action.event, conn)
+                        if patient is None:
+                            patient = referral_search.patient_columns(demographics(row, message))
+                        result = self.tracker.apply(action.event, conn, patient=patient)
                         ids = getattr(result, "referral_ids", ())
                         referral_id = ids[0] if ids else referral_id
                         tracked.update(ids)
+                        if getattr(result, "how", "") == "created":
+                            created.update(ids)
                     elif send and action.event.ids.placer_number:  # a --resend replay
                         ids_ = action.event.ids
                         found = referrals.find_by_key(
@@ -112,10 +121,8 @@ class RouteHandler:
                         referral_id = found if found is not None else referral_id
                 elif isinstance(action, Send | Forward) and send:
                     self._enqueue(conn, row, index, action, referral_id, resend=resend)
-            if tracked:
-                who = demographics(row, message)
-                for rid in sorted(tracked):
-                    referral_search.set_patient(conn, rid, who)
+            for rid in sorted(tracked - created):
+                referral_search.write_patient(conn, rid, patient or {})
         if self._decided is not None and not replayed_by:
             self._decided.append(
                 (

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -143,29 +143,39 @@ def migrate_rekey(db: Any) -> None:
         )
 
 
+def patient_columns(patient: Any) -> dict[str, str]:
+    """The referral columns ``patient`` (engine.hl7v2.patient.Demographics) states, and
+    the search keys of its names; an empty value is left out."""
+    columns = {
+        column: str(value)[:200]
+        for column, value in (
+            ("patient_mrn", patient.mrn),
+            ("patient_family", patient.family),
+            ("patient_given", patient.given),
+            ("patient_birth_date", patient.birth_date),
+        )
+        if value
+    }
+    if patient.family:
+        columns["patient_family_key"] = normalise(patient.family)[:200]
+    if patient.given:
+        columns["patient_given_key"] = normalise(patient.given)[:200]
+    return columns
+
+
 def set_patient(conn: Conn, referral_id: int, patient: Any) -> None:
     """Write what ``patient`` (engine.hl7v2.patient.Demographics) states: an empty value
     leaves the stored one (a later message that leaves PID-7 out keeps the birth date)."""
-    sets: list[str] = []
-    args: list[Any] = []
-    for column, value in (
-        ("patient_mrn", patient.mrn),
-        ("patient_family", patient.family),
-        ("patient_given", patient.given),
-        ("patient_birth_date", patient.birth_date),
-    ):
-        if value:
-            sets.append(f"{column} = ?")
-            args.append(str(value)[:200])
-    if patient.family:
-        sets.append("patient_family_key = ?")
-        args.append(normalise(patient.family)[:200])
-    if patient.given:
-        sets.append("patient_given_key = ?")
-        args.append(normalise(patient.given)[:200])
+    write_patient(conn, referral_id, patient_columns(patient))
+
+
+def write_patient(conn: Conn, referral_id: int, columns: Mapping[str, str]) -> None:
+    """Write ``columns`` (:func:`patient_columns`) where they differ from the stored ones."""
+    sets = [f"{column} = ?" for column in columns]
+    args = list(columns.values())
     if sets:
         # only when something differs: most messages of a referral repeat its patient
-        differs = " OR ".join(f"{c.split(' = ')[0]} IS NOT ?" for c in sets)
+        differs = " OR ".join(f"{column} IS NOT ?" for column in columns)
         conn.execute(
             f"UPDATE referrals SET {', '.join(sets)} WHERE id = ? AND ({differs})",
             (*args, referral_id, *args),

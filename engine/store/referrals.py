@@ -53,6 +53,20 @@ DETAIL_COLUMNS: Final = (
     "language",
     "time_zone",
 )
+# A new referral's details before any event states one (the columns' defaults).
+BLANK_DETAILS: Final[Mapping[str, Any]] = {
+    name: None if name in ("sms_consent", "portal") else "" for name in DETAIL_COLUMNS
+}
+# The patient a referral's messages name, as the search box finds it
+# (engine.store.referral_search: set_patient, patient_columns).
+PATIENT_COLUMNS: Final = (
+    "patient_mrn",
+    "patient_family",
+    "patient_given",
+    "patient_birth_date",
+    "patient_family_key",
+    "patient_given_key",
+)
 
 _SCHEMA: Final = (
     """CREATE TABLE referrals (
@@ -323,21 +337,36 @@ def insert_referral(
     opened_at: float,
     now: float,
     placer_authority: str = "",
+    details: Mapping[str, Any] | None = None,
+    versions: Mapping[str, list[Any]] | None = None,
+    closed_at: float | None = None,
+    patient: Mapping[str, str] | None = None,
 ) -> int:
     """A new referral row; ``statuses`` = (status, patient, specialist, close reason);
-    ``placer_authority`` is the placer number's EI.2 as the creating message stated it."""
+    ``placer_authority`` is the placer number's EI.2 as the creating message stated it;
+    ``details`` (:data:`DETAIL_COLUMNS`) and their ``versions``, and ``patient``
+    (``referral_search.patient_columns``), as the creating event states them."""
+    extra = {**(details or {}), **(patient or {})}
+    for name in extra:
+        if name not in DETAIL_COLUMNS and name not in PATIENT_COLUMNS:
+            raise ValueError(f"not a referral detail or patient column: {name}")
+    names = ", ".join(("", *extra)) if extra else ""
     cur = conn.execute(
         "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
-        "status, patient_status, specialist_status, close_reason, opened_at, updated_at) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?) RETURNING id",
+        "status, patient_status, specialist_status, close_reason, versions, opened_at, "
+        f"updated_at, closed_at{names}) VALUES ({', '.join('?' * (12 + len(extra)))}) "
+        "RETURNING id",
         (
             sending_facility,
             placer_number,
             placer_authority,
             _dumps(state),
             *statuses,
+            _dumps(dict(versions or {})),
             opened_at,
             now,
+            closed_at,
+            *extra.values(),
         ),
     )
     return int(cur.fetchone()[0])

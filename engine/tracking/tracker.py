@@ -21,6 +21,7 @@ referral's own rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -261,17 +262,23 @@ class Tracker(OperatorActions):
 
     # -- events from messages ----------------------------------------------------
 
-    def apply(self, event: Event, conn: Conn) -> ApplyResult:
+    def apply(
+        self, event: Event, conn: Conn, *, patient: Mapping[str, str] | None = None
+    ) -> ApplyResult:
         """Correlate ``event`` (``message_id`` = its inbox row) and apply it. Call inside
-        the processing transaction; nothing here commits."""
+        the processing transaction; nothing here commits. ``patient``: the message's
+        patient columns (``referral_search.patient_columns``), written with a referral
+        the event creates (the caller writes them for the others)."""
         now = self.clock.now()
         if isinstance(event, PatientsMerged):
             return self._merge(conn, event, now)
         if isinstance(event, ReferralCreated):
             if not event.ids.placer_number:
                 return self._park(conn, event, "no-placer-number", now)
-            rid, how = self._open(conn, event, now)
-            return self._apply_to(conn, rid, event, "message", "message", now, how)
+            rid = self._repeated(conn, event)
+            if rid is None:
+                return self._create(conn, event, now, patient or {})
+            return self._apply_to(conn, rid, event, "message", "message", now, "key")
         if isinstance(event, ContactUpdated) and not (
             event.ids.placer_number or event.ids.filler_numbers
         ):
@@ -281,27 +288,60 @@ class Tracker(OperatorActions):
             return self._park(conn, event, match.why, now)
         return self._apply_to(conn, match.referral_id, event, "message", "message", now, match.how)
 
-    def _open(self, conn: Conn, event: ReferralCreated, now: float) -> tuple[int, str]:
-        """The referral a new-referral event opens, or the one it repeats (same practice
-        and placer number: ``key``; it may teach the placer number's authority)."""
+    def _repeated(self, conn: Conn, event: ReferralCreated) -> int | None:
+        """The referral a new-referral event repeats (same practice and placer number:
+        ``key``; it may teach the placer number's authority), if there is one."""
         ids = event.ids
         rid = store.find_by_key(conn, ids.sending_facility, ids.placer_number)
-        if rid is not None:
-            if ids.placer_authority:
-                store.learn_placer_authority(conn, rid, ids.placer_authority)
-            return rid, "key"
-        initial = states.INITIAL
+        if rid is not None and ids.placer_authority:
+            store.learn_placer_authority(conn, rid, ids.placer_authority)
+        return rid
+
+    def _create(
+        self, conn: Conn, event: ReferralCreated, now: float, patient: Mapping[str, str]
+    ) -> ApplyResult:
+        """Open the referral ``event`` creates. The row is written once, as the event
+        leaves it (state, statuses, details, the message's patient), instead of inserted
+        blank, read back and updated: the row before the event is known without reading
+        it (:data:`store.BLANK_DETAILS`), and so is the event's transition."""
+        ids, initial = event.ids, states.INITIAL
+        status, patient_status, specialist_status, close_reason = _statuses(initial)
+        before = store.ReferralRow(
+            id=0,
+            sending_facility=ids.sending_facility,
+            placer_number=ids.placer_number,
+            state=states.to_dict(initial),
+            status=status,
+            patient_status=patient_status,
+            specialist_status=specialist_status,
+            close_reason=close_reason,
+            details=store.BLANK_DETAILS,
+            versions={},
+            opened_at=event.occurred_at,
+            updated_at=now,
+            closed_at=None,
+        )
+        transition = _transition(initial, event)
+        details, versions = _merge_details(before, event, event.message_id or 0)
+        after = transition.state if transition.changed else initial
         rid = store.insert_referral(
             conn,
             sending_facility=ids.sending_facility,
             placer_number=ids.placer_number,
-            state=states.to_dict(initial),
-            statuses=_statuses(initial),
+            state=states.to_dict(after),
+            statuses=_statuses(after),
             opened_at=event.occurred_at,
             now=now,
             placer_authority=ids.placer_authority,
+            details=details,
+            versions=versions,
+            closed_at=now if after.status == "closed" else None,
+            patient=patient,
         )
-        return rid, "created"
+        created = _Created(dataclasses.replace(before, id=rid), transition, details)
+        return self._apply_to(
+            conn, rid, event, "message", "message", now, "created", created=created
+        )
 
     def apply_internal(
         self,
@@ -341,12 +381,14 @@ class Tracker(OperatorActions):
         message_id: int | None = None,
         parked_id: int | None = None,
         relink: bool = True,
+        created: _Created | None = None,
     ) -> ApplyResult:
         """Apply ``event`` to referral ``rid``: the state machine's transition, the keys
         and details it teaches, the row update, the effects, then the timeline entry and
-        the audit row; finally the parked events the referral now claims (``relink``)."""
+        the audit row; finally the parked events the referral now claims (``relink``).
+        ``created``: the event just created the referral (``_create`` wrote its row)."""
         # locked as it is read (PostgreSQL): this is a read-modify-write
-        row = store.get_referral_locked(conn, rid)
+        row = created.row if created is not None else store.get_referral_locked(conn, rid)
         if row is None:
             raise StoreError(f"no referral with id {rid}")
         if isinstance(event, Event) and source != "operator":
@@ -357,9 +399,12 @@ class Tracker(OperatorActions):
         if how != "created" and store.event_recorded(conn, rid, message_id, event.kind, digest):
             return ApplyResult("duplicate", (rid,), status=row.status, how=how)
         old = states.from_dict(row.state)
-        transition = _transition(old, event)
+        transition = created.transition if created is not None else _transition(old, event)
         new_fillers = self._record_keys(step)
-        details = self._update_row(step, transition, bool(new_fillers))
+        if created is not None:
+            details = {**row.details, **created.details}
+        else:
+            details = self._update_row(step, transition, bool(new_fillers))
         done, auth_changed = self._carry_out(step, old, transition, details)
         changed = transition.changed or auth_changed
         statuses = _statuses(transition.state)
@@ -879,6 +924,17 @@ class _Step:
     how: str
     message_id: int | None
     parked_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Created:
+    """A referral ``_create`` has just written as its creating event leaves it: the row
+    as it was before the event (in hand, not read back), the event's transition and the
+    details the row was written with."""
+
+    row: store.ReferralRow
+    transition: states.Transition
+    details: dict[str, Any]
 
 
 @dataclass(slots=True)
