@@ -69,9 +69,13 @@ Key = tuple[str, tuple[tuple[str, str], ...]]  # sample name, sorted labels
 
 
 def worker_command(routes: str, state_dir: Path, store: str, log_level: str) -> list[str]:
-    """The worker's command line: this interpreter, the hidden entry point."""
+    """The worker's command line: this interpreter, the hidden entry point. ``-P``: not
+    the working directory first on ``sys.path``, so the worker imports the daemon's own
+    ``engine``, never an ``engine`` package in the directory the daemon was started in
+    (another version's checkout, say)."""
     return [
         sys.executable,
+        "-P",
         "-m",
         "engine.worker",
         "--routes",

@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus" / "hl7"
 WAIT = 5.0  # seconds: the bound on any single wait for the server
 RUN = (sys.executable, "-m", "engine.cli", "run")
+# the installed `refloop` executable (its own directory first on sys.path, not the cwd's)
+REFLOOP_RUN = (str(Path(sys.executable).parent / "refloop"), "run")
 
 
 def run(coro: Awaitable[T], timeout: float = 60.0) -> T:
@@ -597,6 +599,8 @@ class Daemon:
     mllp: int = 0
     http: int = 0
     store: str = ""  # refloop run --store (a postgresql:// URL or a file); "" = none
+    cwd: Path = REPO  # the directory it is started in
+    run: tuple[str, ...] = RUN  # the command up to ``run`` (or the executable: REFLOOP_RUN)
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
 
@@ -622,14 +626,14 @@ class Daemon:
             self._log = self.log_path.open("ab")
             self.proc = subprocess.Popen(
                 [
-                    *RUN,
+                    *self.run,
                     "--routes",
                     str(self.routes),
                     "--state",
                     str(self.state_dir),
                     *(["--store", self.store] if self.store else []),
                 ],
-                cwd=REPO,
+                cwd=self.cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=self._log,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import HOST, Daemon, Reply, hl7, peer, query, shipped_routes
+from helpers import HOST, REFLOOP_RUN, Daemon, Reply, hl7, peer, query, shipped_routes
 
 from engine.store.db import open_database
 
@@ -305,3 +305,23 @@ def test_the_worker_figures_merge_into_the_one_exposition(tmp_path: Path) -> Non
     assert 'refloop_messages_processed_total{status="routed"} 9.0' in second
     assert "refloop_inbox_rows 12.0" in second  # max(10, 12)
     assert first.count("# TYPE refloop_messages_processed_total counter") == 1
+
+
+def test_the_worker_runs_the_daemons_code_whatever_directory_it_starts_in(
+    daemon: Daemon, tmp_path: Path, store_url: str
+) -> None:
+    """`refloop run` started in a directory that holds another ``engine`` package (a
+    checkout of another version, as bench/ingest.py --refloop does): the worker imports
+    the daemon's installation, not the directory's (fails before: ``python -m
+    engine.worker`` put the working directory first on sys.path, and the worker ran the
+    directory's code; here it exits at import and never comes up)."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "engine").mkdir(parents=True)
+    (elsewhere / "engine" / "__init__.py").write_text(
+        "raise SystemExit('the engine package of the working directory')\n"
+    )
+    daemon.cwd, daemon.run = elsewhere, REFLOOP_RUN
+    daemon.start(timeout=60)  # and waits for the worker
+    assert asyncio.run(send_all(daemon.mllp, [ref(1)])) == ["AA"]
+    wait_for(lambda: rows(store_url, "SELECT count(*) FROM referrals") == [(1,)])
+    assert "working directory" not in daemon.log_tail()
