@@ -31,12 +31,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from channels.sms.twilio import SmsConfig, TwilioSms  # noqa: E402
 from channels.webhook import IDEMPOTENCY_HEADER, WebhookChannel, WebhookConfig  # noqa: E402
 from engine.clock import Clock, VirtualClock, WallClock  # noqa: E402
-from engine.delivery.dispatch import (  # noqa: E402
-    DEFAULT_LEASE_SECONDS,
-    Dispatcher,
-    Renderer,
-    RetryPolicy,
-)
+from engine.delivery.dispatch import Dispatcher, Renderer, RetryPolicy  # noqa: E402
 from engine.delivery.factory import build_channels  # noqa: E402
 from engine.delivery.rotation import Rotation  # noqa: E402
 from engine.errors import ConfigError  # noqa: E402
@@ -861,47 +856,3 @@ def test_a_store_with_synchronous_normal_fsyncs_no_claim(tmp_path: Path) -> None
     finally:
         full.close()
         normal.close()
-
-
-@pytest.mark.sqlite_file("plants a failing trigger and reads the statements on the SQLite file")
-def test_a_local_channel_delivers_a_round_in_one_transaction_and_a_bad_row_waits_alone(
-    tmp_path: Path,
-) -> None:
-    """The built-in task queue's round: six due rows claimed and delivered in one write
-    transaction (not a durable claim and then one transaction per row), each row in a
-    savepoint of its own. A row whose delivery fails (a trigger planted on ``tasks``
-    refuses it) stays claimed and is delivered once its lease runs out; the five others
-    are delivered in that round (fails before: seven transactions, and the failure ended
-    the round)."""
-    from engine.delivery.task_queue import TaskQueue
-    from engine.store import tasks as task_store
-
-    clock = VirtualClock(T0)
-    db = open_database(tmp_path / "refloop.db")
-    with db.transaction() as conn:
-        for k in range(6):
-            payload = json.dumps({"kind": "coordinator-task", "task": "coordinator-followup"})
-            referral_store.enqueue_outbox(
-                conn, None, "task", "coordinator-followup", payload, f"task-{k}", T0
-            )
-        conn.execute(
-            "CREATE TRIGGER planted BEFORE INSERT ON tasks WHEN NEW.outbox_id = 3 "
-            "BEGIN SELECT RAISE(ABORT, 'planted fault'); END"
-        )
-    begins: list[str] = []
-    db.conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
-    d = dispatcher(db, {}, clock, local={"task": TaskQueue()})
-
-    assert asyncio.run(d.run_once("task")) == 6
-    assert begins == ["BEGIN IMMEDIATE"]
-    statuses = dict(db.conn.execute("SELECT id, status FROM outbox").fetchall())
-    assert statuses == {1: "sent", 2: "sent", 3: "sending", 4: "sent", 5: "sent", 6: "sent"}
-    assert sorted(t.outbox_id for t in task_store.listing(db.conn, status="")) == [1, 2, 4, 5, 6]
-
-    db.conn.execute("DROP TRIGGER planted")
-    assert asyncio.run(d.run_once("task")) == 0  # its lease still runs
-    clock.advance(DEFAULT_LEASE_SECONDS + 1)
-    assert asyncio.run(d.run_once("task")) == 1  # reaped, claimed again, delivered
-    assert row(db, 3).status == "sent" and row(db, 3).attempts == 2
-    assert len(task_store.listing(db.conn, status="")) == 6
-    db.close()

@@ -76,9 +76,6 @@ DEFAULT_MAX_ATTEMPTS: Final = 8
 DEFAULT_RETRY_BASE: Final = 30.0  # seconds
 DEFAULT_RETRY_CAP: Final = 6 * 3600.0
 DEFAULT_CONCURRENCY: Final = 4
-# A local channel's round (the built-in task queue): claims and delivers up to this many
-# rows in one transaction, each in a savepoint of its own
-LOCAL_BATCH: Final = 16
 DEFAULT_LEASE_SECONDS: Final = 30.0  # an outbox claim's lease (store.lease_seconds)
 # While a channel's worker has rows to send, it refreshes the outbox gauges at most this
 # often (seconds); a round that leaves nothing due refreshes them at once. Each refresh
@@ -525,8 +522,6 @@ class Dispatcher:
     async def run_once(self, name: str) -> int:
         """Claim the channel's due rows (durable commit), send them concurrently, record
         each result. Returns how many rows were claimed."""
-        if name in self.local:
-            return self._local_round(name)
         policy = self.policy(name)
         domain = self.renderer.message_domain(name)
         now = self.clock.now()
@@ -593,6 +588,9 @@ class Dispatcher:
         )
 
     async def _deliver(self, name: str, item: Item) -> None:
+        if name in self.local:
+            self._deliver_local(self.local[name], item)
+            return
         channel = self.channels[name]
         referral = self._referral(item)
         started = self.clock.monotonic()
@@ -621,57 +619,27 @@ class Dispatcher:
         self._observe(name, started)
         self._sent(item, message, receipt.provider_message_id, receipt.provider_status)
 
-    def _local_round(self, name: str) -> int:
-        """A local channel's round in one transaction: claim up to :data:`LOCAL_BATCH`
-        due rows, and mark each sent and deliver it (both or neither, in a savepoint of
-        its own). Nothing leaves the database, so the claim need not be durable before
-        the delivery, as it must before a send: one transaction, not a durable claim and
-        then one per row. A row whose delivery raises stays claimed (``sending``) and is
-        tried again once its lease runs out, as a send that crashed would be; the others
-        are delivered. Returns how many rows were claimed."""
-        channel = self.local[name]
+    def _deliver_local(self, channel: LocalChannel, item: Item) -> None:
+        """Mark the row sent and deliver it in the same transaction: both or neither."""
         now = self.clock.now()
-        delivered: list[Item] = []
         with self.db.transaction(durable=False) as conn:
-            reaped = outbox.reap_expired(conn, now, keep=list(self._in_flight))
-            items = outbox.claim_due(
-                conn, name, now, LOCAL_BATCH, node=self.node_id, lease=self.lease_seconds
+            recorded = outbox.mark_sent(
+                conn,
+                item.id,
+                recipient="",
+                provider_id=f"local:{item.channel}",
+                provider_status="delivered",
+                now=now,
+                lease=item.lease,
             )
-            for item in items:
-                try:
-                    with savepoint(conn, "local_delivery"):
-                        if self._deliver_local(conn, channel, item, now):
-                            delivered.append(item)
-                except Exception as exc:  # a bug or a bad row: not the whole batch
-                    log.error(
-                        "outbox %d: %s delivery failed (%s): retried after its lease",
-                        item.id,
-                        name,
-                        type(exc).__name__,
-                    )
-        self._reaped(reaped)
-        for item in delivered:
-            self._count(item.channel, "sent")
-            log.info("outbox %d: %s %s delivered locally", item.id, item.channel, item.template)
-        return len(items)
-
-    def _deliver_local(self, conn: Conn, channel: LocalChannel, item: Item, now: float) -> bool:
-        """Mark the row sent and deliver it, inside the caller's transaction."""
-        recorded = outbox.mark_sent(
-            conn,
-            item.id,
-            recipient="",
-            provider_id=f"local:{item.channel}",
-            provider_status="delivered",
-            now=now,
-            lease=item.lease,
-        )
+            if recorded:
+                channel.deliver(conn, item, now)
+                self._consequence(conn, item, now)
         if not recorded:
             self._lease_lost(item, "local delivery")
-            return False
-        channel.deliver(conn, item, now)
-        self._consequence(conn, item, now)
-        return True
+            return
+        self._count(item.channel, "sent")
+        log.info("outbox %d: %s %s delivered locally", item.id, item.channel, item.template)
 
     def _referral(self, item: Item) -> ReferralRow | None:
         if item.referral_id is None:
