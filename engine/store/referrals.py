@@ -22,6 +22,7 @@ from engine.errors import StoreError
 from engine.store import notify
 from engine.store.referral_filter import ReferralFilter
 from engine.store.referral_filter import where as referral_where
+from engine.store.referral_search import PATIENT_COLUMNS
 from engine.store.sql import POSTGRESQL, Conn, dialect, has_table
 
 __all__ = ["Conn"]  # the connection type callers pass in (only the store names a driver)
@@ -57,16 +58,6 @@ DETAIL_COLUMNS: Final = (
 BLANK_DETAILS: Final[Mapping[str, Any]] = {
     name: None if name in ("sms_consent", "portal") else "" for name in DETAIL_COLUMNS
 }
-# The patient a referral's messages name, as the search box finds it
-# (engine.store.referral_search: set_patient, patient_columns).
-PATIENT_COLUMNS: Final = (
-    "patient_mrn",
-    "patient_family",
-    "patient_given",
-    "patient_birth_date",
-    "patient_family_key",
-    "patient_given_key",
-)
 
 _SCHEMA: Final = (
     """CREATE TABLE referrals (
