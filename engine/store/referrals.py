@@ -318,18 +318,6 @@ def get_referral(conn: Conn, referral_id: int) -> ReferralRow | None:
     return _referral(conn, r) if r else None
 
 
-# One statement for every new referral (one prepared statement, one query plan): the
-# columns an event does not state get their defaults
-_INSERT_COLUMNS: Final = (*DETAIL_COLUMNS, *PATIENT_COLUMNS)
-_BLANK_ROW: Final[Mapping[str, Any]] = {**BLANK_DETAILS, **{c: "" for c in PATIENT_COLUMNS}}
-INSERT_REFERRAL: Final = (
-    "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
-    "status, patient_status, specialist_status, close_reason, versions, opened_at, "
-    f"updated_at, closed_at, {', '.join(_INSERT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * (12 + len(_INSERT_COLUMNS)))}) RETURNING id"
-)
-
-
 def insert_referral(
     conn: Conn,
     *,
@@ -349,12 +337,16 @@ def insert_referral(
     ``placer_authority`` is the placer number's EI.2 as the creating message stated it;
     ``details`` (:data:`DETAIL_COLUMNS`) and their ``versions``, and ``patient``
     (``referral_search.patient_columns``), as the creating event states them."""
-    stated = {**(details or {}), **(patient or {})}
-    unknown = set(stated) - set(_INSERT_COLUMNS)
-    if unknown:
-        raise ValueError(f"not a referral detail or patient column: {sorted(unknown)[0]}")
+    extra = {**(details or {}), **(patient or {})}
+    for name in extra:
+        if name not in DETAIL_COLUMNS and name not in PATIENT_COLUMNS:
+            raise ValueError(f"not a referral detail or patient column: {name}")
+    names = ", ".join(("", *extra)) if extra else ""
     cur = conn.execute(
-        INSERT_REFERRAL,
+        "INSERT INTO referrals (sending_facility, placer_number, placer_authority, state, "
+        "status, patient_status, specialist_status, close_reason, versions, opened_at, "
+        f"updated_at, closed_at{names}) VALUES ({', '.join('?' * (12 + len(extra)))}) "
+        "RETURNING id",
         (
             sending_facility,
             placer_number,
@@ -365,7 +357,7 @@ def insert_referral(
             opened_at,
             now,
             closed_at,
-            *(stated.get(c, _BLANK_ROW[c]) for c in _INSERT_COLUMNS),
+            *extra.values(),
         ),
     )
     return int(cur.fetchone()[0])
