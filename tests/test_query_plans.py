@@ -172,7 +172,7 @@ ALLOWED = {
 # filters, the sort and the cursor, too many shapes to list one by one): a pattern of the
 # statement's key and why its reads are deliberate. bench/search.py times them at 1M.
 ALLOWED_PATTERNS = (
-    (  # engine.store.referrals.INSERT_REFERRAL: its unstated values (NULL) vary the text
+    (  # engine.store.referrals.insert_referral: the columns it names and its NULLs vary
         re.compile(r"^INSERT INTO referrals \(sending_facility, placer_number, "),
         "SCAN parked: a foreign-key check SQLite runs only while a violation is pending",
     ),
