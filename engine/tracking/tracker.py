@@ -315,7 +315,7 @@ class Tracker(OperatorActions):
             patient_status=patient_status,
             specialist_status=specialist_status,
             close_reason=close_reason,
-            details=store.BLANK_DETAILS,
+            details=dict(store.BLANK_DETAILS),  # a copy: the row is the caller's
             versions={},
             opened_at=event.occurred_at,
             updated_at=now,
